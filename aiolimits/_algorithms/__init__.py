@@ -1,0 +1,42 @@
+"""Pure algorithm maths, one module per algorithm. See ``_base`` for the shared interface."""
+
+from __future__ import annotations
+
+from .._limits import CallLimit, Limit, RateLimit, RateLimitAlgorithm, ResourceLimit
+from ._base import RateState, Receipt, first_true
+from .fixed_window import FixedWindowState
+from .gcra import GCRAState
+from .leaky_bucket import LeakyBucketState
+from .semaphore import SemaphoreState
+from .sliding_window import SlidingWindowState
+from .token_bucket import TokenBucketState
+
+__all__ = [
+    "FixedWindowState",
+    "GCRAState",
+    "LeakyBucketState",
+    "RateState",
+    "Receipt",
+    "SemaphoreState",
+    "SlidingWindowState",
+    "TokenBucketState",
+    "first_true",
+    "new_state",
+]
+
+_STATES: dict[RateLimitAlgorithm, type[RateState]] = {
+    RateLimitAlgorithm.TokenBucket: TokenBucketState,
+    RateLimitAlgorithm.GCRA: GCRAState,
+    RateLimitAlgorithm.LeakyBucket: LeakyBucketState,
+    RateLimitAlgorithm.SlidingWindow: SlidingWindowState,
+    RateLimitAlgorithm.FixedWindow: FixedWindowState,
+}
+
+
+def new_state(limit: Limit, now: float) -> RateState:
+    """A fresh state machine for ``limit`` (full bucket, empty window, free slots) at ``now``."""
+    if isinstance(limit, ResourceLimit):
+        return SemaphoreState(limit.key, limit.capacity, 0.0, now)
+    assert isinstance(limit, (RateLimit, CallLimit))
+    cls = _STATES[limit.algorithm]
+    return cls(limit.key, limit.capacity, limit.window_seconds, now)

@@ -1,0 +1,109 @@
+"""The interface every algorithm implements, and the one piece of float care they share.
+
+Each algorithm is a small state machine over float seconds on a monotonic clock. The caller passes
+``now``; nothing here reads a clock, sleeps, locks or awaits, so the maths can be tested with a table
+of times and reused unchanged by every backend (the Lua scripts of the Redis backend mirror it).
+
+The questions an algorithm answers, for an amount ``n <= capacity``:
+
+* ``earliest(n, now)``: ``now`` when ``n`` can be taken now, otherwise the earliest time it can be,
+  assuming nothing else happens. The answer is *exact*: re-asked at that time, the answer is that
+  time (never a wake-up that fails), and the float just before it would not admit (never late by
+  more than one float step of the time).
+* ``take(n, now)``: take ``n``; returns a receipt the acquisition keeps for later usage updates.
+* ``refund(receipt, n, now)``: give back up to ``n`` units of that acquisition, as far as the
+  algorithm can honestly give them back; returns the units actually given back.
+* ``charge(receipt, n, now)``: consume ``n`` more units for that acquisition, at ``now``.
+* ``available(now)``, ``is_fresh(now)``: for statistics and for dropping idle keyed state.
+
+Receipts are ``None`` for the algorithms whose refunds do not depend on history (the buckets) and a
+small list of ``[time, amount]`` parts, newest last, for the others. A charge adds a part; a refund
+takes from the newest part first, so a later ``update`` can undo an earlier overage exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+Receipt: TypeAlias = Any  # None, or a list of [time, amount] parts owned by one acquisition
+
+
+def too_large(key: str, amount: float, capacity: float) -> ValueError:
+    return ValueError(
+        f"requested[{key!r}] = {amount!r} exceeds the capacity {capacity!r} of limit {key!r}; "
+        "it could never be admitted"
+    )
+
+
+class RateState:
+    """Base of the per-limit state machines. Subclasses define ``__slots__`` and the verbs."""
+
+    __slots__ = ("capacity", "key")
+
+    def __init__(self, key: str, capacity: float) -> None:
+        self.key = key
+        self.capacity = capacity
+
+    def check(self, amount: float) -> None:
+        """Raise ValueError for an amount this limit could never admit."""
+        if amount > self.capacity:
+            raise too_large(self.key, amount, self.capacity)
+
+    def earliest(self, amount: float, now: float) -> float:
+        raise NotImplementedError
+
+    def take(self, amount: float, now: float) -> Receipt:
+        raise NotImplementedError
+
+    def refund(self, receipt: Receipt, amount: float, now: float) -> float:
+        raise NotImplementedError
+
+    def charge(self, receipt: Receipt, amount: float, now: float) -> Receipt:
+        raise NotImplementedError
+
+    def available(self, now: float) -> float:
+        raise NotImplementedError
+
+    def is_fresh(self, now: float) -> bool:
+        raise NotImplementedError
+
+
+def first_true(pred: Callable[[float], bool], approx: float, lo: float) -> float:
+    """The smallest float ``t >= lo`` with ``pred(t)``, for ``pred`` monotone in ``t``.
+
+    ``approx`` is the algebraic answer, off by a few float steps at most; this corrects it in
+    both directions so that the answer agrees with ``pred`` itself, which is what the decisions use.
+    That is the whole defence against the wake-up-then-fail loop of rounded wait times.
+    """
+    if pred(lo):
+        return lo
+    hi = max(approx, lo)
+    if not pred(hi):
+        # Too early: step up, doubling the step, until it holds.
+        below = hi
+        step = math.ulp(hi) if hi else math.ulp(1.0)
+        hi = hi + step
+        while not pred(hi):
+            below = hi
+            step *= 2
+            hi = hi + step
+    else:
+        # Maybe too late: step down, doubling the step, until it fails (lo is known to fail).
+        below = math.nextafter(hi, -math.inf)
+        step = math.ulp(hi) if hi else math.ulp(1.0)
+        while below > lo and pred(below):
+            hi = below
+            step *= 2
+            below = max(lo, hi - step)
+        below = max(below, lo)
+    # Now pred(below) is false and pred(hi) is true: bisect down to adjacent floats.
+    while True:
+        mid = below + (hi - below) / 2
+        if mid <= below or mid >= hi:
+            return hi
+        if pred(mid):
+            hi = mid
+        else:
+            below = mid

@@ -1,0 +1,95 @@
+"""FixedWindow: windows ``[k·W, (k+1)·W)`` on the limiter's clock, each admitting at most C.
+
+The simplest and cheapest algorithm, with the well-known edge burst: up to 2·C can pass within a
+short span straddling a boundary. Window k starts at the float ``k * W``; the index of a time is
+corrected after the division so that a time equal to a boundary always belongs to the window that
+starts there, which is what makes "wait until the next boundary" exact.
+
+Amounts are whole units. A refund lowers the current window's count when the acquisition was counted
+in that window; a charge is counted in the window current when it is reported.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ._base import RateState, Receipt, too_large
+
+
+class FixedWindowState(RateState):
+    __slots__ = ("_count", "_end", "_index", "_start", "_window")
+
+    def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
+        super().__init__(key, capacity)
+        self._window = window
+        self._count: float = 0
+        self._index = -1
+        self._start = self._end = -math.inf
+        self._roll(now)
+
+    def window_index(self, t: float) -> int:
+        """The k with ``k * W <= t < (k + 1) * W``, computed with the same float products."""
+        w = self._window
+        k = math.floor(t / w)
+        while k * w > t:
+            k -= 1
+        while (k + 1) * w <= t:
+            k += 1
+        return k
+
+    def _roll(self, now: float) -> None:
+        if now >= self._end:
+            k = self.window_index(now)
+            self._index = k
+            self._start = k * self._window
+            self._end = (k + 1) * self._window
+            self._count = 0
+
+    def earliest(self, amount: float, now: float) -> float:
+        if amount > self.capacity:
+            raise too_large(self.key, amount, self.capacity)
+        self._roll(now)
+        return now if self._count + amount <= self.capacity else self._end
+
+    def take(self, amount: float, now: float) -> Receipt:
+        if amount > self.capacity:
+            raise too_large(self.key, amount, self.capacity)
+        self._roll(now)
+        self._count += amount
+        return [[self._index, amount]]
+
+    def refund(self, receipt: Receipt, amount: float, now: float) -> float:
+        self._roll(now)
+        given: float = 0
+        for part in reversed(receipt or ()):
+            if amount <= 0:
+                break
+            if part[0] != self._index or part[1] <= 0:
+                continue  # counted in a window that is over
+            x = part[1] if part[1] < amount else amount
+            part[1] -= x
+            self._count -= x
+            amount -= x
+            given += x
+        return given
+
+    def charge(self, receipt: Receipt, amount: float, now: float) -> Receipt:
+        self._roll(now)
+        self._count += amount
+        parts: list[list[float]] = receipt if receipt is not None else []
+        parts.append([self._index, amount])
+        return parts
+
+    def available(self, now: float) -> float:
+        self._roll(now)
+        return self.capacity - self._count
+
+    def is_fresh(self, now: float) -> bool:
+        self._roll(now)
+        return self._count == 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<FixedWindowState {self.key!r} window={self._index} "
+            f"used={self._count:g}/{self.capacity:g}>"
+        )

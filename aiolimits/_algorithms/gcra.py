@@ -1,0 +1,70 @@
+"""GCRA, the generic cell rate algorithm: a token bucket kept as one theoretical arrival time.
+
+Each unit is due ``T = W / C`` seconds after the previous one; the state is the *theoretical arrival
+time* (TAT) at which the bucket would be full again. An amount n is admitted at t when
+``TAT - W + n·T <= t``: the n units fit within the burst tolerance of one window. It admits exactly
+the sequences TokenBucket admits (burst C, rate C/W), up to the rounding of ``T``; its appeal is one
+float of state, which is what the Redis backend stores.
+
+Refunds move the TAT back by the units returned, never before ``now`` (that is, never above a full
+bucket); charges move it forward from ``max(TAT, now)``, as a debt.
+"""
+
+from __future__ import annotations
+
+from ._base import RateState, Receipt, too_large
+
+
+class GCRAState(RateState):
+    __slots__ = ("_interval", "_tat", "_window")
+
+    def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
+        super().__init__(key, capacity)
+        self._window = window
+        self._interval = window / capacity  # T, seconds per unit
+        self._tat = now  # full bucket
+
+    def _allow_at(self, amount: float) -> float:
+        tat = self._tat
+        at = (tat - self._window) + amount * self._interval
+        # n <= C always fits a full bucket, even when n·T rounds above W.
+        return at if at < tat else tat
+
+    def earliest(self, amount: float, now: float) -> float:
+        if amount > self.capacity:
+            raise too_large(self.key, amount, self.capacity)
+        at = self._allow_at(amount)
+        return at if at > now else now
+
+    def take(self, amount: float, now: float) -> Receipt:
+        if amount > self.capacity:
+            raise too_large(self.key, amount, self.capacity)
+        tat = self._tat
+        self._tat = (tat if tat > now else now) + amount * self._interval
+        return None
+
+    def refund(self, receipt: Receipt, amount: float, now: float) -> float:
+        tat = self._tat
+        if tat <= now:
+            return 0.0
+        back = tat - amount * self._interval
+        if back >= now:
+            self._tat = back
+            return amount
+        self._tat = now
+        return (tat - now) / self._interval
+
+    def charge(self, receipt: Receipt, amount: float, now: float) -> Receipt:
+        tat = self._tat
+        self._tat = (tat if tat > now else now) + amount * self._interval
+        return receipt
+
+    def available(self, now: float) -> float:
+        owed = self._tat - now
+        return self.capacity - (owed / self._interval if owed > 0 else 0.0)
+
+    def is_fresh(self, now: float) -> bool:
+        return self._tat <= now
+
+    def __repr__(self) -> str:
+        return f"<GCRAState {self.key!r} tat={self._tat:g} T={self._interval:g}>"

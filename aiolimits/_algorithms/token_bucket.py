@@ -1,0 +1,79 @@
+"""TokenBucket: a bucket of C tokens, full at creation, refilled continuously at C/W per second.
+
+State is kept as a level in *unit-seconds* (tokens × W) and the time it was last brought up to
+date. In those units the refill rate is C per second and an amount n costs n × W, so deciding needs
+no division: with whole or binary-fraction times and amounts every comparison is exact, and the
+only rounded value is the wait time, which :func:`first_true` corrects against the decision itself.
+
+Refunds put tokens back up to the capacity; charges (usage above what was taken) may drive the level
+below zero, a debt the refill pays off before anything else is admitted.
+"""
+
+from __future__ import annotations
+
+from ._base import RateState, Receipt, first_true, too_large
+
+
+class TokenBucketState(RateState):
+    __slots__ = ("_full", "_level", "_stamp", "_window")
+
+    def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
+        super().__init__(key, capacity)
+        self._window = window
+        self._full = capacity * window  # the level of a full bucket, in unit-seconds
+        self._level = self._full
+        self._stamp = now
+
+    def _level_at(self, now: float) -> float:
+        elapsed = now - self._stamp
+        if elapsed <= 0:
+            return self._level
+        level = self._level + self.capacity * elapsed
+        return level if level < self._full else self._full
+
+    def _set(self, level: float, now: float) -> None:
+        self._level = level
+        if now > self._stamp:
+            self._stamp = now
+
+    def earliest(self, amount: float, now: float) -> float:
+        if amount > self.capacity:
+            raise too_large(self.key, amount, self.capacity)
+        need = amount * self._window
+        level = self._level_at(now)
+        if level >= need:
+            return now
+        approx = now + (need - level) / self.capacity
+        return first_true(lambda t: self._level_at(t) >= need, approx, now)
+
+    def take(self, amount: float, now: float) -> Receipt:
+        if amount > self.capacity:
+            raise too_large(self.key, amount, self.capacity)
+        self._set(self._level_at(now) - amount * self._window, now)
+        return None
+
+    def refund(self, receipt: Receipt, amount: float, now: float) -> float:
+        level = self._level_at(now)
+        back = amount * self._window
+        if level + back <= self._full:
+            self._set(level + back, now)
+            return amount
+        given = max(0.0, (self._full - level) / self._window)
+        self._set(max(level, self._full), now)
+        return given
+
+    def charge(self, receipt: Receipt, amount: float, now: float) -> Receipt:
+        self._set(self._level_at(now) - amount * self._window, now)
+        return receipt
+
+    def available(self, now: float) -> float:
+        return self._level_at(now) / self._window
+
+    def is_fresh(self, now: float) -> bool:
+        return self._level_at(now) >= self._full
+
+    def __repr__(self) -> str:
+        return (
+            f"<TokenBucketState {self.key!r} tokens={self._level / self._window:g}/"
+            f"{self.capacity:g} at t={self._stamp:g}>"
+        )

@@ -1,0 +1,217 @@
+"""Limit values: what a limit *is*, never what it currently holds.
+
+A limit is an immutable, validated, hashable and picklable value (an attrs frozen class). It carries
+no state: the state of a limit (tokens left, entries in a window, slots in use) lives in the
+LimitSet's backend, so one value can be shared by many sets, sent to another process, compared and
+used as a dict key.
+
+Validation happens in the constructor and the messages name the argument and the bad value, so a
+configuration mistake is reported where it is made rather than at the first acquisition.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Final, TypeAlias
+
+import attrs
+
+__all__ = [
+    "CALL_COUNT_KEY",
+    "CallLimit",
+    "Limit",
+    "RateLimit",
+    "RateLimitAlgorithm",
+    "ResourceLimit",
+]
+
+#: The key every CallLimit is known by in ``requested``, ``usage`` and statistics.
+CALL_COUNT_KEY: Final = "call_count"
+
+
+class RateLimitAlgorithm(str, enum.Enum):
+    """How a RateLimit spreads ``capacity`` units over ``window_seconds``.
+
+    The string values are accepted wherever the enum is (``algorithm="gcra"``). See
+    ``docs/algorithms.md`` for what each one guarantees and when to choose it.
+    """
+
+    TokenBucket = "token_bucket"
+    LeakyBucket = "leaky_bucket"
+    SlidingWindow = "sliding_window"
+    FixedWindow = "fixed_window"
+    GCRA = "gcra"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def integral(self) -> bool:
+        """Whether amounts must be whole numbers (the window algorithms count units)."""
+        return self in (RateLimitAlgorithm.SlidingWindow, RateLimitAlgorithm.FixedWindow)
+
+
+def _convert_algorithm(value: object) -> RateLimitAlgorithm:
+    if isinstance(value, RateLimitAlgorithm):
+        return value
+    if isinstance(value, str):
+        try:
+            return RateLimitAlgorithm(value)
+        except ValueError:
+            choices = ", ".join(repr(a.value) for a in RateLimitAlgorithm)
+            raise ValueError(
+                f"algorithm must be a RateLimitAlgorithm or one of {choices}, got {value!r}"
+            ) from None
+    raise TypeError(
+        f"algorithm must be a RateLimitAlgorithm or its string value, got {type(value).__name__} "
+        f"{value!r}"
+    )
+
+
+def _is_real(value: object) -> bool:
+    # bool is an int, but `capacity=True` is a mistake, not a capacity of 1.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_key(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__} {value!r}")
+    if not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def _check_key(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    check_key(attribute.name, value)
+
+
+def _check_positive_finite(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not _is_real(value):
+        raise TypeError(
+            f"{attribute.name} must be an int or float, got {type(value).__name__} {value!r}"
+        )
+    assert isinstance(value, (int, float))
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
+
+
+def _check_window_capacity(instance: RateLimit, attribute: attrs.Attribute[Any], value: Any) -> None:
+    _check_positive_finite(instance, attribute, value)
+    # Amounts are whole units for the window algorithms, so a capacity below one unit could never
+    # admit anything: refuse it here instead of rejecting every acquisition later.
+    if instance.algorithm.integral and value < 1:
+        raise ValueError(
+            f"capacity must be >= 1 for algorithm {instance.algorithm.value!r} (it counts whole "
+            f"units), got {value!r}"
+        )
+
+
+@attrs.frozen(repr=False)
+class RateLimit:
+    """At most ``capacity`` units per ``window_seconds``, as defined by ``algorithm``.
+
+    A RateLimit is taken only when ``requested`` names its key (tokens, bytes, cost units).
+    It is a value: it holds no state and can be shared by several LimitSets.
+
+    Args:
+        key: the name used in ``requested`` and ``usage``; a non-empty string.
+        window_seconds: the length of the window, finite and > 0.
+        capacity: units per window, finite and > 0 (>= 1 for the window algorithms).
+        algorithm: a :class:`RateLimitAlgorithm` or its string value.
+
+    Raises:
+        TypeError: an argument of the wrong type.
+        ValueError: an empty key, a non-positive, NaN or infinite window or capacity, an unknown
+            algorithm.
+
+    Example:
+        >>> RateLimit("tokens", window_seconds=60, capacity=90_000)
+        RateLimit('tokens', window_seconds=60, capacity=90000, algorithm='token_bucket')
+    """
+
+    key: str = attrs.field(validator=_check_key)
+    window_seconds: float = attrs.field(validator=_check_positive_finite)
+    capacity: float = attrs.field(validator=_check_window_capacity)
+    algorithm: RateLimitAlgorithm = attrs.field(
+        default=RateLimitAlgorithm.TokenBucket, converter=_convert_algorithm
+    )
+
+    # attrs runs validators after every field is set, so the capacity check can see the algorithm.
+
+    @property
+    def rate(self) -> float:
+        """Units per second, ``capacity / window_seconds``."""
+        return self.capacity / self.window_seconds
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.key!r}, window_seconds={self.window_seconds!r}, "
+            f"capacity={self.capacity!r}, algorithm={self.algorithm.value!r})"
+        )
+
+
+def _check_call_key(_instance: object, _attribute: attrs.Attribute[Any], value: object) -> None:
+    if value != CALL_COUNT_KEY:
+        raise ValueError(f"key of a CallLimit is always {CALL_COUNT_KEY!r}, got {value!r}")
+
+
+@attrs.frozen(repr=False)
+class CallLimit:
+    """At most ``capacity`` calls per ``window_seconds``: a RateLimit on the key ``"call_count"``.
+
+    Every acquisition takes exactly one call, whether or not ``requested`` names it.
+
+    Example:
+        >>> CallLimit(window_seconds=60, capacity=500)
+        CallLimit(window_seconds=60, capacity=500, algorithm='token_bucket')
+    """
+
+    window_seconds: float = attrs.field(validator=_check_positive_finite)
+    capacity: float = attrs.field(validator=_check_window_capacity)
+    algorithm: RateLimitAlgorithm = attrs.field(
+        default=RateLimitAlgorithm.TokenBucket, converter=_convert_algorithm
+    )
+    key: str = attrs.field(default=CALL_COUNT_KEY, validator=_check_call_key, kw_only=True)
+
+    @property
+    def rate(self) -> float:
+        """Calls per second, ``capacity / window_seconds``."""
+        return self.capacity / self.window_seconds
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(window_seconds={self.window_seconds!r}, "
+            f"capacity={self.capacity!r}, algorithm={self.algorithm.value!r})"
+        )
+
+
+def _check_slots(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, float) and value.is_integer():
+        raise TypeError(f"{attribute.name} must be an int, got float {value!r} (use {int(value)})")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{attribute.name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be >= 1, got {value!r}")
+
+
+@attrs.frozen(repr=False)
+class ResourceLimit:
+    """A semaphore of ``capacity`` slots with no time component (connections, GPUs, workers).
+
+    Every acquisition takes one slot unless ``requested`` asks for more (or 0 to skip it); the
+    slots come back when the acquisition is released. Usage updates do not apply to it.
+
+    Example:
+        >>> ResourceLimit("connections", capacity=10)
+        ResourceLimit('connections', capacity=10)
+    """
+
+    key: str = attrs.field(validator=_check_key)
+    capacity: int = attrs.field(validator=_check_slots)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.key!r}, capacity={self.capacity!r})"
+
+
+#: Any limit a LimitSet accepts.
+Limit: TypeAlias = RateLimit | CallLimit | ResourceLimit
