@@ -1,14 +1,25 @@
-"""aiolimits: exact, fair, scheduled rate and resource limits for async Python and threads."""
+"""aiolimits: exact, fair, scheduled rate and resource limits for async Python and threads.
+
+Every limit is a value (:class:`RateLimit`, :class:`CallLimit`, :class:`ResourceLimit`); a
+:class:`LimitSet` holds their state and acquires them together, all-or-nothing, in FIFO order, for
+tasks on asyncio, uvloop and trio and for threads. See ``docs/`` for the guides.
+"""
 
 from __future__ import annotations
 
+from ._acquisition import Acquisition as Acquisition
+from ._backends.memory import MemoryBackend as MemoryBackend
 from ._limits import CallLimit as CallLimit
 from ._limits import RateLimit as RateLimit
 from ._limits import RateLimitAlgorithm as RateLimitAlgorithm
 from ._limits import ResourceLimit as ResourceLimit
+from ._limitset import LimitSet as LimitSet
 
 __all__ = [
+    "Acquisition",
     "CallLimit",
+    "LimitSet",
+    "MemoryBackend",
     "RateLimit",
     "RateLimitAlgorithm",
     "ResourceLimit",

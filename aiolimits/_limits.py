@@ -85,7 +85,9 @@ def _check_key(_instance: object, attribute: attrs.Attribute[Any], value: object
     check_key(attribute.name, value)
 
 
-def _check_positive_finite(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+def _check_positive_finite(
+    _instance: object, attribute: attrs.Attribute[Any], value: object
+) -> None:
     if not _is_real(value):
         raise TypeError(
             f"{attribute.name} must be an int or float, got {type(value).__name__} {value!r}"
@@ -95,7 +97,9 @@ def _check_positive_finite(_instance: object, attribute: attrs.Attribute[Any], v
         raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
 
 
-def _check_window_capacity(instance: RateLimit, attribute: attrs.Attribute[Any], value: Any) -> None:
+def _check_window_capacity(
+    instance: RateLimit, attribute: attrs.Attribute[Any], value: Any
+) -> None:
     _check_positive_finite(instance, attribute, value)
     # Amounts are whole units for the window algorithms, so a capacity below one unit could never
     # admit anything: refuse it here instead of rejecting every acquisition later.

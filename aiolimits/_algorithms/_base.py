@@ -1,8 +1,8 @@
 """The interface every algorithm implements, and the one piece of float care they share.
 
 Each algorithm is a small state machine over float seconds on a monotonic clock. The caller passes
-``now``; nothing here reads a clock, sleeps, locks or awaits, so the maths can be tested with a table
-of times and reused unchanged by every backend (the Lua scripts of the Redis backend mirror it).
+``now``; nothing here reads a clock, sleeps, locks or awaits, so the maths can be tested with a
+table of times and reused unchanged by every backend (the Redis backend's Lua mirrors it).
 
 The questions an algorithm answers, for an amount ``n <= capacity``:
 
@@ -42,7 +42,7 @@ class RateState:
 
     __slots__ = ("capacity", "key")
 
-    def __init__(self, key: str, capacity: float) -> None:
+    def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
         self.key = key
         self.capacity = capacity
 

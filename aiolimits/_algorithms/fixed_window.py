@@ -20,7 +20,7 @@ class FixedWindowState(RateState):
     __slots__ = ("_count", "_end", "_index", "_start", "_window")
 
     def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
-        super().__init__(key, capacity)
+        super().__init__(key, capacity, window, now)
         self._window = window
         self._count: float = 0
         self._index = -1

@@ -19,7 +19,7 @@ class GCRAState(RateState):
     __slots__ = ("_interval", "_tat", "_window")
 
     def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
-        super().__init__(key, capacity)
+        super().__init__(key, capacity, window, now)
         self._window = window
         self._interval = window / capacity  # T, seconds per unit
         self._tat = now  # full bucket

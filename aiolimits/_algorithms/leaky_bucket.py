@@ -18,7 +18,7 @@ class LeakyBucketState(RateState):
     __slots__ = ("_interval", "_next_free")
 
     def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
-        super().__init__(key, capacity)
+        super().__init__(key, capacity, window, now)
         self._interval = window / capacity  # seconds per unit
         self._next_free = now
 

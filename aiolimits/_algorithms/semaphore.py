@@ -15,7 +15,7 @@ class SemaphoreState(RateState):
     __slots__ = ("in_use",)
 
     def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
-        super().__init__(key, capacity)
+        super().__init__(key, capacity, window, now)
         self.in_use: float = 0
 
     def earliest(self, amount: float, now: float) -> float:

@@ -22,7 +22,7 @@ class SlidingWindowState(RateState):
     __slots__ = ("_log", "_total", "_window")
 
     def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
-        super().__init__(key, capacity)
+        super().__init__(key, capacity, window, now)
         self._window = window
         self._log: deque[list[float]] = deque()  # [expiry, amount], oldest first
         self._total: float = 0

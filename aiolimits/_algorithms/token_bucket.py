@@ -1,7 +1,7 @@
 """TokenBucket: a bucket of C tokens, full at creation, refilled continuously at C/W per second.
 
-State is kept as a level in *unit-seconds* (tokens × W) and the time it was last brought up to
-date. In those units the refill rate is C per second and an amount n costs n × W, so deciding needs
+State is kept as a level in *unit-seconds* (tokens * W) and the time it was last brought up to
+date. In those units the refill rate is C per second and an amount n costs n * W, so deciding needs
 no division: with whole or binary-fraction times and amounts every comparison is exact, and the
 only rounded value is the wait time, which :func:`first_true` corrects against the decision itself.
 
@@ -18,7 +18,7 @@ class TokenBucketState(RateState):
     __slots__ = ("_full", "_level", "_stamp", "_window")
 
     def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
-        super().__init__(key, capacity)
+        super().__init__(key, capacity, window, now)
         self._window = window
         self._full = capacity * window  # the level of a full bucket, in unit-seconds
         self._level = self._full

@@ -1,0 +1,193 @@
+"""Acquisition: what a caller holds between acquiring and releasing, and how it reports usage.
+
+An Acquisition is also the context manager returned by ``LimitSet.acquire`` (async),
+``acquire_sync`` and ``try_acquire``: one object per call, nothing else allocated on the fast path.
+
+Release is synchronous and never awaits (trio/anyio's rule): it runs in ``__aexit__`` even inside a
+cancelled scope, on exceptions, and on ``release()``; it is idempotent. Usage updates (§5) settle
+each rate limit from the amount taken to the amount really used, refunding or charging as §3
+allows; a refund wakes waiters it makes admissible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, final
+
+if TYPE_CHECKING:
+    from ._limitset import LimitSet
+    from ._scheduler import Items
+
+__all__ = ["Acquisition"]
+
+PENDING: Final = 0  # returned by acquire(), not yet entered
+HELD: Final = 1
+FAILED: Final = 2  # try_acquire could not take it
+RELEASED: Final = 3
+
+_STATE_NAMES = {PENDING: "pending", HELD: "held", FAILED: "failed", RELEASED: "released"}
+
+
+@final
+class Acquisition:
+    """Units taken from a LimitSet, held until released.
+
+    Use it as ``async with limits.acquire(...) as acq`` (async), ``with limits.acquire_sync(...)
+    as acq`` (threads) or ``with limits.try_acquire(...) as acq`` (never waits; check
+    ``acq.successful``). Leaving the block releases resource slots; rate limits count the amounts
+    requested unless :meth:`update` reports other usage.
+
+    Attributes:
+        successful: whether every limit was taken (always True once ``acquire`` returns).
+        requested: the amount taken per key, including the implicit ``call_count`` and resource
+            slots.
+        config: the LimitSet's ``config`` mapping (which account, region or API key this is).
+        waited: seconds spent waiting in the queue, on the LimitSet's clock.
+    """
+
+    __slots__ = ("_items", "_limitset", "_receipts", "_settled", "_state", "_timeout", "waited")
+
+    def __init__(
+        self,
+        limitset: LimitSet,
+        items: Items,
+        state: int,
+        receipts: list[Any] | None = None,
+        timeout: float = math.inf,
+    ) -> None:
+        self._limitset = limitset
+        self._items = items
+        self._state = state
+        self._receipts = receipts
+        self._timeout = timeout
+        self._settled: dict[str, list[Any]] | None = None
+        self.waited = 0.0
+
+    # -- what it is --------------------------------------------------------------------------
+
+    @property
+    def successful(self) -> bool:
+        """Whether this acquisition got everything it asked for (it may since have released)."""
+        return self._receipts is not None
+
+    @property
+    def requested(self) -> Mapping[str, float]:
+        """The amounts asked for, per key (the defaults filled in, skipped limits left out)."""
+        return {state.key: amount for state, amount in self._items}
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """The ``config`` of the LimitSet this was acquired from."""
+        return self._limitset.config
+
+    @property
+    def released(self) -> bool:
+        return self._state == RELEASED
+
+    # -- usage -------------------------------------------------------------------------------
+
+    def update(self, usage: Mapping[str, int | float]) -> None:
+        """Report the real usage of rate limits; the last report for a key counts.
+
+        Lower than requested gives units back as the algorithm allows (§3) and may wake waiters;
+        higher is charged now. Keys not named keep their last reported (or requested) amount.
+
+        Args:
+            usage: real amount per RateLimit key; ``call_count`` may only be 1.
+
+        Raises:
+            RuntimeError: the acquisition was released, or holds nothing.
+            ValueError: an unknown key, a resource limit, a negative, NaN or infinite amount,
+                a fraction for a window algorithm, or ``call_count`` other than 1.
+            TypeError: a non-numeric amount or a non-mapping ``usage``.
+        """
+        if self._state != HELD:
+            if self._state == RELEASED:
+                raise RuntimeError("update() after the acquisition was released")
+            raise RuntimeError(f"update() on an acquisition that is {_STATE_NAMES[self._state]}")
+        limitset = self._limitset
+        checked = limitset._check_usage(usage)  # validates everything before changing anything
+        sched = limitset._scheduler
+        with sched.lock:
+            now = sched.clock()
+            settled = self._settled
+            if settled is None:
+                receipts = self._receipts or ()
+                settled = self._settled = {
+                    state.key: [state, receipt, amount]
+                    for (state, amount), receipt in zip(self._items, receipts, strict=True)
+                }
+            refunded = False
+            for state, value in checked:
+                entry = settled.get(state.key)
+                if entry is None:
+                    entry = settled[state.key] = [state, None, 0.0]
+                held = entry[2]
+                entry[1], entry[2] = sched.settle(state, entry[1], held, value, now)
+                refunded = refunded or entry[2] < held
+            if refunded:
+                sched.after_refund(now)
+
+    # -- release -----------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Give back resource slots now. Idempotent, synchronous, never waits."""
+        state = self._state
+        self._state = RELEASED
+        if state == HELD and self._limitset._has_resources:
+            sched = self._limitset._scheduler
+            with sched.lock:
+                sched.release(self._items, sched.clock())
+
+    # -- context manager protocols -----------------------------------------------------------
+
+    async def __aenter__(self) -> Acquisition:
+        if self._state == PENDING:
+            await self._limitset._acquire_async(self)
+        elif self._state == RELEASED:
+            raise RuntimeError("this acquisition was already released; call acquire() again")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __enter__(self) -> Acquisition:
+        if self._state == PENDING:
+            raise RuntimeError(
+                "acquire() returns an async context manager: use `async with`; "
+                "from a thread, use acquire_sync()"
+            )
+        if self._state == RELEASED:
+            raise RuntimeError("this acquisition was already released; acquire again")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    # -- used by LimitSet --------------------------------------------------------------------
+
+    def _granted(self, receipts: list[Any], waited: float) -> None:
+        self._receipts = receipts
+        self._state = HELD
+        self.waited = waited
+
+    def __repr__(self) -> str:
+        state = _STATE_NAMES[self._state]
+        if self._state == RELEASED and not self.successful:
+            state = "released (never held)"
+        return (
+            f"<Acquisition {state} requested={dict(self.requested)!r} "
+            f"waited={self.waited:.6g}s config={dict(self.config)!r}>"
+        )

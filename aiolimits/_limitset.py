@@ -1,0 +1,472 @@
+"""LimitSet: the verbs users call. A thin door over the scheduler for tasks and threads.
+
+``acquire`` (async), ``acquire_sync`` (threads) and ``try_acquire`` (never waits) share one path:
+turn ``requested`` into a validated tuple of ``(state, amount)`` items, try to take them at once
+under the lock, and only if that fails park a waiter in the one FIFO queue (trio's ``_nowait``
+twins: the blocking verb is "try; if not, park").
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from types import MappingProxyType
+from typing import Any, Final, final
+
+from ._acquisition import FAILED, HELD, PENDING, Acquisition
+from ._algorithms import RateState, new_state
+from ._backends.memory import MemoryBackend
+from ._limits import CallLimit, Limit, RateLimit, ResourceLimit
+from ._scheduler import Items, Scheduler
+from ._waiters import (
+    GRANTED,
+    Cancellable,
+    ThreadWaiter,
+    TimerClock,
+    Waiter,
+    async_waiter,
+    running_event_loop,
+)
+
+__all__ = ["LimitSet"]
+
+_INF: Final = math.inf
+
+
+def _describe(value: object) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_amount(what: str, value: object) -> float:
+    """A finite, non-negative real number, or the error naming ``what``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{what} must be an int or float, got {_describe(value)}")
+    if not (value >= 0 and value != _INF):  # also false for NaN
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def _check_timeout(timeout: float | None) -> float:
+    if timeout is None:
+        return _INF
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        raise TypeError(f"timeout must be a number of seconds or None, got {_describe(timeout)}")
+    if not timeout >= 0:
+        raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+    return float(timeout)
+
+
+@final
+class LimitSet:
+    """Several limits acquired together, all-or-nothing, by tasks and threads in FIFO order.
+
+    A LimitSet combines rate limits (:class:`RateLimit`, :class:`CallLimit`) and resource limits
+    (:class:`ResourceLimit`) and holds their state. An acquisition waits until *every* limit can
+    admit its amount, then takes them all at once; while waiting it holds nothing. Waiters are
+    served in arrival order across tasks (asyncio, uvloop, trio), event loops on several threads,
+    and threads; each sleeps until the exact time its request becomes admissible, or until a
+    release or refund makes it admissible sooner. It is not a retry loop and it never polls.
+
+    Args:
+        limits: the limits; keys must be unique. An empty set admits everything at once.
+        config: read-only data exposed as ``acquisition.config`` (account, region, key id).
+        backend: where the state lives; default :class:`MemoryBackend` (this process).
+        name: identifies the state in a shared backend.
+        clock: monotonic seconds; ``aiolimits.testing.ManualClock`` for deterministic tests.
+
+    Example:
+        >>> limits = LimitSet([
+        ...     CallLimit(window_seconds=60, capacity=500),
+        ...     RateLimit("tokens", window_seconds=60, capacity=90_000),
+        ... ])
+        >>> async def call_llm(prompt_tokens: int) -> None:
+        ...     async with limits.acquire(requested={"tokens": prompt_tokens + 1000}) as acq:
+        ...         used = await send(...)
+        ...         acq.update(usage={"tokens": used})
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_clock",
+        "_config",
+        "_default_error",
+        "_default_items",
+        "_has_resources",
+        "_index",
+        "_limits",
+        "_name",
+        "_scheduler",
+        "_timer_clock",
+    )
+
+    def __init__(
+        self,
+        limits: Iterable[Limit] = (),
+        *,
+        config: Mapping[str, Any] | None = None,
+        backend: MemoryBackend | None = None,
+        name: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if isinstance(limits, (RateLimit, CallLimit, ResourceLimit)):
+            raise TypeError(f"limits must be an iterable of limits, got a single {limits!r}")
+        limits = tuple(limits)
+        seen: set[str] = set()
+        for i, limit in enumerate(limits):
+            if not isinstance(limit, (RateLimit, CallLimit, ResourceLimit)):
+                raise TypeError(
+                    f"limits[{i}] must be a RateLimit, CallLimit or ResourceLimit, "
+                    f"got {_describe(limit)}"
+                )
+            if limit.key in seen:
+                raise ValueError(f"limits has the key {limit.key!r} more than once")
+            seen.add(limit.key)
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping or None, got {_describe(config)}")
+        if not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, got {_describe(clock)}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {_describe(name)}")
+        if backend is None:
+            backend = MemoryBackend()
+        elif not isinstance(backend, MemoryBackend):
+            raise TypeError(f"backend must be a backend such as MemoryBackend(), got {backend!r}")
+
+        self._limits = limits
+        self._config: Mapping[str, Any] = MappingProxyType(dict(config or {}))
+        self._name = name
+        self._clock = clock
+        self._timer_clock: TimerClock | None = clock if isinstance(clock, TimerClock) else None
+        now = clock()
+        states = tuple(new_state(limit, now) for limit in limits)
+        self._scheduler: Scheduler = backend.attach(states, clock)
+        self._index: dict[str, tuple[Limit, RateState]] = {
+            limit.key: (limit, state) for limit, state in zip(limits, states, strict=True)
+        }
+        self._has_resources = any(isinstance(limit, ResourceLimit) for limit in limits)
+        plain = [limit.key for limit in limits if isinstance(limit, RateLimit)]
+        self._default_error = (
+            f"requested=None, but the RateLimit(s) {', '.join(map(repr, plain))} are taken only "
+            "when requested names them: pass requested={...}"
+            if plain
+            else None
+        )
+        self._default_items: Items = tuple(
+            (state, 1)
+            for limit, state in zip(limits, states, strict=True)
+            if not isinstance(limit, RateLimit)
+        )
+
+    # -- what it is --------------------------------------------------------------------------
+
+    @property
+    def limits(self) -> tuple[Limit, ...]:
+        return self._limits
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """Read-only; exposed to callers as ``acquisition.config``."""
+        return self._config
+
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _items(self, requested: Mapping[str, int | float] | None) -> Items:
+        """Validate ``requested`` and turn it into ``(state, amount)`` items, zero amounts left
+        out. Raises before anything is taken."""
+        if requested is None:
+            if self._default_error is not None:
+                raise ValueError(self._default_error)
+            return self._default_items
+        if not isinstance(requested, Mapping):
+            raise TypeError(
+                f"requested must be a mapping of key to amount or None, got {_describe(requested)}"
+            )
+        index = self._index
+        for key in requested:
+            if key not in index:
+                raise ValueError(
+                    f"requested names {key!r}, which is not a limit of this set "
+                    f"(keys: {', '.join(map(repr, index))})"
+                )
+        items: list[tuple[RateState, float]] = []
+        for limit, state in index.values():
+            key = limit.key
+            if key in requested:
+                what = f"requested[{key!r}]"
+                amount = _check_amount(what, requested[key])
+                if isinstance(limit, CallLimit):
+                    if amount not in (0, 1):
+                        raise ValueError(f"{what} must be 1 (or 0 to skip it), got {amount!r}")
+                elif (
+                    isinstance(limit, ResourceLimit) or limit.algorithm.integral
+                ) and amount != int(amount):
+                    raise ValueError(f"{what} must be a whole number, got {amount!r}")
+                state.check(amount)
+            elif isinstance(limit, RateLimit):
+                continue
+            else:
+                amount = 1
+            if amount:
+                items.append((state, amount))
+        return tuple(items)
+
+    def _check_usage(self, usage: Mapping[str, int | float]) -> list[tuple[RateState, float]]:
+        if not isinstance(usage, Mapping):
+            raise TypeError(f"usage must be a mapping of key to amount, got {_describe(usage)}")
+        checked = []
+        for key, value in usage.items():
+            entry = self._index.get(key)
+            if entry is None:
+                raise ValueError(
+                    f"usage names {key!r}, which is not a limit of this set "
+                    f"(keys: {', '.join(map(repr, self._index))})"
+                )
+            limit, state = entry
+            what = f"usage[{key!r}]"
+            if isinstance(limit, ResourceLimit):
+                # A ValueError by the spec (§5): the key is known, the operation is not for it.
+                raise ValueError(  # noqa: TRY004
+                    f"{what}: resource limits cannot be updated; release the acquisition instead"
+                )
+            amount = _check_amount(what, value)
+            if isinstance(limit, CallLimit) and amount != 1:
+                raise ValueError(f"{what} must be 1 (one call), got {amount!r}")
+            if limit.algorithm.integral and amount != int(amount):
+                raise ValueError(f"{what} must be a whole number, got {amount!r}")
+            checked.append((state, amount))
+        return checked
+
+    # -- acquiring ---------------------------------------------------------------------------
+
+    def acquire(
+        self, requested: Mapping[str, int | float] | None = None, *, timeout: float | None = None
+    ) -> Acquisition:
+        """Wait, in FIFO order, until every limit admits its amount; take them all at once.
+
+        Use as ``async with limits.acquire(requested={"tokens": 1200}) as acq:``. The request is
+        validated when this is called; the waiting happens on entering the block.
+
+        Args:
+            requested: amount per key. CallLimits and ResourceLimits default to 1 (0 skips one);
+                a RateLimit is taken only when named here.
+            timeout: seconds to wait at most. When the rate limits alone already place the
+                admission after it, it fails at once.
+
+        Raises:
+            TimeoutError: not admitted within ``timeout``; nothing is held.
+            ValueError, TypeError: bad ``requested`` or ``timeout``; nothing is taken.
+        """
+        items = self._items(requested)
+        return Acquisition(self, items, PENDING, timeout=_check_timeout(timeout))
+
+    def try_acquire(self, requested: Mapping[str, int | float] | None = None) -> Acquisition:
+        """Take everything now, or nothing: never waits, and fails while anyone is queued.
+
+        Check ``acq.successful``; as a context manager a failed acquisition releases nothing.
+        """
+        items = self._items(requested)
+        sched = self._scheduler
+        with sched.lock:
+            receipts = sched.try_take(items, sched.clock())
+        if receipts is None:
+            return Acquisition(self, items, FAILED)
+        return Acquisition(self, items, HELD, receipts)
+
+    def acquire_sync(
+        self, requested: Mapping[str, int | float] | None = None, *, timeout: float | None = None
+    ) -> Acquisition:
+        """The blocking form of :meth:`acquire`, for threads; it waits when called.
+
+        Use as ``with limits.acquire_sync(...) as acq:`` or call ``acq.release()`` when done.
+
+        Raises:
+            RuntimeError: called on a thread that runs an event loop (it would block the loop).
+            TimeoutError: not admitted within ``timeout``; nothing is held.
+        """
+        if running_event_loop() is not None:
+            raise RuntimeError(
+                "acquire_sync() would block the event loop running on this thread; "
+                "use `async with limits.acquire(...)` instead"
+            )
+        items = self._items(requested)
+        deadline_after = _check_timeout(timeout)
+        sched = self._scheduler
+        waiter: ThreadWaiter | None = None
+        with sched.lock:
+            start = sched.clock()
+            receipts = sched.try_take(items, start)
+            if receipts is None:
+                waiter = ThreadWaiter(items, start + deadline_after)
+                if not sched.enqueue(waiter, start):
+                    waiter = None
+        acq = Acquisition(self, items, HELD, receipts)
+        if receipts is not None:
+            return acq
+        if waiter is None:
+            raise self._timeout_error(items, deadline_after)
+        until: float | None = self._first_sleep(waiter)
+        try:
+            while until is not None:
+                delay, timer = self._arm(waiter, until)
+                try:
+                    waiter.sleep_sync(delay)
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+                with sched.lock:
+                    until = sched.after_wake(waiter, sched.clock())
+        except BaseException:
+            with sched.lock:
+                sched.abandon(waiter, sched.clock())
+            raise
+        return self._finish(acq, waiter, start, deadline_after)
+
+    async def _acquire_async(self, acq: Acquisition) -> None:
+        items = acq._items
+        sched = self._scheduler
+        waiter: Any = None
+        with sched.lock:
+            start = sched.clock()
+            receipts = sched.try_take(items, start)
+            if receipts is None:
+                waiter = async_waiter(items, start + acq._timeout)
+                if not sched.enqueue(waiter, start):
+                    waiter = None
+        if receipts is not None:
+            acq._granted(receipts, 0.0)
+            return
+        if waiter is None:
+            raise self._timeout_error(items, acq._timeout)
+        until: float | None = self._first_sleep(waiter)
+        try:
+            while until is not None:
+                delay, timer = self._arm(waiter, until)
+                try:
+                    await waiter.sleep(delay)
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+                with sched.lock:
+                    until = sched.after_wake(waiter, sched.clock())
+        except BaseException:
+            with sched.lock:
+                sched.abandon(waiter, sched.clock())
+            raise
+        self._finish(acq, waiter, start, acq._timeout)
+
+    def _first_sleep(self, waiter: Waiter) -> float:
+        # Only the head has a wake time; others sleep until notified, or their deadline.
+        with self._scheduler.lock:
+            wake = waiter.wake_at if self._scheduler.head() is waiter else _INF
+            return wake if wake < waiter.deadline else waiter.deadline
+
+    def _arm(self, waiter: Waiter, until: float) -> tuple[float | None, Cancellable | None]:
+        """How to sleep until the clock reads ``until``: a delay in real seconds, or a timer of a
+        clock that drives its own timers."""
+        if until == _INF:
+            return None, None
+        if self._timer_clock is not None:
+            return None, self._timer_clock.call_at(until, partial(self._timer_fired, waiter))
+        return until - self._clock(), None
+
+    def _timer_fired(self, waiter: Waiter) -> None:
+        with self._scheduler.lock:
+            waiter.notify()
+
+    def _finish(
+        self, acq: Acquisition, waiter: Waiter, start: float, timeout: float
+    ) -> Acquisition:
+        if waiter.state != GRANTED:
+            raise self._timeout_error(waiter.items, timeout)
+        assert waiter.receipts is not None
+        acq._granted(waiter.receipts, waiter.granted_at - start)
+        return acq
+
+    def _timeout_error(self, items: Items, timeout: float) -> TimeoutError:
+        asked = {state.key: amount for state, amount in items}
+        return TimeoutError(f"could not acquire {asked!r} within timeout={timeout!r}s")
+
+    # -- questions ---------------------------------------------------------------------------
+
+    def retry_after(self, requested: Mapping[str, int | float] | None = None) -> float:
+        """Seconds until such a request could be admitted: 0.0 if at once, ``inf`` when only a
+        release can make it admissible. With others queued it is a lower bound (they go first).
+        Suitable for an HTTP ``Retry-After`` header."""
+        items = self._items(requested)
+        sched = self._scheduler
+        with sched.lock:
+            now = sched.clock()
+            _rate_at, at = sched.admit_time(items, now)
+            head = sched.head()
+            if head is not None and head.wake_at > at:
+                at = head.wake_at
+            if head is not None and at <= now:
+                # Admissible by itself, but FIFO puts it behind the queue: no barging.
+                at = math.nextafter(now, _INF)
+        return max(0.0, at - now)
+
+    def pause(self, seconds: float) -> None:
+        """Admit nobody before ``now + seconds`` (a provider answered 429 with Retry-After).
+
+        Queued waiters keep their places; overlapping pauses keep the later end."""
+        seconds = _check_amount("seconds", seconds)
+        sched = self._scheduler
+        with sched.lock:
+            now = sched.clock()
+            sched.pause(now + seconds, now)
+
+    def get_stats(self) -> dict[str, Any]:
+        """A consistent snapshot: per limit, and totals for the set.
+
+        Returns:
+            ``{"limits": {key: {...}}, "waiting": n, "granted": n, "timed_out": n,
+            "cancelled": n, "refunded": units, "paused_for": seconds}``; each limit has
+            ``kind`` ("rate", "call" or "resource"), ``capacity``, ``available`` (units
+            admissible now, negative while in debt), ``waiting`` (queued requests naming it),
+            and ``algorithm``, ``window_seconds``, ``refunded`` (rate limits) or ``in_use``
+            (resource limits).
+        """
+        sched = self._scheduler
+        with sched.lock:
+            now = sched.clock()
+            waiting = sched.waiting_per_key()
+            per_key: dict[str, dict[str, Any]] = {}
+            for key, (limit, state) in self._index.items():
+                entry: dict[str, Any] = {
+                    "kind": "resource"
+                    if isinstance(limit, ResourceLimit)
+                    else ("call" if isinstance(limit, CallLimit) else "rate"),
+                    "capacity": limit.capacity,
+                    "available": state.available(now),
+                    "waiting": waiting[key],
+                }
+                if isinstance(limit, ResourceLimit):
+                    entry["in_use"] = limit.capacity - state.available(now)
+                else:
+                    entry["algorithm"] = limit.algorithm.value
+                    entry["window_seconds"] = limit.window_seconds
+                    entry["refunded"] = sched.refunded[key]
+                per_key[key] = entry
+            return {
+                "limits": per_key,
+                "waiting": len(sched.queue),
+                "granted": sched.granted,
+                "timed_out": sched.timed_out,
+                "cancelled": sched.cancelled,
+                "refunded": sum(sched.refunded.values()),
+                "paused_for": max(0.0, sched.paused_until - now),
+            }
+
+    def __repr__(self) -> str:
+        name = f" name={self._name!r}" if self._name else ""
+        sched = self._scheduler
+        return (
+            f"<LimitSet{name} limits={list(self._limits)!r} waiting={len(sched.queue)} "
+            f"granted={sched.granted}>"
+        )

@@ -1,0 +1,252 @@
+"""The one place that decides: atomic admission across limits, one FIFO queue, exact wake times.
+
+Model (Go's ``rate.Reservation``, trio's ``ParkingLot``): a LimitSet's state is a handful of pure
+algorithm state machines plus one FIFO queue of waiters, all guarded by one ``threading.Lock``.
+Nothing under the lock awaits, sleeps or calls user code.
+
+* A request is a tuple of ``(state, amount)`` items. It is admitted when *every* item is admissible
+  at the same instant; then all are taken together. Otherwise nothing is taken (all-or-nothing), so
+  a waiting request holds nothing another could use.
+* Arrivals barge only into an empty queue. Otherwise they join its tail, and only the head is
+  ever considered: grants follow arrival order, and a large request is never starved by small
+  ones (the price is head-of-line blocking, documented in ``docs/limitset.md``).
+* *Decide, then wait*: for the head, the algorithms answer "not before T" exactly. The head sleeps
+  until T; a release, refund, cancellation or pause that may change T runs :meth:`_dispatch`,
+  which grants the head (and the next, and the next, while they are admissible) and tells the new
+  head its T. No polling, no periodic timer. A grant costs O(1) wake-ups: the granted waiter, and
+  the new head so that it arms its timer.
+* Invariant, after every operation under the lock: the queue is empty, or its head is not
+  admissible now and ``head.wake_at`` is the time it becomes so (inf: only a release can).
+
+The async and thread doors (``_limitset.py``) call :meth:`try_take` and, when that fails, park a
+waiter from ``_waiters.py`` with :meth:`enqueue` / :meth:`after_wake` / :meth:`abandon`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from ._algorithms import RateState, SemaphoreState
+from ._waiters import GRANTED, LEFT, WAITING, Waiter
+
+__all__ = ["Items", "Scheduler"]
+
+Items = tuple[tuple[RateState, float], ...]
+
+_INF = math.inf
+
+
+class Scheduler:
+    """The state and the queue of one LimitSet, with every decision about them."""
+
+    __slots__ = (
+        "cancelled",
+        "clock",
+        "granted",
+        "lock",
+        "paused_until",
+        "queue",
+        "refunded",
+        "states",
+        "timed_out",
+    )
+
+    def __init__(self, states: tuple[RateState, ...], clock: Callable[[], float]) -> None:
+        self.lock = threading.Lock()
+        self.clock = clock
+        self.states = states
+        # Insertion-ordered, O(1) removal from the middle (cancellation) and O(1) head.
+        self.queue: OrderedDict[Waiter, None] = OrderedDict()
+        self.paused_until = -_INF
+        self.granted = 0
+        self.timed_out = 0
+        self.cancelled = 0
+        self.refunded: dict[str, float] = {s.key: 0.0 for s in states}
+
+    # -- decisions (under the lock) --------------------------------------------------------
+
+    def admit_time(self, items: Items, now: float) -> tuple[float, float]:
+        """``(rate_at, admit_at)`` for ``items`` at ``now``, assuming nothing else happens.
+
+        ``rate_at`` is when the rate limits (and a pause) allow it: a hard lower bound that only a
+        refund can lower. ``admit_at`` is ``inf`` instead when a resource limit is full: only a
+        release can help then. Each state is asked at ``now`` only (never at a future time, which
+        would make the window algorithms forget entries that still count now).
+        """
+        at = self.paused_until if self.paused_until > now else now
+        blocked = False
+        for state, amount in items:
+            t = state.earliest(amount, now)
+            if t > at:
+                if t == _INF:
+                    blocked = True
+                else:
+                    at = t
+        return at, (_INF if blocked else at)
+
+    def _take(self, items: Items, now: float) -> list[Any]:
+        return [state.take(amount, now) for state, amount in items]
+
+    def try_take(self, items: Items, now: float) -> list[Any] | None:
+        """Under the lock: take ``items`` now if nobody is queued and all admit; else None."""
+        if self.queue or self.paused_until > now:
+            return None
+        for state, amount in items:
+            if state.earliest(amount, now) > now:
+                return None
+        self.granted += 1
+        return self._take(items, now)
+
+    def _dispatch(self, now: float, current: Waiter | None = None) -> None:
+        """Grant queued waiters from the head while they are admissible, then tell the new head
+        when it will be. ``current`` is a waiter that is running right now and will re-read its
+        state itself, so it is not notified."""
+        queue = self.queue
+        while queue:
+            head = next(iter(queue))
+            rate_at, admit_at = self.admit_time(head.items, now)
+            if admit_at <= now:
+                del queue[head]
+                head.receipts = self._take(head.items, now)
+                head.granted_at = now
+                head.state = GRANTED
+                self.granted += 1
+                if head is not current and not head.notify():
+                    # Its event loop is gone: nobody will ever use or release this grant.
+                    self._give_back(head, now, dispatch=False)
+                    head.state = LEFT
+                    self.granted -= 1
+                    self.cancelled += 1
+                continue
+            head.rate_at = rate_at
+            if head.wake_at != admit_at:
+                head.wake_at = admit_at
+                if head is not current and not head.notify():
+                    del queue[head]
+                    head.state = LEFT
+                    self.cancelled += 1
+                    continue
+            return
+
+    # -- the waiting protocol, used by the doors -------------------------------------------
+
+    def enqueue(self, waiter: Waiter, now: float) -> bool:
+        """Under the lock, after :meth:`try_take` failed: queue ``waiter``, or return False when
+        its deadline is already known to be unreachable (the caller raises TimeoutError)."""
+        rate_at, admit_at = self.admit_time(waiter.items, now)
+        # The rate limits alone put admission after the deadline (a full resource does not: a
+        # release may come in time, so such a waiter waits until its deadline).
+        if rate_at > waiter.deadline or now >= waiter.deadline:
+            self.timed_out += 1
+            return False
+        if not self.queue:
+            waiter.wake_at = admit_at
+            waiter.rate_at = rate_at
+        self.queue[waiter] = None
+        return True
+
+    def after_wake(self, waiter: Waiter, now: float) -> float | None:
+        """Under the lock, each time ``waiter`` wakes. Returns the clock time to sleep until
+        (inf: until notified), or None when it is done: granted, or timed out (``waiter.state``
+        is then GRANTED or LEFT; LEFT means the caller raises TimeoutError)."""
+        waiter.consume_notification()
+        if waiter.state != WAITING:
+            return None
+        queue = self.queue
+        is_head = next(iter(queue)) is waiter
+        if is_head and now >= waiter.wake_at:
+            self._dispatch(now, current=waiter)
+            if waiter.state == GRANTED:
+                return None
+        # The deadline has passed, or the rate limits already place our admission after it.
+        if now >= waiter.deadline or (is_head and waiter.rate_at > waiter.deadline):
+            self._leave(waiter, now)
+            self.timed_out += 1
+            return None
+        wake = waiter.wake_at if next(iter(queue)) is waiter else _INF
+        return wake if wake < waiter.deadline else waiter.deadline
+
+    def abandon(self, waiter: Waiter, now: float) -> None:
+        """Under the lock, when a waiter is cancelled (or its thread interrupted) while parked.
+        If it was granted meanwhile, the grant goes back and passes to the next waiter; either way
+        it ends holding nothing."""
+        if waiter.state == WAITING:
+            self._leave(waiter, now)
+            self.cancelled += 1
+        elif waiter.state == GRANTED:
+            self.granted -= 1
+            self.cancelled += 1
+            self._give_back(waiter, now, dispatch=True)
+            waiter.state = LEFT
+
+    def _leave(self, waiter: Waiter, now: float) -> None:
+        was_head = next(iter(self.queue)) is waiter
+        del self.queue[waiter]
+        waiter.state = LEFT
+        if was_head:
+            self._dispatch(now)
+
+    def _give_back(self, waiter: Waiter, now: float, *, dispatch: bool) -> None:
+        """Return a grant nobody used: slots released, rate amounts refunded as §3 allows."""
+        receipts = waiter.receipts or ()
+        for (state, amount), receipt in zip(waiter.items, receipts, strict=True):
+            if isinstance(state, SemaphoreState):
+                state.release(amount)
+            else:
+                state.refund(receipt, amount, now)
+        waiter.receipts = None
+        if dispatch:
+            self._dispatch(now)
+
+    # -- after a grant (under the lock) ----------------------------------------------------
+
+    def release(self, items: Items, now: float) -> None:
+        """Give back the resource slots of a finished acquisition."""
+        released = False
+        for state, amount in items:
+            if isinstance(state, SemaphoreState):
+                state.release(amount)
+                released = True
+        if released and self.queue:
+            self._dispatch(now)
+
+    def settle(
+        self, state: RateState, receipt: Any, held: float, usage: float, now: float
+    ) -> tuple[Any, float]:
+        """Move one limit of an acquisition from ``held`` units to ``usage`` (§3 refund or
+        charge). Returns the new receipt and the units now held."""
+        if usage < held:
+            given = state.refund(receipt, held - usage, now)
+            if given > 0:
+                self.refunded[state.key] += given
+            return receipt, held - given
+        if usage > held:
+            return state.charge(receipt, usage - held, now), usage
+        return receipt, held
+
+    def after_refund(self, now: float) -> None:
+        if self.queue:
+            self._dispatch(now)
+
+    def pause(self, until: float, now: float) -> None:
+        """Admit nobody before ``until``; overlapping pauses keep the later end."""
+        if until > self.paused_until:
+            self.paused_until = until
+            if self.queue:
+                self._dispatch(now)
+
+    # -- introspection ---------------------------------------------------------------------
+
+    def waiting_per_key(self) -> dict[str, int]:
+        counts = {s.key: 0 for s in self.states}
+        for waiter in self.queue:
+            for state, _amount in waiter.items:
+                counts[state.key] += 1
+        return counts
+
+    def head(self) -> Waiter | None:
+        return next(iter(self.queue)) if self.queue else None

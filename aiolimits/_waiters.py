@@ -1,0 +1,278 @@
+"""How a waiter sleeps and is woken: a task on asyncio, uvloop or trio, on any thread, or a thread.
+
+The scheduler (``_scheduler.py``) decides; this module only parks and unparks. Every waiter,
+whatever its kind, sits in the one FIFO queue of its LimitSet and offers the same two operations:
+
+* ``notify()``, called by *any* thread while it holds the LimitSet's lock: "look at your state
+  again". It never blocks and never runs the waiter's code; it posts a wake-up through the waiter's
+  own mechanism (setting an asyncio future on its loop's thread, rescheduling a trio task through
+  its trio token, releasing a thread's private lock). Repeated notifications before the waiter
+  looks collapse into one.
+* ``sleep(until)`` / ``sleep_sync(until)``: park until notified, or until the clock reaches
+  ``until`` (a time on the LimitSet's clock), whichever comes first. It returns normally either
+  way; the caller re-reads its state under the lock. Cancellation propagates out of it.
+
+Timers: with a real clock (``time.monotonic`` or any clock ticking at real speed) a sleep until
+``until`` becomes a timer of ``until - clock()`` seconds on the event loop (or a timed lock
+acquire). A clock that implements :class:`TimerClock` (``aiolimits.testing.ManualClock``) fires the
+timers itself when it is advanced, so tests never sleep for real.
+
+Prior art: trio's ``ParkingLot`` (one queue that knows about cancellation), anyio's
+``CapacityLimiter``; the cross-thread wake is what ``loop.call_soon_threadsafe`` and
+``TrioToken.run_sync_soon`` exist for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sys
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ._algorithms import RateState
+
+__all__ = [
+    "AsyncioWaiter",
+    "Cancellable",
+    "ThreadWaiter",
+    "TimerClock",
+    "TrioWaiter",
+    "Waiter",
+    "async_waiter",
+    "running_event_loop",
+]
+
+WAITING = 0
+GRANTED = 1
+LEFT = 2  # cancelled or timed out, out of the queue, holding nothing
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+@runtime_checkable
+class TimerClock(Protocol):
+    """A clock that drives timers itself (a manual or simulated clock)."""
+
+    def __call__(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> Cancellable:
+        """Call ``callback`` (from whichever thread moves the clock) once the time is >= ``when``;
+        at once, from the calling thread, when it already is."""
+        ...
+
+
+class Waiter:
+    """One queued request. Fields other than the wake-up mechanism belong to the scheduler and
+    are read and written only under the LimitSet's lock."""
+
+    __slots__ = (
+        "deadline",
+        "granted_at",
+        "items",
+        "notified",
+        "rate_at",
+        "receipts",
+        "state",
+        "wake_at",
+    )
+
+    def __init__(self, items: tuple[tuple[RateState, float], ...], deadline: float) -> None:
+        self.items = items
+        self.deadline = deadline  # the caller's timeout, on the LimitSet's clock (inf: none)
+        self.state = WAITING
+        self.notified = False
+        # Set by the scheduler while this waiter is the head: when it becomes admissible
+        # (inf: only a release can do it) and the part of that known from the rate limits alone.
+        self.wake_at = math.inf
+        self.rate_at = -math.inf
+        self.receipts: list[Any] | None = None
+        self.granted_at = 0.0
+
+    def notify(self) -> bool:
+        """Wake the waiter to re-read its state. Under the lock. False if it can never wake."""
+        raise NotImplementedError
+
+    def consume_notification(self) -> None:
+        """Under the lock, after waking: forget a notification already delivered."""
+        self.notified = False
+
+
+class ThreadWaiter(Waiter):
+    """A plain thread blocked in ``acquire_sync``, parked on a private lock used as a binary
+    semaphore (released once per notification)."""
+
+    __slots__ = ("_got", "_parker")
+
+    def __init__(self, items: tuple[tuple[RateState, float], ...], deadline: float) -> None:
+        super().__init__(items, deadline)
+        self._parker = threading.Lock()
+        self._parker.acquire()
+        self._got = False
+
+    def notify(self) -> bool:
+        if not self.notified:
+            self.notified = True
+            self._parker.release()
+        return True
+
+    def sleep_sync(self, timeout: float | None) -> None:
+        """Block without the LimitSet's lock for at most ``timeout`` seconds (None: no limit)."""
+        if timeout is None:
+            self._got = self._parker.acquire()
+        else:
+            self._got = self._parker.acquire(timeout=max(timeout, 0.0))
+
+    def consume_notification(self) -> None:
+        if self.notified:
+            if not self._got:
+                # The notification arrived after our timed acquire gave up: take it now so the
+                # parker is held again for the next sleep.
+                acquired = self._parker.acquire(blocking=False)
+                assert acquired
+            self.notified = False
+        self._got = False
+
+
+def _resolve_timer(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class AsyncioWaiter(Waiter):
+    """A task on an asyncio (or uvloop) event loop, possibly on another thread than the notifier."""
+
+    __slots__ = ("_fut", "_loop", "_pad_ms", "_thread")
+
+    def __init__(
+        self,
+        items: tuple[tuple[RateState, float], ...],
+        deadline: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(items, deadline)
+        self._loop = loop
+        self._thread = threading.get_ident()
+        self._fut: asyncio.Future[None] = loop.create_future()
+        # uvloop rounds timer delays to whole milliseconds against a cached millisecond clock, so
+        # a timer can fire up to ~1.5 ms early; waking early and going back to sleep is the
+        # spinning other limiters show under uvloop. Round up instead: never early, <= 2 ms late.
+        self._pad_ms = type(loop).__module__.startswith("uvloop")
+
+    def _wake(self) -> None:
+        fut = self._fut
+        if not fut.done():
+            fut.set_result(None)
+
+    def notify(self) -> bool:
+        if self.notified:
+            return True
+        self.notified = True
+        if threading.get_ident() == self._thread:
+            self._wake()
+            return True
+        try:
+            self._loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:  # its loop is closed: this waiter will never run again
+            return False
+        return True
+
+    async def sleep(self, delay: float | None) -> None:
+        """Park until notified or ``delay`` seconds (None: no limit) have passed."""
+        fut = self._fut
+        if fut.done():
+            fut = self._fut = self._loop.create_future()
+        handle = None
+        if delay is not None:
+            if self._pad_ms:
+                delay = (math.ceil(delay * 1000.0) + 1) / 1000.0
+            handle = self._loop.call_later(delay, _resolve_timer, fut)
+        try:
+            await fut
+        finally:
+            if handle is not None:
+                handle.cancel()
+
+
+class TrioWaiter(Waiter):
+    """A trio task, possibly notified from another thread through its trio token."""
+
+    __slots__ = ("_parked", "_task", "_thread", "_token")
+
+    def __init__(self, items: tuple[tuple[RateState, float], ...], deadline: float) -> None:
+        import trio
+
+        super().__init__(items, deadline)
+        self._task = trio.lowlevel.current_task()
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.get_ident()
+        self._parked = False  # touched only on the trio thread
+
+    def _wake(self) -> None:
+        if self._parked:
+            import trio
+
+            self._parked = False
+            trio.lowlevel.reschedule(self._task)
+
+    def notify(self) -> bool:
+        if self.notified:
+            return True
+        self.notified = True
+        if threading.get_ident() == self._thread:
+            self._wake()
+            return True
+        try:
+            self._token.run_sync_soon(self._wake)
+        except RuntimeError:  # trio.RunFinishedError: that run is over
+            return False
+        return True
+
+    def _abort(self, _raise_cancel: object) -> Any:
+        import trio
+
+        self._parked = False
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def sleep(self, delay: float | None) -> None:
+        import trio
+
+        if self.notified:
+            # A notification is pending (posted from another thread, or already delivered while
+            # we were not parked): do not park, the caller re-reads its state.
+            await trio.lowlevel.checkpoint()
+            return
+        self._parked = True
+        if delay is None:
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
+            return
+        with trio.move_on_after(max(delay, 0.0)):
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+
+def running_event_loop() -> str | None:
+    """The async library running on this thread: "asyncio", "trio" or None."""
+    if asyncio._get_running_loop() is not None:
+        return "asyncio"
+    trio = sys.modules.get("trio")
+    if trio is not None and trio.lowlevel.in_trio_run():
+        return "trio"
+    return None
+
+
+def async_waiter(items: tuple[tuple[RateState, float], ...], deadline: float) -> Any:
+    """A waiter for the current task, whichever async library runs it."""
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        return AsyncioWaiter(items, deadline, loop)
+    trio = sys.modules.get("trio")
+    if trio is not None and trio.lowlevel.in_trio_task():
+        return TrioWaiter(items, deadline)
+    raise RuntimeError(
+        "LimitSet.acquire() must be awaited in a task of asyncio (or uvloop) or trio; "
+        "from a thread, use acquire_sync()"
+    )
