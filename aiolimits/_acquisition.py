@@ -26,8 +26,15 @@ PENDING: Final = 0  # returned by acquire(), not yet entered
 HELD: Final = 1
 FAILED: Final = 2  # try_acquire could not take it
 RELEASED: Final = 3
+ACQUIRING: Final = 4  # entered, waiting in the queue
 
-_STATE_NAMES = {PENDING: "pending", HELD: "held", FAILED: "failed", RELEASED: "released"}
+_STATE_NAMES = {
+    PENDING: "pending",
+    HELD: "held",
+    FAILED: "failed",
+    RELEASED: "released",
+    ACQUIRING: "acquiring",
+}
 
 
 @final
@@ -111,6 +118,8 @@ class Acquisition:
         checked = limitset._check_usage(usage)  # validates everything before changing anything
         sched = limitset._scheduler
         with sched.lock:
+            if self._state != HELD:  # released by another thread meanwhile
+                raise RuntimeError("update() after the acquisition was released")
             now = sched.clock()
             settled = self._settled
             if settled is None:
@@ -133,21 +142,41 @@ class Acquisition:
     # -- release -----------------------------------------------------------------------------
 
     def release(self) -> None:
-        """Give back resource slots now. Idempotent, synchronous, never waits."""
-        state = self._state
-        self._state = RELEASED
-        if state == HELD and self._limitset._has_resources:
-            sched = self._limitset._scheduler
-            with sched.lock:
-                sched.release(self._items, sched.clock())
+        """Give back resource slots now. Idempotent, thread-safe, synchronous, never waits."""
+        if self._state != HELD or not self._limitset._has_resources:
+            self._state = RELEASED
+            return
+        sched = self._limitset._scheduler
+        with sched.lock:
+            # Re-checked under the lock: two threads releasing at once must give back once.
+            if self._state != HELD:
+                return
+            self._state = RELEASED
+            sched.release(self._items, sched.clock())
 
     # -- context manager protocols -----------------------------------------------------------
 
     async def __aenter__(self) -> Acquisition:
         if self._state == PENDING:
-            await self._limitset._acquire_async(self)
+            sched = self._limitset._scheduler
+            with sched.lock:
+                receipts = sched.try_take(self._items, sched.clock())
+            if receipts is not None:  # the fast path: no waiter, no await
+                self._receipts = receipts
+                self._state = HELD
+                return self
+            # Single use: whatever happens next (granted, timed out, cancelled), this object
+            # cannot be entered again.
+            self._state = ACQUIRING
+            try:
+                await self._limitset._acquire_async(self)
+            except BaseException:
+                self._state = RELEASED
+                raise
         elif self._state == RELEASED:
             raise RuntimeError("this acquisition was already released; call acquire() again")
+        elif self._state == ACQUIRING:
+            raise RuntimeError("this acquisition is already being acquired by another task")
         return self
 
     async def __aexit__(

@@ -93,7 +93,9 @@ class LimitSet:
         "_config",
         "_default_error",
         "_default_items",
+        "_fast",
         "_has_resources",
+        "_implicit",
         "_index",
         "_limits",
         "_name",
@@ -158,6 +160,16 @@ class LimitSet:
             for limit, state in zip(limits, states, strict=True)
             if not isinstance(limit, RateLimit)
         )
+        # Taken with 1 unless ``requested`` names them.
+        self._implicit = tuple((state.key, (state, 1)) for state, _ in self._default_items)
+        # Keys whose amounts may be taken without further questions when they are a positive
+        # int, or a float that is whole or allowed to be fractional: (state, fractions allowed).
+        # A CallLimit is left out: only 0 or 1 are valid, the slow path checks it.
+        self._fast: dict[str, tuple[RateState, bool]] = {
+            limit.key: (state, isinstance(limit, RateLimit) and not limit.algorithm.integral)
+            for limit, state in zip(limits, states, strict=True)
+            if not isinstance(limit, CallLimit)
+        }
 
     # -- what it is --------------------------------------------------------------------------
 
@@ -178,43 +190,59 @@ class LimitSet:
 
     def _items(self, requested: Mapping[str, int | float] | None) -> Items:
         """Validate ``requested`` and turn it into ``(state, amount)`` items, zero amounts left
-        out. Raises before anything is taken."""
+        out. Raises before anything is taken.
+
+        On the hot path: one dict lookup and a few comparisons per named key; anything unusual
+        goes to :meth:`_check_requested`, which explains what is wrong."""
         if requested is None:
             if self._default_error is not None:
                 raise ValueError(self._default_error)
             return self._default_items
-        if not isinstance(requested, Mapping):
+        if type(requested) is not dict and not isinstance(requested, Mapping):
             raise TypeError(
                 f"requested must be a mapping of key to amount or None, got {_describe(requested)}"
             )
-        index = self._index
-        for key in requested:
-            if key not in index:
-                raise ValueError(
-                    f"requested names {key!r}, which is not a limit of this set "
-                    f"(keys: {', '.join(map(repr, index))})"
-                )
+        fast = self._fast
         items: list[tuple[RateState, float]] = []
-        for limit, state in index.values():
-            key = limit.key
-            if key in requested:
-                what = f"requested[{key!r}]"
-                amount = _check_amount(what, requested[key])
-                if isinstance(limit, CallLimit):
-                    if amount not in (0, 1):
-                        raise ValueError(f"{what} must be 1 (or 0 to skip it), got {amount!r}")
-                elif (
-                    isinstance(limit, ResourceLimit) or limit.algorithm.integral
-                ) and amount != int(amount):
-                    raise ValueError(f"{what} must be a whole number, got {amount!r}")
-                state.check(amount)
-            elif isinstance(limit, RateLimit):
-                continue
+        for key, amount in requested.items():
+            spec = fast.get(key)
+            kind = type(amount)
+            if (
+                spec is not None
+                and (kind is int or (kind is float and (spec[1] or amount % 1 == 0)))
+                and 0 < amount <= spec[0].capacity
+            ):
+                items.append((spec[0], amount))
             else:
-                amount = 1
-            if amount:
-                items.append((state, amount))
+                checked = self._check_requested(key, amount)
+                if checked:
+                    items.append(checked)
+        for key, item in self._implicit:
+            if key not in requested:
+                items.append(item)
         return tuple(items)
+
+    def _check_requested(self, key: str, value: object) -> tuple[RateState, float] | None:
+        """The slow, explaining path of :meth:`_items` for one key: the item, None to skip it, or
+        the error naming the argument and the value."""
+        entry = self._index.get(key)
+        if entry is None:
+            raise ValueError(
+                f"requested names {key!r}, which is not a limit of this set "
+                f"(keys: {', '.join(map(repr, self._index))})"
+            )
+        limit, state = entry
+        what = f"requested[{key!r}]"
+        amount = _check_amount(what, value)
+        if isinstance(limit, CallLimit):
+            if amount not in (0, 1):
+                raise ValueError(f"{what} must be 1 (or 0 to skip it), got {amount!r}")
+        elif (isinstance(limit, ResourceLimit) or limit.algorithm.integral) and amount != int(
+            amount
+        ):
+            raise ValueError(f"{what} must be a whole number, got {amount!r}")
+        state.check(amount)
+        return (state, amount) if amount else None
 
     def _check_usage(self, usage: Mapping[str, int | float]) -> list[tuple[RateState, float]]:
         if not isinstance(usage, Mapping):
@@ -402,6 +430,7 @@ class LimitSet:
         sched = self._scheduler
         with sched.lock:
             now = sched.clock()
+            sched.catch_up(now)
             _rate_at, at = sched.admit_time(items, now)
             head = sched.head()
             if head is not None and head.wake_at > at:
@@ -435,6 +464,7 @@ class LimitSet:
         sched = self._scheduler
         with sched.lock:
             now = sched.clock()
+            sched.catch_up(now)
             waiting = sched.waiting_per_key()
             per_key: dict[str, dict[str, Any]] = {}
             for key, (limit, state) in self._index.items():

@@ -16,7 +16,8 @@ Nothing under the lock awaits, sleeps or calls user code.
   head its T. No polling, no periodic timer. A grant costs O(1) wake-ups: the granted waiter, and
   the new head so that it arms its timer.
 * Invariant, after every operation under the lock: the queue is empty, or its head is not
-  admissible now and ``head.wake_at`` is the time it becomes so (inf: only a release can).
+  admissible before ``head.wake_at``, the time it becomes so (inf: only a release can). Once that
+  time has come, the head's own timer grants it, or whoever takes the lock first (catch_up).
 
 The async and thread doors (``_limitset.py``) call :meth:`try_take` and, when that fails, park a
 waiter from ``_waiters.py`` with :meth:`enqueue` / :meth:`after_wake` / :meth:`abandon`.
@@ -91,9 +92,22 @@ class Scheduler:
     def _take(self, items: Items, now: float) -> list[Any]:
         return [state.take(amount, now) for state, amount in items]
 
+    def catch_up(self, now: float) -> None:
+        """Under the lock: grant a head whose wake time has come but which has not run yet.
+
+        Between the head's wake time and the moment its own timer gets it running, anyone who
+        takes the lock may grant it (FIFO is kept: only the head and those after it in order)."""
+        queue = self.queue
+        if queue and next(iter(queue)).wake_at <= now:
+            self._dispatch(now)
+
     def try_take(self, items: Items, now: float) -> list[Any] | None:
         """Under the lock: take ``items`` now if nobody is queued and all admit; else None."""
-        if self.queue or self.paused_until > now:
+        if self.queue:
+            self.catch_up(now)
+            if self.queue:
+                return None
+        if self.paused_until > now:
             return None
         for state, amount in items:
             if state.earliest(amount, now) > now:
