@@ -3,7 +3,7 @@
 :class:`ManualClock` is a clock you move by hand. Pass it as ``LimitSet(..., clock=clock)``: every
 decision then uses its time, and waiters that sleep until a computed time (or a ``timeout``) wake
 when you :meth:`~ManualClock.advance` past it, never on their own. With async code, let the woken
-tasks run after advancing, e.g. with ``await anyio.testing.wait_all_tasks_blocked()``.
+tasks run after advancing, e.g. with ``await anyio.wait_all_tasks_blocked()``.
 
 Example:
     >>> clock = ManualClock()
