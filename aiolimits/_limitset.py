@@ -433,11 +433,10 @@ class LimitSet:
             sched.catch_up(now)
             _rate_at, at = sched.admit_time(items, now)
             head = sched.head()
+            # FIFO: nobody passes the head, which (caught up above) is not admissible before
+            # its wake time.
             if head is not None and head.wake_at > at:
                 at = head.wake_at
-            if head is not None and at <= now:
-                # Admissible by itself, but FIFO puts it behind the queue: no barging.
-                at = math.nextafter(now, _INF)
         return max(0.0, at - now)
 
     def pause(self, seconds: float) -> None:

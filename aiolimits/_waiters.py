@@ -125,7 +125,10 @@ class ThreadWaiter(Waiter):
         if timeout is None:
             self._got = self._parker.acquire()
         else:
-            self._got = self._parker.acquire(timeout=max(timeout, 0.0))
+            # Far-off wake times (huge windows) exceed what a lock wait accepts: wake at the
+            # bound, and the caller sleeps again for the rest.
+            timeout = min(max(timeout, 0.0), threading.TIMEOUT_MAX)
+            self._got = self._parker.acquire(timeout=timeout)
 
     def consume_notification(self) -> None:
         if self.notified:

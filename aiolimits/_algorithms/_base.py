@@ -70,6 +70,21 @@ class RateState:
         raise NotImplementedError
 
 
+def add_up(a: float, b: float) -> float:
+    """``a + b`` rounded up: the smallest float that is not below the exact sum.
+
+    GCRA and LeakyBucket store times as large as the clock (1e7 s after four months of uptime),
+    where one float step is about 2 ns. A sum rounded to nearest could lose a short interval
+    entirely, so a unit would cost no time and could be admitted again and again; rounded up, the
+    error is at most one step and always on the side of refusing.
+    """
+    s = a + b
+    # Two-sum: `err` is the exact rounding error, s + err == a + b (barring overflow).
+    bb = s - a
+    err = (a - (s - bb)) + (b - bb)
+    return math.nextafter(s, math.inf) if err > 0 else s
+
+
 def first_true(pred: Callable[[float], bool], approx: float, lo: float) -> float:
     """The smallest float ``t >= lo`` with ``pred(t)``, for ``pred`` monotone in ``t``.
 

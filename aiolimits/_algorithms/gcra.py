@@ -8,11 +8,14 @@ float of state, which is what the Redis backend stores.
 
 Refunds move the TAT back by the units returned, never before ``now`` (that is, never above a full
 bucket); charges move it forward from ``max(TAT, now)``, as a debt.
+
+The TAT is as large as the clock, so its sums are rounded up (:func:`add_up`): at 1e7 s a float step
+is about 2 ns, and a sum rounded to nearest would let an amount worth less than a step cost nothing.
 """
 
 from __future__ import annotations
 
-from ._base import RateState, Receipt, too_large
+from ._base import RateState, Receipt, add_up, too_large
 
 
 class GCRAState(RateState):
@@ -26,7 +29,7 @@ class GCRAState(RateState):
 
     def _allow_at(self, amount: float) -> float:
         tat = self._tat
-        at = (tat - self._window) + amount * self._interval
+        at = add_up(add_up(tat, -self._window), amount * self._interval)
         # n <= C always fits a full bucket, even when n·T rounds above W.
         return at if at < tat else tat
 
@@ -40,14 +43,14 @@ class GCRAState(RateState):
         if amount > self.capacity:
             raise too_large(self.key, amount, self.capacity)
         tat = self._tat
-        self._tat = (tat if tat > now else now) + amount * self._interval
+        self._tat = add_up(tat if tat > now else now, amount * self._interval)
         return None
 
     def refund(self, receipt: Receipt, amount: float, now: float) -> float:
         tat = self._tat
         if tat <= now:
             return 0.0
-        back = tat - amount * self._interval
+        back = add_up(tat, -amount * self._interval)
         if back >= now:
             self._tat = back
             return amount
@@ -56,7 +59,7 @@ class GCRAState(RateState):
 
     def charge(self, receipt: Receipt, amount: float, now: float) -> Receipt:
         tat = self._tat
-        self._tat = (tat if tat > now else now) + amount * self._interval
+        self._tat = add_up(tat if tat > now else now, amount * self._interval)
         return receipt
 
     def available(self, now: float) -> float:

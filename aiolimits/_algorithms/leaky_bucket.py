@@ -1,42 +1,65 @@
 """LeakyBucket (as a meter): admissions are smoothed out, one unit every ``1/r`` seconds, no burst.
 
 An amount n admitted at t occupies the schedule over ``[t, t + n/r)``; the next admission starts no
-earlier than the end of that slot. The state is that end, ``next_free``. Fractional amounts are
-allowed: a slot is just shorter.
+earlier than the end of that slot. Fractional amounts are allowed: a slot is just shorter.
 
 A refund gives back the unused tail of the acquisition's slot, as far as that tail still lies in the
-future (time already passed cannot be handed to anyone). A charge occupies the schedule from
-``max(next_free, now)`` for the excess, as if that much more had been admitted when it was reported.
+future (time already passed cannot be handed to anyone); the slots scheduled after it move up by the
+time given back. A charge occupies the schedule from the end of the last slot, or from ``now`` if
+that is later, for the excess, as if that much more had been admitted when it was reported.
+
+The state is the slots that have not ended yet, oldest first: a take at ``now`` needs the schedule
+to be over, so these are at most the newest admission and the charges reported during it, and the
+end of the schedule is the end of the last one. The slot ends are as large as the clock, so they
+are summed rounded up (:func:`add_up`): a slot is never shorter than its amount, even when the
+amount is worth less than a float step of a clock at 1e7 s.
 """
 
 from __future__ import annotations
 
-from ._base import RateState, Receipt, too_large
+import math
+from collections import deque
+
+from ._base import RateState, Receipt, add_up, too_large
 
 
 class LeakyBucketState(RateState):
-    __slots__ = ("_interval", "_next_free")
+    __slots__ = ("_interval", "_slots")
 
     def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
         super().__init__(key, capacity, window, now)
         self._interval = window / capacity  # seconds per unit
-        self._next_free = now
+        # [end, units held]: the same lists as in the receipts, so a refund can find what follows.
+        self._slots: deque[list[float]] = deque()
+
+    def _next_free(self) -> float:
+        return self._slots[-1][0] if self._slots else -math.inf
+
+    def _prune(self, now: float) -> None:
+        slots = self._slots
+        while slots and slots[0][0] <= now:
+            slots.popleft()
+
+    def _occupy(self, amount: float, now: float) -> list[float]:
+        self._prune(now)
+        nf = self._next_free()
+        part = [add_up(nf if nf > now else now, amount * self._interval), amount]
+        self._slots.append(part)
+        return part
 
     def earliest(self, amount: float, now: float) -> float:
         if amount > self.capacity:
             raise too_large(self.key, amount, self.capacity)
-        nf = self._next_free
+        nf = self._next_free()
         return nf if nf > now else now
 
     def take(self, amount: float, now: float) -> Receipt:
         if amount > self.capacity:
             raise too_large(self.key, amount, self.capacity)
-        start = self._next_free if self._next_free > now else now
-        end = start + amount * self._interval
-        self._next_free = end
-        return [[end, amount]]
+        return [self._occupy(amount, now)]
 
     def refund(self, receipt: Receipt, amount: float, now: float) -> float:
+        self._prune(now)
         given = 0.0
         parts: list[list[float]] = receipt or []
         for part in reversed(parts):
@@ -50,28 +73,33 @@ class LeakyBucketState(RateState):
                 x, new_end = future, now
             else:
                 x = held if held < amount else amount
-                new_end = end - x * self._interval
-            nf = self._next_free - (end - new_end)
-            self._next_free = nf if nf > now else now
+                new_end = add_up(end, -x * self._interval)
+            freed = end - new_end
             part[0] = new_end
             part[1] = held - x
+            # Everything scheduled after this slot moves up by the time given back.
+            after = False
+            for other in self._slots:
+                if after:
+                    other[0] = add_up(other[0], -freed)
+                after = after or other is part
             amount -= x
             given += x
         return given
 
     def charge(self, receipt: Receipt, amount: float, now: float) -> Receipt:
-        start = self._next_free if self._next_free > now else now
-        end = start + amount * self._interval
-        self._next_free = end
         parts: list[list[float]] = receipt if receipt is not None else []
-        parts.append([end, amount])
+        parts.append(self._occupy(amount, now))
         return parts
 
     def available(self, now: float) -> float:
-        return self.capacity if self._next_free <= now else 0.0
+        return self.capacity if self._next_free() <= now else 0.0
 
     def is_fresh(self, now: float) -> bool:
-        return self._next_free <= now
+        return self._next_free() <= now
 
     def __repr__(self) -> str:
-        return f"<LeakyBucketState {self.key!r} next_free={self._next_free:g}>"
+        return (
+            f"<LeakyBucketState {self.key!r} next_free={self._next_free():g} "
+            f"slots={len(self._slots)}>"
+        )
