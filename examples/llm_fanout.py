@@ -2,8 +2,8 @@
 
 120 concurrent "calls" share one LimitSet: at most 1,200 calls and 60,000 tokens per minute (scaled
 down to 20 calls and 1,000 tokens per second so the run takes a few seconds), and at most 8 calls
-in flight. Each call reserves its prompt plus the maximum completion, and reports the real count when
-it is known; the unused part is refunded and lets the next caller in sooner.
+in flight. Each call reserves its prompt plus the maximum completion, and reports the real count
+when it is known; the unused part is refunded and lets the next caller in sooner.
 
 Run it with ``scripts/demo`` (or ``python examples/llm_fanout.py [--calls N] [--backend trio]``).
 """

@@ -11,6 +11,8 @@ below zero, a debt the refill pays off before anything else is admitted.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 from ._base import RateState, Receipt, first_true, too_large
 
 
@@ -36,15 +38,34 @@ class TokenBucketState(RateState):
         if now > self._stamp:
             self._stamp = now
 
+    def _has(self, need: float, now: float) -> bool:
+        """Whether the level at ``now`` is at least ``need`` (<= the full level).
+
+        ``level + C * elapsed >= need`` is asked as ``C * elapsed >= need - level``: a product
+        rounded to nearest lies on the same side of any float as the exact product unless it equals
+        it, so the answer is exact whenever the deficit is (binary-fraction levels and amounts).
+        Summing first would round up to ``need`` a few float steps before the exact time, and a
+        clock that starts at 0 would show a wait of 0.12499999999999997 s instead of 0.125 s.
+        """
+        deficit = need - self._level
+        if deficit <= 0:
+            return True
+        elapsed = now - self._stamp
+        if elapsed <= 0:
+            return False
+        refill = self.capacity * elapsed
+        if refill != deficit:
+            return refill > deficit
+        return Fraction(self.capacity) * Fraction(elapsed) >= deficit
+
     def earliest(self, amount: float, now: float) -> float:
         if amount > self.capacity:
             raise too_large(self.key, amount, self.capacity)
         need = amount * self._window
-        level = self._level_at(now)
-        if level >= need:
+        if self._has(need, now):
             return now
-        approx = now + (need - level) / self.capacity
-        return first_true(lambda t: self._level_at(t) >= need, approx, now)
+        approx = now + (need - self._level_at(now)) / self.capacity
+        return first_true(lambda t: self._has(need, t), approx, now)
 
     def take(self, amount: float, now: float) -> Receipt:
         if amount > self.capacity:

@@ -1,0 +1,41 @@
+"""The LimitSet contract (``tests/contract.py``) run against the default in-process backend.
+
+Async tests run on asyncio, asyncio + uvloop and trio (the ``anyio_backend`` fixture).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import pytest
+
+from aiolimits import LimitSet, MemoryBackend
+
+# The contract's asserts live outside a test module: have pytest rewrite them for useful reports.
+pytest.register_assert_rewrite("tests.contract")
+
+from .contract import AnyLimit, LimitSetContract, MakeLimitSet  # noqa: E402
+
+
+@pytest.fixture
+def make_limitset() -> MakeLimitSet:
+    def make(
+        limits: Iterable[AnyLimit] = (),
+        *,
+        clock: Callable[[], float] | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> LimitSet:
+        return LimitSet(
+            limits,
+            config=config,
+            backend=MemoryBackend(),
+            clock=time.monotonic if clock is None else clock,
+        )
+
+    return make
+
+
+class TestMemoryBackend(LimitSetContract):
+    """Every contract test, on MemoryBackend."""
