@@ -16,14 +16,16 @@ The questions an algorithm answers, for an amount ``n <= capacity``:
 * ``charge(receipt, n, now)``: consume ``n`` more units for that acquisition, at ``now``.
 * ``available(now)``, ``is_fresh(now)``: for statistics and for dropping idle keyed state.
 
-Receipts are ``None`` for the algorithms whose refunds do not depend on history (the buckets) and a
-small list of ``[time, amount]`` parts, newest last, for the others. A charge adds a part; a refund
-takes from the newest part first, so a later ``update`` can undo an earlier overage exactly.
+Receipts are owned by one acquisition. For the buckets (TokenBucket, GCRA) a receipt is
+``[operation number, units still remembered]`` (see :class:`PeakLog`); for the others a small list
+of ``[time, amount]`` parts, newest last. A charge adds a part; a refund takes from the newest part
+first, so a later ``update`` can undo an earlier overage exactly.
 """
 
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -68,6 +70,78 @@ class RateState:
 
     def is_fresh(self, now: float) -> bool:
         raise NotImplementedError
+
+
+class PeakLog:
+    """The highest level a bucket reached since a given operation: what makes bucket refunds honest.
+
+    A bucket caps its level at the capacity, so a refund cannot simply put the units back: once
+    the level has climbed to within ``x`` of full after an acquisition took ``n``, the cap has
+    absorbed all but ``x`` of that acquisition's units, just as it would have had the acquisition
+    taken less. Only ``min(n, capacity - peak)`` is still "remembered" and can be given back, where
+    ``peak`` is the highest level since the take (SPEC §3: give back what can honestly be given
+    back; without this, a late refund lets the bucket admit more than its capacity at once).
+
+    Between operations a bucket's level only rises, so its peaks are the levels just before the
+    operations that lower it (takes and charges) and the level now. This keeps those levels in a
+    stack that decreases from oldest to newest (a level hides every older, lower one), with an
+    operation number each: the highest level after operation ``s`` is the first entry after ``s``.
+    The stack stays short (a full bucket empties it); past ``LIMIT`` entries its oldest half is
+    folded into a floor that answers conservatively (a higher peak: a smaller refund) for the
+    receipts that old.
+    """
+
+    __slots__ = ("_floor_level", "_floor_seq", "_levels", "_seq", "_seqs")
+
+    LIMIT = 512
+
+    def __init__(self) -> None:
+        self._seq = 0
+        self._seqs: list[int] = []
+        self._levels: list[float] = []
+        self._floor_seq = 0
+        self._floor_level = -math.inf
+
+    def record(self, level: float) -> int:
+        """Note the level just before an operation that lowers it; returns that operation's
+        number, which a receipt keeps: the peaks that matter to it are the ones after it."""
+        self._seq += 1
+        levels, seqs = self._levels, self._seqs
+        while levels and levels[-1] <= level:
+            levels.pop()
+            seqs.pop()
+        levels.append(level)
+        seqs.append(self._seq)
+        if len(levels) > self.LIMIT:
+            half = self.LIMIT // 2
+            if levels[0] > self._floor_level:
+                self._floor_level = levels[0]
+            self._floor_seq = seqs[half - 1]
+            del levels[:half], seqs[:half]
+        return self._seq
+
+    def now(self) -> int:
+        """The number of the latest operation."""
+        return self._seq
+
+    def peak_since(self, seq: int) -> float:
+        """The highest level recorded by an operation after ``seq`` (-inf: none)."""
+        peak = self._floor_level if seq < self._floor_seq else -math.inf
+        i = bisect_right(self._seqs, seq)
+        if i < len(self._levels) and self._levels[i] > peak:
+            peak = self._levels[i]
+        return peak
+
+
+def remembered(log: PeakLog, receipt: list[float], level: float, full: float) -> float:
+    """How much of a bucket receipt the bucket still remembers, in the units of ``level``/``full``:
+    what an honest refund may give back. ``level`` is the level now."""
+    peak = log.peak_since(int(receipt[0]))
+    if level > peak:
+        peak = level
+    room = full - peak
+    held = receipt[1]
+    return held if held < room else (room if room > 0 else 0.0)
 
 
 def add_up(a: float, b: float) -> float:

@@ -6,8 +6,9 @@ time* (TAT) at which the bucket would be full again. An amount n is admitted at 
 the sequences TokenBucket admits (burst C, rate C/W), up to the rounding of ``T``; its appeal is one
 float of state, which is what the Redis backend stores.
 
-Refunds move the TAT back by the units returned, never before ``now`` (that is, never above a full
-bucket); charges move it forward from ``max(TAT, now)``, as a debt.
+Refunds move the TAT back by the units returned, as far as the bucket still remembers them (never
+before ``now``, which would be above a full bucket, and never what the cap has absorbed since the
+take, see :class:`~._base.PeakLog`); charges move it forward from ``max(TAT, now)``, as a debt.
 
 The TAT is as large as the clock, so its sums are rounded up (:func:`add_up`): at 1e7 s a float step
 is about 2 ns, and a sum rounded to nearest would let an amount worth less than a step cost nothing.
@@ -15,17 +16,18 @@ is about 2 ns, and a sum rounded to nearest would let an amount worth less than 
 
 from __future__ import annotations
 
-from ._base import RateState, Receipt, add_up, too_large
+from ._base import PeakLog, RateState, Receipt, add_up, remembered, too_large
 
 
 class GCRAState(RateState):
-    __slots__ = ("_interval", "_tat", "_window")
+    __slots__ = ("_interval", "_peaks", "_tat", "_window")
 
     def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
         super().__init__(key, capacity, window, now)
         self._window = window
         self._interval = window / capacity  # T, seconds per unit
         self._tat = now  # full bucket
+        self._peaks = PeakLog()  # levels in units, for honest refunds
 
     def _allow_at(self, amount: float) -> float:
         tat = self._tat
@@ -39,32 +41,42 @@ class GCRAState(RateState):
         at = self._allow_at(amount)
         return at if at > now else now
 
+    def _level(self, now: float) -> float:
+        owed = self._tat - now
+        return self.capacity - (owed / self._interval if owed > 0 else 0.0)
+
     def take(self, amount: float, now: float) -> Receipt:
         if amount > self.capacity:
             raise too_large(self.key, amount, self.capacity)
+        seq = self._peaks.record(self._level(now))
         tat = self._tat
         self._tat = add_up(tat if tat > now else now, amount * self._interval)
-        return None
+        return [seq, amount]
 
     def refund(self, receipt: Receipt, amount: float, now: float) -> float:
-        tat = self._tat
-        if tat <= now:
+        if receipt is None:
             return 0.0
-        back = add_up(tat, -amount * self._interval)
-        if back >= now:
-            self._tat = back
-            return amount
-        self._tat = now
-        return (tat - now) / self._interval
+        # Only what the cap has not absorbed since the take can honestly come back (PeakLog);
+        # that also keeps the TAT from moving before now (a bucket above full).
+        keep = remembered(self._peaks, receipt, self._level(now), self.capacity)
+        given = amount if amount < keep else keep
+        if given > 0:
+            back = add_up(self._tat, -given * self._interval)
+            self._tat = back if back > now else now
+        receipt[0] = self._peaks.now()
+        receipt[1] = keep - given
+        return given
 
     def charge(self, receipt: Receipt, amount: float, now: float) -> Receipt:
+        level = self._level(now)
+        keep = 0.0 if receipt is None else remembered(self._peaks, receipt, level, self.capacity)
+        seq = self._peaks.record(level)
         tat = self._tat
         self._tat = add_up(tat if tat > now else now, amount * self._interval)
-        return receipt
+        return [seq, keep + amount]
 
     def available(self, now: float) -> float:
-        owed = self._tat - now
-        return self.capacity - (owed / self._interval if owed > 0 else 0.0)
+        return self._level(now)
 
     def is_fresh(self, now: float) -> bool:
         return self._tat <= now

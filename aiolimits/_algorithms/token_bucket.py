@@ -5,19 +5,21 @@ date. In those units the refill rate is C per second and an amount n costs n * W
 no division: with whole or binary-fraction times and amounts every comparison is exact, and the
 only rounded value is the wait time, which :func:`first_true` corrects against the decision itself.
 
-Refunds put tokens back up to the capacity; charges (usage above what was taken) may drive the level
-below zero, a debt the refill pays off before anything else is admitted.
+Refunds put back the tokens the bucket still remembers: never above the capacity, and never what
+the cap has absorbed since the take (a bucket that refilled to within x of full has forgotten all
+but x of an earlier take; see :class:`~._base.PeakLog`). Charges (usage above what was taken) may
+drive the level below zero, a debt the refill pays off before anything else is admitted.
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
 
-from ._base import RateState, Receipt, first_true, too_large
+from ._base import PeakLog, RateState, Receipt, first_true, remembered, too_large
 
 
 class TokenBucketState(RateState):
-    __slots__ = ("_full", "_level", "_stamp", "_window")
+    __slots__ = ("_full", "_level", "_peaks", "_stamp", "_window")
 
     def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
         super().__init__(key, capacity, window, now)
@@ -25,6 +27,7 @@ class TokenBucketState(RateState):
         self._full = capacity * window  # the level of a full bucket, in unit-seconds
         self._level = self._full
         self._stamp = now
+        self._peaks = PeakLog()  # levels in unit-seconds, for honest refunds
 
     def _level_at(self, now: float) -> float:
         elapsed = now - self._stamp
@@ -70,22 +73,33 @@ class TokenBucketState(RateState):
     def take(self, amount: float, now: float) -> Receipt:
         if amount > self.capacity:
             raise too_large(self.key, amount, self.capacity)
-        self._set(self._level_at(now) - amount * self._window, now)
-        return None
+        level = self._level_at(now)
+        seq = self._peaks.record(level)
+        back = amount * self._window
+        self._set(level - back, now)
+        return [seq, back]
 
     def refund(self, receipt: Receipt, amount: float, now: float) -> float:
+        if receipt is None:
+            return 0.0
         level = self._level_at(now)
+        # Only what the cap has not absorbed since the take can honestly come back (PeakLog).
+        keep = remembered(self._peaks, receipt, level, self._full)
         back = amount * self._window
-        if level + back <= self._full:
-            self._set(level + back, now)
-            return amount
-        given = max(0.0, (self._full - level) / self._window)
-        self._set(max(level, self._full), now)
-        return given
+        if back > keep:
+            back = keep
+        self._set(level + back, now)
+        receipt[0] = self._peaks.now()
+        receipt[1] = keep - back
+        return amount if back == amount * self._window else back / self._window
 
     def charge(self, receipt: Receipt, amount: float, now: float) -> Receipt:
-        self._set(self._level_at(now) - amount * self._window, now)
-        return receipt
+        level = self._level_at(now)
+        keep = 0.0 if receipt is None else remembered(self._peaks, receipt, level, self._full)
+        seq = self._peaks.record(level)
+        more = amount * self._window
+        self._set(level - more, now)
+        return [seq, keep + more]
 
     def available(self, now: float) -> float:
         return self._level_at(now) / self._window
