@@ -122,6 +122,11 @@ class Scheduler:
         queue = self.queue
         while queue:
             head = next(iter(queue))
+            if head is not current and head.cancel_pending():
+                del queue[head]
+                head.state = LEFT
+                self.cancelled += 1
+                continue
             rate_at, admit_at = self.admit_time(head.items, now)
             if admit_at <= now:
                 del queue[head]

@@ -101,6 +101,11 @@ class Waiter:
         """Under the lock, after waking: forget a notification already delivered."""
         self.notified = False
 
+    def cancel_pending(self) -> bool:
+        """Whether a cancellation has already reached this waiter, which will leave as soon as it
+        runs: granting it would only take units to give them back."""
+        return False
+
 
 class ThreadWaiter(Waiter):
     """A plain thread blocked in ``acquire_sync``, parked on a private lock used as a binary
@@ -183,6 +188,11 @@ class AsyncioWaiter(Waiter):
         except RuntimeError:  # its loop is closed: this waiter will never run again
             return False
         return True
+
+    def cancel_pending(self) -> bool:
+        # Task.cancel() cancels the future the task awaits at once; reading that flag from
+        # another thread can only be late, which is the case handled by giving the grant back.
+        return self._fut.cancelled()
 
     async def sleep(self, delay: float | None) -> None:
         """Park until notified or ``delay`` seconds (None: no limit) have passed."""
