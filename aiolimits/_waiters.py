@@ -151,10 +151,40 @@ def _resolve_timer(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class AsyncioWaiter(Waiter):
+class _TaskWaiter(Waiter):
+    """A task of an event loop running on one thread (``_thread``): woken directly from that
+    thread, or through the loop's thread-safe door (``_post``) from any other."""
+
+    __slots__ = ("_thread",)
+
+    def __init__(self, items: tuple[tuple[RateState, float], ...], deadline: float) -> None:
+        super().__init__(items, deadline)
+        self._thread = threading.get_ident()
+
+    def _wake(self) -> None:
+        raise NotImplementedError
+
+    def _post(self, callback: Callable[[], None]) -> None:
+        raise NotImplementedError
+
+    def notify(self) -> bool:
+        if self.notified:
+            return True
+        self.notified = True
+        if threading.get_ident() == self._thread:
+            self._wake()
+            return True
+        try:
+            self._post(self._wake)
+        except RuntimeError:  # its loop is closed or its run is over: it will never run again
+            return False
+        return True
+
+
+class AsyncioWaiter(_TaskWaiter):
     """A task on an asyncio (or uvloop) event loop, possibly on another thread than the notifier."""
 
-    __slots__ = ("_fut", "_loop", "_pad_ms", "_thread")
+    __slots__ = ("_fut", "_loop", "_pad_ms")
 
     def __init__(
         self,
@@ -164,7 +194,6 @@ class AsyncioWaiter(Waiter):
     ) -> None:
         super().__init__(items, deadline)
         self._loop = loop
-        self._thread = threading.get_ident()
         self._fut: asyncio.Future[None] = loop.create_future()
         # uvloop rounds timer delays to whole milliseconds against a cached millisecond clock, so
         # a timer can fire up to ~1.5 ms early; waking early and going back to sleep is the
@@ -176,18 +205,8 @@ class AsyncioWaiter(Waiter):
         if not fut.done():
             fut.set_result(None)
 
-    def notify(self) -> bool:
-        if self.notified:
-            return True
-        self.notified = True
-        if threading.get_ident() == self._thread:
-            self._wake()
-            return True
-        try:
-            self._loop.call_soon_threadsafe(self._wake)
-        except RuntimeError:  # its loop is closed: this waiter will never run again
-            return False
-        return True
+    def _post(self, callback: Callable[[], None]) -> None:
+        self._loop.call_soon_threadsafe(callback)  # RuntimeError once the loop is closed
 
     def cancel_pending(self) -> bool:
         # Task.cancel() cancels the future the task awaits at once; reading that flag from
@@ -211,10 +230,10 @@ class AsyncioWaiter(Waiter):
                 handle.cancel()
 
 
-class TrioWaiter(Waiter):
+class TrioWaiter(_TaskWaiter):
     """A trio task, possibly notified from another thread through its trio token."""
 
-    __slots__ = ("_parked", "_task", "_thread", "_token")
+    __slots__ = ("_parked", "_task", "_token")
 
     def __init__(self, items: tuple[tuple[RateState, float], ...], deadline: float) -> None:
         import trio
@@ -222,7 +241,6 @@ class TrioWaiter(Waiter):
         super().__init__(items, deadline)
         self._task = trio.lowlevel.current_task()
         self._token = trio.lowlevel.current_trio_token()
-        self._thread = threading.get_ident()
         self._parked = False  # touched only on the trio thread
 
     def _wake(self) -> None:
@@ -232,18 +250,8 @@ class TrioWaiter(Waiter):
             self._parked = False
             trio.lowlevel.reschedule(self._task)
 
-    def notify(self) -> bool:
-        if self.notified:
-            return True
-        self.notified = True
-        if threading.get_ident() == self._thread:
-            self._wake()
-            return True
-        try:
-            self._token.run_sync_soon(self._wake)
-        except RuntimeError:  # trio.RunFinishedError: that run is over
-            return False
-        return True
+    def _post(self, callback: Callable[[], None]) -> None:
+        self._token.run_sync_soon(callback)  # trio.RunFinishedError (a RuntimeError) once over
 
     def _abort(self, _raise_cancel: object) -> Any:
         import trio
