@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from functools import partial
 from types import MappingProxyType
-from typing import Any, Final, final
+from typing import Any, Final, TypeVar, final
 
 from ._acquisition import FAILED, HELD, PENDING, Acquisition
 from ._algorithms import RateState, new_state
@@ -31,6 +31,8 @@ from ._waiters import (
 )
 
 __all__ = ["LimitSet"]
+
+W = TypeVar("W", bound=Waiter)
 
 _INF: Final = math.inf
 
@@ -323,60 +325,64 @@ class LimitSet:
                 "use `async with limits.acquire(...)` instead"
             )
         items = self._items(requested)
-        deadline_after = _check_timeout(timeout)
-        sched = self._scheduler
-        waiter: ThreadWaiter | None = None
-        with sched.lock:
-            start = sched.clock()
-            receipts = sched.try_take(items, start)
-            if receipts is None:
-                waiter = ThreadWaiter(items, start + deadline_after)
-                if not sched.enqueue(waiter, start):
-                    waiter = None
+        timeout_s = _check_timeout(timeout)
+        receipts, waiter, start = self._take_or_queue(items, timeout_s, ThreadWaiter)
         acq = Acquisition(self, items, HELD, receipts)
-        if receipts is not None:
-            return acq
         if waiter is None:
-            raise self._timeout_error(items, deadline_after)
-        until: float | None = self._first_sleep(waiter)
+            return acq
+        steps = self._parking(waiter)
         try:
-            while until is not None:
-                delay, timer = self._arm(waiter, until)
-                try:
-                    waiter.sleep_sync(delay)
-                finally:
-                    if timer is not None:
-                        timer.cancel()
-                with sched.lock:
-                    until = sched.after_wake(waiter, sched.clock())
-        except BaseException:
-            with sched.lock:
-                sched.abandon(waiter, sched.clock())
-            raise
-        return self._finish(acq, waiter, start, deadline_after)
+            for delay in steps:
+                waiter.sleep_sync(delay)
+        finally:
+            steps.close()  # if the sleep raised: leave the queue, holding nothing
+        return self._finish(acq, waiter, start, timeout_s)
 
     async def _acquire_async(self, acq: Acquisition) -> None:
-        items = acq._items
+        receipts, waiter, start = self._take_or_queue(acq._items, acq._timeout, async_waiter)
+        if waiter is None:
+            assert receipts is not None
+            acq._granted(receipts, 0.0)
+            return
+        steps = self._parking(waiter)
+        try:
+            for delay in steps:
+                await waiter.sleep(delay)
+        finally:
+            steps.close()  # if the sleep raised (cancelled): leave the queue, holding nothing
+        self._finish(acq, waiter, start, acq._timeout)
+
+    def _take_or_queue(
+        self, items: Items, timeout: float, new_waiter: Callable[[Items, float], W]
+    ) -> tuple[list[Any] | None, W | None, float]:
+        """Take ``items`` at once, or queue a new waiter: ``(receipts, None, start)`` or
+        ``(None, waiter, start)``. Raises TimeoutError when the deadline is out of reach."""
         sched = self._scheduler
-        waiter: Any = None
         with sched.lock:
             start = sched.clock()
             receipts = sched.try_take(items, start)
-            if receipts is None:
-                waiter = async_waiter(items, start + acq._timeout)
-                if not sched.enqueue(waiter, start):
-                    waiter = None
-        if receipts is not None:
-            acq._granted(receipts, 0.0)
-            return
-        if waiter is None:
-            raise self._timeout_error(items, acq._timeout)
-        until: float | None = self._first_sleep(waiter)
+            if receipts is not None:
+                return receipts, None, start
+            waiter = new_waiter(items, start + timeout)
+            if sched.enqueue(waiter, start):
+                return None, waiter, start
+        raise self._timeout_error(items, timeout)
+
+    def _parking(self, waiter: Waiter) -> Generator[float | None, None, None]:
+        """The waiting protocol of both doors: yields how long to sleep (None: until notified)
+        until ``waiter`` is granted or times out. Closed while it is suspended (the door's sleep
+        raised: cancellation, interruption), it takes the waiter out of the queue holding nothing,
+        handing a grant that arrived meanwhile to the next waiter."""
+        sched = self._scheduler
+        with sched.lock:
+            # Only the head has a wake time; the others sleep until notified or their deadline.
+            wake = waiter.wake_at if sched.head() is waiter else _INF
+            until: float | None = wake if wake < waiter.deadline else waiter.deadline
         try:
             while until is not None:
                 delay, timer = self._arm(waiter, until)
                 try:
-                    await waiter.sleep(delay)
+                    yield delay
                 finally:
                     if timer is not None:
                         timer.cancel()
@@ -386,13 +392,6 @@ class LimitSet:
             with sched.lock:
                 sched.abandon(waiter, sched.clock())
             raise
-        self._finish(acq, waiter, start, acq._timeout)
-
-    def _first_sleep(self, waiter: Waiter) -> float:
-        # Only the head has a wake time; others sleep until notified, or their deadline.
-        with self._scheduler.lock:
-            wake = waiter.wake_at if self._scheduler.head() is waiter else _INF
-            return wake if wake < waiter.deadline else waiter.deadline
 
     def _arm(self, waiter: Waiter, until: float) -> tuple[float | None, Cancellable | None]:
         """How to sleep until the clock reads ``until``: a delay in real seconds, or a timer of a
