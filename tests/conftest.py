@@ -8,6 +8,10 @@ import sys
 import pytest
 from hypothesis import settings
 
+# The contract suite's asserts live outside test modules, where every backend's test module
+# imports them: have pytest rewrite them, so a failure shows its values.
+pytest.register_assert_rewrite("tests.contract")
+
 # Property tests: 1,000 examples per property unless a test sets its own; no per-example deadline
 # (the machine is shared and noisy, and hypothesis deadlines are wall-clock assertions).
 settings.register_profile("default", max_examples=1000, deadline=None)

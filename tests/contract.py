@@ -15,6 +15,9 @@ trio's ``generic_lock_test``: one behaviour, many implementations)::
     class TestMyBackend(LimitSetContract):
         pass
 
+``tests/conftest.py`` registers this module for pytest's assert rewriting, so a failed assert here
+shows its values in every backend's test module.
+
 Rules the factory must follow: every call returns a LimitSet with fresh state (shared backends
 give each call its own ``name``), it honours ``clock`` (a :class:`ManualClock` drives every
 decision and every wake-up), and it passes errors from the constructor through unchanged.
@@ -53,6 +56,7 @@ from aiolimits.testing import ManualClock
 __all__ = [
     "AcquisitionContract",
     "AlgorithmContract",
+    "AnyLimit",
     "Attempt",
     "Crowd",
     "LimitSetContract",
@@ -112,7 +116,9 @@ async def settle() -> None:
     """
     for _ in range(4):
         await anyio.lowlevel.checkpoint()
-    await anyio.wait_all_tasks_blocked()
+    # Bounded: a task that never blocks (a waiter in a busy loop) fails the test, not hangs it.
+    with anyio.fail_after(10):
+        await anyio.wait_all_tasks_blocked()
 
 
 async def eventually(predicate: Callable[[], bool], *, within: float = 10.0) -> None:
@@ -326,6 +332,21 @@ REFUND_TABLE = [
     pytest.param(LEAKY, 2.0, 2.0, id="leaky_bucket"),  # the slot [0, 6) shrank to [0, 2)
 ]
 
+# After try_acquire({"x": 6}) at t=0, then at time t update({"x": 2}): the units refunded, and
+# retry_after for the whole capacity. Time gone by limits what can honestly be given back.
+LATE_REFUND_TABLE = [
+    pytest.param(TB, 2, 4, 0.0, id="token_bucket-not-yet-full"),
+    pytest.param(TB, 10, 0, 0.0, id="token_bucket-full-again"),  # the cap absorbed it
+    pytest.param(GCRA, 2, 4, 0.0, id="gcra-not-yet-full"),
+    pytest.param(GCRA, 10, 0, 0.0, id="gcra-full-again"),
+    pytest.param(SLIDING, 5, 4, 5.0, id="sliding_window-entry-counts"),  # 2 count until 10
+    pytest.param(SLIDING, 10, 0, 0.0, id="sliding_window-entry-expired"),
+    pytest.param(FIXED, 5, 4, 5.0, id="fixed_window-same-window"),  # 2 count until 10
+    pytest.param(FIXED, 10, 0, 0.0, id="fixed_window-window-over"),
+    pytest.param(LEAKY, 3, 3, 0.0, id="leaky_bucket-future-tail"),  # [3, 6) was still ahead
+    pytest.param(LEAKY, 6, 0, 0.0, id="leaky_bucket-slot-passed"),
+]
+
 # After try_acquire({"x": 5}) at t=0 and update({"x": 12}): retry_after for 1 unit.
 OVERAGE_TABLE = [
     pytest.param(TB, 3.0, id="token_bucket"),  # 2 tokens of debt, then 1
@@ -397,10 +418,25 @@ class AlgorithmContract:
         limits = make_limitset([RateLimit("x", 10, 10, algorithm)], clock=ManualClock())
         acq = limits.try_acquire({"x": 6})
         acq.update({"x": 2})
-        # approx: the refilled level is rounded, so the float answer may be a few ulps early.
-        assert limits.retry_after({"x": 8}) == pytest.approx(for_8, abs=1e-12)
-        assert limits.retry_after({"x": 9}) == pytest.approx(for_9, abs=1e-12)
+        assert (limits.retry_after({"x": 8}), limits.retry_after({"x": 9})) == (for_8, for_9)
         assert limits.get_stats()["refunded"] == 4
+
+    @pytest.mark.parametrize(("algorithm", "t", "refunded", "for_all"), LATE_REFUND_TABLE)
+    def test_late_refund_gives_back_only_what_time_has_not_used(
+        self,
+        make_limitset: MakeLimitSet,
+        algorithm: RateLimitAlgorithm,
+        t: float,
+        refunded: float,
+        for_all: float,
+    ) -> None:
+        clock = ManualClock()
+        limits = make_limitset([RateLimit("x", 10, 10, algorithm)], clock=clock)
+        acq = limits.try_acquire({"x": 6})
+        clock.set(t)
+        acq.update({"x": 2})
+        assert limits.get_stats()["refunded"] == refunded
+        assert limits.retry_after({"x": 10}) == for_all
 
     @pytest.mark.parametrize(("algorithm", "expected"), OVERAGE_TABLE)
     def test_update_above_requested_charges_the_excess(
@@ -595,8 +631,9 @@ class ValidationContract:
     ) -> None:
         limits = make_limitset(validation_limits(), clock=ManualClock())
         before = limits.get_stats()
-        with pytest.raises(error, match=match):
+        with pytest.raises(error, match=match) as info:
             limits.try_acquire(requested)
+        assert info.type is error  # exactly, not a subclass
         assert limits.get_stats() == before
 
     @pytest.mark.parametrize(("requested", "error", "match"), BAD_REQUESTS)
@@ -604,8 +641,9 @@ class ValidationContract:
         self, make_limitset: MakeLimitSet, requested: Any, error: type[Exception], match: str
     ) -> None:
         limits = make_limitset(validation_limits(), clock=ManualClock())
-        with pytest.raises(error, match=match):
+        with pytest.raises(error, match=match) as info:
             limits.retry_after(requested)
+        assert info.type is error  # exactly, not a subclass
 
     @pytest.mark.parametrize(("requested", "error", "match"), BAD_REQUESTS)
     def test_acquire_sync_rejects_bad_request_and_takes_nothing(
@@ -613,8 +651,9 @@ class ValidationContract:
     ) -> None:
         limits = make_limitset(validation_limits(), clock=ManualClock())
         before = limits.get_stats()
-        with pytest.raises(error, match=match):
+        with pytest.raises(error, match=match) as info:
             limits.acquire_sync(requested, timeout=0)
+        assert info.type is error  # exactly, not a subclass
         assert limits.get_stats() == before
 
     @pytest.mark.parametrize(("bad_timeout", "error"), BAD_TIMEOUTS)
@@ -623,8 +662,9 @@ class ValidationContract:
     ) -> None:
         limits = make_limitset(validation_limits(), clock=ManualClock())
         before = limits.get_stats()
-        with pytest.raises(error, match="timeout"):
+        with pytest.raises(error, match="timeout") as info:
             limits.acquire_sync({"tokens": 1}, timeout=bad_timeout)
+        assert info.type is error  # exactly, not a subclass
         assert limits.get_stats() == before
 
     @pytest.mark.parametrize(("usage", "error", "match"), BAD_USAGE)
@@ -635,8 +675,9 @@ class ValidationContract:
         acq = limits.try_acquire({"tokens": 50, "sw": 50})
         assert acq.successful
         before = limits.get_stats()
-        with pytest.raises(error, match=match):
+        with pytest.raises(error, match=match) as info:
             acq.update(usage)
+        assert info.type is error  # exactly, not a subclass
         assert limits.get_stats() == before
         acq.update({"tokens": 10})  # still usable afterwards
         assert stats_of(limits, "tokens")["available"] == 90
@@ -668,8 +709,9 @@ class ValidationContract:
         self, make_limitset: MakeLimitSet, seconds: Any, error: type[Exception]
     ) -> None:
         limits = make_limitset([RateLimit("tokens", 10, 10)], clock=ManualClock())
-        with pytest.raises(error, match="seconds"):
+        with pytest.raises(error, match="seconds") as info:
             limits.pause(seconds)
+        assert info.type is error  # exactly, not a subclass
         assert limits.retry_after({"tokens": 1}) == 0.0
         assert limits.try_acquire({"tokens": 1}).successful
 
@@ -687,6 +729,15 @@ class AcquisitionContract:
         with pytest.raises(RuntimeError):
             acq.update({"tokens": 1})
         assert stats_of(limits, "tokens")["available"] == 4  # no refund happened
+
+    def test_update_on_a_pending_acquisition_raises_runtime_error(
+        self, make_limitset: MakeLimitSet
+    ) -> None:
+        limits = make_limitset([RateLimit("tokens", 10, 10)], clock=ManualClock())
+        pending = limits.acquire({"tokens": 6})  # not entered: holds nothing yet
+        with pytest.raises(RuntimeError):
+            pending.update({"tokens": 1})
+        assert stats_of(limits, "tokens")["available"] == 10
 
     def test_update_on_a_failed_acquisition_raises_runtime_error(
         self, make_limitset: MakeLimitSet
@@ -950,6 +1001,20 @@ class WaitingContract:
             assert big.acquisition is not None
             assert big.acquisition.waited == 52.0
             assert limits.get_stats()["waiting"] == 57 - 5
+
+    async def test_only_the_head_sleeps_on_a_timer(self, make_limitset: MakeLimitSet) -> None:
+        # Scheduled, not polled: the head sleeps until its time, the others until they lead.
+        clock = ManualClock()
+        limits = make_limitset([RateLimit("tokens", 10, 10)], clock=clock)
+        assert limits.try_acquire({"tokens": 10}).successful
+        async with crowd(limits, clock) as c:
+            for i in range(20):
+                await c.arrive(f"w{i}", {"tokens": 1})
+            assert clock.pending_timers() == 1
+            clock.advance(1)
+            await settle()
+            assert c.grants == [("w0", 1)]
+            assert clock.pending_timers() == 1  # now w1's
 
     async def test_fifo_order_with_mixed_sizes_on_a_resource(
         self, make_limitset: MakeLimitSet
@@ -1271,9 +1336,10 @@ class WaitingContract:
     ) -> None:
         limits = make_limitset(validation_limits(), clock=ManualClock())
         before = limits.get_stats()
-        with anyio.fail_after(5), pytest.raises(error, match=match):
+        with anyio.fail_after(5), pytest.raises(error, match=match) as info:
             async with limits.acquire(requested):
                 pytest.fail("admitted a bad request")
+        assert info.type is error  # exactly, not a subclass
         assert limits.get_stats() == before
 
     @pytest.mark.parametrize(("bad_timeout", "error"), BAD_TIMEOUTS)
@@ -1282,9 +1348,10 @@ class WaitingContract:
     ) -> None:
         limits = make_limitset(validation_limits(), clock=ManualClock())
         before = limits.get_stats()
-        with pytest.raises(error, match="timeout"):
+        with pytest.raises(error, match="timeout") as info:
             async with limits.acquire({"tokens": 1}, timeout=bad_timeout):
                 pytest.fail("admitted with a bad timeout")
+        assert info.type is error  # exactly, not a subclass
         assert limits.get_stats() == before
 
 

@@ -13,10 +13,7 @@ import pytest
 
 from aiolimits import LimitSet, MemoryBackend
 
-# The contract's asserts live outside a test module: have pytest rewrite them for useful reports.
-pytest.register_assert_rewrite("tests.contract")
-
-from .contract import AnyLimit, LimitSetContract, MakeLimitSet  # noqa: E402
+from .contract import AnyLimit, LimitSetContract, MakeLimitSet
 
 
 @pytest.fixture
