@@ -28,28 +28,38 @@ __all__ = [
 class BucketModel:
     """TokenBucket and GCRA: burst C, refill at r = C/W, never above C; charges may go into debt.
 
-    The history is a list of events ``(time, amount)``: positive for takes and charges, negative for
-    refunds (the full amount asked back; the cap does the rest). The level at ``t`` is
+    The history is the list of takes and charges, as entries ``(time, amount)`` in order; a
+    receipt is the list of its acquisition's own entries. A refund adds no event: it *rewrites*
+    the history, lowering the acquisition's entries (newest first), so the model is always the
+    bucket in which every acquisition had taken, from the start, only what it kept. The level at t
+    of a history is
 
         L(t) = min(C, min over events i of C + r·(t - t_i) - (amounts of events i, i+1, ...))
 
     because just before any event the bucket held at most C, it gained at most r per second since
     and lost exactly the later events; and the bound for the first event after the bucket was last
     full is attained. No state is carried from one question to the next.
+
+    An honest refund of x gives back what that rewriting gains now: ``L'(now) - L(now)``, where
+    ``L'`` is the level of the history with the acquisition's entries lowered by x. Had the
+    acquisition taken x less, the bucket would be that much higher now and no higher: what the cap
+    absorbed in between (the bucket would have been full) is gone. The gain is ``min(x, d)`` for
+    some ``d`` (each term above gains ``min(x, later entries of the acquisition)``), so lowering
+    the entries by the gain itself gains all of it: the rewritten history is the bucket's own.
     """
 
     def __init__(self, capacity: Fraction, window: Fraction, now: Fraction) -> None:
         self.capacity = capacity
         self.rate = capacity / window
-        self.events: list[tuple[Fraction, Fraction]] = []
+        self.events: list[_Entry] = []
 
     def _suffixes(self) -> list[tuple[Fraction, Fraction]]:
         """(t_i, amount of events i, i+1, ...) for every event i."""
         out: list[tuple[Fraction, Fraction]] = []
         total = Fraction(0)
-        for t, amount in reversed(self.events):
-            total += amount
-            out.append((t, total))
+        for e in reversed(self.events):
+            total += e.amount
+            out.append((e.at, total))
         return out
 
     def level(self, now: Fraction) -> Fraction:
@@ -66,16 +76,39 @@ class BucketModel:
         b = self.boundary(n)
         return now if b is None or b < now else b
 
-    def take(self, n: Fraction, now: Fraction) -> None:
-        self.events.append((now, n))
+    def take(self, n: Fraction, now: Fraction) -> list[_Entry]:
+        return self.charge([], n, now)
 
-    def charge(self, receipt: None, n: Fraction, now: Fraction) -> None:
-        self.events.append((now, n))
+    def charge(self, receipt: list[_Entry], n: Fraction, now: Fraction) -> list[_Entry]:
+        entry = _Entry(now, n)
+        self.events.append(entry)
+        receipt.append(entry)
+        return receipt
 
-    def refund(self, receipt: None, n: Fraction, now: Fraction) -> Fraction:
+    @staticmethod
+    def _lower(receipt: list[_Entry], n: Fraction) -> None:
+        for entry in reversed(receipt):
+            x = min(entry.amount, n)
+            entry.amount -= x
+            n -= x
+
+    def level_had_it_taken_less(
+        self, receipt: list[_Entry], n: Fraction, now: Fraction
+    ) -> Fraction:
+        """The level now of the history in which that acquisition had taken ``n`` less."""
+        kept = [e.amount for e in receipt]
+        self._lower(receipt, n)
+        level = self.level(now)
+        for e, amount in zip(receipt, kept, strict=True):
+            e.amount = amount
+        return level
+
+    def refund(self, receipt: list[_Entry], n: Fraction, now: Fraction) -> Fraction:
         before = self.level(now)
-        self.events.append((now, -n))
-        return self.level(now) - before
+        given = self.level_had_it_taken_less(receipt, n, now) - before
+        self._lower(receipt, given)
+        assert self.level(now) == before + given  # the gain is min(n, d): see above
+        return given
 
     def is_fresh(self, now: Fraction) -> bool:
         return self.level(now) == self.capacity

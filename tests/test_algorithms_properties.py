@@ -35,6 +35,7 @@ from aiolimits._algorithms import (
     SlidingWindowState,
     TokenBucketState,
 )
+from aiolimits._algorithms._base import PeakLog
 from tests.models import (
     BucketModel,
     FixedWindowModel,
@@ -299,21 +300,22 @@ def run_bucket_pair(sc: Scenario, *, exact_regime: bool) -> None:
                 # A wait lands where both sides admit, which may be a hair from the model.
                 assert near or (e == t) == (expected <= Fraction(t)) == admit, (side, op, t)
             if admit:
-                tb.take(n, t)
-                gcra.take(n, t)
-                model.take(Fraction(n), Fraction(t))
-                held.append(Held(None, None, n))
+                receipts = [tb.take(n, t), gcra.take(n, t)]
+                held.append(Held(receipts, model.take(Fraction(n), Fraction(t)), n))
         elif held:
             h = held[recent(op.target, len(held))]
             if op.kind == "charge":
-                tb.charge(None, n, t)
-                gcra.charge(None, n, t)
-                model.charge(None, Fraction(n), Fraction(t))
+                h.receipt = [
+                    side.charge(r, n, t) for side, r in zip((tb, gcra), h.receipt, strict=True)
+                ]
+                h.other = model.charge(h.other, Fraction(n), Fraction(t))
                 h.outstanding += n
             else:
                 x = min(n, h.outstanding)
-                given = [tb.refund(None, x, t), gcra.refund(None, x, t)]
-                expected_given = model.refund(None, Fraction(x), Fraction(t))
+                given = [
+                    side.refund(r, x, t) for side, r in zip((tb, gcra), h.receipt, strict=True)
+                ]
+                expected_given = model.refund(h.other, Fraction(x), Fraction(t))
                 slack = 1e-12 * sc.capacity + float(guard * c / w)
                 for g in given:
                     assert abs(g - expected_given) <= slack, (given, expected_given, op, t)
@@ -335,6 +337,140 @@ def test_token_bucket_and_gcra_admit_the_same_sequences_when_w_over_c_is_dyadic(
 @example(sc=Scenario(3, 1.0, 1e7, [Op("wait", 0.0, 1.0, 0)] * 5))  # T = 1/3 is not a float
 def test_token_bucket_and_gcra_agree_outside_a_guard_band_for_any_w_and_c(sc: Scenario) -> None:
     run_bucket_pair(sc, exact_regime=False)
+
+
+# --- a bucket refund is honest: never more than had the acquisition taken less -------------------
+
+
+@pytest.mark.parametrize("cls", [TokenBucketState, GCRAState], ids=lambda c: c.__name__)
+@settings(max_examples=1000, deadline=None)
+@given(
+    sc=exact_scenarios(whole_units=False),
+    first=st.integers(0, 8),
+    delay=st.integers(0, 23),
+    kept=st.integers(0, 16),
+)
+def test_bucket_refund_never_admits_more_than_had_the_acquisition_taken_less(
+    cls: type[RateState], sc: Scenario, first: int, delay: int, kept: int
+) -> None:
+    # Exact regime. Two buckets see the same operations, except one acquisition, A: the actual
+    # bucket admits n for it and later refunds it down to u; the counterfactual one admits u from
+    # the start. Other acquisitions are admitted when the actual bucket admits them, and their
+    # refunds and charges are asked of each bucket with its own receipts. After A's refund the
+    # actual bucket is never above the counterfactual one (so it never admits more), and it is
+    # the same bucket when its level never came within n - u of full between A's take and refund
+    # (A then gets all of n - u back, unless another refund came in between: the counterfactual
+    # bucket may have absorbed part of that one, and A's refund then gives up the difference).
+    actual, counterfactual = new(cls, sc), new(cls, sc)
+    c = Fraction(sc.capacity)
+    t = sc.start
+    others: list[list[Any]] = []  # [actual receipt, counterfactual receipt, units outstanding]
+    mine: Any = None  # A's receipt in the actual bucket, once admitted
+    n = u = Fraction(0)
+    since = -1  # the index of the op that admitted A; A is the first admission from op `first`
+    refunded = False
+    highest: Fraction | None = None  # the highest actual level between A's take and its refund
+    other_refunds = False  # whether another acquisition got units back in between
+
+    def level(state: RateState) -> Fraction:
+        return Fraction(state.available(exact(t)))
+
+    def see_level() -> None:
+        nonlocal highest
+        if mine is not None and not refunded:
+            a = level(actual)
+            highest = a if highest is None or a > highest else highest
+
+    def never_came_near_full() -> bool:
+        return highest is not None and highest <= c - (n - u)
+
+    def compare() -> None:
+        a, cf = level(actual), level(counterfactual)
+        assert a <= cf, (t, a, cf)
+        if refunded and never_came_near_full():
+            assert a == cf, (t, a, cf)
+
+    def refund_mine() -> None:
+        nonlocal refunded
+        see_level()
+        given = actual.refund(mine, exact(n - u), exact(t))
+        if never_came_near_full() and not other_refunds:
+            assert given == n - u, (t, given, n - u)
+        refunded = True
+
+    for i, op in enumerate(sc.ops):
+        t += op.dt
+        see_level()
+        if mine is not None and not refunded and i >= since + 1 + delay:
+            refund_mine()
+        compare()
+        if op.kind in ("ask", "wait"):
+            if op.kind == "wait":
+                t = Fraction(actual.earliest(exact(op.amount), exact(t)))
+                see_level()
+                compare()
+            if actual.earliest(exact(op.amount), exact(t)) != exact(t):
+                continue
+            # Never more permissive: what the actual bucket admits, the counterfactual one does.
+            if mine is None and i >= first:
+                mine, n, since = actual.take(exact(op.amount), exact(t)), op.amount, i
+                u = n * kept / 16
+                counterfactual.take(exact(u), exact(t))
+            else:
+                assert counterfactual.earliest(exact(op.amount), exact(t)) == exact(t)
+                a = actual.take(exact(op.amount), exact(t))
+                cf = counterfactual.take(exact(op.amount), exact(t))
+                others.append([a, cf, op.amount])
+        elif others:
+            other = others[recent(op.target, len(others))]
+            if op.kind == "charge":
+                other[0] = actual.charge(other[0], exact(op.amount), exact(t))
+                other[1] = counterfactual.charge(other[1], exact(op.amount), exact(t))
+                other[2] += op.amount
+            else:
+                x = exact(min(op.amount, other[2]))
+                given = actual.refund(other[0], x, exact(t))
+                counterfactual.refund(other[1], x, exact(t))
+                other[2] -= Fraction(given)
+                other_refunds = other_refunds or (mine is not None and not refunded and given > 0)
+        see_level()
+        compare()
+    if mine is not None and not refunded:
+        refund_mine()
+        compare()
+    # And later: a window on, both are full.
+    t += sc.window
+    compare()
+
+
+@pytest.mark.parametrize("cls", [TokenBucketState, GCRAState], ids=lambda c: c.__name__)
+def test_bucket_refunds_stay_honest_when_its_peak_log_folds(
+    cls: type[TokenBucketState] | type[GCRAState],
+) -> None:
+    # Exact regime. Takes whose levels only go down each keep an entry in the bucket's PeakLog;
+    # past PeakLog.LIMIT neighbours merge in pairs (older level, newer number). That keeps it
+    # bounded, and may only make refunds smaller than the model's, never larger; far below the
+    # cap a merged level is still far enough below it to give everything back (only the first
+    # receipts, taken just below the cap, lose theirs).
+    c = 4096.0  # one unit per second
+    state = cls("k", c, c, 0.0)
+    model = BucketModel(Fraction(c), Fraction(c), Fraction(0))
+    receipts = []
+    for i in range(2000):  # the level drops by 1.5 per step, from 4096 to 1096
+        t = exact(Fraction(i, 2))
+        receipts.append((state.take(2.0, t), model.take(Fraction(2), Fraction(t))))
+    assert len(state._peaks._levels) <= PeakLog.LIMIT
+    t = exact(Fraction(1999, 2))
+    exact_answers = asked = 0
+    for i in range(0, 2000, 37):  # each refund on copies, so each is asked of the same bucket
+        trial, receipt = copy.deepcopy((state, receipts[i][0]))
+        trial_model, model_receipt = copy.deepcopy((model, receipts[i][1]))
+        given = trial.refund(receipt, 2.0, t)
+        expected = trial_model.refund(model_receipt, Fraction(2), Fraction(t))
+        assert 0 <= given <= expected, (i, given, expected)
+        exact_answers += given == expected
+        asked += 1
+    assert exact_answers >= 0.9 * asked  # merging loses little
 
 
 # --- the limits hold whatever the rounding --------------------------------------------------------

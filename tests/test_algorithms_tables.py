@@ -136,6 +136,52 @@ BUCKET_CASES: dict[str, list[Step]] = {
         Ask(0, 1, True, 0),
         Ask(0, 0.5, False, 0.25),
     ],
+    # Honest refunds: only what the cap has not absorbed since the take comes back, so after a
+    # refund the bucket is the one in which the acquisition had taken less from the start.
+    "refund right after a take gives everything back": [
+        Ask(0, 3, True, 0),
+        Refund(0, 3, of=0, given=3),
+        Ask(0, 4, True, 0),
+        Ask(0, 0.5, False, 0.25),
+    ],
+    "refund after the bucket refilled to full gives nothing, even once it is low again": [
+        Ask(0, 2, True, 0),
+        Ask(1, 4, True, 1),  # full at 1: the cap absorbed the whole take
+        Refund(1, 2, of=0, given=0),
+        Ask(1, 0.5, False, 1.25),
+    ],
+    "refund after a partial climb gives exactly C - peak": [
+        Ask(0, 3, True, 0),
+        Ask(1, 3, True, 1),  # the level climbed to 3 before this: 1 short of full
+        Refund(1, 3, of=0, given=1),
+        Ask(1, 1, True, 1),  # as if it had taken 0: 4 at 1, minus 3
+        Ask(1, 0.5, False, 1.25),
+    ],
+    "a second refund on the same receipt after a further climb": [
+        Ask(0, 4, True, 0),
+        Ask(0.5, 1, True, 0.5),  # the level climbed to 1
+        Refund(0.5, 2, of=0, given=2),  # room 3: all of it; as if it had taken 2
+        Ask(1, 3, True, 1),  # the level climbed to 3
+        Refund(1, 2, of=0, given=1),  # room 1: had it taken 0, the bucket would be at 1 now
+        Ask(1, 1, True, 1),
+        Ask(1, 0.5, False, 1.25),
+    ],
+    "a refund undoes a charge before the take": [
+        Ask(0, 2, True, 0),
+        Charge(0.5, 2, of=0),  # the level climbed to 3; 1 after the charge
+        Refund(1, 3, of=0, given=2),  # the whole charge, none of the take: the cap absorbed it
+        Ask(1, 4, True, 1),
+        Ask(1, 0.5, False, 1.25),
+    ],
+    "two refunds cannot both claim the room the cap absorbed": [
+        Ask(0, 2, True, 0),  # A
+        Ask(0, 2, True, 0),  # B: empty
+        Ask(1, 2, True, 1),  # X, at a level of 2
+        Refund(1, 2, of=1, given=2),  # B: all of it, as if it had taken 0 (A held the level down)
+        Refund(1, 2, of=0, given=0),  # A: had both taken 0, the cap would have absorbed A's 2
+        Ask(1, 2, True, 1),
+        Ask(1, 0.5, False, 1.25),
+    ],
 }
 
 
@@ -143,6 +189,21 @@ BUCKET_CASES: dict[str, list[Step]] = {
 @pytest.mark.parametrize("steps", BUCKET_CASES.values(), ids=BUCKET_CASES.keys())
 def test_bucket_table(cls: type[RateState], steps: list[Step]) -> None:
     run(cls("tokens", 4, 2, 0.0), steps)
+
+
+@pytest.mark.parametrize("cls", [TokenBucketState, GCRAState], ids=lambda c: c.__name__)
+def test_bucket_refund_gives_back_only_what_the_cap_has_not_absorbed(cls: type[RateState]) -> None:
+    # The example of docs/algorithms.md: C = 100 per 100 s, one token per second.
+    run(
+        cls("tokens", 100, 100, 0.0),
+        [
+            Ask(0, 60, True, 0),  # 40 left
+            Ask(55, 90, True, 55),  # the level climbed to 95: 5 left
+            Refund(55, 60, of=0, given=5),  # had it taken 0: capped at 100, then 10 now
+            Ask(55, 10, True, 55),
+            Ask(55, 1, False, 56),
+        ],
+    )
 
 
 # --- LeakyBucket ---------------------------------------------------------------------------------

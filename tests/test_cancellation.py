@@ -747,12 +747,6 @@ async def test_cancellation_storm_loses_and_duplicates_nothing(anyio_backend: Ba
     everything.release()
 
 
-@pytest.mark.xfail(
-    reason="BUG: a grant handed back after the clock moved refunds tokens that the bucket's "
-    "capacity had already absorbed, so the bucket admits more than C at one instant (§3); "
-    "token_bucket and gcra",
-    strict=True,
-)
 @pytest.mark.parametrize("algorithm", ["token_bucket", "gcra"])
 async def test_grant_handed_back_after_the_clock_moved_admits_nothing_extra(
     anyio_backend: Backend, algorithm: str

@@ -16,10 +16,10 @@ The questions an algorithm answers, for an amount ``n <= capacity``:
 * ``charge(receipt, n, now)``: consume ``n`` more units for that acquisition, at ``now``.
 * ``available(now)``, ``is_fresh(now)``: for statistics and for dropping idle keyed state.
 
-Receipts are owned by one acquisition. For the buckets (TokenBucket, GCRA) a receipt is
-``[operation number, units still remembered]`` (see :class:`PeakLog`); for the others a small list
-of ``[time, amount]`` parts, newest last. A charge adds a part; a refund takes from the newest part
-first, so a later ``update`` can undo an earlier overage exactly.
+Receipts are owned by one acquisition: a small list of parts, newest last, one for the take and
+one per charge. For the buckets (TokenBucket, GCRA) a part is ``[operation number, units]`` (see
+:class:`PeakLog`); for the others ``[time, amount]``. A refund takes from the newest part first,
+so a later ``update`` can undo an earlier overage exactly.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
-Receipt: TypeAlias = Any  # None, or a list of [time, amount] parts owned by one acquisition
+Receipt: TypeAlias = Any  # None, or a list of parts owned by one acquisition (see above)
 
 
 def too_large(key: str, amount: float, capacity: float) -> ValueError:
@@ -82,16 +82,24 @@ class PeakLog:
     ``peak`` is the highest level since the take (SPEC §3: give back what can honestly be given
     back; without this, a late refund lets the bucket admit more than its capacity at once).
 
+    The levels are those of the bucket *as if the units refunded so far had never been taken*:
+    a refund of ``x`` units taken at operation ``s`` lifts every level recorded
+    after ``s`` by ``x`` (:meth:`lift`). Otherwise two acquisitions could each claim the same room
+    below the cap: one held the level down while the other's units were absorbed, then both get
+    their units back. With the lifts, the bucket after any refunds is exactly the bucket in which
+    the acquisitions had taken, from the start, only what they kept.
+
     Between operations a bucket's level only rises, so its peaks are the levels just before the
     operations that lower it (takes and charges) and the level now. This keeps those levels in a
     stack that decreases from oldest to newest (a level hides every older, lower one), with an
     operation number each: the highest level after operation ``s`` is the first entry after ``s``.
-    The stack stays short (a full bucket empties it); past ``LIMIT`` entries its oldest half is
-    folded into a floor that answers conservatively (a higher peak: a smaller refund) for the
-    receipts that old.
+    The stack stays short (a full bucket empties it). Past ``LIMIT`` entries, neighbours are
+    merged in pairs, each keeping the older (higher) level with the newer operation number: an
+    answer can only come out higher than the truth, so a refund smaller, never larger, and the
+    loss grows slowly (it doubles the coarseness of the older entries, one merge at a time).
     """
 
-    __slots__ = ("_floor_level", "_floor_seq", "_levels", "_seq", "_seqs")
+    __slots__ = ("_levels", "_seq", "_seqs")
 
     LIMIT = 512
 
@@ -99,8 +107,6 @@ class PeakLog:
         self._seq = 0
         self._seqs: list[int] = []
         self._levels: list[float] = []
-        self._floor_seq = 0
-        self._floor_level = -math.inf
 
     def record(self, level: float) -> int:
         """Note the level just before an operation that lowers it; returns that operation's
@@ -113,35 +119,64 @@ class PeakLog:
         levels.append(level)
         seqs.append(self._seq)
         if len(levels) > self.LIMIT:
-            half = self.LIMIT // 2
-            if levels[0] > self._floor_level:
-                self._floor_level = levels[0]
-            self._floor_seq = seqs[half - 1]
-            del levels[:half], seqs[:half]
-        return self._seq
-
-    def now(self) -> int:
-        """The number of the latest operation."""
+            n = len(levels)
+            # Pairs (0, 1), (2, 3), ...: the older level, the newer number; an odd last stays.
+            self._levels = levels[0 : n - 1 : 2] + ([levels[-1]] if n % 2 else [])
+            self._seqs = seqs[1:n:2] + ([seqs[-1]] if n % 2 else [])
         return self._seq
 
     def peak_since(self, seq: int) -> float:
         """The highest level recorded by an operation after ``seq`` (-inf: none)."""
-        peak = self._floor_level if seq < self._floor_seq else -math.inf
         i = bisect_right(self._seqs, seq)
-        if i < len(self._levels) and self._levels[i] > peak:
-            peak = self._levels[i]
-        return peak
+        return self._levels[i] if i < len(self._levels) else -math.inf
+
+    def lift(self, seq: int, by: float) -> None:
+        """Raise every level recorded after operation ``seq`` by ``by``: ``by`` units taken at
+        ``seq`` were given back, so the bucket's past is now that of a bucket that never took them.
+        Levels no newer than ``seq`` that the lifted ones now hide are dropped."""
+        levels, seqs = self._levels, self._seqs
+        i = bisect_right(seqs, seq)
+        if i == len(levels):
+            return
+        for j in range(i, len(levels)):
+            levels[j] += by
+        top, k = levels[i], i
+        while k > 0 and levels[k - 1] <= top:
+            k -= 1
+        del levels[k:i], seqs[k:i]
 
 
-def remembered(log: PeakLog, receipt: list[float], level: float, full: float) -> float:
-    """How much of a bucket receipt the bucket still remembers, in the units of ``level``/``full``:
-    what an honest refund may give back. ``level`` is the level now."""
-    peak = log.peak_since(int(receipt[0]))
-    if level > peak:
-        peak = level
-    room = full - peak
-    held = receipt[1]
-    return held if held < room else (room if room > 0 else 0.0)
+def give_back(
+    log: PeakLog, parts: list[list[float]], amount: float, level: float, full: float
+) -> float:
+    """Give back up to ``amount`` of a bucket receipt, as far as the bucket still remembers it.
+
+    ``parts`` are the receipt's ``[operation number, units]``, oldest first; ``level`` is the level
+    now, and every quantity is in its units. Units of a part can come back only while the levels
+    since that part, lifted by what comes back from it and the older parts, stay within ``full``;
+    so the most that can come back is, oldest part first, ``keep = min(keep + units, room)`` with
+    ``room = full - (highest level since the part)``. What is given is taken from the newest
+    parts first (an overage before the take) and lifted out of the log's past. Returns it.
+    """
+    keep = 0.0
+    for seq, units in parts:
+        peak = log.peak_since(int(seq))
+        room = full - (level if level > peak else peak)
+        keep += units
+        if keep > room:
+            keep = room if room > 0 else 0.0
+    given = amount if amount < keep else keep
+    left = given
+    for part in reversed(parts):
+        if left <= 0:
+            break
+        x = part[1] if part[1] < left else left
+        part[1] -= x
+        left -= x
+        log.lift(int(part[0]), x)
+    # A part with nothing left constrains nothing that its older parts do not (its room is larger).
+    parts[:] = [part for part in parts if part[1] > 0]
+    return given
 
 
 def add_up(a: float, b: float) -> float:

@@ -8,7 +8,8 @@ float of state, which is what the Redis backend stores.
 
 Refunds move the TAT back by the units returned, as far as the bucket still remembers them (never
 before ``now``, which would be above a full bucket, and never what the cap has absorbed since the
-take, see :class:`~._base.PeakLog`); charges move it forward from ``max(TAT, now)``, as a debt.
+take, see :class:`~._base.PeakLog`): the same units TokenBucket gives back. Charges move it forward
+from ``max(TAT, now)``, as a debt.
 
 The TAT is as large as the clock, so its sums are rounded up (:func:`add_up`): at 1e7 s a float step
 is about 2 ns, and a sum rounded to nearest would let an amount worth less than a step cost nothing.
@@ -16,7 +17,7 @@ is about 2 ns, and a sum rounded to nearest would let an amount worth less than 
 
 from __future__ import annotations
 
-from ._base import PeakLog, RateState, Receipt, add_up, remembered, too_large
+from ._base import PeakLog, RateState, Receipt, add_up, give_back, too_large
 
 
 class GCRAState(RateState):
@@ -51,29 +52,26 @@ class GCRAState(RateState):
         seq = self._peaks.record(self._level(now))
         tat = self._tat
         self._tat = add_up(tat if tat > now else now, amount * self._interval)
-        return [seq, amount]
+        return [[seq, amount]]
 
     def refund(self, receipt: Receipt, amount: float, now: float) -> float:
         if receipt is None:
             return 0.0
         # Only what the cap has not absorbed since the take can honestly come back (PeakLog);
         # that also keeps the TAT from moving before now (a bucket above full).
-        keep = remembered(self._peaks, receipt, self._level(now), self.capacity)
-        given = amount if amount < keep else keep
+        given = give_back(self._peaks, receipt, amount, self._level(now), self.capacity)
         if given > 0:
             back = add_up(self._tat, -given * self._interval)
             self._tat = back if back > now else now
-        receipt[0] = self._peaks.now()
-        receipt[1] = keep - given
         return given
 
     def charge(self, receipt: Receipt, amount: float, now: float) -> Receipt:
-        level = self._level(now)
-        keep = 0.0 if receipt is None else remembered(self._peaks, receipt, level, self.capacity)
-        seq = self._peaks.record(level)
+        seq = self._peaks.record(self._level(now))
         tat = self._tat
         self._tat = add_up(tat if tat > now else now, amount * self._interval)
-        return [seq, keep + amount]
+        parts: list[list[float]] = receipt if receipt is not None else []
+        parts.append([seq, amount])
+        return parts
 
     def available(self, now: float) -> float:
         return self._level(now)

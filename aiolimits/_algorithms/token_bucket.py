@@ -7,15 +7,16 @@ only rounded value is the wait time, which :func:`first_true` corrects against t
 
 Refunds put back the tokens the bucket still remembers: never above the capacity, and never what
 the cap has absorbed since the take (a bucket that refilled to within x of full has forgotten all
-but x of an earlier take; see :class:`~._base.PeakLog`). Charges (usage above what was taken) may
-drive the level below zero, a debt the refill pays off before anything else is admitted.
+but x of an earlier take; see :class:`~._base.PeakLog`), so that after a refund the bucket is the
+one in which the acquisition had taken less from the start. Charges (usage above what was taken)
+may drive the level below zero, a debt the refill pays off before anything else is admitted.
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
 
-from ._base import PeakLog, RateState, Receipt, first_true, remembered, too_large
+from ._base import PeakLog, RateState, Receipt, first_true, give_back, too_large
 
 
 class TokenBucketState(RateState):
@@ -75,31 +76,28 @@ class TokenBucketState(RateState):
             raise too_large(self.key, amount, self.capacity)
         level = self._level_at(now)
         seq = self._peaks.record(level)
-        back = amount * self._window
-        self._set(level - back, now)
-        return [seq, back]
+        cost = amount * self._window
+        self._set(level - cost, now)
+        return [[seq, cost]]
 
     def refund(self, receipt: Receipt, amount: float, now: float) -> float:
         if receipt is None:
             return 0.0
         level = self._level_at(now)
         # Only what the cap has not absorbed since the take can honestly come back (PeakLog).
-        keep = remembered(self._peaks, receipt, level, self._full)
-        back = amount * self._window
-        if back > keep:
-            back = keep
-        self._set(level + back, now)
-        receipt[0] = self._peaks.now()
-        receipt[1] = keep - back
+        back = give_back(self._peaks, receipt, amount * self._window, level, self._full)
+        after = level + back  # within full, up to the rounding of full - peak: clamp that away
+        self._set(after if after < self._full else self._full, now)
         return amount if back == amount * self._window else back / self._window
 
     def charge(self, receipt: Receipt, amount: float, now: float) -> Receipt:
         level = self._level_at(now)
-        keep = 0.0 if receipt is None else remembered(self._peaks, receipt, level, self._full)
         seq = self._peaks.record(level)
         more = amount * self._window
         self._set(level - more, now)
-        return [seq, keep + more]
+        parts: list[list[float]] = receipt if receipt is not None else []
+        parts.append([seq, more])
+        return parts
 
     def available(self, now: float) -> float:
         return self._level_at(now) / self._window
