@@ -1,4 +1,4 @@
-"""The LimitSet contract (``tests/contract.py``) run against the default in-process backend.
+"""The LimitSet contract (``tests/contract/``) run against the default in-process backend.
 
 Async tests run on asyncio, asyncio + uvloop and trio (the ``anyio_backend`` fixture).
 """

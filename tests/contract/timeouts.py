@@ -1,0 +1,130 @@
+"""Timeouts on a ManualClock."""
+
+from __future__ import annotations
+
+import pytest
+
+from aiolimits import RateLimit, ResourceLimit
+from aiolimits.testing import ManualClock
+
+from ._support import MakeLimitSet, crowd, settle, stats_of
+
+
+class TimeoutContract:
+    """Timeouts on a ManualClock: the builtin TimeoutError, holding nothing, failing early."""
+
+    pytestmark = pytest.mark.anyio
+
+    async def test_timeout_fails_at_once_when_the_rate_limits_admit_after_the_deadline(
+        self, make_limitset: MakeLimitSet
+    ) -> None:
+        clock = ManualClock()
+        limits = make_limitset([RateLimit("tokens", 10, 10)], clock=clock)
+        assert limits.try_acquire({"tokens": 10}).successful
+        async with crowd(limits, clock) as c:
+            late = await c.arrive("late", {"tokens": 5}, timeout=4.75)  # due at 5
+            # No clock advance: it knew at once.
+            assert late.state == "timed out"
+            assert type(late.error) is TimeoutError
+            assert clock() == 0
+            stats = limits.get_stats()
+            assert (stats["timed_out"], stats["waiting"]) == (1, 0)
+            # Due exactly at the deadline is not after it: that one waits and is admitted.
+            just = await c.arrive("just", {"tokens": 5}, timeout=5)
+            assert just.state == "waiting"
+            clock.advance(5)
+            await settle()
+            assert just.state == "done"
+            assert just.granted_at == 5
+
+    async def test_timeout_fails_at_once_when_a_pause_outlasts_the_deadline(
+        self, make_limitset: MakeLimitSet
+    ) -> None:
+        clock = ManualClock()
+        limits = make_limitset([RateLimit("tokens", 10, 10)], clock=clock)
+        limits.pause(10)
+        async with crowd(limits, clock) as c:
+            attempt = await c.arrive("attempt", {"tokens": 1}, timeout=3)
+            assert attempt.state == "timed out"
+            assert type(attempt.error) is TimeoutError
+
+    async def test_timeout_zero_admits_when_possible_and_fails_at_once_otherwise(
+        self, make_limitset: MakeLimitSet
+    ) -> None:
+        clock = ManualClock()
+        limits = make_limitset([ResourceLimit("conn", 1)], clock=clock)
+        async with crowd(limits, clock) as c:
+            first = await c.arrive("first", timeout=0, hold=True)
+            assert first.state == "held"
+            second = await c.arrive("second", timeout=0)
+            assert second.state == "timed out"
+            assert type(second.error) is TimeoutError
+            assert limits.get_stats()["waiting"] == 0
+
+    async def test_full_resource_waits_until_the_deadline_then_times_out_holding_nothing(
+        self, make_limitset: MakeLimitSet
+    ) -> None:
+        clock = ManualClock()
+        limits = make_limitset(
+            [RateLimit("tokens", 100, 10), ResourceLimit("conn", 1)],
+            clock=clock,  # 0.1/s
+        )
+        holder = limits.try_acquire({"tokens": 1})
+        async with crowd(limits, clock) as c:
+            attempt = await c.arrive("attempt", {"tokens": 5}, timeout=3)
+            clock.advance(2.5)
+            await settle()
+            assert attempt.state == "waiting"  # a release might still come in time
+            clock.advance(0.5)
+            await settle()
+            assert attempt.state == "timed out"
+            assert type(attempt.error) is TimeoutError
+        stats = limits.get_stats()
+        assert (stats["timed_out"], stats["waiting"], stats["granted"]) == (1, 0, 1)
+        assert stats["limits"]["conn"]["in_use"] == 1  # the holder's slot only
+        assert stats["limits"]["tokens"]["available"] == pytest.approx(9.3)  # 9 + 0.1 * 3
+        holder.release()
+        assert limits.try_acquire({"tokens": 9}).successful
+
+    async def test_full_resource_with_timeout_gets_a_slot_released_in_time(
+        self, make_limitset: MakeLimitSet
+    ) -> None:
+        clock = ManualClock()
+        limits = make_limitset([ResourceLimit("conn", 1)], clock=clock)
+        holder = limits.try_acquire()
+        async with crowd(limits, clock) as c:
+            attempt = await c.arrive("attempt", timeout=3, hold=True)
+            clock.advance(2.5)
+            holder.release()
+            await settle()
+            assert attempt.state == "held"
+            assert attempt.acquisition is not None
+            assert attempt.acquisition.waited == 2.5
+            clock.advance(1)  # past the deadline: being held, it does not time out
+            await settle()
+            assert attempt.state == "held"
+            attempt.leave.set()
+            await settle()
+            assert attempt.state == "done"
+        assert limits.get_stats()["timed_out"] == 0
+
+    async def test_waiter_behind_the_head_times_out_at_its_deadline(
+        self, make_limitset: MakeLimitSet
+    ) -> None:
+        clock = ManualClock()
+        limits = make_limitset([RateLimit("tokens", 10, 10)], clock=clock)
+        assert limits.try_acquire({"tokens": 10}).successful
+        async with crowd(limits, clock) as c:
+            head = await c.arrive("head", {"tokens": 8})  # due at 8
+            behind = await c.arrive("behind", {"tokens": 1}, timeout=4)
+            clock.advance(3.75)
+            await settle()
+            assert behind.state == "waiting"
+            clock.advance(0.25)
+            await settle()
+            assert behind.state == "timed out"
+            assert head.state == "waiting"
+            clock.advance(4)
+            await settle()
+            assert head.granted_at == 8
+        assert stats_of(limits, "tokens")["available"] == 0
