@@ -142,7 +142,9 @@ class Scheduler:
                     self.cancelled += 1
                 continue
             head.rate_at = rate_at
-            if head.wake_at != admit_at:
+            # Tell the new head its wake time, or that the rate limits already put it past its
+            # deadline (it then times out at once, even while a full resource blocks it too).
+            if head.wake_at != admit_at or rate_at > head.deadline:
                 head.wake_at = admit_at
                 if head is not current and not head.notify():
                     del queue[head]

@@ -48,6 +48,29 @@ class TimeoutContract:
             assert attempt.state == "timed out"
             assert type(attempt.error) is TimeoutError
 
+    async def test_new_head_times_out_at_once_when_a_pause_put_it_past_its_deadline(
+        self, make_limitset: MakeLimitSet
+    ) -> None:
+        # Blocked by a full resource *and*, since a pause, by time: when it becomes the head it
+        # knows at once that no release can bring it in before its deadline.
+        clock = ManualClock()
+        limits = make_limitset([RateLimit("tokens", 10, 10), ResourceLimit("conn", 1)], clock=clock)
+        holder = limits.try_acquire({"tokens": 1})
+        assert holder.successful
+        async with crowd(limits, clock) as c:
+            head = await c.arrive("head", {"tokens": 1})
+            behind = await c.arrive("behind", {"tokens": 1}, timeout=5)
+            assert (head.state, behind.state) == ("waiting", "waiting")
+            limits.pause(10)
+            head.scope.cancel()
+            await settle()
+            assert head.state == "cancelled"
+            assert behind.state == "timed out"
+            assert type(behind.error) is TimeoutError
+            assert clock() == 0
+            assert limits.get_stats()["waiting"] == 0
+        holder.release()
+
     async def test_timeout_zero_admits_when_possible_and_fails_at_once_otherwise(
         self, make_limitset: MakeLimitSet
     ) -> None:
