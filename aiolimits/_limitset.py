@@ -224,16 +224,19 @@ class LimitSet:
                 items.append(item)
         return tuple(items)
 
+    def _lookup(self, argument: str, key: object) -> tuple[Limit, RateState]:
+        entry = self._index.get(key) if isinstance(key, str) else None
+        if entry is None:
+            raise ValueError(
+                f"{argument} names {key!r}, which is not a limit of this set "
+                f"(keys: {', '.join(map(repr, self._index))})"
+            )
+        return entry
+
     def _check_requested(self, key: str, value: object) -> tuple[RateState, float] | None:
         """The slow, explaining path of :meth:`_items` for one key: the item, None to skip it, or
         the error naming the argument and the value."""
-        entry = self._index.get(key)
-        if entry is None:
-            raise ValueError(
-                f"requested names {key!r}, which is not a limit of this set "
-                f"(keys: {', '.join(map(repr, self._index))})"
-            )
-        limit, state = entry
+        limit, state = self._lookup("requested", key)
         what = f"requested[{key!r}]"
         amount = _check_amount(what, value)
         if isinstance(limit, CallLimit):
@@ -251,13 +254,7 @@ class LimitSet:
             raise TypeError(f"usage must be a mapping of key to amount, got {_describe(usage)}")
         checked = []
         for key, value in usage.items():
-            entry = self._index.get(key)
-            if entry is None:
-                raise ValueError(
-                    f"usage names {key!r}, which is not a limit of this set "
-                    f"(keys: {', '.join(map(repr, self._index))})"
-                )
-            limit, state = entry
+            limit, state = self._lookup("usage", key)
             what = f"usage[{key!r}]"
             if isinstance(limit, ResourceLimit):
                 # A ValueError by the spec (§5): the key is known, the operation is not for it.

@@ -26,6 +26,7 @@ import pytest
 from anyio.abc import TaskGroup
 
 from aiolimits import Acquisition, CallLimit, LimitSet, RateLimit, ResourceLimit
+from aiolimits._algorithms.fixed_window import window_index
 from aiolimits.testing import ManualClock
 
 pytestmark = pytest.mark.anyio
@@ -546,16 +547,6 @@ async def settle(anyio_backend: Backend) -> None:
         quiet = quiet + 1 if blocked else 0
 
 
-def window_of(t: float, window: float) -> int:
-    """The fixed window ``[k·W, (k+1)·W)`` holding ``t``."""
-    k = math.floor(t / window)
-    while k * window > t:
-        k -= 1
-    while (k + 1) * window <= t:
-        k += 1
-    return k
-
-
 class StormBook:
     """The reference: what the limits must show, rebuilt from the grants the tasks saw.
 
@@ -575,7 +566,7 @@ class StormBook:
 
     def grant(self, t: float, amount: int) -> None:
         assert t >= self.last, "grants are replayed in time order"
-        k = window_of(t, self.window)
+        k = window_index(t, self.window)
         self.counts[k] = self.counts.get(k, 0) + amount
         assert self.counts[k] <= self.per_window, f"window {k} admitted {self.counts[k]} tokens"
         self.level = self.calls_available(t) - 1
@@ -583,13 +574,13 @@ class StormBook:
         assert self.level >= 0, f"a call was admitted at t={t} from an empty bucket"
 
     def update(self, granted_at: float, amount: int, now: float, usage: int) -> None:
-        k = window_of(granted_at, self.window)
-        if window_of(now, self.window) == k:
+        k = window_index(granted_at, self.window)
+        if window_index(now, self.window) == k:
             self.counts[k] -= amount - usage
             self.refunded += amount - usage
 
     def tokens_available(self, now: float) -> float:
-        return self.per_window - self.counts.get(window_of(now, self.window), 0)
+        return self.per_window - self.counts.get(window_index(now, self.window), 0)
 
     def calls_available(self, now: float) -> float:
         return min(self.calls_capacity, self.level + self.calls_rate * (now - self.last))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import math
 import random
 import sys
 import threading
@@ -30,6 +29,7 @@ import anyio
 import pytest
 
 from aiolimits import Acquisition, CallLimit, LimitSet, RateLimit, ResourceLimit
+from aiolimits._algorithms.fixed_window import window_index
 from aiolimits.testing import ManualClock
 
 T = TypeVar("T")
@@ -356,16 +356,6 @@ def test_task_cancelled_after_a_cross_thread_grant_hands_it_to_a_thread(
 # -- hammering one LimitSet from everywhere at once -----------------------------------------------
 
 
-def window_of(t: float, window: float) -> int:
-    """The fixed window ``[k·W, (k+1)·W)`` holding ``t``."""
-    k = math.floor(t / window)
-    while k * window > t:
-        k -= 1
-    while (k + 1) * window <= t:
-        k += 1
-    return k
-
-
 class Ledger:
     """What the workers saw, under one lock: concurrent holders, grants, timeouts."""
 
@@ -511,8 +501,8 @@ def test_threads_tasks_and_event_loops_hammering_one_limitset_stay_within_every_
     # call_count, fixed windows: at most capacity grants known to fall in each window.
     per_window: dict[int, int] = {}
     for earliest, latest, _tokens in ledger.grants:
-        k = window_of(earliest, calls_window)
-        if k == window_of(latest, calls_window):
+        k = window_index(earliest, calls_window)
+        if k == window_index(latest, calls_window):
             per_window[k] = per_window.get(k, 0) + 1
     assert max(per_window.values()) <= calls_capacity
 

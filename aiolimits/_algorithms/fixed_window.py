@@ -16,6 +16,17 @@ import math
 from ._base import RateState, Receipt, too_large
 
 
+def window_index(t: float, window: float) -> int:
+    """The k with ``k * window <= t < (k + 1) * window``, with the float products the windows'
+    boundaries are computed with (the division alone can land one window off)."""
+    k = math.floor(t / window)
+    while k * window > t:
+        k -= 1
+    while (k + 1) * window <= t:
+        k += 1
+    return k
+
+
 class FixedWindowState(RateState):
     __slots__ = ("_count", "_end", "_index", "_start", "_window")
 
@@ -29,13 +40,7 @@ class FixedWindowState(RateState):
 
     def window_index(self, t: float) -> int:
         """The k with ``k * W <= t < (k + 1) * W``, computed with the same float products."""
-        w = self._window
-        k = math.floor(t / w)
-        while k * w > t:
-            k -= 1
-        while (k + 1) * w <= t:
-            k += 1
-        return k
+        return window_index(t, self._window)
 
     def _roll(self, now: float) -> None:
         if now >= self._end:
