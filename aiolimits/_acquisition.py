@@ -115,7 +115,7 @@ class Acquisition:
                 raise RuntimeError("update() after the acquisition was released")
             raise RuntimeError(f"update() on an acquisition that is {_STATE_NAMES[self._state]}")
         limitset = self._limitset
-        checked = limitset._check_usage(usage)  # validates everything before changing anything
+        checked = limitset._requests.usage(usage)  # validates everything before changing anything
         sched = limitset._scheduler
         with sched.lock:
             if self._state != HELD:  # released by another thread meanwhile

@@ -1,9 +1,9 @@
 """LimitSet: the verbs users call. A thin door over the scheduler for tasks and threads.
 
 ``acquire`` (async), ``acquire_sync`` (threads) and ``try_acquire`` (never waits) share one path:
-turn ``requested`` into a validated tuple of ``(state, amount)`` items, try to take them at once
-under the lock, and only if that fails park a waiter in the one FIFO queue (trio's ``_nowait``
-twins: the blocking verb is "try; if not, park").
+turn ``requested`` into a validated tuple of ``(state, amount)`` items (``_requests.py``), try to
+take them at once under the lock, and only if that fails park a waiter in the one FIFO queue
+(trio's ``_nowait`` twins: the blocking verb is "try; if not, park").
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from types import MappingProxyType
 from typing import Any, Final, TypeVar, final
 
 from ._acquisition import FAILED, HELD, PENDING, Acquisition
-from ._algorithms import RateState, new_state
+from ._algorithms import new_state
 from ._backends.memory import MemoryBackend
 from ._limits import CallLimit, Limit, RateLimit, ResourceLimit
+from ._requests import Requests, check_amount, check_timeout, describe
 from ._scheduler import Items, Scheduler
 from ._waiters import (
     GRANTED,
@@ -35,29 +36,6 @@ __all__ = ["LimitSet"]
 W = TypeVar("W", bound=Waiter)
 
 _INF: Final = math.inf
-
-
-def _describe(value: object) -> str:
-    return f"{type(value).__name__} {value!r}"
-
-
-def _check_amount(what: str, value: object) -> float:
-    """A finite, non-negative real number, or the error naming ``what``."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{what} must be an int or float, got {_describe(value)}")
-    if not (value >= 0 and value != _INF):  # also false for NaN
-        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
-    return value
-
-
-def _check_timeout(timeout: float | None) -> float:
-    if timeout is None:
-        return _INF
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
-        raise TypeError(f"timeout must be a number of seconds or None, got {_describe(timeout)}")
-    if not timeout >= 0:
-        raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
-    return float(timeout)
 
 
 @final
@@ -93,14 +71,11 @@ class LimitSet:
         "__weakref__",
         "_clock",
         "_config",
-        "_default_error",
-        "_default_items",
-        "_fast",
         "_has_resources",
-        "_implicit",
-        "_index",
+        "_items",
         "_limits",
         "_name",
+        "_requests",
         "_scheduler",
         "_timer_clock",
     )
@@ -122,17 +97,17 @@ class LimitSet:
             if not isinstance(limit, (RateLimit, CallLimit, ResourceLimit)):
                 raise TypeError(
                     f"limits[{i}] must be a RateLimit, CallLimit or ResourceLimit, "
-                    f"got {_describe(limit)}"
+                    f"got {describe(limit)}"
                 )
             if limit.key in seen:
                 raise ValueError(f"limits has the key {limit.key!r} more than once")
             seen.add(limit.key)
         if config is not None and not isinstance(config, Mapping):
-            raise TypeError(f"config must be a mapping or None, got {_describe(config)}")
+            raise TypeError(f"config must be a mapping or None, got {describe(config)}")
         if not callable(clock):
-            raise TypeError(f"clock must be a callable returning seconds, got {_describe(clock)}")
+            raise TypeError(f"clock must be a callable returning seconds, got {describe(clock)}")
         if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a str or None, got {_describe(name)}")
+            raise TypeError(f"name must be a str or None, got {describe(name)}")
         if backend is None:
             backend = MemoryBackend()
         elif not isinstance(backend, MemoryBackend):
@@ -146,32 +121,9 @@ class LimitSet:
         now = clock()
         states = tuple(new_state(limit, now) for limit in limits)
         self._scheduler: Scheduler = backend.attach(states, clock)
-        self._index: dict[str, tuple[Limit, RateState]] = {
-            limit.key: (limit, state) for limit, state in zip(limits, states, strict=True)
-        }
+        self._requests = Requests(limits, states)
+        self._items = self._requests.items  # bound once: it runs on every acquisition
         self._has_resources = any(isinstance(limit, ResourceLimit) for limit in limits)
-        plain = [limit.key for limit in limits if isinstance(limit, RateLimit)]
-        self._default_error = (
-            f"requested=None, but the RateLimit(s) {', '.join(map(repr, plain))} are taken only "
-            "when requested names them: pass requested={...}"
-            if plain
-            else None
-        )
-        self._default_items: Items = tuple(
-            (state, 1)
-            for limit, state in zip(limits, states, strict=True)
-            if not isinstance(limit, RateLimit)
-        )
-        # Taken with 1 unless ``requested`` names them.
-        self._implicit = tuple((state.key, (state, 1)) for state, _ in self._default_items)
-        # Keys whose amounts may be taken without further questions when they are a positive
-        # int, or a float that is whole or allowed to be fractional: (state, fractions allowed).
-        # A CallLimit is left out: only 0 or 1 are valid, the slow path checks it.
-        self._fast: dict[str, tuple[RateState, bool]] = {
-            limit.key: (state, isinstance(limit, RateLimit) and not limit.algorithm.integral)
-            for limit, state in zip(limits, states, strict=True)
-            if not isinstance(limit, CallLimit)
-        }
 
     # -- what it is --------------------------------------------------------------------------
 
@@ -189,85 +141,6 @@ class LimitSet:
         return self._name
 
     # -- requests ----------------------------------------------------------------------------
-
-    def _items(self, requested: Mapping[str, int | float] | None) -> Items:
-        """Validate ``requested`` and turn it into ``(state, amount)`` items, zero amounts left
-        out. Raises before anything is taken.
-
-        On the hot path: one dict lookup and a few comparisons per named key; anything unusual
-        goes to :meth:`_check_requested`, which explains what is wrong."""
-        if requested is None:
-            if self._default_error is not None:
-                raise ValueError(self._default_error)
-            return self._default_items
-        if type(requested) is not dict and not isinstance(requested, Mapping):
-            raise TypeError(
-                f"requested must be a mapping of key to amount or None, got {_describe(requested)}"
-            )
-        fast = self._fast
-        items: list[tuple[RateState, float]] = []
-        for key, amount in requested.items():
-            spec = fast.get(key)
-            kind = type(amount)
-            if (
-                spec is not None
-                and (kind is int or (kind is float and (spec[1] or amount % 1 == 0)))
-                and 0 < amount <= spec[0].capacity
-            ):
-                items.append((spec[0], amount))
-            else:
-                checked = self._check_requested(key, amount)
-                if checked:
-                    items.append(checked)
-        for key, item in self._implicit:
-            if key not in requested:
-                items.append(item)
-        return tuple(items)
-
-    def _lookup(self, argument: str, key: object) -> tuple[Limit, RateState]:
-        entry = self._index.get(key) if isinstance(key, str) else None
-        if entry is None:
-            raise ValueError(
-                f"{argument} names {key!r}, which is not a limit of this set "
-                f"(keys: {', '.join(map(repr, self._index))})"
-            )
-        return entry
-
-    def _check_requested(self, key: str, value: object) -> tuple[RateState, float] | None:
-        """The slow, explaining path of :meth:`_items` for one key: the item, None to skip it, or
-        the error naming the argument and the value."""
-        limit, state = self._lookup("requested", key)
-        what = f"requested[{key!r}]"
-        amount = _check_amount(what, value)
-        if isinstance(limit, CallLimit):
-            if amount not in (0, 1):
-                raise ValueError(f"{what} must be 1 (or 0 to skip it), got {amount!r}")
-        elif (isinstance(limit, ResourceLimit) or limit.algorithm.integral) and amount != int(
-            amount
-        ):
-            raise ValueError(f"{what} must be a whole number, got {amount!r}")
-        state.check(amount)
-        return (state, amount) if amount else None
-
-    def _check_usage(self, usage: Mapping[str, int | float]) -> list[tuple[RateState, float]]:
-        if not isinstance(usage, Mapping):
-            raise TypeError(f"usage must be a mapping of key to amount, got {_describe(usage)}")
-        checked = []
-        for key, value in usage.items():
-            limit, state = self._lookup("usage", key)
-            what = f"usage[{key!r}]"
-            if isinstance(limit, ResourceLimit):
-                # A ValueError by the spec (§5): the key is known, the operation is not for it.
-                raise ValueError(  # noqa: TRY004
-                    f"{what}: resource limits cannot be updated; release the acquisition instead"
-                )
-            amount = _check_amount(what, value)
-            if isinstance(limit, CallLimit) and amount != 1:
-                raise ValueError(f"{what} must be 1 (one call), got {amount!r}")
-            if limit.algorithm.integral and amount != int(amount):
-                raise ValueError(f"{what} must be a whole number, got {amount!r}")
-            checked.append((state, amount))
-        return checked
 
     # -- acquiring ---------------------------------------------------------------------------
 
@@ -290,7 +163,7 @@ class LimitSet:
             ValueError, TypeError: bad ``requested`` or ``timeout``; nothing is taken.
         """
         items = self._items(requested)
-        return Acquisition(self, items, PENDING, timeout=_check_timeout(timeout))
+        return Acquisition(self, items, PENDING, timeout=check_timeout(timeout))
 
     def try_acquire(self, requested: Mapping[str, int | float] | None = None) -> Acquisition:
         """Take everything now, or nothing: never waits, and fails while anyone is queued.
@@ -322,7 +195,7 @@ class LimitSet:
                 "use `async with limits.acquire(...)` instead"
             )
         items = self._items(requested)
-        timeout_s = _check_timeout(timeout)
+        timeout_s = check_timeout(timeout)
         receipts, waiter, start = self._take_or_queue(items, timeout_s, ThreadWaiter)
         acq = Acquisition(self, items, HELD, receipts)
         if waiter is None:
@@ -439,7 +312,7 @@ class LimitSet:
         """Admit nobody before ``now + seconds`` (a provider answered 429 with Retry-After).
 
         Queued waiters keep their places; overlapping pauses keep the later end."""
-        seconds = _check_amount("seconds", seconds)
+        seconds = check_amount("seconds", seconds)
         sched = self._scheduler
         with sched.lock:
             now = sched.clock()
@@ -462,7 +335,7 @@ class LimitSet:
             sched.catch_up(now)
             waiting = sched.waiting_per_key()
             per_key: dict[str, dict[str, Any]] = {}
-            for key, (limit, state) in self._index.items():
+            for key, (limit, state) in self._requests.index.items():
                 entry: dict[str, Any] = {
                     "kind": "resource"
                     if isinstance(limit, ResourceLimit)
