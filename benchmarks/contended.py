@@ -15,34 +15,7 @@ import anyio
 
 from aiolimits import LimitSet, RateLimit
 
-
-def kendall_tau(order: list[int]) -> float:
-    """Kendall's tau between ``order`` and its sorted self (O(n log n) by merge sort)."""
-
-    def count_inversions(xs: list[int]) -> tuple[list[int], int]:
-        if len(xs) <= 1:
-            return xs, 0
-        mid = len(xs) // 2
-        left, a = count_inversions(xs[:mid])
-        right, b = count_inversions(xs[mid:])
-        merged: list[int] = []
-        inversions = a + b
-        i = j = 0
-        while i < len(left) and j < len(right):
-            if left[i] <= right[j]:
-                merged.append(left[i])
-                i += 1
-            else:
-                merged.append(right[j])
-                inversions += len(left) - i
-                j += 1
-        merged += left[i:] + right[j:]
-        return merged, inversions
-
-    n = len(order)
-    _, inv = count_inversions(order)
-    pairs = n * (n - 1) // 2
-    return 1.0 - 2.0 * inv / pairs if pairs else 1.0
+from ._common import kendall_tau
 
 
 async def run(tasks: int, per_task: int, rate: float) -> tuple[float, float, float]:

@@ -8,25 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import threading
 import time
 from collections.abc import Awaitable, Callable
 
 import anyio
 
-from aiolimits import CallLimit, LimitSet, RateLimit, ResourceLimit
+from aiolimits import LimitSet
 
-BIG = 1e15  # capacity large enough never to wait
-
-
-def _one_rate() -> tuple[LimitSet, dict[str, float]]:
-    return LimitSet([RateLimit("tokens", 1, BIG)]), {"tokens": 1}
-
-
-def _three() -> tuple[LimitSet, dict[str, float]]:
-    limits = LimitSet([CallLimit(1, BIG), RateLimit("tokens", 1, BIG), ResourceLimit("r", 10)])
-    return limits, {"tokens": 1}
+from ._common import Summary, one_rate, three
 
 
 async def _time_async(body: Callable[[], Awaitable[None]]) -> float:
@@ -48,7 +38,7 @@ async def _async_suite(
                     pass
 
         base_t = await _time_async(base)
-        for name, make in (("1 RateLimit", _one_rate), ("Call+Rate+Resource", _three)):
+        for name, make in (("1 RateLimit", one_rate), ("Call+Rate+Resource", three)):
             limits, req = make()
 
             async def ours(limits: LimitSet = limits, req: dict[str, float] = req) -> None:
@@ -69,7 +59,7 @@ def _sync_suite(n: int, repeats: int) -> dict[str, list[float]]:
             with sem:
                 pass
         base_t = time.perf_counter() - t
-        for name, make in (("1 RateLimit", _one_rate), ("Call+Rate+Resource", _three)):
+        for name, make in (("1 RateLimit", one_rate), ("Call+Rate+Resource", three)):
             limits, req = make()
             t = time.perf_counter()
             for _ in range(n):
@@ -81,10 +71,7 @@ def _sync_suite(n: int, repeats: int) -> dict[str, list[float]]:
 
 def _report(runtime: str, baseline: str, ratios: dict[str, list[float]]) -> None:
     for name, values in ratios.items():
-        print(
-            f"{runtime:8} {name:20} vs {baseline:20} median {statistics.median(values):5.2f}x "
-            f"(min {min(values):.2f}, max {max(values):.2f})"
-        )
+        print(f"{runtime:8} {name:20} vs {baseline:20} {Summary.of(values).fmt(unit='x')}")
 
 
 def main() -> None:
