@@ -2,7 +2,8 @@
 
 Every limit is a value (:class:`RateLimit`, :class:`CallLimit`, :class:`ResourceLimit`); a
 :class:`LimitSet` holds their state and acquires them together, all-or-nothing, in FIFO order, for
-tasks on asyncio, uvloop and trio and for threads. See ``docs/`` for the guides.
+tasks on asyncio, uvloop and trio and for threads; a :class:`LimitPool` spreads callers over several
+sets (API keys, regions). See ``docs/`` for the guides.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ from ._limits import RateLimit as RateLimit
 from ._limits import RateLimitAlgorithm as RateLimitAlgorithm
 from ._limits import ResourceLimit as ResourceLimit
 from ._limitset import LimitSet as LimitSet
+from ._pool import LimitPool as LimitPool
+from ._pool import LoadBalancingAlgorithm as LoadBalancingAlgorithm
 
 __all__ = [
     "Acquisition",
     "CallLimit",
+    "LimitPool",
     "LimitSet",
+    "LoadBalancingAlgorithm",
     "MemoryBackend",
     "RateLimit",
     "RateLimitAlgorithm",

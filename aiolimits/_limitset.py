@@ -9,12 +9,14 @@ take them at once under the lock, and only if that fails park a waiter in the on
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from collections.abc import Callable, Generator, Iterable, Mapping
 from functools import partial
 from types import MappingProxyType
 from typing import Any, Final, TypeVar, final
 
+from . import _decorator
 from ._acquisition import FAILED, HELD, PENDING, Acquisition
 from ._algorithms import new_state
 from ._backends.memory import MemoryBackend
@@ -360,6 +362,65 @@ class LimitSet:
                 "refunded": sum(sched.refunded.values()),
                 "paused_for": max(0.0, sched.paused_until - now),
             }
+
+    # -- decorator and pickling --------------------------------------------------------------
+
+    def limited(
+        self,
+        requested: _decorator.Requested | None = None,
+        *,
+        cost: Callable[..., _decorator.Requested | None] | None = None,
+    ) -> _decorator.Limited:
+        """A decorator: ``async def`` functions run in ``async with limits.acquire(...)``, plain
+        functions in ``with limits.acquire_sync(...)`` (blocking the calling thread).
+
+        Example:
+            >>> @limits.limited({"tokens": 1000})
+            ... async def summarize(text: str) -> str: ...
+            >>> @limits.limited(cost=lambda prompt, max_tokens: {"tokens": max_tokens})
+            ... def complete(prompt: str, max_tokens: int) -> str: ...
+
+        Args:
+            requested: the amounts every call takes; validated now, at decoration time.
+            cost: instead, a callable receiving the call's arguments and returning ``requested``.
+
+        Raises:
+            ValueError: both ``requested`` and ``cost``, or a bad ``requested``.
+            TypeError: a bad ``requested``, a non-callable ``cost``; when decorating, a generator
+                function.
+        """
+        return _decorator.limited(self, requested, cost=cost)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as the recipe, not the state: limits, ``config``, backend, ``name``, ``clock``.
+
+        A memory-backed LimitSet unpickles fresh (full buckets, empty windows, nothing held,
+        nobody queued): its state belongs to one process. Sets on a shared backend attach to the
+        same ``name`` there, and so share its state.
+
+        Raises:
+            TypeError: the clock is not picklable (a lambda, a ``ManualClock``); use a module-level
+                function such as ``time.monotonic``, which pickles by reference.
+        """
+        clock = self._clock
+        if clock is not time.monotonic:
+            try:
+                pickle.dumps(clock)
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                raise TypeError(
+                    f"cannot pickle {self!r}: its clock {clock!r} is not picklable ({exc}); "
+                    "use a module-level function such as time.monotonic"
+                ) from exc
+        # MemoryBackend is the only backend the constructor accepts, and it is stateless: any
+        # instance is the same backend.
+        rebuild = partial(
+            LimitSet,
+            config=dict(self._config),
+            backend=MemoryBackend(),
+            name=self._name,
+            clock=clock,
+        )
+        return (rebuild, (self._limits,))
 
     def __repr__(self) -> str:
         name = f" name={self._name!r}" if self._name else ""
