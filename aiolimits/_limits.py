@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, TypeVar
 
 import attrs
 
@@ -52,21 +52,29 @@ class RateLimitAlgorithm(str, enum.Enum):
         return self in (RateLimitAlgorithm.SlidingWindow, RateLimitAlgorithm.FixedWindow)
 
 
-def _convert_algorithm(value: object) -> RateLimitAlgorithm:
-    if isinstance(value, RateLimitAlgorithm):
+E = TypeVar("E", bound=enum.Enum)
+
+
+def enum_member(cls: type[E], argument: str, value: object) -> E:
+    """``value`` as a member of the string enum ``cls``, or the error naming ``argument``."""
+    if isinstance(value, cls):
         return value
     if isinstance(value, str):
         try:
-            return RateLimitAlgorithm(value)
+            return cls(value)
         except ValueError:
-            choices = ", ".join(repr(a.value) for a in RateLimitAlgorithm)
+            choices = ", ".join(repr(m.value) for m in cls)
             raise ValueError(
-                f"algorithm must be a RateLimitAlgorithm or one of {choices}, got {value!r}"
+                f"{argument} must be a {cls.__name__} or one of {choices}, got {value!r}"
             ) from None
     raise TypeError(
-        f"algorithm must be a RateLimitAlgorithm or its string value, got {type(value).__name__} "
+        f"{argument} must be a {cls.__name__} or its string value, got {type(value).__name__} "
         f"{value!r}"
     )
+
+
+def _convert_algorithm(value: object) -> RateLimitAlgorithm:
+    return enum_member(RateLimitAlgorithm, "algorithm", value)
 
 
 def _is_real(value: object) -> bool:

@@ -30,7 +30,7 @@ from ._waiters import (
     TimerClock,
     Waiter,
     async_waiter,
-    running_event_loop,
+    refuse_on_event_loop,
 )
 
 __all__ = ["LimitSet"]
@@ -191,11 +191,7 @@ class LimitSet:
             RuntimeError: called on a thread that runs an event loop (it would block the loop).
             TimeoutError: not admitted within ``timeout``; nothing is held.
         """
-        if running_event_loop() is not None:
-            raise RuntimeError(
-                "acquire_sync() would block the event loop running on this thread; "
-                "use `async with limits.acquire(...)` instead"
-            )
+        refuse_on_event_loop("limits")
         items = self._items(requested)
         timeout_s = check_timeout(timeout)
         receipts, waiter, start = self._take_or_queue(items, timeout_s, ThreadWaiter)

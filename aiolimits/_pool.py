@@ -34,10 +34,10 @@ from typing import Any, Final, final
 
 from ._acquisition import Acquisition
 from ._decorator import Limited, Requested, limited
-from ._limits import CallLimit, Limit, ResourceLimit
+from ._limits import CallLimit, Limit, ResourceLimit, enum_member
 from ._limitset import LimitSet
 from ._requests import check_amount, check_timeout, describe
-from ._waiters import running_event_loop
+from ._waiters import refuse_on_event_loop
 
 __all__ = ["LimitPool", "LoadBalancingAlgorithm", "PoolAcquire"]
 
@@ -53,24 +53,6 @@ class LoadBalancingAlgorithm(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
-
-
-def _convert_algorithm(value: object) -> LoadBalancingAlgorithm:
-    if isinstance(value, LoadBalancingAlgorithm):
-        return value
-    if isinstance(value, str):
-        try:
-            return LoadBalancingAlgorithm(value)
-        except ValueError:
-            choices = ", ".join(repr(a.value) for a in LoadBalancingAlgorithm)
-            raise ValueError(
-                f"load_balancing must be a LoadBalancingAlgorithm or one of {choices}, "
-                f"got {value!r}"
-            ) from None
-    raise TypeError(
-        f"load_balancing must be a LoadBalancingAlgorithm or its string value, "
-        f"got {describe(value)}"
-    )
 
 
 def _kind(limit: Limit) -> str:
@@ -158,7 +140,7 @@ class LimitPool:
         worker_index: int = 0,
     ) -> None:
         sets = _check_sets(limit_sets)
-        algorithm = _convert_algorithm(load_balancing)
+        algorithm = enum_member(LoadBalancingAlgorithm, "load_balancing", load_balancing)
         if not isinstance(worker_index, int) or isinstance(worker_index, bool):
             raise TypeError(f"worker_index must be an int, got {describe(worker_index)}")
         if worker_index < 0:
@@ -284,11 +266,7 @@ class LimitPool:
             RuntimeError: called on a thread that runs an event loop (it would block the loop).
             TimeoutError: not admitted within ``timeout``; nothing is held.
         """
-        if running_event_loop() is not None:
-            raise RuntimeError(
-                "acquire_sync() would block the event loop running on this thread; "
-                "use `async with pool.acquire(...)` instead"
-            )
+        refuse_on_event_loop("pool")
         self._check(requested)
         check_timeout(timeout)
         if self._algorithm is not LoadBalancingAlgorithm.LeastWait:

@@ -42,6 +42,7 @@ __all__ = [
     "TrioWaiter",
     "Waiter",
     "async_waiter",
+    "refuse_on_event_loop",
     "running_event_loop",
 ]
 
@@ -283,6 +284,16 @@ def running_event_loop() -> str | None:
     if trio is not None and trio.lowlevel.in_trio_run():
         return "trio"
     return None
+
+
+def refuse_on_event_loop(owner: str) -> None:
+    """Raise RuntimeError on a thread that runs an event loop: a blocking acquire there would
+    block the loop (``owner`` names the object in the advice)."""
+    if running_event_loop() is not None:
+        raise RuntimeError(
+            "acquire_sync() would block the event loop running on this thread; "
+            f"use `async with {owner}.acquire(...)` instead"
+        )
 
 
 def async_waiter(items: tuple[tuple[RateState, float], ...], deadline: float) -> Any:
