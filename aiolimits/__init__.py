@@ -9,7 +9,9 @@ sets (API keys, regions). See ``docs/`` for the guides.
 from __future__ import annotations
 
 from ._acquisition import Acquisition as Acquisition
+from ._backends._base import Backend as Backend
 from ._backends.memory import MemoryBackend as MemoryBackend
+from ._errors import BackendUnavailable as BackendUnavailable
 from ._limits import CallLimit as CallLimit
 from ._limits import RateLimit as RateLimit
 from ._limits import RateLimitAlgorithm as RateLimitAlgorithm
@@ -20,6 +22,8 @@ from ._pool import LoadBalancingAlgorithm as LoadBalancingAlgorithm
 
 __all__ = [
     "Acquisition",
+    "Backend",
+    "BackendUnavailable",
     "CallLimit",
     "LimitPool",
     "LimitSet",

@@ -19,6 +19,7 @@ from typing import Any, Final, TypeVar, final
 from . import _decorator
 from ._acquisition import FAILED, HELD, PENDING, Acquisition
 from ._algorithms import new_state
+from ._backends._base import Backend
 from ._backends.memory import MemoryBackend
 from ._limits import CallLimit, Limit, RateLimit, ResourceLimit
 from ._requests import Requests, check_amount, check_timeout, describe
@@ -71,6 +72,7 @@ class LimitSet:
 
     __slots__ = (
         "__weakref__",
+        "_backend",
         "_clock",
         "_config",
         "_has_resources",
@@ -87,7 +89,7 @@ class LimitSet:
         limits: Iterable[Limit] = (),
         *,
         config: Mapping[str, Any] | None = None,
-        backend: MemoryBackend | None = None,
+        backend: Backend | None = None,
         name: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -112,7 +114,7 @@ class LimitSet:
             raise TypeError(f"name must be a str or None, got {describe(name)}")
         if backend is None:
             backend = MemoryBackend()
-        elif not isinstance(backend, MemoryBackend):
+        elif not isinstance(backend, Backend):
             raise TypeError(f"backend must be a backend such as MemoryBackend(), got {backend!r}")
 
         self._limits = limits
@@ -122,7 +124,8 @@ class LimitSet:
         self._timer_clock: TimerClock | None = clock if isinstance(clock, TimerClock) else None
         now = clock()
         states = tuple(new_state(limit, now) for limit in limits)
-        self._scheduler: Scheduler = backend.attach(states, clock)
+        self._backend = backend
+        self._scheduler: Scheduler = backend.attach(limits, states, clock, name)
         self._requests = Requests(limits, states)
         self._items = self._requests.items  # bound once: it runs on every acquisition
         self._has_resources = any(isinstance(limit, ResourceLimit) for limit in limits)
@@ -407,12 +410,10 @@ class LimitSet:
                     f"cannot pickle {self!r}: its clock {clock!r} is not picklable ({exc}); "
                     "use a module-level function such as time.monotonic"
                 ) from exc
-        # MemoryBackend is the only backend the constructor accepts, and it is stateless: any
-        # instance is the same backend.
         rebuild = partial(
             LimitSet,
             config=dict(self._config),
-            backend=MemoryBackend(),
+            backend=self._backend,
             name=self._name,
             clock=clock,
         )

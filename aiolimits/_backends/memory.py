@@ -11,20 +11,28 @@ from collections.abc import Callable
 from typing import final
 
 from .._algorithms import RateState
+from .._limits import Limit
 from .._scheduler import Scheduler
+from ._base import Backend
 
 __all__ = ["MemoryBackend"]
 
 
 @final
-class MemoryBackend:
+class MemoryBackend(Backend):
     """State in this process's memory (the default). One process; any number of tasks, event
     loops and threads. For several processes or machines see the process and Redis backends."""
 
     __slots__ = ()
 
-    def attach(self, states: tuple[RateState, ...], clock: Callable[[], float]) -> Scheduler:
-        """The scheduler that holds a new LimitSet's state."""
+    def attach(
+        self,
+        limits: tuple[Limit, ...],
+        states: tuple[RateState, ...],
+        clock: Callable[[], float],
+        name: str | None,
+    ) -> Scheduler:
+        """The scheduler that holds a new LimitSet's state (``name`` only labels it here)."""
         return Scheduler(states, clock)
 
     def __repr__(self) -> str:

@@ -1,0 +1,10 @@
+"""Errors of aiolimits beyond the builtins (SPEC §11)."""
+
+from __future__ import annotations
+
+__all__ = ["BackendUnavailable"]
+
+
+class BackendUnavailable(Exception):
+    """A shared backend (Redis, the process store) could not be reached in time. Raised with the
+    ``on_unavailable="raise"`` policy; nothing was taken."""
