@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from aiolimits import CallLimit, RateLimit, ResourceLimit
+from aiolimits._limits import Limit
 from aiolimits._backends._declaration import declaration, declaration_json, mismatch
 
 
 def test_order_does_not_matter() -> None:
-    a = [RateLimit("tokens", 60, 1000), CallLimit(60, 10), ResourceLimit("conn", 3)]
+    a: list[Limit] = [RateLimit("tokens", 60, 1000), CallLimit(60, 10), ResourceLimit("conn", 3)]
     assert declaration_json(a) == declaration_json(list(reversed(a)))
     assert mismatch("n", declaration(a), declaration(a[::-1])) is None
 
