@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from aiolimits import CallLimit, RateLimit, ResourceLimit
-from aiolimits._limits import Limit
 from aiolimits._backends._declaration import declaration, declaration_json, mismatch
+from aiolimits._limits import Limit
 
 
 def test_order_does_not_matter() -> None:
