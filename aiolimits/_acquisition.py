@@ -17,8 +17,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, final
 
 if TYPE_CHECKING:
-    from ._limitset import LimitSet
-    from ._scheduler import Items
+    from ._door import Door
+    from ._scheduler import Items, Scheduler
 
 __all__ = ["Acquisition"]
 
@@ -54,17 +54,29 @@ class Acquisition:
         waited: seconds spent waiting in the queue, on the LimitSet's clock.
     """
 
-    __slots__ = ("_items", "_limitset", "_receipts", "_settled", "_state", "_timeout", "waited")
+    __slots__ = (
+        "_items",
+        "_limitset",
+        "_receipts",
+        "_sched",
+        "_settled",
+        "_state",
+        "_timeout",
+        "waited",
+    )
 
     def __init__(
         self,
-        limitset: LimitSet,
+        limitset: Door,
+        sched: Scheduler,
         items: Items,
         state: int,
         receipts: list[Any] | None = None,
+        *,
         timeout: float = math.inf,
     ) -> None:
         self._limitset = limitset
+        self._sched = sched
         self._items = items
         self._state = state
         self._receipts = receipts
@@ -115,8 +127,8 @@ class Acquisition:
                 raise RuntimeError("update() after the acquisition was released")
             raise RuntimeError(f"update() on an acquisition that is {_STATE_NAMES[self._state]}")
         limitset = self._limitset
-        checked = limitset._requests.usage(usage)  # validates everything before changing anything
-        sched = limitset._scheduler
+        sched = self._sched
+        checked = limitset._usage(usage, sched)  # validates everything before changing anything
         with sched.lock:
             if self._state != HELD:  # released by another thread meanwhile
                 raise RuntimeError("update() after the acquisition was released")
@@ -146,7 +158,7 @@ class Acquisition:
         if self._state != HELD or not self._limitset._has_resources:
             self._state = RELEASED
             return
-        sched = self._limitset._scheduler
+        sched = self._sched
         with sched.lock:
             # Re-checked under the lock: two threads releasing at once must give back once.
             if self._state != HELD:
@@ -158,7 +170,7 @@ class Acquisition:
 
     async def __aenter__(self) -> Acquisition:
         if self._state == PENDING:
-            sched = self._limitset._scheduler
+            sched = self._sched
             with sched.lock:
                 receipts = sched.try_take(self._items, sched.clock())
             if receipts is not None:  # the fast path: no waiter, no await

@@ -1,48 +1,53 @@
-"""LimitSet: the verbs users call. A thin door over the scheduler for tasks and threads.
+"""LimitSet: the verbs users call. A thin door over one scheduler for tasks and threads.
 
-``acquire`` (async), ``acquire_sync`` (threads) and ``try_acquire`` (never waits) share one path:
-turn ``requested`` into a validated tuple of ``(state, amount)`` items (``_requests.py``), try to
-take them at once under the lock, and only if that fails park a waiter in the one FIFO queue
-(trio's ``_nowait`` twins: the blocking verb is "try; if not, park").
+``acquire`` (async), ``acquire_sync`` (threads) and ``try_acquire`` (never waits) share one path
+(``_door.py``): turn ``requested`` into a validated tuple of ``(state, amount)`` items
+(``_requests.py``), try to take them at once under the lock, and only if that fails park a waiter
+in the one FIFO queue.
 """
 
 from __future__ import annotations
 
-import math
 import pickle
 import time
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from types import MappingProxyType
-from typing import Any, Final, TypeVar, final
+from typing import Any, final
 
 from . import _decorator
-from ._acquisition import FAILED, HELD, PENDING, Acquisition
-from ._algorithms import new_state
+from ._acquisition import PENDING, Acquisition
+from ._algorithms import RateState, new_state
 from ._backends._base import Backend
 from ._backends.memory import MemoryBackend
+from ._door import Door, check_common
 from ._limits import CallLimit, Limit, RateLimit, ResourceLimit
-from ._requests import Requests, check_amount, check_timeout, describe
-from ._scheduler import Items, Scheduler
-from ._waiters import (
-    GRANTED,
-    Cancellable,
-    ThreadWaiter,
-    TimerClock,
-    Waiter,
-    async_waiter,
-    refuse_on_event_loop,
-)
+from ._requests import Requests, check_timeout, describe
+from ._scheduler import Scheduler
+from ._waiters import ThreadWaiter, refuse_on_event_loop
 
-__all__ = ["LimitSet"]
+__all__ = ["LimitSet", "check_limits"]
 
-W = TypeVar("W", bound=Waiter)
 
-_INF: Final = math.inf
+def check_limits(limits: Iterable[Limit]) -> tuple[Limit, ...]:
+    """``limits`` as a tuple, each a limit and every key once, or the error saying which is not."""
+    if isinstance(limits, (RateLimit, CallLimit, ResourceLimit)):
+        raise TypeError(f"limits must be an iterable of limits, got a single {limits!r}")
+    limits = tuple(limits)
+    seen: set[str] = set()
+    for i, limit in enumerate(limits):
+        if not isinstance(limit, (RateLimit, CallLimit, ResourceLimit)):
+            raise TypeError(
+                f"limits[{i}] must be a RateLimit, CallLimit or ResourceLimit, "
+                f"got {describe(limit)}"
+            )
+        if limit.key in seen:
+            raise ValueError(f"limits has the key {limit.key!r} more than once")
+        seen.add(limit.key)
+    return limits
 
 
 @final
-class LimitSet:
+class LimitSet(Door):
     """Several limits acquired together, all-or-nothing, by tasks and threads in FIFO order.
 
     A LimitSet combines rate limits (:class:`RateLimit`, :class:`CallLimit`) and resource limits
@@ -70,19 +75,7 @@ class LimitSet:
         ...         acq.update(usage={"tokens": used})
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_backend",
-        "_clock",
-        "_config",
-        "_has_resources",
-        "_items",
-        "_limits",
-        "_name",
-        "_requests",
-        "_scheduler",
-        "_timer_clock",
-    )
+    __slots__ = ("__weakref__", "_backend", "_items", "_name", "_requests", "_scheduler")
 
     def __init__(
         self,
@@ -93,59 +86,31 @@ class LimitSet:
         name: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if isinstance(limits, (RateLimit, CallLimit, ResourceLimit)):
-            raise TypeError(f"limits must be an iterable of limits, got a single {limits!r}")
-        limits = tuple(limits)
-        seen: set[str] = set()
-        for i, limit in enumerate(limits):
-            if not isinstance(limit, (RateLimit, CallLimit, ResourceLimit)):
-                raise TypeError(
-                    f"limits[{i}] must be a RateLimit, CallLimit or ResourceLimit, "
-                    f"got {describe(limit)}"
-                )
-            if limit.key in seen:
-                raise ValueError(f"limits has the key {limit.key!r} more than once")
-            seen.add(limit.key)
-        if config is not None and not isinstance(config, Mapping):
-            raise TypeError(f"config must be a mapping or None, got {describe(config)}")
-        if not callable(clock):
-            raise TypeError(f"clock must be a callable returning seconds, got {describe(clock)}")
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a str or None, got {describe(name)}")
+        limits = check_limits(limits)
+        frozen_config = check_common(config, clock, name)
         if backend is None:
             backend = MemoryBackend()
         elif not isinstance(backend, Backend):
             raise TypeError(f"backend must be a backend such as MemoryBackend(), got {backend!r}")
-
-        self._limits = limits
-        self._config: Mapping[str, Any] = MappingProxyType(dict(config or {}))
+        self._init_door(limits, frozen_config, clock)
         self._name = name
-        self._clock = clock
-        self._timer_clock: TimerClock | None = clock if isinstance(clock, TimerClock) else None
+        self._backend = backend
         now = clock()
         states = tuple(new_state(limit, now) for limit in limits)
-        self._backend = backend
         self._scheduler: Scheduler = backend.attach(limits, states, clock, name)
         self._requests = Requests(limits, states)
         self._items = self._requests.items  # bound once: it runs on every acquisition
-        self._has_resources = any(isinstance(limit, ResourceLimit) for limit in limits)
 
     # -- what it is --------------------------------------------------------------------------
-
-    @property
-    def limits(self) -> tuple[Limit, ...]:
-        return self._limits
-
-    @property
-    def config(self) -> Mapping[str, Any]:
-        """Read-only; exposed to callers as ``acquisition.config``."""
-        return self._config
 
     @property
     def name(self) -> str | None:
         return self._name
 
-    # -- requests ----------------------------------------------------------------------------
+    def _usage(
+        self, usage: Mapping[str, int | float], sched: Scheduler
+    ) -> Sequence[tuple[RateState, float]]:
+        return self._requests.usage(usage)
 
     # -- acquiring ---------------------------------------------------------------------------
 
@@ -168,20 +133,14 @@ class LimitSet:
             ValueError, TypeError: bad ``requested`` or ``timeout``; nothing is taken.
         """
         items = self._items(requested)
-        return Acquisition(self, items, PENDING, timeout=check_timeout(timeout))
+        return Acquisition(self, self._scheduler, items, PENDING, timeout=check_timeout(timeout))
 
     def try_acquire(self, requested: Mapping[str, int | float] | None = None) -> Acquisition:
         """Take everything now, or nothing: never waits, and fails while anyone is queued.
 
         Check ``acq.successful``; as a context manager a failed acquisition releases nothing.
         """
-        items = self._items(requested)
-        sched = self._scheduler
-        with sched.lock:
-            receipts = sched.try_take(items, sched.clock())
-        if receipts is None:
-            return Acquisition(self, items, FAILED)
-        return Acquisition(self, items, HELD, receipts)
+        return self._try(self._scheduler, self._items(requested))
 
     def acquire_sync(
         self, requested: Mapping[str, int | float] | None = None, *, timeout: float | None = None
@@ -197,98 +156,10 @@ class LimitSet:
         refuse_on_event_loop("limits")
         items = self._items(requested)
         timeout_s = check_timeout(timeout)
-        receipts, waiter, start = self._take_or_queue(items, timeout_s, ThreadWaiter)
-        acq = Acquisition(self, items, HELD, receipts)
-        if waiter is None:
-            return acq
-        steps = self._parking(waiter)
-        try:
-            for delay in steps:
-                waiter.sleep_sync(delay)
-        finally:
-            steps.close()  # if the sleep raised: leave the queue, holding nothing
-        return self._finish(acq, waiter, start, timeout_s)
-
-    async def _acquire_async(self, acq: Acquisition) -> None:
-        receipts, waiter, start = self._take_or_queue(acq._items, acq._timeout, async_waiter)
-        if waiter is None:
-            assert receipts is not None
-            acq._granted(receipts, 0.0)
-            return
-        steps = self._parking(waiter)
-        try:
-            for delay in steps:
-                await waiter.sleep(delay)
-        finally:
-            steps.close()  # if the sleep raised (cancelled): leave the queue, holding nothing
-        self._finish(acq, waiter, start, acq._timeout)
-
-    def _take_or_queue(
-        self, items: Items, timeout: float, new_waiter: Callable[[Items, float], W]
-    ) -> tuple[list[Any] | None, W | None, float]:
-        """Take ``items`` at once, or queue a new waiter: ``(receipts, None, start)`` or
-        ``(None, waiter, start)``. Raises TimeoutError when the deadline is out of reach."""
         sched = self._scheduler
         with sched.lock:
-            start = sched.clock()
-            receipts = sched.try_take(items, start)
-            if receipts is not None:
-                return receipts, None, start
-            waiter = new_waiter(items, start + timeout)
-            if sched.enqueue(waiter, start):
-                return None, waiter, start
-        raise self._timeout_error(items, timeout)
-
-    def _parking(self, waiter: Waiter) -> Generator[float | None, None, None]:
-        """The waiting protocol of both doors: yields how long to sleep (None: until notified)
-        until ``waiter`` is granted or times out. Closed while it is suspended (the door's sleep
-        raised: cancellation, interruption), it takes the waiter out of the queue holding nothing,
-        handing a grant that arrived meanwhile to the next waiter."""
-        sched = self._scheduler
-        with sched.lock:
-            # Only the head has a wake time; the others sleep until notified or their deadline.
-            wake = waiter.wake_at if sched.head() is waiter else _INF
-            until: float | None = wake if wake < waiter.deadline else waiter.deadline
-        try:
-            while until is not None:
-                delay, timer = self._arm(waiter, until)
-                try:
-                    yield delay
-                finally:
-                    if timer is not None:
-                        timer.cancel()
-                with sched.lock:
-                    until = sched.after_wake(waiter, sched.clock())
-        except BaseException:
-            with sched.lock:
-                sched.abandon(waiter, sched.clock())
-            raise
-
-    def _arm(self, waiter: Waiter, until: float) -> tuple[float | None, Cancellable | None]:
-        """How to sleep until the clock reads ``until``: a delay in real seconds, or a timer of a
-        clock that drives its own timers."""
-        if until == _INF:
-            return None, None
-        if self._timer_clock is not None:
-            return None, self._timer_clock.call_at(until, partial(self._timer_fired, waiter))
-        return until - self._clock(), None
-
-    def _timer_fired(self, waiter: Waiter) -> None:
-        with self._scheduler.lock:
-            waiter.notify()
-
-    def _finish(
-        self, acq: Acquisition, waiter: Waiter, start: float, timeout: float
-    ) -> Acquisition:
-        if waiter.state != GRANTED:
-            raise self._timeout_error(waiter.items, timeout)
-        assert waiter.receipts is not None
-        acq._granted(waiter.receipts, waiter.granted_at - start)
-        return acq
-
-    def _timeout_error(self, items: Items, timeout: float) -> TimeoutError:
-        asked = {state.key: amount for state, amount in items}
-        return TimeoutError(f"could not acquire {asked!r} within timeout={timeout!r}s")
+            taken = self._take_or_queue_locked(sched, items, timeout_s, ThreadWaiter)
+        return self._wait_sync(sched, items, timeout_s, taken)
 
     # -- questions ---------------------------------------------------------------------------
 
@@ -296,28 +167,13 @@ class LimitSet:
         """Seconds until such a request could be admitted: 0.0 if at once, ``inf`` when only a
         release can make it admissible. With others queued it is a lower bound (they go first).
         Suitable for an HTTP ``Retry-After`` header."""
-        items = self._items(requested)
-        sched = self._scheduler
-        with sched.lock:
-            now = sched.clock()
-            sched.catch_up(now)
-            _rate_at, at = sched.admit_time(items, now)
-            head = sched.head()
-            # FIFO: nobody passes the head, which (caught up above) is not admissible before
-            # its wake time.
-            if head is not None and head.wake_at > at:
-                at = head.wake_at
-        return max(0.0, at - now)
+        return self._retry_after(self._scheduler, self._items(requested))
 
     def pause(self, seconds: float) -> None:
         """Admit nobody before ``now + seconds`` (a provider answered 429 with Retry-After).
 
         Queued waiters keep their places; overlapping pauses keep the later end."""
-        seconds = check_amount("seconds", seconds)
-        sched = self._scheduler
-        with sched.lock:
-            now = sched.clock()
-            sched.pause(now + seconds, now)
+        self._pause(self._scheduler, seconds)
 
     def get_stats(self) -> dict[str, Any]:
         """A consistent snapshot: per limit, and totals for the set.
@@ -330,37 +186,7 @@ class LimitSet:
             and ``algorithm``, ``window_seconds``, ``refunded`` (rate limits) or ``in_use``
             (resource limits).
         """
-        sched = self._scheduler
-        with sched.lock:
-            now = sched.clock()
-            sched.catch_up(now)
-            waiting = sched.waiting_per_key()
-            per_key: dict[str, dict[str, Any]] = {}
-            for key, (limit, state) in self._requests.index.items():
-                entry: dict[str, Any] = {
-                    "kind": "resource"
-                    if isinstance(limit, ResourceLimit)
-                    else ("call" if isinstance(limit, CallLimit) else "rate"),
-                    "capacity": limit.capacity,
-                    "available": state.available(now),
-                    "waiting": waiting[key],
-                }
-                if isinstance(limit, ResourceLimit):
-                    entry["in_use"] = limit.capacity - state.available(now)
-                else:
-                    entry["algorithm"] = limit.algorithm.value
-                    entry["window_seconds"] = limit.window_seconds
-                    entry["refunded"] = sched.refunded[key]
-                per_key[key] = entry
-            return {
-                "limits": per_key,
-                "waiting": len(sched.queue),
-                "granted": sched.granted,
-                "timed_out": sched.timed_out,
-                "cancelled": sched.cancelled,
-                "refunded": sum(sched.refunded.values()),
-                "paused_for": max(0.0, sched.paused_until - now),
-            }
+        return self._stats(self._scheduler)
 
     # -- decorator and pickling --------------------------------------------------------------
 

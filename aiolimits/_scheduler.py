@@ -41,6 +41,18 @@ Items = tuple[tuple[RateState, float], ...]
 _INF = math.inf
 
 
+class _NoQueue(OrderedDict["Waiter", None]):
+    """The empty queue every scheduler starts with, shared until its first waiter arrives (most
+    keyed states never see one). Reading it is reading an empty queue; only :meth:`enqueue`
+    inserts, and it swaps in a queue of the scheduler's own first."""
+
+    def __setitem__(self, key: Waiter, value: None) -> None:
+        raise RuntimeError("internal error: a waiter was put into the shared empty queue")
+
+
+_NO_QUEUE: OrderedDict[Waiter, None] = _NoQueue()
+
+
 class Scheduler:
     """The state and the queue of one LimitSet, with every decision about them."""
 
@@ -56,17 +68,25 @@ class Scheduler:
         "timed_out",
     )
 
-    def __init__(self, states: tuple[RateState, ...], clock: Callable[[], float]) -> None:
-        self.lock = threading.Lock()
+    def __init__(
+        self,
+        states: tuple[RateState, ...],
+        clock: Callable[[], float],
+        lock: threading.Lock | None = None,
+    ) -> None:
+        # Keyed sets pass one lock shared by all their keys.
+        self.lock = threading.Lock() if lock is None else lock
         self.clock = clock
         self.states = states
-        # Insertion-ordered, O(1) removal from the middle (cancellation) and O(1) head.
-        self.queue: OrderedDict[Waiter, None] = OrderedDict()
+        # Insertion-ordered, O(1) removal from the middle (cancellation) and O(1) head. The shared
+        # empty one until the first waiter.
+        self.queue: OrderedDict[Waiter, None] = _NO_QUEUE
         self.paused_until = -_INF
         self.granted = 0
         self.timed_out = 0
         self.cancelled = 0
-        self.refunded: dict[str, float] = {s.key: 0.0 for s in states}
+        # Units refunded per key, created on the first refund.
+        self.refunded: dict[str, float] | None = None
 
     # -- decisions (under the lock) --------------------------------------------------------
 
@@ -164,10 +184,13 @@ class Scheduler:
         if rate_at > waiter.deadline or now >= waiter.deadline:
             self.timed_out += 1
             return False
-        if not self.queue:
+        queue = self.queue
+        if not queue:
             waiter.wake_at = admit_at
             waiter.rate_at = rate_at
-        self.queue[waiter] = None
+            if queue is _NO_QUEUE:
+                queue = self.queue = OrderedDict()
+        queue[waiter] = None
         return True
 
     def after_wake(self, waiter: Waiter, now: float) -> float | None:
@@ -243,7 +266,10 @@ class Scheduler:
         if usage < held:
             given = state.refund(receipt, held - usage, now)
             if given > 0:
-                self.refunded[state.key] += given
+                refunded = self.refunded
+                if refunded is None:
+                    refunded = self.refunded = {}
+                refunded[state.key] = refunded.get(state.key, 0.0) + given
             return receipt, held - given
         if usage > held:
             return state.charge(receipt, usage - held, now), usage
@@ -271,3 +297,6 @@ class Scheduler:
 
     def head(self) -> Waiter | None:
         return next(iter(self.queue)) if self.queue else None
+
+    def refunded_units(self, key: str) -> float:
+        return 0.0 if self.refunded is None else self.refunded.get(key, 0.0)

@@ -1,0 +1,264 @@
+"""The doors over a scheduler, shared by LimitSet (one scheduler) and KeyedLimitSet (one per key).
+
+``try_acquire``, ``acquire`` (async) and ``acquire_sync`` (threads) share one path: try to take
+the validated items at once under the lock, and only if that fails park a waiter in the one FIFO
+queue (trio's ``_nowait`` twins: the blocking verb is "try; if not, park"). Every method here takes
+the scheduler it works on, so a keyed set can point them at the scheduler of one key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator, Mapping, Sequence
+from functools import partial
+from types import MappingProxyType
+from typing import Any, Final, TypeVar
+
+from ._acquisition import FAILED, HELD, Acquisition
+from ._algorithms import RateState
+from ._limits import CallLimit, Limit, ResourceLimit
+from ._requests import check_amount, describe
+from ._scheduler import Items, Scheduler
+from ._waiters import (
+    GRANTED,
+    Cancellable,
+    ThreadWaiter,
+    TimerClock,
+    Waiter,
+    async_waiter,
+)
+
+__all__ = ["Door"]
+
+W = TypeVar("W", bound=Waiter)
+
+_INF: Final = math.inf
+
+
+def check_common(
+    config: Mapping[str, Any] | None, clock: object, name: object
+) -> Mapping[str, Any]:
+    """Validate the options every set takes; returns ``config`` as a read-only mapping."""
+    if config is not None and not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping or None, got {describe(config)}")
+    if not callable(clock):
+        raise TypeError(f"clock must be a callable returning seconds, got {describe(clock)}")
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str or None, got {describe(name)}")
+    return MappingProxyType(dict(config or {}))
+
+
+class Door:
+    """What the public sets share: the waiting protocol over a scheduler, questions, stats."""
+
+    __slots__ = ("_clock", "_config", "_has_resources", "_limits", "_timer_clock")
+
+    _limits: tuple[Limit, ...]
+    _config: Mapping[str, Any]
+    _clock: Callable[[], float]
+    _timer_clock: TimerClock | None
+    #: Whether releasing must take the lock: the set has resource limits, or counts holders.
+    _has_resources: bool
+
+    def _init_door(
+        self, limits: tuple[Limit, ...], config: Mapping[str, Any], clock: Callable[[], float]
+    ) -> None:
+        self._limits = limits
+        self._config = config
+        self._clock = clock
+        self._timer_clock = clock if isinstance(clock, TimerClock) else None
+        self._has_resources = any(isinstance(limit, ResourceLimit) for limit in limits)
+
+    @property
+    def limits(self) -> tuple[Limit, ...]:
+        return self._limits
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """Read-only; exposed to callers as ``acquisition.config``."""
+        return self._config
+
+    def _usage(
+        self, usage: Mapping[str, int | float], sched: Scheduler
+    ) -> Sequence[tuple[RateState, float]]:
+        """``usage`` validated and turned into ``(state, amount)`` items of ``sched``."""
+        raise NotImplementedError
+
+    # -- acquiring ---------------------------------------------------------------------------
+
+    def _try(self, sched: Scheduler, items: Items) -> Acquisition:
+        with sched.lock:
+            receipts = sched.try_take(items, sched.clock())
+        if receipts is None:
+            return Acquisition(self, sched, items, FAILED)
+        return Acquisition(self, sched, items, HELD, receipts)
+
+    def _wait_sync(
+        self,
+        sched: Scheduler,
+        items: Items,
+        timeout: float,
+        taken: tuple[list[Any] | None, ThreadWaiter | None, float],
+    ) -> Acquisition:
+        """The blocking door, after :meth:`_take_or_queue_locked` returned ``taken``."""
+        receipts, waiter, start = taken
+        acq = Acquisition(self, sched, items, HELD, receipts)
+        if waiter is None:
+            return acq
+        steps = self._parking(sched, waiter)
+        try:
+            for delay in steps:
+                waiter.sleep_sync(delay)
+        finally:
+            steps.close()  # if the sleep raised: leave the queue, holding nothing
+        return self._finish(acq, waiter, start, timeout)
+
+    async def _acquire_async(self, acq: Acquisition) -> None:
+        """The async door, once the fast path in ``Acquisition.__aenter__`` failed."""
+        sched = acq._sched
+        with sched.lock:
+            receipts, waiter, start = self._take_or_queue_locked(
+                sched, acq._items, acq._timeout, async_waiter
+            )
+        if waiter is None:
+            assert receipts is not None
+            acq._granted(receipts, 0.0)
+            return
+        steps = self._parking(sched, waiter)
+        try:
+            for delay in steps:
+                await waiter.sleep(delay)
+        finally:
+            steps.close()  # if the sleep raised (cancelled): leave the queue, holding nothing
+        self._finish(acq, waiter, start, acq._timeout)
+
+    def _take_or_queue_locked(
+        self,
+        sched: Scheduler,
+        items: Items,
+        timeout: float,
+        new_waiter: Callable[[Items, float], W],
+    ) -> tuple[list[Any] | None, W | None, float]:
+        """Under the lock: take ``items`` at once, or queue a new waiter: ``(receipts, None,
+        start)`` or ``(None, waiter, start)``. Raises TimeoutError when the deadline is out of
+        reach (nothing queued)."""
+        start = sched.clock()
+        receipts = sched.try_take(items, start)
+        if receipts is not None:
+            return receipts, None, start
+        waiter = new_waiter(items, start + timeout)
+        if sched.enqueue(waiter, start):
+            return None, waiter, start
+        raise self._timeout_error(items, timeout)
+
+    def _parking(self, sched: Scheduler, waiter: Waiter) -> Generator[float | None, None, None]:
+        """The waiting protocol of both doors: yields how long to sleep (None: until notified)
+        until ``waiter`` is granted or times out. Closed while it is suspended (the door's sleep
+        raised: cancellation, interruption), it takes the waiter out of the queue holding nothing,
+        handing a grant that arrived meanwhile to the next waiter."""
+        with sched.lock:
+            # Only the head has a wake time; the others sleep until notified or their deadline.
+            wake = waiter.wake_at if sched.head() is waiter else _INF
+            until: float | None = wake if wake < waiter.deadline else waiter.deadline
+        try:
+            while until is not None:
+                delay, timer = self._arm(sched, waiter, until)
+                try:
+                    yield delay
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+                with sched.lock:
+                    until = sched.after_wake(waiter, sched.clock())
+        except BaseException:
+            with sched.lock:
+                sched.abandon(waiter, sched.clock())
+            raise
+
+    def _arm(
+        self, sched: Scheduler, waiter: Waiter, until: float
+    ) -> tuple[float | None, Cancellable | None]:
+        """How to sleep until the clock reads ``until``: a delay in real seconds, or a timer of a
+        clock that drives its own timers."""
+        if until == _INF:
+            return None, None
+        if self._timer_clock is not None:
+            return None, self._timer_clock.call_at(until, partial(_timer_fired, sched, waiter))
+        return until - self._clock(), None
+
+    def _finish(
+        self, acq: Acquisition, waiter: Waiter, start: float, timeout: float
+    ) -> Acquisition:
+        if waiter.state != GRANTED:
+            raise self._timeout_error(waiter.items, timeout)
+        assert waiter.receipts is not None
+        acq._granted(waiter.receipts, waiter.granted_at - start)
+        return acq
+
+    def _timeout_error(self, items: Items, timeout: float) -> TimeoutError:
+        asked = {state.key: amount for state, amount in items}
+        return TimeoutError(f"could not acquire {asked!r} within timeout={timeout!r}s")
+
+    # -- questions ---------------------------------------------------------------------------
+
+    def _retry_after(self, sched: Scheduler, items: Items) -> float:
+        with sched.lock:
+            now = sched.clock()
+            sched.catch_up(now)
+            _rate_at, at = sched.admit_time(items, now)
+            head = sched.head()
+            # FIFO: nobody passes the head, which (caught up above) is not admissible before
+            # its wake time.
+            if head is not None and head.wake_at > at:
+                at = head.wake_at
+        return max(0.0, at - now)
+
+    def _pause(self, sched: Scheduler, seconds: float) -> None:
+        seconds = check_amount("seconds", seconds)
+        with sched.lock:
+            now = sched.clock()
+            sched.pause(now + seconds, now)
+
+    def _stats(self, sched: Scheduler) -> dict[str, Any]:
+        """A consistent snapshot of ``sched`` (see ``LimitSet.get_stats``)."""
+        with sched.lock:
+            now = sched.clock()
+            sched.catch_up(now)
+            return stats_locked(self._limits, sched, now)
+
+
+def stats_locked(limits: Sequence[Limit], sched: Scheduler, now: float) -> dict[str, Any]:
+    """Under the lock: the statistics of ``sched``, whose states belong to ``limits``."""
+    waiting = sched.waiting_per_key()
+    per_key: dict[str, dict[str, Any]] = {}
+    for limit, state in zip(limits, sched.states, strict=True):
+        key = limit.key
+        entry: dict[str, Any] = {
+            "kind": "resource"
+            if isinstance(limit, ResourceLimit)
+            else ("call" if isinstance(limit, CallLimit) else "rate"),
+            "capacity": limit.capacity,
+            "available": state.available(now),
+            "waiting": waiting[key],
+        }
+        if isinstance(limit, ResourceLimit):
+            entry["in_use"] = limit.capacity - state.available(now)
+        else:
+            entry["algorithm"] = limit.algorithm.value
+            entry["window_seconds"] = limit.window_seconds
+            entry["refunded"] = sched.refunded_units(key)
+        per_key[key] = entry
+    return {
+        "limits": per_key,
+        "waiting": len(sched.queue),
+        "granted": sched.granted,
+        "timed_out": sched.timed_out,
+        "cancelled": sched.cancelled,
+        "refunded": sum(sched.refunded.values()) if sched.refunded else 0.0,
+        "paused_for": max(0.0, sched.paused_until - now),
+    }
+
+
+def _timer_fired(sched: Scheduler, waiter: Waiter) -> None:
+    with sched.lock:
+        waiter.notify()
