@@ -12,6 +12,7 @@ from ._acquisition import Acquisition as Acquisition
 from ._backends._base import Backend as Backend
 from ._backends.memory import MemoryBackend as MemoryBackend
 from ._errors import BackendUnavailable as BackendUnavailable
+from ._keyed import KeyedLimitSet as KeyedLimitSet
 from ._limits import CallLimit as CallLimit
 from ._limits import RateLimit as RateLimit
 from ._limits import RateLimitAlgorithm as RateLimitAlgorithm
@@ -25,6 +26,7 @@ __all__ = [
     "Backend",
     "BackendUnavailable",
     "CallLimit",
+    "KeyedLimitSet",
     "LimitPool",
     "LimitSet",
     "LoadBalancingAlgorithm",

@@ -9,6 +9,8 @@ the scheduler it works on, so a keyed set can point them at the scheduler of one
 from __future__ import annotations
 
 import math
+import pickle
+import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from functools import partial
 from types import MappingProxyType
@@ -22,6 +24,7 @@ from ._scheduler import Items, Scheduler
 from ._waiters import (
     GRANTED,
     Cancellable,
+    TaskWaiter,
     ThreadWaiter,
     TimerClock,
     Waiter,
@@ -124,7 +127,11 @@ class Door:
             assert receipts is not None
             acq._granted(receipts, 0.0)
             return
-        steps = self._parking(sched, waiter)
+        await self._park_async(acq, waiter, start)
+
+    async def _park_async(self, acq: Acquisition, waiter: TaskWaiter, start: float) -> None:
+        """Wait in the queue of ``acq``'s scheduler until granted (or raise TimeoutError)."""
+        steps = self._parking(acq._sched, waiter)
         try:
             for delay in steps:
                 await waiter.sleep(delay)
@@ -203,15 +210,7 @@ class Door:
 
     def _retry_after(self, sched: Scheduler, items: Items) -> float:
         with sched.lock:
-            now = sched.clock()
-            sched.catch_up(now)
-            _rate_at, at = sched.admit_time(items, now)
-            head = sched.head()
-            # FIFO: nobody passes the head, which (caught up above) is not admissible before
-            # its wake time.
-            if head is not None and head.wake_at > at:
-                at = head.wake_at
-        return max(0.0, at - now)
+            return retry_after_locked(sched, items, sched.clock())
 
     def _pause(self, sched: Scheduler, seconds: float) -> None:
         seconds = check_amount("seconds", seconds)
@@ -225,6 +224,32 @@ class Door:
             now = sched.clock()
             sched.catch_up(now)
             return stats_locked(self._limits, sched, now)
+
+
+def retry_after_locked(sched: Scheduler, items: Items, now: float) -> float:
+    """Under the lock: seconds until ``items`` could be admitted by ``sched`` (inf: only a
+    release can), a lower bound while others are queued."""
+    sched.catch_up(now)
+    _rate_at, at = sched.admit_time(items, now)
+    head = sched.head()
+    # FIFO: nobody passes the head, which (caught up above) is not admissible before its wake
+    # time.
+    if head is not None and head.wake_at > at:
+        at = head.wake_at
+    return max(0.0, at - now)
+
+
+def check_picklable_clock(owner: object, clock: Callable[[], float]) -> None:
+    """Raise TypeError naming ``owner`` when ``clock`` cannot be pickled with it."""
+    if clock is time.monotonic:
+        return
+    try:
+        pickle.dumps(clock)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise TypeError(
+            f"cannot pickle {owner!r}: its clock {clock!r} is not picklable ({exc}); "
+            "use a module-level function such as time.monotonic"
+        ) from exc
 
 
 def stats_locked(limits: Sequence[Limit], sched: Scheduler, now: float) -> dict[str, Any]:

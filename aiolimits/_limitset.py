@@ -8,7 +8,6 @@ in the one FIFO queue.
 
 from __future__ import annotations
 
-import pickle
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
@@ -19,7 +18,7 @@ from ._acquisition import PENDING, Acquisition
 from ._algorithms import RateState, new_state
 from ._backends._base import Backend
 from ._backends.memory import MemoryBackend
-from ._door import Door, check_common
+from ._door import Door, check_common, check_picklable_clock
 from ._limits import CallLimit, Limit, RateLimit, ResourceLimit
 from ._requests import Requests, check_timeout, describe
 from ._scheduler import Scheduler
@@ -228,14 +227,7 @@ class LimitSet(Door):
                 function such as ``time.monotonic``, which pickles by reference.
         """
         clock = self._clock
-        if clock is not time.monotonic:
-            try:
-                pickle.dumps(clock)
-            except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                raise TypeError(
-                    f"cannot pickle {self!r}: its clock {clock!r} is not picklable ({exc}); "
-                    "use a module-level function such as time.monotonic"
-                ) from exc
+        check_picklable_clock(self, clock)
         rebuild = partial(
             LimitSet,
             config=dict(self._config),

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncioWaiter",
     "Cancellable",
+    "TaskWaiter",
     "ThreadWaiter",
     "TimerClock",
     "TrioWaiter",
@@ -152,7 +153,7 @@ def _resolve_timer(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class _TaskWaiter(Waiter):
+class TaskWaiter(Waiter):
     """A task of an event loop running on one thread (``_thread``): woken directly from that
     thread, or through the loop's thread-safe door (``_post``) from any other."""
 
@@ -166,6 +167,10 @@ class _TaskWaiter(Waiter):
         raise NotImplementedError
 
     def _post(self, callback: Callable[[], None]) -> None:
+        raise NotImplementedError
+
+    async def sleep(self, delay: float | None) -> None:
+        """Sleep ``delay`` seconds (None: until notified), or less when notified."""
         raise NotImplementedError
 
     def notify(self) -> bool:
@@ -182,7 +187,7 @@ class _TaskWaiter(Waiter):
         return True
 
 
-class AsyncioWaiter(_TaskWaiter):
+class AsyncioWaiter(TaskWaiter):
     """A task on an asyncio (or uvloop) event loop, possibly on another thread than the notifier."""
 
     __slots__ = ("_fut", "_loop", "_pad_ms")
@@ -231,7 +236,7 @@ class AsyncioWaiter(_TaskWaiter):
                 handle.cancel()
 
 
-class TrioWaiter(_TaskWaiter):
+class TrioWaiter(TaskWaiter):
     """A trio task, possibly notified from another thread through its trio token."""
 
     __slots__ = ("_parked", "_task", "_token")
@@ -296,7 +301,7 @@ def refuse_on_event_loop(owner: str) -> None:
         )
 
 
-def async_waiter(items: tuple[tuple[RateState, float], ...], deadline: float) -> Any:
+def async_waiter(items: tuple[tuple[RateState, float], ...], deadline: float) -> TaskWaiter:
     """A waiter for the current task, whichever async library runs it."""
     loop = asyncio._get_running_loop()
     if loop is not None:

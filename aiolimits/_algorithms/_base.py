@@ -72,7 +72,7 @@ class RateState:
         raise NotImplementedError
 
 
-class PeakLog:
+class PeakLog(list[float]):
     """The highest level a bucket reached since a given operation: what makes bucket refunds honest.
 
     A bucket caps its level at the capacity, so a refund cannot simply put the units back: once
@@ -99,20 +99,22 @@ class PeakLog:
     loss grows slowly (it doubles the coarseness of the older entries, one merge at a time).
     """
 
-    __slots__ = ("_levels", "_seq", "_seqs")
+    # The log is itself the list of levels (one object less per bucket: keyed sets hold a
+    # million buckets), with the operation numbers beside it.
+    __slots__ = ("_seq", "_seqs")
 
     LIMIT = 512
 
     def __init__(self) -> None:
+        super().__init__()
         self._seq = 0
         self._seqs: list[int] = []
-        self._levels: list[float] = []
 
     def record(self, level: float) -> int:
         """Note the level just before an operation that lowers it; returns that operation's
         number, which a receipt keeps: the peaks that matter to it are the ones after it."""
         self._seq += 1
-        levels, seqs = self._levels, self._seqs
+        levels, seqs = self, self._seqs
         while levels and levels[-1] <= level:
             levels.pop()
             seqs.pop()
@@ -121,20 +123,20 @@ class PeakLog:
         if len(levels) > self.LIMIT:
             n = len(levels)
             # Pairs (0, 1), (2, 3), ...: the older level, the newer number; an odd last stays.
-            self._levels = levels[0 : n - 1 : 2] + ([levels[-1]] if n % 2 else [])
+            levels[:] = levels[0 : n - 1 : 2] + ([levels[-1]] if n % 2 else [])
             self._seqs = seqs[1:n:2] + ([seqs[-1]] if n % 2 else [])
         return self._seq
 
     def peak_since(self, seq: int) -> float:
         """The highest level recorded by an operation after ``seq`` (-inf: none)."""
         i = bisect_right(self._seqs, seq)
-        return self._levels[i] if i < len(self._levels) else -math.inf
+        return self[i] if i < len(self) else -math.inf
 
     def lift(self, seq: int, by: float) -> None:
         """Raise every level recorded after operation ``seq`` by ``by``: ``by`` units taken at
         ``seq`` were given back, so the bucket's past is now that of a bucket that never took them.
         Levels no newer than ``seq`` that the lifted ones now hide are dropped."""
-        levels, seqs = self._levels, self._seqs
+        levels, seqs = self, self._seqs
         i = bisect_right(seqs, seq)
         if i == len(levels):
             return

@@ -1,0 +1,426 @@
+"""KeyedLimitSet: one independent set of limits per client key, created on first use (SPEC §8).
+
+A web service limits each client (IP address, API key, user) separately, and there may be millions
+of them. A key costs only its algorithm states and a small scheduler; everything else is shared
+by all keys: the validation plan (``Requests``, built once over template states, whose items are
+mapped onto a key's own states), the lock, the doors (``_door.py``), and the empty queue a
+scheduler has until its first waiter.
+
+Memory stays bounded two ways:
+
+* A key that is back to *fresh* (every bucket full, every window empty, no slot held, no waiter,
+  no acquisition outstanding, no pause of its own) behaves exactly like a key never seen, so it is
+  dropped without changing any decision. Keys are kept in least-recently-used order; each new key
+  first looks at a few of the least recently used ones and drops those that are fresh (amortised
+  O(1), no timer, no background task).
+* ``max_keys`` bounds the rest: at the bound, a new key drops the least recently used key that has
+  no waiter and no outstanding acquisition, fresh or not. That key's client then starts again
+  from full limits (its recent usage is forgotten: the policy errs on the side of admitting).
+  Keys with waiters or outstanding acquisitions are never dropped, so the count can exceed
+  ``max_keys`` by at most the number of such keys.
+
+Outstanding acquisitions are counted per key (releases take the lock), because a later ``update``
+that charges overage must land on the state the key still uses.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
+from types import TracebackType
+from typing import Any, Final, final
+
+from ._acquisition import ACQUIRING, FAILED, HELD, RELEASED, Acquisition
+from ._algorithms import RateState, new_state
+from ._backends._base import Backend
+from ._backends.memory import MemoryBackend
+from ._door import Door, check_common, check_picklable_clock, retry_after_locked, stats_locked
+from ._limits import Limit
+from ._limitset import check_limits
+from ._requests import Requests, check_amount, check_timeout, describe
+from ._scheduler import Items, Scheduler
+from ._waiters import ThreadWaiter, async_waiter, refuse_on_event_loop
+
+__all__ = ["KeyedLimitSet"]
+
+_INF: Final = math.inf
+#: How many least recently used keys a new key looks at for dropping.
+_SWEEP: Final = 3
+
+
+class _KeyScheduler(Scheduler):
+    """The scheduler of one key: also counts releases, so that granted - released is the
+    number of acquisitions still outstanding."""
+
+    __slots__ = ("released",)
+
+    def __init__(
+        self,
+        states: tuple[RateState, ...],
+        clock: Callable[[], float],
+        lock: threading.Lock,
+        paused_until: float,
+    ) -> None:
+        super().__init__(states, clock, lock)
+        self.paused_until = paused_until
+        self.released = 0
+
+    def release(self, items: Items, now: float) -> None:
+        self.released += 1
+        super().release(items, now)
+
+    def active(self) -> bool:
+        """Someone waits, or holds an acquisition of this key."""
+        return bool(self.queue) or self.granted != self.released
+
+    def fresh(self, now: float, paused_until: float) -> bool:
+        """Indistinguishable from a key made now, while every key is paused until
+        ``paused_until``."""
+        if self.active() or self.paused_until > max(now, paused_until):
+            return False
+        return all(state.is_fresh(now) for state in self.states)
+
+
+def _check_client_key(key: object) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str (a client IP, API key, user id), got {describe(key)}")
+    return key
+
+
+@final
+class KeyedLimitSet(Door):
+    """The same limits, kept separately for every key (client IP, API key, user id).
+
+    Each key behaves as its own :class:`LimitSet`: its own buckets and windows, its own FIFO
+    queue, so one client's exhaustion never delays another. Keys are created on first use and
+    dropped again once fresh; ``max_keys`` bounds the rest (see ``docs/keyed.md``).
+
+    Args:
+        limits: the limits every key gets; keys of limits must be unique.
+        max_keys: the most keys kept (a soft bound: keys with waiters or outstanding
+            acquisitions are never dropped). At the bound, a new key drops the least recently
+            used idle key, whose client then starts again from full limits.
+        config: read-only data exposed as ``acquisition.config``.
+        backend: only :class:`MemoryBackend` for now.
+        name: a label (for shared backends later).
+        clock: monotonic seconds; ``aiolimits.testing.ManualClock`` for deterministic tests.
+
+    Example:
+        >>> per_client = KeyedLimitSet([RateLimit("requests", window_seconds=60, capacity=100)])
+        >>> async def handle(request):
+        ...     async with per_client.acquire(request.client.host, {"requests": 1}, timeout=2):
+        ...         return await serve(request)
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_dropped",
+        "_entries",
+        "_forgotten",
+        "_items",
+        "_lock",
+        "_max_keys",
+        "_name",
+        "_paused_until",
+        "_position",
+        "_requests",
+    )
+
+    def __init__(
+        self,
+        limits: Iterable[Limit] = (),
+        *,
+        max_keys: int = 100_000,
+        config: Mapping[str, Any] | None = None,
+        backend: Backend | None = None,
+        name: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        limits = check_limits(limits)
+        frozen_config = check_common(config, clock, name)
+        if not isinstance(max_keys, int) or isinstance(max_keys, bool):
+            raise TypeError(f"max_keys must be an int, got {describe(max_keys)}")
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be >= 1, got {max_keys!r}")
+        if backend is not None and not isinstance(backend, MemoryBackend):
+            raise TypeError(
+                f"backend must be None or MemoryBackend(): KeyedLimitSet keeps its keys in this "
+                f"process for now, got {backend!r}"
+            )
+        self._init_door(limits, frozen_config, clock)
+        # Every release takes the lock, to count outstanding acquisitions per key.
+        self._has_resources = True
+        self._name = name
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, _KeyScheduler] = OrderedDict()
+        self._paused_until = -_INF
+        self._dropped = 0  # fresh keys dropped (no decision changed)
+        self._forgotten = 0  # keys dropped at max_keys before they were fresh
+        # One validation plan for all keys, over template states that are never used to decide;
+        # a key's items are the template's mapped by position onto its own states.
+        template = tuple(new_state(limit, clock()) for limit in limits)
+        self._requests = Requests(limits, template)
+        self._items = self._requests.items
+        self._position = {state: i for i, state in enumerate(template)}
+
+    # -- what it is --------------------------------------------------------------------------
+
+    @property
+    def max_keys(self) -> int:
+        return self._max_keys
+
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+    def __len__(self) -> int:
+        """The number of keys holding state now."""
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def _fresh_scheduler(self, now: float) -> _KeyScheduler:
+        states = tuple(new_state(limit, now) for limit in self._limits)
+        return _KeyScheduler(states, self._clock, self._lock, self._paused_until)
+
+    def _scheduler_locked(self, key: str, now: float) -> _KeyScheduler:
+        """Under the lock: the scheduler of ``key``, made (and room made for it) if new."""
+        entries = self._entries
+        sched = entries.get(key)
+        if sched is not None:
+            entries.move_to_end(key)
+            return sched
+        self._make_room(now)
+        sched = entries[key] = self._fresh_scheduler(now)
+        return sched
+
+    def _make_room(self, now: float) -> None:
+        entries = self._entries
+        paused_until = self._paused_until
+        for _ in range(_SWEEP):
+            if not entries:
+                return
+            key, sched = next(iter(entries.items()))
+            if sched.fresh(now, paused_until):
+                del entries[key]
+                self._dropped += 1
+            elif sched.active():
+                entries.move_to_end(key)  # in use: as good as recently used
+            else:
+                break  # the least recently used key is still recovering; so, likely, are the rest
+        if len(entries) < self._max_keys:
+            return
+        for _ in range(len(entries)):
+            key, sched = next(iter(entries.items()))
+            if sched.active():
+                entries.move_to_end(key)
+                continue
+            del entries[key]
+            self._forgotten += 1
+            return
+
+    def _localise(self, items: Items, sched: Scheduler) -> Items:
+        """The template ``items`` as items of ``sched``'s states."""
+        states = sched.states
+        position = self._position
+        return tuple([(states[position[state]], amount) for state, amount in items])
+
+    def _usage(
+        self, usage: Mapping[str, int | float], sched: Scheduler
+    ) -> Sequence[tuple[RateState, float]]:
+        return self._localise(tuple(self._requests.usage(usage)), sched)
+
+    # -- acquiring ---------------------------------------------------------------------------
+
+    def acquire(
+        self,
+        key: str,
+        requested: Mapping[str, int | float] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> KeyedAcquire:
+        """Wait, in FIFO order among the callers of ``key``, until every limit of ``key`` admits
+        its amount; take them all at once. Use as ``async with keyed.acquire(key, ...) as acq``.
+
+        Raises:
+            TimeoutError: not admitted within ``timeout``; nothing is held.
+            ValueError, TypeError: a bad ``key``, ``requested`` or ``timeout``; nothing is taken.
+        """
+        _check_client_key(key)
+        return KeyedAcquire(self, key, self._items(requested), check_timeout(timeout))
+
+    def try_acquire(
+        self, key: str, requested: Mapping[str, int | float] | None = None
+    ) -> Acquisition:
+        """Take everything for ``key`` now, or nothing: never waits, and fails while anyone is
+        queued for that key."""
+        _check_client_key(key)
+        template = self._items(requested)
+        with self._lock:
+            now = self._clock()
+            sched = self._scheduler_locked(key, now)
+            items = self._localise(template, sched)
+            receipts = sched.try_take(items, now)
+        if receipts is None:
+            return Acquisition(self, sched, items, FAILED)
+        return Acquisition(self, sched, items, HELD, receipts)
+
+    def acquire_sync(
+        self,
+        key: str,
+        requested: Mapping[str, int | float] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Acquisition:
+        """The blocking form of :meth:`acquire`, for threads; use as ``with ... as acq``.
+
+        Raises:
+            RuntimeError: called on a thread that runs an event loop.
+            TimeoutError: not admitted within ``timeout``; nothing is held.
+        """
+        refuse_on_event_loop("keyed")
+        _check_client_key(key)
+        template = self._items(requested)
+        timeout_s = check_timeout(timeout)
+        with self._lock:
+            sched = self._scheduler_locked(key, self._clock())
+            items = self._localise(template, sched)
+            taken = self._take_or_queue_locked(sched, items, timeout_s, ThreadWaiter)
+        return self._wait_sync(sched, items, timeout_s, taken)
+
+    async def _enter(self, cm: KeyedAcquire) -> Acquisition:
+        with self._lock:
+            sched = self._scheduler_locked(cm._key, self._clock())
+            items = self._localise(cm._items, sched)
+            receipts, waiter, start = self._take_or_queue_locked(
+                sched, items, cm._timeout, async_waiter
+            )
+        if waiter is None:
+            return Acquisition(self, sched, items, HELD, receipts)
+        acq = Acquisition(self, sched, items, ACQUIRING, timeout=cm._timeout)
+        try:
+            await self._park_async(acq, waiter, start)
+        except BaseException:
+            acq._state = RELEASED
+            raise
+        return acq
+
+    # -- questions and pause -----------------------------------------------------------------
+
+    def retry_after(self, key: str, requested: Mapping[str, int | float] | None = None) -> float:
+        """Seconds until ``key`` could be admitted ``requested``: 0.0 if at once, ``inf`` when
+        only a release can make it admissible. Asking creates no key."""
+        _check_client_key(key)
+        template = self._items(requested)
+        with self._lock:
+            now = self._clock()
+            sched = self._entries.get(key) or self._fresh_scheduler(now)
+            return retry_after_locked(sched, self._localise(template, sched), now)
+
+    def pause(self, seconds: float, *, key: str | None = None) -> None:
+        """Admit nobody before ``now + seconds``: for ``key`` only, or (``key=None``) for every
+        key, including keys first seen during the pause. Waiters keep their places; overlapping
+        pauses keep the later end. Pausing every key visits each key held (O(keys))."""
+        seconds = check_amount("seconds", seconds)
+        if key is not None:
+            _check_client_key(key)
+        with self._lock:
+            now = self._clock()
+            until = now + seconds
+            if key is not None:
+                self._scheduler_locked(key, now).pause(until, now)
+                return
+            self._paused_until = max(self._paused_until, until)
+            for sched in self._entries.values():
+                sched.pause(until, now)
+
+    def get_stats(self, key: str) -> dict[str, Any]:
+        """The statistics of ``key``, as :meth:`LimitSet.get_stats` gives them (a key not held
+        shows fresh limits). Asking creates no key."""
+        _check_client_key(key)
+        with self._lock:
+            now = self._clock()
+            sched = self._entries.get(key)
+            if sched is None:
+                sched = self._fresh_scheduler(now)
+            else:
+                sched.catch_up(now)
+            return stats_locked(self._limits, sched, now)
+
+    def get_keys_stats(self) -> dict[str, Any]:
+        """How many keys are held, and how many were dropped (``dropped``: fresh, no decision
+        changed; ``forgotten``: at ``max_keys`` before they were fresh)."""
+        with self._lock:
+            now = self._clock()
+            return {
+                "keys": len(self._entries),
+                "max_keys": self._max_keys,
+                "dropped": self._dropped,
+                "forgotten": self._forgotten,
+                "paused_for": max(0.0, self._paused_until - now),
+            }
+
+    # -- pickling ----------------------------------------------------------------------------
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as the recipe (limits, ``max_keys``, ``config``, ``name``, ``clock``); it
+        unpickles with no keys held."""
+        check_picklable_clock(self, self._clock)
+        rebuild = partial(
+            KeyedLimitSet,
+            max_keys=self._max_keys,
+            config=dict(self._config),
+            name=self._name,
+            clock=self._clock,
+        )
+        return (rebuild, (self._limits,))
+
+    def __repr__(self) -> str:
+        name = f" name={self._name!r}" if self._name else ""
+        return (
+            f"<KeyedLimitSet{name} limits={list(self._limits)!r} keys={len(self._entries)} "
+            f"max_keys={self._max_keys}>"
+        )
+
+
+@final
+class KeyedAcquire:
+    """``async with keyed.acquire(key, ...) as acq``: finds (or makes) the key's state on entry,
+    so a key is never dropped between asking and acquiring. Single use."""
+
+    __slots__ = ("_acq", "_entered", "_items", "_key", "_keyed", "_timeout")
+
+    def __init__(self, keyed: KeyedLimitSet, key: str, items: Items, timeout: float) -> None:
+        self._keyed = keyed
+        self._key = key
+        self._items = items
+        self._timeout = timeout
+        self._acq: Acquisition | None = None
+        self._entered = False
+
+    async def __aenter__(self) -> Acquisition:
+        if self._entered:
+            raise RuntimeError("this acquisition was already entered; call acquire() again")
+        self._entered = True  # single use, whatever happens next
+        acq = self._acq = await self._keyed._enter(self)
+        return acq
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._acq is not None:
+            self._acq.release()
+
+    def __repr__(self) -> str:
+        return f"<KeyedAcquire key={self._key!r} acquisition={self._acq!r}>"
