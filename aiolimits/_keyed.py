@@ -10,14 +10,17 @@ Memory stays bounded two ways:
 
 * A key that is back to *fresh* (every bucket full, every window empty, no slot held, no waiter,
   no acquisition outstanding, no pause of its own) behaves exactly like a key never seen, so it is
-  dropped without changing any decision. Keys are kept in least-recently-used order; each new key
-  first looks at a few of the least recently used ones and drops those that are fresh (amortised
-  O(1), no timer, no background task).
-* ``max_keys`` bounds the rest: at the bound, a new key drops the least recently used key that has
-  no waiter and no outstanding acquisition, fresh or not. That key's client then starts again
-  from full limits (its recent usage is forgotten: the policy errs on the side of admitting).
-  Keys with waiters or outstanding acquisitions are never dropped, so the count can exceed
-  ``max_keys`` by at most the number of such keys.
+  dropped without changing any decision. Keys are kept in an approximate least-recently-used
+  order (CLOCK, "second chance": a use only sets a flag on the key, because moving it in the
+  order on every use costs several cache misses once there are millions of keys). Each new key
+  first looks at a few keys at the old end of the order: a fresh one is dropped, one used since
+  it was last looked at goes to the new end with its flag cleared (amortised O(1), no timer, no
+  background task).
+* ``max_keys`` bounds the rest: at the bound, a new key drops the first key at the old end that
+  was not used since last looked at and has no waiter and no outstanding acquisition, fresh or
+  not. That key's client then starts again from full limits (its recent usage is forgotten: the
+  policy errs on the side of admitting). Keys with waiters or outstanding acquisitions are never
+  dropped, so the count can exceed ``max_keys`` by at most the number of such keys.
 
 Outstanding acquisitions are counted per key (releases take the lock), because a later ``update``
 that charges overage must land on the state the key still uses.
@@ -56,7 +59,10 @@ class _KeyScheduler(Scheduler):
     """The scheduler of one key: also counts releases, so that granted - released is the
     number of acquisitions still outstanding."""
 
-    __slots__ = ("released",)
+    __slots__ = ("released", "used")
+
+    #: Set on the subclass a keyed set with resource limits uses.
+    has_resources = False
 
     def __init__(
         self,
@@ -68,10 +74,12 @@ class _KeyScheduler(Scheduler):
         super().__init__(states, clock, lock)
         self.paused_until = paused_until
         self.released = 0
+        self.used = False  # used since the sweep last looked at it
 
     def release(self, items: Items, now: float) -> None:
         self.released += 1
-        super().release(items, now)
+        if self.has_resources:
+            super().release(items, now)
 
     def active(self) -> bool:
         """Someone waits, or holds an acquisition of this key."""
@@ -83,6 +91,14 @@ class _KeyScheduler(Scheduler):
         if self.active() or self.paused_until > max(now, paused_until):
             return False
         return all(state.is_fresh(now) for state in self.states)
+
+
+class _KeyResourceScheduler(_KeyScheduler):
+    """The scheduler of one key of a set with resource limits: releases give slots back."""
+
+    __slots__ = ()
+
+    has_resources = True
 
 
 def _check_client_key(key: object) -> str:
@@ -102,8 +118,9 @@ class KeyedLimitSet(Door):
     Args:
         limits: the limits every key gets; keys of limits must be unique.
         max_keys: the most keys kept (a soft bound: keys with waiters or outstanding
-            acquisitions are never dropped). At the bound, a new key drops the least recently
-            used idle key, whose client then starts again from full limits.
+            acquisitions are never dropped). At the bound, a new key drops an idle key not used
+            recently (approximately the least recently used), whose client then starts again
+            from full limits.
         config: read-only data exposed as ``acquisition.config``.
         backend: only :class:`MemoryBackend` for now.
         name: a label (for shared backends later).
@@ -128,6 +145,7 @@ class KeyedLimitSet(Door):
         "_paused_until",
         "_position",
         "_requests",
+        "_resources",
     )
 
     def __init__(
@@ -152,6 +170,7 @@ class KeyedLimitSet(Door):
                 f"process for now, got {backend!r}"
             )
         self._init_door(limits, frozen_config, clock)
+        self._resources = self._has_resources
         # Every release takes the lock, to count outstanding acquisitions per key.
         self._has_resources = True
         self._name = name
@@ -189,14 +208,15 @@ class KeyedLimitSet(Door):
 
     def _fresh_scheduler(self, now: float) -> _KeyScheduler:
         states = tuple(new_state(limit, now) for limit in self._limits)
-        return _KeyScheduler(states, self._clock, self._lock, self._paused_until)
+        cls = _KeyResourceScheduler if self._resources else _KeyScheduler
+        return cls(states, self._clock, self._lock, self._paused_until)
 
     def _scheduler_locked(self, key: str, now: float) -> _KeyScheduler:
         """Under the lock: the scheduler of ``key``, made (and room made for it) if new."""
         entries = self._entries
         sched = entries.get(key)
         if sched is not None:
-            entries.move_to_end(key)
+            sched.used = True
             return sched
         self._make_room(now)
         sched = entries[key] = self._fresh_scheduler(now)
@@ -212,15 +232,18 @@ class KeyedLimitSet(Door):
             if sched.fresh(now, paused_until):
                 del entries[key]
                 self._dropped += 1
-            elif sched.active():
-                entries.move_to_end(key)  # in use: as good as recently used
+            elif sched.used or sched.active():
+                sched.used = False  # a second chance
+                entries.move_to_end(key)
             else:
-                break  # the least recently used key is still recovering; so, likely, are the rest
+                break  # the oldest unused key is still recovering; so, likely, are the rest
         if len(entries) < self._max_keys:
             return
-        for _ in range(len(entries)):
+        # Each key is looked at most twice: once to clear its flag, once more to drop it.
+        for _ in range(2 * len(entries)):
             key, sched = next(iter(entries.items()))
-            if sched.active():
+            if sched.used or sched.active():
+                sched.used = False
                 entries.move_to_end(key)
                 continue
             del entries[key]
@@ -231,6 +254,9 @@ class KeyedLimitSet(Door):
         """The template ``items`` as items of ``sched``'s states."""
         states = sched.states
         position = self._position
+        if len(items) == 1:  # the common case, at half the cost
+            ((state, amount),) = items
+            return ((states[position[state]], amount),)
         return tuple([(states[position[state]], amount) for state, amount in items])
 
     def _usage(

@@ -25,7 +25,7 @@ import attrs
 
 from aiolimits import LimitSet, RateLimit
 
-from . import peers
+from . import keyed, peers
 from ._common import Summary, kendall_tau, most_in_window
 from ._report import write_chart, write_markdown
 
@@ -44,10 +44,13 @@ class Settings:
     scale_rate: float
     scale_repeats: int
     cancel_waiters: int
+    keys: int  # distinct keys in the keyed scenario
 
 
-QUICK = Settings(True, 20_000, 5, 200, 5, 1000.0, 3, 1000, (100, 1000), 2000.0, 3, 1000)
-FULL = Settings(False, 100_000, 11, 1000, 5, 1000.0, 5, 3000, (100, 1000, 10_000), 2000.0, 3, 2000)
+QUICK = Settings(True, 20_000, 5, 200, 5, 1000.0, 3, 1000, (100, 1000), 2000.0, 3, 1000, 200_000)
+FULL = Settings(
+    False, 100_000, 11, 1000, 5, 1000.0, 5, 3000, (100, 1000, 10_000), 2000.0, 3, 2000, 1_000_000
+)
 LOOPS: tuple[tuple[str, dict[str, Any]], ...] = (("asyncio", {}), ("uvloop", {"use_uvloop": True}))
 
 
@@ -216,6 +219,7 @@ class Results:
     floors: dict[str, list[float]] = attrs.Factory(dict)
     scale: dict[int, list[Contended]] = attrs.Factory(dict)
     cancellation: dict[str, list[Cancelled]] = attrs.Factory(dict)
+    keyed: list[keyed.KeyedResult] = attrs.Factory(list)
     wall_seconds: float = 0.0
 
 
@@ -254,6 +258,10 @@ def run_all(s: Settings) -> Results:
         res.cancellation[backend] = _step(
             f"cancellation {backend}", _cancellation_suite, s, backend=backend
         )
+    t = time.monotonic()
+    print(f"  keyed ({s.keys:,} keys) ...", end="", flush=True, file=sys.stderr)
+    res.keyed = keyed.run_all(s.keys, min(s.keys, 100_000), 3 if s.quick else 5)
+    print(f" {time.monotonic() - t:.1f} s", file=sys.stderr)
     res.wall_seconds = time.monotonic() - t0
     return res
 

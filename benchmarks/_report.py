@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._common import Summary
+from .keyed import table as keyed_table
 
 if TYPE_CHECKING:
     from .__main__ import Results
@@ -113,6 +114,8 @@ def tables(r: Results) -> str:
             f"| {', '.join(str(c.granted) for c in cruns)} "
             f"| {', '.join(str(c.waiting_after) for c in cruns)} |"
         )
+    if r.keyed:
+        out.append("\n" + keyed_table(r.keyed))
     return "\n".join(out) + "\n"
 
 
