@@ -132,6 +132,8 @@ class Acquisition:
         with sched.lock:
             if self._state != HELD:  # released by another thread meanwhile
                 raise RuntimeError("update() after the acquisition was released")
+            if sched.dropped:  # a keyed set dropped its key meanwhile: move to the live state
+                sched, checked = limitset._relocate(self, checked)
             now = sched.clock()
             settled = self._settled
             if settled is None:

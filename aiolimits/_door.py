@@ -87,6 +87,12 @@ class Door:
         """``usage`` validated and turned into ``(state, amount)`` items of ``sched``."""
         raise NotImplementedError
 
+    def _relocate(
+        self, acq: Acquisition, checked: Sequence[tuple[RateState, float]]
+    ) -> tuple[Scheduler, Sequence[tuple[RateState, float]]]:
+        """Under the lock: move ``acq`` off a scheduler that was dropped (keyed sets only)."""
+        raise NotImplementedError
+
     # -- acquiring ---------------------------------------------------------------------------
 
     def _try(self, sched: Scheduler, items: Items) -> Acquisition:

@@ -9,7 +9,7 @@ scheduler has until its first waiter.
 Memory stays bounded two ways:
 
 * A key that is back to *fresh* (every bucket full, every window empty, no slot held, no waiter,
-  no acquisition outstanding, no pause of its own) behaves exactly like a key never seen, so it is
+  no pause of its own) behaves exactly like a key never seen, so it is
   dropped without changing any decision. Keys are kept in an approximate least-recently-used
   order (CLOCK, "second chance": a use only sets a flag on the key, because moving it in the
   order on every use costs several cache misses once there are millions of keys). Each new key
@@ -17,13 +17,17 @@ Memory stays bounded two ways:
   it was last looked at goes to the new end with its flag cleared (amortised O(1), no timer, no
   background task).
 * ``max_keys`` bounds the rest: at the bound, a new key drops the first key at the old end that
-  was not used since last looked at and has no waiter and no outstanding acquisition, fresh or
-  not. That key's client then starts again from full limits (its recent usage is forgotten: the
-  policy errs on the side of admitting). Keys with waiters or outstanding acquisitions are never
-  dropped, so the count can exceed ``max_keys`` by at most the number of such keys.
+  was not used since last looked at and has no waiter and no resource slot held, fresh or not.
+  That key's client then starts again from full limits (its recent usage is forgotten: the policy
+  errs on the side of admitting). Keys with waiters or slots held are never dropped, so the count
+  can exceed ``max_keys`` by at most the number of such keys.
 
-Outstanding acquisitions are counted per key (releases take the lock), because a later ``update``
-that charges overage must land on the state the key still uses.
+An acquisition outstanding on a dropped key (rate limits only: a key holding resource slots is
+never fresh) keeps working. Its receipts are worth nothing any more (the key was fresh, so every
+bucket had absorbed, and every window forgotten, what it took: a refund could give back nothing),
+and a later ``update`` that charges overage moves it to the key's live state (made again if need
+be), where the charge lands exactly as it would have on a key never dropped. So releasing needs no
+lock and no count, as for a LimitSet, and an acquisition never released pins nothing.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from types import TracebackType
 from typing import Any, Final, final
 
 from ._acquisition import ACQUIRING, FAILED, HELD, RELEASED, Acquisition
-from ._algorithms import RateState, new_state
+from ._algorithms import RateState, SemaphoreState, new_state
 from ._backends._base import Backend
 from ._backends.memory import MemoryBackend
 from ._door import Door, check_common, check_picklable_clock, retry_after_locked, stats_locked
@@ -56,49 +60,37 @@ _SWEEP: Final = 3
 
 
 class _KeyScheduler(Scheduler):
-    """The scheduler of one key: also counts releases, so that granted - released is the
-    number of acquisitions still outstanding."""
+    """The scheduler of one key: knows its key, whether it was dropped, and whether it was used
+    since the sweep last looked at it."""
 
-    __slots__ = ("released", "used")
-
-    #: Set on the subclass a keyed set with resource limits uses.
-    has_resources = False
+    __slots__ = ("dropped", "key", "used")
 
     def __init__(
         self,
+        key: str,
         states: tuple[RateState, ...],
         clock: Callable[[], float],
         lock: threading.Lock,
         paused_until: float,
     ) -> None:
         super().__init__(states, clock, lock)
+        self.key = key
         self.paused_until = paused_until
-        self.released = 0
-        self.used = False  # used since the sweep last looked at it
+        self.used = False
+        self.dropped = False
 
-    def release(self, items: Items, now: float) -> None:
-        self.released += 1
-        if self.has_resources:
-            super().release(items, now)
-
-    def active(self) -> bool:
-        """Someone waits, or holds an acquisition of this key."""
-        return bool(self.queue) or self.granted != self.released
+    def holds_slots(self, now: float) -> bool:
+        """A resource slot of this key is held (dropping the key would leak it)."""
+        return any(
+            isinstance(state, SemaphoreState) and not state.is_fresh(now) for state in self.states
+        )
 
     def fresh(self, now: float, paused_until: float) -> bool:
         """Indistinguishable from a key made now, while every key is paused until
         ``paused_until``."""
-        if self.active() or self.paused_until > max(now, paused_until):
+        if self.queue or self.paused_until > max(now, paused_until):
             return False
         return all(state.is_fresh(now) for state in self.states)
-
-
-class _KeyResourceScheduler(_KeyScheduler):
-    """The scheduler of one key of a set with resource limits: releases give slots back."""
-
-    __slots__ = ()
-
-    has_resources = True
 
 
 def _check_client_key(key: object) -> str:
@@ -117,8 +109,8 @@ class KeyedLimitSet(Door):
 
     Args:
         limits: the limits every key gets; keys of limits must be unique.
-        max_keys: the most keys kept (a soft bound: keys with waiters or outstanding
-            acquisitions are never dropped). At the bound, a new key drops an idle key not used
+        max_keys: the most keys kept (a soft bound: keys with waiters or resource slots held
+            are never dropped). At the bound, a new key drops an idle key not used
             recently (approximately the least recently used), whose client then starts again
             from full limits.
         config: read-only data exposed as ``acquisition.config``.
@@ -145,7 +137,6 @@ class KeyedLimitSet(Door):
         "_paused_until",
         "_position",
         "_requests",
-        "_resources",
     )
 
     def __init__(
@@ -170,9 +161,6 @@ class KeyedLimitSet(Door):
                 f"process for now, got {backend!r}"
             )
         self._init_door(limits, frozen_config, clock)
-        self._resources = self._has_resources
-        # Every release takes the lock, to count outstanding acquisitions per key.
-        self._has_resources = True
         self._name = name
         self._max_keys = max_keys
         self._lock = threading.Lock()
@@ -206,10 +194,9 @@ class KeyedLimitSet(Door):
 
     # -- keys --------------------------------------------------------------------------------
 
-    def _fresh_scheduler(self, now: float) -> _KeyScheduler:
+    def _fresh_scheduler(self, key: str, now: float) -> _KeyScheduler:
         states = tuple(new_state(limit, now) for limit in self._limits)
-        cls = _KeyResourceScheduler if self._resources else _KeyScheduler
-        return cls(states, self._clock, self._lock, self._paused_until)
+        return _KeyScheduler(key, states, self._clock, self._lock, self._paused_until)
 
     def _scheduler_locked(self, key: str, now: float) -> _KeyScheduler:
         """Under the lock: the scheduler of ``key``, made (and room made for it) if new."""
@@ -219,7 +206,7 @@ class KeyedLimitSet(Door):
             sched.used = True
             return sched
         self._make_room(now)
-        sched = entries[key] = self._fresh_scheduler(now)
+        sched = entries[key] = self._fresh_scheduler(key, now)
         return sched
 
     def _make_room(self, now: float) -> None:
@@ -228,27 +215,57 @@ class KeyedLimitSet(Door):
         for _ in range(_SWEEP):
             if not entries:
                 return
-            key, sched = next(iter(entries.items()))
+            sched = next(iter(entries.values()))
             if sched.fresh(now, paused_until):
-                del entries[key]
+                self._drop(sched)
                 self._dropped += 1
-            elif sched.used or sched.active():
-                sched.used = False  # a second chance
-                entries.move_to_end(key)
+            elif sched.used or sched.queue or sched.holds_slots(now):
+                sched.used = False  # a second chance, or in use
+                entries.move_to_end(sched.key)
             else:
                 break  # the oldest unused key is still recovering; so, likely, are the rest
         if len(entries) < self._max_keys:
             return
         # Each key is looked at most twice: once to clear its flag, once more to drop it.
         for _ in range(2 * len(entries)):
-            key, sched = next(iter(entries.items()))
-            if sched.used or sched.active():
+            sched = next(iter(entries.values()))
+            if sched.used or sched.queue or sched.holds_slots(now):
                 sched.used = False
-                entries.move_to_end(key)
+                entries.move_to_end(sched.key)
                 continue
-            del entries[key]
+            self._drop(sched)
             self._forgotten += 1
             return
+
+    def _drop(self, sched: _KeyScheduler) -> None:
+        del self._entries[sched.key]
+        sched.dropped = True
+
+    def _relocate(
+        self, acq: Acquisition, checked: Sequence[tuple[RateState, float]]
+    ) -> tuple[Scheduler, Sequence[tuple[RateState, float]]]:
+        """Under the lock, when ``acq``'s key was dropped while it was held: move it to the key's
+        live state (made if need be). Its receipts are worth nothing there, nor were they any
+        more where they were: what it took was absorbed or forgotten before the key was dropped.
+        Returns the live scheduler and ``checked`` as items of it."""
+        old = acq._sched
+        assert isinstance(old, _KeyScheduler)
+        live = self._scheduler_locked(old.key, old.clock())
+        position = {state: i for i, state in enumerate(old.states)}
+        states = live.states
+
+        def moved(items: Iterable[tuple[RateState, float]]) -> list[tuple[RateState, float]]:
+            return [(states[position[state]], amount) for state, amount in items]
+
+        acq._sched = live
+        acq._items = tuple(moved(acq._items))
+        held = (
+            {state.key: amount for state, amount in acq._items}
+            if acq._settled is None
+            else {key: entry[2] for key, entry in acq._settled.items()}
+        )
+        acq._settled = {state.key: [state, None, held.get(state.key, 0.0)] for state in live.states}
+        return live, moved(checked)
 
     def _localise(self, items: Items, sched: Scheduler) -> Items:
         """The template ``items`` as items of ``sched``'s states."""
@@ -348,7 +365,7 @@ class KeyedLimitSet(Door):
         template = self._items(requested)
         with self._lock:
             now = self._clock()
-            sched = self._entries.get(key) or self._fresh_scheduler(now)
+            sched = self._entries.get(key) or self._fresh_scheduler(key, now)
             return retry_after_locked(sched, self._localise(template, sched), now)
 
     def pause(self, seconds: float, *, key: str | None = None) -> None:
@@ -376,7 +393,7 @@ class KeyedLimitSet(Door):
             now = self._clock()
             sched = self._entries.get(key)
             if sched is None:
-                sched = self._fresh_scheduler(now)
+                sched = self._fresh_scheduler(key, now)
             else:
                 sched.catch_up(now)
             return stats_locked(self._limits, sched, now)

@@ -56,6 +56,9 @@ _NO_QUEUE: OrderedDict[Waiter, None] = _NoQueue()
 class Scheduler:
     """The state and the queue of one LimitSet, with every decision about them."""
 
+    #: True once a keyed set dropped this scheduler's key (see ``_keyed.py``).
+    dropped = False
+
     __slots__ = (
         "cancelled",
         "clock",

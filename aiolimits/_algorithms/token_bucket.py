@@ -103,7 +103,9 @@ class TokenBucketState(RateState):
         return self._level_at(now) / self._window
 
     def is_fresh(self, now: float) -> bool:
-        return self._level_at(now) >= self._full
+        # The decision's own exact question: a rounded refilled level could read full a few
+        # float steps before ``earliest`` admits the whole capacity.
+        return self._has(self._full, now)
 
     def __repr__(self) -> str:
         return (
