@@ -31,6 +31,7 @@ from typing import Any, Final, Generic, Protocol, TypeVar, cast, final
 from .._acquisition import Acquisition
 from .._limits import CallLimit, Limit, RateLimit
 from .._limitset import LimitSet
+from .._pool import LimitPool
 from .._requests import check_amount, describe
 
 __all__ = [
@@ -70,8 +71,8 @@ class KeyedLimits(Protocol):
 
 
 def is_keyed(limits: object) -> bool:
-    """Whether ``limits`` has the keyed verbs (and is not a plain LimitSet)."""
-    if isinstance(limits, LimitSet):
+    """Whether ``limits`` has the keyed verbs (and is not a LimitSet or LimitPool)."""
+    if isinstance(limits, (LimitSet, LimitPool)):
         return False
     return all(callable(getattr(limits, verb, None)) for verb in _KEYED_VERBS)
 

@@ -204,6 +204,9 @@ class LimitedTransport(httpx.AsyncBaseTransport):
         pending: AbstractAsyncContextManager[Acquisition],
     ) -> httpx.Response:
         if self._usage is None:
+            if response.is_stream_consumed:  # already in memory: nothing left to hold
+                await pending.__aexit__(None, None, None)
+                return response
             # Held until the caller closes the response (or reads it to the end).
             return httpx.Response(
                 response.status_code,
@@ -212,6 +215,14 @@ class LimitedTransport(httpx.AsyncBaseTransport):
                 request=request,
                 extensions=response.extensions,
             )
+        if response.is_stream_consumed:
+            # Already in memory (a response built with its content, as mock transports do):
+            # it is its own decoded view.
+            try:
+                self._report(request, response, acq)
+            finally:
+                await pending.__aexit__(None, None, None)
+            return response
         try:
             raw = b"".join([chunk async for chunk in response.aiter_raw()])
             # A decoded view for the usage function; the caller gets the raw bytes, which its
@@ -223,9 +234,7 @@ class LimitedTransport(httpx.AsyncBaseTransport):
                 request=request,
             )
             await view.aread()
-            used = self._usage(request, view)
-            if used is not None:
-                acq.update(used)
+            self._report(request, view, acq)
         finally:
             try:
                 await response.aclose()
@@ -238,6 +247,12 @@ class LimitedTransport(httpx.AsyncBaseTransport):
             request=request,
             extensions=response.extensions,
         )
+
+    def _report(self, request: httpx.Request, response: httpx.Response, acq: Acquisition) -> None:
+        assert self._usage is not None
+        used = self._usage(request, response)
+        if used is not None:
+            acq.update(used)
 
     def __repr__(self) -> str:
         return (
