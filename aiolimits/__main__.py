@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the algorithm of the provider and of the client (default token_bucket)",
     )
     demo.add_argument(
-        "--concurrency", type=int, default=32, help="requests in flight at most (default 32)"
+        "--concurrency", type=int, default=16, help="requests in flight at most (default 16)"
     )
     demo.add_argument("--min-prompt", type=int, default=50, help="shortest prompt, tokens")
     demo.add_argument("--max-prompt", type=int, default=1500, help="longest prompt, tokens")
@@ -60,9 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--latency",
         type=_latency,
-        default=(0.05, 0.25),
+        default=(0.02, 0.1),
         metavar="LOW,HIGH",
-        help="the provider's latency range in milliseconds (default 50,250)",
+        help="the provider's latency range in milliseconds (default 20,100)",
     )
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument(

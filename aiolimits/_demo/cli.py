@@ -43,15 +43,22 @@ def demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"aiolimits demo: {exc}", file=sys.stderr)
         return 2
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     console.print(
-        f"aiolimits demo: {config.calls:,} LLM calls, prompts of {config.min_prompt}-"
-        f"{config.max_prompt} tokens + max_tokens {config.max_tokens}, against a provider on "
-        f"127.0.0.1 enforcing {config.rpm:,} RPM and {config.tpm:,} TPM ({config.algorithm}, "
-        f"{config.window:g} s window)."
+        f"aiolimits demo: {config.calls:,} LLM calls (prompts of {config.min_prompt}-"
+        f"{config.max_prompt} tokens, max_tokens {config.max_tokens}) to a provider on "
+        f"127.0.0.1 that allows {config.rpm:,} RPM and {config.tpm:,} TPM ({config.algorithm}: "
+        f"{config.provider_calls:,} requests and {config.provider_tokens:,} tokens per "
+        f"{config.window:g} s) and answers 429 beyond."
     )
     if config.use_limits:
-        console.print("  client limits: " + ", ".join(map(repr, limits)))
+        calls, tokens = limits[0].capacity, limits[1].capacity
+        console.print(
+            f"Client: aiolimits with {calls:,} requests and {tokens:,} tokens per "
+            f"{'bucket' if config.algorithm in ('token_bucket', 'gcra') else 'window'} at the "
+            f"same rate (the provider's less what {config.concurrency} requests in flight can "
+            "hold), real usage settled from each answer."
+        )
     progress = Progress(
         "[progress.description]{task.description}",
         BarColumn(),

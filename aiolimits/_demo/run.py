@@ -82,11 +82,11 @@ class DemoConfig:
         tpm: int = 6_000_000,
         window: float = 10.0,
         algorithm: str = "token_bucket",
-        concurrency: int = 32,
+        concurrency: int = 16,
         min_prompt: int = 50,
         max_prompt: int = 1500,
         max_tokens: int = 300,
-        latency: tuple[float, float] = (0.05, 0.25),
+        latency: tuple[float, float] = (0.02, 0.1),
         seed: int = 1,
         use_limits: bool = True,
     ) -> None:
@@ -251,18 +251,16 @@ class Summary:
 
     def lines(self) -> list[str]:
         cfg = self.config
-        per = f"per {cfg.window:g} s window"
+        mode = "with aiolimits" if cfg.use_limits else "WITHOUT aiolimits"
         return [
-            f"{self.calls} calls in {self.elapsed:.1f} s  ({cfg.algorithm}, "
-            f"{'with' if cfg.use_limits else 'WITHOUT'} aiolimits, {cfg.concurrency} in flight)",
-            f"  requests  achieved {self.rate_per_minute(len(self.arrivals)):>11,.0f}/min   "
-            f"limit {cfg.rpm:>11,}/min ({cfg.provider_calls:,} {per})   "
-            f"used {self.used_calls:6.1%} of what the limit allowed",
-            f"  tokens    achieved {self.rate_per_minute(self.tokens):>11,.0f}/min   "
-            f"limit {cfg.tpm:>11,}/min ({cfg.provider_tokens:,} {per})   "
-            f"used {self.used_tokens:6.1%} of what the limit allowed",
+            f"{self.calls:,} calls in {self.elapsed:.1f} s ({cfg.algorithm}, {mode})",
+            "              achieved/min     limit/min   used of what the limit allowed",
+            f"  requests  {self.rate_per_minute(len(self.arrivals)):>14,.0f} {cfg.rpm:>13,}"
+            f"   {self.used_calls:6.1%}",
+            f"  tokens    {self.rate_per_minute(self.tokens):>14,.0f} {cfg.tpm:>13,}"
+            f"   {self.used_tokens:6.1%}",
             f"  provider answered 429: {len(self.rejected)} times (client retries: {self.retried})",
-            f"  wait for the limits: p50 {self.wait(0.5):.3f} s, p99 {self.wait(0.99):.3f} s",
+            f"  waited for the limits: p50 {self.wait(0.5):.3f} s, p99 {self.wait(0.99):.3f} s",
         ]
 
 
