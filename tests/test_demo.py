@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from pathlib import Path
 
 import anyio
@@ -113,3 +114,17 @@ def test_command_line_refuses_a_margin_that_leaves_nothing(
 ) -> None:
     assert main(["demo", "--rpm", "60", "--window", "1", "--no-png"]) == 2
     assert "leaves no room" in capsys.readouterr().err
+
+
+def test_without_matplotlib_the_demo_says_how_to_get_the_png(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    png = tmp_path / "timeline.png"
+    argv = ["demo", "--calls", "10", "--no-progress", "--png", str(png), "--window", "2"]
+    argv += ["--rpm", "6000", "--tpm", "270000", "--max-prompt", "200", "--max-tokens", "50"]
+    argv += ["--concurrency", "2", "--latency", "1,2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pip install 'aiolimits[demo]'" in out
+    assert not png.exists()
