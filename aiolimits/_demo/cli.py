@@ -43,7 +43,7 @@ def demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"aiolimits demo: {exc}", file=sys.stderr)
         return 2
-    console = Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True, markup=False)
     console.print(
         f"aiolimits demo: {config.calls:,} LLM calls (prompts of {config.min_prompt}-"
         f"{config.max_prompt} tokens, max_tokens {config.max_tokens}) to a provider on "
