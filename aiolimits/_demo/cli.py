@@ -18,7 +18,13 @@ def demo(args: argparse.Namespace) -> int:
     try:
         import httpx  # noqa: F401
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
     except ModuleNotFoundError:
         print(_NEEDS, file=sys.stderr)
         return 2
@@ -60,7 +66,7 @@ def demo(args: argparse.Namespace) -> int:
             "hold), real usage settled from each answer."
         )
     progress = Progress(
-        "[progress.description]{task.description}",
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
