@@ -59,11 +59,16 @@ def demo(args: argparse.Namespace) -> int:
     )
     if config.use_limits:
         calls, tokens = limits[0].capacity, limits[1].capacity
+        bucket = config.algorithm in ("token_bucket", "gcra")
         console.print(
             f"Client: aiolimits with {calls:,} requests and {tokens:,} tokens per "
-            f"{'bucket' if config.algorithm in ('token_bucket', 'gcra') else 'window'} at the "
-            f"same rate (the provider's less what {config.concurrency} requests in flight can "
-            "hold), real usage settled from each answer."
+            f"{'bucket, at the same rate' if bucket else 'window'} (the provider's less what "
+            f"{config.concurrency} requests in flight can carry), real usage settled from each "
+            "answer."
+        )
+    else:
+        console.print(
+            f"Client: no rate limits, {config.concurrency} requests in flight at most, no retries."
         )
     progress = Progress(
         TextColumn("{task.description}", markup=False),

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any, Final, final
@@ -168,11 +167,13 @@ class Summary:
     __slots__ = (
         "arrivals",
         "calls",
+        "calls_measured",
         "config",
         "elapsed",
         "rejected",
         "retried",
         "span",
+        "tokens_measured",
         "used_calls",
         "used_tokens",
         "waits",
@@ -197,7 +198,9 @@ class Summary:
         self.retried = retried
         self.waits = sorted(waits)
         self.span = self.arrivals[-1].at - self.arrivals[0].at if self.arrivals else 0.0
-        self.used_calls, self.used_tokens = self._utilisation()
+        self.calls_measured, self.tokens_measured = self._measure()
+        self.used_calls = self.calls_measured[0] / self.calls_measured[1]
+        self.used_tokens = self.tokens_measured[0] / self.tokens_measured[1]
 
     @property
     def tokens(self) -> int:
@@ -212,53 +215,62 @@ class Summary:
     def rate_per_minute(self, amount: float) -> float:
         return amount / self.span * 60 if self.span > 0 else math.inf
 
-    def _utilisation(self) -> tuple[float, float]:
-        """The share of what the provider's limits allowed that the run used, calls and tokens.
+    def _measure(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """``(admitted, allowed)`` for requests and for tokens: what the provider counted, and
+        the most its limit could have admitted, over the same stretch of the run.
 
-        Buckets: admitted over ``C + r * span``. Windows: the mean fill of the complete windows
-        between the first and the last arrival (fixed: the aligned windows; sliding: windows
-        laid end to end from the first arrival); the last, partial window is left out, as the
-        run may simply have had nothing left to send.
+        Buckets: every arrival, against ``C + r * span`` (a full bucket, then the rate, from the
+        first arrival to the last). Windows: the arrivals in the complete windows between the
+        first and the last arrival (fixed: the aligned windows; sliding: windows laid end to end
+        from the first arrival), against ``C`` per window; the last, partial window is left out,
+        as the run may simply have had nothing left to send. A run shorter than a window counts
+        against one window.
         """
         cfg = self.config
-        if not self.arrivals:
-            return 0.0, 0.0
         caps = (cfg.provider_calls, cfg.provider_tokens)
         amounts: tuple[Callable[[Arrival], float], ...] = (lambda a: 1.0, lambda a: a.tokens)
+        arrivals = self.arrivals
+        if not arrivals:
+            return (0.0, float(caps[0])), (0.0, float(caps[1]))
+        measured = []
         if cfg.algorithm in ("token_bucket", "gcra"):
-            return tuple(  # type: ignore[return-value]
-                sum(map(amount, self.arrivals)) / (cap + cap / cfg.window * self.span)
-                for cap, amount in zip(caps, amounts, strict=True)
-            )
+            for cap, amount in zip(caps, amounts, strict=True):
+                measured.append((sum(map(amount, arrivals)), cap + cap / cfg.window * self.span))
+            return measured[0], measured[1]
         w = cfg.window
-        first, last = self.arrivals[0].at, self.arrivals[-1].at
+        first, last = arrivals[0].at, arrivals[-1].at
         if cfg.algorithm == "fixed_window":
             starts = [k * w for k in range(math.ceil(first / w), math.floor(last / w))]
         else:
             starts = [first + k * w for k in range(math.floor((last - first) / w))]
-        if not starts:  # shorter than a window: measure against one window
-            return tuple(  # type: ignore[return-value]
-                sum(map(amount, self.arrivals)) / cap
-                for cap, amount in zip(caps, amounts, strict=True)
-            )
-        fills: list[float] = []
         for cap, amount in zip(caps, amounts, strict=True):
-            per_window = [
-                sum(amount(a) for a in self.arrivals if s <= a.at < s + w) / cap for s in starts
-            ]
-            fills.append(statistics.fmean(per_window))
-        return fills[0], fills[1]
+            if not starts:
+                measured.append((sum(map(amount, arrivals)), float(cap)))
+                continue
+            admitted = sum(amount(a) for a in arrivals if any(s <= a.at < s + w for s in starts))
+            measured.append((admitted, float(cap * len(starts))))
+        return measured[0], measured[1]
 
     def lines(self) -> list[str]:
         cfg = self.config
         mode = "with aiolimits" if cfg.use_limits else "WITHOUT aiolimits"
+        bucket = cfg.algorithm in ("token_bucket", "gcra")
+        stretch = (
+            f"a full bucket, then the rate, over the {self.span:.1f} s from first to last arrival"
+            if bucket
+            else "the complete windows between the first and the last arrival"
+        )
+        (calls, calls_max), (tokens, tokens_max) = self.calls_measured, self.tokens_measured
         return [
             f"{self.calls:,} calls in {self.elapsed:.1f} s ({cfg.algorithm}, {mode})",
-            "              achieved/min     limit/min   used of what the limit allowed",
-            f"  requests  {self.rate_per_minute(len(self.arrivals)):>14,.0f} {cfg.rpm:>13,}"
-            f"   {self.used_calls:6.1%}",
-            f"  tokens    {self.rate_per_minute(self.tokens):>14,.0f} {cfg.tpm:>13,}"
-            f"   {self.used_tokens:6.1%}",
+            "                  admitted  the limit allowed   used",
+            f"  requests  {calls:>14,.0f}  {calls_max:>17,.0f}  {self.used_calls:6.1%}",
+            f"  tokens    {tokens:>14,.0f}  {tokens_max:>17,.0f}  {self.used_tokens:6.1%}",
+            f"  (measured at the provider: {stretch})",
+            f"  rate: {self.rate_per_minute(len(self.arrivals)):,.0f} requests/min and "
+            f"{self.rate_per_minute(self.tokens):,.0f} tokens/min "
+            f"(limits {cfg.rpm:,} and {cfg.tpm:,}"
+            + (f", plus the burst of a full {cfg.window:g} s bucket)" if bucket else ")"),
             f"  provider answered 429: {len(self.rejected)} times (client retries: {self.retried})",
             f"  waited for the limits: p50 {self.wait(0.5):.3f} s, p99 {self.wait(0.99):.3f} s",
         ]
@@ -291,7 +303,13 @@ async def run(
         latency=config.latency,
         seed=config.seed,
     )
-    limits = LimitSet(client_limits(config) if config.use_limits else ())
+    # Without aiolimits' rate limits the client still sends at most ``concurrency`` requests at
+    # once (as its connection pool would), so the comparison is about the rates alone.
+    limits = LimitSet(
+        client_limits(config)
+        if config.use_limits
+        else [ResourceLimit("in_flight", config.concurrency)]
+    )
 
     def cost(request: httpx.Request) -> dict[str, int]:
         # What a real client does: count the prompt with the provider's tokenizer, and

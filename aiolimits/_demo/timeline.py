@@ -71,7 +71,8 @@ def write_png(summary: Summary, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("seconds since the first request reached the provider")
     fig.suptitle(
-        f"aiolimits demo: {summary.calls:,} LLM calls, {cfg.algorithm}, "
+        f"{'with' if cfg.use_limits else 'WITHOUT'} aiolimits: {summary.calls:,} LLM calls, "
+        f"{cfg.algorithm}, "
         f"{len(summary.rejected)} answers 429, {summary.used_tokens:.1%} of the token limit used",
         fontsize=11,
     )
