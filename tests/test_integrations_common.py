@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from typing import Any
 
+import anyio
 import pytest
 
 from aiolimits import CallLimit, LimitSet, RateLimit, ResourceLimit
-from aiolimits.integrations._common import parse_retry_after, ratelimit_headers
+from aiolimits.integrations._common import Gate, Verdict, parse_retry_after, ratelimit_headers
 from aiolimits.testing import ManualClock
+from tests._keyed_standin import KeyedLimitSet
 
 
 def headers_of(limits: LimitSet, retry_after: float | None = None) -> dict[str, str]:
@@ -84,3 +87,77 @@ def test_importing_aiolimits_imports_no_framework() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+class FakeRequest:
+    def __init__(self, client: str | None, tokens: int = 1) -> None:
+        self.client = client
+        self.tokens = tokens
+
+
+@pytest.mark.anyio
+async def test_gate_waits_for_a_keyed_client_and_admits_when_the_clock_allows() -> None:
+    clock = ManualClock()
+    keyed = KeyedLimitSet([RateLimit("tokens", 10, 10)], clock=clock)
+    gate: Gate[FakeRequest] = Gate(
+        keyed,
+        key=lambda r: r.client,
+        cost=lambda r: {"tokens": r.tokens},
+        max_wait=5,
+        headers=True,
+    )
+    first = await gate.enter(FakeRequest("a", 10))
+    assert first.admitted
+    assert first.headers["RateLimit"] == '"tokens";r=0;t=10'
+    verdicts: list[Verdict] = []
+    async with anyio.create_task_group() as tg:
+
+        async def enter() -> None:
+            verdicts.append(await gate.enter(FakeRequest("a", 3)))  # 3 s away: within 5
+
+        tg.start_soon(enter)
+        await anyio.wait_all_tasks_blocked()
+        assert keyed.get_stats("a")["waiting"] == 1
+        other = await gate.enter(FakeRequest("b", 10))  # another client is not held up
+        assert other.admitted
+        clock.advance(3)
+    (second,) = verdicts
+    assert second.admitted
+    assert second.acquisition is not None
+    assert second.acquisition.waited == 3
+    late = await gate.enter(FakeRequest("a", 8))  # 8 s away: beyond 5, rejected at once
+    assert not late.admitted
+    assert late.retry_after == 8
+    assert late.headers["Retry-After"] == "8"
+    unlimited = await gate.enter(FakeRequest(None, 10))
+    assert unlimited.admitted
+    assert unlimited.acquisition is None
+    assert unlimited.headers == {}
+    for verdict in (first, second, other, late, unlimited):
+        await verdict.release()
+        await verdict.release()  # idempotent
+
+
+@pytest.mark.anyio
+async def test_gate_holds_resources_until_released_and_refuses_a_bad_key() -> None:
+    limits = LimitSet([ResourceLimit("in_progress", 1)])
+    gate: Gate[FakeRequest] = Gate(limits, key=None, cost=None, max_wait=0, headers=False)
+    held = await gate.enter(FakeRequest(None))
+    refused = await gate.enter(FakeRequest(None))
+    assert (held.admitted, refused.admitted) == (True, False)
+    assert refused.retry_after == math.inf
+    assert "Retry-After" not in refused.headers
+    await held.release()
+    again = await gate.enter(FakeRequest(None))
+    assert again.admitted
+    assert again.headers == {}  # headers=False
+    await again.release()
+
+    def bad_key(request: FakeRequest) -> Any:
+        return 42
+
+    keyed: Gate[FakeRequest] = Gate(
+        KeyedLimitSet([CallLimit(1, 1)]), key=bad_key, cost=None, max_wait=0, headers=True
+    )
+    with pytest.raises(TypeError, match="key\\(\\) must return a str or None"):
+        await keyed.enter(FakeRequest("a"))
