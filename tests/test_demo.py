@@ -60,7 +60,9 @@ def test_every_algorithm_keeps_the_provider_free_of_429s(algorithm: str, backend
 
 
 def test_without_aiolimits_the_provider_answers_429() -> None:
-    summary = run_demo(calls=120, use_limits=False, concurrency=16)
+    # 2,000 tokens per 2 s and about 19,000 tokens to send: only a client that took 17 s over
+    # it would not be told 429.
+    summary = run_demo(calls=120, use_limits=False, concurrency=16, tpm=60_000)
     assert len(summary.rejected) > 0
     assert len(summary.arrivals) + len(summary.rejected) == 120
 
