@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import httpx
 import pytest
 
 from aiolimits import CallLimit, LimitPool, LimitSet, RateLimit, ResourceLimit
-from aiolimits.integrations.httpx import LimitedTransport
+from aiolimits.integrations.httpx import LimitedSyncTransport, LimitedTransport
 from aiolimits.testing import ManualClock
 from tests._keyed_standin import KeyedLimitSet
 
@@ -273,3 +274,83 @@ async def test_usage_is_read_from_a_streamed_compressed_body_that_the_caller_sti
     assert response.json() == {"usage": {"total_tokens": 12}}  # decoded once, by the client
     assert available(limits, "tokens") == 88
     assert response.extensions["aiolimits_waited"] == 0.0
+
+
+# -- the sync twin, for httpx.Client in threads ------------------------------------------------
+
+
+def test_sync_transport_settles_usage_and_retries_after_a_pause() -> None:
+    # Real time (a thread blocks while it waits), with a refill so slow that it does not show.
+    limits = LimitSet([CallLimit(1, 100), RateLimit("tokens", 1e9, 100)])
+    answers = [
+        httpx.Response(429, headers={"retry-after-ms": "20"}),
+        httpx.Response(200, json={"usage": {"total_tokens": 30}}),
+    ]
+    seen: list[float] = []
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        seen.append(available(limits, "tokens"))
+        return answers.pop(0)
+
+    transport = LimitedSyncTransport(
+        limits, transport=httpx.MockTransport(provider), cost=tokens_of, usage=total_tokens
+    )
+    with httpx.Client(transport=transport) as client:
+        response = client.post(URL, json={"max_tokens": 40})
+    assert response.status_code == 200
+    assert transport.stats == {"paused": 1, "retried": 1}
+    assert limits.get_stats()["granted"] == 2  # two attempts, each one call
+    assert seen[0] == pytest.approx(60)  # 40 reserved while the first attempt was out
+    # The first attempt keeps its 40 (a 429'd attempt is not refunded); the second settled at 30.
+    assert available(limits, "tokens") == pytest.approx(100 - 40 - 30)
+
+
+def test_sync_transport_holds_a_streamed_response_until_it_is_closed() -> None:
+    limits = LimitSet([ResourceLimit("connections", capacity=1)])
+
+    class Body(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"abc"
+
+    transport = LimitedSyncTransport(
+        limits, transport=httpx.MockTransport(lambda request: httpx.Response(200, stream=Body()))
+    )
+    with httpx.Client(transport=transport) as client, client.stream("GET", URL) as response:
+        assert limits.get_stats()["limits"]["connections"]["in_use"] == 1
+        assert response.read() == b"abc"
+    assert limits.get_stats()["limits"]["connections"]["in_use"] == 0
+
+
+def test_sync_transport_serves_threads_and_a_pool() -> None:
+    sets = [LimitSet([ResourceLimit("slot", 1)], config={"api_key": k}) for k in ("a", "b")]
+    keys: list[str] = []
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        keys.append(request.extensions["aiolimits"]["api_key"])
+        return httpx.Response(200)
+
+    transport = LimitedSyncTransport(
+        LimitPool(sets, load_balancing="least_wait"), transport=httpx.MockTransport(provider)
+    )
+    with httpx.Client(transport=transport) as client:
+        threads = [threading.Thread(target=client.get, args=(URL,)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert len(keys) == 8
+    assert set(keys) <= {"a", "b"}
+    assert sum(s.get_stats()["granted"] for s in sets) == 8
+
+
+async def test_sync_transport_refuses_to_block_an_event_loop() -> None:
+    transport = LimitedSyncTransport(
+        LimitSet([CallLimit(1, 10)]), transport=httpx.MockTransport(lambda r: httpx.Response(200))
+    )
+    with httpx.Client(transport=transport) as client, pytest.raises(RuntimeError):
+        client.get(URL)  # noqa: ASYNC212 - the blocking call on a loop is what is tested
+
+
+def test_sync_transport_checks_its_transport() -> None:
+    with pytest.raises(TypeError, match=r"transport must be an httpx\.BaseTransport"):
+        LimitedSyncTransport(LimitSet(), transport=object())  # type: ignore[arg-type]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from functools import partial
 from typing import Any, Final, Generic, Protocol, TypeVar, cast, final
 
@@ -62,6 +62,10 @@ class KeyedLimits(Protocol):
     ) -> AbstractAsyncContextManager[Acquisition]: ...
 
     def try_acquire(self, key: str, requested: Requested | None = None) -> Acquisition: ...
+
+    def acquire_sync(
+        self, key: str, requested: Requested | None = None, *, timeout: float | None = None
+    ) -> AbstractContextManager[Acquisition]: ...
 
     def retry_after(self, key: str, requested: Requested | None = None) -> float: ...
 

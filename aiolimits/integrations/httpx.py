@@ -25,14 +25,17 @@ Requests with a body are read into memory before the first attempt when ``retrie
 retry can send them again. A 429 without a readable ``Retry-After`` is returned as it is: the
 transport does not guess how long to back off.
 
-Works on asyncio and trio (httpx runs on both). There is no sync transport: threads can use
-``acquire_sync`` around a sync client.
+Works on asyncio and trio (httpx runs on both). :class:`LimitedSyncTransport` is the twin for
+``httpx.Client`` in threads: it waits with ``acquire_sync`` in the same FIFO queues, so threads
+and tasks can share one set of limits. Both keep their checks, keys, pauses and settlement in one
+``_Policy``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import cast, final
 
 import httpx
@@ -43,9 +46,162 @@ from .._pool import LimitPool
 from .._requests import check_timeout, describe
 from ._common import KeyedLimits, Requested, is_keyed, parse_retry_after
 
-__all__ = ["LimitedTransport"]
+__all__ = ["LimitedSyncTransport", "LimitedTransport"]
 
 _Limits = LimitSet | LimitPool | KeyedLimits
+Cost = Callable[[httpx.Request], Requested | None]
+Usage = Callable[[httpx.Request, httpx.Response], Requested | None]
+Key = Callable[[httpx.Request], str]
+
+
+@final
+class _Policy:
+    """What both transports share: validated options, how to acquire, pause and settle."""
+
+    __slots__ = (
+        "_lock",
+        "cost",
+        "key",
+        "keyed",
+        "limits",
+        "paused",
+        "retried",
+        "retries",
+        "timeout",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        limits: _Limits,
+        *,
+        cost: Cost | None,
+        usage: Usage | None,
+        key: Key | None,
+        retries: int,
+        timeout: float | None,
+    ) -> None:
+        keyed = is_keyed(limits)
+        if not keyed and not isinstance(limits, (LimitSet, LimitPool)):
+            raise TypeError(
+                f"limits must be a LimitSet, LimitPool or KeyedLimitSet, got {describe(limits)}"
+            )
+        if keyed and key is None:
+            raise ValueError("limits is a KeyedLimitSet: pass key=, a function of the request")
+        if not keyed and key is not None:
+            raise ValueError("key= needs a KeyedLimitSet; a LimitSet or LimitPool has no keys")
+        for name, fn in (("cost", cost), ("usage", usage), ("key", key)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be a callable or None, got {describe(fn)}")
+        if not isinstance(retries, int) or isinstance(retries, bool):
+            raise TypeError(f"retries must be an int, got {describe(retries)}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries!r}")
+        self.timeout = None if timeout is None else check_timeout(timeout)
+        self.limits = limits
+        self.keyed: KeyedLimits | None = cast("KeyedLimits", limits) if keyed else None
+        self.cost = cost
+        self.usage = usage
+        self.key = key
+        self.retries = retries
+        self.paused = 0
+        self.retried = 0
+        self._lock = threading.Lock()  # the counters, shared by threads in the sync transport
+
+    def requested_and_key(self, request: httpx.Request) -> tuple[Requested | None, str | None]:
+        requested = self.cost(request) if self.cost is not None else None
+        if self.key is None:
+            return requested, None
+        key = self.key(request)
+        if not isinstance(key, str):
+            raise TypeError(f"key() must return a str, got {describe(key)}")
+        return requested, key
+
+    def acquire(
+        self, key: str | None, requested: Requested | None
+    ) -> AbstractAsyncContextManager[Acquisition]:
+        if self.keyed is not None:
+            assert key is not None
+            return self.keyed.acquire(key, requested, timeout=self.timeout)
+        limits = self.limits
+        assert isinstance(limits, (LimitSet, LimitPool))
+        return limits.acquire(requested, timeout=self.timeout)
+
+    def acquire_sync(
+        self, key: str | None, requested: Requested | None
+    ) -> AbstractContextManager[Acquisition]:
+        if self.keyed is not None:
+            assert key is not None
+            return self.keyed.acquire_sync(key, requested, timeout=self.timeout)
+        limits = self.limits
+        assert isinstance(limits, (LimitSet, LimitPool))
+        return limits.acquire_sync(requested, timeout=self.timeout)
+
+    def backoff(self, response: httpx.Response, attempt: int) -> float | None:
+        """Seconds to pause for a 429 that may be retried, else None (return the response)."""
+        if response.status_code != 429 or attempt >= self.retries:
+            return None
+        return _retry_after(response)
+
+    def pause(self, acq: Acquisition, key: str | None, seconds: float) -> None:
+        """Pause what the 429 was about: the key, the pool's chosen set, or the set."""
+        with self._lock:
+            self.paused += 1
+            self.retried += 1
+        limits = self.limits
+        if self.keyed is not None:
+            self.keyed.pause(seconds, key=key)
+        elif isinstance(limits, LimitPool):
+            for limit_set in limits.limit_sets:
+                if limit_set.config is acq.config:  # the set this acquisition came from
+                    limit_set.pause(seconds)
+                    return
+            limits.pause(seconds)
+        else:
+            assert isinstance(limits, LimitSet)
+            limits.pause(seconds)
+
+    def report(self, request: httpx.Request, response: httpx.Response, acq: Acquisition) -> None:
+        assert self.usage is not None
+        used = self.usage(request, response)
+        if used is not None:
+            acq.update(used)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"paused": self.paused, "retried": self.retried}
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds to back off: ``retry-after-ms`` (as some LLM providers send) or ``Retry-After``."""
+    ms = parse_retry_after(response.headers.get("retry-after-ms"))
+    if ms is not None:
+        return ms / 1000
+    return parse_retry_after(response.headers.get("retry-after"))
+
+
+def _rebuilt(
+    response: httpx.Response,
+    request: httpx.Request,
+    stream: httpx.ByteStream | httpx.AsyncByteStream | httpx.SyncByteStream,
+) -> httpx.Response:
+    return httpx.Response(
+        response.status_code,
+        headers=response.headers,
+        stream=stream,
+        request=request,
+        extensions=response.extensions,
+    )
+
+
+def _view(response: httpx.Response, request: httpx.Request, raw: bytes) -> httpx.Response:
+    """A response over ``raw`` that decodes as the original would (content-encoding intact)."""
+    return httpx.Response(
+        response.status_code,
+        headers=response.headers,
+        stream=httpx.ByteStream(raw),
+        request=request,
+    )
 
 
 @final
@@ -55,7 +211,7 @@ class LimitedTransport(httpx.AsyncBaseTransport):
     Args:
         limits: a :class:`LimitSet`, a :class:`LimitPool` (each request uses the set it is
             given; ``acq.config``, e.g. the API key, is in ``request.extensions["aiolimits"]``
-            for an inner transport or ``cost`` to use) or a ``KeyedLimitSet`` (with ``key``).
+            for an inner transport to use) or a ``KeyedLimitSet`` (with ``key``).
         transport: the transport that sends; default ``httpx.AsyncHTTPTransport()``.
         cost: ``requested`` for a request (None: the limits' defaults, e.g. one call).
         usage: the real usage from the final response (None: keep what was requested); when
@@ -84,202 +240,208 @@ class LimitedTransport(httpx.AsyncBaseTransport):
         limits: _Limits,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
-        cost: Callable[[httpx.Request], Requested | None] | None = None,
-        usage: Callable[[httpx.Request, httpx.Response], Requested | None] | None = None,
-        key: Callable[[httpx.Request], str] | None = None,
+        cost: Cost | None = None,
+        usage: Usage | None = None,
+        key: Key | None = None,
         retries: int = 2,
         timeout: float | None = None,
     ) -> None:
-        keyed = is_keyed(limits)
-        if not keyed and not isinstance(limits, (LimitSet, LimitPool)):
-            raise TypeError(
-                f"limits must be a LimitSet, LimitPool or KeyedLimitSet, got {describe(limits)}"
-            )
-        if keyed and key is None:
-            raise ValueError("limits is a KeyedLimitSet: pass key=, a function of the request")
-        if not keyed and key is not None:
-            raise ValueError("key= needs a KeyedLimitSet; a LimitSet or LimitPool has no keys")
+        self._policy = _Policy(
+            limits, cost=cost, usage=usage, key=key, retries=retries, timeout=timeout
+        )
         if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
             raise TypeError(
                 f"transport must be an httpx.AsyncBaseTransport, got {describe(transport)}"
             )
-        for name, fn in (("cost", cost), ("usage", usage), ("key", key)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be a callable or None, got {describe(fn)}")
-        if not isinstance(retries, int) or isinstance(retries, bool):
-            raise TypeError(f"retries must be an int, got {describe(retries)}")
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries!r}")
-        self._timeout = None if timeout is None else check_timeout(timeout)
-        self._limits = limits
-        self._keyed: KeyedLimits | None = cast("KeyedLimits", limits) if keyed else None
         self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
-        self._cost = cost
-        self._usage = usage
-        self._key = key
-        self._retries = retries
-        self._paused = 0
-        self._retried = 0
 
     @property
     def stats(self) -> dict[str, int]:
         """``{"paused": n, "retried": n}``: 429s that paused the limits, and requests sent again."""
-        return {"paused": self._paused, "retried": self._retried}
+        return self._policy.stats()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._retries:
+        policy = self._policy
+        if policy.retries:
             await request.aread()  # a retry sends the same body again
-        requested = self._cost(request) if self._cost is not None else None
-        key = self._request_key(request)
+        requested, key = policy.requested_and_key(request)
         attempt = 0
         waited = 0.0
         while True:
-            pending = self._acquire(key, requested)
-            acq = await pending.__aenter__()
+            held = policy.acquire(key, requested)
+            acq = await held.__aenter__()
             waited += acq.waited
             try:
                 request.extensions = {**request.extensions, "aiolimits": acq.config}
                 response = await self._transport.handle_async_request(request)
             except BaseException:
-                await pending.__aexit__(None, None, None)
+                await held.__aexit__(None, None, None)
                 raise
-            if response.status_code == 429 and attempt < self._retries:
-                wait = _retry_after(response)
-                if wait is not None:
-                    try:
-                        await response.aclose()
-                    finally:
-                        await pending.__aexit__(None, None, None)
-                    self._pause(acq, key, wait)
-                    attempt += 1
-                    self._retried += 1
-                    continue
-            response.extensions = {**response.extensions, "aiolimits_waited": waited}
-            return await self._settle(request, response, acq, pending)
+            wait = policy.backoff(response, attempt)
+            if wait is None:
+                response.extensions = {**response.extensions, "aiolimits_waited": waited}
+                return await self._settle(request, response, acq, held)
+            try:
+                await response.aclose()
+            finally:
+                await held.__aexit__(None, None, None)
+            policy.pause(acq, key, wait)
+            attempt += 1
 
     async def aclose(self) -> None:
         await self._transport.aclose()
-
-    # -- helpers -----------------------------------------------------------------------------
-
-    def _request_key(self, request: httpx.Request) -> str | None:
-        if self._key is None:
-            return None
-        key = self._key(request)
-        if not isinstance(key, str):
-            raise TypeError(f"key() must return a str, got {describe(key)}")
-        return key
-
-    def _acquire(
-        self, key: str | None, requested: Requested | None
-    ) -> AbstractAsyncContextManager[Acquisition]:
-        if self._keyed is not None:
-            assert key is not None
-            return self._keyed.acquire(key, requested, timeout=self._timeout)
-        limits = self._limits
-        assert isinstance(limits, (LimitSet, LimitPool))
-        return limits.acquire(requested, timeout=self._timeout)
-
-    def _pause(self, acq: Acquisition, key: str | None, seconds: float) -> None:
-        """Pause what the 429 was about: the key, the pool's chosen set, or the set."""
-        self._paused += 1
-        limits = self._limits
-        if self._keyed is not None:
-            self._keyed.pause(seconds, key=key)
-        elif isinstance(limits, LimitPool):
-            for limit_set in limits.limit_sets:
-                if limit_set.config is acq.config:  # the set this acquisition came from
-                    limit_set.pause(seconds)
-                    return
-            limits.pause(seconds)
-        else:
-            assert isinstance(limits, LimitSet)
-            limits.pause(seconds)
 
     async def _settle(
         self,
         request: httpx.Request,
         response: httpx.Response,
         acq: Acquisition,
-        pending: AbstractAsyncContextManager[Acquisition],
+        held: AbstractAsyncContextManager[Acquisition],
     ) -> httpx.Response:
-        if self._usage is None:
-            if response.is_stream_consumed:  # already in memory: nothing left to hold
-                await pending.__aexit__(None, None, None)
-                return response
-            # Held until the caller closes the response (or reads it to the end).
-            return httpx.Response(
-                response.status_code,
-                headers=response.headers,
-                stream=_ReleasingStream(response, pending),
-                request=request,
-                extensions=response.extensions,
-            )
+        policy = self._policy
         if response.is_stream_consumed:
             # Already in memory (a response built with its content, as mock transports do):
-            # it is its own decoded view.
+            # nothing left to hold, and it is its own decoded view.
             try:
-                self._report(request, response, acq)
+                if policy.usage is not None:
+                    policy.report(request, response, acq)
             finally:
-                await pending.__aexit__(None, None, None)
+                await held.__aexit__(None, None, None)
             return response
+        if policy.usage is None:
+            # Held until the caller closes the response (or reads it to the end).
+            return _rebuilt(response, request, _ReleasingAsyncStream(response, held))
         try:
             raw = b"".join([chunk async for chunk in response.aiter_raw()])
-            # A decoded view for the usage function; the caller gets the raw bytes, which its
-            # client decodes as it would have (content-encoding intact).
-            view = httpx.Response(
-                response.status_code,
-                headers=response.headers,
-                stream=httpx.ByteStream(raw),
-                request=request,
-            )
+            view = _view(response, request, raw)
             await view.aread()
-            self._report(request, view, acq)
+            policy.report(request, view, acq)
         finally:
             try:
                 await response.aclose()
             finally:
-                await pending.__aexit__(None, None, None)
-        return httpx.Response(
-            response.status_code,
-            headers=response.headers,
-            stream=httpx.ByteStream(raw),
-            request=request,
-            extensions=response.extensions,
-        )
-
-    def _report(self, request: httpx.Request, response: httpx.Response, acq: Acquisition) -> None:
-        assert self._usage is not None
-        used = self._usage(request, response)
-        if used is not None:
-            acq.update(used)
+                await held.__aexit__(None, None, None)
+        return _rebuilt(response, request, httpx.ByteStream(raw))
 
     def __repr__(self) -> str:
+        policy = self._policy
         return (
-            f"<LimitedTransport limits={self._limits!r} retries={self._retries} "
-            f"paused={self._paused} retried={self._retried}>"
+            f"<LimitedTransport limits={policy.limits!r} retries={policy.retries} "
+            f"stats={policy.stats()!r}>"
         )
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """Seconds to back off: ``retry-after-ms`` (as some LLM providers send) or ``Retry-After``."""
-    ms = parse_retry_after(response.headers.get("retry-after-ms"))
-    if ms is not None:
-        return ms / 1000
-    return parse_retry_after(response.headers.get("retry-after"))
 
 
 @final
-class _ReleasingStream(httpx.AsyncByteStream):
-    """The inner response's body; closing it releases the acquisition."""
+class LimitedSyncTransport(httpx.BaseTransport):
+    """The twin of :class:`LimitedTransport` for ``httpx.Client``: waits with ``acquire_sync``.
 
-    __slots__ = ("_pending", "_response")
+    Same arguments, with ``transport`` an ``httpx.BaseTransport`` (default
+    ``httpx.HTTPTransport()``). Sending blocks the calling thread while it waits for the limits
+    (and raises ``RuntimeError`` on a thread that runs an event loop, as ``acquire_sync`` does).
+    """
 
     def __init__(
-        self, response: httpx.Response, pending: AbstractAsyncContextManager[Acquisition]
+        self,
+        limits: _Limits,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        cost: Cost | None = None,
+        usage: Usage | None = None,
+        key: Key | None = None,
+        retries: int = 2,
+        timeout: float | None = None,
+    ) -> None:
+        self._policy = _Policy(
+            limits, cost=cost, usage=usage, key=key, retries=retries, timeout=timeout
+        )
+        if transport is not None and not isinstance(transport, httpx.BaseTransport):
+            raise TypeError(f"transport must be an httpx.BaseTransport, got {describe(transport)}")
+        self._transport = transport if transport is not None else httpx.HTTPTransport()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """``{"paused": n, "retried": n}``: 429s that paused the limits, and requests sent again."""
+        return self._policy.stats()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        policy = self._policy
+        if policy.retries:
+            request.read()
+        requested, key = policy.requested_and_key(request)
+        attempt = 0
+        waited = 0.0
+        while True:
+            held = policy.acquire_sync(key, requested)
+            acq = held.__enter__()
+            waited += acq.waited
+            try:
+                request.extensions = {**request.extensions, "aiolimits": acq.config}
+                response = self._transport.handle_request(request)
+            except BaseException:
+                held.__exit__(None, None, None)
+                raise
+            wait = policy.backoff(response, attempt)
+            if wait is None:
+                response.extensions = {**response.extensions, "aiolimits_waited": waited}
+                return self._settle(request, response, acq, held)
+            try:
+                response.close()
+            finally:
+                held.__exit__(None, None, None)
+            policy.pause(acq, key, wait)
+            attempt += 1
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def _settle(
+        self,
+        request: httpx.Request,
+        response: httpx.Response,
+        acq: Acquisition,
+        held: AbstractContextManager[Acquisition],
+    ) -> httpx.Response:
+        policy = self._policy
+        if response.is_stream_consumed:
+            try:
+                if policy.usage is not None:
+                    policy.report(request, response, acq)
+            finally:
+                held.__exit__(None, None, None)
+            return response
+        if policy.usage is None:
+            return _rebuilt(response, request, _ReleasingSyncStream(response, held))
+        try:
+            raw = b"".join(response.iter_raw())
+            view = _view(response, request, raw)
+            view.read()
+            policy.report(request, view, acq)
+        finally:
+            try:
+                response.close()
+            finally:
+                held.__exit__(None, None, None)
+        return _rebuilt(response, request, httpx.ByteStream(raw))
+
+    def __repr__(self) -> str:
+        policy = self._policy
+        return (
+            f"<LimitedSyncTransport limits={policy.limits!r} retries={policy.retries} "
+            f"stats={policy.stats()!r}>"
+        )
+
+
+@final
+class _ReleasingAsyncStream(httpx.AsyncByteStream):
+    """The inner response's body; closing it releases the acquisition."""
+
+    __slots__ = ("_held", "_response")
+
+    def __init__(
+        self, response: httpx.Response, held: AbstractAsyncContextManager[Acquisition]
     ) -> None:
         self._response = response
-        self._pending: AbstractAsyncContextManager[Acquisition] | None = pending
+        self._held: AbstractAsyncContextManager[Acquisition] | None = held
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._response.aiter_raw():
@@ -289,6 +451,28 @@ class _ReleasingStream(httpx.AsyncByteStream):
         try:
             await self._response.aclose()
         finally:
-            pending, self._pending = self._pending, None
-            if pending is not None:
-                await pending.__aexit__(None, None, None)
+            held, self._held = self._held, None
+            if held is not None:
+                await held.__aexit__(None, None, None)
+
+
+@final
+class _ReleasingSyncStream(httpx.SyncByteStream):
+    """The inner response's body; closing it releases the acquisition."""
+
+    __slots__ = ("_held", "_response")
+
+    def __init__(self, response: httpx.Response, held: AbstractContextManager[Acquisition]) -> None:
+        self._response = response
+        self._held: AbstractContextManager[Acquisition] | None = held
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._response.iter_raw()
+
+    def close(self) -> None:
+        try:
+            self._response.close()
+        finally:
+            held, self._held = self._held, None
+            if held is not None:
+                held.__exit__(None, None, None)
