@@ -4,8 +4,8 @@ Thousands of concurrent calls with random prompt sizes go through one ``httpx.As
 transport is :class:`aiolimits.integrations.httpx.LimitedTransport`: each call acquires one request
 and ``prompt + max_tokens`` tokens, the real usage is settled from the answer's
 ``usage.total_tokens``, and a 429 would pause every caller. The provider (``provider.py``, on
-127.0.0.1) enforces the same RPM and TPM with the same algorithm and windows, and counts a request
-when it *arrives*.
+127.0.0.1) enforces its RPM and TPM with the chosen algorithm and window, and counts a request
+when it *arrives*; the client runs the same algorithm.
 
 Why the provider sees no 429 — by construction, not by luck. The client admits a request at ``t``
 and the provider counts it at ``a >= t``; in between it is *in transit*. The client holds a
