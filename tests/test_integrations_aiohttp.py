@@ -67,8 +67,8 @@ async def test_raised_http_answers_carry_the_headers() -> None:
 
 async def test_per_client_limits_by_header_and_by_ip() -> None:
     clock = ManualClock()
-    by_key = KeyedLimitSet([CallLimit(60, 1)], clock=clock)
-    by_ip = KeyedLimitSet([CallLimit(60, 3)], clock=clock)
+    by_key = KeyedLimitSet([CallLimit(60, 1)], max_keys=100, clock=clock)
+    by_ip = KeyedLimitSet([CallLimit(60, 3)], max_keys=100, clock=clock)
     app = make_app([], limit_middleware(by_key, key=header("x-api-key")))
     app_ip = make_app([], limit_middleware(by_ip, key=client_ip))
     async with (

@@ -98,7 +98,7 @@ class FakeRequest:
 @pytest.mark.anyio
 async def test_gate_waits_for_a_keyed_client_and_admits_when_the_clock_allows() -> None:
     clock = ManualClock()
-    keyed = KeyedLimitSet([RateLimit("tokens", 10, 10)], clock=clock)
+    keyed = KeyedLimitSet([RateLimit("tokens", 10, 10)], max_keys=100, clock=clock)
     gate: Gate[FakeRequest] = Gate(
         keyed,
         key=lambda r: r.client,
@@ -157,7 +157,11 @@ async def test_gate_holds_resources_until_released_and_refuses_a_bad_key() -> No
         return 42
 
     keyed: Gate[FakeRequest] = Gate(
-        KeyedLimitSet([CallLimit(1, 1)]), key=bad_key, cost=None, max_wait=0, headers=True
+        KeyedLimitSet([CallLimit(1, 1)], max_keys=100),
+        key=bad_key,
+        cost=None,
+        max_wait=0,
+        headers=True,
     )
     with pytest.raises(TypeError, match="key\\(\\) must return a str or None"):
         await keyed.enter(FakeRequest("a"))

@@ -55,7 +55,9 @@ async def test_route_gets_the_acquisition_and_the_headers_or_a_429() -> None:
 
 
 async def test_per_user_dependency_on_a_route_list_and_release_after_the_request() -> None:
-    keyed = KeyedLimitSet([CallLimit(60, 2), ResourceLimit("in_progress", 1)], clock=ManualClock())
+    keyed = KeyedLimitSet(
+        [CallLimit(60, 2), ResourceLimit("in_progress", 1)], max_keys=100, clock=ManualClock()
+    )
     per_user = LimitDependency(keyed, key=header("x-user"))
     app = FastAPI()
 
@@ -75,6 +77,6 @@ async def test_per_user_dependency_on_a_route_list_and_release_after_the_request
 
 def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="pass key="):
-        LimitDependency(KeyedLimitSet([CallLimit(1, 1)]))
+        LimitDependency(KeyedLimitSet([CallLimit(1, 1)], max_keys=100))
     with pytest.raises(TypeError, match="max_wait must be an int or float"):
         LimitDependency(LimitSet([CallLimit(1, 1)]), max_wait="1")  # type: ignore[arg-type]

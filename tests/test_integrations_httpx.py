@@ -156,7 +156,7 @@ async def test_a_pool_pauses_only_the_set_whose_key_got_the_429() -> None:
 
 async def test_keyed_limits_pause_only_the_key_of_the_request() -> None:
     clock = ManualClock()
-    keyed = KeyedLimitSet([CallLimit(1, 100)], clock=clock)
+    keyed = KeyedLimitSet([CallLimit(1, 100)], max_keys=100, clock=clock)
     answers = {"t1": [httpx.Response(429, headers={"Retry-After": "3"}), httpx.Response(200)]}
 
     def provider(request: httpx.Request) -> httpx.Response:
@@ -241,7 +241,7 @@ def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="key= needs a KeyedLimitSet"):
         LimitedTransport(limits, key=lambda request: "k")
     with pytest.raises(ValueError, match="pass key="):
-        LimitedTransport(KeyedLimitSet([CallLimit(1, 10)]))
+        LimitedTransport(KeyedLimitSet([CallLimit(1, 10)], max_keys=100))
     with pytest.raises(ValueError, match="retries must be >= 0"):
         LimitedTransport(limits, retries=-1)
     with pytest.raises(TypeError, match="retries must be an int"):

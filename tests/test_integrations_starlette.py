@@ -58,7 +58,9 @@ async def test_over_the_limit_answers_429_with_retry_after_and_ratelimit_headers
 
 
 async def test_per_client_limits_keep_clients_apart_and_a_missing_key_is_not_limited() -> None:
-    keyed = KeyedLimitSet([CallLimit(window_seconds=60, capacity=1)], clock=ManualClock())
+    keyed = KeyedLimitSet(
+        [CallLimit(window_seconds=60, capacity=1)], max_keys=100, clock=ManualClock()
+    )
     hits: list[str] = []
     app = make_app(hits, limits=keyed, key=header("x-api-key"))
     async with uvicorn_server(app) as url, httpx.AsyncClient() as client:
@@ -73,7 +75,9 @@ async def test_per_client_limits_keep_clients_apart_and_a_missing_key_is_not_lim
 
 
 async def test_client_ip_keys_by_the_peer_address() -> None:
-    keyed = KeyedLimitSet([CallLimit(window_seconds=60, capacity=1)], clock=ManualClock())
+    keyed = KeyedLimitSet(
+        [CallLimit(window_seconds=60, capacity=1)], max_keys=100, clock=ManualClock()
+    )
     async with (
         uvicorn_server(make_app([], limits=keyed, key=client_ip)) as url,
         httpx.AsyncClient() as client,
@@ -143,7 +147,7 @@ def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="key= needs a KeyedLimitSet"):
         LimitMiddleware(app, limits=limits, key=client_ip)
     with pytest.raises(ValueError, match="pass key="):
-        LimitMiddleware(app, limits=KeyedLimitSet([CallLimit(1, 1)]))
+        LimitMiddleware(app, limits=KeyedLimitSet([CallLimit(1, 1)], max_keys=100))
     with pytest.raises(ValueError, match="max_wait"):
         LimitMiddleware(app, limits=limits, max_wait=-1)
     with pytest.raises(TypeError, match="cost must be a callable"):
