@@ -165,3 +165,8 @@ async def test_gate_holds_resources_until_released_and_refuses_a_bad_key() -> No
     )
     with pytest.raises(TypeError, match="key\\(\\) must return a str or None"):
         await keyed.enter(FakeRequest("a"))
+
+
+def test_fractional_quotas_are_rounded_down_and_windows_up() -> None:
+    limits = LimitSet([RateLimit("gpu_seconds", 0.5, 2.5)], clock=ManualClock())
+    assert headers_of(limits)["RateLimit-Policy"] == '"gpu_seconds";q=2;w=1'

@@ -104,7 +104,9 @@ def ratelimit_headers(
             continue
         name = limit.key.replace("\\", "\\\\").replace('"', '\\"')
         capacity, window = limit.capacity, limit.window_seconds
-        policies.append(f'"{name}";q={_int(capacity)};w={_int(window)}')
+        # Structured-field integers: the quota rounded down (never promise more than the limit
+        # admits), the window rounded up.
+        policies.append(f'"{name}";q={math.floor(capacity)};w={math.ceil(window)}')
         available = float(entry["available"])
         missing = capacity - available
         if missing <= 0:
@@ -121,11 +123,6 @@ def ratelimit_headers(
         # HTTP's delta-seconds are whole seconds; rounding up never invites a retry too early.
         headers["Retry-After"] = str(math.ceil(retry_after))
     return headers
-
-
-def _int(value: float) -> int:
-    """Structured-field integers: quotas and windows rounded up to whole units."""
-    return math.ceil(value)
 
 
 def parse_retry_after(value: str | None) -> float | None:
