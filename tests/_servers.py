@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
+from aiohttp import web
+from starlette.types import ASGIApp
 
 
 def _listening_socket() -> socket.socket:
@@ -23,13 +25,13 @@ def _listening_socket() -> socket.socket:
 
 
 @asynccontextmanager
-async def uvicorn_server(app: object) -> AsyncIterator[str]:
+async def uvicorn_server(app: ASGIApp) -> AsyncIterator[str]:
     """Serve the ASGI ``app`` with uvicorn (asyncio only); yields the base URL."""
     import uvicorn
 
     sock = _listening_socket()
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="off", ws="none", log_level="warning", access_log=False)  # type: ignore[arg-type]
+    config = uvicorn.Config(app, lifespan="off", ws="none", log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve, [sock])
@@ -41,11 +43,8 @@ async def uvicorn_server(app: object) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def aiohttp_server(app: object) -> AsyncIterator[str]:
+async def aiohttp_server(app: web.Application) -> AsyncIterator[str]:
     """Serve the aiohttp ``app`` (asyncio only); yields the base URL."""
-    from aiohttp import web
-
-    assert isinstance(app, web.Application)
     sock = _listening_socket()
     port = sock.getsockname()[1]
     runner = web.AppRunner(app, access_log=None)

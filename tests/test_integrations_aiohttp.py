@@ -9,6 +9,7 @@ import anyio
 import httpx
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from aiolimits import CallLimit, LimitSet, RateLimit, ResourceLimit
 from aiolimits.integrations.aiohttp import client_ip, header, limit_middleware
@@ -24,7 +25,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def make_app(hits: list[str], middleware: object) -> web.Application:
+def make_app(hits: list[str], middleware: Middleware) -> web.Application:
     async def hello(request: web.Request) -> web.Response:
         hits.append(request.path)
         if request.path == "/missing":
@@ -33,7 +34,7 @@ def make_app(hits: list[str], middleware: object) -> web.Application:
             raise RuntimeError("boom")
         return web.Response(text="hello")
 
-    app = web.Application(middlewares=[middleware])  # type: ignore[list-item]
+    app = web.Application(middlewares=[middleware])
     app.router.add_get("/", hello)
     app.router.add_get("/missing", hello)
     app.router.add_get("/boom", hello)

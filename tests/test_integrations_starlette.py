@@ -6,6 +6,8 @@ ManualClock; the waiting mode uses real time with short windows and asserts only
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import httpx
 import pytest
@@ -28,7 +30,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def make_app(hits: list[str], **options: object) -> Starlette:
+def make_app(hits: list[str], **options: Any) -> Starlette:
     async def hello(request: Request) -> PlainTextResponse:
         hits.append(request.url.path)
         if request.url.path == "/boom":
@@ -36,7 +38,7 @@ def make_app(hits: list[str], **options: object) -> Starlette:
         return PlainTextResponse("hello")
 
     app = Starlette(routes=[Route("/", hello), Route("/boom", hello)])
-    app.add_middleware(LimitMiddleware, **options)  # type: ignore[arg-type]
+    app.add_middleware(LimitMiddleware, **options)
     return app
 
 
