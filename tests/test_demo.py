@@ -102,7 +102,7 @@ def test_bad_demo_options_are_named() -> None:
 def test_command_line_prints_the_summary_and_writes_the_png(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    png = tmp_path / "timeline.png"
+    png = tmp_path / "not-yet" / "timeline.png"  # its folder is made
     argv = ["demo", "--calls", "40", "--no-progress", "--png", str(png)]
     argv += ["--rpm", "6000", "--tpm", "270000", "--window", "2", "--min-prompt", "20"]
     argv += ["--max-prompt", "200", "--max-tokens", "50", "--concurrency", "2", "--latency", "2,8"]

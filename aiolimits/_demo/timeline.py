@@ -78,6 +78,7 @@ def write_png(summary: Summary, path: Path) -> Path:
     )
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
