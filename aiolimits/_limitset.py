@@ -354,7 +354,7 @@ class LimitSet:
                 per_key[key] = entry
             return {
                 "limits": per_key,
-                "waiting": len(sched.queue),
+                "waiting": sched.waiting_count(),
                 "granted": sched.granted,
                 "timed_out": sched.timed_out,
                 "cancelled": sched.cancelled,

@@ -1,0 +1,118 @@
+"""The state file of the process backend: one file per shared LimitSet, locked with ``flock``.
+
+Layout: a 4 KiB header, then data regions. The header holds a magic string and two *slots*, each
+describing one serialized copy of the state: ``(version, offset, capacity, length, data crc)``
+plus a crc of those fields. A writer always writes the slot that is *not* the newest valid one
+(first the data, then the slot's fields), so a process killed in the middle of a write leaves
+the previous version intact and valid; readers take the valid slot with the higher version.
+A slot whose region is too small gets a new region at the end of the file (regions grow
+geometrically; the old one is simply abandoned).
+
+Everything here runs under the file lock (``flock(LOCK_EX)``): the kernel releases it when its
+holder dies, so a process killed while holding it cannot block the others. The header is mapped
+(``mmap``) so that the version check on every lock is a memory read; data goes through
+``pread``/``pwrite``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+import zlib
+from typing import Final
+
+__all__ = ["StateFile"]
+
+MAGIC: Final = b"AIOLIMv1"
+HEADER: Final = 4096
+_SLOT = struct.Struct("<QQQQI")  # version, offset, capacity, length, data crc
+_SLOT_CRC = struct.Struct("<I")
+_SLOT_AT: Final = (64, 128)
+_VERSION = struct.Struct("<Q")
+
+
+class StateFile:
+    """One open state file. Not thread-safe by itself: the caller holds a thread lock too."""
+
+    __slots__ = ("_fd", "_header", "path")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(self._fd).st_size < HEADER:
+                    os.ftruncate(self._fd, HEADER)
+                    os.pwrite(self._fd, MAGIC, 0)
+                elif os.pread(self._fd, len(MAGIC), 0) != MAGIC:
+                    raise ValueError(f"{path!r} exists and is not an aiolimits state file")
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._header = mmap.mmap(self._fd, HEADER)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._header.close()
+            os.close(self._fd)
+            self._fd = -1
+
+    def lock(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def unlock(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def version(self) -> int:
+        """The highest version either slot claims (unchecked: a torn slot only makes the caller
+        read, and :meth:`read` validates)."""
+        a = _VERSION.unpack_from(self._header, _SLOT_AT[0])[0]
+        b = _VERSION.unpack_from(self._header, _SLOT_AT[1])[0]
+        return int(a if a > b else b)
+
+    def _slot(self, i: int) -> tuple[int, int, int, int, int] | None:
+        at = _SLOT_AT[i]
+        fields = _SLOT.unpack_from(self._header, at)
+        (crc,) = _SLOT_CRC.unpack_from(self._header, at + _SLOT.size)
+        if fields[0] == 0 or crc != zlib.crc32(self._header[at : at + _SLOT.size]):
+            return None
+        return fields
+
+    def read(self) -> tuple[int, bytes] | None:
+        """Under the lock: ``(version, data)`` of the newest intact copy, or None (no state)."""
+        slots = [(s, i) for i in (0, 1) if (s := self._slot(i)) is not None]
+        slots.sort(reverse=True)
+        for (version, offset, _cap, length, crc), _i in slots:
+            data = os.pread(self._fd, length, offset)
+            if len(data) == length and zlib.crc32(data) == crc:
+                return version, data
+        return None
+
+    def write(self, version: int, data: bytes) -> None:
+        """Under the lock: store ``data`` as ``version``, keeping the newest intact copy."""
+        slots = [self._slot(0), self._slot(1)]
+        newest = max((0, 1), key=lambda i: s[0] if (s := slots[i]) is not None else -1)
+        target = 1 - newest if slots[newest] is not None else 0
+        old = slots[target]
+        length = len(data)
+        if old is not None and old[2] >= length:
+            offset, cap = old[1], old[2]
+        else:
+            size = os.fstat(self._fd).st_size
+            offset = max(HEADER, -(-size // 4096) * 4096)
+            cap = 4096
+            while cap < 2 * length:
+                cap *= 2
+            os.ftruncate(self._fd, offset + cap)
+        written = os.pwrite(self._fd, data, offset)
+        if written != length:
+            raise OSError(f"short write to {self.path!r} ({written} of {length} bytes)")
+        at = _SLOT_AT[target]
+        _SLOT.pack_into(self._header, at, version, offset, cap, length, zlib.crc32(data))
+        crc = zlib.crc32(self._header[at : at + _SLOT.size])
+        _SLOT_CRC.pack_into(self._header, at + _SLOT.size, crc)
