@@ -42,7 +42,7 @@ def hammer(limits: LimitSet, inside: Any, peak: Any, threads: int, tasks: int) -
         with inside.get_lock():
             inside.value -= 1
 
-    def work(i: int) -> tuple[dict[str, float], dict[str, float]]:
+    def work(i: int) -> tuple[dict[str, int], dict[str, int]]:
         n = 1 + (i * 7 + os.getpid()) % 5
         requested = {"tokens": n, "log": 1, "gcra": 1 + i % 2, "fixed": 1}
         usage = {"tokens": max(0, n - i % 3)}  # a refund now and then

@@ -112,7 +112,8 @@ def test_sigkill_while_holding_a_slot_does_not_leak_it(backend: ProcessBackend) 
     proc.kill()
     proc.join(10)
     waiter.join(60)  # the listener sees the holder's pidfd close and reclaims the slot
-    assert got and got[0].successful
+    assert got
+    assert got[0].successful
     assert limits.get_stats()["limits"]["conn"]["in_use"] == 1
     got[0].release()
     assert limits.get_stats()["limits"]["conn"]["in_use"] == 0
