@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from .._algorithms import (
@@ -92,35 +93,44 @@ class _Entries:
         return log
 
 
+def _dumper(state: RateState, entries: _Entries) -> Callable[[int], tuple[Any, int]]:
+    """A function dumping ``state`` (given and returning the next free entry number)."""
+    if isinstance(state, SemaphoreState):
+        return lambda n: (state.in_use, n)
+    if isinstance(state, TokenBucketState):
+        return lambda n: ((state._level, state._stamp, _dump_peaks(state._peaks)), n)
+    if isinstance(state, GCRAState):
+        return lambda n: ((state._tat, _dump_peaks(state._peaks)), n)
+    if isinstance(state, FixedWindowState):
+        return lambda n: ((state._count, state._index, state._start, state._end), n)
+    if isinstance(state, SlidingWindowState):
+
+        def dump_log(n: int) -> tuple[Any, int]:
+            flat, n = entries.dump(state._log, n)
+            return (state._total, flat), n
+
+        return dump_log
+    if isinstance(state, LeakyBucketState):
+        return lambda n: entries.dump(state._slots, n)
+    raise TypeError(f"cannot share {state!r}")  # pragma: no cover - all algorithms are above
+
+
 class StateCodec:
     """Dumps and loads the states of one LimitSet (in their order)."""
 
-    __slots__ = ("_entries", "_states")
+    __slots__ = ("_dumpers", "_entries", "_states")
 
     def __init__(self, states: tuple[RateState, ...]) -> None:
         self._states = states
         self._entries = [_Entries() for _ in states]
+        self._dumpers = [_dumper(s, e) for s, e in zip(states, self._entries, strict=True)]
 
     def dump(self, next_id: int) -> tuple[list[Any], int]:
         """The states as marshal-able values, and the next free entry number."""
         out: list[Any] = []
-        for state, entries in zip(self._states, self._entries, strict=True):
-            if isinstance(state, SemaphoreState):
-                out.append(state.in_use)
-            elif isinstance(state, TokenBucketState):
-                out.append((state._level, state._stamp, _dump_peaks(state._peaks)))
-            elif isinstance(state, GCRAState):
-                out.append((state._tat, _dump_peaks(state._peaks)))
-            elif isinstance(state, FixedWindowState):
-                out.append((state._count, state._index, state._start, state._end))
-            elif isinstance(state, SlidingWindowState):
-                flat, next_id = entries.dump(state._log, next_id)
-                out.append((state._total, flat))
-            elif isinstance(state, LeakyBucketState):
-                flat, next_id = entries.dump(state._slots, next_id)
-                out.append(flat)
-            else:  # pragma: no cover - every algorithm is listed above
-                raise TypeError(f"cannot share {state!r}")
+        for dump in self._dumpers:
+            value, next_id = dump(next_id)
+            out.append(value)
         return out, next_id
 
     def load(self, data: list[Any]) -> None:

@@ -30,16 +30,19 @@ HEADER: Final = 4096
 _SLOT = struct.Struct("<QQQQI")  # version, offset, capacity, length, data crc
 _SLOT_CRC = struct.Struct("<I")
 _SLOT_AT: Final = (64, 128)
-_VERSION = struct.Struct("<Q")
+_VERSIONS = struct.Struct("<Q56xQ")  # the version fields of both slots, read at once
+_Fields = tuple[int, int, int, int, int]
 
 
 class StateFile:
     """One open state file. Not thread-safe by itself: the caller holds a thread lock too."""
 
-    __slots__ = ("_fd", "_header", "path")
+    __slots__ = ("_fd", "_header", "_known", "path")
 
     def __init__(self, path: str) -> None:
         self.path = path
+        # (version, its slot, both slots' fields) as this object last read or wrote them.
+        self._known: tuple[int, int, list[_Fields | None]] | None = None
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
@@ -71,11 +74,10 @@ class StateFile:
     def version(self) -> int:
         """The highest version either slot claims (unchecked: a torn slot only makes the caller
         read, and :meth:`read` validates)."""
-        a = _VERSION.unpack_from(self._header, _SLOT_AT[0])[0]
-        b = _VERSION.unpack_from(self._header, _SLOT_AT[1])[0]
+        a, b = _VERSIONS.unpack_from(self._header, _SLOT_AT[0])
         return int(a if a > b else b)
 
-    def _slot(self, i: int) -> tuple[int, int, int, int, int] | None:
+    def _slot(self, i: int) -> _Fields | None:
         at = _SLOT_AT[i]
         fields = _SLOT.unpack_from(self._header, at)
         (crc,) = _SLOT_CRC.unpack_from(self._header, at + _SLOT.size)
@@ -85,20 +87,28 @@ class StateFile:
 
     def read(self) -> tuple[int, bytes] | None:
         """Under the lock: ``(version, data)`` of the newest intact copy, or None (no state)."""
-        slots = [(s, i) for i in (0, 1) if (s := self._slot(i)) is not None]
-        slots.sort(reverse=True)
-        for (version, offset, _cap, length, crc), _i in slots:
+        fields = [self._slot(0), self._slot(1)]
+        order = sorted(((f, i) for i, f in enumerate(fields) if f is not None), reverse=True)
+        for (version, offset, _cap, length, crc), i in order:
             data = os.pread(self._fd, length, offset)
             if len(data) == length and zlib.crc32(data) == crc:
+                self._known = (version, i, fields)
                 return version, data
+        self._known = None
         return None
 
-    def write(self, version: int, data: bytes) -> None:
-        """Under the lock: store ``data`` as ``version``, keeping the newest intact copy."""
-        slots = [self._slot(0), self._slot(1)]
-        newest = max((0, 1), key=lambda i: s[0] if (s := slots[i]) is not None else -1)
-        target = 1 - newest if slots[newest] is not None else 0
-        old = slots[target]
+    def write(self, version: int, data: bytes, *, current: bool = False) -> None:
+        """Under the lock: store ``data`` as ``version``, keeping the newest intact copy.
+        ``current``: the caller knows that nobody wrote since this object last read or wrote."""
+        known = self._known
+        if known is not None and (current or self.version() == known[0]):
+            # The usual case: nobody wrote since this object last read or wrote.
+            fields, target = known[2], 1 - known[1]
+        else:
+            fields = [self._slot(0), self._slot(1)]
+            newest = max((0, 1), key=lambda i: f[0] if (f := fields[i]) is not None else -1)
+            target = 1 - newest if fields[newest] is not None else 0
+        old = fields[target]
         length = len(data)
         if old is not None and old[2] >= length:
             offset, cap = old[1], old[2]
@@ -112,7 +122,11 @@ class StateFile:
         written = os.pwrite(self._fd, data, offset)
         if written != length:
             raise OSError(f"short write to {self.path!r} ({written} of {length} bytes)")
+        new = (version, offset, cap, length, zlib.crc32(data))
         at = _SLOT_AT[target]
-        _SLOT.pack_into(self._header, at, version, offset, cap, length, zlib.crc32(data))
+        _SLOT.pack_into(self._header, at, *new)
         crc = zlib.crc32(self._header[at : at + _SLOT.size])
         _SLOT_CRC.pack_into(self._header, at + _SLOT.size, crc)
+        fields = list(fields)
+        fields[target] = new
+        self._known = (version, target, fields)

@@ -374,36 +374,43 @@ class ProcessScheduler(Scheduler):
         """Write the state back if it changed. Returns the address of a process to wake."""
         me = self._me
         queue = self.queue
-        tickets: list[Ticket] = list(self._foreign)
         if self._mine:
             self._mine = {w: t for w, t in self._mine.items() if w in queue}
-            if self._mine:
-                tickets += [(n, me, keys) for n, keys in self._mine.values()]
-                tickets.sort()
-        for j, (_i, state) in enumerate(self._sems):
-            delta = state.in_use - self._base_in_use[j]
-            if delta:
-                self._holding[j] += delta
-                self._base_in_use[j] = state.in_use
-        owners = self._owners
-        if self._mine or any(self._holding):
-            address = peers.listener().address if self._mine else b""
-            owners[me] = (address, tuple(self._holding))
+        if self._mine:
+            tickets = self._foreign + [(n, me, keys) for n, keys in self._mine.values()]
+            tickets.sort()
         else:
-            owners.pop(me, None)
+            tickets = self._foreign
+        if self._sems:
+            holding, base = self._holding, self._base_in_use
+            for j, (_i, state) in enumerate(self._sems):
+                delta = state.in_use - base[j]
+                if delta:
+                    holding[j] += delta
+                    base[j] = state.in_use
+            if self._mine or any(holding):
+                address = peers.listener().address if self._mine else b""
+                self._owners[me] = (address, tuple(holding))
+            elif me in self._owners:
+                del self._owners[me]
+        elif self._mine:
+            self._owners[me] = (peers.listener().address, ())
+        elif me in self._owners:
+            del self._owners[me]
+        owners = self._owners
         states, self._next_entry = self._codec.dump(self._next_entry)
-        counters = (
-            self.granted,
-            self.timed_out,
-            self.cancelled,
-            self.paused_until,
-            [self.refunded[s.key] for s in self.states],
-        )
+        refunded = self.refunded
         data = marshal.dumps(
             (
                 _LAYOUT,
                 self._meta,
-                counters,
+                (
+                    self.granted,
+                    self.timed_out,
+                    self.cancelled,
+                    self.paused_until,
+                    [refunded[s.key] for s in self.states],
+                ),
                 states,
                 tickets,
                 owners,
@@ -420,17 +427,25 @@ class ProcessScheduler(Scheduler):
         if data == self._bytes:
             self._poke = False
             return None
-        self._version = self._file.version() + 1 if self._version < 0 else self._version + 1
-        try:
+        if self._version < 0:
+            self._version = self._file.version() + 1
             self._file.write(self._version, data)
-        except BaseException:
-            self._version = -1  # reload next time: what is on file is the truth
-            raise
+        else:
+            try:
+                self._file.write(self._version + 1, data, current=True)
+            except BaseException:
+                self._version = -1  # reload next time: what is on file is the truth
+                raise
+            self._version += 1
         self._bytes = data
-        first = tickets[0] if tickets else None
+        if not tickets:
+            self._first = None
+            self._poke = False
+            return None
+        first = tickets[0]
         poke, self._poke = self._poke, False
-        if first is None or first[1] == me or (first[0] == self._first and not poke):
-            self._first = first[0] if first else None
+        if first[1] == me or (first[0] == self._first and not poke):
+            self._first = first[0]
             return None
         self._first = first[0]
         return owners[first[1]][0] or None
