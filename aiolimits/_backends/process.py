@@ -370,8 +370,9 @@ class ProcessScheduler(Scheduler):
         self._next_entry = next_entry
         self._bytes = data
 
-    def _store(self) -> bytes | None:
-        """Write the state back if it changed. Returns the address of a process to wake."""
+    def _tickets(self) -> list[Ticket]:
+        """All waiting tickets in order; also brings this process's owner entry up to date
+        (its slots held, and its wake-up address while it has waiters)."""
         me = self._me
         queue = self.queue
         if self._mine:
@@ -397,6 +398,13 @@ class ProcessScheduler(Scheduler):
             self._owners[me] = (peers.listener().address, ())
         elif me in self._owners:
             del self._owners[me]
+        return tickets
+
+    def _store(self) -> bytes | None:
+        """Write the state back if it changed. Returns the address of a process to wake."""
+        me = self._me
+        queue = self.queue
+        tickets = self._tickets()
         owners = self._owners
         states, self._next_entry = self._codec.dump(self._next_entry)
         refunded = self.refunded
