@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from aiolimits import Acquisition, CallLimit, LimitSet, ProcessBackend, RateLimit, ResourceLimit
+from aiolimits.testing import ManualClock
 
 from . import _process_workers as workers
 from .contract import AnyLimit, LimitSetContract, MakeLimitSet
@@ -183,7 +186,6 @@ def test_an_arrival_does_not_pass_a_waiter_of_another_process(backend: ProcessBa
     proc = _start(workers.queue_for_two, limits, events)
     _until(lambda: limits.get_stats()["waiting"] == 1)
     assert not limits.try_acquire({"r": 1}).successful
-    assert limits.retry_after({"r": 1}) == 0.0  # the limit alone would admit it
     proc.kill()
     proc.join(10)
     release.set()
@@ -225,3 +227,87 @@ def _until(predicate: Callable[[], bool]) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "the other process did not get there"
         time.sleep(0.005)
+
+
+# -- several attachments in one process: the shared state against the memory backend ---------
+
+_MIRROR_LIMITS = (
+    CallLimit(window_seconds=4, capacity=6),
+    RateLimit("tb", window_seconds=8, capacity=10),
+    RateLimit("gcra", window_seconds=8, capacity=10, algorithm="gcra"),
+    RateLimit("leaky", window_seconds=8, capacity=10, algorithm="leaky_bucket"),
+    RateLimit("sw", window_seconds=8, capacity=10, algorithm="sliding_window"),
+    RateLimit("fw", window_seconds=8, capacity=10, algorithm="fixed_window"),
+    ResourceLimit("conn", capacity=3),
+)
+_KEYS = ("tb", "gcra", "leaky", "sw", "fw")
+
+_step = st.tuples(
+    st.integers(0, 2),  # which attachment acts
+    st.sampled_from(["take", "take", "update", "release", "pause"]),
+    st.sampled_from([0.0, 0.25, 0.5, 1.0, 3.0]),  # clock advance before it
+    st.lists(st.integers(0, 4), min_size=6, max_size=6),  # amounts (or usage), conn last
+    st.integers(0, 1000),  # which held acquisition
+)
+
+
+@settings(max_examples=max(50, settings().max_examples // 10))
+@given(steps=st.lists(_step, max_size=60))
+# Take in one attachment, write from another, then refund in the first (reloaded meanwhile).
+@example(
+    steps=[
+        (0, "take", 0, [0, 0, 0, 4, 0, 0], 0),
+        (1, "take", 0, [0, 0, 0, 1, 0, 0], 0),
+        (0, "update", 0, [0, 0, 0, 1, 0, 0], 0),
+    ]
+)
+@example(
+    steps=[
+        (0, "take", 0, [0, 0, 4, 0, 0, 0], 0),
+        (1, "take", 0, [0, 0, 1, 0, 0, 0], 0),
+        (0, "update", 0.25, [0, 0, 1, 0, 0, 0], 0),
+        (2, "take", 0, [0, 0, 1, 0, 0, 0], 0),
+    ]
+)
+def test_attachments_decide_exactly_like_one_memory_set(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[Any]
+) -> None:
+    """Three attachments to one shared state, used in turns, make the very decisions (to the
+    float) that one in-memory set makes for the same calls: every reload restores the state
+    exactly, and refunds reach the entries their receipts name."""
+    backend = ProcessBackend(tmp_path_factory.mktemp("mirror"))
+    name = f"mirror-{next(_names)}"
+    shared_clock, memory_clock = ManualClock(100.0), ManualClock(100.0)
+    shared = [
+        LimitSet(_MIRROR_LIMITS, backend=backend, name=name, clock=shared_clock) for _ in range(3)
+    ]
+    memory = LimitSet(_MIRROR_LIMITS, clock=memory_clock)
+    held: list[tuple[int, Acquisition, Acquisition]] = []
+    for who, kind, dt, amounts, pick in steps:
+        shared_clock.advance(dt)
+        memory_clock.advance(dt)
+        if kind == "take":
+            requested = dict(zip((*_KEYS, "conn"), amounts, strict=True))
+            requested["conn"] = min(requested["conn"], 1)
+            a, b = shared[who].try_acquire(requested), memory.try_acquire(requested)
+            assert a.successful == b.successful
+            if a.successful:
+                held.append((who, a, b))
+        elif kind == "pause":
+            shared[who].pause(amounts[0] / 4)
+            memory.pause(amounts[0] / 4)
+        elif held:
+            i, a, b = held[pick % len(held)]
+            if kind == "update":
+                usage = dict(zip(_KEYS, amounts[:5], strict=True))
+                a.update(usage)
+                b.update(usage)
+            else:
+                held.remove((i, a, b))
+                a.release()
+                b.release()
+        assert shared[(who + 1) % 3].get_stats() == memory.get_stats()
+    for _who, a, b in held:
+        a.release()
+        b.release()
+    assert shared[0].get_stats() == memory.get_stats()
