@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import multiprocessing.process
+import pickle
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,6 +21,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from aiolimits import Acquisition, CallLimit, LimitSet, ProcessBackend, RateLimit, ResourceLimit
+from aiolimits._backends._process_file import StateFile
+from aiolimits._backends.process import ProcessScheduler, runtime_directory
 from aiolimits.testing import ManualClock
 
 from . import _process_workers as workers
@@ -311,3 +314,89 @@ def test_attachments_decide_exactly_like_one_memory_set(
         a.release()
         b.release()
     assert shared[0].get_stats() == memory.get_stats()
+
+
+# -- the state file --------------------------------------------------------------------------
+
+
+def test_state_file_keeps_the_last_intact_copy_when_a_write_is_torn(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.limits")
+    f = StateFile(path)
+    f.write(1, b"one")
+    f.write(2, b"two" * 5000)  # grows into a new region
+    f.write(3, b"three")
+    assert f.read() == (3, b"three")
+    assert f._known is not None
+    # A writer killed after the slot's fields but before their crc: that slot is ignored.
+    with open(path, "r+b") as raw:
+        raw.seek((64, 128)[f._known[1]] + 36)
+        raw.write(b"\0\0\0\0")
+    assert StateFile(path).read() == (2, b"two" * 5000)
+    # A writer killed in the middle of the data: the crc of the data catches it.
+    g = StateFile(path)
+    g.write(4, b"four")
+    assert g.read() == (4, b"four")
+    assert g._known is not None
+    slot = g._known[2][g._known[1]]
+    assert slot is not None
+    with open(path, "r+b") as raw:
+        raw.seek(slot[1])
+        raw.write(b"XX")
+    assert StateFile(path).read() == (2, b"two" * 5000)
+    f.close()
+    g.close()
+
+
+def test_a_file_that_is_not_a_state_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.limits"
+    path.write_bytes(b"hello" * 1000)
+    with pytest.raises(ValueError, match="not an aiolimits state file"):
+        StateFile(str(path))
+
+
+def test_state_from_a_previous_boot_is_replaced(backend: ProcessBackend) -> None:
+    limits = LimitSet([ResourceLimit("conn", capacity=1)], backend=backend, name="boot")
+    held = limits.try_acquire()
+    assert held.successful
+    sched = limits._scheduler
+    assert isinstance(sched, ProcessScheduler)
+    # Rewrite the stored boot id, as if the file had survived a reboot.
+    with sched.lock:
+        sched._meta = ("another-boot", *sched._meta[1:])
+        sched._bytes = b""
+    again = LimitSet([ResourceLimit("conn", capacity=1)], backend=backend, name="boot")
+    assert again.get_stats()["limits"]["conn"]["in_use"] == 0
+
+
+def test_name_is_required_and_location_is_checked(backend: ProcessBackend) -> None:
+    with pytest.raises(ValueError, match="name is required with ProcessBackend"):
+        LimitSet([CallLimit(1, 1)], backend=backend)
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        LimitSet([CallLimit(1, 1)], backend=backend, name="")
+    with pytest.raises(ValueError, match="location"):
+        ProcessBackend("")
+    with pytest.raises(TypeError, match="location"):
+        ProcessBackend(3)  # type: ignore[arg-type]
+
+
+def test_a_bare_name_lives_in_the_runtime_directory() -> None:
+    backend = ProcessBackend("aiolimits-test-bare")
+    assert backend.directory == runtime_directory() / "aiolimits-test-bare"
+    assert ProcessBackend("/tmp/x").directory == Path("/tmp/x")
+    assert pickle.loads(pickle.dumps(backend)) == backend
+    assert repr(backend) == "ProcessBackend('aiolimits-test-bare')"
+
+
+def test_a_private_clock_cannot_be_shared_with_monotonic(backend: ProcessBackend) -> None:
+    clock = ManualClock()
+    LimitSet([CallLimit(1, 1)], backend=backend, name="clocked", clock=clock)
+    with pytest.raises(ValueError, match="another clock"):
+        LimitSet([CallLimit(1, 1)], backend=backend, name="clocked")
+
+
+def test_names_are_files_whatever_they_contain(backend: ProcessBackend) -> None:
+    odd = LimitSet([CallLimit(1, 1)], backend=backend, name="a/b c:%")
+    long = LimitSet([CallLimit(1, 1)], backend=backend, name="x" * 500)
+    assert odd.try_acquire().successful
+    assert long.try_acquire().successful
+    assert {p.parent for p in backend.directory.iterdir()} == {backend.directory}

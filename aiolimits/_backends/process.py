@@ -289,11 +289,15 @@ class ProcessScheduler(Scheduler):
         Raises:
             ValueError: it belongs to a live set declared with other limits or another clock.
         """
-        if shared[0] != _LAYOUT:
-            return False
-        boot, clock, decl = shared[1]
+        boot = shared[1][0] if isinstance(shared, tuple) and len(shared) > 1 else None
         if boot != self._meta[0]:
             return False  # monotonic times of a previous boot mean nothing now
+        if shared[0] != _LAYOUT:
+            raise ValueError(
+                f"the shared state {name!r} at {self._file.path} was made by another version "
+                "of aiolimits; stop the processes using it (or remove the file)"
+            )
+        _boot, clock, decl = shared[1]
         if clock != self._meta[1]:
             if clock.startswith("private:"):
                 pid, start = (int(x) for x in clock.split(":")[1:3])
