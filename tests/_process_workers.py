@@ -136,3 +136,19 @@ def queue_for_two(limits: LimitSet, events: Any) -> None:
     """Queue a request that the rate limit admits only in an hour (the parent kills us)."""
     with limits.acquire_sync({"r": 2}, timeout=3600):
         events.put("child")
+
+
+def ping_pong(limits: LimitSet, rounds: int, out: Any) -> None:
+    """Take the only slot ``rounds`` times, from a thread and an asyncio task in turn."""
+
+    async def take() -> None:
+        async with limits.acquire(timeout=60):
+            await asyncio.sleep(0.0002)
+
+    for i in range(rounds):
+        if i % 2:
+            asyncio.run(take())
+        else:
+            with limits.acquire_sync(timeout=60):
+                time.sleep(0.0002)
+    out.put(rounds)

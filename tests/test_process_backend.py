@@ -179,6 +179,21 @@ def test_waiters_in_two_processes_are_served_in_arrival_order(backend: ProcessBa
     assert proc.exitcode == 0
 
 
+def test_many_handovers_between_processes_all_complete(backend: ProcessBackend) -> None:
+    """Each release wakes the waiter of the other process (a lost wake-up would time out)."""
+    limits = LimitSet([ResourceLimit("conn", capacity=1)], backend=backend, name="pingpong")
+    out = _spawn.Queue()
+    procs = [_start(workers.ping_pong, limits, 60, out) for _ in range(2)]
+    workers.ping_pong(limits, 60, out)
+    assert [out.get(timeout=100) for _ in range(3)] == [60, 60, 60]
+    for proc in procs:
+        proc.join(10)
+    stats = limits.get_stats()
+    assert stats["granted"] == 180
+    assert stats["timed_out"] == 0
+    assert stats["limits"]["conn"]["in_use"] == 0
+
+
 def test_an_arrival_does_not_pass_a_waiter_of_another_process(backend: ProcessBackend) -> None:
     limits = LimitSet(
         [RateLimit("r", window_seconds=3600, capacity=2)], backend=backend, name="nobarge"

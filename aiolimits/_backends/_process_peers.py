@@ -127,15 +127,15 @@ class Listener:
     def register(self, scheduler: Pokeable) -> None:
         self._schedulers.add(scheduler)
 
-    def send(self, address: bytes) -> None:
+    def send(self, address: bytes, message: bytes = b"!") -> None:
         """Wake the process listening on ``address``; never blocks. A peer that is gone or
         swamped (its queue of datagrams full: it has wake-ups pending anyway) is skipped."""
         with contextlib.suppress(OSError):
-            self._sender.sendto(b"!", address)
+            self._sender.sendto(message, address)
 
     def rewatch(self) -> None:
-        """Have the listener re-read which peers to watch."""
-        self.send(self.address)
+        """Have the listener re-read which peers to watch (and nothing else)."""
+        self.send(self.address, b"w")
 
     def _run(self) -> None:
         sock_fd = self._sock.fileno()
@@ -149,12 +149,16 @@ class Listener:
                         if fd is not None:
                             poller.register(fd, select.POLLIN)
             # Blocks until a datagram or a peer's exit: no timeout, no periodic wake-up.
-            poller.poll()
+            ready = poller.poll()
+            poke = any(fd != sock_fd for fd, _events in ready)  # a watched peer exited
             try:
                 while True:
-                    self._sock.recv(64)
+                    if self._sock.recv(64) != b"w":
+                        poke = True
             except BlockingIOError:
                 pass
+            if not poke:
+                continue
             for scheduler in list(self._schedulers):
                 if scheduler.has_waiters():
                     _call_quietly(scheduler.poked)
