@@ -25,7 +25,6 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from aiolimits import CallLimit, LimitSet, ProcessBackend, RateLimit, ResourceLimit
