@@ -7,6 +7,7 @@ module and attach to the same state by location and name, as independent process
 from __future__ import annotations
 
 import itertools
+import math
 import multiprocessing
 import multiprocessing.process
 import pickle
@@ -137,6 +138,22 @@ def test_a_full_resource_reclaims_a_dead_holders_slot_on_try_acquire(
     limits = LimitSet([ResourceLimit("conn", capacity=1)], backend=backend, name=name)
     with limits.try_acquire() as acq:
         assert acq.successful
+
+
+def test_stats_and_retry_after_do_not_count_a_dead_holders_slot(
+    backend: ProcessBackend,
+) -> None:
+    location, name = str(backend.directory), "crash-stats"
+    limits = LimitSet([ResourceLimit("conn", capacity=1)], backend=backend, name=name)
+    ready = _spawn.Event()
+    proc = _start(workers.hold_slot_forever, location, name, ready)
+    assert ready.wait(60)
+    assert limits.get_stats()["limits"]["conn"]["in_use"] == 1
+    assert limits.retry_after() == math.inf
+    proc.kill()
+    proc.join(10)
+    assert limits.retry_after() == 0.0
+    assert limits.get_stats()["limits"]["conn"]["in_use"] == 0
 
 
 def test_sigkill_while_holding_the_lock_does_not_block_the_group(

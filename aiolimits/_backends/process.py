@@ -485,6 +485,13 @@ class ProcessScheduler(Scheduler):
 
     # -- the scheduler, across processes -----------------------------------------------------
 
+    def catch_up(self, now: float) -> None:
+        # Also where get_stats() and retry_after() look: reclaim what dead peers held first, so
+        # that they answer for the live group (a check of one pidfd per peer).
+        if len(self._owners) > (self._me in self._owners) and self._reap(now) and self.queue:
+            self._dispatch(now)
+        super().catch_up(now)
+
     def try_take(self, items: Items, now: float) -> list[Any] | None:
         if self._foreign and not (self._reap(now) and not self._foreign):
             return None  # someone in another process queued first: no barging
