@@ -13,6 +13,8 @@ import threading
 import time
 from typing import Any
 
+import anyio
+
 from aiolimits import CallLimit, LimitSet, ProcessBackend, RateLimit, ResourceLimit
 
 HAMMER_LIMITS = (
@@ -139,15 +141,17 @@ def queue_for_two(limits: LimitSet, events: Any) -> None:
 
 
 def ping_pong(limits: LimitSet, rounds: int, out: Any) -> None:
-    """Take the only slot ``rounds`` times, from a thread and an asyncio task in turn."""
+    """Take the only slot ``rounds`` times: from a thread, an asyncio task, a trio task in turn."""
 
     async def take() -> None:
         async with limits.acquire(timeout=60):
-            await asyncio.sleep(0.0002)
+            await anyio.sleep(0.0002)
 
     for i in range(rounds):
-        if i % 2:
-            asyncio.run(take())
+        if i % 3 == 1:
+            anyio.run(take, backend="asyncio")
+        elif i % 3 == 2:
+            anyio.run(take, backend="trio")
         else:
             with limits.acquire_sync(timeout=60):
                 time.sleep(0.0002)
