@@ -23,7 +23,6 @@ import select
 import socket
 import threading
 import weakref
-from collections.abc import Callable
 from typing import Protocol
 
 __all__ = ["Listener", "alive", "listener", "my_identity", "pidfd"]
@@ -119,13 +118,28 @@ class Listener:
         self._sock.setblocking(False)
         self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sender.setblocking(False)
-        self._schedulers: weakref.WeakSet[Pokeable] = weakref.WeakSet()
+        # Registered by any thread, read by the listener: guarded by a lock, weakly held.
+        self._guard = threading.Lock()
+        self._schedulers: dict[int, weakref.ref[Pokeable]] = {}
         self._pid = os.getpid()
         thread = threading.Thread(target=self._run, name="aiolimits-process-listener", daemon=True)
         thread.start()
 
     def register(self, scheduler: Pokeable) -> None:
-        self._schedulers.add(scheduler)
+        with self._guard:
+            if id(scheduler) not in self._schedulers:
+                self._schedulers[id(scheduler)] = weakref.ref(scheduler, self._forget)
+
+    def _forget(self, ref: weakref.ref[Pokeable]) -> None:
+        with self._guard:
+            for key, value in list(self._schedulers.items()):
+                if value is ref:
+                    del self._schedulers[key]
+
+    def _waiting(self) -> list[Pokeable]:
+        with self._guard:
+            refs = list(self._schedulers.values())
+        return [s for ref in refs if (s := ref()) is not None and s.has_waiters()]
 
     def send(self, address: bytes, message: bytes = b"!") -> None:
         """Wake the process listening on ``address``; never blocks. A peer that is gone or
@@ -138,16 +152,22 @@ class Listener:
         self.send(self.address, b"w")
 
     def _run(self) -> None:
+        while True:
+            # The listener must survive any one failure (a state file removed under it, say);
+            # the waiters it could not serve still wake at their deadlines.
+            with contextlib.suppress(Exception):
+                self._serve()
+
+    def _serve(self) -> None:
         sock_fd = self._sock.fileno()
         while True:
             poller = select.poll()
             poller.register(sock_fd, select.POLLIN)
-            for scheduler in list(self._schedulers):
-                if scheduler.has_waiters():
-                    for peer in scheduler.watched_peers():
-                        fd = pidfd(peer)
-                        if fd is not None:
-                            poller.register(fd, select.POLLIN)
+            for scheduler in self._waiting():
+                for peer in scheduler.watched_peers():
+                    fd = pidfd(peer)
+                    if fd is not None:
+                        poller.register(fd, select.POLLIN)
             # Blocks until a datagram or a peer's exit: no timeout, no periodic wake-up.
             ready = poller.poll()
             poke = any(fd != sock_fd for fd, _events in ready)  # a watched peer exited
@@ -157,18 +177,10 @@ class Listener:
                         poke = True
             except BlockingIOError:
                 pass
-            if not poke:
-                continue
-            for scheduler in list(self._schedulers):
-                if scheduler.has_waiters():
-                    _call_quietly(scheduler.poked)
-
-
-def _call_quietly(fn: Callable[[], None]) -> None:
-    # The listener must survive any one failure (a state file removed under it, say); the
-    # waiters it could not serve still wake at their deadline.
-    with contextlib.suppress(Exception):
-        fn()
+            if poke:
+                for scheduler in self._waiting():
+                    with contextlib.suppress(Exception):
+                        scheduler.poked()
 
 
 _listener: Listener | None = None
