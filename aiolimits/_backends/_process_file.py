@@ -9,9 +9,9 @@ A slot whose region is too small gets a new region at the end of the file (regio
 geometrically; the old one is simply abandoned).
 
 Everything here runs under the file lock (``flock(LOCK_EX)``): the kernel releases it when its
-holder dies, so a process killed while holding it cannot block the others. The header is mapped
-(``mmap``) so that the version check on every lock is a memory read; data goes through
-``pread``/``pwrite``.
+holder dies, so a process killed while holding it cannot block the others. The file is mapped
+(``mmap``): the version check on every lock is a memory read, and reading or writing the state
+is a memory copy (the mapping is renewed when the file grows).
 """
 
 from __future__ import annotations
@@ -37,39 +37,42 @@ _Fields = tuple[int, int, int, int, int]
 class StateFile:
     """One open state file. Not thread-safe by itself: the caller holds a thread lock too."""
 
-    __slots__ = ("_fd", "_header", "_known", "path")
+    __slots__ = ("_data", "_header", "_known", "fd", "path")
 
     def __init__(self, path: str) -> None:
         self.path = path
         # (version, its slot, both slots' fields) as this object last read or wrote them.
         self._known: tuple[int, int, list[_Fields | None]] | None = None
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
             try:
-                if os.fstat(self._fd).st_size < HEADER:
-                    os.ftruncate(self._fd, HEADER)
-                    os.pwrite(self._fd, MAGIC, 0)
-                elif os.pread(self._fd, len(MAGIC), 0) != MAGIC:
+                if os.fstat(self.fd).st_size < HEADER:
+                    os.ftruncate(self.fd, HEADER)
+                    os.pwrite(self.fd, MAGIC, 0)
+                elif os.pread(self.fd, len(MAGIC), 0) != MAGIC:
                     raise ValueError(f"{path!r} exists and is not an aiolimits state file")
             finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            self._header = mmap.mmap(self._fd, HEADER)
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            self._header = mmap.mmap(self.fd, HEADER)
+            self._data = self._header  # the whole file, mapped again when it grows
         except BaseException:
-            os.close(self._fd)
+            os.close(self.fd)
             raise
 
     def close(self) -> None:
-        if self._fd >= 0:
+        if self.fd >= 0:
+            if self._data is not self._header:
+                self._data.close()
             self._header.close()
-            os.close(self._fd)
-            self._fd = -1
+            os.close(self.fd)
+            self.fd = -1
 
     def lock(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
 
     def unlock(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def version(self) -> int:
         """The highest version either slot claims (unchecked: a torn slot only makes the caller
@@ -85,12 +88,22 @@ class StateFile:
             return None
         return fields
 
+    def _mapped(self, end: int) -> mmap.mmap:
+        """The file mapped at least up to ``end`` (as far as it exists)."""
+        if len(self._data) < end:
+            size = os.fstat(self.fd).st_size
+            if size > len(self._data):
+                if self._data is not self._header:
+                    self._data.close()
+                self._data = mmap.mmap(self.fd, size)
+        return self._data
+
     def read(self) -> tuple[int, bytes] | None:
         """Under the lock: ``(version, data)`` of the newest intact copy, or None (no state)."""
         fields = [self._slot(0), self._slot(1)]
         order = sorted(((f, i) for i, f in enumerate(fields) if f is not None), reverse=True)
         for (version, offset, _cap, length, crc), i in order:
-            data = os.pread(self._fd, length, offset)
+            data = self._mapped(offset + length)[offset : offset + length]
             if len(data) == length and zlib.crc32(data) == crc:
                 self._known = (version, i, fields)
                 return version, data
@@ -113,15 +126,13 @@ class StateFile:
         if old is not None and old[2] >= length:
             offset, cap = old[1], old[2]
         else:
-            size = os.fstat(self._fd).st_size
+            size = os.fstat(self.fd).st_size
             offset = max(HEADER, -(-size // 4096) * 4096)
             cap = 4096
             while cap < 2 * length:
                 cap *= 2
-            os.ftruncate(self._fd, offset + cap)
-        written = os.pwrite(self._fd, data, offset)
-        if written != length:
-            raise OSError(f"short write to {self.path!r} ({written} of {length} bytes)")
+            os.ftruncate(self.fd, offset + cap)
+        self._mapped(offset + length)[offset : offset + length] = data
         new = (version, offset, cap, length, zlib.crc32(data))
         at = _SLOT_AT[target]
         _SLOT.pack_into(self._header, at, *new)

@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 import weakref
+from fcntl import LOCK_EX, LOCK_UN, flock
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -322,12 +323,13 @@ class ProcessScheduler(Scheduler):
             )
         self._local.acquire()
         try:
-            self._file.lock()
+            file = self._file
+            flock(file.fd, LOCK_EX)
             try:
-                if self._file.version() != self._version:
+                if file.version() != self._version:
                     self._reload()
             except BaseException:
-                self._file.unlock()
+                flock(file.fd, LOCK_UN)
                 raise
         except BaseException:
             self._local.release()
@@ -343,7 +345,7 @@ class ProcessScheduler(Scheduler):
             try:
                 poke = self._store()
             finally:
-                self._file.unlock()
+                flock(self._file.fd, LOCK_UN)
             if poke is not None:
                 peers.listener().send(poke)
         finally:
@@ -378,8 +380,8 @@ class ProcessScheduler(Scheduler):
         """All waiting tickets in order; also brings this process's owner entry up to date
         (its slots held, and its wake-up address while it has waiters)."""
         me = self._me
-        queue = self.queue
         if self._mine:
+            queue = self.queue
             self._mine = {w: t for w, t in self._mine.items() if w in queue}
         if self._mine:
             tickets = self._foreign + [(n, me, keys) for n, keys in self._mine.values()]
@@ -388,11 +390,12 @@ class ProcessScheduler(Scheduler):
             tickets = self._foreign
         if self._sems:
             holding, base = self._holding, self._base_in_use
-            for j, (_i, state) in enumerate(self._sems):
-                delta = state.in_use - base[j]
-                if delta:
-                    holding[j] += delta
+            j = 0
+            for _i, state in self._sems:
+                if state.in_use != base[j]:
+                    holding[j] += state.in_use - base[j]
                     base[j] = state.in_use
+                j += 1
             if self._mine or any(holding):
                 address = peers.listener().address if self._mine else b""
                 self._owners[me] = (address, tuple(holding))
@@ -411,7 +414,6 @@ class ProcessScheduler(Scheduler):
         tickets = self._tickets()
         owners = self._owners
         states, self._next_entry = self._codec.dump(self._next_entry)
-        refunded = self.refunded
         data = marshal.dumps(
             (
                 _LAYOUT,
@@ -421,7 +423,7 @@ class ProcessScheduler(Scheduler):
                     self.timed_out,
                     self.cancelled,
                     self.paused_until,
-                    [refunded[s.key] for s in self.states],
+                    list(self.refunded.values()),  # in the order of the states
                 ),
                 states,
                 tickets,
