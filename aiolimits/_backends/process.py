@@ -41,8 +41,8 @@ import tempfile
 import threading
 import time
 import weakref
-from fcntl import LOCK_EX, LOCK_UN, flock
 from collections.abc import Callable
+from fcntl import LOCK_EX, LOCK_UN, flock
 from pathlib import Path
 from types import TracebackType
 from typing import Any, final
@@ -390,12 +390,10 @@ class ProcessScheduler(Scheduler):
             tickets = self._foreign
         if self._sems:
             holding, base = self._holding, self._base_in_use
-            j = 0
-            for _i, state in self._sems:
+            for j, (_i, state) in enumerate(self._sems):
                 if state.in_use != base[j]:
                     holding[j] += state.in_use - base[j]
                     base[j] = state.in_use
-                j += 1
             if self._mine or any(holding):
                 address = peers.listener().address if self._mine else b""
                 self._owners[me] = (address, tuple(holding))
