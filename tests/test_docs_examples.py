@@ -39,7 +39,9 @@ def test_testing_guide_examples_pass(backend: str) -> None:
 def test_process_backend_guide_example_attaches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(
+        "aiolimits._backends.process.runtime_directory", lambda: tmp_path / "aiolimits"
+    )
     (block,) = python_blocks(ROOT / "docs" / "process-backend.md")
     first: dict[str, Any] = {}
     second: dict[str, Any] = {}

@@ -72,13 +72,15 @@ Ticket = tuple[int, Owner, tuple[int, ...]]  # number, owner, indexes of the key
 def runtime_directory() -> Path:
     """Where a bare ``ProcessBackend`` name lives: a per-user directory in memory if possible.
 
-    ``$XDG_RUNTIME_DIR/aiolimits`` (per user, tmpfs, cleared at logout and reboot), else
-    ``/dev/shm/aiolimits-<uid>`` (tmpfs), else ``<tempdir>/aiolimits-<uid>``."""
+    ``/dev/shm/aiolimits-<uid>`` (tmpfs, emptied at reboot), else ``$XDG_RUNTIME_DIR/aiolimits``,
+    else ``<tempdir>/aiolimits-<uid>``. ``/dev/shm`` comes first because every process of the
+    user sees the same one, whereas ``XDG_RUNTIME_DIR`` is set in login sessions but often not
+    for cron jobs or services, which would then pick another directory and share nothing."""
+    if os.path.isdir("/dev/shm"):
+        return Path(f"/dev/shm/aiolimits-{os.getuid()}")
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
         return Path(xdg) / "aiolimits"
-    if os.path.isdir("/dev/shm"):
-        return Path(f"/dev/shm/aiolimits-{os.getuid()}")
     return Path(tempfile.gettempdir()) / f"aiolimits-{os.getuid()}"
 
 
@@ -181,7 +183,8 @@ class ProcessBackend(Backend):
         return ProcessScheduler(path, name, limits, states, clock)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ProcessBackend, (self._location,))
+        # The resolved directory: a process with another environment unpickles the same place.
+        return (ProcessBackend, (self.directory,))
 
     def __repr__(self) -> str:
         return f"ProcessBackend({self._location!r})"
