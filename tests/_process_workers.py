@@ -54,7 +54,7 @@ def hammer(limits: LimitSet, inside: Any, peak: Any, threads: int, tasks: int) -
         for i in itertools.count(t):
             requested, usage = work(i)
             try:
-                with limits.acquire_sync(requested, timeout=0.5) as acq:
+                with limits.acquire_sync(requested, timeout=2.0) as acq:
                     hold()
                     time.sleep(0.0005)
                     acq.update(usage)
@@ -68,7 +68,7 @@ def hammer(limits: LimitSet, inside: Any, peak: Any, threads: int, tasks: int) -
         for i in itertools.count(100 + t):
             requested, usage = work(i)
             try:
-                async with limits.acquire(requested, timeout=0.5) as acq:
+                async with limits.acquire(requested, timeout=2.0) as acq:
                     hold()
                     await asyncio.sleep(0.0005)
                     acq.update(usage)

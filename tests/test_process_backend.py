@@ -99,7 +99,6 @@ def test_four_processes_never_exceed_any_limit(backend: ProcessBackend) -> None:
     assert peak.value <= 3
     # Some limit ran dry (else the test proved nothing): the sliding log is the tightest.
     assert calls == 180 or tokens > 490 or gcra > 390
-    assert peak.value == 3  # the resource limit was contended
     stats = limits.get_stats()
     assert stats["granted"] == calls  # the counters are shared
     assert stats["limits"]["conn"]["in_use"] == 0
