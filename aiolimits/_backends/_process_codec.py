@@ -39,11 +39,13 @@ _NEG_INF = -math.inf
 
 
 def _dump_peaks(peaks: PeakLog) -> tuple[int, list[int], list[float]]:
-    return peaks._seq, list(peaks._seqs), list(peaks._levels)
+    # The live lists, not copies: they are marshalled at once, under the lock.
+    return peaks._seq, peaks._seqs, peaks._levels
 
 
 def _load_peaks(peaks: PeakLog, data: Any) -> None:
-    peaks._seq, peaks._seqs, peaks._levels = data[0], list(data[1]), list(data[2])
+    # Lists fresh from marshal.loads, owned by nobody else.
+    peaks._seq, peaks._seqs, peaks._levels = data
 
 
 class _Entries:

@@ -135,9 +135,8 @@ class StateFile:
         self._mapped(offset + length)[offset : offset + length] = data
         new = (version, offset, cap, length, zlib.crc32(data))
         at = _SLOT_AT[target]
-        _SLOT.pack_into(self._header, at, *new)
-        crc = zlib.crc32(self._header[at : at + _SLOT.size])
-        _SLOT_CRC.pack_into(self._header, at + _SLOT.size, crc)
+        packed = _SLOT.pack(*new)
+        self._header[at : at + _SLOT.size + 4] = packed + _SLOT_CRC.pack(zlib.crc32(packed))
         fields = list(fields)
         fields[target] = new
         self._known = (version, target, fields)
