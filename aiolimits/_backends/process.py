@@ -23,9 +23,9 @@ Rate waits still sleep until the computed time.
 
 Crashes: the kernel drops the file lock of a dead process, and the state on file is always a
 complete copy (two slots, see ``_process_file``). Resource slots are recorded per holder
-``(pid, start time)``; a holder found dead (when a request finds a resource full, when a
-waiter's listener sees its pidfd fire, at attach) has its slots reclaimed and its tickets
-dropped.
+``(pid, start time)``; a holder found dead (when a request finds a resource full, when
+``get_stats``/``retry_after`` look, when a waiter's listener sees its pidfd fire, at attach) has
+its slots reclaimed and its tickets dropped.
 """
 
 from __future__ import annotations
@@ -282,16 +282,19 @@ class ProcessScheduler(Scheduler):
                     self._bytes = b""  # write our fresh states
                 else:
                     self._reap(self.clock())
-                self._store()
+                poke = self._store()
             finally:
                 self._file.unlock()
+        if poke is not None:  # a dead process's waiter was first: tell the next one
+            peers.listener().send(poke)
 
     def _usable(self, name: str, limits: tuple[Limit, ...], shared: Any) -> bool:
-        """Whether the stored state is this set's. False when it is stale (another layout, a
-        previous boot, a private clock of a process that is gone): it is then replaced.
+        """Whether the stored state is this set's. False when it is stale (from a previous boot,
+        or on the private clock of a process that is gone): it is then replaced.
 
         Raises:
-            ValueError: it belongs to a live set declared with other limits or another clock.
+            ValueError: it was declared with other limits, is on another clock, or was written
+                by another version of the file layout.
         """
         boot = shared[1][0] if isinstance(shared, tuple) and len(shared) > 1 else None
         if boot != self._meta[0]:
