@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from aiolimits import Acquisition, CallLimit, LimitSet, ProcessBackend, RateLimit, ResourceLimit
 from aiolimits._backends._process_file import StateFile
-from aiolimits._backends.process import ProcessScheduler, runtime_directory
+from aiolimits._backends._process_scheduler import ProcessScheduler
+from aiolimits._backends.process import runtime_directory
 from aiolimits.testing import ManualClock
 
 from . import _process_workers as workers
