@@ -22,6 +22,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from aiolimits import Acquisition, CallLimit, LimitSet, ProcessBackend, RateLimit, ResourceLimit
+from aiolimits._backends import _process_peers as peers
 from aiolimits._backends._process_file import StateFile
 from aiolimits._backends._process_scheduler import ProcessScheduler
 from aiolimits._backends.process import runtime_directory
@@ -106,7 +107,13 @@ def test_four_processes_never_exceed_any_limit(backend: ProcessBackend) -> None:
     assert stats["waiting"] == 0
 
 
-def test_sigkill_while_holding_a_slot_does_not_leak_it(backend: ProcessBackend) -> None:
+@pytest.mark.parametrize("pidfds", [True, False], ids=["pidfd", "lease"])
+def test_sigkill_while_holding_a_slot_does_not_leak_it(
+    backend: ProcessBackend, monkeypatch: pytest.MonkeyPatch, pidfds: bool
+) -> None:
+    """A waiter in another process gets the slot: at once through the holder's pidfd, or within
+    the lease on kernels without pidfds."""
+    monkeypatch.setattr(peers, "pidfds_work", pidfds and peers.pidfds_work)
     location, name = str(backend.directory), "crash-slot"
     limits = LimitSet([ResourceLimit("conn", capacity=1)], backend=backend, name=name)
     ready = _spawn.Event()

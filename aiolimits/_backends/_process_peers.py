@@ -58,12 +58,20 @@ def my_identity() -> tuple[int, int]:
     return me
 
 
+# False on kernels older than 5.3 (no pidfd_open): liveness is then read from /proc each time,
+# and a listener whose waiters depend on other processes re-checks them every LEASE seconds.
+pidfds_work = hasattr(os, "pidfd_open")
+LEASE = 1.0
+
+
 def pidfd(peer: tuple[int, int]) -> int | None:
-    """A pidfd for ``peer`` (readable once it exits), or None when it is not running."""
+    """A pidfd for ``peer`` (readable once it exits), or None when it is not running (or when
+    this kernel has no pidfds: see :data:`pidfds_work`)."""
+    global pidfds_work
     with _lock:
         fd = _pidfds.get(peer)
-        if fd is not None or peer in _dead:
-            return fd
+        if fd is not None or peer in _dead or not pidfds_work:
+            return fd if pidfds_work else None
         pid, start = peer
         if _start_time(pid) != start:
             _dead.add(peer)
@@ -72,6 +80,9 @@ def pidfd(peer: tuple[int, int]) -> int | None:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:
             _dead.add(peer)
+            return None
+        except OSError:  # ENOSYS: a kernel before 5.3
+            pidfds_work = False
             return None
         # The pid may have been recycled between the check and the open: check again.
         if _start_time(pid) != start:
@@ -88,7 +99,7 @@ def alive(peer: tuple[int, int]) -> bool:
         return True
     fd = pidfd(peer)
     if fd is None:
-        return False
+        return not pidfds_work and _start_time(peer[0]) == peer[1]
     p = select.poll()
     p.register(fd, select.POLLIN)
     if not p.poll(0):
@@ -163,14 +174,18 @@ class Listener:
         while True:
             poller = select.poll()
             poller.register(sock_fd, select.POLLIN)
+            lease: int | None = None
             for scheduler in self._waiting():
                 for peer in scheduler.watched_peers():
                     fd = pidfd(peer)
                     if fd is not None:
                         poller.register(fd, select.POLLIN)
-            # Blocks until a datagram or a peer's exit: no timeout, no periodic wake-up.
-            ready = poller.poll()
-            poke = any(fd != sock_fd for fd, _events in ready)  # a watched peer exited
+                    elif not pidfds_work:
+                        lease = int(LEASE * 1000)
+            # Blocks until a datagram or a peer's exit: no timeout, no periodic wake-up (except
+            # the lease without pidfds: then a timeout means "check the peers again").
+            ready = poller.poll(lease)
+            poke = not ready or any(fd != sock_fd for fd, _events in ready)
             try:
                 while True:
                     if self._sock.recv(64) != b"w":
