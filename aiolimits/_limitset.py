@@ -302,11 +302,11 @@ class LimitSet:
             now = sched.clock()
             sched.catch_up(now)
             _rate_at, at = sched.admit_time(items, now)
-            head = sched.head()
             # FIFO: nobody passes the head, which (caught up above) is not admissible before
             # its wake time.
-            if head is not None and head.wake_at > at:
-                at = head.wake_at
+            head_at = sched.head_wake_at()
+            if head_at > at:
+                at = head_at
         return max(0.0, at - now)
 
     def pause(self, seconds: float) -> None:

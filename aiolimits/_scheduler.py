@@ -274,6 +274,12 @@ class Scheduler:
                 counts[state.key] += 1
         return counts
 
+    def head_wake_at(self) -> float:
+        """When the head of the queue can be admitted (-inf: nobody is queued; inf: only a
+        release can admit it). A hook: a shared backend answers for a head that waits behind
+        another process's waiter."""
+        return next(iter(self.queue)).wake_at if self.queue else -_INF
+
     def waiting_count(self) -> int:
         """Queued requests (a shared backend counts those of every process)."""
         return len(self.queue)

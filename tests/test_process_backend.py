@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -29,7 +30,7 @@ from aiolimits._backends.process import runtime_directory
 from aiolimits.testing import ManualClock
 
 from . import _process_workers as workers
-from .contract import AnyLimit, LimitSetContract, MakeLimitSet
+from .contract import AnyLimit, LimitSetContract, MakeLimitSet, settle
 
 _names = itertools.count()
 
@@ -233,6 +234,33 @@ def test_an_arrival_does_not_pass_a_waiter_of_another_process(backend: ProcessBa
     release.set()
     # The dead waiter's ticket is dropped as soon as someone finds it in the way.
     assert limits.try_acquire({"r": 1}).successful
+
+
+@pytest.mark.anyio
+async def test_retry_after_behind_another_processs_waiter_is_finite(
+    backend: ProcessBackend,
+) -> None:
+    """Two attachments stand for two processes. The second one's waiter waits behind the first
+    one's (it sleeps until told, with no timer): retry_after still answers from the limits."""
+    clock = ManualClock()
+    limits = [RateLimit("r", window_seconds=10, capacity=2)]
+    first = LimitSet(limits, backend=backend, name="retry", clock=clock)
+    second = LimitSet(limits, backend=backend, name="retry", clock=clock)
+    assert first.try_acquire({"r": 2}).successful
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_acquire_quietly, first, {"r": 1})
+        await settle()
+        tg.start_soon(_acquire_quietly, second, {"r": 1})
+        await settle()
+        assert second.get_stats()["waiting"] == 2
+        assert first.retry_after({"r": 1}) == 5.0
+        assert second.retry_after({"r": 1}) == 5.0
+        tg.cancel_scope.cancel()
+
+
+async def _acquire_quietly(limits: LimitSet, requested: Mapping[str, float]) -> None:
+    async with limits.acquire(requested):
+        pass
 
 
 @pytest.mark.parametrize(

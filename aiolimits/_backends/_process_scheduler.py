@@ -411,6 +411,17 @@ class ProcessScheduler(Scheduler):
             return rate_at, _INF
         return rate_at, admit_at
 
+    def head_wake_at(self) -> float:
+        queue = self.queue
+        if not queue:
+            return -_INF
+        head = next(iter(queue))
+        if self._foreign and self._foreign[0][0] < self._mine[head][0]:
+            # Held back by another process's waiter, whose wake time only that process knows:
+            # the head's own rate time is a lower bound (not inf, which means "only a release").
+            return head.rate_at
+        return head.wake_at
+
     def release(self, items: Items, now: float) -> None:
         super().release(items, now)
         self._poke = True
