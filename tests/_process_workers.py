@@ -156,3 +156,9 @@ def ping_pong(limits: LimitSet, rounds: int, out: Any) -> None:
             with limits.acquire_sync(timeout=60):
                 time.sleep(0.0002)
     out.put(rounds)
+
+
+def wait_for_tokens(limits: LimitSet, events: Any) -> None:
+    """Wait (no timeout) for 1 token of a bucket that refills in an hour; report the grant."""
+    with limits.acquire_sync({"r": 1}):
+        events.put("granted")

@@ -219,6 +219,23 @@ def test_many_handovers_between_processes_all_complete(backend: ProcessBackend) 
     assert stats["limits"]["conn"]["in_use"] == 0
 
 
+def test_a_refund_in_one_process_wakes_a_waiter_in_another(backend: ProcessBackend) -> None:
+    limits = LimitSet(
+        [RateLimit("r", window_seconds=3600, capacity=4)], backend=backend, name="refund"
+    )
+    held = limits.try_acquire({"r": 4})
+    assert held.successful
+    events = _spawn.Queue()
+    proc = _start(workers.wait_for_tokens, limits, events)
+    _until(lambda: limits.get_stats()["waiting"] == 1)
+    held.update({"r": 3})  # one token back: the waiter, which would sleep ~15 min, is told
+    assert events.get(timeout=60) == "granted"
+    proc.join(10)
+    stats = limits.get_stats()
+    assert stats["refunded"] == 1
+    assert stats["granted"] == 2
+
+
 def test_an_arrival_does_not_pass_a_waiter_of_another_process(backend: ProcessBackend) -> None:
     limits = LimitSet(
         [RateLimit("r", window_seconds=3600, capacity=2)], backend=backend, name="nobarge"
