@@ -162,3 +162,12 @@ def wait_for_tokens(limits: LimitSet, events: Any) -> None:
     """Wait (no timeout) for 1 token of a bucket that refills in an hour; report the grant."""
     with limits.acquire_sync({"r": 1}):
         events.put("granted")
+
+
+def wait_then_time_out(limits: LimitSet, events: Any) -> None:
+    """Queue for a token and a slot (the slot stays taken); time out after 1 s; report it."""
+    try:
+        with limits.acquire_sync({"r": 1}, timeout=1.0):
+            events.put("granted")
+    except TimeoutError:
+        events.put("timed out")

@@ -236,6 +236,35 @@ def test_a_refund_in_one_process_wakes_a_waiter_in_another(backend: ProcessBacke
     assert stats["granted"] == 2
 
 
+def test_a_first_waiter_leaving_in_one_process_lets_the_next_one_in_another_in(
+    backend: ProcessBackend,
+) -> None:
+    limits = LimitSet(
+        [RateLimit("r", window_seconds=3600, capacity=2), ResourceLimit("conn", capacity=1)],
+        backend=backend,
+        name="leave",
+    )
+    held = limits.try_acquire({"r": 0})  # the slot only
+    assert held.successful
+    events = _spawn.Queue()
+    proc = _start(workers.wait_then_time_out, limits, events)  # first: token + slot
+    _until(lambda: limits.get_stats()["waiting"] == 1)
+    got: list[Acquisition] = []
+    second = threading.Thread(
+        target=lambda: got.append(limits.acquire_sync({"r": 1, "conn": 0}, timeout=60))
+    )
+    second.start()  # admissible by the limits, but queued behind the other process's waiter
+    _until(lambda: limits.get_stats()["waiting"] == 2)
+    assert not got
+    assert events.get(timeout=60) == "timed out"
+    second.join(60)  # the leaving process told ours that its waiter is now first
+    assert got
+    assert got[0].successful
+    held.release()
+    proc.join(10)
+    assert limits.get_stats()["timed_out"] == 1
+
+
 def test_an_arrival_does_not_pass_a_waiter_of_another_process(backend: ProcessBackend) -> None:
     limits = LimitSet(
         [RateLimit("r", window_seconds=3600, capacity=2)], backend=backend, name="nobarge"
