@@ -7,10 +7,11 @@ ones: the request items (``(state, amount)``) of the set and of queued waiters p
 Two algorithms share lists between their state and the receipts of acquisitions: SlidingWindow's
 log entries ``[expiry, amount]`` and LeakyBucket's slots ``[end, units]`` are the very lists a
 receipt holds, and a refund edits them in place. To keep that working across processes, every
-such entry gets a number in the shared state; a reload writes the values into the process's
-existing list for that number (so a receipt still edits the live entry), and marks the lists of
-entries that are gone from the shared state as over (expired, nothing held), which is what they
-are: entries leave a log only once they have expired, and a refund skips expired entries.
+such entry is numbered by its position (a log only loses entries at its head, as they expire, and
+gains them at its tail); a reload writes the values into the process's existing list for that
+number (so a receipt still edits the live entry), and marks the lists of entries that are gone
+from the shared state as over (expired, nothing held), which is what they are: a refund skips
+expired entries. Dumping and loading a log is a few list operations per entry.
 
 The other states copy their slots. Everything is float, int, list and tuple, for ``marshal``.
 """
@@ -49,71 +50,71 @@ def _load_peaks(peaks: PeakLog, data: Any) -> None:
 
 
 class _Entries:
-    """The numbering of one state's shared log entries in this process."""
+    """Which shared log position each of this process's entry lists stands for.
 
-    __slots__ = ("by_id", "by_obj")
+    A log only loses entries at its head (they expire) and gains them at its tail, so an entry is
+    numbered by its position: the shared state stores the number of the log's first entry and
+    the entries' values in order. ``objs`` is the log as of the last sync with the shared state.
+    """
+
+    __slots__ = ("first", "objs")
 
     def __init__(self) -> None:
-        self.by_id: dict[int, list[float]] = {}  # entry number -> this process's list
-        self.by_obj: dict[int, int] = {}  # id(list) -> entry number (lists kept alive by by_id)
+        self.first = 0  # the number of objs[0]
+        self.objs: deque[list[float]] = deque()
 
-    def dump(self, log: deque[list[float]], next_id: int) -> tuple[list[float], int]:
-        flat: list[float] = []
-        by_id: dict[int, list[float]] = {}
-        by_obj: dict[int, int] = {}
-        old = self.by_obj
-        for entry in log:
-            number = old.get(id(entry))
-            if number is None:
-                number = next_id
-                next_id += 1
-            flat += (number, entry[0], entry[1])
-            by_id[number] = entry
-            by_obj[id(entry)] = number
-        self.by_id, self.by_obj = by_id, by_obj
-        return flat, next_id
+    def dump(self, log: deque[list[float]]) -> tuple[int, list[float], list[float]]:
+        objs = self.objs
+        if objs:
+            # Entries popped at the head since the last sync: those before log[0] (all of them
+            # when log[0] is new or the log is empty).
+            head = log[0] if log else None
+            popped = 0
+            for entry in objs:
+                if entry is head:
+                    break
+                popped += 1
+            self.first += popped
+        self.objs = deque(log)
+        return self.first, [e[0] for e in log], [e[1] for e in log]
 
-    def load(self, flat: list[float]) -> deque[list[float]]:
-        old = self.by_id
-        by_id: dict[int, list[float]] = {}
-        by_obj: dict[int, int] = {}
-        log: deque[list[float]] = deque()
-        for i in range(0, len(flat), 3):
-            number = int(flat[i])
-            entry = old.pop(number, None)
-            if entry is None:
-                entry = [flat[i + 1], flat[i + 2]]
-            else:
-                entry[0], entry[1] = flat[i + 1], flat[i + 2]
-            log.append(entry)
-            by_id[number] = entry
-            by_obj[id(entry)] = number
-        for gone in old.values():
+    def load(self, value: Any) -> deque[list[float]]:
+        first, ends, amounts = value
+        objs = self.objs
+        gone = first - self.first
+        if gone < 0 or gone > len(objs):
+            gone = len(objs)
+        for _ in range(gone):
             # Left the shared log: expired, so a receipt that still holds it gives nothing back.
-            gone[0], gone[1] = _NEG_INF, 0
-        self.by_id, self.by_obj = by_id, by_obj
-        return log
+            entry = objs.popleft()
+            entry[0], entry[1] = _NEG_INF, 0
+        while len(objs) > len(ends):  # cannot happen (logs only grow at the tail): be safe
+            entry = objs.pop()
+            entry[0], entry[1] = _NEG_INF, 0
+        i = 0
+        for entry in objs:
+            entry[0], entry[1] = ends[i], amounts[i]
+            i += 1
+        for j in range(i, len(ends)):
+            objs.append([ends[j], amounts[j]])
+        self.first = first
+        return deque(objs)  # the state's own deque; objs stays the snapshot of this sync
 
 
-def _dumper(state: RateState, entries: _Entries) -> Callable[[int], tuple[Any, int]]:
-    """A function dumping ``state`` (given and returning the next free entry number)."""
+def _dumper(state: RateState, entries: _Entries) -> Callable[[], Any]:
+    """A function dumping ``state``."""
     if isinstance(state, SemaphoreState):
-        return lambda n: (state.in_use, n)
+        return lambda: state.in_use
     if isinstance(state, TokenBucketState):
-        return lambda n: ((state._level, state._stamp, _dump_peaks(state._peaks)), n)
+        return lambda: (state._level, state._stamp, _dump_peaks(state._peaks))
     if isinstance(state, GCRAState):
-        return lambda n: ((state._tat, _dump_peaks(state._peaks)), n)
+        return lambda: (state._tat, _dump_peaks(state._peaks))
     if isinstance(state, FixedWindowState):
-        return lambda n: ((state._count, state._index, state._start, state._end), n)
+        return lambda: (state._count, state._index, state._start, state._end)
     if isinstance(state, SlidingWindowState):
-
-        def dump_log(n: int) -> tuple[Any, int]:
-            flat, n = entries.dump(state._log, n)
-            return (state._total, flat), n
-
-        return dump_log
+        return lambda: (state._total, entries.dump(state._log))
     if isinstance(state, LeakyBucketState):
-        return lambda n: entries.dump(state._slots, n)
+        return lambda: entries.dump(state._slots)
     raise TypeError(f"cannot share {state!r}")  # pragma: no cover - all algorithms are above
 
 
@@ -127,13 +128,9 @@ class StateCodec:
         self._entries = [_Entries() for _ in states]
         self._dumpers = [_dumper(s, e) for s, e in zip(states, self._entries, strict=True)]
 
-    def dump(self, next_id: int) -> tuple[list[Any], int]:
-        """The states as marshal-able values, and the next free entry number."""
-        out: list[Any] = []
-        for dump in self._dumpers:
-            value, next_id = dump(next_id)
-            out.append(value)
-        return out, next_id
+    def dump(self) -> list[Any]:
+        """The states as marshal-able values."""
+        return [dump() for dump in self._dumpers]
 
     def load(self, data: list[Any]) -> None:
         """Write ``data`` (from :meth:`dump`, in any process) into the states in place."""

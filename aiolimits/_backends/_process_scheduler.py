@@ -49,7 +49,7 @@ from ._process_file import StateFile
 __all__ = ["ProcessScheduler"]
 
 _INF = math.inf
-_LAYOUT = 1
+_LAYOUT = 2
 _MARSHAL_VERSION = 2  # no back-references: equal states always give equal bytes
 _serials = itertools.count(1)
 
@@ -93,7 +93,6 @@ class ProcessScheduler(Scheduler):
         "_meta",
         "_mine",
         "_name",
-        "_next_entry",
         "_next_ticket",
         "_owners",
         "_poke",
@@ -131,7 +130,6 @@ class ProcessScheduler(Scheduler):
         self._holding = [0.0 for _ in self._sems]
         self._base_in_use = [0.0 for _ in self._sems]
         self._next_ticket = 1
-        self._next_entry = 1
         self._first: int | None = None
         self._poke = False
         self._watch: frozenset[tuple[int, int]] = frozenset()
@@ -246,7 +244,7 @@ class ProcessScheduler(Scheduler):
 
     def _load(self, data: bytes) -> None:
         shared = marshal.loads(data)
-        _layout, _meta, counters, states, tickets, owners, next_ticket, next_entry = shared
+        _layout, _meta, counters, states, tickets, owners, next_ticket = shared
         self.granted, self.timed_out, self.cancelled, self.paused_until, refunded = counters
         for state, value in zip(self.states, refunded, strict=True):
             self.refunded[state.key] = value
@@ -259,7 +257,6 @@ class ProcessScheduler(Scheduler):
         self._holding = list(mine[1]) if mine is not None else [0.0 for _ in self._sems]
         self._base_in_use = [s.in_use for _i, s in self._sems]
         self._next_ticket = next_ticket
-        self._next_entry = next_entry
         self._bytes = data
 
     def _tickets(self) -> list[Ticket]:
@@ -297,7 +294,7 @@ class ProcessScheduler(Scheduler):
         queue = self.queue
         tickets = self._tickets()
         owners = self._owners
-        states, self._next_entry = self._codec.dump(self._next_entry)
+        states = self._codec.dump()
         data = marshal.dumps(
             (
                 _LAYOUT,
@@ -313,7 +310,6 @@ class ProcessScheduler(Scheduler):
                 tickets,
                 owners,
                 self._next_ticket,
-                self._next_entry,
             ),
             _MARSHAL_VERSION,
         )
