@@ -91,12 +91,11 @@ class _Entries:
         while len(objs) > len(ends):  # cannot happen (logs only grow at the tail): be safe
             entry = objs.pop()
             entry[0], entry[1] = _NEG_INF, 0
-        i = 0
-        for entry in objs:
-            entry[0], entry[1] = ends[i], amounts[i]
-            i += 1
-        for j in range(i, len(ends)):
-            objs.append([ends[j], amounts[j]])
+        kept = len(objs)
+        for entry, end, amount in zip(objs, ends, amounts, strict=False):  # ends may be longer
+            entry[0] = end
+            entry[1] = amount
+        objs.extend(map(list, zip(ends[kept:], amounts[kept:], strict=True)))
         self.first = first
         return deque(objs)  # the state's own deque; objs stays the snapshot of this sync
 
