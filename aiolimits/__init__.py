@@ -11,6 +11,7 @@ from __future__ import annotations
 from ._acquisition import Acquisition as Acquisition
 from ._backends._base import Backend as Backend
 from ._backends.memory import MemoryBackend as MemoryBackend
+from ._backends.process import ProcessBackend as ProcessBackend
 from ._errors import BackendUnavailable as BackendUnavailable
 from ._keyed import KeyedLimitSet as KeyedLimitSet
 from ._limits import CallLimit as CallLimit
@@ -31,6 +32,7 @@ __all__ = [
     "LimitSet",
     "LoadBalancingAlgorithm",
     "MemoryBackend",
+    "ProcessBackend",
     "RateLimit",
     "RateLimitAlgorithm",
     "ResourceLimit",

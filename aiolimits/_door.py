@@ -237,11 +237,11 @@ def retry_after_locked(sched: Scheduler, items: Items, now: float) -> float:
     release can), a lower bound while others are queued."""
     sched.catch_up(now)
     _rate_at, at = sched.admit_time(items, now)
-    head = sched.head()
     # FIFO: nobody passes the head, which (caught up above) is not admissible before its wake
     # time.
-    if head is not None and head.wake_at > at:
-        at = head.wake_at
+    head_at = sched.head_wake_at()
+    if head_at > at:
+        at = head_at
     return max(0.0, at - now)
 
 
@@ -281,7 +281,7 @@ def stats_locked(limits: Sequence[Limit], sched: Scheduler, now: float) -> dict[
         per_key[key] = entry
     return {
         "limits": per_key,
-        "waiting": len(sched.queue),
+        "waiting": sched.waiting_count(),
         "granted": sched.granted,
         "timed_out": sched.timed_out,
         "cancelled": sched.cancelled,

@@ -112,6 +112,11 @@ class Scheduler:
                     at = t
         return at, (_INF if blocked else at)
 
+    def _admit_head(self, head: Waiter, now: float) -> tuple[float, float]:
+        """:meth:`admit_time` for the head of the queue. A hook: a shared backend answers
+        ``admit_at = inf`` while a waiter of another process is ahead of this one."""
+        return self.admit_time(head.items, now)
+
     def _take(self, items: Items, now: float) -> list[Any]:
         return [state.take(amount, now) for state, amount in items]
 
@@ -150,7 +155,7 @@ class Scheduler:
                 head.state = LEFT
                 self.cancelled += 1
                 continue
-            rate_at, admit_at = self.admit_time(head.items, now)
+            rate_at, admit_at = self._admit_head(head, now)
             if admit_at <= now:
                 del queue[head]
                 head.receipts = self._take(head.items, now)
@@ -297,6 +302,16 @@ class Scheduler:
             for state, _amount in waiter.items:
                 counts[state.key] += 1
         return counts
+
+    def head_wake_at(self) -> float:
+        """When the head of the queue can be admitted (-inf: nobody is queued; inf: only a
+        release can admit it). A hook: a shared backend answers for a head that waits behind
+        another process's waiter."""
+        return next(iter(self.queue)).wake_at if self.queue else -_INF
+
+    def waiting_count(self) -> int:
+        """Queued requests (a shared backend counts those of every process)."""
+        return len(self.queue)
 
     def head(self) -> Waiter | None:
         return next(iter(self.queue)) if self.queue else None

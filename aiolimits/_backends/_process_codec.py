@@ -1,0 +1,152 @@
+"""Algorithm states as plain tuples for the process backend, and back, *into the same objects*.
+
+The process backend keeps one set of state objects per attached LimitSet and reloads the shared
+state into them whenever another process has changed it. They must be the same objects, not new
+ones: the request items (``(state, amount)``) of the set and of queued waiters point at them.
+
+Two algorithms share lists between their state and the receipts of acquisitions: SlidingWindow's
+log entries ``[expiry, amount]`` and LeakyBucket's slots ``[end, units]`` are the very lists a
+receipt holds, and a refund edits them in place. To keep that working across processes, every
+such entry is numbered by its position (a log only loses entries at its head, as they expire, and
+gains them at its tail); a reload writes the values into the process's existing list for that
+number (so a receipt still edits the live entry), and marks the lists of entries that are gone
+from the shared state as over (expired, nothing held), which is what they are: a refund skips
+expired entries. Dumping and loading a log is a few list operations per entry.
+
+The other states copy their slots. Everything is float, int, list and tuple, for ``marshal``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .._algorithms import (
+    FixedWindowState,
+    GCRAState,
+    LeakyBucketState,
+    RateState,
+    SemaphoreState,
+    SlidingWindowState,
+    TokenBucketState,
+)
+from .._algorithms._base import PeakLog
+
+__all__ = ["StateCodec"]
+
+_NEG_INF = -math.inf
+
+
+def _dump_peaks(peaks: PeakLog) -> tuple[int, list[int], list[float]]:
+    # The live list of numbers, not a copy: it is marshalled at once, under the lock. The log is
+    # itself the list of levels, a list subclass, which marshal refuses: a plain copy of it.
+    return peaks._seq, peaks._seqs, peaks[:]
+
+
+def _load_peaks(peaks: PeakLog, data: Any) -> None:
+    # Lists fresh from marshal.loads, owned by nobody else.
+    peaks._seq, peaks._seqs, peaks[:] = data
+
+
+class _Entries:
+    """Which shared log position each of this process's entry lists stands for.
+
+    A log only loses entries at its head (they expire) and gains them at its tail, so an entry is
+    numbered by its position: the shared state stores the number of the log's first entry and
+    the entries' values in order. ``objs`` is the log as of the last sync with the shared state.
+    """
+
+    __slots__ = ("first", "objs")
+
+    def __init__(self) -> None:
+        self.first = 0  # the number of objs[0]
+        self.objs: deque[list[float]] = deque()
+
+    def dump(self, log: deque[list[float]]) -> tuple[int, list[float], list[float]]:
+        objs = self.objs
+        if objs:
+            # Entries popped at the head since the last sync: those before log[0] (all of them
+            # when log[0] is new or the log is empty).
+            head = log[0] if log else None
+            popped = 0
+            for entry in objs:
+                if entry is head:
+                    break
+                popped += 1
+            self.first += popped
+        self.objs = deque(log)
+        return self.first, [e[0] for e in log], [e[1] for e in log]
+
+    def load(self, value: Any) -> deque[list[float]]:
+        first, ends, amounts = value
+        objs = self.objs
+        gone = first - self.first
+        if gone < 0 or gone > len(objs):
+            gone = len(objs)
+        for _ in range(gone):
+            # Left the shared log: expired, so a receipt that still holds it gives nothing back.
+            entry = objs.popleft()
+            entry[0], entry[1] = _NEG_INF, 0
+        while len(objs) > len(ends):  # cannot happen (logs only grow at the tail): be safe
+            entry = objs.pop()
+            entry[0], entry[1] = _NEG_INF, 0
+        kept = len(objs)
+        for entry, end, amount in zip(objs, ends, amounts, strict=False):  # ends may be longer
+            entry[0] = end
+            entry[1] = amount
+        objs.extend(map(list, zip(ends[kept:], amounts[kept:], strict=True)))
+        self.first = first
+        return deque(objs)  # the state's own deque; objs stays the snapshot of this sync
+
+
+def _dumper(state: RateState, entries: _Entries) -> Callable[[], Any]:
+    """A function dumping ``state``."""
+    if isinstance(state, SemaphoreState):
+        return lambda: state.in_use
+    if isinstance(state, TokenBucketState):
+        return lambda: (state._level, state._stamp, _dump_peaks(state._peaks))
+    if isinstance(state, GCRAState):
+        return lambda: (state._tat, _dump_peaks(state._peaks))
+    if isinstance(state, FixedWindowState):
+        return lambda: (state._count, state._index, state._start, state._end)
+    if isinstance(state, SlidingWindowState):
+        return lambda: (state._total, entries.dump(state._log))
+    if isinstance(state, LeakyBucketState):
+        return lambda: entries.dump(state._slots)
+    raise TypeError(f"cannot share {state!r}")  # pragma: no cover - all algorithms are above
+
+
+class StateCodec:
+    """Dumps and loads the states of one LimitSet (in their order)."""
+
+    __slots__ = ("_dumpers", "_entries", "_states")
+
+    def __init__(self, states: tuple[RateState, ...]) -> None:
+        self._states = states
+        self._entries = [_Entries() for _ in states]
+        self._dumpers = [_dumper(s, e) for s, e in zip(states, self._entries, strict=True)]
+
+    def dump(self) -> list[Any]:
+        """The states as marshal-able values."""
+        return [dump() for dump in self._dumpers]
+
+    def load(self, data: list[Any]) -> None:
+        """Write ``data`` (from :meth:`dump`, in any process) into the states in place."""
+        for state, entries, value in zip(self._states, self._entries, data, strict=True):
+            if isinstance(state, SemaphoreState):
+                state.in_use = value
+            elif isinstance(state, TokenBucketState):
+                state._level, state._stamp = value[0], value[1]
+                _load_peaks(state._peaks, value[2])
+            elif isinstance(state, GCRAState):
+                state._tat = value[0]
+                _load_peaks(state._peaks, value[1])
+            elif isinstance(state, FixedWindowState):
+                state._count, state._index, state._start, state._end = value
+            elif isinstance(state, SlidingWindowState):
+                state._total = value[0]
+                state._log = entries.load(value[1])
+            elif isinstance(state, LeakyBucketState):
+                state._slots = entries.load(value)

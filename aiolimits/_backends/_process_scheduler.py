@@ -1,0 +1,469 @@
+"""The scheduler of the process backend: the core scheduler over state shared through a file.
+
+How it reuses the core: :class:`ProcessScheduler` *is* the memory backend's scheduler; only its
+``lock`` differs. Entering the lock takes a thread lock, then the file lock, and, if another
+process changed the state since this one last saw it, loads the shared state into this
+process's state objects in place; leaving it writes the state back if it changed. Every
+decision therefore runs on the current shared state, atomically across all processes, with the
+exact maths of the memory backend (all five algorithms, refunds, overage, pause, counters).
+
+Waiting across processes: every waiter gets a ticket from a shared counter when it queues, and
+the shared state lists the tickets of all waiting requests in arrival order. An arrival takes
+at once only when no ticket is queued anywhere, and a process grants its own head only while no
+other process's ticket is ahead of it: one FIFO queue over all processes. Only the process of
+the first ticket can grant it (its request lives in its memory), so whoever changes the state
+in a way that may admit that head (a release, a refund, a pause, a waiter leaving, a grant that
+made it first) sends its process a datagram; its listener thread then runs the dispatch.
+Rate waits still sleep until the computed time.
+
+Crashes: the kernel drops the file lock of a dead process, and the state on file is always a
+complete copy (two slots, see ``_process_file``). Resource slots are recorded per holder
+``(pid, start time)``; a holder found dead (when a request finds a resource full, when
+``get_stats``/``retry_after`` look, when a waiter's listener sees its pidfd fire, at attach) has
+its slots reclaimed and its tickets dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import marshal
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from fcntl import LOCK_EX, LOCK_UN, flock
+from types import TracebackType
+from typing import Any
+
+from .._algorithms import RateState, SemaphoreState
+from .._limits import Limit
+from .._scheduler import Items, Scheduler
+from .._waiters import Waiter
+from . import _process_peers as peers
+from ._declaration import declaration, declaration_json, mismatch
+from ._process_codec import StateCodec
+from ._process_file import StateFile
+
+__all__ = ["ProcessScheduler"]
+
+_INF = math.inf
+_LAYOUT = 2
+_MARSHAL_VERSION = 2  # no back-references: equal states always give equal bytes
+_serials = itertools.count(1)
+
+Owner = tuple[int, int, int]  # pid, start time, serial of the scheduler in its process
+Ticket = tuple[int, Owner, tuple[int, ...]]  # number, owner, indexes of the keys it names
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:  # pragma: no cover - Linux always has it
+        return "unknown"
+
+
+def _clock_tag(clock: Callable[[], float]) -> str:
+    """Which clock the shared times are on. ``time.monotonic`` (CLOCK_MONOTONIC) is one clock for
+    the whole machine; any other clock is private to the process and object that uses it."""
+    if clock is time.monotonic:
+        return "monotonic"
+    pid, start = peers.my_identity()
+    return f"private:{pid}:{start}:{id(clock)}:{type(clock).__qualname__}"
+
+
+class ProcessScheduler(Scheduler):
+    """The core scheduler over state shared through a :class:`StateFile`; it is its own lock."""
+
+    __slots__ = (
+        "__weakref__",
+        "_base_in_use",
+        "_bytes",
+        "_codec",
+        "_file",
+        "_first",
+        "_foreign",
+        "_forks",
+        "_holding",
+        "_index",
+        "_local",
+        "_me",
+        "_meta",
+        "_mine",
+        "_name",
+        "_next_ticket",
+        "_owners",
+        "_poke",
+        "_refunded",
+        "_sems",
+        "_version",
+        "_watch",
+    )
+
+    def __init__(
+        self,
+        path: str,
+        name: str,
+        limits: tuple[Limit, ...],
+        states: tuple[RateState, ...],
+        clock: Callable[[], float],
+    ) -> None:
+        super().__init__(states, clock)
+        # Every key's tally is part of the shared state, so it exists from the start.
+        self.refunded: dict[str, float] = {state.key: 0.0 for state in states}
+        self._refunded = self.refunded
+        # The doors use `with sched.lock:`; here the lock is this object (__enter__/__exit__),
+        # which also loads and stores the shared state. Not a threading.Lock, hence the ignore.
+        self.lock = self  # type: ignore[assignment]
+        self._local = threading.Lock()
+        self._name = name
+        self._codec = StateCodec(states)
+        self._index = {id(state): i for i, state in enumerate(states)}
+        self._sems = [(i, s) for i, s in enumerate(states) if isinstance(s, SemaphoreState)]
+        pid, start = peers.my_identity()
+        self._me: Owner = (pid, start, next(_serials))
+        self._forks = peers.forks
+        self._meta = (_boot_id(), _clock_tag(clock), declaration_json(limits))
+        self._version = -1
+        self._bytes = b""
+        self._foreign: list[Ticket] = []  # other processes' waiting tickets, in order
+        self._mine: dict[Waiter, tuple[int, tuple[int, ...]]] = {}
+        self._owners: dict[Owner, tuple[bytes, tuple[float, ...]]] = {}
+        self._holding = [0.0 for _ in self._sems]
+        self._base_in_use = [0.0 for _ in self._sems]
+        self._next_ticket = 1
+        self._first: int | None = None
+        self._poke = False
+        self._watch: frozenset[tuple[int, int]] = frozenset()
+        self._file = StateFile(path)
+        try:
+            self._attach(name, limits)
+        except BaseException:
+            self._file.close()
+            raise
+        weakref.finalize(self, self._file.close)
+
+    # -- attaching ---------------------------------------------------------------------------
+
+    def _attach(self, name: str, limits: tuple[Limit, ...]) -> None:
+        with self._local:
+            self._file.lock()
+            try:
+                got = self._file.read()
+                fresh = True
+                if got is not None:
+                    version, data = got
+                    shared = marshal.loads(data)
+                    fresh = not self._usable(name, limits, shared)
+                    self._version = version
+                    if not fresh:
+                        self._load(data)
+                if fresh:
+                    self._bytes = b""  # write our fresh states
+                else:
+                    self._reap(self.clock())
+                poke = self._store()
+            finally:
+                self._file.unlock()
+        if poke is not None:  # a dead process's waiter was first: tell the next one
+            peers.listener().send(poke)
+
+    def _usable(self, name: str, limits: tuple[Limit, ...], shared: Any) -> bool:
+        """Whether the stored state is this set's. False when it is stale (from a previous boot,
+        or on the private clock of a process that is gone): it is then replaced.
+
+        Raises:
+            ValueError: it was declared with other limits, is on another clock, or was written
+                by another version of the file layout.
+        """
+        boot = shared[1][0] if isinstance(shared, tuple) and len(shared) > 1 else None
+        if boot != self._meta[0]:
+            return False  # monotonic times of a previous boot mean nothing now
+        if shared[0] != _LAYOUT:
+            raise ValueError(
+                f"the shared state {name!r} at {self._file.path} was made by another version "
+                "of aiolimits; stop the processes using it (or remove the file)"
+            )
+        _boot, clock, decl = shared[1]
+        if clock != self._meta[1]:
+            if clock.startswith("private:"):
+                pid, start = (int(x) for x in clock.split(":")[1:3])
+                if not peers.alive((pid, start)):
+                    return False
+            raise ValueError(
+                f"the shared state {name!r} is on another clock ({clock}) than this LimitSet "
+                f"({self._meta[1]}); processes can share only time.monotonic"
+            )
+        if decl != self._meta[2]:
+            message = mismatch(name, json.loads(decl), declaration(limits))
+            raise ValueError(message)
+        return True
+
+    # -- the lock ----------------------------------------------------------------------------
+
+    def __enter__(self) -> None:
+        if self._forks != peers.forks:
+            raise RuntimeError(
+                "this LimitSet was created before os.fork(); build it (or unpickle it) in "
+                "the child process instead"
+            )
+        self._local.acquire()
+        try:
+            file = self._file
+            flock(file.fd, LOCK_EX)
+            try:
+                if file.version() != self._version:
+                    self._reload()
+            except BaseException:
+                flock(file.fd, LOCK_UN)
+                raise
+        except BaseException:
+            self._local.release()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            try:
+                poke = self._store()
+            finally:
+                flock(self._file.fd, LOCK_UN)
+            if poke is not None:
+                peers.listener().send(poke)
+        finally:
+            self._local.release()
+
+    def _reload(self) -> None:
+        got = self._file.read()
+        if got is None:
+            raise RuntimeError(f"the shared state {self._name!r} at {self._file.path} is gone")
+        self._version, data = got
+        self._load(data)
+
+    def _load(self, data: bytes) -> None:
+        shared = marshal.loads(data)
+        _layout, _meta, counters, states, tickets, owners, next_ticket = shared
+        self.granted, self.timed_out, self.cancelled, self.paused_until, refunded = counters
+        for state, value in zip(self.states, refunded, strict=True):
+            self._refunded[state.key] = value
+        self._codec.load(states)
+        me = self._me
+        self._foreign = [t for t in tickets if t[1] != me]
+        self._first = tickets[0][0] if tickets else None
+        self._owners = owners
+        mine = owners.get(me)
+        self._holding = list(mine[1]) if mine is not None else [0.0 for _ in self._sems]
+        self._base_in_use = [s.in_use for _i, s in self._sems]
+        self._next_ticket = next_ticket
+        self._bytes = data
+
+    def _tickets(self) -> list[Ticket]:
+        """All waiting tickets in order; also brings this process's owner entry up to date
+        (its slots held, and its wake-up address while it has waiters)."""
+        me = self._me
+        if self._mine:
+            queue = self.queue
+            self._mine = {w: t for w, t in self._mine.items() if w in queue}
+        if self._mine:
+            tickets = self._foreign + [(n, me, keys) for n, keys in self._mine.values()]
+            tickets.sort()
+        else:
+            tickets = self._foreign
+        if self._sems:
+            holding, base = self._holding, self._base_in_use
+            for j, (_i, state) in enumerate(self._sems):
+                if state.in_use != base[j]:
+                    holding[j] += state.in_use - base[j]
+                    base[j] = state.in_use
+            if self._mine or any(holding):
+                address = peers.listener().address if self._mine else b""
+                self._owners[me] = (address, tuple(holding))
+            elif me in self._owners:
+                del self._owners[me]
+        elif self._mine:
+            self._owners[me] = (peers.listener().address, ())
+        elif me in self._owners:
+            del self._owners[me]
+        return tickets
+
+    def _store(self) -> bytes | None:
+        """Write the state back if it changed. Returns the address of a process to wake."""
+        me = self._me
+        queue = self.queue
+        tickets = self._tickets()
+        owners = self._owners
+        states = self._codec.dump()
+        data = marshal.dumps(
+            (
+                _LAYOUT,
+                self._meta,
+                (
+                    self.granted,
+                    self.timed_out,
+                    self.cancelled,
+                    self.paused_until,
+                    list(self._refunded.values()),  # in the order of the states
+                ),
+                states,
+                tickets,
+                owners,
+                self._next_ticket,
+            ),
+            _MARSHAL_VERSION,
+        )
+        if queue:
+            watch = frozenset(o[:2] for o in owners if o[0] != me[0])
+            if watch != self._watch:
+                self._watch = watch
+                peers.listener().rewatch()
+        if data == self._bytes:
+            self._poke = False
+            return None
+        if self._version < 0:
+            self._version = self._file.version() + 1
+            self._file.write(self._version, data)
+        else:
+            try:
+                self._file.write(self._version + 1, data, current=True)
+            except BaseException:
+                self._version = -1  # reload next time: what is on file is the truth
+                raise
+            self._version += 1
+        self._bytes = data
+        if not tickets:
+            self._first = None
+            self._poke = False
+            return None
+        first = tickets[0]
+        poke, self._poke = self._poke, False
+        if first[1] == me or (first[0] == self._first and not poke):
+            self._first = first[0]
+            return None
+        self._first = first[0]
+        return owners[first[1]][0] or None
+
+    # -- crashed peers ---------------------------------------------------------------------
+
+    def _reap(self, now: float) -> bool:
+        """Reclaim what dead processes held: slots back, tickets dropped. Under the lock."""
+        dead = [o for o in self._owners if o[0] != self._me[0] and not peers.alive((o[0], o[1]))]
+        if not dead:
+            return False
+        for owner in dead:
+            _address, holding = self._owners.pop(owner)
+            for j, (_i, state) in enumerate(self._sems):
+                if holding[j]:
+                    state.in_use -= holding[j]
+                    self._base_in_use[j] -= holding[j]
+        gone = set(dead)
+        self._foreign = [t for t in self._foreign if t[1] not in gone]
+        self._poke = True
+        return True
+
+    def _blocked_by_resource(self, items: Items, now: float) -> bool:
+        return any(isinstance(s, SemaphoreState) and s.earliest(a, now) == _INF for s, a in items)
+
+    # -- the scheduler, across processes -----------------------------------------------------
+
+    def catch_up(self, now: float) -> None:
+        # Also where get_stats() and retry_after() look: reclaim what dead peers held first, so
+        # that they answer for the live group (a check of one pidfd per peer).
+        if len(self._owners) > (self._me in self._owners) and self._reap(now) and self.queue:
+            self._dispatch(now)
+        super().catch_up(now)
+
+    def try_take(self, items: Items, now: float) -> list[Any] | None:
+        if self._foreign and not (self._reap(now) and not self._foreign):
+            return None  # someone in another process queued first: no barging
+        receipts = super().try_take(items, now)
+        if (
+            receipts is None
+            and len(self._owners) > (self._me in self._owners)
+            and self._blocked_by_resource(items, now)
+            and self._reap(now)
+        ):
+            if self.queue:
+                self._dispatch(now)
+            receipts = super().try_take(items, now)
+        return receipts
+
+    def enqueue(self, waiter: Waiter, now: float) -> bool:
+        if not super().enqueue(waiter, now):
+            return False
+        keys = tuple(self._index[id(state)] for state, _amount in waiter.items)
+        self._mine[waiter] = (self._next_ticket, keys)
+        self._next_ticket += 1
+        if self._foreign and next(iter(self.queue)) is waiter:
+            waiter.wake_at = _INF  # another process's waiter is first: wait to be told
+        peers.listener().register(self)
+        return True
+
+    def _admit_head(self, head: Waiter, now: float) -> tuple[float, float]:
+        rate_at, admit_at = self.admit_time(head.items, now)
+        foreign = self._foreign
+        if foreign and foreign[0][0] < self._mine[head][0]:
+            return rate_at, _INF
+        return rate_at, admit_at
+
+    def head_wake_at(self) -> float:
+        queue = self.queue
+        if not queue:
+            return -_INF
+        head = next(iter(queue))
+        if self._foreign and self._foreign[0][0] < self._mine[head][0]:
+            # Held back by another process's waiter, whose wake time only that process knows:
+            # the head's own rate time is a lower bound (not inf, which means "only a release").
+            return head.rate_at
+        return head.wake_at
+
+    def release(self, items: Items, now: float) -> None:
+        super().release(items, now)
+        self._poke = True
+
+    def after_refund(self, now: float) -> None:
+        super().after_refund(now)
+        self._poke = True
+
+    def pause(self, until: float, now: float) -> None:
+        super().pause(until, now)
+        self._poke = True
+
+    def abandon(self, waiter: Waiter, now: float) -> None:
+        super().abandon(waiter, now)
+        self._poke = True
+
+    def waiting_count(self) -> int:
+        return len(self.queue) + len(self._foreign)
+
+    def waiting_per_key(self) -> dict[str, int]:
+        counts = super().waiting_per_key()
+        states = self.states
+        for _n, _owner, keys in self._foreign:
+            for i in keys:
+                counts[states[i].key] += 1
+        return counts
+
+    # -- the listener's side ---------------------------------------------------------------
+
+    def has_waiters(self) -> bool:
+        return bool(self.queue)
+
+    def watched_peers(self) -> frozenset[tuple[int, int]]:
+        return self._watch
+
+    def poked(self) -> None:
+        """On the listener thread: the state changed, or a peer died; grant what we can."""
+        with self:
+            now = self.clock()
+            self._reap(now)
+            if self.queue:
+                self._dispatch(now)
+
+    def __repr__(self) -> str:
+        return f"<ProcessScheduler {self._name!r} at {self._file.path}>"

@@ -1,0 +1,138 @@
+"""The process backend: independent processes on one machine share one set of limits exactly.
+
+``LimitSet(limits, backend=ProcessBackend("myapp"), name="openai")`` in every uvicorn/gunicorn
+worker, spawned pool process or cron job attaches them all to one shared state: a small file
+(``<directory>/<name>.limits``, on tmpfs by default) guarded by ``flock``. There is no server
+process. How the state is shared, waited on and recovered after crashes is described in
+``_process_scheduler.py``; the guide, guarantees and measurements are in
+``docs/process-backend.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, final
+from urllib.parse import quote
+
+from .._algorithms import RateState
+from .._limits import Limit
+from .._scheduler import Scheduler
+from ._base import Backend
+from ._process_scheduler import ProcessScheduler
+
+__all__ = ["ProcessBackend", "runtime_directory"]
+
+
+def runtime_directory() -> Path:
+    """Where a bare ``ProcessBackend`` name lives: a per-user directory in memory if possible.
+
+    ``/dev/shm/aiolimits-<uid>`` (tmpfs, emptied at reboot), else ``$XDG_RUNTIME_DIR/aiolimits``,
+    else ``<tempdir>/aiolimits-<uid>``. ``/dev/shm`` comes first because every process of the
+    user sees the same one, whereas ``XDG_RUNTIME_DIR`` is set in login sessions but often not
+    for cron jobs or services, which would then pick another directory and share nothing."""
+    if os.path.isdir("/dev/shm"):
+        return Path(f"/dev/shm/aiolimits-{os.getuid()}")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return Path(xdg) / "aiolimits"
+    return Path(tempfile.gettempdir()) / f"aiolimits-{os.getuid()}"
+
+
+def _state_file_name(name: str) -> str:
+    quoted = quote(name, safe="")
+    if len(quoted) > 200:
+        quoted = "sha256-" + hashlib.sha256(name.encode()).hexdigest()
+    return quoted + ".limits"
+
+
+@final
+class ProcessBackend(Backend):
+    """State shared by independent processes on this machine, through a file in ``location``.
+
+    Every process that builds ``LimitSet(limits, backend=ProcessBackend(location), name=name)``
+    with the same location and name shares one set of limits: exact, FIFO across processes, with
+    no server to run. The first process creates the state; the others must declare the same
+    limits. A process that dies holding resource slots does not leak them.
+
+    It is not a network backend (see the Redis backend) and it needs Linux (``flock``, pidfds,
+    abstract unix sockets).
+
+    Example:
+        >>> backend = ProcessBackend("myapp")  # or a directory: ProcessBackend("/run/myapp")
+        >>> limits = LimitSet([CallLimit(60, 500)], backend=backend, name="openai")
+
+    Args:
+        location: a directory (any path with a ``/``, or a ``PathLike``), created if missing; or
+            a bare name, a directory of that name under :func:`runtime_directory`.
+
+    Raises:
+        TypeError: ``location`` is not a str or path.
+        ValueError: ``location`` is empty.
+        RuntimeError: the platform is not Linux.
+    """
+
+    __slots__ = ("_location", "directory")
+
+    def __init__(self, location: str | os.PathLike[str]) -> None:
+        if isinstance(location, os.PathLike):
+            location = os.fspath(location)
+            is_path = True
+        else:
+            is_path = False
+        if not isinstance(location, str):
+            raise TypeError(f"location must be a directory path or a name, got {location!r}")
+        if not location:
+            raise ValueError("location must be a directory path or a name, got ''")
+        if not sys.platform.startswith("linux"):
+            raise RuntimeError("ProcessBackend needs Linux (flock, pidfds, abstract sockets)")
+        self._location = location
+        if is_path or "/" in location or location in (".", "..") or location.startswith("~"):
+            self.directory = Path(location).expanduser()
+        else:
+            self.directory = runtime_directory() / location
+
+    @property
+    def location(self) -> str:
+        return self._location
+
+    def attach(
+        self,
+        limits: tuple[Limit, ...],
+        states: tuple[RateState, ...],
+        clock: Callable[[], float],
+        name: str | None,
+    ) -> Scheduler:
+        """Attach to (or create) the shared state called ``name``.
+
+        Raises:
+            ValueError: ``name`` is missing or empty, or the state was declared with other limits
+                (or on another clock).
+        """
+        if name is None:
+            raise ValueError(
+                "name is required with ProcessBackend: it identifies the shared state, e.g. "
+                "LimitSet(limits, backend=ProcessBackend(...), name='openai')"
+            )
+        if not name:
+            raise ValueError("name must be a non-empty string with ProcessBackend, got ''")
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = str(self.directory / _state_file_name(name))
+        return ProcessScheduler(path, name, limits, states, clock)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The resolved directory: a process with another environment unpickles the same place.
+        return (ProcessBackend, (self.directory,))
+
+    def __repr__(self) -> str:
+        return f"ProcessBackend({self._location!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ProcessBackend) and other.directory == self.directory
+
+    def __hash__(self) -> int:
+        return hash((ProcessBackend, self.directory))

@@ -1,0 +1,266 @@
+"""ProcessBackend against MemoryBackend, measured in the same run: cost, throughput, wake-ups.
+
+``python -m benchmarks.process [--quick]`` prints four tables:
+
+* uncontended acquire + release (one thread, nothing waits), per operation, process-shared vs
+  in-memory, and their ratio, for one RateLimit and for CallLimit + RateLimit + ResourceLimit;
+* aggregate throughput of 4 processes hammering one shared set (never waiting), beside 4
+  processes each with its own in-memory set (which shares nothing: the ceiling);
+* cross-process wake latency: a holder in one process releases the only slot while the other
+  process waits for it; the time from just before ``release()`` to the waiter's grant, on
+  CLOCK_MONOTONIC (one clock for the whole machine), beside the same ping-pong between two
+  threads of one process on the memory backend;
+* CPU used by a process whose 100 tasks wait for a slot held by another process, per second.
+
+Absolute times on a shared machine drift; the ratios are measured interleaved in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import statistics
+import tempfile
+import threading
+import time
+from typing import Any
+
+from aiolimits import CallLimit, LimitSet, ProcessBackend, RateLimit, ResourceLimit
+
+from ._common import BIG, Summary
+
+_spawn = multiprocessing.get_context("spawn")
+
+
+def _sets(
+    backend: ProcessBackend | None, name: str
+) -> dict[str, tuple[LimitSet, dict[str, float]]]:
+    def make(limits: list[Any], suffix: str) -> LimitSet:
+        if backend is None:
+            return LimitSet(limits)
+        return LimitSet(limits, backend=backend, name=name + suffix)
+
+    return {
+        "1 RateLimit": (make([RateLimit("tokens", 1, BIG)], "-one"), {"tokens": 1}),
+        "Call+Rate+Resource": (
+            make([CallLimit(1, BIG), RateLimit("tokens", 1, BIG), ResourceLimit("r", 10)], "-3"),
+            {"tokens": 1},
+        ),
+    }
+
+
+def _per_op_sync(limits: LimitSet, req: dict[str, float], n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        with limits.acquire_sync(req):
+            pass
+    return (time.perf_counter() - t) / n
+
+
+async def _per_op_async(limits: LimitSet, req: dict[str, float], n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        async with limits.acquire(req):
+            pass
+    return (time.perf_counter() - t) / n
+
+
+def uncontended(directory: str, n: int, repeats: int) -> None:
+    print(f"uncontended acquire+release, {n} ops x {repeats} repeats (median (min-max))")
+    memory = _sets(None, "")
+    shared = _sets(ProcessBackend(directory), "uncontended")
+    for door in ("sync", "asyncio"):
+        for case in memory:
+            mem_us: list[float] = []
+            proc_us: list[float] = []
+            for r in range(repeats):
+                order = [(memory, mem_us), (shared, proc_us)]
+                if r % 2:
+                    order.reverse()
+                for sets, out in order:
+                    limits, req = sets[case]
+                    if door == "sync":
+                        out.append(_per_op_sync(limits, req, n) * 1e6)
+                    else:
+                        out.append(asyncio.run(_per_op_async(limits, req, n)) * 1e6)
+            ratios = [p / m for p, m in zip(proc_us, mem_us, strict=True)]
+            print(
+                f"  {door:8} {case:20} process {Summary.of(proc_us).fmt(unit=' us')}  "
+                f"memory {Summary.of(mem_us).fmt(unit=' us')}  "
+                f"ratio {Summary.of(ratios).fmt(unit='x')}"
+            )
+
+
+def _throughput_child(location: str | None, seconds: float, go: Any, out: Any) -> None:
+    if location is None:
+        limits, req = _sets(None, "")["1 RateLimit"]
+    else:
+        limits, req = _sets(ProcessBackend(location), "throughput")["1 RateLimit"]
+    out.put("ready")
+    go.wait()
+    done = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(100):
+            with limits.acquire_sync(req):
+                pass
+        done += 100
+    out.put(done)
+
+
+def _throughput(location: str | None, procs: int, seconds: float) -> float:
+    go, out = _spawn.Event(), _spawn.Queue()
+    children = [
+        _spawn.Process(target=_throughput_child, args=(location, seconds, go, out))
+        for _ in range(procs)
+    ]
+    for c in children:
+        c.start()
+    for _ in children:
+        assert out.get(timeout=60) == "ready"
+    go.set()
+    total = sum(out.get(timeout=60 + seconds) for _ in children)
+    for c in children:
+        c.join(10)
+    return total / seconds
+
+
+def throughput(directory: str, seconds: float, repeats: int) -> None:
+    print(f"aggregate throughput, 4 processes x {seconds:g} s, 1 RateLimit, never waiting")
+    shared: list[float] = []
+    memory: list[float] = []
+    for r in range(repeats):
+        order = [(directory, shared), (None, memory)]
+        if r % 2:
+            order.reverse()
+        for location, out in order:
+            out.append(_throughput(location, 4, seconds))
+    ratios = [s / m for s, m in zip(shared, memory, strict=True)]
+    print(
+        f"  one shared set   {Summary.of(shared).fmt('.0f', ' ops/s')}\n"
+        f"  4 memory sets    {Summary.of(memory).fmt('.0f', ' ops/s')} (nothing shared)\n"
+        f"  ratio            {Summary.of(ratios).fmt(unit='x')}  (cores: {os.cpu_count()})"
+    )
+
+
+def _ping_pong(limits: LimitSet, rounds: int, hold: float, log: list[tuple[str, float]]) -> None:
+    """Take the slot ``rounds`` times; hold it ``hold`` seconds; log each grant and release."""
+    for _ in range(rounds):
+        with limits.acquire_sync(timeout=60):
+            log.append(("grant", time.monotonic()))
+            time.sleep(hold)
+            log.append(("release", time.monotonic()))
+
+
+def _ping_pong_child(location: str, name: str, rounds: int, go: Any, out: Any) -> None:
+    limits = LimitSet([ResourceLimit("slot", 1)], backend=ProcessBackend(location), name=name)
+    log: list[tuple[str, float]] = []
+    out.put("ready")
+    go.wait()
+    _ping_pong(limits, rounds, 0.002, log)
+    out.put(log)
+
+
+def _latencies(a: list[tuple[str, float]], b: list[tuple[str, float]]) -> list[float]:
+    """For each grant, the time since the other side's latest release before it."""
+    events = sorted([(t, side, kind) for side, log in ((0, a), (1, b)) for kind, t in log])
+    last_release: dict[int, float] = {}
+    out: list[float] = []
+    for t, side, kind in events:
+        if kind == "release":
+            last_release[side] = t
+        elif 1 - side in last_release:
+            out.append(t - last_release.pop(1 - side))
+    return out
+
+
+def _pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
+def wake_latency(directory: str, rounds: int) -> None:
+    print(f"wake latency: release in one process -> grant in the other, {rounds} x 2 handovers")
+    name = "latency"
+    limits = LimitSet([ResourceLimit("slot", 1)], backend=ProcessBackend(directory), name=name)
+    go, out = _spawn.Event(), _spawn.Queue()
+    child = _spawn.Process(target=_ping_pong_child, args=(directory, name, rounds, go, out))
+    child.start()
+    assert out.get(timeout=60) == "ready"
+    mine: list[tuple[str, float]] = []
+    go.set()
+    _ping_pong(limits, rounds, 0.002, mine)
+    theirs = out.get(timeout=120)
+    child.join(10)
+    shared = [x * 1e6 for x in _latencies(mine, theirs)]
+
+    memory_set = LimitSet([ResourceLimit("slot", 1)])
+    logs: list[list[tuple[str, float]]] = [[], []]
+    threads = [
+        threading.Thread(target=_ping_pong, args=(memory_set, rounds, 0.002, logs[i]))
+        for i in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    memory = [x * 1e6 for x in _latencies(logs[0], logs[1])]
+    for label, values in (("process, 2 processes", shared), ("memory, 2 threads", memory)):
+        print(
+            f"  {label:22} p50 {statistics.median(values):7.0f} us  p99 {_pct(values, 0.99):7.0f}"
+            f" us  max {max(values):7.0f} us  (n={len(values)})"
+        )
+
+
+def _hold_child(location: str, name: str, seconds: float, ready: Any) -> None:
+    limits = LimitSet([ResourceLimit("slot", 1)], backend=ProcessBackend(location), name=name)
+    with limits.acquire_sync():
+        ready.set()
+        time.sleep(seconds)
+
+
+def idle_cpu(directory: str, seconds: float) -> None:
+    name = "idle"
+    limits = LimitSet([ResourceLimit("slot", 1)], backend=ProcessBackend(directory), name=name)
+    ready = _spawn.Event()
+    child = _spawn.Process(target=_hold_child, args=(directory, name, seconds + 1.0, ready))
+    child.start()
+    assert ready.wait(60)
+
+    async def main() -> float:
+        async def waiter() -> None:
+            async with limits.acquire(timeout=60):
+                pass
+
+        tasks = [asyncio.create_task(waiter()) for _ in range(100)]
+        await asyncio.sleep(0.2)  # all queued
+        cpu = time.process_time()
+        await asyncio.sleep(seconds)
+        used = time.process_time() - cpu
+        await asyncio.gather(*tasks)  # granted one by one once the holder lets go
+        return used
+
+    used = asyncio.run(main())
+    child.join(10)
+    print(
+        f"idle CPU: 100 tasks waiting {seconds:g} s for a slot held by another process: "
+        f"{used / seconds * 1e3:.2f} ms of CPU per second (whole process, listener included)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    n, repeats, seconds, rounds = (5000, 3, 1.0, 100) if args.quick else (20000, 7, 2.0, 500)
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+        uncontended(d, n, repeats)
+        throughput(d, seconds, max(1, repeats // 2))
+        wake_latency(d, rounds)
+        idle_cpu(d, 2.0)
+
+
+if __name__ == "__main__":
+    main()

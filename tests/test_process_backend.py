@@ -1,0 +1,517 @@
+"""The process backend: the LimitSet contract, then what only several processes can show.
+
+Multi-process tests use ``multiprocessing`` with the spawn method: the children import this
+module and attach to the same state by location and name, as independent processes would.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import multiprocessing
+import multiprocessing.process
+import pickle
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from aiolimits import Acquisition, CallLimit, LimitSet, ProcessBackend, RateLimit, ResourceLimit
+from aiolimits._backends import _process_peers as peers
+from aiolimits._backends._process_file import StateFile
+from aiolimits._backends._process_scheduler import ProcessScheduler
+from aiolimits._backends.process import runtime_directory
+from aiolimits.testing import ManualClock
+
+from . import _process_workers as workers
+from .contract import AnyLimit, LimitSetContract, MakeLimitSet, settle
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> ProcessBackend:
+    return ProcessBackend(tmp_path)
+
+
+@pytest.fixture
+def make_limitset(backend: ProcessBackend) -> MakeLimitSet:
+    def make(
+        limits: Iterable[AnyLimit] = (),
+        *,
+        clock: Callable[[], float] | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> LimitSet:
+        return LimitSet(
+            limits,
+            config=config,
+            backend=backend,
+            name=f"set-{next(_names)}",
+            clock=time.monotonic if clock is None else clock,
+        )
+
+    return make
+
+
+class TestProcessBackend(LimitSetContract):
+    """Every contract test, on ProcessBackend (one process: the shared file is still used)."""
+
+
+# -- several processes ---------------------------------------------------------------------
+
+_spawn = multiprocessing.get_context("spawn")
+
+
+def _start(target: Callable[..., None], *args: Any) -> multiprocessing.process.BaseProcess:
+    proc = _spawn.Process(target=target, args=args, daemon=True)
+    proc.start()
+    return proc
+
+
+def test_four_processes_never_exceed_any_limit(backend: ProcessBackend) -> None:
+    limits = LimitSet(workers.HAMMER_LIMITS, backend=backend, name="hammer")
+    inside, peak = _spawn.Value("i", 0), _spawn.Value("i", 0)
+    out, go = _spawn.Queue(), _spawn.Event()
+    # The LimitSet travels pickled: each child re-attaches to the same shared state.
+    procs = [_start(workers.hammer_child, limits, inside, peak, out, go) for _ in range(3)]
+    for _ in procs:
+        assert out.get(timeout=60) == "ready"
+    go.set()
+    per_process = [workers.hammer(limits, inside, peak, threads=2, tasks=3)]
+    per_process += [out.get(timeout=100) for _ in procs]
+    grants = [g for grants in per_process for g in grants]
+    for proc in procs:
+        proc.join(10)
+        assert proc.exitcode == 0
+    calls = len(grants)
+    assert sum(1 for grants in per_process if grants) >= 2  # they did share the limits
+    tokens = sum(g[0] for g in grants)
+    gcra = sum(g[2] for g in grants)
+    # Every window is an hour: over the few seconds of the test, less than one unit refills.
+    assert calls <= 240
+    assert tokens <= 500
+    assert calls <= 180  # the sliding window log
+    assert gcra <= 400
+    assert calls <= 300  # the fixed window (2 h windows: at most one boundary crossed)
+    assert peak.value <= 3
+    # Some limit ran dry (else the test proved nothing): the sliding log is the tightest.
+    assert calls == 180 or tokens > 490 or gcra > 390
+    stats = limits.get_stats()
+    assert stats["granted"] == calls  # the counters are shared
+    assert stats["limits"]["conn"]["in_use"] == 0
+    assert stats["waiting"] == 0
+
+
+@pytest.mark.parametrize("pidfds", [True, False], ids=["pidfd", "lease"])
+def test_sigkill_while_holding_a_slot_does_not_leak_it(
+    backend: ProcessBackend, monkeypatch: pytest.MonkeyPatch, pidfds: bool
+) -> None:
+    """A waiter in another process gets the slot: at once through the holder's pidfd, or within
+    the lease on kernels without pidfds."""
+    monkeypatch.setattr(peers, "pidfds_work", pidfds and peers.pidfds_work)
+    location, name = str(backend.directory), "crash-slot"
+    limits = LimitSet([ResourceLimit("conn", capacity=1)], backend=backend, name=name)
+    ready = _spawn.Event()
+    proc = _start(workers.hold_slot_forever, location, name, ready)
+    assert ready.wait(60)
+    assert not limits.try_acquire().successful
+    got: list[Acquisition] = []
+    waiter = threading.Thread(target=lambda: got.append(limits.acquire_sync(timeout=60)))
+    waiter.start()
+    proc.kill()
+    proc.join(10)
+    waiter.join(60)  # the listener sees the holder's pidfd close and reclaims the slot
+    assert got
+    assert got[0].successful
+    assert limits.get_stats()["limits"]["conn"]["in_use"] == 1
+    got[0].release()
+    assert limits.get_stats()["limits"]["conn"]["in_use"] == 0
+
+
+def test_a_full_resource_reclaims_a_dead_holders_slot_on_try_acquire(
+    backend: ProcessBackend,
+) -> None:
+    location, name = str(backend.directory), "crash-try"
+    ready = _spawn.Event()
+    proc = _start(workers.hold_slot_forever, location, name, ready)
+    assert ready.wait(60)
+    proc.kill()
+    proc.join(10)
+    limits = LimitSet([ResourceLimit("conn", capacity=1)], backend=backend, name=name)
+    with limits.try_acquire() as acq:
+        assert acq.successful
+
+
+def test_stats_and_retry_after_do_not_count_a_dead_holders_slot(
+    backend: ProcessBackend,
+) -> None:
+    location, name = str(backend.directory), "crash-stats"
+    limits = LimitSet([ResourceLimit("conn", capacity=1)], backend=backend, name=name)
+    ready = _spawn.Event()
+    proc = _start(workers.hold_slot_forever, location, name, ready)
+    assert ready.wait(60)
+    assert limits.get_stats()["limits"]["conn"]["in_use"] == 1
+    assert limits.retry_after() == math.inf
+    proc.kill()
+    proc.join(10)
+    assert limits.retry_after() == 0.0
+    assert limits.get_stats()["limits"]["conn"]["in_use"] == 0
+
+
+def test_sigkill_while_holding_the_lock_does_not_block_the_group(
+    backend: ProcessBackend,
+) -> None:
+    location, name = str(backend.directory), "crash-lock"
+    limits = LimitSet([ResourceLimit("conn", capacity=1)], backend=backend, name=name)
+    ready = _spawn.Event()
+    proc = _start(workers.hold_lock_forever, location, name, ready)
+    assert ready.wait(60)
+    proc.kill()
+    proc.join(10)
+    with limits.try_acquire() as acq:
+        assert acq.successful
+    assert limits.get_stats()["granted"] == 1
+
+
+def test_waiters_in_two_processes_are_served_in_arrival_order(backend: ProcessBackend) -> None:
+    limits = LimitSet([ResourceLimit("conn", capacity=1)], backend=backend, name="fifo")
+    held = limits.try_acquire()
+    assert held.successful
+    events, release = _spawn.Queue(), _spawn.Event()
+    proc = _start(workers.queue_then_report, limits, events, release)
+    _until(lambda: limits.get_stats()["waiting"] == 1)  # the child is queued first
+
+    def second() -> None:
+        with limits.acquire_sync(timeout=60):
+            events.put("parent")
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    _until(lambda: limits.get_stats()["waiting"] == 2)
+    assert limits.get_stats()["limits"]["conn"]["waiting"] == 2
+    held.release()  # wakes the child's waiter, in the other process
+    assert events.get(timeout=60) == "child"
+    release.set()
+    assert events.get(timeout=60) == "parent"
+    thread.join(60)
+    proc.join(60)
+    assert proc.exitcode == 0
+
+
+def test_many_handovers_between_processes_all_complete(backend: ProcessBackend) -> None:
+    """Each release wakes the waiter of the other process (a lost wake-up would time out)."""
+    limits = LimitSet([ResourceLimit("conn", capacity=1)], backend=backend, name="pingpong")
+    out = _spawn.Queue()
+    procs = [_start(workers.ping_pong, limits, 60, out) for _ in range(2)]
+    workers.ping_pong(limits, 60, out)
+    assert [out.get(timeout=100) for _ in range(3)] == [60, 60, 60]
+    for proc in procs:
+        proc.join(10)
+    stats = limits.get_stats()
+    assert stats["granted"] == 180
+    assert stats["timed_out"] == 0
+    assert stats["limits"]["conn"]["in_use"] == 0
+
+
+def test_a_refund_in_one_process_wakes_a_waiter_in_another(backend: ProcessBackend) -> None:
+    limits = LimitSet(
+        [RateLimit("r", window_seconds=3600, capacity=4)], backend=backend, name="refund"
+    )
+    held = limits.try_acquire({"r": 4})
+    assert held.successful
+    events = _spawn.Queue()
+    proc = _start(workers.wait_for_tokens, limits, events)
+    _until(lambda: limits.get_stats()["waiting"] == 1)
+    held.update({"r": 3})  # one token back: the waiter, which would sleep ~15 min, is told
+    assert events.get(timeout=60) == "granted"
+    proc.join(10)
+    stats = limits.get_stats()
+    assert stats["refunded"] == 1
+    assert stats["granted"] == 2
+
+
+def test_a_first_waiter_leaving_in_one_process_lets_the_next_one_in_another_in(
+    backend: ProcessBackend,
+) -> None:
+    limits = LimitSet(
+        [RateLimit("r", window_seconds=3600, capacity=2), ResourceLimit("conn", capacity=1)],
+        backend=backend,
+        name="leave",
+    )
+    held = limits.try_acquire({"r": 0})  # the slot only
+    assert held.successful
+    events = _spawn.Queue()
+    proc = _start(workers.wait_then_time_out, limits, events)  # first: token + slot
+    _until(lambda: limits.get_stats()["waiting"] == 1)
+    got: list[Acquisition] = []
+    second = threading.Thread(
+        target=lambda: got.append(limits.acquire_sync({"r": 1, "conn": 0}, timeout=60))
+    )
+    second.start()  # admissible by the limits, but queued behind the other process's waiter
+    _until(lambda: limits.get_stats()["waiting"] == 2)
+    assert not got
+    assert events.get(timeout=60) == "timed out"
+    second.join(60)  # the leaving process told ours that its waiter is now first
+    assert got
+    assert got[0].successful
+    held.release()
+    proc.join(10)
+    assert limits.get_stats()["timed_out"] == 1
+
+
+def test_an_arrival_does_not_pass_a_waiter_of_another_process(backend: ProcessBackend) -> None:
+    limits = LimitSet(
+        [RateLimit("r", window_seconds=3600, capacity=2)], backend=backend, name="nobarge"
+    )
+    assert limits.try_acquire({"r": 1}).successful
+    events, release = _spawn.Queue(), _spawn.Event()
+    # The child asks for 2 (not admissible for an hour); we then ask for 1, which is.
+    proc = _start(workers.queue_for_two, limits, events)
+    _until(lambda: limits.get_stats()["waiting"] == 1)
+    assert not limits.try_acquire({"r": 1}).successful
+    proc.kill()
+    proc.join(10)
+    release.set()
+    # The dead waiter's ticket is dropped as soon as someone finds it in the way.
+    assert limits.try_acquire({"r": 1}).successful
+
+
+@pytest.mark.anyio
+async def test_retry_after_behind_another_processs_waiter_is_finite(
+    backend: ProcessBackend,
+) -> None:
+    """Two attachments stand for two processes. The second one's waiter waits behind the first
+    one's (it sleeps until told, with no timer): retry_after still answers from the limits."""
+    clock = ManualClock()
+    limits = [RateLimit("r", window_seconds=10, capacity=2)]
+    first = LimitSet(limits, backend=backend, name="retry", clock=clock)
+    second = LimitSet(limits, backend=backend, name="retry", clock=clock)
+    assert first.try_acquire({"r": 2}).successful
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_acquire_quietly, first, {"r": 1})
+        await settle()
+        tg.start_soon(_acquire_quietly, second, {"r": 1})
+        await settle()
+        assert second.get_stats()["waiting"] == 2
+        assert first.retry_after({"r": 1}) == 5.0
+        assert second.retry_after({"r": 1}) == 5.0
+        tg.cancel_scope.cancel()
+
+
+async def _acquire_quietly(limits: LimitSet, requested: Mapping[str, float]) -> None:
+    async with limits.acquire(requested):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("other", "says"),
+    [
+        (
+            [CallLimit(window_seconds=60, capacity=11)],
+            "CallLimit(window_seconds=60, capacity=11, algorithm='token_bucket') where it has "
+            "CallLimit(window_seconds=60, capacity=10, algorithm='token_bucket')",
+        ),
+        (
+            [CallLimit(window_seconds=60, capacity=10), ResourceLimit("conn", capacity=2)],
+            "extra ResourceLimit('conn', capacity=2)",
+        ),
+        ([], "missing CallLimit(window_seconds=60, capacity=10, algorithm='token_bucket')"),
+    ],
+)
+def test_a_process_declaring_other_limits_is_rejected(
+    backend: ProcessBackend, other: list[AnyLimit], says: str
+) -> None:
+    LimitSet([CallLimit(window_seconds=60, capacity=10)], backend=backend, name="decl")
+    out = _spawn.Queue()
+    proc = _start(workers.attach_with, str(backend.directory), "decl", other, out)
+    message = out.get(timeout=60)
+    proc.join(10)
+    assert message is not None
+    assert "'decl' was created with other limits" in message
+    assert says in message
+
+
+def _until(predicate: Callable[[], bool]) -> None:
+    """Wait (test-side only) until another process has done what ``predicate`` checks."""
+    deadline = time.monotonic() + 60
+    while not predicate():
+        assert time.monotonic() < deadline, "the other process did not get there"
+        time.sleep(0.005)
+
+
+# -- several attachments in one process: the shared state against the memory backend ---------
+
+_MIRROR_LIMITS = (
+    CallLimit(window_seconds=4, capacity=6),
+    RateLimit("tb", window_seconds=8, capacity=10),
+    RateLimit("gcra", window_seconds=8, capacity=10, algorithm="gcra"),
+    RateLimit("leaky", window_seconds=8, capacity=10, algorithm="leaky_bucket"),
+    RateLimit("sw", window_seconds=8, capacity=10, algorithm="sliding_window"),
+    RateLimit("fw", window_seconds=8, capacity=10, algorithm="fixed_window"),
+    ResourceLimit("conn", capacity=3),
+)
+_KEYS = ("tb", "gcra", "leaky", "sw", "fw")
+
+_step = st.tuples(
+    st.integers(0, 2),  # which attachment acts
+    st.sampled_from(["take", "take", "update", "release", "pause"]),
+    st.sampled_from([0.0, 0.25, 0.5, 1.0, 3.0]),  # clock advance before it
+    st.lists(st.integers(0, 4), min_size=6, max_size=6),  # amounts (or usage), conn last
+    st.integers(0, 1000),  # which held acquisition
+)
+
+
+@settings(max_examples=max(50, settings().max_examples // 10))
+@given(steps=st.lists(_step, max_size=60))
+# Take in one attachment, write from another, then refund in the first (reloaded meanwhile).
+@example(
+    steps=[
+        (0, "take", 0, [0, 0, 0, 4, 0, 0], 0),
+        (1, "take", 0, [0, 0, 0, 1, 0, 0], 0),
+        (0, "update", 0, [0, 0, 0, 1, 0, 0], 0),
+    ]
+)
+@example(
+    steps=[
+        (0, "take", 0, [0, 0, 4, 0, 0, 0], 0),
+        (1, "take", 0, [0, 0, 1, 0, 0, 0], 0),
+        (0, "update", 0.25, [0, 0, 1, 0, 0, 0], 0),
+        (2, "take", 0, [0, 0, 1, 0, 0, 0], 0),
+    ]
+)
+def test_attachments_decide_exactly_like_one_memory_set(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[Any]
+) -> None:
+    """Three attachments to one shared state, used in turns, make the very decisions (to the
+    float) that one in-memory set makes for the same calls: every reload restores the state
+    exactly, and refunds reach the entries their receipts name."""
+    backend = ProcessBackend(tmp_path_factory.mktemp("mirror"))
+    name = f"mirror-{next(_names)}"
+    shared_clock, memory_clock = ManualClock(100.0), ManualClock(100.0)
+    shared = [
+        LimitSet(_MIRROR_LIMITS, backend=backend, name=name, clock=shared_clock) for _ in range(3)
+    ]
+    memory = LimitSet(_MIRROR_LIMITS, clock=memory_clock)
+    held: list[tuple[int, Acquisition, Acquisition]] = []
+    for who, kind, dt, amounts, pick in steps:
+        shared_clock.advance(dt)
+        memory_clock.advance(dt)
+        if kind == "take":
+            requested = dict(zip((*_KEYS, "conn"), amounts, strict=True))
+            requested["conn"] = min(requested["conn"], 1)
+            a, b = shared[who].try_acquire(requested), memory.try_acquire(requested)
+            assert a.successful == b.successful
+            if a.successful:
+                held.append((who, a, b))
+        elif kind == "pause":
+            shared[who].pause(amounts[0] / 4)
+            memory.pause(amounts[0] / 4)
+        elif held:
+            i, a, b = held[pick % len(held)]
+            if kind == "update":
+                usage = dict(zip(_KEYS, amounts[:5], strict=True))
+                a.update(usage)
+                b.update(usage)
+            else:
+                held.remove((i, a, b))
+                a.release()
+                b.release()
+        assert shared[(who + 1) % 3].get_stats() == memory.get_stats()
+    for _who, a, b in held:
+        a.release()
+        b.release()
+    assert shared[0].get_stats() == memory.get_stats()
+
+
+# -- the state file --------------------------------------------------------------------------
+
+
+def test_state_file_keeps_the_last_intact_copy_when_a_write_is_torn(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.limits")
+    f = StateFile(path)
+    f.write(1, b"one")
+    f.write(2, b"two" * 5000)  # grows into a new region
+    f.write(3, b"three")
+    assert f.read() == (3, b"three")
+    assert f._known is not None
+    # A writer killed after the slot's fields but before their crc: that slot is ignored.
+    with open(path, "r+b") as raw:
+        raw.seek((64, 128)[f._known[1]] + 36)
+        raw.write(b"\0\0\0\0")
+    assert StateFile(path).read() == (2, b"two" * 5000)
+    # A writer killed in the middle of the data: the crc of the data catches it.
+    g = StateFile(path)
+    g.write(4, b"four")
+    assert g.read() == (4, b"four")
+    assert g._known is not None
+    slot = g._known[2][g._known[1]]
+    assert slot is not None
+    with open(path, "r+b") as raw:
+        raw.seek(slot[1])
+        raw.write(b"XX")
+    assert StateFile(path).read() == (2, b"two" * 5000)
+    f.close()
+    g.close()
+
+
+def test_a_file_that_is_not_a_state_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.limits"
+    path.write_bytes(b"hello" * 1000)
+    with pytest.raises(ValueError, match="not an aiolimits state file"):
+        StateFile(str(path))
+
+
+def test_state_from_a_previous_boot_is_replaced(backend: ProcessBackend) -> None:
+    limits = LimitSet([ResourceLimit("conn", capacity=1)], backend=backend, name="boot")
+    held = limits.try_acquire()
+    assert held.successful
+    sched = limits._scheduler
+    assert isinstance(sched, ProcessScheduler)
+    # Rewrite the stored boot id, as if the file had survived a reboot.
+    with sched.lock:
+        sched._meta = ("another-boot", *sched._meta[1:])
+        sched._bytes = b""
+    again = LimitSet([ResourceLimit("conn", capacity=1)], backend=backend, name="boot")
+    assert again.get_stats()["limits"]["conn"]["in_use"] == 0
+
+
+def test_name_is_required_and_location_is_checked(backend: ProcessBackend) -> None:
+    with pytest.raises(ValueError, match="name is required with ProcessBackend"):
+        LimitSet([CallLimit(1, 1)], backend=backend)
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        LimitSet([CallLimit(1, 1)], backend=backend, name="")
+    with pytest.raises(ValueError, match="location"):
+        ProcessBackend("")
+    with pytest.raises(TypeError, match="location"):
+        ProcessBackend(3)  # type: ignore[arg-type]
+
+
+def test_a_bare_name_lives_in_the_runtime_directory() -> None:
+    backend = ProcessBackend("aiolimits-test-bare")
+    assert backend.directory == runtime_directory() / "aiolimits-test-bare"
+    assert ProcessBackend("/tmp/x").directory == Path("/tmp/x")
+    assert repr(backend) == "ProcessBackend('aiolimits-test-bare')"
+    again = pickle.loads(pickle.dumps(backend))  # the resolved directory travels
+    assert again == backend
+    assert again.location == str(runtime_directory() / "aiolimits-test-bare")
+
+
+def test_a_private_clock_cannot_be_shared_with_monotonic(backend: ProcessBackend) -> None:
+    clock = ManualClock()
+    LimitSet([CallLimit(1, 1)], backend=backend, name="clocked", clock=clock)
+    with pytest.raises(ValueError, match="another clock"):
+        LimitSet([CallLimit(1, 1)], backend=backend, name="clocked")
+
+
+def test_names_are_files_whatever_they_contain(backend: ProcessBackend) -> None:
+    odd = LimitSet([CallLimit(1, 1)], backend=backend, name="a/b c:%")
+    long = LimitSet([CallLimit(1, 1)], backend=backend, name="x" * 500)
+    assert odd.try_acquire().successful
+    assert long.try_acquire().successful
+    assert {p.parent for p in backend.directory.iterdir()} == {backend.directory}
