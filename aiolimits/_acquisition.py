@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ._door import Door
     from ._scheduler import Items, Scheduler
 
-__all__ = ["Acquisition"]
+__all__ = ["Acquisition", "DeferredAcquire"]
 
 PENDING: Final = 0  # returned by acquire(), not yet entered
 HELD: Final = 1
@@ -234,3 +234,55 @@ class Acquisition:
             f"<Acquisition {state} requested={dict(self.requested)!r} "
             f"waited={self.waited:.6g}s config={dict(self.config)!r}>"
         )
+
+
+class DeferredAcquire:
+    """An async context manager whose :class:`Acquisition` is made on entry: a pool picks its set
+    then, a keyed set finds (or makes) its key's state then. Leaving it releases that
+    acquisition. Single use. Subclasses define :meth:`_enter`."""
+
+    __slots__ = ("_acq", "_entered")
+
+    #: How the owner's verbs are named in the error for a plain ``with``.
+    _owner = "limits"
+
+    def __init__(self) -> None:
+        self._entered = False
+        self._acq: Acquisition | None = None
+
+    @property
+    def acquisition(self) -> Acquisition | None:
+        """The acquisition, once granted."""
+        return self._acq
+
+    async def _enter(self) -> Acquisition:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Acquisition:
+        if self._entered:
+            raise RuntimeError("this acquisition was already entered; call acquire() again")
+        self._entered = True  # single use, whatever happens next
+        acq = self._acq = await self._enter()
+        return acq
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._acq is not None:
+            self._acq.release()
+
+    def __enter__(self) -> Acquisition:
+        owner = self._owner
+        raise RuntimeError(
+            f"{owner}.acquire() returns an async context manager: use `async with`; "
+            f"from a thread, use {owner}.acquire_sync()"
+        )
+
+    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - __enter__ always raises
+        pass
+
+    def _state(self) -> str:
+        return "pending" if not self._entered else ("held" if self._acq else "entered")

@@ -38,10 +38,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from types import TracebackType
 from typing import Any, Final, final
 
-from ._acquisition import ACQUIRING, FAILED, HELD, RELEASED, Acquisition
+from ._acquisition import ACQUIRING, FAILED, HELD, RELEASED, Acquisition, DeferredAcquire
 from ._algorithms import RateState, SemaphoreState, new_state
 from ._backends._base import Backend
 from ._backends.memory import MemoryBackend
@@ -435,35 +434,23 @@ class KeyedLimitSet(Door):
 
 
 @final
-class KeyedAcquire:
+class KeyedAcquire(DeferredAcquire):
     """``async with keyed.acquire(key, ...) as acq``: finds (or makes) the key's state on entry,
     so a key is never dropped between asking and acquiring. Single use."""
 
-    __slots__ = ("_acq", "_entered", "_items", "_key", "_keyed", "_timeout")
+    __slots__ = ("_items", "_key", "_keyed", "_timeout")
+
+    _owner = "keyed"
 
     def __init__(self, keyed: KeyedLimitSet, key: str, items: Items, timeout: float) -> None:
+        super().__init__()
         self._keyed = keyed
         self._key = key
         self._items = items
         self._timeout = timeout
-        self._acq: Acquisition | None = None
-        self._entered = False
 
-    async def __aenter__(self) -> Acquisition:
-        if self._entered:
-            raise RuntimeError("this acquisition was already entered; call acquire() again")
-        self._entered = True  # single use, whatever happens next
-        acq = self._acq = await self._keyed._enter(self)
-        return acq
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._acq is not None:
-            self._acq.release()
+    async def _enter(self) -> Acquisition:
+        return await self._keyed._enter(self)
 
     def __repr__(self) -> str:
-        return f"<KeyedAcquire key={self._key!r} acquisition={self._acq!r}>"
+        return f"<KeyedAcquire {self._state()} key={self._key!r} acquisition={self._acq!r}>"

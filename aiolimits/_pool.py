@@ -29,10 +29,9 @@ import random
 import threading
 from collections.abc import Callable, Iterable
 from functools import partial
-from types import TracebackType
 from typing import Any, Final, final
 
-from ._acquisition import Acquisition
+from ._acquisition import Acquisition, DeferredAcquire
 from ._decorator import Limited, Requested, limited
 from ._limits import CallLimit, Limit, ResourceLimit, enum_member
 from ._limitset import LimitSet
@@ -345,11 +344,13 @@ class LimitPool:
 
 
 @final
-class PoolAcquire:
+class PoolAcquire(DeferredAcquire):
     """Returned by :meth:`LimitPool.acquire`: entering it picks a set and yields that set's
     :class:`Acquisition`; leaving it releases that. Single use."""
 
-    __slots__ = ("_acq", "_entered", "_pool", "_requested", "_timeout")
+    __slots__ = ("_pool", "_requested", "_timeout")
+
+    _owner = "pool"
 
     def __init__(
         self,
@@ -357,53 +358,23 @@ class PoolAcquire:
         requested: Requested | None,
         timeout: float | None,
     ) -> None:
+        super().__init__()
         self._pool = pool
         self._requested = requested
         self._timeout = timeout
-        self._entered = False
-        self._acq: Acquisition | None = None
 
-    @property
-    def acquisition(self) -> Acquisition | None:
-        """The chosen set's acquisition, once granted."""
-        return self._acq
-
-    async def __aenter__(self) -> Acquisition:
-        if self._entered:
-            raise RuntimeError("this pool acquisition was already entered; call acquire() again")
-        self._entered = True
+    async def _enter(self) -> Acquisition:
         pool, requested = self._pool, self._requested
         if pool._algorithm is not LoadBalancingAlgorithm.LeastWait:
             chosen = pool._pick()
         else:
             acq, rotation = pool._least_wait(requested)
             if acq.successful:
-                self._acq = acq
                 return acq
             chosen = pool._soonest(rotation, requested)
         acq = chosen.acquire(requested, timeout=self._timeout)
         await acq.__aenter__()
-        self._acq = acq
         return acq
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._acq is not None:
-            self._acq.release()
-
-    def __enter__(self) -> Acquisition:
-        raise RuntimeError(
-            "pool.acquire() returns an async context manager: use `async with`; "
-            "from a thread, use pool.acquire_sync()"
-        )
-
-    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - __enter__ always raises
-        pass
-
     def __repr__(self) -> str:
-        state = "pending" if not self._entered else ("held" if self._acq else "entered")
-        return f"<PoolAcquire {state} requested={self._requested!r} of {self._pool!r}>"
+        return f"<PoolAcquire {self._state()} requested={self._requested!r} of {self._pool!r}>"
