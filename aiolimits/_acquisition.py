@@ -152,7 +152,7 @@ class Acquisition:
             if self._state != HELD:
                 return
             self._state = RELEASED
-            sched.release(self._items, sched.clock())
+            sched.release(self._items, sched.clock(), self._receipts)
 
     # -- context manager protocols -----------------------------------------------------------
 

@@ -335,18 +335,19 @@ class LimitSet:
             now = sched.clock()
             sched.catch_up(now)
             waiting = sched.waiting_per_key()
+            available = sched.availability(now)
             per_key: dict[str, dict[str, Any]] = {}
-            for key, (limit, state) in self._requests.index.items():
+            for key, (limit, _state) in self._requests.index.items():
                 entry: dict[str, Any] = {
                     "kind": "resource"
                     if isinstance(limit, ResourceLimit)
                     else ("call" if isinstance(limit, CallLimit) else "rate"),
                     "capacity": limit.capacity,
-                    "available": state.available(now),
+                    "available": available[key],
                     "waiting": waiting[key],
                 }
                 if isinstance(limit, ResourceLimit):
-                    entry["in_use"] = limit.capacity - state.available(now)
+                    entry["in_use"] = limit.capacity - available[key]
                 else:
                     entry["algorithm"] = limit.algorithm.value
                     entry["window_seconds"] = limit.window_seconds

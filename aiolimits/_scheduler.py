@@ -92,6 +92,15 @@ class Scheduler:
     def _take(self, items: Items, now: float) -> list[Any]:
         return [state.take(amount, now) for state, amount in items]
 
+    def _admit(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
+        """``admit_time`` and, when that is now, the take: ``(rate_at, admit_at, receipts)``,
+        receipts None when not admitted. One step, so that a shared backend can decide and take
+        in one atomic round trip."""
+        rate_at, admit_at = self.admit_time(items, now)
+        if admit_at <= now:
+            return rate_at, admit_at, self._take(items, now)
+        return rate_at, admit_at, None
+
     def catch_up(self, now: float) -> None:
         """Under the lock: grant a head whose wake time has come but which has not run yet.
 
@@ -127,10 +136,10 @@ class Scheduler:
                 head.state = LEFT
                 self.cancelled += 1
                 continue
-            rate_at, admit_at = self.admit_time(head.items, now)
-            if admit_at <= now:
+            rate_at, admit_at, receipts = self._admit(head.items, now)
+            if receipts is not None:
                 del queue[head]
-                head.receipts = self._take(head.items, now)
+                head.receipts = receipts
                 head.granted_at = now
                 head.state = GRANTED
                 self.granted += 1
@@ -225,8 +234,9 @@ class Scheduler:
 
     # -- after a grant (under the lock) ----------------------------------------------------
 
-    def release(self, items: Items, now: float) -> None:
-        """Give back the resource slots of a finished acquisition."""
+    def release(self, items: Items, now: float, receipts: list[Any] | None = None) -> None:
+        """Give back the resource slots of a finished acquisition (``receipts``: what its take
+        returned; a shared backend names its leases with them)."""
         released = False
         for state, amount in items:
             if isinstance(state, SemaphoreState):
@@ -261,6 +271,11 @@ class Scheduler:
                 self._dispatch(now)
 
     # -- introspection ---------------------------------------------------------------------
+
+    def availability(self, now: float) -> dict[str, float]:
+        """Units admissible now, per key. A shared backend also brings ``paused_until`` and
+        ``refunded`` up to date from the shared state here."""
+        return {state.key: state.available(now) for state in self.states}
 
     def waiting_per_key(self) -> dict[str, int]:
         counts = {s.key: 0 for s in self.states}

@@ -6,3 +6,7 @@ Its state lives in one Redis hash per LimitSet, decided by a server-side Lua scr
 """
 
 from __future__ import annotations
+
+from ._backend import RedisBackend as RedisBackend
+
+__all__ = ["RedisBackend"]

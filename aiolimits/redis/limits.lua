@@ -758,6 +758,8 @@ ops.settle = function(now)
     save(L)
     out[#out + 1] = { encode_receipt(receipt), fmt(held), fmt(given) }
   end
+  -- Units given back may admit a waiter of another process: wake them.
+  if refunded > 0 then redis.call('PUBLISH', key .. ':wake', '') end
   table.insert(out, 1, fmt(refunded))
   table.insert(out, 1, fmt(now))
   return out
@@ -778,6 +780,7 @@ ops.release = function(now)
       end
     end
   end
+  if ended > 0 then redis.call('PUBLISH', key .. ':wake', '') end
   return { fmt(now), ended }
 end
 

@@ -1,0 +1,168 @@
+"""RedisBackend: where a LimitSet's state lives when it is shared through Redis."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any, Final, final
+
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .._algorithms import RateState
+from .._backends._base import Backend
+from .._backends._declaration import declaration, declaration_json, mismatch
+from .._errors import BackendUnavailable
+from .._limits import Limit
+from .._scheduler import Scheduler
+from .._waiters import TimerClock
+from ._scheduler import UNAVAILABLE, RedisScheduler
+from ._script import SOURCE
+
+__all__ = ["RedisBackend"]
+
+POLICIES: Final = ("raise",)
+
+
+@final
+class RedisBackend(Backend):
+    """State in Redis, shared by every process that attaches to the same ``name`` there.
+
+    Each LimitSet is one Redis hash, ``{prefix:name}`` (a hash tag: one Cluster slot), decided
+    by a server-side Lua script: one round trip per uncontended acquisition, every limit of the
+    set taken atomically, on Redis server time. See ``docs/redis.md``.
+
+    Args:
+        url_or_client: a ``redis://`` URL, or a ``redis.Redis`` client (its connection settings
+            are used as they are).
+        prefix: the first part of every key.
+        on_unavailable: what a call does when Redis cannot be reached in time: ``"raise"``
+            :class:`aiolimits.BackendUnavailable` (nothing is taken). Only ``"raise"`` so far.
+        timeout: seconds any Redis call may take (connecting, or waiting for an answer).
+        lease_seconds: how long a resource slot stays held by a process that stopped renewing it
+            (it renews every third of that while alive).
+
+    Example:
+        >>> limits = LimitSet(
+        ...     [CallLimit(60, 500), RateLimit("tokens", 60, 90_000)],
+        ...     backend=RedisBackend("redis://redis.internal:6379/0"),
+        ...     name="openai-org-1",
+        ... )
+    """
+
+    __slots__ = ("_client", "_url", "lease_seconds", "on_unavailable", "prefix", "timeout")
+
+    def __init__(
+        self,
+        url_or_client: str | redis.Redis | object,
+        *,
+        prefix: str = "aiolimits",
+        on_unavailable: str = "raise",
+        timeout: float = 1.0,
+        lease_seconds: float = 30.0,
+    ) -> None:
+        if isinstance(url_or_client, redis.asyncio.Redis):
+            raise TypeError(
+                "url_or_client: a redis.asyncio client is not supported yet; pass the URL or a "
+                "redis.Redis client"
+            )
+        if not isinstance(url_or_client, (str, redis.Redis)):
+            raise TypeError(
+                f"url_or_client must be a redis:// URL or a redis.Redis client, "
+                f"got {url_or_client!r}"
+            )
+        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError(f"prefix must be a non-empty str without braces, got {prefix!r}")
+        if on_unavailable not in POLICIES:
+            raise ValueError(f"on_unavailable must be one of {POLICIES!r}, got {on_unavailable!r}")
+        for arg, value in (("timeout", timeout), ("lease_seconds", lease_seconds)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{arg} must be a number of seconds, got {value!r}")
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{arg} must be positive and finite, got {value!r}")
+        self._url = url_or_client if isinstance(url_or_client, str) else None
+        if isinstance(url_or_client, str):
+            # Bounded calls: one retry on a fresh connection (a restarted server), no backoff.
+            self._client: redis.Redis = redis.Redis.from_url(
+                url_or_client,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 1),
+            )
+        else:
+            self._client = url_or_client
+        self.prefix = prefix
+        self.on_unavailable = on_unavailable
+        self.timeout = float(timeout)
+        self.lease_seconds = float(lease_seconds)
+
+    def hash_key(self, name: str) -> str:
+        """The Redis key of the set ``name``: its hash tag keeps it in one Cluster slot."""
+        return f"{{{self.prefix}:{name}}}"
+
+    def attach(
+        self,
+        limits: tuple[Limit, ...],
+        states: tuple[RateState, ...],
+        clock: Callable[[], float],
+        name: str | None,
+    ) -> Scheduler:
+        """The scheduler of the set ``name`` in Redis; checks (or records) its declaration.
+
+        Raises:
+            ValueError: no ``name``, or ``name`` was declared with other limits.
+            BackendUnavailable: Redis could not be reached within ``timeout``.
+        """
+        if name is None:
+            raise ValueError("name is required with RedisBackend: it names the shared state")
+        key = self.hash_key(name)
+        declared = declaration_json(limits)
+        try:
+            self._client.hsetnx(key, "!d", declared)
+            stored: Any = self._client.hget(key, "!d")
+        except UNAVAILABLE as exc:
+            raise BackendUnavailable(f"Redis did not answer for the limits {key!r}: {exc}") from exc
+        if stored is not None:
+            text = stored.decode() if isinstance(stored, bytes) else str(stored)
+            message = mismatch(name, json.loads(text), declaration(limits))
+            if message is not None:
+                raise ValueError(message)
+        return RedisScheduler(
+            states,
+            clock,
+            client=self._client,
+            script=self._client.register_script(SOURCE),
+            hash_key=key,
+            limits=limits,
+            lease_seconds=self.lease_seconds,
+            simulated=isinstance(clock, TimerClock),
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self._url is None:
+            raise TypeError(
+                "a RedisBackend made from a client cannot be pickled; make it from a URL"
+            )
+        return (
+            _rebuild,
+            (self._url, self.prefix, self.on_unavailable, self.timeout, self.lease_seconds),
+        )
+
+    def __repr__(self) -> str:
+        where = self._url if self._url is not None else repr(self._client)
+        return f"RedisBackend({where!r}, prefix={self.prefix!r})"
+
+
+def _rebuild(
+    url: str, prefix: str, on_unavailable: str, timeout: float, lease_seconds: float
+) -> RedisBackend:
+    return RedisBackend(
+        url,
+        prefix=prefix,
+        on_unavailable=on_unavailable,
+        timeout=timeout,
+        lease_seconds=lease_seconds,
+    )

@@ -1,0 +1,359 @@
+"""The scheduler of a LimitSet whose state lives in Redis.
+
+It is the in-process :class:`~aiolimits._scheduler.Scheduler` — one lock, one FIFO queue of this
+process's waiters, decide-then-wait — with the decisions made by the Lua script instead of by
+local state: taking (``try_take``, and the grant of the head in ``_dispatch`` through ``_admit``),
+asking (``admit_time``), giving back (``release``, ``settle``, ``_give_back``), pausing, and the
+statistics. Everything about waiting is unchanged, so the doors are those of every backend.
+
+Design, and what it costs:
+
+* **One round trip per uncontended acquisition**: the script decides for every limit of the
+  set and takes them all at once, or takes nothing and answers when it could (Redis server time,
+  converted to this process's clock as a delay).
+* **Local FIFO, only the head asks**: the waiters of one process queue here; only the head
+  sleeps until the time the script gave it, then asks again. Across processes there is no
+  common queue: when several processes' heads are due, the first to ask wins (see
+  ``docs/redis.md``).
+* **Wake-ups across processes**: a release or refund in another process is published by the
+  script on the set's channel; a listener thread here re-runs ``_dispatch`` for the head. No
+  polling: between events, the head sleeps until its computed time.
+* **Blocking calls under the lock**: each decision is one synchronous redis-py call with a
+  timeout, made under the set's ``threading.Lock`` like every other decision. The async door
+  therefore blocks its event loop for one round trip per decision (and at most ``timeout`` when
+  Redis does not answer). An awaiting path is future work.
+* **Leases**: resource slots are leases named by a holder id per acquisition; a renewer thread
+  extends this process's leases while held, so a process that dies frees its slots within one
+  lease. A renewal that finds its lease gone is logged and counted (``leases_lost``).
+* **Time**: the script reads Redis server time. A clock that drives its own timers (a simulated
+  clock such as :class:`aiolimits.testing.ManualClock`) drives the script's time instead, so the
+  contract suite runs deterministically: a test hook, not for production.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import uuid
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import redis
+import redis.client
+import redis.exceptions
+
+from .._algorithms import RateState
+from .._errors import BackendUnavailable
+from .._limits import Limit, ResourceLimit
+from .._scheduler import Items, Scheduler
+from ._script import decode_receipt, encode_receipt, limit_args, num
+
+if TYPE_CHECKING:
+    from redis.commands.core import Script
+
+__all__ = ["RedisScheduler"]
+
+log = logging.getLogger("aiolimits.redis")
+
+# What a call to an unreachable, stopped or restarting server raises (BusyLoadingError while it
+# loads its data set after a restart).
+UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+)
+
+
+class RedisScheduler(Scheduler):
+    """A :class:`Scheduler` whose decisions are made by the Lua script on the shared state."""
+
+    __slots__ = (
+        "__weakref__",
+        "_args",
+        "_channel",
+        "_client",
+        "_hash",
+        "_holders",
+        "_lease",
+        "_leases",
+        "_listener",
+        "_me",
+        "_renewer",
+        "_resources",
+        "_script",
+        "_simulated",
+        "leases_lost",
+    )
+
+    def __init__(
+        self,
+        states: tuple[RateState, ...],
+        clock: Callable[[], float],
+        *,
+        client: redis.Redis,
+        script: Script,
+        hash_key: str,
+        limits: Sequence[Limit],
+        lease_seconds: float,
+        simulated: bool,
+    ) -> None:
+        super().__init__(states, clock)
+        self._client = client
+        self._script = script
+        self._hash = hash_key
+        self._channel = f"{hash_key}:wake"
+        self._args = {limit.key: limit_args(limit) for limit in limits}
+        self._resources = {limit.key for limit in limits if isinstance(limit, ResourceLimit)}
+        self._lease = lease_seconds
+        self._simulated = simulated
+        self._me = uuid.uuid4().hex
+        self._holders = itertools.count()
+        self._leases: dict[str, tuple[str, ...]] = {}  # holder -> resource keys held
+        self._renewer: _Renewer | None = None
+        self._listener: _Listener | None = None
+        self.leases_lost = 0
+
+    # -- talking to the script ---------------------------------------------------------------
+
+    def _call(self, op: str, now: float, *args: str) -> Any:
+        """One script call; the time is the server's, or ``now`` under a simulated clock."""
+        try:
+            return self._script(
+                keys=[self._hash],
+                args=[op, num(now) if self._simulated else "", *args],
+                client=self._client,
+            )
+        except UNAVAILABLE as exc:
+            raise BackendUnavailable(
+                f"Redis did not answer for the limits {self._hash!r}: {exc}; nothing was taken"
+            ) from exc
+
+    def _local(self, now: float, server_now: float, t: float) -> float:
+        """A script time as a time of this process's clock."""
+        if self._simulated or math.isinf(t):
+            return t
+        return now + (t - server_now)
+
+    def _item_args(self, items: Items) -> list[str]:
+        out = [str(len(items))]
+        for state, amount in items:
+            out += self._args[state.key]
+            out.append(num(amount))
+        return out
+
+    def _acquire(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
+        holder = f"{self._me}:{next(self._holders)}"
+        reply = self._call("acquire", now, holder, num(self._lease), *self._item_args(items))
+        if reply[0] != 1:
+            server_now = float(reply[1])
+            rate_at = self._local(now, server_now, float(reply[2]))
+            return rate_at, self._local(now, server_now, float(reply[3])), None
+        receipts: list[Any] = []
+        held: list[str] = []
+        for (state, _amount), receipt in zip(items, reply[2:], strict=True):
+            if state.key in self._resources:
+                receipts.append(holder)
+                held.append(state.key)
+            else:
+                receipts.append(decode_receipt(receipt))
+        if held:
+            self._hold(holder, tuple(held))
+        return now, now, receipts
+
+    # -- the decisions of Scheduler ----------------------------------------------------------
+
+    def admit_time(self, items: Items, now: float) -> tuple[float, float]:
+        reply = self._call("earliest", now, *self._item_args(items))
+        server_now = float(reply[0])
+        return (
+            self._local(now, server_now, float(reply[1])),
+            self._local(now, server_now, float(reply[2])),
+        )
+
+    def _admit(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
+        return self._acquire(items, now)
+
+    def try_take(self, items: Items, now: float) -> list[Any] | None:
+        if self.queue:
+            self.catch_up(now)
+            if self.queue:
+                return None
+        _rate_at, _admit_at, receipts = self._acquire(items, now)
+        if receipts is not None:
+            self.granted += 1
+        return receipts
+
+    def _give_back(self, waiter: Any, now: float, *, dispatch: bool) -> None:
+        receipts = waiter.receipts or ()
+        rates = [
+            (state, receipt, amount)
+            for (state, amount), receipt in zip(waiter.items, receipts, strict=True)
+            if state.key not in self._resources
+        ]
+        if rates:
+            args = [str(len(rates))]
+            for state, receipt, amount in rates:
+                args += [*self._args[state.key], num(amount), "0.0", encode_receipt(receipt)]
+            self._call("settle", now, *args)
+        self._end_leases(waiter.items, receipts, now)
+        waiter.receipts = None
+        if dispatch:
+            self._dispatch(now)
+
+    def release(self, items: Items, now: float, receipts: list[Any] | None = None) -> None:
+        if self._end_leases(items, receipts or (), now) and self.queue:
+            self._dispatch(now)
+
+    def _end_leases(self, items: Items, receipts: Sequence[Any], now: float) -> bool:
+        keys = [state.key for state, _amount in items if state.key in self._resources]
+        if not keys or not receipts:
+            return False
+        holder = next(r for (s, _a), r in zip(items, receipts, strict=True) if s.key in keys)
+        self._leases.pop(holder, None)
+        self._call("release", now, holder, *keys)
+        return True
+
+    def settle(
+        self, state: RateState, receipt: Any, held: float, usage: float, now: float
+    ) -> tuple[Any, float]:
+        if usage == held:
+            return receipt, held
+        args = [*self._args[state.key], num(held), num(usage), encode_receipt(receipt)]
+        reply = self._call("settle", now, "1", *args)
+        new_receipt, held_now, given = reply[2]
+        if float(given) > 0:
+            self.refunded[state.key] += float(given)
+        return decode_receipt(new_receipt), float(held_now)
+
+    def pause(self, until: float, now: float) -> None:
+        self._call("pause", now, num(until - now))
+        if self.queue:
+            self._dispatch(now)
+
+    def availability(self, now: float) -> dict[str, float]:
+        args = [str(len(self.states))]
+        for state in self.states:
+            args += self._args[state.key]
+        reply = self._call("stats", now, *args)
+        server_now = float(reply[0])
+        self.paused_until = self._local(now, server_now, float(reply[1]))
+        out: dict[str, float] = {}
+        for state, entry in zip(self.states, reply[3:], strict=True):
+            out[state.key] = float(entry[0])
+            self.refunded[state.key] = float(entry[2])
+        return out
+
+    # -- waiting across processes ------------------------------------------------------------
+
+    def enqueue(self, waiter: Any, now: float) -> bool:
+        if self._listener is None:
+            self._listener = _Listener(self)
+        return super().enqueue(waiter, now)
+
+    def wake(self) -> None:
+        """Another process released or refunded: the head may be admissible now."""
+        with self.lock:
+            if self.queue:
+                self._dispatch(self.clock())
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def _hold(self, holder: str, keys: tuple[str, ...]) -> None:
+        self._leases[holder] = keys
+        if self._renewer is None:
+            self._renewer = _Renewer(self)
+
+    def renew(self) -> None:
+        """Extend every lease this process holds (the renewer thread calls it)."""
+        with self.lock:
+            leases = list(self._leases.items())
+            if not leases:
+                return
+            now = self.clock()
+        for holder, keys in leases:
+            try:
+                reply = self._call("renew", now, holder, num(self._lease), *keys)
+            except BackendUnavailable as exc:
+                log.warning("could not renew the lease %s on %s: %s", holder, self._hash, exc)
+                continue
+            if int(reply[1]) < len(keys):
+                with self.lock:
+                    if holder in self._leases:  # not released meanwhile: the lease ran out
+                        self.leases_lost += 1
+                        log.error(
+                            "the lease %s on %s expired before it was renewed: its resource "
+                            "slots may now be held by others",
+                            holder,
+                            self._hash,
+                        )
+
+
+class _Renewer:
+    """Extends a scheduler's leases every third of a lease, while the scheduler lives."""
+
+    def __init__(self, sched: RedisScheduler) -> None:
+        self._sched = weakref.ref(sched)
+        self._period = sched._lease / 3
+        self._thread = threading.Thread(
+            target=self._run, name=f"aiolimits-renew {sched._hash}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        stop = threading.Event()  # never set: a plain timer that does not depend on a loop
+        while not stop.wait(self._period):
+            sched = self._sched()
+            if sched is None:
+                return
+            sched.renew()
+            del sched
+
+
+class _Listener:
+    """Subscribes to a set's wake-up channel and dispatches the local head on each message."""
+
+    def __init__(self, sched: RedisScheduler) -> None:
+        self._sched = weakref.ref(sched)
+        kwargs = dict(sched._client.connection_pool.connection_kwargs)
+        kwargs["socket_timeout"] = None  # a subscriber waits for messages as long as it takes
+        self._pool = redis.ConnectionPool(
+            connection_class=sched._client.connection_pool.connection_class, **kwargs
+        )
+        self._channel = sched._channel
+        self._thread = threading.Thread(
+            target=self._run, name=f"aiolimits-wake {sched._hash}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        backoff = threading.Event()  # never set: sleeps between reconnection attempts
+        delay = 0.05
+        while True:
+            pubsub = redis.client.PubSub(self._pool, ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self._channel)
+                delay = 0.05
+                # Messages may have been missed while (re)subscribing.
+                if not self._wake(None):
+                    return
+                for message in pubsub.listen():  # type: ignore[no-untyped-call]
+                    if not self._wake(message.get("data")):
+                        return
+            except UNAVAILABLE:
+                backoff.wait(delay)
+                delay = min(delay * 2, 1.0)
+            finally:
+                pubsub.close()
+
+    def _wake(self, data: object) -> bool:
+        sched = self._sched()
+        if sched is None:
+            return False
+        try:
+            sched.wake()
+        except BackendUnavailable as exc:
+            log.warning("could not dispatch after a wake-up on %s: %s", sched._hash, exc)
+        return True
