@@ -24,7 +24,7 @@ from ._script import SOURCE
 
 __all__ = ["RedisBackend"]
 
-POLICIES: Final = ("raise",)
+POLICIES: Final = ("raise", "allow", "local")
 
 
 @final
@@ -39,8 +39,10 @@ class RedisBackend(Backend):
         url_or_client: a ``redis://`` URL, or a ``redis.Redis`` client (its connection settings
             are used as they are).
         prefix: the first part of every key.
-        on_unavailable: what a call does when Redis cannot be reached in time: ``"raise"``
-            :class:`aiolimits.BackendUnavailable` (nothing is taken). Only ``"raise"`` so far.
+        on_unavailable: what a decision does when Redis cannot be reached in time: ``"raise"``
+            :class:`aiolimits.BackendUnavailable` (nothing is taken); ``"allow"`` admits (fail
+            open); ``"local"`` decides with limits in this process's memory instead (so per
+            process, not shared) until Redis answers again.
         timeout: seconds any Redis call may take (connecting, or waiting for an answer).
         lease_seconds: how long a resource slot stays held by a process that stopped renewing it
             (it renews every third of that while alive).
@@ -57,7 +59,7 @@ class RedisBackend(Backend):
 
     def __init__(
         self,
-        url_or_client: str | redis.Redis | object,
+        url_or_client: str | redis.Redis | redis.asyncio.Redis,
         *,
         prefix: str = "aiolimits",
         on_unavailable: str = "raise",
@@ -85,12 +87,14 @@ class RedisBackend(Backend):
                 raise ValueError(f"{arg} must be positive and finite, got {value!r}")
         self._url = url_or_client if isinstance(url_or_client, str) else None
         if isinstance(url_or_client, str):
-            # Bounded calls: one retry on a fresh connection (a restarted server), no backoff.
+            # Bounded calls, never retried: a script that timed out may still run when the
+            # server resumes, and sending it again would take its units twice. (A connection
+            # the server closed is replaced when it is next taken from the pool.)
             self._client: redis.Redis = redis.Redis.from_url(
                 url_or_client,
                 socket_timeout=timeout,
                 socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 1),
+                retry=Retry(NoBackoff(), 0),
             )
         else:
             self._client = url_or_client
@@ -139,6 +143,7 @@ class RedisBackend(Backend):
             limits=limits,
             lease_seconds=self.lease_seconds,
             simulated=isinstance(clock, TimerClock),
+            on_unavailable=self.on_unavailable,
         )
 
     def __reduce__(self) -> tuple[Any, ...]:

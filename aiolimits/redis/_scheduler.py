@@ -45,10 +45,11 @@ import redis
 import redis.client
 import redis.exceptions
 
-from .._algorithms import RateState
+from .._algorithms import RateState, SemaphoreState
 from .._errors import BackendUnavailable
 from .._limits import Limit, ResourceLimit
 from .._scheduler import Items, Scheduler
+from .._waiters import Cancellable, TimerClock
 from ._script import decode_receipt, encode_receipt, limit_args, num
 
 if TYPE_CHECKING:
@@ -67,6 +68,19 @@ UNAVAILABLE = (
 )
 
 
+class Local:
+    """The receipt of a limit taken from the in-process fallback (``on_unavailable="local"``)."""
+
+    __slots__ = ("receipt",)
+
+    def __init__(self, receipt: Any) -> None:
+        self.receipt = receipt
+
+
+# The receipt of a limit admitted without Redis under on_unavailable="allow": nothing to settle.
+ALLOWED: Any = object()
+
+
 class RedisScheduler(Scheduler):
     """A :class:`Scheduler` whose decisions are made by the Lua script on the shared state."""
 
@@ -75,12 +89,15 @@ class RedisScheduler(Scheduler):
         "_args",
         "_channel",
         "_client",
+        "_expiry_at",
+        "_expiry_timer",
         "_hash",
         "_holders",
         "_lease",
         "_leases",
         "_listener",
         "_me",
+        "_policy",
         "_renewer",
         "_resources",
         "_script",
@@ -99,6 +116,7 @@ class RedisScheduler(Scheduler):
         limits: Sequence[Limit],
         lease_seconds: float,
         simulated: bool,
+        on_unavailable: str,
     ) -> None:
         super().__init__(states, clock)
         self._client = client
@@ -109,6 +127,9 @@ class RedisScheduler(Scheduler):
         self._resources = {limit.key for limit in limits if isinstance(limit, ResourceLimit)}
         self._lease = lease_seconds
         self._simulated = simulated
+        self._policy = on_unavailable
+        self._expiry_at = math.inf
+        self._expiry_timer: Cancellable | None = None
         self._me = uuid.uuid4().hex
         self._holders = itertools.count()
         self._leases: dict[str, tuple[str, ...]] = {}  # holder -> resource keys held
@@ -128,8 +149,15 @@ class RedisScheduler(Scheduler):
             )
         except UNAVAILABLE as exc:
             raise BackendUnavailable(
-                f"Redis did not answer for the limits {self._hash!r}: {exc}; nothing was taken"
+                f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
             ) from exc
+
+    def _unavailable(self, exc: BackendUnavailable) -> str:
+        """The policy to apply now that Redis did not answer (re-raises under "raise")."""
+        if self._policy == "raise":
+            raise exc
+        log.warning("%s; applying on_unavailable=%r", exc, self._policy)
+        return self._policy
 
     def _local(self, now: float, server_now: float, t: float) -> float:
         """A script time as a time of this process's clock."""
@@ -149,6 +177,7 @@ class RedisScheduler(Scheduler):
         reply = self._call("acquire", now, holder, num(self._lease), *self._item_args(items))
         if reply[0] != 1:
             server_now = float(reply[1])
+            self._watch_expiry(now, self._local(now, server_now, float(reply[4])))
             rate_at = self._local(now, server_now, float(reply[2]))
             return rate_at, self._local(now, server_now, float(reply[3])), None
         receipts: list[Any] = []
@@ -163,62 +192,111 @@ class RedisScheduler(Scheduler):
             self._hold(holder, tuple(held))
         return now, now, receipts
 
-    # -- the decisions of Scheduler ----------------------------------------------------------
+    # -- the decisions of Scheduler, with the failure policy ---------------------------------
 
     def admit_time(self, items: Items, now: float) -> tuple[float, float]:
-        reply = self._call("earliest", now, *self._item_args(items))
+        try:
+            reply = self._call("earliest", now, *self._item_args(items))
+        except BackendUnavailable as exc:
+            if self._unavailable(exc) == "allow":
+                return now, now
+            return super().admit_time(items, now)
         server_now = float(reply[0])
+        self._watch_expiry(now, self._local(now, server_now, float(reply[3])))
         return (
             self._local(now, server_now, float(reply[1])),
             self._local(now, server_now, float(reply[2])),
         )
 
     def _admit(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
-        return self._acquire(items, now)
+        try:
+            return self._acquire(items, now)
+        except BackendUnavailable as exc:
+            if self._unavailable(exc) == "allow":
+                return now, now, [ALLOWED] * len(items)
+            # The in-process decision (not through admit_time: Redis was asked once already).
+            rate_at, admit_at = Scheduler.admit_time(self, items, now)
+            if admit_at > now:
+                return rate_at, admit_at, None
+            return rate_at, admit_at, [Local(r) for r in self._take(items, now)]
 
     def try_take(self, items: Items, now: float) -> list[Any] | None:
         if self.queue:
             self.catch_up(now)
             if self.queue:
                 return None
-        _rate_at, _admit_at, receipts = self._acquire(items, now)
+        _rate_at, _admit_at, receipts = self._admit(items, now)
         if receipts is not None:
             self.granted += 1
         return receipts
 
     def _give_back(self, waiter: Any, now: float, *, dispatch: bool) -> None:
         receipts = waiter.receipts or ()
-        rates = [
-            (state, receipt, amount)
-            for (state, amount), receipt in zip(waiter.items, receipts, strict=True)
-            if state.key not in self._resources
-        ]
-        if rates:
-            args = [str(len(rates))]
-            for state, receipt, amount in rates:
-                args += [*self._args[state.key], num(amount), "0.0", encode_receipt(receipt)]
-            self._call("settle", now, *args)
-        self._end_leases(waiter.items, receipts, now)
+        self._undo(waiter.items, receipts, now)
         waiter.receipts = None
         if dispatch:
             self._dispatch(now)
 
+    def _undo(self, items: Items, receipts: Sequence[Any], now: float) -> None:
+        """Give back a grant nobody used: rate amounts refunded as far as §3 allows, leases
+        ended. Failures are logged: what cannot be refunded stays used, a lease expires."""
+        if receipts and isinstance(receipts[0], Local):
+            for (state, amount), receipt in zip(items, receipts, strict=True):
+                if isinstance(state, SemaphoreState):
+                    state.release(amount)
+                else:
+                    state.refund(receipt.receipt, amount, now)
+            return
+        if not receipts or receipts[0] is ALLOWED:
+            return
+        rates = [
+            (state, receipt, amount)
+            for (state, amount), receipt in zip(items, receipts, strict=True)
+            if state.key not in self._resources
+        ]
+        try:
+            if rates:
+                args = [str(len(rates))]
+                for state, receipt, amount in rates:
+                    args += [*self._args[state.key], num(amount), "0.0", encode_receipt(receipt)]
+                self._call("settle", now, *args)
+        except BackendUnavailable as exc:
+            log.warning("could not give back an unused grant: %s", exc)
+        self._end_leases(items, receipts)
+
     def release(self, items: Items, now: float, receipts: list[Any] | None = None) -> None:
-        if self._end_leases(items, receipts or (), now) and self.queue:
+        if receipts and isinstance(receipts[0], Local):
+            super().release(items, now)
+        elif (
+            receipts
+            and receipts[0] is not ALLOWED
+            and self._end_leases(items, receipts)
+            and self.queue
+        ):
             self._dispatch(now)
 
-    def _end_leases(self, items: Items, receipts: Sequence[Any], now: float) -> bool:
+    def _end_leases(self, items: Items, receipts: Sequence[Any]) -> bool:
+        """End the leases of an acquisition; False when it had none. Never raises: a lease that
+        cannot be ended now expires within ``lease_seconds`` (it is no longer renewed)."""
         keys = [state.key for state, _amount in items if state.key in self._resources]
-        if not keys or not receipts:
+        if not keys:
             return False
         holder = next(r for (s, _a), r in zip(items, receipts, strict=True) if s.key in keys)
         self._leases.pop(holder, None)
-        self._call("release", now, holder, *keys)
+        try:
+            self._call("release", self.clock(), holder, *keys)
+        except BackendUnavailable as exc:
+            log.warning("could not end the lease %s (it expires by itself): %s", holder, exc)
         return True
 
     def settle(
         self, state: RateState, receipt: Any, held: float, usage: float, now: float
     ) -> tuple[Any, float]:
+        if isinstance(receipt, Local):
+            inner, held_now = super().settle(state, receipt.receipt, held, usage, now)
+            return Local(inner), held_now
+        if receipt is ALLOWED:
+            return receipt, usage  # nothing was taken in Redis: nothing to settle there
         if usage == held:
             return receipt, held
         args = [*self._args[state.key], num(held), num(usage), encode_receipt(receipt)]
@@ -229,7 +307,13 @@ class RedisScheduler(Scheduler):
         return decode_receipt(new_receipt), float(held_now)
 
     def pause(self, until: float, now: float) -> None:
-        self._call("pause", now, num(until - now))
+        try:
+            self._call("pause", now, num(until - now))
+        except BackendUnavailable as exc:
+            if self._unavailable(exc) == "allow":
+                return
+            super().pause(until, now)
+            return
         if self.queue:
             self._dispatch(now)
 
@@ -237,7 +321,11 @@ class RedisScheduler(Scheduler):
         args = [str(len(self.states))]
         for state in self.states:
             args += self._args[state.key]
-        reply = self._call("stats", now, *args)
+        try:
+            reply = self._call("stats", now, *args)
+        except BackendUnavailable as exc:
+            self._unavailable(exc)
+            return super().availability(now)
         server_now = float(reply[0])
         self.paused_until = self._local(now, server_now, float(reply[1]))
         out: dict[str, float] = {}
@@ -245,6 +333,28 @@ class RedisScheduler(Scheduler):
             out[state.key] = float(entry[0])
             self.refunded[state.key] = float(entry[2])
         return out
+
+    def _watch_expiry(self, now: float, at: float) -> None:
+        """Dispatch once at ``at``, when a lease that blocks a full resource runs out: its
+        holder may have died, and no release will come."""
+        if math.isinf(at) or at <= now or at >= self._expiry_at:
+            return
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        self._expiry_at = at
+        if self._simulated and isinstance(self.clock, TimerClock):
+            self._expiry_timer = self.clock.call_at(at, self._expired)
+        else:
+            timer = threading.Timer(at - now, self._expired)
+            timer.daemon = True
+            timer.start()
+            self._expiry_timer = timer
+
+    def _expired(self) -> None:
+        with self.lock:
+            self._expiry_at = math.inf
+            self._expiry_timer = None
+        self.wake()
 
     # -- waiting across processes ------------------------------------------------------------
 
@@ -343,6 +453,8 @@ class _Listener:
                     if not self._wake(message.get("data")):
                         return
             except UNAVAILABLE:
+                if self._sched() is None:
+                    return
                 backoff.wait(delay)
                 delay = min(delay * 2, 1.0)
             finally:

@@ -601,6 +601,15 @@ do
     return L.cap - in_use(s, now)
   end
   A.in_use = in_use
+  -- When the first live lease runs out (inf: none): a full resource may free up then, without
+  -- a release, if its holder stopped renewing.
+  A.next_expiry = function(s, now)
+    local first = INF
+    for _, lease in pairs(s.leases) do
+      if lease[2] > now and lease[2] < first then first = lease[2] end
+    end
+    return first
+  end
 end
 
 -- -- loading and saving -----------------------------------------------------------------------
@@ -682,21 +691,30 @@ local function read_items(first)
   return items
 end
 
--- Scheduler.admit_time: (rate_at, admit_at) for the items at now.
+-- Scheduler.admit_time: (rate_at, admit_at) for the items at now, and when a lease of a full
+-- resource among them runs out (inf: none is full, or none has a lease).
 local function admit_time(items, now)
   local p = paused_until()
   local at
   if p > now then at = p else at = now end
   local blocked = false
+  local expiry = INF
   for j = 1, #items do
     local L, amount = items[j][1], items[j][2]
-    local t = L.A.earliest(state_of(L, now), L, amount, now)
+    local s = state_of(L, now)
+    local t = L.A.earliest(s, L, amount, now)
     if t > at then
-      if t == INF then blocked = true else at = t end
+      if t == INF then
+        blocked = true
+        local e = L.A.next_expiry(s, now)
+        if e < expiry then expiry = e end
+      else
+        at = t
+      end
     end
   end
-  if blocked then return at, INF end
-  return at, at
+  if blocked then return at, INF, expiry end
+  return at, at, expiry
 end
 
 -- -- operations -----------------------------------------------------------------------------
@@ -704,13 +722,13 @@ end
 local ops = {}
 
 -- acquire: holder, lease seconds, items. Takes every item at once when all admit now:
--- {1, now, receipt per item}; otherwise takes nothing: {0, now, rate_at, admit_at}.
+-- {1, now, receipt per item}; otherwise takes nothing: {0, now, rate_at, admit_at, expiry}.
 ops.acquire = function(now)
   local holder, ttl = ARGV[3], tonumber(ARGV[4])
   local items = read_items(5)
-  local rate_at, admit_at = admit_time(items, now)
+  local rate_at, admit_at, expiry = admit_time(items, now)
   if admit_at > now then
-    return { 0, fmt(now), fmt(rate_at), fmt(admit_at) }
+    return { 0, fmt(now), fmt(rate_at), fmt(admit_at), fmt(expiry) }
   end
   local out = { 1, fmt(now) }
   for j = 1, #items do
@@ -723,11 +741,11 @@ ops.acquire = function(now)
   return out
 end
 
--- earliest: items. {now, rate_at, admit_at}, changing nothing.
+-- earliest: items. {now, rate_at, admit_at, expiry}, changing nothing.
 ops.earliest = function(now)
   local items = read_items(3)
-  local rate_at, admit_at = admit_time(items, now)
-  return { fmt(now), fmt(rate_at), fmt(admit_at) }
+  local rate_at, admit_at, expiry = admit_time(items, now)
+  return { fmt(now), fmt(rate_at), fmt(admit_at), fmt(expiry) }
 end
 
 -- settle: n, then per limit field, algorithm, capacity, window, held, usage, receipt.
