@@ -9,11 +9,13 @@ Without a ``redis-server`` binary or redis-py the Redis tests skip, saying why, 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from typing import IO
 
@@ -131,3 +133,97 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _attempt in range(100):
+        port = random.randrange(20_000, 40_000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of ports for a Cluster node")
+
+
+@attrs.define(eq=False)
+class RedisClusterNodes:
+    """Three masters on 127.0.0.1 forming one Cluster (no replicas)."""
+
+    nodes: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    @classmethod
+    def start(cls, directory: str) -> RedisClusterNodes:
+        nodes: list[RedisServer] = []
+        try:
+            # One at a time, so that a failure leaves the ones started in the list to stop.
+            nodes.extend(
+                RedisServer.start(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"nodes-{i}.conf",
+                    "--dir",
+                    directory,
+                    port=free_cluster_port(),
+                )
+                for i in range(3)
+            )
+            addresses = [f"127.0.0.1:{node.port}" for node in nodes]
+            subprocess.run(
+                ["redis-cli", "--cluster", "create", *addresses, "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            # `--cluster create` returns once the slots are assigned and the nodes have met;
+            # each node declares the cluster ok after its next gossip round (bounded wait).
+            for node in nodes:
+                cls._wait_ok(node.port)
+        except BaseException:
+            for node in nodes:
+                node.stop()
+            raise
+        return cls(nodes)
+
+    @staticmethod
+    def _wait_ok(port: int) -> None:
+        for _attempt in range(200):
+            out = subprocess.run(
+                ["redis-cli", "-p", str(port), "cluster", "info"],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
+            if "cluster_state:ok" in out:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"the Cluster node on port {port} never reported cluster_state:ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
+    """A 3-master Redis Cluster for the session, on free loopback ports."""
+    require_redis()
+    if shutil.which("redis-cli") is None:
+        reason = "no redis-cli binary on PATH (apt-get install redis-tools)"
+        if os.environ.get("AIOLIMITS_REQUIRE_REDIS") == "1":
+            pytest.fail(f"{reason}, and AIOLIMITS_REQUIRE_REDIS=1 requires the Redis tests to run")
+        pytest.skip(reason)
+    cluster = RedisClusterNodes.start(str(tmp_path_factory.mktemp("redis-cluster")))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -9,7 +9,9 @@ from typing import Any, Final, final
 
 import redis
 import redis.asyncio
+import redis.client
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from .._algorithms import RateState
@@ -36,8 +38,9 @@ class RedisBackend(Backend):
     set taken atomically, on Redis server time. See ``docs/redis.md``.
 
     Args:
-        url_or_client: a ``redis://`` URL, or a ``redis.Redis`` client (its connection settings
-            are used as they are).
+        url_or_client: a ``redis://`` URL (of a single server or of any node of a Cluster: which
+            one is asked on first use), or a ``redis.Redis`` or ``RedisCluster`` client (used with
+            its own connection settings).
         prefix: the first part of every key.
         on_unavailable: what a decision does when Redis cannot be reached in time: ``"raise"``
             :class:`aiolimits.BackendUnavailable` (nothing is taken); ``"allow"`` admits (fail
@@ -55,7 +58,15 @@ class RedisBackend(Backend):
         ... )
     """
 
-    __slots__ = ("_client", "_url", "lease_seconds", "on_unavailable", "prefix", "timeout")
+    __slots__ = (
+        "_checked",
+        "_client",
+        "_url",
+        "lease_seconds",
+        "on_unavailable",
+        "prefix",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -71,10 +82,10 @@ class RedisBackend(Backend):
                 "url_or_client: a redis.asyncio client is not supported yet; pass the URL or a "
                 "redis.Redis client"
             )
-        if not isinstance(url_or_client, (str, redis.Redis)):
+        if not isinstance(url_or_client, (str, redis.Redis, RedisCluster)):
             raise TypeError(
-                f"url_or_client must be a redis:// URL or a redis.Redis client, "
-                f"got {url_or_client!r}"
+                f"url_or_client must be a redis:// URL, a redis.Redis or a RedisCluster "
+                f"client, got {url_or_client!r}"
             )
         if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(f"prefix must be a non-empty str without braces, got {prefix!r}")
@@ -86,22 +97,58 @@ class RedisBackend(Backend):
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{arg} must be positive and finite, got {value!r}")
         self._url = url_or_client if isinstance(url_or_client, str) else None
-        if isinstance(url_or_client, str):
-            # Bounded calls, never retried: a script that timed out may still run when the
-            # server resumes, and sending it again would take its units twice. (A connection
-            # the server closed is replaced when it is next taken from the pool.)
-            self._client: redis.Redis = redis.Redis.from_url(
-                url_or_client,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 0),
-            )
-        else:
-            self._client = url_or_client
+        self._client: redis.Redis | RedisCluster
+        # From a URL: whether it is a Cluster is asked on first use (``_connect``).
+        self._checked = not isinstance(url_or_client, str)
         self.prefix = prefix
         self.on_unavailable = on_unavailable
         self.timeout = float(timeout)
         self.lease_seconds = float(lease_seconds)
+        if isinstance(url_or_client, str):
+            self._client = redis.Redis.from_url(url_or_client, **self._settings())
+        else:
+            self._client = url_or_client
+
+    def _settings(self) -> dict[str, Any]:
+        # Bounded calls, never retried: a script that timed out may still run when the server
+        # resumes, and sending it again would take its units twice. (A connection the server
+        # closed is replaced when it is next taken from the pool.)
+        return {
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
+
+    def _connect(self) -> redis.Redis | RedisCluster:
+        """The client; from a URL, a Cluster client once the server says it is a Cluster node."""
+        if not self._checked:
+            assert self._url is not None
+            info: Any = self._client.info("cluster")
+            if info.get("cluster_enabled"):
+                self._client.close()
+                self._client = RedisCluster.from_url(self._url, **self._settings())
+            self._checked = True
+        return self._client
+
+    def _subscriber(self, key: str) -> Callable[[], redis.client.PubSub]:
+        """How to open a subscription for the set ``key``: a connection without a read timeout
+        (a subscriber waits as long as it takes), to the server or the Cluster node of ``key``
+        (Cluster forwards every publication to every node)."""
+        client = self._client
+        connect = self.timeout
+
+        def subscribe() -> redis.client.PubSub:
+            if isinstance(client, RedisCluster):
+                node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+                plain = redis.Redis(host=node.host, port=node.port, socket_connect_timeout=connect)
+                return redis.client.PubSub(plain.connection_pool, ignore_subscribe_messages=True)
+            pool = client.connection_pool
+            kwargs = dict(pool.connection_kwargs)
+            kwargs["socket_timeout"] = None
+            own = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+            return redis.client.PubSub(own, ignore_subscribe_messages=True)
+
+        return subscribe
 
     def hash_key(self, name: str) -> str:
         """The Redis key of the set ``name``: its hash tag keeps it in one Cluster slot."""
@@ -125,8 +172,9 @@ class RedisBackend(Backend):
         key = self.hash_key(name)
         declared = declaration_json(limits)
         try:
-            self._client.hsetnx(key, "!d", declared)
-            stored: Any = self._client.hget(key, "!d")
+            client = self._connect()
+            client.hsetnx(key, "!d", declared)
+            stored: Any = client.hget(key, "!d")
         except UNAVAILABLE as exc:
             raise BackendUnavailable(f"Redis did not answer for the limits {key!r}: {exc}") from exc
         if stored is not None:
@@ -137,8 +185,9 @@ class RedisBackend(Backend):
         return RedisScheduler(
             states,
             clock,
-            client=self._client,
-            script=self._client.register_script(SOURCE),
+            client=client,
+            subscriber=self._subscriber(key),
+            script=client.register_script(SOURCE),
             hash_key=key,
             limits=limits,
             lease_seconds=self.lease_seconds,

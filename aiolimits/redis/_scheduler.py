@@ -53,6 +53,7 @@ from .._waiters import Cancellable, TimerClock
 from ._script import decode_receipt, encode_receipt, limit_args, num
 
 if TYPE_CHECKING:
+    from redis.cluster import RedisCluster
     from redis.commands.core import Script
 
 __all__ = ["RedisScheduler"]
@@ -62,6 +63,7 @@ log = logging.getLogger("aiolimits.redis")
 # What a call to an unreachable, stopped or restarting server raises (BusyLoadingError while it
 # loads its data set after a restart).
 UNAVAILABLE = (
+    redis.exceptions.ClusterError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.BusyLoadingError,
@@ -102,6 +104,7 @@ class RedisScheduler(Scheduler):
         "_resources",
         "_script",
         "_simulated",
+        "_subscriber",
         "leases_lost",
     )
 
@@ -110,7 +113,8 @@ class RedisScheduler(Scheduler):
         states: tuple[RateState, ...],
         clock: Callable[[], float],
         *,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
+        subscriber: Callable[[], redis.client.PubSub],
         script: Script,
         hash_key: str,
         limits: Sequence[Limit],
@@ -120,6 +124,7 @@ class RedisScheduler(Scheduler):
     ) -> None:
         super().__init__(states, clock)
         self._client = client
+        self._subscriber = subscriber  # a new subscription connection, without a read timeout
         self._script = script
         self._hash = hash_key
         self._channel = f"{hash_key}:wake"
@@ -427,11 +432,7 @@ class _Listener:
 
     def __init__(self, sched: RedisScheduler) -> None:
         self._sched = weakref.ref(sched)
-        kwargs = dict(sched._client.connection_pool.connection_kwargs)
-        kwargs["socket_timeout"] = None  # a subscriber waits for messages as long as it takes
-        self._pool = redis.ConnectionPool(
-            connection_class=sched._client.connection_pool.connection_class, **kwargs
-        )
+        self._subscriber = sched._subscriber
         self._channel = sched._channel
         self._thread = threading.Thread(
             target=self._run, name=f"aiolimits-wake {sched._hash}", daemon=True
@@ -442,8 +443,9 @@ class _Listener:
         backoff = threading.Event()  # never set: sleeps between reconnection attempts
         delay = 0.05
         while True:
-            pubsub = redis.client.PubSub(self._pool, ignore_subscribe_messages=True)
+            pubsub: redis.client.PubSub | None = None
             try:
+                pubsub = self._subscriber()
                 pubsub.subscribe(self._channel)
                 delay = 0.05
                 # Messages may have been missed while (re)subscribing.
@@ -458,7 +460,8 @@ class _Listener:
                 backoff.wait(delay)
                 delay = min(delay * 2, 1.0)
             finally:
-                pubsub.close()
+                if pubsub is not None:
+                    pubsub.close()
 
     def _wake(self, data: object) -> bool:
         sched = self._sched()
