@@ -305,7 +305,11 @@ class RedisScheduler(Scheduler):
         if usage == held:
             return receipt, held
         args = [*self._args[state.key], num(held), num(usage), encode_receipt(receipt)]
-        reply = self._call("settle", now, "1", *args)
+        try:
+            reply = self._call("settle", now, "1", *args)
+        except BackendUnavailable as exc:
+            self._unavailable(exc)
+            return receipt, held  # not recorded: a refund is lost, a charge goes uncounted
         new_receipt, held_now, given = reply[2]
         if float(given) > 0:
             self.refunded[state.key] += float(given)
