@@ -224,16 +224,26 @@ end
 -- -- the algorithms: new(now), earliest, take, refund, charge, available -------------------
 -- Each takes the state table s and the limit L = { cap = C, window = W }.
 
-local algos = {}
+-- Each algorithm is built on first use in a call: a script runs from the top every time, and
+-- building all six would cost more than the decision itself.
+local builders = {}
+local algos = setmetatable({}, {
+  __index = function(t, name)
+    local build = builders[name]
+    if build == nil then return nil end
+    local A = build()
+    t[name] = A
+    return A
+  end,
+})
 
 -- TokenBucket: the level in unit-seconds and the time it was brought up to date.
-algos.token_bucket = {
-  new = function(L, now)
-    return { level = L.cap * L.window, stamp = now, peaks = new_peaks() }
-  end,
-}
-do
-  local A = algos.token_bucket
+builders.token_bucket = function()
+  local A = {
+    new = function(L, now)
+      return { level = L.cap * L.window, stamp = now, peaks = new_peaks() }
+    end,
+  }
   local function level_at(s, L, now)
     local elapsed = now - s.stamp
     if elapsed <= 0 then return s.level end
@@ -289,16 +299,16 @@ do
   A.available = function(s, L, now)
     return level_at(s, L, now) / L.window
   end
+  return A
 end
 
 -- GCRA: the theoretical arrival time.
-algos.gcra = {
-  new = function(L, now)
-    return { tat = now, peaks = new_peaks() }
-  end,
-}
-do
-  local A = algos.gcra
+builders.gcra = function()
+  local A = {
+    new = function(L, now)
+      return { tat = now, peaks = new_peaks() }
+    end,
+  }
   local function interval(L) return L.window / L.cap end
   local function level(s, L, now)
     local owed = s.tat - now
@@ -342,17 +352,17 @@ do
   A.available = function(s, L, now)
     return level(s, L, now)
   end
+  return A
 end
 
 -- LeakyBucket: the slots that have not ended, oldest first, each { id, end, units held }.
 -- Receipts name their slots by id (in Python they share the slot's list).
-algos.leaky_bucket = {
-  new = function(L, now)
-    return { next_id = 0, slots = {} }
-  end,
-}
-do
-  local A = algos.leaky_bucket
+builders.leaky_bucket = function()
+  local A = {
+    new = function(L, now)
+      return { next_id = 0, slots = {} }
+    end,
+  }
   local function interval(L) return L.window / L.cap end
   local function next_free(s)
     local n = #s.slots
@@ -428,16 +438,16 @@ do
     if next_free(s) <= now then return L.cap end
     return 0.0
   end
+  return A
 end
 
 -- SlidingWindow: the log of { id, expiry, amount }, oldest first, and its total.
-algos.sliding_window = {
-  new = function(L, now)
-    return { next_id = 0, total = 0, log = {} }
-  end,
-}
-do
-  local A = algos.sliding_window
+builders.sliding_window = function()
+  local A = {
+    new = function(L, now)
+      return { next_id = 0, total = 0, log = {} }
+    end,
+  }
   local function prune(s, now)
     local log = s.log
     local drop = 0
@@ -502,12 +512,12 @@ do
     prune(s, now)
     return L.cap - s.total
   end
+  return A
 end
 
 -- FixedWindow: the current window's index, bounds and count.
-algos.fixed_window = {}
-do
-  local A = algos.fixed_window
+builders.fixed_window = function()
+  local A = {}
   local function window_index(t, w)
     local k = math.floor(t / w)
     while k * w > t do k = k - 1 end
@@ -565,17 +575,17 @@ do
     roll(s, L, now)
     return L.cap - s.count
   end
+  return A
 end
 
 -- ResourceLimit: leases { holder = { units, expiry } }. A holder that stops renewing loses its
 -- slots when the lease expires, so a dead process cannot leak them.
-algos.resource = {
-  new = function(L, now)
-    return { leases = {} }
-  end,
-}
-do
-  local A = algos.resource
+builders.resource = function()
+  local A = {
+    new = function(L, now)
+      return { leases = {} }
+    end,
+  }
   local function in_use(s, now)
     local used = 0
     local expired = {}
@@ -610,6 +620,7 @@ do
     end
     return first
   end
+  return A
 end
 
 -- -- loading and saving -----------------------------------------------------------------------
