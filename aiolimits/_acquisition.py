@@ -159,12 +159,13 @@ class Acquisition:
     async def __aenter__(self) -> Acquisition:
         if self._state == PENDING:
             sched = self._limitset._scheduler
-            with sched.lock:
-                receipts = sched.try_take(self._items, sched.clock())
-            if receipts is not None:  # the fast path: no waiter, no await
-                self._receipts = receipts
-                self._state = HELD
-                return self
+            if not sched.remote:
+                with sched.lock:
+                    receipts = sched.try_take(self._items, sched.clock())
+                if receipts is not None:  # the fast path: no waiter, no await
+                    self._receipts = receipts
+                    self._state = HELD
+                    return self
             # Single use: whatever happens next (granted, timed out, cancelled), this object
             # cannot be entered again.
             self._state = ACQUIRING

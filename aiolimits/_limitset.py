@@ -210,7 +210,9 @@ class LimitSet:
         return self._finish(acq, waiter, start, timeout_s)
 
     async def _acquire_async(self, acq: Acquisition) -> None:
-        receipts, waiter, start = self._take_or_queue(acq._items, acq._timeout, async_waiter)
+        receipts, waiter, start = self._take_or_queue(
+            acq._items, acq._timeout, async_waiter, ask=not self._scheduler.remote
+        )
         if waiter is None:
             assert receipts is not None
             acq._granted(receipts, 0.0)
@@ -224,14 +226,20 @@ class LimitSet:
         self._finish(acq, waiter, start, acq._timeout)
 
     def _take_or_queue(
-        self, items: Items, timeout: float, new_waiter: Callable[[Items, float], W]
+        self,
+        items: Items,
+        timeout: float,
+        new_waiter: Callable[[Items, float], W],
+        *,
+        ask: bool = True,
     ) -> tuple[list[Any] | None, W | None, float]:
         """Take ``items`` at once, or queue a new waiter: ``(receipts, None, start)`` or
-        ``(None, waiter, start)``. Raises TimeoutError when the deadline is out of reach."""
+        ``(None, waiter, start)``. Raises TimeoutError when the deadline is out of reach.
+        ``ask=False`` queues without trying first (a remote scheduler decides for the queue)."""
         sched = self._scheduler
         with sched.lock:
             start = sched.clock()
-            receipts = sched.try_take(items, start)
+            receipts = sched.try_take(items, start) if ask else None
             if receipts is not None:
                 return receipts, None, start
             waiter = new_waiter(items, start + timeout)
@@ -281,7 +289,9 @@ class LimitSet:
         self, acq: Acquisition, waiter: Waiter, start: float, timeout: float
     ) -> Acquisition:
         if waiter.state != GRANTED:
-            raise self._timeout_error(waiter.items, timeout)
+            with self._scheduler.lock:
+                failure = self._scheduler.failure(waiter)
+            raise failure or self._timeout_error(waiter.items, timeout)
         assert waiter.receipts is not None
         acq._granted(waiter.receipts, waiter.granted_at - start)
         return acq

@@ -56,6 +56,10 @@ class Scheduler:
         "timed_out",
     )
 
+    # A backend that decides over the network sets this: its async door then queues without
+    # asking under the lock (a network call there would block the event loop).
+    remote = False
+
     def __init__(self, states: tuple[RateState, ...], clock: Callable[[], float]) -> None:
         self.lock = threading.Lock()
         self.clock = clock
@@ -276,6 +280,11 @@ class Scheduler:
         """Units admissible now, per key. A shared backend also brings ``paused_until`` and
         ``refunded`` up to date from the shared state here."""
         return {state.key: state.available(now) for state in self.states}
+
+    def failure(self, waiter: Waiter) -> BaseException | None:
+        """Why a waiter that was not granted left, if not a timeout (a shared backend that
+        could not be reached). Consumed by the door, which raises it."""
+        return None
 
     def waiting_per_key(self) -> dict[str, int]:
         counts = {s.key: 0 for s in self.states}

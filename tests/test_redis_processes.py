@@ -44,6 +44,8 @@ WORKER = textwrap.dedent(
         reply = call(self, op, now, *args)
         if op == "acquire" and reply[0] == 1:
             decisions.append(float(reply[1]))
+        elif op == "batch" and reply[2]:  # one waiter at a time here: a batch grants it alone
+            decisions.append(float(reply[0]))
         return reply
 
     cls._call = spy  # in this worker process only
@@ -56,6 +58,7 @@ WORKER = textwrap.dedent(
             time.sleep(rng.random() * 0.01)
             holds.append((start, time.time()))
         grants.append((decisions[-1], tokens))
+    assert len(decisions) == count, decisions  # every grant's decision was seen
     print(json.dumps({"grants": grants, "holds": holds}), flush=True)
     """
 )

@@ -49,7 +49,7 @@ from .._algorithms import RateState, SemaphoreState
 from .._errors import BackendUnavailable
 from .._limits import Limit, ResourceLimit
 from .._scheduler import Items, Scheduler
-from .._waiters import Cancellable, TimerClock
+from .._waiters import GRANTED, LEFT, WAITING, Cancellable, TimerClock, Waiter
 from ._script import decode_receipt, encode_receipt, limit_args, num
 
 if TYPE_CHECKING:
@@ -91,8 +91,10 @@ class RedisScheduler(Scheduler):
         "_args",
         "_channel",
         "_client",
+        "_dispatcher",
         "_expiry_at",
         "_expiry_timer",
+        "_failures",
         "_hash",
         "_holders",
         "_lease",
@@ -106,6 +108,7 @@ class RedisScheduler(Scheduler):
         "_simulated",
         "_subscriber",
         "leases_lost",
+        "remote",
     )
 
     def __init__(
@@ -132,6 +135,12 @@ class RedisScheduler(Scheduler):
         self._resources = {limit.key for limit in limits if isinstance(limit, ResourceLimit)}
         self._lease = lease_seconds
         self._simulated = simulated
+        # Under the real clock, the async door queues without asking and this process's
+        # dispatcher thread asks Redis for the queue (see _Dispatcher); under a simulated clock
+        # every decision is made inline, so that a test sees it done when its tasks are blocked.
+        self.remote = not simulated
+        self._dispatcher: _Dispatcher | None = None
+        self._failures: dict[Waiter, BaseException] = {}
         self._policy = on_unavailable
         self._expiry_at = math.inf
         self._expiry_timer: Cancellable | None = None
@@ -235,10 +244,10 @@ class RedisScheduler(Scheduler):
             self.granted += 1
         return receipts
 
-    def _give_back(self, waiter: Any, now: float, *, dispatch: bool) -> None:
+    def _give_back(self, waiter: Waiter, now: float, *, dispatch: bool) -> None:
         receipts = waiter.receipts or ()
-        self._undo(waiter.items, receipts, now)
         waiter.receipts = None
+        self._undo(waiter.items, receipts, now)
         if dispatch:
             self._dispatch(now)
 
@@ -272,6 +281,11 @@ class RedisScheduler(Scheduler):
     def release(self, items: Items, now: float, receipts: list[Any] | None = None) -> None:
         if receipts and isinstance(receipts[0], Local):
             super().release(items, now)
+        elif not self._simulated:
+            # Inline, like every in-process release: a slot released is free for the next call
+            # of this process at once. Asking for the head is the dispatcher's job.
+            if receipts and receipts[0] is not ALLOWED and self._end_leases(items, receipts):
+                self._dispatch(now)
         elif (
             receipts
             and receipts[0] is not ALLOWED
@@ -367,16 +381,216 @@ class RedisScheduler(Scheduler):
 
     # -- waiting across processes ------------------------------------------------------------
 
-    def enqueue(self, waiter: Any, now: float) -> bool:
+    def enqueue(self, waiter: Waiter, now: float) -> bool:
         if self._listener is None:
             self._listener = _Listener(self)
-        return super().enqueue(waiter, now)
+        if self._simulated:
+            return super().enqueue(waiter, now)
+        # Queued without asking: due at once (``wake_at``); the dispatcher asks for it when it
+        # is the head, and a deadline the rate limits already exclude fails it then.
+        waiter.wake_at = now
+        waiter.rate_at = -math.inf
+        self.queue[waiter] = None
+        if next(iter(self.queue)) is waiter:
+            self._signal()
+        return True
+
+    def after_wake(self, waiter: Waiter, now: float) -> float | None:
+        if self._simulated:
+            return super().after_wake(waiter, now)
+        waiter.consume_notification()
+        if waiter.state != WAITING:
+            return None
+        is_head = next(iter(self.queue)) is waiter
+        if now >= waiter.deadline or (is_head and waiter.rate_at > waiter.deadline):
+            self._leave(waiter, now)
+            self.timed_out += 1
+            return None
+        if is_head and now >= waiter.wake_at:
+            self._signal()  # the dispatcher asks, and notifies this waiter with the answer
+            return waiter.deadline
+        wake = waiter.wake_at if is_head else math.inf
+        return wake if wake < waiter.deadline else waiter.deadline
+
+    def _dispatch(self, now: float, current: Waiter | None = None) -> None:
+        if self._simulated:
+            super()._dispatch(now, current)
+        elif self.queue:
+            # Something changed (a release, a refund, a pause, a new head): ask for the head now.
+            head = next(iter(self.queue))
+            if head.wake_at > now:
+                head.wake_at = now
+            self._dispatch_inline(now)
+
+    def failure(self, waiter: Waiter) -> BaseException | None:
+        return self._failures.pop(waiter, None)
 
     def wake(self) -> None:
-        """Another process released or refunded: the head may be admissible now."""
+        """Another process released or refunded, or a lease ran out: the head may be
+        admissible now."""
         with self.lock:
-            if self.queue:
+            if not self.queue:
+                return
+            if self._simulated:
                 self._dispatch(self.clock())
+                return
+            head = next(iter(self.queue))
+            now = self.clock()
+            if head.wake_at > now:
+                head.wake_at = now
+            self._signal()
+
+    def _signal(self, job: Callable[[], object] | None = None) -> None:
+        if self._dispatcher is None:
+            self._dispatcher = _Dispatcher(self)
+        self._dispatcher.signal(job)
+
+    # -- the dispatcher's work (its thread, never under the lock while calling Redis) --------
+
+    def dispatch_queue(self) -> None:
+        """Ask Redis for the due head and the waiters behind it, in one call per batch, and
+        apply the answer: grants in queue order up to the first refusal, whose time goes to the
+        new head. Repeats while whole batches are granted and more are queued."""
+        while True:
+            with self.lock:
+                now = self.clock()
+                batch = self._due_batch(now)
+                if not batch:
+                    return
+                holders = [f"{self._me}:{next(self._holders)}" for _ in batch]
+            try:
+                reply = self._call("batch", now, *self._batch_args(batch, holders))
+            except BackendUnavailable as exc:
+                with self.lock:
+                    self._batch_failed(batch, exc)
+                return
+            with self.lock:
+                undo = self._apply(batch, holders, reply, now)
+            for items, receipts in undo:
+                self._undo(items, receipts, self.clock())
+            if len(reply[2]) < len(batch) or reply[3]:
+                return  # the head waits for its time, a release or a refund
+
+    def _dispatch_inline(self, now: float) -> None:
+        """Under the lock: what the dispatcher thread does, done now by the caller (a release,
+        a refund, a pause, a waiter leaving), so that its effect is visible when it returns."""
+        while True:
+            batch = self._due_batch(now)
+            if not batch:
+                return
+            holders = [f"{self._me}:{next(self._holders)}" for _ in batch]
+            try:
+                reply = self._call("batch", now, *self._batch_args(batch, holders))
+            except BackendUnavailable as exc:
+                self._batch_failed(batch, exc)
+                return
+            for items, receipts in self._apply(batch, holders, reply, now):
+                self._undo(items, receipts, now)
+            if len(reply[2]) < len(batch) or reply[3]:
+                return
+            now = self.clock()
+
+    def _due_batch(self, now: float) -> list[Waiter]:
+        """Under the lock: the head, if it is due, and the waiters behind it (at most 64);
+        waiters whose cancellation is already pending are dropped."""
+        queue = self.queue
+        while queue:
+            head = next(iter(queue))
+            if not head.cancel_pending():
+                break
+            del queue[head]
+            head.state = LEFT
+            self.cancelled += 1
+        if not queue or next(iter(queue)).wake_at > now:
+            return []
+        return list(itertools.islice(queue, 64))
+
+    def _batch_args(self, batch: list[Waiter], holders: list[str]) -> list[str]:
+        args = [num(self._lease), str(len(batch))]
+        for waiter, holder in zip(batch, holders, strict=True):
+            args.append(holder)
+            args += self._item_args(waiter.items)
+        return args
+
+    def _apply(
+        self, batch: list[Waiter], holders: list[str], reply: Any, now: float
+    ) -> list[tuple[Items, list[Any]]]:
+        """Under the lock: grant the admitted waiters still queued, give the first refused one
+        its times. Returns the grants nobody can use any more (left meanwhile), to undo."""
+        server_now = float(reply[0])
+        undo: list[tuple[Items, list[Any]]] = []
+        local_now = self.clock()
+        for waiter, holder, raw in zip(batch, holders, reply[2], strict=False):
+            receipts: list[Any] = []
+            held: list[str] = []
+            for (state, _amount), receipt in zip(waiter.items, raw, strict=True):
+                if state.key in self._resources:
+                    receipts.append(holder)
+                    held.append(state.key)
+                else:
+                    receipts.append(decode_receipt(receipt))
+            if waiter.state != WAITING or waiter not in self.queue:
+                undo.append((waiter.items, receipts))
+                continue
+            if held:
+                self._hold(holder, tuple(held))
+            del self.queue[waiter]
+            waiter.receipts = receipts
+            waiter.granted_at = local_now
+            waiter.state = GRANTED
+            self.granted += 1
+            if not waiter.notify():  # its event loop is gone
+                self._leases.pop(holder, None)
+                waiter.state = LEFT
+                waiter.receipts = None
+                self.granted -= 1
+                self.cancelled += 1
+                undo.append((waiter.items, receipts))
+        refused = reply[3]
+        if refused and self.queue:
+            head = next(iter(self.queue))
+            if head is batch[len(reply[2])] and head.state == WAITING:
+                rate_at = self._local(now, server_now, float(refused[0]))
+                head.rate_at = rate_at
+                head.wake_at = self._local(now, server_now, float(refused[1]))
+                self._watch_expiry(now, self._local(now, server_now, float(refused[2])))
+                head.notify()
+            else:
+                self._signal()  # the head changed while Redis answered: ask for the new one
+        return undo
+
+    def _batch_failed(self, batch: list[Waiter], exc: BackendUnavailable) -> None:
+        """Under the lock: Redis did not answer for a batch: fail it (``"raise"``), or decide
+        it in-process."""
+        now = self.clock()
+        for waiter in batch:
+            if waiter.state != WAITING or waiter not in self.queue:
+                continue
+            if self._policy == "raise":
+                del self.queue[waiter]
+                waiter.state = LEFT
+                self._failures[waiter] = exc
+                waiter.notify()
+                continue
+            if self._policy == "allow":
+                receipts: list[Any] | None = [ALLOWED] * len(waiter.items)
+            else:
+                rate_at, admit_at = Scheduler.admit_time(self, waiter.items, now)
+                receipts = None
+                if admit_at <= now:
+                    receipts = [Local(r) for r in self._take(waiter.items, now)]
+                else:
+                    waiter.rate_at, waiter.wake_at = rate_at, admit_at
+                    waiter.notify()
+                    break
+            del self.queue[waiter]
+            waiter.receipts = receipts
+            waiter.granted_at = now
+            waiter.state = GRANTED
+            self.granted += 1
+            waiter.notify()
+        if self._policy != "raise":
+            log.warning("%s; applying on_unavailable=%r", exc, self._policy)
 
     # -- leases ------------------------------------------------------------------------------
 
@@ -476,3 +690,59 @@ class _Listener:
         except BackendUnavailable as exc:
             log.warning("could not dispatch after a wake-up on %s: %s", sched._hash, exc)
         return True
+
+
+class _Dispatcher:
+    """The thread that makes a LimitSet's waiting-related Redis calls under the real clock: the
+    batches of the queue (``dispatch_queue``), lease ends and unused grants given back. Waiters
+    and releases only signal it, so no event loop ever blocks on Redis while waiting, and the
+    acquisitions that queue while a call is in flight go out together in the next one."""
+
+    def __init__(self, sched: RedisScheduler) -> None:
+        self._sched = weakref.ref(sched)
+        self._cond = threading.Condition(threading.Lock())
+        self._signaled = False
+        self._stopped = False
+        self._jobs: list[Callable[[], object]] = []
+        self._thread = threading.Thread(
+            target=self._run, name=f"aiolimits-dispatch {sched._hash}", daemon=True
+        )
+        self._thread.start()
+        weakref.finalize(sched, self.stop)
+
+    def signal(self, job: Callable[[], object] | None = None) -> None:
+        with self._cond:
+            if job is not None:
+                self._jobs.append(job)
+            self._signaled = True
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._signaled and not self._stopped:
+                    self._cond.wait()
+                if self._stopped and not self._jobs:
+                    return
+                self._signaled = False
+                jobs, self._jobs = self._jobs, []
+            for job in jobs:
+                _run_logged(job)
+            sched = self._sched()
+            if sched is None:
+                return
+            _run_logged(sched.dispatch_queue)
+            del sched
+
+
+def _run_logged(job: Callable[[], object]) -> None:
+    """Run a job of the dispatcher thread; a failure is logged (there is nobody to raise to)."""
+    try:
+        job()
+    except Exception:
+        log.exception("a background Redis call of aiolimits failed")

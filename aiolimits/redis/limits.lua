@@ -752,6 +752,41 @@ ops.acquire = function(now)
   return out
 end
 
+-- batch: lease seconds, m, then per request holder and items (as for acquire). The queue of one
+-- process, decided in its order: each request is taken when all its items admit now, up to the
+-- first that does not (FIFO: nobody passes it). {now, k admitted, {receipts per item} per
+-- admitted request, then for the one that stopped it {rate_at, admit_at, expiry} or nothing}.
+ops.batch = function(now)
+  local ttl, m = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local granted = {}
+  local refused = {}
+  local at = 5
+  for _ = 1, m do
+    local holder = ARGV[at]
+    local n = tonumber(ARGV[at + 1])
+    local items = read_items(at + 1)
+    at = at + 2 + 5 * n
+    local rate_at, admit_at, expiry = admit_time(items, now)
+    if admit_at > now then
+      refused = { fmt(rate_at), fmt(admit_at), fmt(expiry) }
+      break
+    end
+    local receipts = {}
+    for j = 1, #items do
+      local L, amount = items[j][1], items[j][2]
+      receipts[j] = encode_receipt(L.A.take(state_of(L, now), L, amount, now, holder, ttl))
+    end
+    granted[#granted + 1] = receipts
+  end
+  local saved = {}
+  for field, _ in pairs(cache) do saved[#saved + 1] = field end
+  for i = 1, #saved do
+    redis.call('HSET', key, 's:' .. saved[i], cmsgpack.pack(cache[saved[i]]))
+  end
+  if #granted > 0 then redis.call('HINCRBY', key, '!g', #granted) end
+  return { fmt(now), #granted, granted, refused }
+end
+
 -- earliest: items. {now, rate_at, admit_at, expiry}, changing nothing.
 ops.earliest = function(now)
   local items = read_items(3)
