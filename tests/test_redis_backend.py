@@ -15,6 +15,7 @@ import sys
 import textwrap
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -31,6 +32,7 @@ from aiolimits.testing import ManualClock
 
 from ._redis_server import RedisServer, redis_server, require_redis
 from .contract import AnyLimit
+from .contract._support import eventually
 
 if TYPE_CHECKING:
     from aiolimits.redis import RedisBackend
@@ -355,3 +357,132 @@ def test_a_manual_clock_drives_the_script_time(redis_server: RedisServer) -> Non
     assert limits.retry_after({"tokens": 1}) == 10.0  # the window [1000, 1010) on that clock
     clock.advance(10)
     assert limits.try_acquire({"tokens": 10}).successful
+
+
+# --- the async door on the real clock: the dispatcher thread asks for the queue ------------------
+
+
+class CountingScript:
+    """Wraps a scheduler's script to count the calls per operation."""
+
+    def __init__(self, script: Any) -> None:
+        self.script = script
+        self.calls: dict[str, int] = {}
+
+    def __call__(self, *, keys: Any, args: Any, client: Any) -> Any:
+        self.calls[args[0]] = self.calls.get(args[0], 0) + 1
+        return self.script(keys=keys, args=args, client=client)
+
+
+@pytest.mark.anyio
+async def test_queued_tasks_are_granted_in_arrival_order(redis_server: RedisServer) -> None:
+    limits = LimitSet(
+        [RateLimit("tokens", 0.1, 5, "sliding_window")],  # 5 per 100 ms
+        backend=backend(redis_server),
+        name=uuid.uuid4().hex,
+    )
+    order: list[int] = []
+
+    async def one(i: int) -> None:
+        async with limits.acquire({"tokens": 1}, timeout=30):
+            order.append(i)
+
+    def arrived(i: int) -> bool:
+        waiting: int = limits.get_stats()["waiting"]
+        return len(order) + waiting > i
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for i in range(30):
+                tg.start_soon(one, i)
+                # Each one granted or queued before the next starts (trio runs in any order).
+                await eventually(partial(arrived, i))
+    assert order == list(range(30))
+
+
+@pytest.mark.anyio
+async def test_concurrent_acquisitions_coalesce_into_few_script_calls(
+    redis_server: RedisServer,
+) -> None:
+    limits = LimitSet([CallLimit(1, 10**9)], backend=backend(redis_server), name=uuid.uuid4().hex)
+    counting = CountingScript(limits._scheduler._script)  # type: ignore[attr-defined]
+    limits._scheduler._script = counting  # type: ignore[attr-defined]
+    done = 0
+
+    async def one() -> None:
+        nonlocal done
+        async with limits.acquire(timeout=30):
+            done += 1
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(one)
+    assert done == 50
+    assert "acquire" not in counting.calls  # the async door never asks under the lock
+    assert counting.calls["batch"] < 25  # runs of waiters decided together
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_queued_task_leaves_and_the_next_gets_the_slot(
+    redis_server: RedisServer,
+) -> None:
+    limits = LimitSet(
+        [ResourceLimit("conns", 1)], backend=backend(redis_server), name=uuid.uuid4().hex
+    )
+    held = limits.try_acquire()
+    granted: list[str] = []
+    scopes: dict[str, anyio.CancelScope] = {}
+
+    async def wait(name: str) -> None:
+        with anyio.CancelScope() as scopes[name]:
+            async with limits.acquire(timeout=30):
+                granted.append(name)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait, "first")
+            await eventually(lambda: limits.get_stats()["waiting"] == 1)
+            tg.start_soon(wait, "second")
+            await eventually(lambda: limits.get_stats()["waiting"] == 2)
+            scopes["first"].cancel()
+            await eventually(lambda: limits.get_stats()["waiting"] == 1)
+            held.release()
+    assert granted == ["second"]
+    assert limits.get_stats()["waiting"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_queued_tasks_get_backend_unavailable_while_redis_is_paused(
+    own_server: RedisServer,
+) -> None:
+    limits = LimitSet(
+        [CallLimit(3600, 5)], backend=backend(own_server, timeout=0.2), name=uuid.uuid4().hex
+    )
+    os.kill(own_server.pid, signal.SIGSTOP)
+    try:
+        with anyio.fail_after(30), pytest.raises(BackendUnavailable):
+            async with limits.acquire():
+                pytest.fail("admitted while Redis was paused")
+    finally:
+        os.kill(own_server.pid, signal.SIGCONT)
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_queued_tasks_are_decided_in_process_while_redis_is_gone_with_local(
+    own_server: RedisServer,
+) -> None:
+    limits = LimitSet(
+        [CallLimit(3600, 1, "sliding_window")],
+        backend=backend(own_server, timeout=0.2, on_unavailable="local"),
+        name=uuid.uuid4().hex,
+    )
+    own_server.stop()
+    with anyio.fail_after(30):
+        async with limits.acquire() as acq:
+            assert acq.successful  # the in-process limit: 1 call
+        with pytest.raises(TimeoutError):
+            async with limits.acquire(timeout=0.5):
+                pytest.fail("the in-process limit admitted a second call")
