@@ -92,6 +92,7 @@ class RedisScheduler(Scheduler):
         "_channel",
         "_client",
         "_dispatcher",
+        "_epoch",
         "_expiry_at",
         "_expiry_timer",
         "_failures",
@@ -140,6 +141,9 @@ class RedisScheduler(Scheduler):
         # every decision is made inline, so that a test sees it done when its tasks are blocked.
         self.remote = not simulated
         self._dispatcher: _Dispatcher | None = None
+        # Counts what may change an answer of Redis for the head (answers applied, releases
+        # elsewhere): a refusal that the dispatcher got before one of them is stale.
+        self._epoch = 0
         self._failures: dict[Waiter, BaseException] = {}
         self._policy = on_unavailable
         self._expiry_at = math.inf
@@ -438,6 +442,7 @@ class RedisScheduler(Scheduler):
             now = self.clock()
             if head.wake_at > now:
                 head.wake_at = now
+            self._epoch += 1  # a refusal in flight predates this
             self._signal()
 
     def _signal(self, job: Callable[[], object] | None = None) -> None:
@@ -458,6 +463,7 @@ class RedisScheduler(Scheduler):
                 if not batch:
                     return
                 holders = [f"{self._me}:{next(self._holders)}" for _ in batch]
+                epoch = self._epoch
             try:
                 reply = self._call("batch", now, *self._batch_args(batch, holders))
             except BackendUnavailable as exc:
@@ -465,7 +471,7 @@ class RedisScheduler(Scheduler):
                     self._batch_failed(batch, exc)
                 return
             with self.lock:
-                undo = self._apply(batch, holders, reply, now)
+                undo = self._apply(batch, holders, reply, now, epoch)
             for items, receipts in undo:
                 self._undo(items, receipts, self.clock())
             if len(reply[2]) < len(batch) or reply[3]:
@@ -484,7 +490,7 @@ class RedisScheduler(Scheduler):
             except BackendUnavailable as exc:
                 self._batch_failed(batch, exc)
                 return
-            for items, receipts in self._apply(batch, holders, reply, now):
+            for items, receipts in self._apply(batch, holders, reply, now, self._epoch):
                 self._undo(items, receipts, now)
             if len(reply[2]) < len(batch) or reply[3]:
                 return
@@ -513,10 +519,13 @@ class RedisScheduler(Scheduler):
         return args
 
     def _apply(
-        self, batch: list[Waiter], holders: list[str], reply: Any, now: float
+        self, batch: list[Waiter], holders: list[str], reply: Any, now: float, epoch: int
     ) -> list[tuple[Items, list[Any]]]:
         """Under the lock: grant the admitted waiters still queued, give the first refused one
-        its times. Returns the grants nobody can use any more (left meanwhile), to undo."""
+        its times (unless something changed since the batch was asked for, ``epoch``: then it
+        is asked again). Returns the grants nobody can use any more (left meanwhile), to undo."""
+        fresh = epoch == self._epoch
+        self._epoch += 1
         server_now = float(reply[0])
         undo: list[tuple[Items, list[Any]]] = []
         local_now = self.clock()
@@ -549,14 +558,17 @@ class RedisScheduler(Scheduler):
         refused = reply[3]
         if refused and self.queue:
             head = next(iter(self.queue))
-            if head is batch[len(reply[2])] and head.state == WAITING:
+            if fresh and head is batch[len(reply[2])] and head.state == WAITING:
                 rate_at = self._local(now, server_now, float(refused[0]))
                 head.rate_at = rate_at
                 head.wake_at = self._local(now, server_now, float(refused[1]))
                 self._watch_expiry(now, self._local(now, server_now, float(refused[2])))
                 head.notify()
             else:
-                self._signal()  # the head changed while Redis answered: ask for the new one
+                # The head, or what Redis knows, changed while it answered: ask again.
+                if head.wake_at > local_now:
+                    head.wake_at = local_now
+                self._signal()
         return undo
 
     def _batch_failed(self, batch: list[Waiter], exc: BackendUnavailable) -> None:
