@@ -372,7 +372,8 @@ class RedisScheduler(Scheduler):
         if self._simulated and isinstance(self.clock, TimerClock):
             self._expiry_timer = self.clock.call_at(at, self._expired)
         else:
-            timer = threading.Timer(at - now, self._expired)
+            # The timer holds the scheduler weakly: a pending expiry keeps nothing alive.
+            timer = threading.Timer(at - now, _expire, (weakref.ref(self),))
             timer.daemon = True
             timer.start()
             self._expiry_timer = timer
@@ -636,20 +637,27 @@ class RedisScheduler(Scheduler):
                         )
 
 
+def _expire(ref: weakref.ref[RedisScheduler]) -> None:
+    sched = ref()
+    if sched is not None:
+        sched._expired()
+
+
 class _Renewer:
     """Extends a scheduler's leases every third of a lease, while the scheduler lives."""
 
     def __init__(self, sched: RedisScheduler) -> None:
         self._sched = weakref.ref(sched)
         self._period = sched._lease / 3
+        self._stop = threading.Event()  # set when the scheduler is garbage
         self._thread = threading.Thread(
             target=self._run, name=f"aiolimits-renew {sched._hash}", daemon=True
         )
         self._thread.start()
+        weakref.finalize(sched, self._stop.set)
 
     def _run(self) -> None:
-        stop = threading.Event()  # never set: a plain timer that does not depend on a loop
-        while not stop.wait(self._period):
+        while not self._stop.wait(self._period):
             sched = self._sched()
             if sched is None:
                 return
@@ -658,24 +666,34 @@ class _Renewer:
 
 
 class _Listener:
-    """Subscribes to a set's wake-up channel and dispatches the local head on each message."""
+    """Subscribes to a set's wake-up channel and dispatches the local head on each message.
+    Ends, closing its connection, when its scheduler is garbage."""
 
     def __init__(self, sched: RedisScheduler) -> None:
         self._sched = weakref.ref(sched)
         self._subscriber = sched._subscriber
         self._channel = sched._channel
+        self._stopped = threading.Event()
+        self._current: redis.client.PubSub | None = None
         self._thread = threading.Thread(
             target=self._run, name=f"aiolimits-wake {sched._hash}", daemon=True
         )
         self._thread.start()
+        weakref.finalize(sched, self.stop)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        pubsub = self._current
+        connection: Any = None if pubsub is None else pubsub.connection  # None until subscribed
+        if connection is not None:
+            connection.disconnect()  # the blocked read in the thread returns
 
     def _run(self) -> None:
-        backoff = threading.Event()  # never set: sleeps between reconnection attempts
         delay = 0.05
-        while True:
+        while not self._stopped.is_set():
             pubsub: redis.client.PubSub | None = None
             try:
-                pubsub = self._subscriber()
+                pubsub = self._current = self._subscriber()
                 pubsub.subscribe(self._channel)
                 delay = 0.05
                 # Messages may have been missed while (re)subscribing.
@@ -684,12 +702,15 @@ class _Listener:
                 for message in pubsub.listen():  # type: ignore[no-untyped-call]
                     if not self._wake(message.get("data")):
                         return
-            except UNAVAILABLE:
-                if self._sched() is None:
+            except Exception as exc:
+                if self._stopped.is_set() or self._sched() is None:
                     return
-                backoff.wait(delay)
+                if not isinstance(exc, UNAVAILABLE):
+                    log.exception("the wake-up subscription of %s failed", self._channel)
+                self._stopped.wait(delay)  # then subscribe again
                 delay = min(delay * 2, 1.0)
             finally:
+                self._current = None
                 if pubsub is not None:
                     pubsub.close()
 
