@@ -21,8 +21,9 @@ from .._errors import BackendUnavailable
 from .._limits import Limit
 from .._scheduler import Scheduler
 from .._waiters import TimerClock
-from ._scheduler import UNAVAILABLE, RedisScheduler
+from ._scheduler import RedisScheduler
 from ._script import SOURCE
+from ._threads import UNAVAILABLE
 
 __all__ = ["RedisBackend"]
 

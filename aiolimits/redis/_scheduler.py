@@ -11,17 +11,21 @@ Design, and what it costs:
 * **One round trip per uncontended acquisition**: the script decides for every limit of the
   set and takes them all at once, or takes nothing and answers when it could (Redis server time,
   converted to this process's clock as a delay).
-* **Local FIFO, only the head asks**: the waiters of one process queue here; only the head
-  sleeps until the time the script gave it, then asks again. Across processes there is no
-  common queue: when several processes' heads are due, the first to ask wins (see
+* **Local FIFO, runs decided together**: the waiters of one process queue here; one script
+  call ("batch") decides the head and the waiters behind it in queue order, granting them up to
+  the first that does not fit, whose time becomes the head's wake time. Across processes there
+  is no common queue: when several processes' heads are due, the first to ask wins (see
   ``docs/redis.md``).
+* **Who calls Redis** (under the real clock): the async door only queues (``enqueue``) and a
+  waiter only signals when its time has come (``after_wake``); the dispatcher thread
+  (``_threads.Dispatcher``) makes those calls with the lock released, so no event loop waits on
+  Redis and what queues during a call goes out in the next one (coalescing). The verbs that must
+  answer at once (``try_take``, ``admit_time``, ``settle``, ``pause``, ``availability``, a release
+  of slots) call directly, under the lock, with a timeout; so do the dispatches they cause
+  (``_dispatch_inline``), so that their effect is visible when they return, as in memory. An
+  answer the dispatcher got before another was applied is stale (``_epoch``): asked again.
 * **Wake-ups across processes**: a release or refund in another process is published by the
-  script on the set's channel; a listener thread here re-runs ``_dispatch`` for the head. No
-  polling: between events, the head sleeps until its computed time.
-* **Blocking calls under the lock**: each decision is one synchronous redis-py call with a
-  timeout, made under the set's ``threading.Lock`` like every other decision. The async door
-  therefore blocks its event loop for one round trip per decision (and at most ``timeout`` when
-  Redis does not answer). An awaiting path is future work.
+  script on the set's channel; the subscriber thread makes the head due and signals.
 * **Leases**: resource slots are leases named by a holder id per acquisition; a renewer thread
   extends this process's leases while held, so a process that dies frees its slots within one
   lease. A renewal that finds its lease gone is logged and counted (``leases_lost``).
@@ -33,7 +37,6 @@ Design, and what it costs:
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import threading
 import uuid
@@ -51,23 +54,13 @@ from .._limits import Limit, ResourceLimit
 from .._scheduler import Items, Scheduler
 from .._waiters import GRANTED, LEFT, WAITING, Cancellable, TimerClock, Waiter
 from ._script import decode_receipt, encode_receipt, limit_args, num
+from ._threads import UNAVAILABLE, Dispatcher, Listener, Renewer, expire, log
 
 if TYPE_CHECKING:
     from redis.cluster import RedisCluster
     from redis.commands.core import Script
 
 __all__ = ["RedisScheduler"]
-
-log = logging.getLogger("aiolimits.redis")
-
-# What a call to an unreachable, stopped or restarting server raises (BusyLoadingError while it
-# loads its data set after a restart).
-UNAVAILABLE = (
-    redis.exceptions.ClusterError,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.BusyLoadingError,
-)
 
 
 class Local:
@@ -137,10 +130,10 @@ class RedisScheduler(Scheduler):
         self._lease = lease_seconds
         self._simulated = simulated
         # Under the real clock, the async door queues without asking and this process's
-        # dispatcher thread asks Redis for the queue (see _Dispatcher); under a simulated clock
+        # dispatcher thread asks Redis for the queue (see Dispatcher); under a simulated clock
         # every decision is made inline, so that a test sees it done when its tasks are blocked.
         self.remote = not simulated
-        self._dispatcher: _Dispatcher | None = None
+        self._dispatcher: Dispatcher | None = None
         # Counts what may change an answer of Redis for the head (answers applied, releases
         # elsewhere): a refusal that the dispatcher got before one of them is stale.
         self._epoch = 0
@@ -151,8 +144,8 @@ class RedisScheduler(Scheduler):
         self._me = uuid.uuid4().hex
         self._holders = itertools.count()
         self._leases: dict[str, tuple[str, ...]] = {}  # holder -> resource keys held
-        self._renewer: _Renewer | None = None
-        self._listener: _Listener | None = None
+        self._renewer: Renewer | None = None
+        self._listener: Listener | None = None
         self.leases_lost = 0
 
     # -- talking to the script ---------------------------------------------------------------
@@ -373,7 +366,7 @@ class RedisScheduler(Scheduler):
             self._expiry_timer = self.clock.call_at(at, self._expired)
         else:
             # The timer holds the scheduler weakly: a pending expiry keeps nothing alive.
-            timer = threading.Timer(at - now, _expire, (weakref.ref(self),))
+            timer = threading.Timer(at - now, expire, (weakref.ref(self),))
             timer.daemon = True
             timer.start()
             self._expiry_timer = timer
@@ -388,7 +381,7 @@ class RedisScheduler(Scheduler):
 
     def enqueue(self, waiter: Waiter, now: float) -> bool:
         if self._listener is None:
-            self._listener = _Listener(self)
+            self._listener = Listener(self)
         if self._simulated:
             return super().enqueue(waiter, now)
         # Queued without asking: due at once (``wake_at``); the dispatcher asks for it when it
@@ -448,7 +441,7 @@ class RedisScheduler(Scheduler):
 
     def _signal(self, job: Callable[[], object] | None = None) -> None:
         if self._dispatcher is None:
-            self._dispatcher = _Dispatcher(self)
+            self._dispatcher = Dispatcher(self)
         self._dispatcher.signal(job)
 
     # -- the dispatcher's work (its thread, never under the lock while calling Redis) --------
@@ -610,7 +603,7 @@ class RedisScheduler(Scheduler):
     def _hold(self, holder: str, keys: tuple[str, ...]) -> None:
         self._leases[holder] = keys
         if self._renewer is None:
-            self._renewer = _Renewer(self)
+            self._renewer = Renewer(self)
 
     def renew(self) -> None:
         """Extend every lease this process holds (the renewer thread calls it)."""
@@ -635,147 +628,3 @@ class RedisScheduler(Scheduler):
                             holder,
                             self._hash,
                         )
-
-
-def _expire(ref: weakref.ref[RedisScheduler]) -> None:
-    sched = ref()
-    if sched is not None:
-        sched._expired()
-
-
-class _Renewer:
-    """Extends a scheduler's leases every third of a lease, while the scheduler lives."""
-
-    def __init__(self, sched: RedisScheduler) -> None:
-        self._sched = weakref.ref(sched)
-        self._period = sched._lease / 3
-        self._stop = threading.Event()  # set when the scheduler is garbage
-        self._thread = threading.Thread(
-            target=self._run, name=f"aiolimits-renew {sched._hash}", daemon=True
-        )
-        self._thread.start()
-        weakref.finalize(sched, self._stop.set)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._period):
-            sched = self._sched()
-            if sched is None:
-                return
-            sched.renew()
-            del sched
-
-
-class _Listener:
-    """Subscribes to a set's wake-up channel and dispatches the local head on each message.
-    Ends, closing its connection, when its scheduler is garbage."""
-
-    def __init__(self, sched: RedisScheduler) -> None:
-        self._sched = weakref.ref(sched)
-        self._subscriber = sched._subscriber
-        self._channel = sched._channel
-        self._stopped = threading.Event()
-        self._current: redis.client.PubSub | None = None
-        self._thread = threading.Thread(
-            target=self._run, name=f"aiolimits-wake {sched._hash}", daemon=True
-        )
-        self._thread.start()
-        weakref.finalize(sched, self.stop)
-
-    def stop(self) -> None:
-        self._stopped.set()
-        pubsub = self._current
-        connection: Any = None if pubsub is None else pubsub.connection  # None until subscribed
-        if connection is not None:
-            connection.disconnect()  # the blocked read in the thread returns
-
-    def _run(self) -> None:
-        delay = 0.05
-        while not self._stopped.is_set():
-            pubsub: redis.client.PubSub | None = None
-            try:
-                pubsub = self._current = self._subscriber()
-                pubsub.subscribe(self._channel)
-                delay = 0.05
-                # Messages may have been missed while (re)subscribing.
-                if not self._wake(None):
-                    return
-                for message in pubsub.listen():  # type: ignore[no-untyped-call]
-                    if not self._wake(message.get("data")):
-                        return
-            except Exception as exc:
-                if self._stopped.is_set() or self._sched() is None:
-                    return
-                if not isinstance(exc, UNAVAILABLE):
-                    log.exception("the wake-up subscription of %s failed", self._channel)
-                self._stopped.wait(delay)  # then subscribe again
-                delay = min(delay * 2, 1.0)
-            finally:
-                self._current = None
-                if pubsub is not None:
-                    pubsub.close()
-
-    def _wake(self, data: object) -> bool:
-        sched = self._sched()
-        if sched is None:
-            return False
-        try:
-            sched.wake()
-        except BackendUnavailable as exc:
-            log.warning("could not dispatch after a wake-up on %s: %s", sched._hash, exc)
-        return True
-
-
-class _Dispatcher:
-    """The thread that makes a LimitSet's waiting-related Redis calls under the real clock: the
-    batches of the queue (``dispatch_queue``), lease ends and unused grants given back. Waiters
-    and releases only signal it, so no event loop ever blocks on Redis while waiting, and the
-    acquisitions that queue while a call is in flight go out together in the next one."""
-
-    def __init__(self, sched: RedisScheduler) -> None:
-        self._sched = weakref.ref(sched)
-        self._cond = threading.Condition(threading.Lock())
-        self._signaled = False
-        self._stopped = False
-        self._jobs: list[Callable[[], object]] = []
-        self._thread = threading.Thread(
-            target=self._run, name=f"aiolimits-dispatch {sched._hash}", daemon=True
-        )
-        self._thread.start()
-        weakref.finalize(sched, self.stop)
-
-    def signal(self, job: Callable[[], object] | None = None) -> None:
-        with self._cond:
-            if job is not None:
-                self._jobs.append(job)
-            self._signaled = True
-            self._cond.notify()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._signaled and not self._stopped:
-                    self._cond.wait()
-                if self._stopped and not self._jobs:
-                    return
-                self._signaled = False
-                jobs, self._jobs = self._jobs, []
-            for job in jobs:
-                _run_logged(job)
-            sched = self._sched()
-            if sched is None:
-                return
-            _run_logged(sched.dispatch_queue)
-            del sched
-
-
-def _run_logged(job: Callable[[], object]) -> None:
-    """Run a job of the dispatcher thread; a failure is logged (there is nobody to raise to)."""
-    try:
-        job()
-    except Exception:
-        log.exception("a background Redis call of aiolimits failed")
