@@ -7,12 +7,14 @@ and subscriber); a real second process is used where dying is the point (leases)
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from functools import partial
@@ -489,3 +491,83 @@ async def test_queued_tasks_are_decided_in_process_while_redis_is_gone_with_loca
         with pytest.raises(TimeoutError):
             async with limits.acquire(timeout=0.5):
                 pytest.fail("the in-process limit admitted a second call")
+
+
+class GrantLog:
+    """Wraps a scheduler's script to log the Redis server time of every grant it makes."""
+
+    def __init__(self, script: Any) -> None:
+        self.script = script
+        self.times: list[float] = []
+
+    def __call__(self, *, keys: Any, args: Any, client: Any) -> Any:
+        reply = self.script(keys=keys, args=args, client=client)
+        if args[0] == "batch":
+            self.times += [float(reply[0])] * len(reply[2])
+        elif args[0] == "acquire" and reply[0] == 1:
+            self.times.append(float(reply[1]))
+        return reply
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["pause", "restart"])
+@pytest.mark.parametrize("policy", ["raise", "allow", "local"])
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the policies, not the loops, vary here
+@pytest.mark.anyio
+async def test_a_fault_mid_load_honours_the_policy_and_never_over_admits_in_redis(
+    own_server: RedisServer, policy: str, fault: str, request: pytest.FixtureRequest
+) -> None:
+    limits = LimitSet(
+        [CallLimit(0.5, 10, "sliding_window")],  # 10 per 500 ms
+        backend=backend(own_server, timeout=0.2, on_unavailable=policy),
+        name=uuid.uuid4().hex,
+    )
+    grants = GrantLog(limits._scheduler._script)  # type: ignore[attr-defined]
+    limits._scheduler._script = grants  # type: ignore[attr-defined]
+    outcomes: dict[str, int] = {"granted": 0, "unavailable": 0}
+    resumed = anyio.Event()
+
+    async def attempt() -> None:
+        try:
+            async with limits.acquire(timeout=20):
+                outcomes["granted"] += 1
+        except BackendUnavailable:
+            outcomes["unavailable"] += 1
+            await resumed.wait()
+
+    async def worker() -> None:
+        for _ in range(6):
+            await attempt()
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(worker)
+            await anyio.sleep(0.3)  # mid-load
+            restarted_at = math.inf
+            if fault == "pause":
+                os.kill(own_server.pid, signal.SIGSTOP)
+                await anyio.sleep(0.6)
+                os.kill(own_server.pid, signal.SIGCONT)
+            else:  # killed, and a new empty server on the same port (no persistence here)
+                port = own_server.port
+                os.kill(own_server.pid, signal.SIGKILL)
+                own_server.process.wait()
+                own_server.stop()
+                await anyio.sleep(0.3)
+                restarted_at = time.time()  # Redis TIME is this machine's clock
+                request.addfinalizer(RedisServer.start(port=port).stop)
+            resumed.set()
+    assert outcomes["granted"] + outcomes["unavailable"] == 30
+    if policy == "raise":
+        assert outcomes["unavailable"] > 0
+    else:
+        assert outcomes["unavailable"] == 0  # admitted (allow) or decided in-process (local)
+    # What Redis granted never exceeds 10 in any 500 ms: before and after a pause, and on each
+    # server (a restarted server without persistence starts afresh).
+    for segment in (
+        sorted(t for t in grants.times if t < restarted_at),
+        sorted(t for t in grants.times if t >= restarted_at),
+    ):
+        for i, t in enumerate(segment):
+            assert sum(1 for u in segment[i:] if u < t + 0.5) <= 10
