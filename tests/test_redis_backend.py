@@ -123,6 +123,19 @@ def test_bad_client_is_named() -> None:
         RedisBackend(42)  # type: ignore[arg-type]
 
 
+def test_an_asyncio_client_names_the_server(redis_server: RedisServer) -> None:
+    import redis.asyncio
+
+    from aiolimits.redis import RedisBackend
+
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    name = uuid.uuid4().hex
+    a = LimitSet([CallLimit(3600, 1)], backend=RedisBackend(client), name=name)
+    b = LimitSet([CallLimit(3600, 1)], backend=backend(redis_server), name=name)
+    assert a.try_acquire().successful
+    assert not b.try_acquire().successful  # the same state
+
+
 def test_a_pickled_set_attaches_to_the_same_state(redis_server: RedisServer) -> None:
     name = uuid.uuid4().hex
     limits = LimitSet([CallLimit(3600, 2)], backend=backend(redis_server), name=name)

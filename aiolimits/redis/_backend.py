@@ -40,8 +40,9 @@ class RedisBackend(Backend):
 
     Args:
         url_or_client: a ``redis://`` URL (of a single server or of any node of a Cluster: which
-            one is asked on first use), or a ``redis.Redis`` or ``RedisCluster`` client (used with
-            its own connection settings).
+            one is asked on first use), a ``redis.Redis`` or ``RedisCluster`` client (used with
+            its own connection settings), or a ``redis.asyncio.Redis`` client (its server,
+            database and credentials are used, with this backend's ``timeout``).
         prefix: the first part of every key.
         on_unavailable: what a decision does when Redis cannot be reached in time: ``"raise"``
             :class:`aiolimits.BackendUnavailable` (nothing is taken); ``"allow"`` admits (fail
@@ -78,15 +79,10 @@ class RedisBackend(Backend):
         timeout: float = 1.0,
         lease_seconds: float = 30.0,
     ) -> None:
-        if isinstance(url_or_client, redis.asyncio.Redis):
+        if not isinstance(url_or_client, (str, redis.Redis, RedisCluster, redis.asyncio.Redis)):
             raise TypeError(
-                "url_or_client: a redis.asyncio client is not supported yet; pass the URL or a "
-                "redis.Redis client"
-            )
-        if not isinstance(url_or_client, (str, redis.Redis, RedisCluster)):
-            raise TypeError(
-                f"url_or_client must be a redis:// URL, a redis.Redis or a RedisCluster "
-                f"client, got {url_or_client!r}"
+                f"url_or_client must be a redis:// URL, or a redis.Redis, RedisCluster or "
+                f"redis.asyncio.Redis client, got {url_or_client!r}"
             )
         if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(f"prefix must be a non-empty str without braces, got {prefix!r}")
@@ -107,6 +103,8 @@ class RedisBackend(Backend):
         self.lease_seconds = float(lease_seconds)
         if isinstance(url_or_client, str):
             self._client = redis.Redis.from_url(url_or_client, **self._settings())
+        elif isinstance(url_or_client, redis.asyncio.Redis):
+            self._client = self._sync_twin(url_or_client)
         else:
             self._client = url_or_client
 
@@ -119,6 +117,30 @@ class RedisBackend(Backend):
             "socket_connect_timeout": self.timeout,
             "retry": Retry(NoBackoff(), 0),
         }
+
+    def _sync_twin(self, client: redis.asyncio.Redis) -> redis.Redis:
+        """A blocking client for the server, database and credentials of an asyncio client
+        (the backend's calls are made from its dispatcher thread and the answering verbs),
+        with this backend's timeouts."""
+        pool = client.connection_pool
+        kinds: dict[str, Any] = {
+            "Connection": redis.Connection,
+            "UnixDomainSocketConnection": redis.UnixDomainSocketConnection,
+        }
+        kind = kinds.get(pool.connection_class.__name__)
+        if kind is None:
+            raise TypeError(
+                f"url_or_client: a redis.asyncio client over {pool.connection_class.__name__} "
+                "is not supported; pass its URL"
+            )
+        given = pool.connection_kwargs
+        keep = ("host", "port", "path", "db", "username", "password", "client_name")
+        kwargs = {k: given[k] for k in keep if given.get(k) is not None}
+        return redis.Redis(
+            connection_pool=redis.ConnectionPool(
+                connection_class=kind, **kwargs, **self._settings()
+            )
+        )
 
     def _connect(self) -> redis.Redis | RedisCluster:
         """The client; from a URL, a Cluster client once the server says it is a Cluster node."""
