@@ -278,11 +278,8 @@ class RedisScheduler(Scheduler):
     def release(self, items: Items, now: float, receipts: list[Any] | None = None) -> None:
         if receipts and isinstance(receipts[0], Local):
             super().release(items, now)
-        elif not self._simulated:
-            # Inline, like every in-process release: a slot released is free for the next call
-            # of this process at once. Asking for the head is the dispatcher's job.
-            if receipts and receipts[0] is not ALLOWED and self._end_leases(items, receipts):
-                self._dispatch(now)
+        # Inline, like every in-process release: a slot released is free for the next call of
+        # this process at once, and the head is asked at once too.
         elif (
             receipts
             and receipts[0] is not ALLOWED
