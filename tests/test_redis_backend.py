@@ -584,3 +584,16 @@ async def test_a_fault_mid_load_honours_the_policy_and_never_over_admits_in_redi
     ):
         for i, t in enumerate(segment):
             assert sum(1 for u in segment[i:] if u < t + 0.5) <= 10
+
+
+def test_a_thread_uses_its_refusal_to_wait_or_time_out_at_once(redis_server: RedisServer) -> None:
+    limits = LimitSet(
+        [RateLimit("tokens", 3600, 1, "gcra")], backend=backend(redis_server), name=uuid.uuid4().hex
+    )
+    counting = CountingScript(limits._scheduler._script)  # type: ignore[attr-defined]
+    limits._scheduler._script = counting  # type: ignore[attr-defined]
+    assert limits.try_acquire({"tokens": 1}).successful
+    with pytest.raises(TimeoutError):
+        limits.acquire_sync({"tokens": 1}, timeout=5)  # due in an hour: at once
+    assert counting.calls == {"acquire": 2}  # the refusal was enough; nobody asked again
+    assert limits.get_stats()["timed_out"] == 1

@@ -96,6 +96,7 @@ class RedisScheduler(Scheduler):
         "_listener",
         "_me",
         "_policy",
+        "_refused",
         "_renewer",
         "_resources",
         "_script",
@@ -138,6 +139,8 @@ class RedisScheduler(Scheduler):
         # elsewhere): a refusal that the dispatcher got before one of them is stale.
         self._epoch = 0
         self._failures: dict[Waiter, BaseException] = {}
+        # The last refusal of try_take, for the enqueue that follows it in the same step.
+        self._refused: tuple[Items, float, float, float] | None = None
         self._policy = on_unavailable
         self._expiry_at = math.inf
         self._expiry_timer: Cancellable | None = None
@@ -190,7 +193,9 @@ class RedisScheduler(Scheduler):
             server_now = float(reply[1])
             self._watch_expiry(now, self._local(now, server_now, float(reply[4])))
             rate_at = self._local(now, server_now, float(reply[2]))
-            return rate_at, self._local(now, server_now, float(reply[3])), None
+            admit_at = self._local(now, server_now, float(reply[3]))
+            self._refused = (items, now, rate_at, admit_at)
+            return rate_at, admit_at, None
         receipts: list[Any] = []
         held: list[str] = []
         for (state, _amount), receipt in zip(items, reply[2:], strict=True):
@@ -381,6 +386,17 @@ class RedisScheduler(Scheduler):
             self._listener = Listener(self)
         if self._simulated:
             return super().enqueue(waiter, now)
+        refused, self._refused = self._refused, None
+        if refused is not None and refused[0] is waiter.items and refused[1] == now:
+            # try_take was just refused for this request (acquire_sync): use that answer.
+            rate_at, admit_at = refused[2], refused[3]
+            if rate_at > waiter.deadline or now >= waiter.deadline:
+                self.timed_out += 1
+                return False
+            if not self.queue:
+                waiter.wake_at, waiter.rate_at = admit_at, rate_at
+                self.queue[waiter] = None
+                return True
         # Queued without asking: due at once (``wake_at``); the dispatcher asks for it when it
         # is the head, and a deadline the rate limits already exclude fails it then.
         waiter.wake_at = now
