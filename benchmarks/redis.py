@@ -78,7 +78,15 @@ async def _ops(url: str) -> dict[str, Op]:
         async with limits.acquire(request):
             pass
 
-    ops: dict[str, Op] = {"redis-py INCR (baseline)": incr, "aiolimits RedisBackend": ours}
+    async def ours_try() -> None:
+        with limits.try_acquire(request):
+            pass
+
+    ops: dict[str, Op] = {
+        "redis-py INCR (baseline)": incr,
+        "aiolimits RedisBackend": ours,
+        "aiolimits try_acquire (blocks the loop)": ours_try,
+    }
     try:
         from limits import parse
         from limits.aio.storage import RedisStorage
@@ -157,9 +165,9 @@ def main() -> None:
         ratios = asyncio.run(_suite(url, args.n, args.tasks, args.repeats))
         print(f"ops/s as a ratio to redis-py INCR at the same concurrency (n={args.n}):")
         for name, values in sorted(ratios.items()):
-            print(f"  {name:48} {Summary.of(values).fmt(unit='x')}")
+            print(f"  {name:52} {Summary.of(values).fmt(unit='x')}")
         thread = Summary.of(_threads(url, args.n, args.repeats))
-        print(f"  {'aiolimits acquire_sync, 1 thread (vs sync INCR)':48} {thread.fmt(unit='x')}")
+        print(f"  {'aiolimits acquire_sync, 1 thread (vs sync INCR)':52} {thread.fmt(unit='x')}")
     finally:
         if proc is not None:
             proc.terminate()
