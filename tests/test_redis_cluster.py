@@ -79,3 +79,29 @@ def test_sets_spread_over_the_nodes_and_survive_a_script_flush(
     for limits in sets:
         assert limits.try_acquire().successful  # NOSCRIPT: loaded again where needed
         assert not limits.try_acquire().successful
+
+
+@pytest.mark.anyio
+async def test_a_release_in_another_process_wakes_a_waiter_on_a_cluster(
+    redis_cluster: RedisClusterNodes,
+) -> None:
+    import anyio
+
+    from aiolimits.redis import RedisBackend
+
+    name = uuid.uuid4().hex
+    a = LimitSet([ResourceLimit("conns", 1)], backend=RedisBackend(redis_cluster.url), name=name)
+    b = LimitSet([ResourceLimit("conns", 1)], backend=RedisBackend(redis_cluster.url), name=name)
+    held = a.try_acquire()
+    assert held.successful
+
+    async def wait_in_b() -> None:
+        async with b.acquire(timeout=20):
+            pass
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_in_b)
+            await anyio.sleep(0.2)  # b waits with nothing to wake it but the publication
+            held.release()
+    assert b.get_stats()["granted"] == 1
