@@ -41,7 +41,8 @@ class RedisBackend(Backend):
     Args:
         url_or_client: a ``redis://`` URL (of a single server or of any node of a Cluster: which
             one is asked on first use), a ``redis.Redis`` or ``RedisCluster`` client (used with
-            its own connection settings), or a ``redis.asyncio.Redis`` client (its server,
+            its own connection settings: give it a ``socket_timeout`` and no retries, or a call
+            may hang or be applied twice), or a ``redis.asyncio.Redis`` client (its server,
             database and credentials are used, with this backend's ``timeout``).
         prefix: the first part of every key.
         on_unavailable: what a decision does when Redis cannot be reached in time: ``"raise"``
@@ -72,7 +73,7 @@ class RedisBackend(Backend):
 
     def __init__(
         self,
-        url_or_client: str | redis.Redis | redis.asyncio.Redis,
+        url_or_client: str | redis.Redis | RedisCluster | redis.asyncio.Redis,
         *,
         prefix: str = "aiolimits",
         on_unavailable: str = "raise",
