@@ -210,9 +210,14 @@ class LimitSet:
         return self._finish(acq, waiter, start, timeout_s)
 
     async def _acquire_async(self, acq: Acquisition) -> None:
-        receipts, waiter, start = self._take_or_queue(
-            acq._items, acq._timeout, async_waiter, ask=not self._scheduler.remote
-        )
+        if self._scheduler.remote:
+            receipts, waiter, start = await self._scheduler.take_first(
+                acq._items, acq._timeout, async_waiter
+            )
+            if receipts is None and waiter is None:
+                raise self._timeout_error(acq._items, acq._timeout)
+        else:
+            receipts, waiter, start = self._take_or_queue(acq._items, acq._timeout, async_waiter)
         if waiter is None:
             assert receipts is not None
             acq._granted(receipts, 0.0)
@@ -226,20 +231,14 @@ class LimitSet:
         self._finish(acq, waiter, start, acq._timeout)
 
     def _take_or_queue(
-        self,
-        items: Items,
-        timeout: float,
-        new_waiter: Callable[[Items, float], W],
-        *,
-        ask: bool = True,
+        self, items: Items, timeout: float, new_waiter: Callable[[Items, float], W]
     ) -> tuple[list[Any] | None, W | None, float]:
         """Take ``items`` at once, or queue a new waiter: ``(receipts, None, start)`` or
-        ``(None, waiter, start)``. Raises TimeoutError when the deadline is out of reach.
-        ``ask=False`` queues without trying first (a remote scheduler decides for the queue)."""
+        ``(None, waiter, start)``. Raises TimeoutError when the deadline is out of reach."""
         sched = self._scheduler
         with sched.lock:
             start = sched.clock()
-            receipts = sched.try_take(items, start) if ask else None
+            receipts = sched.try_take(items, start)
             if receipts is not None:
                 return receipts, None, start
             waiter = new_waiter(items, start + timeout)

@@ -281,6 +281,15 @@ class Scheduler:
         ``refunded`` up to date from the shared state here."""
         return {state.key: state.available(now) for state in self.states}
 
+    async def take_first(
+        self, items: Items, patience: float, new_waiter: Callable[[Items, float], Any]
+    ) -> tuple[list[Any] | None, Any, float]:
+        """The async door's first step for a ``remote`` scheduler, which may await the network:
+        ``(receipts, None, start)``, ``(None, waiter, start)`` (queued) or ``(None, None,
+        start)`` (the deadline is out of reach). In-process schedulers decide under the lock
+        instead (``try_take``, ``enqueue``)."""
+        raise NotImplementedError("only a remote scheduler awaits its first step")
+
     def failure(self, waiter: Waiter) -> BaseException | None:
         """Why a waiter that was not granted left, if not a timeout (a shared backend that
         could not be reached). Consumed by the door, which raises it."""

@@ -378,11 +378,15 @@ def test_a_manual_clock_drives_the_script_time(redis_server: RedisServer) -> Non
 
 
 class CountingScript:
-    """Wraps a scheduler's script to count the calls per operation."""
+    """Wraps a scheduler's script to count the calls per operation (not the direct calls of
+    the async door's first step, which tests that use this turn off)."""
 
     def __init__(self, script: Any) -> None:
         self.script = script
         self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.script, name)
 
     def __call__(self, *, keys: Any, args: Any, client: Any) -> Any:
         self.calls[args[0]] = self.calls.get(args[0], 0) + 1
@@ -425,6 +429,7 @@ async def test_concurrent_acquisitions_coalesce_into_few_script_calls(
     limits = LimitSet([CallLimit(1, 10**9)], backend=backend(redis_server), name=uuid.uuid4().hex)
     counting = CountingScript(limits._scheduler._script)  # type: ignore[attr-defined]
     limits._scheduler._script = counting  # type: ignore[attr-defined]
+    limits._scheduler._direct = None  # type: ignore[attr-defined]  # every call is counted
     done = 0
 
     async def one() -> None:
@@ -507,11 +512,15 @@ async def test_queued_tasks_are_decided_in_process_while_redis_is_gone_with_loca
 
 
 class GrantLog:
-    """Wraps a scheduler's script to log the Redis server time of every grant it makes."""
+    """Wraps a scheduler's script to log the Redis server time of every grant it makes (the
+    direct calls of the async door's first step are turned off where this is used)."""
 
     def __init__(self, script: Any) -> None:
         self.script = script
         self.times: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.script, name)
 
     def __call__(self, *, keys: Any, args: Any, client: Any) -> Any:
         reply = self.script(keys=keys, args=args, client=client)
@@ -537,6 +546,7 @@ async def test_a_fault_mid_load_honours_the_policy_and_never_over_admits_in_redi
     )
     grants = GrantLog(limits._scheduler._script)  # type: ignore[attr-defined]
     limits._scheduler._script = grants  # type: ignore[attr-defined]
+    limits._scheduler._direct = None  # type: ignore[attr-defined]  # every grant is logged
     outcomes: dict[str, int] = {"granted": 0, "unavailable": 0}
     resumed = anyio.Event()
 
@@ -596,4 +606,22 @@ def test_a_thread_uses_its_refusal_to_wait_or_time_out_at_once(redis_server: Red
     with pytest.raises(TimeoutError):
         limits.acquire_sync({"tokens": 1}, timeout=5)  # due in an hour: at once
     assert counting.calls == {"acquire": 2}  # the refusal was enough; nobody asked again
+    assert limits.get_stats()["timed_out"] == 1
+
+
+@pytest.mark.anyio
+async def test_an_uncontended_task_asks_redis_itself_without_the_dispatcher(
+    redis_server: RedisServer,
+) -> None:
+    limits = LimitSet(
+        [CallLimit(3600, 5, "sliding_window")], backend=backend(redis_server), name=uuid.uuid4().hex
+    )
+    for _ in range(5):
+        async with limits.acquire(timeout=5) as acq:
+            assert acq.successful
+    assert limits._scheduler._dispatcher is None  # type: ignore[attr-defined]  # no thread hop
+    with pytest.raises(TimeoutError):
+        async with limits.acquire(timeout=5):  # due in an hour: refused by that one call
+            pytest.fail("admitted beyond the limit")
+    assert limits._scheduler._dispatcher is None  # type: ignore[attr-defined]
     assert limits.get_stats()["timed_out"] == 1

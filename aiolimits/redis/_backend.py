@@ -217,6 +217,9 @@ class RedisBackend(Backend):
             lease_seconds=self.lease_seconds,
             simulated=isinstance(clock, TimerClock),
             on_unavailable=self.on_unavailable,
+            direct=(client.connection_pool, self.timeout)
+            if isinstance(client, redis.Redis)
+            else None,
         )
 
     def __reduce__(self) -> tuple[Any, ...]:

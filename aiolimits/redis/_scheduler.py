@@ -16,10 +16,12 @@ Design, and what it costs:
   the first that does not fit, whose time becomes the head's wake time. Across processes there
   is no common queue: when several processes' heads are due, the first to ask wins (see
   ``docs/redis.md``).
-* **Who calls Redis** (under the real clock): the async door only queues (``enqueue``) and a
-  waiter only signals when its time has come (``after_wake``); the dispatcher thread
-  (``_threads.Dispatcher``) makes those calls with the lock released, so no event loop waits on
-  Redis and what queues during a call goes out in the next one (coalescing). The verbs that must
+* **Who calls Redis** (under the real clock): a lone async request asks itself, awaiting the
+  answer on its loop (``take_first``: nobody queued, nothing in flight; a refusal puts it first
+  in the queue); otherwise the async door only queues (``enqueue``) and a waiter only signals
+  when its time has come (``after_wake``); the dispatcher thread (``_threads.Dispatcher``) makes
+  those calls with the lock released, so no event loop blocks on Redis and what queues during a
+  call goes out in the next one (coalescing). The verbs that must
   answer at once (``try_take``, ``admit_time``, ``settle``, ``pause``, ``availability``, a release
   of slots) call directly, under the lock, with a timeout; so do the dispatches they cause
   (``_dispatch_inline``), so that their effect is visible when they return, as in memory. An
@@ -44,6 +46,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import redis
 import redis.client
 import redis.exceptions
@@ -61,6 +64,9 @@ if TYPE_CHECKING:
     from redis.commands.core import Script
 
 __all__ = ["RedisScheduler"]
+
+# anyio >= 4.7 names it wait_readable; before, wait_socket_readable (deprecated since).
+_wait_readable: Any = getattr(anyio, "wait_readable", None) or anyio.wait_socket_readable
 
 
 class Local:
@@ -84,11 +90,13 @@ class RedisScheduler(Scheduler):
         "_args",
         "_channel",
         "_client",
+        "_direct",
         "_dispatcher",
         "_epoch",
         "_expiry_at",
         "_expiry_timer",
         "_failures",
+        "_fast_busy",
         "_hash",
         "_holders",
         "_lease",
@@ -119,6 +127,7 @@ class RedisScheduler(Scheduler):
         lease_seconds: float,
         simulated: bool,
         on_unavailable: str,
+        direct: tuple[redis.ConnectionPool, float] | None = None,
     ) -> None:
         super().__init__(states, clock)
         self._client = client
@@ -139,6 +148,10 @@ class RedisScheduler(Scheduler):
         # elsewhere): a refusal that the dispatcher got before one of them is stale.
         self._epoch = 0
         self._failures: dict[Waiter, BaseException] = {}
+        # An async request is being decided directly (``take_first``): it is ahead of the queue.
+        self._fast_busy = False
+        # The pool and timeout for those direct calls (a single server; None: always queue).
+        self._direct = direct
         # The last refusal of try_take, for the enqueue that follows it in the same step.
         self._refused: tuple[Items, float, float, float] | None = None
         self._policy = on_unavailable
@@ -196,9 +209,14 @@ class RedisScheduler(Scheduler):
             admit_at = self._local(now, server_now, float(reply[3]))
             self._refused = (items, now, rate_at, admit_at)
             return rate_at, admit_at, None
+        return now, now, self._receipts(items, holder, reply[2:])
+
+    def _receipts(self, items: Items, holder: str, raw: Any) -> list[Any]:
+        """The receipts of a grant from the script's reply; its leases are held from now on
+        (a resource limit's receipt is the holder id of its lease)."""
         receipts: list[Any] = []
         held: list[str] = []
-        for (state, _amount), receipt in zip(items, reply[2:], strict=True):
+        for (state, _amount), receipt in zip(items, raw, strict=True):
             if state.key in self._resources:
                 receipts.append(holder)
                 held.append(state.key)
@@ -206,7 +224,7 @@ class RedisScheduler(Scheduler):
                 receipts.append(decode_receipt(receipt))
         if held:
             self._hold(holder, tuple(held))
-        return now, now, receipts
+        return receipts
 
     # -- the decisions of Scheduler, with the failure policy ---------------------------------
 
@@ -237,6 +255,8 @@ class RedisScheduler(Scheduler):
             return rate_at, admit_at, [Local(r) for r in self._take(items, now)]
 
     def try_take(self, items: Items, now: float) -> list[Any] | None:
+        if self._fast_busy:
+            return None  # an earlier async request is being decided
         if self.queue:
             self.catch_up(now)
             if self.queue:
@@ -428,6 +448,7 @@ class RedisScheduler(Scheduler):
             super()._dispatch(now, current)
         elif self.queue:
             # Something changed (a release, a refund, a pause, a new head): ask for the head now.
+            self._epoch += 1  # an answer in flight predates it
             head = next(iter(self.queue))
             if head.wake_at > now:
                 head.wake_at = now
@@ -456,6 +477,113 @@ class RedisScheduler(Scheduler):
         if self._dispatcher is None:
             self._dispatcher = Dispatcher(self)
         self._dispatcher.signal(job)
+
+    # -- the async door's first step: one direct call from the task, without thread hops -----
+
+    async def take_first(
+        self, items: Items, patience: float, new_waiter: Callable[[Items, float], Any]
+    ) -> tuple[list[Any] | None, Any, float]:
+        """The async door's first step under the real clock: ``(receipts, None, start)``,
+        ``(None, waiter, start)`` (queued), or ``(None, None, start)`` (the rate limits already
+        place it after its deadline, ``patience`` seconds away). When nobody is queued and
+        nothing is being decided, the task asks Redis itself, awaiting the answer on its own
+        event loop (no thread hop); otherwise it queues and the dispatcher asks for it with the
+        others."""
+        with self.lock:
+            start = self.clock()
+            direct = not self.queue and not self._fast_busy and self._direct is not None
+            if not direct:
+                waiter = new_waiter(items, start + patience)
+                self.enqueue(waiter, start)
+                return None, waiter, start
+            self._fast_busy = True
+            epoch = self._epoch
+            holder = f"{self._me}:{next(self._holders)}"
+        args = [holder, num(self._lease), *self._item_args(items)]
+        try:
+            reply = await self._direct_call("acquire", args)
+        except BaseException as exc:
+            with self.lock:
+                self._fast_busy = False
+                if self.queue:
+                    self._signal()
+            if isinstance(exc, BackendUnavailable) and self._policy != "raise":
+                # The dispatcher applies the policy to it, first in the queue.
+                with self.lock:
+                    waiter = new_waiter(items, start + patience)
+                    self.enqueue(waiter, start)
+                    self.queue.move_to_end(waiter, last=False)
+                return None, waiter, start
+            raise
+        with self.lock:
+            self._fast_busy = False
+            now = self.clock()
+            if reply[0] == 1:
+                receipts = self._receipts(items, holder, reply[2:])
+                self.granted += 1
+                if self.queue:
+                    self._signal()
+                return receipts, None, start
+            server_now = float(reply[1])
+            rate_at = self._local(start, server_now, float(reply[2]))
+            admit_at = self._local(start, server_now, float(reply[3]))
+            waiter = new_waiter(items, start + patience)
+            if rate_at > waiter.deadline or now >= waiter.deadline:
+                self.timed_out += 1
+                if self.queue:
+                    self._signal()
+                return None, None, start
+            if self._listener is None:
+                self._listener = Listener(self)
+            # First in the queue: it arrived before those that queued while Redis answered.
+            self.queue[waiter] = None
+            self.queue.move_to_end(waiter, last=False)
+            if epoch == self._epoch:
+                waiter.rate_at, waiter.wake_at = rate_at, admit_at
+                self._watch_expiry(now, self._local(start, server_now, float(reply[4])))
+            else:  # something changed meanwhile: ask again
+                waiter.rate_at, waiter.wake_at = -math.inf, now
+                self._signal()
+            return None, waiter, start
+
+    async def _direct_call(self, op: str, args: list[str]) -> Any:
+        """One script call from a task: sent on a pooled connection of the blocking client, the
+        answer awaited on the task's own event loop (at most ``timeout``; shielded, so that an
+        answer Redis gives is never lost to a cancellation)."""
+        assert self._direct is not None
+        pool, timeout = self._direct
+        try:
+            conn = pool.get_connection()  # connects, if it must
+        except UNAVAILABLE as exc:
+            raise BackendUnavailable(
+                f"Redis did not answer for the limits {self._hash!r} in time: {exc!r}"
+            ) from exc
+        done = False
+        try:
+            with anyio.CancelScope(shield=True), anyio.fail_after(timeout):
+                for attempt in (1, 2):
+                    conn.send_command(  # type: ignore[no-untyped-call]
+                        "EVALSHA", self._script.sha, 1, self._hash, op, "", *args
+                    )
+                    await _wait_readable(conn._sock)
+                    try:
+                        reply = conn.read_response()
+                    except redis.exceptions.NoScriptError:
+                        if attempt == 2:
+                            raise
+                        self._script.sha = self._client.script_load(self._script.script)
+                        continue
+                    done = True
+                    return reply
+            raise AssertionError("unreachable")
+        except (TimeoutError, *UNAVAILABLE) as exc:
+            raise BackendUnavailable(
+                f"Redis did not answer for the limits {self._hash!r} in time: {exc!r}"
+            ) from exc
+        finally:
+            if not done:
+                conn.disconnect()  # type: ignore[no-untyped-call]  # an answer may be on its way
+            pool.release(conn)
 
     # -- the dispatcher's work (its thread, never under the lock while calling Redis) --------
 
@@ -514,7 +642,7 @@ class RedisScheduler(Scheduler):
             del queue[head]
             head.state = LEFT
             self.cancelled += 1
-        if not queue or next(iter(queue)).wake_at > now:
+        if not queue or self._fast_busy or next(iter(queue)).wake_at > now:
             return []
         return list(itertools.islice(queue, 64))
 
