@@ -461,6 +461,7 @@ class RedisScheduler(Scheduler):
         """Another process released or refunded, or a lease ran out: the head may be
         admissible now."""
         with self.lock:
+            self._epoch += 1  # a refusal in flight (a batch, a direct call) predates this
             if not self.queue:
                 return
             if self._simulated:
@@ -470,7 +471,6 @@ class RedisScheduler(Scheduler):
             now = self.clock()
             if head.wake_at > now:
                 head.wake_at = now
-            self._epoch += 1  # a refusal in flight predates this
             self._signal()
 
     def _signal(self, job: Callable[[], object] | None = None) -> None:
