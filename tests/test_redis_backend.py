@@ -625,3 +625,28 @@ async def test_an_uncontended_task_asks_redis_itself_without_the_dispatcher(
             pytest.fail("admitted beyond the limit")
     assert limits._scheduler._dispatcher is None  # type: ignore[attr-defined]
     assert limits.get_stats()["timed_out"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_two_processes_taking_turns_on_one_slot_all_get_it(redis_server: RedisServer) -> None:
+    # Every hand-over between the two sets goes through a publication; a lost one hangs here.
+    a, b = pair(redis_server, [ResourceLimit("conns", 1)])
+    inside = 0
+    done = 0
+
+    async def use(limits: LimitSet) -> None:
+        nonlocal inside, done
+        async with limits.acquire(timeout=30):
+            inside += 1
+            assert inside == 1  # one slot: never two holders, whichever set they came from
+            await anyio.sleep(0.002)
+            inside -= 1
+            done += 1
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for _ in range(15):
+                tg.start_soon(use, a)
+                tg.start_soon(use, b)
+    assert done == 30
