@@ -92,8 +92,13 @@ class Listener:
         while not self._stopped.is_set():
             pubsub: redis.client.PubSub | None = None
             try:
-                pubsub = self._current = self._subscriber()
+                pubsub = self._subscriber()
                 pubsub.subscribe(self._channel)
+                # Published before the flag is read, as stop() sets the flag before it reads
+                # this: one of the two sees the other, so the thread never blocks after stop().
+                self._current = pubsub
+                if self._stopped.is_set():
+                    return
                 delay = 0.05
                 # Messages may have been missed while (re)subscribing.
                 if not self._wake(None):
