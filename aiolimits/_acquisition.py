@@ -166,19 +166,20 @@ class Acquisition:
             if self._state != HELD:
                 return
             self._state = RELEASED
-            sched.release(self._items, sched.clock())
+            sched.release(self._items, sched.clock(), self._receipts)
 
     # -- context manager protocols -----------------------------------------------------------
 
     async def __aenter__(self) -> Acquisition:
         if self._state == PENDING:
             sched = self._sched
-            with sched.lock:
-                receipts = sched.try_take(self._items, sched.clock())
-            if receipts is not None:  # the fast path: no waiter, no await
-                self._receipts = receipts
-                self._state = HELD
-                return self
+            if not sched.remote:
+                with sched.lock:
+                    receipts = sched.try_take(self._items, sched.clock())
+                if receipts is not None:  # the fast path: no waiter, no await
+                    self._receipts = receipts
+                    self._state = HELD
+                    return self
             # Single use: whatever happens next (granted, timed out, cancelled), this object
             # cannot be entered again.
             self._state = ACQUIRING

@@ -125,10 +125,15 @@ class Door:
     async def _acquire_async(self, acq: Acquisition) -> None:
         """The async door, once the fast path in ``Acquisition.__aenter__`` failed."""
         sched = acq._sched
-        with sched.lock:
-            receipts, waiter, start = self._take_or_queue_locked(
-                sched, acq._items, acq._timeout, async_waiter
-            )
+        if sched.remote:  # it may await the network: not under the lock
+            receipts, waiter, start = await sched.take_first(acq._items, acq._timeout, async_waiter)
+            if receipts is None and waiter is None:
+                raise self._timeout_error(acq._items, acq._timeout)
+        else:
+            with sched.lock:
+                receipts, waiter, start = self._take_or_queue_locked(
+                    sched, acq._items, acq._timeout, async_waiter
+                )
         if waiter is None:
             assert receipts is not None
             acq._granted(receipts, 0.0)
@@ -203,7 +208,10 @@ class Door:
         self, acq: Acquisition, waiter: Waiter, start: float, timeout: float
     ) -> Acquisition:
         if waiter.state != GRANTED:
-            raise self._timeout_error(waiter.items, timeout)
+            sched = acq._sched
+            with sched.lock:
+                failure = sched.failure(waiter)
+            raise failure or self._timeout_error(waiter.items, timeout)
         assert waiter.receipts is not None
         acq._granted(waiter.receipts, waiter.granted_at - start)
         return acq
@@ -261,19 +269,20 @@ def check_picklable_clock(owner: object, clock: Callable[[], float]) -> None:
 def stats_locked(limits: Sequence[Limit], sched: Scheduler, now: float) -> dict[str, Any]:
     """Under the lock: the statistics of ``sched``, whose states belong to ``limits``."""
     waiting = sched.waiting_per_key()
+    available = sched.availability(now)  # a shared backend also refreshes its totals here
     per_key: dict[str, dict[str, Any]] = {}
-    for limit, state in zip(limits, sched.states, strict=True):
+    for limit in limits:
         key = limit.key
         entry: dict[str, Any] = {
             "kind": "resource"
             if isinstance(limit, ResourceLimit)
             else ("call" if isinstance(limit, CallLimit) else "rate"),
             "capacity": limit.capacity,
-            "available": state.available(now),
+            "available": available[key],
             "waiting": waiting[key],
         }
         if isinstance(limit, ResourceLimit):
-            entry["in_use"] = limit.capacity - state.available(now)
+            entry["in_use"] = limit.capacity - available[key]
         else:
             entry["algorithm"] = limit.algorithm.value
             entry["window_seconds"] = limit.window_seconds

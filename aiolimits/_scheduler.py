@@ -71,6 +71,10 @@ class Scheduler:
         "timed_out",
     )
 
+    # A backend that decides over the network sets this: its async door then queues without
+    # asking under the lock (a network call there would block the event loop).
+    remote = False
+
     def __init__(
         self,
         states: tuple[RateState, ...],
@@ -112,13 +116,22 @@ class Scheduler:
                     at = t
         return at, (_INF if blocked else at)
 
-    def _admit_head(self, head: Waiter, now: float) -> tuple[float, float]:
-        """:meth:`admit_time` for the head of the queue. A hook: a shared backend answers
-        ``admit_at = inf`` while a waiter of another process is ahead of this one."""
-        return self.admit_time(head.items, now)
+    def _admit_head(self, head: Waiter, now: float) -> tuple[float, float, list[Any] | None]:
+        """:meth:`_admit` for the head of the queue. A hook: the process backend answers
+        ``admit_at = inf`` (and takes nothing) while a waiter of another process is ahead."""
+        return self._admit(head.items, now)
 
     def _take(self, items: Items, now: float) -> list[Any]:
         return [state.take(amount, now) for state, amount in items]
+
+    def _admit(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
+        """``admit_time`` and, when that is now, the take: ``(rate_at, admit_at, receipts)``,
+        receipts None when not admitted. One step, so that a shared backend can decide and take
+        in one atomic round trip."""
+        rate_at, admit_at = self.admit_time(items, now)
+        if admit_at <= now:
+            return rate_at, admit_at, self._take(items, now)
+        return rate_at, admit_at, None
 
     def catch_up(self, now: float) -> None:
         """Under the lock: grant a head whose wake time has come but which has not run yet.
@@ -155,10 +168,10 @@ class Scheduler:
                 head.state = LEFT
                 self.cancelled += 1
                 continue
-            rate_at, admit_at = self._admit_head(head, now)
-            if admit_at <= now:
+            rate_at, admit_at, receipts = self._admit_head(head, now)
+            if receipts is not None:
                 del queue[head]
-                head.receipts = self._take(head.items, now)
+                head.receipts = receipts
                 head.granted_at = now
                 head.state = GRANTED
                 self.granted += 1
@@ -256,8 +269,9 @@ class Scheduler:
 
     # -- after a grant (under the lock) ----------------------------------------------------
 
-    def release(self, items: Items, now: float) -> None:
-        """Give back the resource slots of a finished acquisition."""
+    def release(self, items: Items, now: float, receipts: list[Any] | None = None) -> None:
+        """Give back the resource slots of a finished acquisition (``receipts``: what its take
+        returned; a shared backend names its leases with them)."""
         released = False
         for state, amount in items:
             if isinstance(state, SemaphoreState):
@@ -295,6 +309,25 @@ class Scheduler:
                 self._dispatch(now)
 
     # -- introspection ---------------------------------------------------------------------
+
+    def availability(self, now: float) -> dict[str, float]:
+        """Units admissible now, per key. A shared backend also brings ``paused_until`` and
+        ``refunded`` up to date from the shared state here."""
+        return {state.key: state.available(now) for state in self.states}
+
+    async def take_first(
+        self, items: Items, patience: float, new_waiter: Callable[[Items, float], Any]
+    ) -> tuple[list[Any] | None, Any, float]:
+        """The async door's first step for a ``remote`` scheduler, which may await the network:
+        ``(receipts, None, start)``, ``(None, waiter, start)`` (queued) or ``(None, None,
+        start)`` (the deadline is out of reach). In-process schedulers decide under the lock
+        instead (``try_take``, ``enqueue``)."""
+        raise NotImplementedError("only a remote scheduler awaits its first step")
+
+    def failure(self, waiter: Waiter) -> BaseException | None:
+        """Why a waiter that was not granted left, if not a timeout (a shared backend that
+        could not be reached). Consumed by the door, which raises it."""
+        return None
 
     def waiting_per_key(self) -> dict[str, int]:
         counts = {s.key: 0 for s in self.states}

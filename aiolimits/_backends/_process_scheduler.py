@@ -404,12 +404,12 @@ class ProcessScheduler(Scheduler):
         peers.listener().register(self)
         return True
 
-    def _admit_head(self, head: Waiter, now: float) -> tuple[float, float]:
-        rate_at, admit_at = self.admit_time(head.items, now)
+    def _admit_head(self, head: Waiter, now: float) -> tuple[float, float, list[Any] | None]:
         foreign = self._foreign
         if foreign and foreign[0][0] < self._mine[head][0]:
-            return rate_at, _INF
-        return rate_at, admit_at
+            rate_at, _admit_at = self.admit_time(head.items, now)
+            return rate_at, _INF, None
+        return super()._admit_head(head, now)
 
     def head_wake_at(self) -> float:
         queue = self.queue
@@ -422,8 +422,8 @@ class ProcessScheduler(Scheduler):
             return head.rate_at
         return head.wake_at
 
-    def release(self, items: Items, now: float) -> None:
-        super().release(items, now)
+    def release(self, items: Items, now: float, receipts: list[Any] | None = None) -> None:
+        super().release(items, now, receipts)
         self._poke = True
 
     def after_refund(self, now: float) -> None:

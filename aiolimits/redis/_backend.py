@@ -1,0 +1,249 @@
+"""RedisBackend: where a LimitSet's state lives when it is shared through Redis."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any, Final, final
+
+import redis
+import redis.asyncio
+import redis.client
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+
+from .._algorithms import RateState
+from .._backends._base import Backend
+from .._backends._declaration import declaration, declaration_json, mismatch
+from .._errors import BackendUnavailable
+from .._limits import Limit
+from .._scheduler import Scheduler
+from .._waiters import TimerClock
+from ._scheduler import RedisScheduler
+from ._script import SOURCE
+from ._threads import UNAVAILABLE
+
+__all__ = ["RedisBackend"]
+
+POLICIES: Final = ("raise", "allow", "local")
+
+
+@final
+class RedisBackend(Backend):
+    """State in Redis, shared by every process that attaches to the same ``name`` there.
+
+    Each LimitSet is one Redis hash, ``{prefix:name}`` (a hash tag: one Cluster slot), decided
+    by a server-side Lua script: one round trip per uncontended acquisition, every limit of the
+    set taken atomically, on Redis server time. See ``docs/redis.md``.
+
+    Args:
+        url_or_client: a ``redis://`` URL (of a single server or of any node of a Cluster: which
+            one is asked on first use), a ``redis.Redis`` or ``RedisCluster`` client (used with
+            its own connection settings: give it a ``socket_timeout`` and no retries, or a call
+            may hang or be applied twice), or a ``redis.asyncio.Redis`` client (its server,
+            database and credentials are used, with this backend's ``timeout``).
+        prefix: the first part of every key.
+        on_unavailable: what a decision does when Redis cannot be reached in time: ``"raise"``
+            :class:`aiolimits.BackendUnavailable` (nothing is taken); ``"allow"`` admits (fail
+            open); ``"local"`` decides with limits in this process's memory instead (so per
+            process, not shared) until Redis answers again.
+        timeout: seconds any Redis call may take (connecting, or waiting for an answer).
+        lease_seconds: how long a resource slot stays held by a process that stopped renewing it
+            (it renews every third of that while alive).
+
+    Example:
+        >>> limits = LimitSet(
+        ...     [CallLimit(60, 500), RateLimit("tokens", 60, 90_000)],
+        ...     backend=RedisBackend("redis://redis.internal:6379/0"),
+        ...     name="openai-org-1",
+        ... )
+    """
+
+    __slots__ = (
+        "_checked",
+        "_client",
+        "_url",
+        "lease_seconds",
+        "on_unavailable",
+        "prefix",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        url_or_client: str | redis.Redis | RedisCluster | redis.asyncio.Redis,
+        *,
+        prefix: str = "aiolimits",
+        on_unavailable: str = "raise",
+        timeout: float = 1.0,
+        lease_seconds: float = 30.0,
+    ) -> None:
+        if not isinstance(url_or_client, (str, redis.Redis, RedisCluster, redis.asyncio.Redis)):
+            raise TypeError(
+                f"url_or_client must be a redis:// URL, or a redis.Redis, RedisCluster or "
+                f"redis.asyncio.Redis client, got {url_or_client!r}"
+            )
+        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError(f"prefix must be a non-empty str without braces, got {prefix!r}")
+        if on_unavailable not in POLICIES:
+            raise ValueError(f"on_unavailable must be one of {POLICIES!r}, got {on_unavailable!r}")
+        for arg, value in (("timeout", timeout), ("lease_seconds", lease_seconds)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{arg} must be a number of seconds, got {value!r}")
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{arg} must be positive and finite, got {value!r}")
+        self._url = url_or_client if isinstance(url_or_client, str) else None
+        self._client: redis.Redis | RedisCluster
+        # From a URL: whether it is a Cluster is asked on first use (``_connect``).
+        self._checked = not isinstance(url_or_client, str)
+        self.prefix = prefix
+        self.on_unavailable = on_unavailable
+        self.timeout = float(timeout)
+        self.lease_seconds = float(lease_seconds)
+        if isinstance(url_or_client, str):
+            self._client = redis.Redis.from_url(url_or_client, **self._settings())
+        elif isinstance(url_or_client, redis.asyncio.Redis):
+            self._client = self._sync_twin(url_or_client)
+        else:
+            self._client = url_or_client
+
+    def _settings(self) -> dict[str, Any]:
+        # Bounded calls, never retried: a script that timed out may still run when the server
+        # resumes, and sending it again would take its units twice. (A connection the server
+        # closed is replaced when it is next taken from the pool.)
+        return {
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
+
+    def _sync_twin(self, client: redis.asyncio.Redis) -> redis.Redis:
+        """A blocking client for the server, database and credentials of an asyncio client
+        (the backend's calls are made from its dispatcher thread and the answering verbs),
+        with this backend's timeouts."""
+        pool = client.connection_pool
+        kinds: dict[str, Any] = {
+            "Connection": redis.Connection,
+            "UnixDomainSocketConnection": redis.UnixDomainSocketConnection,
+        }
+        kind = kinds.get(pool.connection_class.__name__)
+        if kind is None:
+            raise TypeError(
+                f"url_or_client: a redis.asyncio client over {pool.connection_class.__name__} "
+                "is not supported; pass its URL"
+            )
+        given = pool.connection_kwargs
+        keep = ("host", "port", "path", "db", "username", "password", "client_name")
+        kwargs = {k: given[k] for k in keep if given.get(k) is not None}
+        return redis.Redis(
+            connection_pool=redis.ConnectionPool(
+                connection_class=kind, **kwargs, **self._settings()
+            )
+        )
+
+    def _connect(self) -> redis.Redis | RedisCluster:
+        """The client; from a URL, a Cluster client once the server says it is a Cluster node."""
+        if not self._checked:
+            assert self._url is not None
+            info: Any = self._client.info("cluster")
+            if info.get("cluster_enabled"):
+                self._client.close()
+                self._client = RedisCluster.from_url(self._url, **self._settings())
+            self._checked = True
+        return self._client
+
+    def _subscriber(self, key: str) -> Callable[[], redis.client.PubSub]:
+        """How to open a subscription for the set ``key``: a connection without a read timeout
+        (a subscriber waits as long as it takes), to the server or the Cluster node of ``key``
+        (Cluster forwards every publication to every node)."""
+        client = self._client
+        connect = self.timeout
+
+        def subscribe() -> redis.client.PubSub:
+            if isinstance(client, RedisCluster):
+                node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+                plain = redis.Redis(host=node.host, port=node.port, socket_connect_timeout=connect)
+                return redis.client.PubSub(plain.connection_pool, ignore_subscribe_messages=True)
+            pool = client.connection_pool
+            kwargs = dict(pool.connection_kwargs)
+            kwargs["socket_timeout"] = None
+            own = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+            return redis.client.PubSub(own, ignore_subscribe_messages=True)
+
+        return subscribe
+
+    def hash_key(self, name: str) -> str:
+        """The Redis key of the set ``name``: its hash tag keeps it in one Cluster slot."""
+        return f"{{{self.prefix}:{name}}}"
+
+    def attach(
+        self,
+        limits: tuple[Limit, ...],
+        states: tuple[RateState, ...],
+        clock: Callable[[], float],
+        name: str | None,
+    ) -> Scheduler:
+        """The scheduler of the set ``name`` in Redis; checks (or records) its declaration.
+
+        Raises:
+            ValueError: no ``name``, or ``name`` was declared with other limits.
+            BackendUnavailable: Redis could not be reached within ``timeout``.
+        """
+        if name is None:
+            raise ValueError("name is required with RedisBackend: it names the shared state")
+        key = self.hash_key(name)
+        declared = declaration_json(limits)
+        try:
+            client = self._connect()
+            client.hsetnx(key, "!d", declared)
+            stored: Any = client.hget(key, "!d")
+        except UNAVAILABLE as exc:
+            raise BackendUnavailable(f"Redis did not answer for the limits {key!r}: {exc}") from exc
+        if stored is not None:
+            text = stored.decode() if isinstance(stored, bytes) else str(stored)
+            message = mismatch(name, json.loads(text), declaration(limits))
+            if message is not None:
+                raise ValueError(message)
+        return RedisScheduler(
+            states,
+            clock,
+            client=client,
+            subscriber=self._subscriber(key),
+            script=client.register_script(SOURCE),
+            hash_key=key,
+            limits=limits,
+            lease_seconds=self.lease_seconds,
+            simulated=isinstance(clock, TimerClock),
+            on_unavailable=self.on_unavailable,
+            direct=(client.connection_pool, self.timeout)
+            if isinstance(client, redis.Redis)
+            else None,
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self._url is None:
+            raise TypeError(
+                "a RedisBackend made from a client cannot be pickled; make it from a URL"
+            )
+        return (
+            _rebuild,
+            (self._url, self.prefix, self.on_unavailable, self.timeout, self.lease_seconds),
+        )
+
+    def __repr__(self) -> str:
+        where = self._url if self._url is not None else repr(self._client)
+        return f"RedisBackend({where!r}, prefix={self.prefix!r})"
+
+
+def _rebuild(
+    url: str, prefix: str, on_unavailable: str, timeout: float, lease_seconds: float
+) -> RedisBackend:
+    return RedisBackend(
+        url,
+        prefix=prefix,
+        on_unavailable=on_unavailable,
+        timeout=timeout,
+        lease_seconds=lease_seconds,
+    )

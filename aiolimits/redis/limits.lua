@@ -1,0 +1,898 @@
+-- aiolimits: the state of one LimitSet, decided atomically inside Redis.
+--
+-- The same maths as aiolimits/_algorithms/*.py, step by step: Lua numbers are doubles like
+-- Python floats, so every float operation is written in the same order as there, and the two
+-- give bit-identical answers (tests/test_redis_parity.py runs the Python decision tables and a
+-- property against both). Keep them in step: a change to one is a change to the other.
+--
+-- KEYS[1] is one hash per LimitSet (its name in a hash tag, so that a Cluster keeps it in one
+-- slot). Fields: "s:<limit key>" holds a limit's state (cmsgpack, which stores doubles exactly),
+-- "!t" the highest server time seen (the clock never runs backwards, even across a failover to a
+-- replica whose clock is behind), "!p" the end of a pause, "!g" the grant count, "!r:<key>" the
+-- units refunded, "!d" the declaration (written by the client, not read here).
+--
+-- ARGV[1] is the operation, ARGV[2] the time: "" for Redis server time (TIME), or seconds for
+-- the test hook that drives the script with a fake clock. Numbers come in as Python's repr of a
+-- float (which strtod reads back exactly) and go out as %.17g strings (which Python's float()
+-- reads back exactly): Redis would truncate a Lua number in a reply to an integer.
+
+local key = KEYS[1]
+local INF = math.huge
+local TINY = math.ldexp(1, -1074) -- the smallest subnormal double
+local PEAK_LIMIT = 512 -- PeakLog.LIMIT
+
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+-- -- float care: math.ulp, math.nextafter, add_up, first_true of _algorithms/_base.py --------
+
+local function ulp(x)
+  if x < 0 then x = -x end
+  if x == 0 then return TINY end
+  if x == INF then return INF end
+  local _, e = math.frexp(x)
+  local u = math.ldexp(1, e - 53)
+  if u < TINY then return TINY end
+  return u
+end
+
+-- math.nextafter(x, inf)
+local function next_up(x)
+  if x ~= x or x == INF then return x end
+  if x == 0 then return TINY end
+  if x > 0 then return x + ulp(x) end
+  local y = -x
+  local m, e = math.frexp(y)
+  local step
+  if m == 0.5 and y > math.ldexp(1, -1022) then
+    step = math.ldexp(1, e - 54) -- just below a power of two the floats are twice as dense
+  else
+    step = ulp(y)
+  end
+  return -(y - step)
+end
+
+-- math.nextafter(x, -inf)
+local function next_down(x)
+  return -next_up(-x)
+end
+
+local function add_up(a, b)
+  local s = a + b
+  local bb = s - a
+  local err = (a - (s - bb)) + (b - bb)
+  if err > 0 then return next_up(s) end
+  return s
+end
+
+local function first_true(pred, approx, lo)
+  if pred(lo) then return lo end
+  local hi = approx
+  if lo > approx then hi = lo end
+  local below, step
+  if not pred(hi) then
+    below = hi
+    if hi ~= 0 then step = ulp(hi) else step = ulp(1.0) end
+    hi = hi + step
+    while not pred(hi) do
+      below = hi
+      step = step * 2
+      hi = hi + step
+    end
+  else
+    below = next_down(hi)
+    if hi ~= 0 then step = ulp(hi) else step = ulp(1.0) end
+    while below > lo and pred(below) do
+      hi = below
+      step = step * 2
+      local x = hi - step
+      if x > lo then below = x else below = lo end
+    end
+    if lo > below then below = lo end
+  end
+  while true do
+    local mid = below + (hi - below) / 2
+    if mid <= below or mid >= hi then return hi end
+    if pred(mid) then hi = mid else below = mid end
+  end
+end
+
+-- The rounding error of the product p = a * b (Dekker): p + err is the exact product. It stands
+-- in for Python's Fraction comparison in TokenBucketState._has.
+local SPLITTER = 134217729 -- 2^27 + 1
+local function split(a)
+  local c = SPLITTER * a
+  local hi = c - (c - a)
+  return hi, a - hi
+end
+local function product_error(a, b, p)
+  local ah, al = split(a)
+  local bh, bl = split(b)
+  return ((ah * bh - p) + ah * bl + al * bh) + al * bl
+end
+
+-- -- PeakLog and give_back --------------------------------------------------------------------
+
+local function new_peaks()
+  return { seq = 0, seqs = {}, levels = {} }
+end
+
+-- bisect_right, 1-based: the first index whose seq is > seq
+local function after_seq(seqs, seq)
+  local lo, hi = 1, #seqs + 1
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if seq < seqs[mid] then hi = mid else lo = mid + 1 end
+  end
+  return lo
+end
+
+local function peak_record(log, level)
+  log.seq = log.seq + 1
+  local levels, seqs = log.levels, log.seqs
+  while #levels > 0 and levels[#levels] <= level do
+    levels[#levels] = nil
+    seqs[#seqs] = nil
+  end
+  levels[#levels + 1] = level
+  seqs[#seqs + 1] = log.seq
+  local n = #levels
+  if n > PEAK_LIMIT then
+    -- Pairs (1, 2), (3, 4), ...: the older level, the newer number; an odd last stays.
+    local nl, ns = {}, {}
+    for i = 1, n - 1, 2 do
+      nl[#nl + 1] = levels[i]
+      ns[#ns + 1] = seqs[i + 1]
+    end
+    if n % 2 == 1 then
+      nl[#nl + 1] = levels[n]
+      ns[#ns + 1] = seqs[n]
+    end
+    log.levels, log.seqs = nl, ns
+  end
+  return log.seq
+end
+
+local function peak_since(log, seq)
+  local i = after_seq(log.seqs, seq)
+  local v = log.levels[i]
+  if v == nil then return -INF end
+  return v
+end
+
+local function peak_lift(log, seq, by)
+  local levels, seqs = log.levels, log.seqs
+  local i = after_seq(seqs, seq)
+  local n = #levels
+  if i > n then return end
+  for j = i, n do levels[j] = levels[j] + by end
+  local top, k = levels[i], i
+  while k > 1 and levels[k - 1] <= top do k = k - 1 end
+  if k < i then
+    local d = i - k
+    for j = k, n - d do
+      levels[j] = levels[j + d]
+      seqs[j] = seqs[j + d]
+    end
+    for j = n - d + 1, n do
+      levels[j] = nil
+      seqs[j] = nil
+    end
+  end
+end
+
+local function give_back(log, parts, amount, level, full)
+  local keep = 0.0
+  for i = 1, #parts do
+    local seq, units = parts[i][1], parts[i][2]
+    local peak = peak_since(log, seq)
+    local room
+    if level > peak then room = full - level else room = full - peak end
+    keep = keep + units
+    if keep > room then
+      if room > 0 then keep = room else keep = 0.0 end
+    end
+  end
+  local given
+  if amount < keep then given = amount else given = keep end
+  local left = given
+  for i = #parts, 1, -1 do
+    if left <= 0 then break end
+    local part = parts[i]
+    local x
+    if part[2] < left then x = part[2] else x = left end
+    part[2] = part[2] - x
+    left = left - x
+    peak_lift(log, part[1], x)
+  end
+  local kept = {}
+  for i = 1, #parts do
+    if parts[i][2] > 0 then kept[#kept + 1] = parts[i] end
+  end
+  for i = 1, #parts do parts[i] = kept[i] end
+  return given
+end
+
+local function find_id(list, id)
+  for i = 1, #list do
+    if list[i][1] == id then return i end
+  end
+  return nil
+end
+
+-- -- the algorithms: new(now), earliest, take, refund, charge, available -------------------
+-- Each takes the state table s and the limit L = { cap = C, window = W }.
+
+-- Each algorithm is built on first use in a call: a script runs from the top every time, and
+-- building all six would cost more than the decision itself.
+local builders = {}
+local algos = setmetatable({}, {
+  __index = function(t, name)
+    local build = builders[name]
+    if build == nil then return nil end
+    local A = build()
+    t[name] = A
+    return A
+  end,
+})
+
+-- TokenBucket: the level in unit-seconds and the time it was brought up to date.
+builders.token_bucket = function()
+  local A = {
+    new = function(L, now)
+      return { level = L.cap * L.window, stamp = now, peaks = new_peaks() }
+    end,
+  }
+  local function level_at(s, L, now)
+    local elapsed = now - s.stamp
+    if elapsed <= 0 then return s.level end
+    local level = s.level + L.cap * elapsed
+    local full = L.cap * L.window
+    if level < full then return level end
+    return full
+  end
+  local function set(s, level, now)
+    s.level = level
+    if now > s.stamp then s.stamp = now end
+  end
+  local function has(s, L, need, now)
+    local deficit = need - s.level
+    if deficit <= 0 then return true end
+    local elapsed = now - s.stamp
+    if elapsed <= 0 then return false end
+    local refill = L.cap * elapsed
+    if refill ~= deficit then return refill > deficit end
+    return product_error(L.cap, elapsed, refill) >= 0
+  end
+  A.earliest = function(s, L, amount, now)
+    local need = amount * L.window
+    if has(s, L, need, now) then return now end
+    local approx = now + (need - level_at(s, L, now)) / L.cap
+    return first_true(function(t) return has(s, L, need, t) end, approx, now)
+  end
+  A.take = function(s, L, amount, now)
+    local level = level_at(s, L, now)
+    local seq = peak_record(s.peaks, level)
+    local cost = amount * L.window
+    set(s, level - cost, now)
+    return { { seq, cost } }
+  end
+  A.refund = function(s, L, receipt, amount, now)
+    local level = level_at(s, L, now)
+    local full = L.cap * L.window
+    local want = amount * L.window
+    local back = give_back(s.peaks, receipt, want, level, full)
+    local after = level + back
+    if after < full then set(s, after, now) else set(s, full, now) end
+    if back == want then return amount end
+    return back / L.window
+  end
+  A.charge = function(s, L, receipt, amount, now)
+    local level = level_at(s, L, now)
+    local seq = peak_record(s.peaks, level)
+    local more = amount * L.window
+    set(s, level - more, now)
+    receipt[#receipt + 1] = { seq, more }
+    return receipt
+  end
+  A.available = function(s, L, now)
+    return level_at(s, L, now) / L.window
+  end
+  return A
+end
+
+-- GCRA: the theoretical arrival time.
+builders.gcra = function()
+  local A = {
+    new = function(L, now)
+      return { tat = now, peaks = new_peaks() }
+    end,
+  }
+  local function interval(L) return L.window / L.cap end
+  local function level(s, L, now)
+    local owed = s.tat - now
+    if owed > 0 then return L.cap - owed / interval(L) end
+    return L.cap - 0.0
+  end
+  A.earliest = function(s, L, amount, now)
+    local tat = s.tat
+    local at = add_up(add_up(tat, -L.window), amount * interval(L))
+    if not (at < tat) then at = tat end
+    if at > now then return at end
+    return now
+  end
+  local function advance(s, L, amount, now)
+    local tat = s.tat
+    if tat > now then
+      s.tat = add_up(tat, amount * interval(L))
+    else
+      s.tat = add_up(now, amount * interval(L))
+    end
+  end
+  A.take = function(s, L, amount, now)
+    local seq = peak_record(s.peaks, level(s, L, now))
+    advance(s, L, amount, now)
+    return { { seq, amount } }
+  end
+  A.refund = function(s, L, receipt, amount, now)
+    local given = give_back(s.peaks, receipt, amount, level(s, L, now), L.cap)
+    if given > 0 then
+      local back = add_up(s.tat, -given * interval(L))
+      if back > now then s.tat = back else s.tat = now end
+    end
+    return given
+  end
+  A.charge = function(s, L, receipt, amount, now)
+    local seq = peak_record(s.peaks, level(s, L, now))
+    advance(s, L, amount, now)
+    receipt[#receipt + 1] = { seq, amount }
+    return receipt
+  end
+  A.available = function(s, L, now)
+    return level(s, L, now)
+  end
+  return A
+end
+
+-- LeakyBucket: the slots that have not ended, oldest first, each { id, end, units held }.
+-- Receipts name their slots by id (in Python they share the slot's list).
+builders.leaky_bucket = function()
+  local A = {
+    new = function(L, now)
+      return { next_id = 0, slots = {} }
+    end,
+  }
+  local function interval(L) return L.window / L.cap end
+  local function next_free(s)
+    local n = #s.slots
+    if n > 0 then return s.slots[n][2] end
+    return -INF
+  end
+  local function prune(s, now)
+    local slots = s.slots
+    local drop = 0
+    while drop < #slots and slots[drop + 1][2] <= now do drop = drop + 1 end
+    if drop > 0 then
+      local kept = {}
+      for i = drop + 1, #slots do kept[#kept + 1] = slots[i] end
+      s.slots = kept
+    end
+  end
+  local function occupy(s, L, amount, now)
+    prune(s, now)
+    local nf = next_free(s)
+    local start
+    if nf > now then start = nf else start = now end
+    s.next_id = s.next_id + 1
+    s.slots[#s.slots + 1] = { s.next_id, add_up(start, amount * interval(L)), amount }
+    return s.next_id
+  end
+  A.earliest = function(s, L, amount, now)
+    local nf = next_free(s)
+    if nf > now then return nf end
+    return now
+  end
+  A.take = function(s, L, amount, now)
+    return { { occupy(s, L, amount, now) } }
+  end
+  A.refund = function(s, L, receipt, amount, now)
+    prune(s, now)
+    local given = 0.0
+    local slots = s.slots
+    local T = interval(L)
+    for r = #receipt, 1, -1 do
+      if amount <= 0 then break end
+      local i = find_id(slots, receipt[r][1])
+      -- A slot no longer listed has ended: it was used, nothing to give back.
+      if i ~= nil then
+        local slot = slots[i]
+        local e, held = slot[2], slot[3]
+        if not (e <= now or held <= 0) then
+          local future = (e - now) / T
+          local least
+          if amount < held then least = amount else least = held end
+          local x, new_end
+          if future <= least then
+            x, new_end = future, now
+          else
+            if held < amount then x = held else x = amount end
+            new_end = add_up(e, -x * T)
+          end
+          local freed = e - new_end
+          slot[2] = new_end
+          slot[3] = held - x
+          for j = i + 1, #slots do slots[j][2] = add_up(slots[j][2], -freed) end
+          amount = amount - x
+          given = given + x
+        end
+      end
+    end
+    return given
+  end
+  A.charge = function(s, L, receipt, amount, now)
+    receipt[#receipt + 1] = { occupy(s, L, amount, now) }
+    return receipt
+  end
+  A.available = function(s, L, now)
+    if next_free(s) <= now then return L.cap end
+    return 0.0
+  end
+  return A
+end
+
+-- SlidingWindow: the log of { id, expiry, amount }, oldest first, and its total.
+builders.sliding_window = function()
+  local A = {
+    new = function(L, now)
+      return { next_id = 0, total = 0, log = {} }
+    end,
+  }
+  local function prune(s, now)
+    local log = s.log
+    local drop = 0
+    while drop < #log and log[drop + 1][2] <= now do
+      drop = drop + 1
+      s.total = s.total - log[drop][3]
+    end
+    if drop > 0 then
+      local kept = {}
+      for i = drop + 1, #log do kept[#kept + 1] = log[i] end
+      s.log = kept
+    end
+    if #s.log == 0 then s.total = 0 end
+  end
+  local function add(s, L, amount, now)
+    s.next_id = s.next_id + 1
+    s.log[#s.log + 1] = { s.next_id, now + L.window, amount }
+    s.total = s.total + amount
+    return s.next_id
+  end
+  A.earliest = function(s, L, amount, now)
+    prune(s, now)
+    local excess = s.total + amount - L.cap
+    if excess <= 0 then return now end
+    for i = 1, #s.log do
+      excess = excess - s.log[i][3]
+      if excess <= 0 then return s.log[i][2] end
+    end
+    error('unreachable: an amount <= capacity fits an empty window')
+  end
+  A.take = function(s, L, amount, now)
+    prune(s, now)
+    return { { add(s, L, amount, now) } }
+  end
+  A.refund = function(s, L, receipt, amount, now)
+    prune(s, now)
+    local given = 0
+    for r = #receipt, 1, -1 do
+      if amount <= 0 then break end
+      local i = find_id(s.log, receipt[r][1])
+      -- An entry no longer logged has expired: it already left the window.
+      if i ~= nil then
+        local entry = s.log[i]
+        if not (entry[2] <= now or entry[3] <= 0) then
+          local x
+          if entry[3] < amount then x = entry[3] else x = amount end
+          entry[3] = entry[3] - x
+          s.total = s.total - x
+          amount = amount - x
+          given = given + x
+        end
+      end
+    end
+    return given
+  end
+  A.charge = function(s, L, receipt, amount, now)
+    prune(s, now)
+    receipt[#receipt + 1] = { add(s, L, amount, now) }
+    return receipt
+  end
+  A.available = function(s, L, now)
+    prune(s, now)
+    return L.cap - s.total
+  end
+  return A
+end
+
+-- FixedWindow: the current window's index, bounds and count.
+builders.fixed_window = function()
+  local A = {}
+  local function window_index(t, w)
+    local k = math.floor(t / w)
+    while k * w > t do k = k - 1 end
+    while (k + 1) * w <= t do k = k + 1 end
+    return k
+  end
+  local function roll(s, L, now)
+    if now >= s.stop then
+      local k = window_index(now, L.window)
+      s.index = k
+      s.start = k * L.window
+      s.stop = (k + 1) * L.window
+      s.count = 0
+    end
+  end
+  A.new = function(L, now)
+    local s = { count = 0, index = -1, start = -INF, stop = -INF }
+    roll(s, L, now)
+    return s
+  end
+  A.earliest = function(s, L, amount, now)
+    roll(s, L, now)
+    if s.count + amount <= L.cap then return now end
+    return s.stop
+  end
+  A.take = function(s, L, amount, now)
+    roll(s, L, now)
+    s.count = s.count + amount
+    return { { s.index, amount } }
+  end
+  A.refund = function(s, L, receipt, amount, now)
+    roll(s, L, now)
+    local given = 0
+    for r = #receipt, 1, -1 do
+      if amount <= 0 then break end
+      local part = receipt[r]
+      if part[1] == s.index and part[2] > 0 then
+        local x
+        if part[2] < amount then x = part[2] else x = amount end
+        part[2] = part[2] - x
+        s.count = s.count - x
+        amount = amount - x
+        given = given + x
+      end
+    end
+    return given
+  end
+  A.charge = function(s, L, receipt, amount, now)
+    roll(s, L, now)
+    s.count = s.count + amount
+    receipt[#receipt + 1] = { s.index, amount }
+    return receipt
+  end
+  A.available = function(s, L, now)
+    roll(s, L, now)
+    return L.cap - s.count
+  end
+  return A
+end
+
+-- ResourceLimit: leases { holder = { units, expiry } }. A holder that stops renewing loses its
+-- slots when the lease expires, so a dead process cannot leak them.
+builders.resource = function()
+  local A = {
+    new = function(L, now)
+      return { leases = {} }
+    end,
+  }
+  local function in_use(s, now)
+    local used = 0
+    local expired = {}
+    for holder, lease in pairs(s.leases) do
+      if lease[2] <= now then
+        expired[#expired + 1] = holder
+      else
+        used = used + lease[1]
+      end
+    end
+    for i = 1, #expired do s.leases[expired[i]] = nil end
+    return used
+  end
+  A.earliest = function(s, L, amount, now)
+    if in_use(s, now) + amount <= L.cap then return now end
+    return INF
+  end
+  A.take = function(s, L, amount, now, holder, ttl)
+    s.leases[holder] = { amount, now + ttl }
+    return {}
+  end
+  A.available = function(s, L, now)
+    return L.cap - in_use(s, now)
+  end
+  A.in_use = in_use
+  -- When the first live lease runs out (inf: none): a full resource may free up then, without
+  -- a release, if its holder stopped renewing.
+  A.next_expiry = function(s, now)
+    local first = INF
+    for _, lease in pairs(s.leases) do
+      if lease[2] > now and lease[2] < first then first = lease[2] end
+    end
+    return first
+  end
+  return A
+end
+
+-- -- loading and saving -----------------------------------------------------------------------
+
+local cache = {}
+
+local function limit_at(i)
+  -- field, algorithm, capacity, window: four ARGV entries from i
+  local L = { field = ARGV[i], algo = ARGV[i + 1], cap = tonumber(ARGV[i + 2]),
+              window = tonumber(ARGV[i + 3]) }
+  local A = algos[L.algo]
+  if A == nil then error('aiolimits: unknown algorithm ' .. tostring(L.algo)) end
+  L.A = A
+  return L
+end
+
+local function state_of(L, now)
+  local s = cache[L.field]
+  if s == nil then
+    local raw = redis.call('HGET', key, 's:' .. L.field)
+    if raw then s = cmsgpack.unpack(raw) else s = L.A.new(L, now) end
+    cache[L.field] = s
+  end
+  return s
+end
+
+local function save(L)
+  redis.call('HSET', key, 's:' .. L.field, cmsgpack.pack(cache[L.field]))
+end
+
+local function encode_receipt(receipt)
+  local out = {}
+  for i = 1, #receipt do
+    local part = {}
+    for j = 1, #receipt[i] do part[j] = fmt(receipt[i][j]) end
+    out[i] = part
+  end
+  return out
+end
+
+local function decode_receipt(text)
+  local parts = {}
+  for p in string.gmatch(text, '[^;]+') do
+    local part = {}
+    for x in string.gmatch(p, '[^,]+') do part[#part + 1] = tonumber(x) end
+    parts[#parts + 1] = part
+  end
+  return parts
+end
+
+local function read_now()
+  local given = ARGV[2]
+  if given ~= '' then return tonumber(given) end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local last = tonumber(redis.call('HGET', key, '!t') or '')
+  if last ~= nil and last > now then return last end
+  redis.call('HSET', key, '!t', fmt(now))
+  return now
+end
+
+local function paused_until()
+  return tonumber(redis.call('HGET', key, '!p') or '') or -INF
+end
+
+-- Items from ARGV[first]: n, then per item field, algorithm, capacity, window, amount.
+local function read_items(first)
+  local n = tonumber(ARGV[first])
+  local items = {}
+  for j = 0, n - 1 do
+    local i = first + 1 + 5 * j
+    local L = limit_at(i)
+    local amount = tonumber(ARGV[i + 4])
+    if amount > L.cap then
+      error('aiolimits: amount ' .. ARGV[i + 4] .. ' exceeds the capacity of ' .. L.field)
+    end
+    items[#items + 1] = { L, amount }
+  end
+  return items
+end
+
+-- Scheduler.admit_time: (rate_at, admit_at) for the items at now, and when a lease of a full
+-- resource among them runs out (inf: none is full, or none has a lease).
+local function admit_time(items, now)
+  local p = paused_until()
+  local at
+  if p > now then at = p else at = now end
+  local blocked = false
+  local expiry = INF
+  for j = 1, #items do
+    local L, amount = items[j][1], items[j][2]
+    local s = state_of(L, now)
+    local t = L.A.earliest(s, L, amount, now)
+    if t > at then
+      if t == INF then
+        blocked = true
+        local e = L.A.next_expiry(s, now)
+        if e < expiry then expiry = e end
+      else
+        at = t
+      end
+    end
+  end
+  if blocked then return at, INF, expiry end
+  return at, at, expiry
+end
+
+-- -- operations -----------------------------------------------------------------------------
+
+local ops = {}
+
+-- acquire: holder, lease seconds, items. Takes every item at once when all admit now:
+-- {1, now, receipt per item}; otherwise takes nothing: {0, now, rate_at, admit_at, expiry}.
+ops.acquire = function(now)
+  local holder, ttl = ARGV[3], tonumber(ARGV[4])
+  local items = read_items(5)
+  local rate_at, admit_at, expiry = admit_time(items, now)
+  if admit_at > now then
+    return { 0, fmt(now), fmt(rate_at), fmt(admit_at), fmt(expiry) }
+  end
+  local out = { 1, fmt(now) }
+  for j = 1, #items do
+    local L, amount = items[j][1], items[j][2]
+    local receipt = L.A.take(state_of(L, now), L, amount, now, holder, ttl)
+    save(L)
+    out[#out + 1] = encode_receipt(receipt)
+  end
+  redis.call('HINCRBY', key, '!g', 1)
+  return out
+end
+
+-- batch: lease seconds, m, then per request holder and items (as for acquire). The queue of one
+-- process, decided in its order: each request is taken when all its items admit now, up to the
+-- first that does not (FIFO: nobody passes it). {now, k admitted, {receipts per item} per
+-- admitted request, then for the one that stopped it {rate_at, admit_at, expiry} or nothing}.
+ops.batch = function(now)
+  local ttl, m = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local granted = {}
+  local refused = {}
+  local at = 5
+  for _ = 1, m do
+    local holder = ARGV[at]
+    local n = tonumber(ARGV[at + 1])
+    local items = read_items(at + 1)
+    at = at + 2 + 5 * n
+    local rate_at, admit_at, expiry = admit_time(items, now)
+    if admit_at > now then
+      refused = { fmt(rate_at), fmt(admit_at), fmt(expiry) }
+      break
+    end
+    local receipts = {}
+    for j = 1, #items do
+      local L, amount = items[j][1], items[j][2]
+      receipts[j] = encode_receipt(L.A.take(state_of(L, now), L, amount, now, holder, ttl))
+    end
+    granted[#granted + 1] = receipts
+  end
+  local saved = {}
+  for field, _ in pairs(cache) do saved[#saved + 1] = field end
+  for i = 1, #saved do
+    redis.call('HSET', key, 's:' .. saved[i], cmsgpack.pack(cache[saved[i]]))
+  end
+  if #granted > 0 then redis.call('HINCRBY', key, '!g', #granted) end
+  return { fmt(now), #granted, granted, refused }
+end
+
+-- earliest: items. {now, rate_at, admit_at, expiry}, changing nothing.
+ops.earliest = function(now)
+  local items = read_items(3)
+  local rate_at, admit_at, expiry = admit_time(items, now)
+  return { fmt(now), fmt(rate_at), fmt(admit_at), fmt(expiry) }
+end
+
+-- settle: n, then per limit field, algorithm, capacity, window, held, usage, receipt.
+-- Scheduler.settle for each: refund (usage < held) or charge (usage > held).
+-- {now, refunded in all, then per limit {receipt, held now, given back}}.
+ops.settle = function(now)
+  local n = tonumber(ARGV[3])
+  local out = {}
+  local refunded = 0
+  for j = 0, n - 1 do
+    local i = 4 + 7 * j
+    local L = limit_at(i)
+    local held, usage = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+    local receipt = decode_receipt(ARGV[i + 6])
+    local s = state_of(L, now)
+    local given = 0
+    if usage < held then
+      given = L.A.refund(s, L, receipt, held - usage, now)
+      held = held - given
+      if given > 0 then
+        redis.call('HINCRBYFLOAT', key, '!r:' .. L.field, fmt(given))
+        refunded = refunded + given
+      end
+    elseif usage > held then
+      receipt = L.A.charge(s, L, receipt, usage - held, now)
+      held = usage
+    end
+    save(L)
+    out[#out + 1] = { encode_receipt(receipt), fmt(held), fmt(given) }
+  end
+  -- Units given back may admit a waiter of another process: wake them.
+  if refunded > 0 then redis.call('PUBLISH', key .. ':wake', '') end
+  table.insert(out, 1, fmt(refunded))
+  table.insert(out, 1, fmt(now))
+  return out
+end
+
+-- release: holder, then resource fields. Ends the holder's leases: {now, leases ended}.
+ops.release = function(now)
+  local holder = ARGV[3]
+  local ended = 0
+  for i = 4, #ARGV do
+    local raw = redis.call('HGET', key, 's:' .. ARGV[i])
+    if raw then
+      local s = cmsgpack.unpack(raw)
+      if s.leases[holder] ~= nil then
+        s.leases[holder] = nil
+        ended = ended + 1
+        redis.call('HSET', key, 's:' .. ARGV[i], cmsgpack.pack(s))
+      end
+    end
+  end
+  if ended > 0 then redis.call('PUBLISH', key .. ':wake', '') end
+  return { fmt(now), ended }
+end
+
+-- renew: holder, lease seconds, then resource fields. Extends the holder's live leases to
+-- now + seconds: {now, leases renewed} (fewer than asked: a lease had already expired).
+ops.renew = function(now)
+  local holder, ttl = ARGV[3], tonumber(ARGV[4])
+  local renewed = 0
+  for i = 5, #ARGV do
+    local raw = redis.call('HGET', key, 's:' .. ARGV[i])
+    if raw then
+      local s = cmsgpack.unpack(raw)
+      local lease = s.leases[holder]
+      if lease ~= nil and lease[2] > now then
+        lease[2] = now + ttl
+        renewed = renewed + 1
+        redis.call('HSET', key, 's:' .. ARGV[i], cmsgpack.pack(s))
+      end
+    end
+  end
+  return { fmt(now), renewed }
+end
+
+-- pause: seconds. Nobody is admitted before now + seconds; the later end of two pauses wins.
+ops.pause = function(now)
+  local untill = now + tonumber(ARGV[3])
+  if untill > paused_until() then redis.call('HSET', key, '!p', fmt(untill)) end
+  return { fmt(now) }
+end
+
+-- stats: n, then per limit field, algorithm, capacity, window. {now, paused until, granted,
+-- then per limit {available, in use (resources; else 0), refunded}}, changing nothing.
+ops.stats = function(now)
+  local n = tonumber(ARGV[3])
+  local out = { fmt(now), fmt(paused_until()), redis.call('HGET', key, '!g') or '0' }
+  for j = 0, n - 1 do
+    local L = limit_at(4 + 4 * j)
+    local s = state_of(L, now)
+    local used = 0
+    if L.algo == 'resource' then used = L.A.in_use(s, now) end
+    out[#out + 1] = {
+      fmt(L.A.available(s, L, now)), fmt(used),
+      redis.call('HGET', key, '!r:' .. L.field) or '0',
+    }
+  end
+  return out
+end
+
+local op = ops[ARGV[1]]
+if op == nil then error('aiolimits: unknown operation ' .. tostring(ARGV[1])) end
+return op(read_now())

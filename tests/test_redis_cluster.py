@@ -1,0 +1,107 @@
+"""RedisBackend on a 3-master Redis Cluster (started by the tests on loopback ports).
+
+Each LimitSet is one hash whose name is a hash tag, so every call of its script touches one slot
+(no CROSSSLOT); sets with different names land on different nodes. The whole LimitSet contract
+runs here as on a single server, from a URL naming any one node.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import pytest
+
+from aiolimits import CallLimit, LimitSet, ResourceLimit
+
+from ._redis_server import RedisClusterNodes, redis_cluster
+from .contract import AnyLimit, LimitSetContract, MakeLimitSet
+
+__all__ = ["redis_cluster"]  # the session fixture
+
+
+@pytest.fixture
+def make_limitset(redis_cluster: RedisClusterNodes) -> MakeLimitSet:
+    from aiolimits.redis import RedisBackend
+
+    backend = RedisBackend(redis_cluster.url, prefix="cluster")
+
+    def make(
+        limits: Iterable[AnyLimit] = (),
+        *,
+        clock: Callable[[], float] | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> LimitSet:
+        return LimitSet(
+            limits,
+            config=config,
+            backend=backend,
+            name=uuid.uuid4().hex,
+            clock=time.monotonic if clock is None else clock,
+        )
+
+    return make
+
+
+class TestRedisCluster(LimitSetContract):
+    """Every contract test, on a Redis Cluster."""
+
+
+def test_sets_spread_over_the_nodes_and_survive_a_script_flush(
+    redis_cluster: RedisClusterNodes,
+) -> None:
+    import redis
+    from redis.cluster import RedisCluster
+
+    from aiolimits.redis import RedisBackend
+
+    backend = RedisBackend(redis_cluster.url)
+    sets = [
+        LimitSet(
+            [CallLimit(3600, 1, "sliding_window"), ResourceLimit("c", 1)],
+            backend=backend,
+            name=f"s{i}",
+        )
+        for i in range(12)
+    ]
+    client = RedisCluster.from_url(redis_cluster.url)
+    try:
+        owners = {client.get_node_from_key(backend.hash_key(f"s{i}")).port for i in range(12)}  # type: ignore[no-untyped-call]
+        assert len(owners) > 1  # the sets really are spread over several masters
+        for node in redis_cluster.nodes:  # every node forgets the script
+            plain = redis.Redis.from_url(node.url)
+            plain.script_flush()
+            plain.close()
+    finally:
+        client.close()
+    for limits in sets:
+        assert limits.try_acquire().successful  # NOSCRIPT: loaded again where needed
+        assert not limits.try_acquire().successful
+
+
+@pytest.mark.anyio
+async def test_a_release_in_another_process_wakes_a_waiter_on_a_cluster(
+    redis_cluster: RedisClusterNodes,
+) -> None:
+    import anyio
+
+    from aiolimits.redis import RedisBackend
+
+    name = uuid.uuid4().hex
+    a = LimitSet([ResourceLimit("conns", 1)], backend=RedisBackend(redis_cluster.url), name=name)
+    b = LimitSet([ResourceLimit("conns", 1)], backend=RedisBackend(redis_cluster.url), name=name)
+    held = a.try_acquire()
+    assert held.successful
+
+    async def wait_in_b() -> None:
+        async with b.acquire(timeout=20):
+            pass
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_in_b)
+            await anyio.sleep(0.2)  # b waits with nothing to wake it but the publication
+            held.release()
+    assert b.get_stats()["granted"] == 1
