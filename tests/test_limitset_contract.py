@@ -5,33 +5,16 @@ Async tests run on asyncio, asyncio + uvloop and trio (the ``anyio_backend`` fix
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
-
 import pytest
 
-from aiolimits import LimitSet, MemoryBackend
+from aiolimits import MemoryBackend
 
-from .contract import AnyLimit, LimitSetContract, MakeLimitSet
+from .contract import LimitSetContract, MakeLimitSet, limitset_factory
 
 
 @pytest.fixture
 def make_limitset() -> MakeLimitSet:
-    def make(
-        limits: Iterable[AnyLimit] = (),
-        *,
-        clock: Callable[[], float] | None = None,
-        config: Mapping[str, Any] | None = None,
-    ) -> LimitSet:
-        return LimitSet(
-            limits,
-            config=config,
-            backend=MemoryBackend(),
-            clock=time.monotonic if clock is None else clock,
-        )
-
-    return make
+    return limitset_factory(MemoryBackend(), lambda: None)
 
 
 class TestMemoryBackend(LimitSetContract):

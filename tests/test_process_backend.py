@@ -13,7 +13,7 @@ import multiprocessing.process
 import pickle
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from aiolimits._backends.process import runtime_directory
 from aiolimits.testing import ManualClock
 
 from . import _process_workers as workers
-from .contract import AnyLimit, LimitSetContract, MakeLimitSet, settle
+from .contract import AnyLimit, LimitSetContract, MakeLimitSet, limitset_factory, settle
 
 _names = itertools.count()
 
@@ -42,21 +42,7 @@ def backend(tmp_path: Path) -> ProcessBackend:
 
 @pytest.fixture
 def make_limitset(backend: ProcessBackend) -> MakeLimitSet:
-    def make(
-        limits: Iterable[AnyLimit] = (),
-        *,
-        clock: Callable[[], float] | None = None,
-        config: Mapping[str, Any] | None = None,
-    ) -> LimitSet:
-        return LimitSet(
-            limits,
-            config=config,
-            backend=backend,
-            name=f"set-{next(_names)}",
-            clock=time.monotonic if clock is None else clock,
-        )
-
-    return make
+    return limitset_factory(backend, lambda: f"set-{next(_names)}")
 
 
 class TestProcessBackend(LimitSetContract):

@@ -7,17 +7,14 @@ runs here as on a single server, from a URL naming any one node.
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
 import pytest
 
 from aiolimits import CallLimit, LimitSet, ResourceLimit
 
 from ._redis_server import RedisClusterNodes, redis_cluster
-from .contract import AnyLimit, LimitSetContract, MakeLimitSet
+from .contract import LimitSetContract, MakeLimitSet, limitset_factory
 
 __all__ = ["redis_cluster"]  # the session fixture
 
@@ -27,22 +24,7 @@ def make_limitset(redis_cluster: RedisClusterNodes) -> MakeLimitSet:
     from aiolimits.redis import RedisBackend
 
     backend = RedisBackend(redis_cluster.url, prefix="cluster")
-
-    def make(
-        limits: Iterable[AnyLimit] = (),
-        *,
-        clock: Callable[[], float] | None = None,
-        config: Mapping[str, Any] | None = None,
-    ) -> LimitSet:
-        return LimitSet(
-            limits,
-            config=config,
-            backend=backend,
-            name=uuid.uuid4().hex,
-            clock=time.monotonic if clock is None else clock,
-        )
-
-    return make
+    return limitset_factory(backend, lambda: uuid.uuid4().hex)
 
 
 class TestRedisCluster(LimitSetContract):

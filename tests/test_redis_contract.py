@@ -7,17 +7,12 @@ test hook); the real-clock tests run on Redis server time.
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
 import pytest
 
-from aiolimits import LimitSet
-
 from ._redis_server import RedisServer, redis_server
-from .contract import AnyLimit, LimitSetContract, MakeLimitSet
+from .contract import LimitSetContract, MakeLimitSet, limitset_factory
 
 __all__ = ["redis_server"]  # the session fixture
 
@@ -27,22 +22,7 @@ def make_limitset(redis_server: RedisServer) -> MakeLimitSet:
     from aiolimits.redis import RedisBackend
 
     backend = RedisBackend(redis_server.url, prefix="contract")
-
-    def make(
-        limits: Iterable[AnyLimit] = (),
-        *,
-        clock: Callable[[], float] | None = None,
-        config: Mapping[str, Any] | None = None,
-    ) -> LimitSet:
-        return LimitSet(
-            limits,
-            config=config,
-            backend=backend,
-            name=uuid.uuid4().hex,
-            clock=time.monotonic if clock is None else clock,
-        )
-
-    return make
+    return limitset_factory(backend, lambda: uuid.uuid4().hex)
 
 
 class TestRedisBackend(LimitSetContract):

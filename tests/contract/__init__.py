@@ -2,15 +2,13 @@
 
 This package collects no tests by itself (no module name starts with ``test_``). A backend runs
 the whole contract by subclassing :class:`LimitSetContract` in a test module and providing a
-``make_limitset`` fixture that returns a :class:`MakeLimitSet` factory for that backend (the idea of
-trio's ``generic_lock_test``: one behaviour, many implementations)::
+``make_limitset`` fixture that returns a :class:`MakeLimitSet` factory for that backend, usually
+made by :func:`limitset_factory` (the idea of trio's ``generic_lock_test``: one behaviour, many
+implementations)::
 
     @pytest.fixture
     def make_limitset() -> MakeLimitSet:
-        def make(limits=(), *, clock=None, config=None):
-            return LimitSet(limits, backend=MyBackend(...), name=unique_name(),
-                            clock=clock or time.monotonic, config=config)
-        return make
+        return limitset_factory(MyBackend(...), lambda: unique_name())
 
     class TestMyBackend(LimitSetContract):
         pass
@@ -40,6 +38,7 @@ from ._support import (
     MakeLimitSet,
     WorkerThreads,
     crowd,
+    limitset_factory,
     settle,
     worker_threads,
 )
@@ -68,6 +67,7 @@ __all__ = [
     "WaitingContract",
     "WorkerThreads",
     "crowd",
+    "limitset_factory",
     "settle",
     "worker_threads",
 ]

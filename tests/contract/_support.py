@@ -19,7 +19,15 @@ import anyio.to_thread
 import attrs
 import pytest
 
-from aiolimits import Acquisition, CallLimit, LimitSet, RateLimit, RateLimitAlgorithm, ResourceLimit
+from aiolimits import (
+    Acquisition,
+    Backend,
+    CallLimit,
+    LimitSet,
+    RateLimit,
+    RateLimitAlgorithm,
+    ResourceLimit,
+)
 from aiolimits.testing import ManualClock
 
 AnyLimit = RateLimit | CallLimit | ResourceLimit
@@ -49,6 +57,27 @@ class MakeLimitSet(Protocol):
         clock: Callable[[], float] | None = None,
         config: Mapping[str, Any] | None = None,
     ) -> LimitSet: ...
+
+
+def limitset_factory(backend: Backend, names: Callable[[], str | None]) -> MakeLimitSet:
+    """The ``make_limitset`` factory for ``backend``: each call a new set named ``names()``
+    (shared backends need a fresh name for fresh state), on ``time.monotonic`` by default."""
+
+    def make(
+        limits: Iterable[AnyLimit] = (),
+        *,
+        clock: Callable[[], float] | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> LimitSet:
+        return LimitSet(
+            limits,
+            config=config,
+            backend=backend,
+            name=names(),
+            clock=time.monotonic if clock is None else clock,
+        )
+
+    return make
 
 
 # -- helpers for async tests ------------------------------------------------------------------
