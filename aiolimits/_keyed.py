@@ -449,8 +449,21 @@ class KeyedAcquire(DeferredAcquire):
         self._items = items
         self._timeout = timeout
 
-    async def _enter(self) -> Acquisition:
-        return await self._keyed._enter(self)
+    async def __aenter__(self) -> Acquisition:
+        if self._entered:
+            raise RuntimeError("this acquisition was already entered; call acquire() again")
+        self._entered = True  # single use, whatever happens next
+        keyed = self._keyed
+        with keyed._lock:  # the fast path, inline: no waiter, no await
+            now = keyed._clock()
+            sched = keyed._scheduler_locked(self._key, now)
+            items = keyed._localise(self._items, sched)
+            receipts = sched.try_take(items, now)
+        if receipts is not None:
+            acq = self._acq = Acquisition(keyed, sched, items, HELD, receipts)
+        else:  # finds the key again: it may have been dropped since
+            acq = self._acq = await keyed._enter(self)
+        return acq
 
     def __repr__(self) -> str:
         return f"<KeyedAcquire {self._state()} key={self._key!r} acquisition={self._acq!r}>"
