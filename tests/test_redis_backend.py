@@ -523,11 +523,13 @@ class GrantLog:
         return getattr(self.script, name)
 
     def __call__(self, *, keys: Any, args: Any, client: Any) -> Any:
+        from aiolimits.redis._script import acquire_reply
+
         reply = self.script(keys=keys, args=args, client=client)
         if args[0] == "batch":
             self.times += [float(reply[0])] * len(reply[2])
-        elif args[0] == "acquire" and reply[0] == 1:
-            self.times.append(float(reply[1]))
+        elif args[0] == "acquire" and acquire_reply(reply)[0] == 1:
+            self.times.append(float(acquire_reply(reply)[1]))
         return reply
 
 

@@ -54,9 +54,11 @@ class Script:
         self.script = self.client.register_script(SOURCE)
 
     def __call__(self, hash_key: str, op: str, now: float, *args: Any) -> Any:
-        from aiolimits.redis._script import num
+        """The reply, acquire's (one line of text) decoded as the scheduler decodes it."""
+        from aiolimits.redis._script import acquire_reply, num
 
-        return self.script(keys=[hash_key], args=[op, num(now), *args])
+        reply = self.script(keys=[hash_key], args=[op, num(now), *args])
+        return acquire_reply(reply) if op == "acquire" else reply
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ WORKER = textwrap.dedent(
     import json, random, sys, time
     from aiolimits import CallLimit, LimitSet, RateLimit, ResourceLimit
     from aiolimits.redis import RedisBackend
+    from aiolimits.redis._script import acquire_reply
 
     url, name, count, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     limits = LimitSet(
@@ -42,8 +43,8 @@ WORKER = textwrap.dedent(
 
     def spy(self, op, now, *args):  # the server time of each grant, from the script's reply
         reply = call(self, op, now, *args)
-        if op == "acquire" and reply[0] == 1:
-            decisions.append(float(reply[1]))
+        if op == "acquire" and acquire_reply(reply)[0] == 1:
+            decisions.append(float(acquire_reply(reply)[1]))
         elif op == "batch" and reply[2]:  # one waiter at a time here: a batch grants it alone
             decisions.append(float(reply[0]))
         return reply

@@ -57,7 +57,7 @@ from .._errors import BackendUnavailable
 from .._limits import Limit, ResourceLimit
 from .._scheduler import Items, Scheduler
 from .._waiters import GRANTED, LEFT, WAITING, Cancellable, TimerClock, Waiter
-from ._script import decode_receipt, encode_receipt, limit_args, num
+from ._script import acquire_reply, decode_receipt, encode_receipt, limit_args, num
 from ._threads import UNAVAILABLE, Dispatcher, Listener, Renewer, expire, log
 
 if TYPE_CHECKING:
@@ -68,6 +68,16 @@ __all__ = ["RedisScheduler"]
 
 # anyio >= 4.7 names it wait_readable; before, wait_socket_readable (deprecated since).
 _wait_readable: Any = getattr(anyio, "wait_readable", None) or anyio.wait_socket_readable
+
+
+def _resp(args: Sequence[str], encoding: str, errors: str) -> bytes:
+    """A command as the bytes of the Redis protocol: what redis-py's packer makes of these
+    strings, without its per-argument type dispatch (the direct call's share of a round trip)."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode(encoding, errors)
+        out += (b"$%d\r\n" % len(data), data, b"\r\n")
+    return b"".join(out)
 
 
 class Local:
@@ -93,6 +103,7 @@ class RedisScheduler(Scheduler):
         "_client",
         "_direct",
         "_dispatcher",
+        "_encoding",
         "_epoch",
         "_expiry_at",
         "_expiry_timer",
@@ -159,6 +170,12 @@ class RedisScheduler(Scheduler):
         self._fast_busy = False
         # The pool and timeout for those direct calls (a single server; None: always queue).
         self._direct = direct
+        # How the direct calls encode their arguments (as the pool's connections would).
+        kwargs = direct[0].connection_kwargs if direct is not None else {}
+        self._encoding = (
+            str(kwargs.get("encoding", "utf-8")),
+            str(kwargs.get("encoding_errors", "strict")),
+        )
         # The last refusal of try_take, for the enqueue that follows it in the same step.
         self._refused: tuple[Items, float, float, float] | None = None
         self._policy = on_unavailable
@@ -208,7 +225,9 @@ class RedisScheduler(Scheduler):
 
     def _acquire(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
         holder = f"{self._me}:{next(self._holders)}"
-        reply = self._call("acquire", now, holder, num(self._lease), *self._item_args(items))
+        reply = acquire_reply(
+            self._call("acquire", now, holder, num(self._lease), *self._item_args(items))
+        )
         if reply[0] != 1:
             server_now = float(reply[1])
             self._watch_expiry(now, self._local(now, server_now, float(reply[4])))
@@ -509,7 +528,7 @@ class RedisScheduler(Scheduler):
             holder = f"{self._me}:{next(self._holders)}"
         args = [holder, num(self._lease), *self._item_args(items)]
         try:
-            reply = await self._direct_call("acquire", args)
+            reply = acquire_reply(await self._direct_call("acquire", args))
         except BaseException as exc:
             with self.lock:
                 self._fast_busy = False
@@ -569,10 +588,14 @@ class RedisScheduler(Scheduler):
             ) from exc
         done = False
         try:
-            with anyio.CancelScope(shield=True), anyio.fail_after(timeout):
+            # One scope, shielded and with the deadline (fail_after would nest a second one:
+            # each costs a noticeable share of a loopback round trip).
+            deadline = anyio.current_time() + timeout
+            with anyio.CancelScope(shield=True, deadline=deadline):
                 for attempt in (1, 2):
-                    conn.send_command(  # type: ignore[no-untyped-call]
-                        "EVALSHA", self._script.sha, 1, self._hash, op, "", *args
+                    command = ["EVALSHA", self._script.sha, "1", self._hash, op, "", *args]
+                    conn.send_packed_command(  # type: ignore[no-untyped-call]
+                        [_resp(command, *self._encoding)]
                     )
                     await _wait_readable(conn._sock)
                     try:
@@ -584,7 +607,6 @@ class RedisScheduler(Scheduler):
                         continue
                     done = True
                     return reply
-            raise AssertionError("unreachable")
         except (TimeoutError, *UNAVAILABLE) as exc:
             raise BackendUnavailable(
                 f"Redis did not answer for the limits {self._hash!r} in time: {exc!r}"
@@ -593,6 +615,10 @@ class RedisScheduler(Scheduler):
             if not done:
                 conn.disconnect()  # type: ignore[no-untyped-call]  # an answer may be on its way
             pool.release(conn)
+        # The deadline passed: the scope swallowed its own cancellation.
+        raise BackendUnavailable(
+            f"Redis did not answer for the limits {self._hash!r} in time: {TimeoutError()!r}"
+        )
 
     # -- the dispatcher's work (its thread, never under the lock while calling Redis) --------
 

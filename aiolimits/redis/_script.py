@@ -22,6 +22,7 @@ from .._limits import CallLimit, Limit, RateLimit
 
 __all__ = [
     "SOURCE",
+    "acquire_reply",
     "decode_receipt",
     "encode_receipt",
     "limit_args",
@@ -53,3 +54,19 @@ def encode_receipt(parts: Sequence[Sequence[float]] | None) -> str:
 def decode_receipt(reply: Any) -> Receipt:
     """A receipt from a script reply (a list of lists of ``%.17g`` byte strings)."""
     return [[float(x) for x in part] for part in reply]
+
+
+def acquire_reply(reply: bytes | str) -> list[Any]:
+    """The reply of the ``acquire`` operation, one line of text (``"1 now receipt..."`` or
+    ``"0 now rate_at admit_at expiry"``), as the list the other replies are: ``[1, now,
+    receipt...]`` (each receipt decoded, ``[]`` for a resource) or ``[0, now, rate_at,
+    admit_at, expiry]`` (numbers as ``%.17g`` text)."""
+    text = reply.decode() if isinstance(reply, bytes) else reply
+    fields = text.split(" ")
+    if fields[0] != "1":
+        return [0, *fields[1:]]
+    receipts: list[Any] = [
+        [[float(x) for x in part.split(",")] for part in receipt.split(";")] if receipt else []
+        for receipt in fields[2:]
+    ]
+    return [1, fields[1], *receipts]

@@ -661,6 +661,17 @@ local function encode_receipt(receipt)
   return out
 end
 
+-- A receipt as text, the way acquire answers: parts separated by ';', numbers by ','.
+local function receipt_text(receipt)
+  local parts = {}
+  for i = 1, #receipt do
+    local part = {}
+    for j = 1, #receipt[i] do part[j] = fmt(receipt[i][j]) end
+    parts[i] = table.concat(part, ',')
+  end
+  return table.concat(parts, ';')
+end
+
 local function decode_receipt(text)
   local parts = {}
   for p in string.gmatch(text, '[^;]+') do
@@ -733,23 +744,25 @@ end
 local ops = {}
 
 -- acquire: holder, lease seconds, items. Takes every item at once when all admit now:
--- {1, now, receipt per item}; otherwise takes nothing: {0, now, rate_at, admit_at, expiry}.
+-- "1 now receipt..." (receipt_text per item, empty for a resource); otherwise takes nothing:
+-- "0 now rate_at admit_at expiry". One line of text: the most frequent reply is the cheapest to
+-- make and to read as one string (nested replies cost more than the decision on both sides).
 ops.acquire = function(now)
   local holder, ttl = ARGV[3], tonumber(ARGV[4])
   local items = read_items(5)
   local rate_at, admit_at, expiry = admit_time(items, now)
   if admit_at > now then
-    return { 0, fmt(now), fmt(rate_at), fmt(admit_at), fmt(expiry) }
+    return table.concat({ '0', fmt(now), fmt(rate_at), fmt(admit_at), fmt(expiry) }, ' ')
   end
-  local out = { 1, fmt(now) }
+  local out = { '1', fmt(now) }
   for j = 1, #items do
     local L, amount = items[j][1], items[j][2]
     local receipt = L.A.take(state_of(L, now), L, amount, now, holder, ttl)
     save(L)
-    out[#out + 1] = encode_receipt(receipt)
+    out[#out + 1] = receipt_text(receipt)
   end
   redis.call('HINCRBY', key, '!g', 1)
-  return out
+  return table.concat(out, ' ')
 end
 
 -- batch: lease seconds, m, then per request holder and items (as for acquire). The queue of one
