@@ -9,6 +9,7 @@ Without a ``redis-server`` binary or redis-py the Redis tests skip, saying why, 
 from __future__ import annotations
 
 import os
+import pathlib
 import random
 import shutil
 import signal
@@ -223,6 +224,165 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
             pytest.fail(f"{reason}, and AIOLIMITS_REQUIRE_REDIS=1 requires the Redis tests to run")
         pytest.skip(reason)
     cluster = RedisClusterNodes.start(str(tmp_path_factory.mktemp("redis-cluster")))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def cli(port: int, *args: str) -> str:
+    """One ``redis-cli`` command to the node on ``port`` (a test helper, not the library)."""
+    return subprocess.run(
+        ["redis-cli", "-p", str(port), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout
+
+
+def _fields(text: str) -> dict[str, str]:
+    """The ``key:value`` lines of an INFO or CLUSTER INFO reply."""
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+@attrs.define(eq=False)
+class RedisFailoverCluster:
+    """Three masters with one replica each on 127.0.0.1 (``cluster-node-timeout`` 1000 ms), for
+    tests that kill a master and wait for its replica to take over. Every node is stopped by its
+    pid at the end (a killed one is already gone)."""
+
+    nodes: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    @classmethod
+    def start(cls, directory: str) -> RedisFailoverCluster:
+        nodes: list[RedisServer] = []
+        try:
+            nodes.extend(
+                RedisServer.start(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"nodes-{i}.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--repl-diskless-sync-delay",
+                    "0",
+                    "--cluster-replica-validity-factor",
+                    "0",
+                    "--dir",
+                    directory,
+                    port=free_cluster_port(),
+                )
+                for i in range(6)
+            )
+            addresses = [f"127.0.0.1:{node.port}" for node in nodes]
+            subprocess.run(
+                [
+                    "redis-cli",
+                    "--cluster",
+                    "create",
+                    *addresses,
+                    "--cluster-replicas",
+                    "1",
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            cluster = cls(nodes)
+            cluster.wait_converged()
+        except BaseException:
+            for node in nodes:
+                node.stop()
+            raise
+        return cluster
+
+    def alive(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.process.poll() is None]
+
+    def node(self, port: int) -> RedisServer:
+        return next(node for node in self.nodes if node.port == port)
+
+    def master_of(self, key: str) -> RedisServer:
+        """The node that serves ``key`` now, as the first live node that answers says."""
+        slot = cli(self.alive()[0].port, "cluster", "keyslot", key).strip()
+        for line in cli(self.alive()[0].port, "cluster", "nodes").splitlines():
+            parts = line.split()
+            flags = parts[2].split(",")
+            if "master" not in flags or "fail" in flags:
+                continue
+            for assigned in parts[8:]:
+                low, _, high = assigned.partition("-")
+                if not low.isdigit():
+                    continue  # a slot being migrated: none in these tests
+                if int(low) <= int(slot) <= int(high or low):
+                    return self.node(int(parts[1].split("@")[0].rpartition(":")[2]))
+        raise LookupError(f"no live master serves the slot of {key!r}")
+
+    def replica_of(self, master: RedisServer) -> RedisServer:
+        node_id = cli(master.port, "cluster", "myid").strip()
+        for line in cli(master.port, "cluster", "nodes").splitlines():
+            parts = line.split()
+            if parts[3] == node_id:
+                return self.node(int(parts[1].split("@")[0].rpartition(":")[2]))
+        raise LookupError(f"the master on port {master.port} has no replica")
+
+    def wait_replicated(self, master: RedisServer) -> None:
+        """Until the replicas of ``master`` have processed everything it has written (its
+        replication offset), so that no write it acknowledged is missing from them."""
+        for _attempt in range(400):
+            info = _fields(cli(master.port, "info", "replication"))
+            offset = info["master_repl_offset"]
+            replicas = [v for k, v in info.items() if k.startswith("slave")]
+            if replicas and all(f"offset={offset}," in v for v in replicas):
+                return
+            time.sleep(0.025)
+        raise RuntimeError(f"the replicas of port {master.port} never caught up")
+
+    def wait_converged(self) -> None:
+        """Until every live node says the cluster is ok, every replica's link to its master is
+        up and every slot is served by a live master (bounded: the failure detection and
+        election of a Cluster take a few node timeouts)."""
+        for _attempt in range(600):
+            if self._converged():
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the Cluster did not converge within 30 s")
+
+    def _converged(self) -> bool:
+        for node in self.alive():
+            if _fields(cli(node.port, "cluster", "info")).get("cluster_state") != "ok":
+                return False
+            info = _fields(cli(node.port, "info", "replication"))
+            if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                return False
+            for line in cli(node.port, "cluster", "nodes").splitlines():
+                flags = line.split()[2].split(",")
+                if "fail?" in flags or ("master" in flags and "fail" in flags and line.split()[8:]):
+                    return False
+        return True
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture
+def redis_failover_cluster(tmp_path: pathlib.Path) -> Iterator[RedisFailoverCluster]:
+    """A Cluster of 3 masters with 1 replica each, of this test's own (it may kill nodes)."""
+    require_redis()
+    if shutil.which("redis-cli") is None:
+        reason = "no redis-cli binary on PATH (apt-get install redis-tools)"
+        if os.environ.get("AIOLIMITS_REQUIRE_REDIS") == "1":
+            pytest.fail(f"{reason}, and AIOLIMITS_REQUIRE_REDIS=1 requires the Redis tests to run")
+        pytest.skip(reason)
+    cluster = RedisFailoverCluster.start(str(tmp_path))
     try:
         yield cluster
     finally:

@@ -27,8 +27,9 @@ __all__ = ["UNAVAILABLE", "Dispatcher", "Listener", "Renewer", "expire", "log"]
 log = logging.getLogger("aiolimits.redis")
 
 # What a call to an unreachable, stopped or restarting server raises (BusyLoadingError while it
-# loads its data set after a restart).
+# loads its data set after a restart; RedisClusterException when no node of a Cluster answers).
 UNAVAILABLE = (
+    redis.exceptions.RedisClusterException,
     redis.exceptions.ClusterError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
