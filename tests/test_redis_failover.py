@@ -183,14 +183,7 @@ async def test_the_promoted_replica_keeps_the_counts_and_serves_the_script(
     assert limits.get_stats()["granted"] == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: the first call after a completed failover goes to the dead master; "
-    "redis-py's RedisCluster is refused (ECONNREFUSED: nothing was sent), reads the new topology "
-    "and re-raises since RedisBackend gives it Retry(NoBackoff(), 0), so the call fails with "
-    "BackendUnavailable (a release is lost: the slot stays held until its lease expires)",
-)
-def test_the_first_call_after_a_completed_failover_is_answered(
+def test_a_release_made_first_after_a_completed_failover_is_not_lost(
     redis_failover_cluster: RedisFailoverCluster,
 ) -> None:
     cluster = redis_failover_cluster
@@ -199,8 +192,10 @@ def test_the_first_call_after_a_completed_failover_is_answered(
     held = limits.try_acquire({"tokens": 3})
     assert held.successful
     fail_over(cluster, backend(cluster).hash_key(name))
-    # The Cluster serves the slot again, from the promoted replica: a call now is answered.
-    # Its release, the first call, must not be lost (a lost release keeps the slot for a lease).
+    # The Cluster serves the slot again, from the promoted replica. The first call still goes to
+    # the dead master and is refused before anything is sent; ending a lease is idempotent, so
+    # the release is made once more, on the new master, and not lost (a lost release would keep
+    # the slot until its lease expires).
     held.release()
     assert available(limits) == {"tokens": 7, "call_count": 4, "conns": 2}
 
@@ -268,13 +263,6 @@ async def test_during_a_failover_raise_raises_and_allow_admits_then_limits_are_s
     assert available(lenient) == {"tokens": 0, "call_count": 1, "conns": 2}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: after a failover the wake-up subscription of a process that only waits "
-    "keeps going to the dead master: RedisBackend._subscriber picks the node with "
-    "RedisCluster.get_node_from_key, whose slot cache only a failing command of that client "
-    "refreshes, so a release in another process never wakes the waiter (until its own timer)",
-)
 @pytest.mark.anyio
 async def test_a_release_in_another_process_wakes_a_waiter_after_a_failover(
     redis_failover_cluster: RedisFailoverCluster,
@@ -320,3 +308,23 @@ def test_a_cluster_with_no_node_left_is_unavailable(
     cluster.stop()
     with pytest.raises(BackendUnavailable):
         bounded(partial(limits.try_acquire, {"tokens": 1}))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=BackendUnavailable,
+    reason="known limit: the first acquisition of a process after a completed failover goes to "
+    "the dead master and is refused; it is not sent again (a script call cannot in general be "
+    "sent twice safely), so it fails once with BackendUnavailable under on_unavailable='raise'",
+)
+def test_the_first_acquisition_after_a_completed_failover_is_answered(
+    redis_failover_cluster: RedisFailoverCluster,
+) -> None:
+    cluster = redis_failover_cluster
+    name = uuid.uuid4().hex
+    limits = LimitSet(declared(), backend=backend(cluster), name=name)
+    with limits.try_acquire({"tokens": 1}) as acq:
+        assert acq.successful
+    fail_over(cluster, backend(cluster).hash_key(name))
+    with limits.try_acquire({"tokens": 1}) as acq:
+        assert acq.successful

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -160,9 +161,18 @@ class RedisBackend(Backend):
         (Cluster forwards every publication to every node)."""
         client = self._client
         connect = self.timeout
+        again = False
 
         def subscribe() -> redis.client.PubSub:
+            nonlocal again
             if isinstance(client, RedisCluster):
+                if again:
+                    # A subscription that ended (its node failed over, say) re-reads the topology
+                    # first: the client's map changes only when its own calls fail, and a process
+                    # that only waits makes none.
+                    with contextlib.suppress(*UNAVAILABLE):
+                        client.nodes_manager.initialize()
+                again = True
                 node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
                 plain = redis.Redis(host=node.host, port=node.port, socket_connect_timeout=connect)
                 return redis.client.PubSub(plain.connection_pool, ignore_subscribe_messages=True)

@@ -347,10 +347,17 @@ class RedisScheduler(Scheduler):
             return False
         holder = next(r for (s, _a), r in zip(items, receipts, strict=True) if s.key in keys)
         self._leases.pop(holder, None)
-        try:
-            self._call("release", self.clock(), holder, *keys)
-        except BackendUnavailable as exc:
-            log.warning("could not end the lease %s (it expires by itself): %s", holder, exc)
+        for attempt in (1, 2):
+            try:
+                self._call("release", self.clock(), holder, *keys)
+            except BackendUnavailable as exc:
+                # Ending a lease is idempotent, so a call refused before it was sent (a node gone:
+                # after a Cluster failover the client has just read the new topology) is safely
+                # made once more. A timeout is not retried: it already waited its bound.
+                if attempt == 1 and isinstance(exc.__cause__, redis.exceptions.ConnectionError):
+                    continue
+                log.warning("could not end the lease %s (it expires by itself): %s", holder, exc)
+            break
         return True
 
     def settle(
