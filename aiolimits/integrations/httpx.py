@@ -33,8 +33,9 @@ and tasks can share one set of limits. Both keep their checks, keys, pauses and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
-from typing import final
+from typing import TypeVar, final
 
 import httpx
 
@@ -54,9 +55,38 @@ from ._httpx_policy import (
 
 __all__ = ["LimitedSyncTransport", "LimitedTransport"]
 
+T = TypeVar("T")
+
+
+def _inner(transport: object, kind: type[T], default: Callable[[], T]) -> T:
+    """The transport that sends: ``transport`` when it is a ``kind``, else the default."""
+    if transport is None:
+        return default()
+    if not isinstance(transport, kind):
+        raise TypeError(f"transport must be an httpx.{kind.__name__}, got {describe(transport)}")
+    return transport
+
+
+class _Policied:
+    """What both transports share besides their :class:`Policy`: its figures and the repr."""
+
+    _policy: Policy
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """``{"paused": n, "retried": n}``: 429s that paused the limits, and requests sent again."""
+        return self._policy.stats()
+
+    def __repr__(self) -> str:
+        policy = self._policy
+        return (
+            f"<{type(self).__name__} limits={policy.limits!r} retries={policy.retries} "
+            f"stats={policy.stats()!r}>"
+        )
+
 
 @final
-class LimitedTransport(httpx.AsyncBaseTransport):
+class LimitedTransport(_Policied, httpx.AsyncBaseTransport):
     """Wraps an httpx transport so that every request first acquires from the limits.
 
     Args:
@@ -100,16 +130,7 @@ class LimitedTransport(httpx.AsyncBaseTransport):
         self._policy = Policy(
             limits, cost=cost, usage=usage, key=key, retries=retries, timeout=timeout
         )
-        if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
-            raise TypeError(
-                f"transport must be an httpx.AsyncBaseTransport, got {describe(transport)}"
-            )
-        self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """``{"paused": n, "retried": n}``: 429s that paused the limits, and requests sent again."""
-        return self._policy.stats()
+        self._transport = _inner(transport, httpx.AsyncBaseTransport, httpx.AsyncHTTPTransport)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         policy = self._policy
@@ -174,16 +195,9 @@ class LimitedTransport(httpx.AsyncBaseTransport):
                 await held.__aexit__(None, None, None)
         return rebuilt(response, request, httpx.ByteStream(raw))
 
-    def __repr__(self) -> str:
-        policy = self._policy
-        return (
-            f"<LimitedTransport limits={policy.limits!r} retries={policy.retries} "
-            f"stats={policy.stats()!r}>"
-        )
-
 
 @final
-class LimitedSyncTransport(httpx.BaseTransport):
+class LimitedSyncTransport(_Policied, httpx.BaseTransport):
     """The twin of :class:`LimitedTransport` for ``httpx.Client``: waits with ``acquire_sync``.
 
     Same arguments, with ``transport`` an ``httpx.BaseTransport`` (default
@@ -205,14 +219,7 @@ class LimitedSyncTransport(httpx.BaseTransport):
         self._policy = Policy(
             limits, cost=cost, usage=usage, key=key, retries=retries, timeout=timeout
         )
-        if transport is not None and not isinstance(transport, httpx.BaseTransport):
-            raise TypeError(f"transport must be an httpx.BaseTransport, got {describe(transport)}")
-        self._transport = transport if transport is not None else httpx.HTTPTransport()
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """``{"paused": n, "retried": n}``: 429s that paused the limits, and requests sent again."""
-        return self._policy.stats()
+        self._transport = _inner(transport, httpx.BaseTransport, httpx.HTTPTransport)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         policy = self._policy
@@ -273,10 +280,3 @@ class LimitedSyncTransport(httpx.BaseTransport):
             finally:
                 held.__exit__(None, None, None)
         return rebuilt(response, request, httpx.ByteStream(raw))
-
-    def __repr__(self) -> str:
-        policy = self._policy
-        return (
-            f"<LimitedSyncTransport limits={policy.limits!r} retries={policy.retries} "
-            f"stats={policy.stats()!r}>"
-        )
