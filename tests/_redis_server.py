@@ -150,86 +150,6 @@ def free_cluster_port() -> int:
     raise RuntimeError("no free pair of ports for a Cluster node")
 
 
-@attrs.define(eq=False)
-class RedisClusterNodes:
-    """Three masters on 127.0.0.1 forming one Cluster (no replicas)."""
-
-    nodes: list[RedisServer]
-
-    @property
-    def url(self) -> str:
-        return self.nodes[0].url
-
-    @classmethod
-    def start(cls, directory: str) -> RedisClusterNodes:
-        nodes: list[RedisServer] = []
-        try:
-            # One at a time, so that a failure leaves the ones started in the list to stop.
-            nodes.extend(
-                RedisServer.start(
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    f"nodes-{i}.conf",
-                    "--dir",
-                    directory,
-                    port=free_cluster_port(),
-                )
-                for i in range(3)
-            )
-            addresses = [f"127.0.0.1:{node.port}" for node in nodes]
-            subprocess.run(
-                ["redis-cli", "--cluster", "create", *addresses, "--cluster-yes"],
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
-            # `--cluster create` returns once the slots are assigned and the nodes have met;
-            # each node declares the cluster ok after its next gossip round (bounded wait).
-            for node in nodes:
-                cls._wait_ok(node.port)
-        except BaseException:
-            for node in nodes:
-                node.stop()
-            raise
-        return cls(nodes)
-
-    @staticmethod
-    def _wait_ok(port: int) -> None:
-        for _attempt in range(200):
-            out = subprocess.run(
-                ["redis-cli", "-p", str(port), "cluster", "info"],
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout
-            if "cluster_state:ok" in out:
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"the Cluster node on port {port} never reported cluster_state:ok")
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
-
-
-@pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
-    """A 3-master Redis Cluster for the session, on free loopback ports."""
-    require_redis()
-    if shutil.which("redis-cli") is None:
-        reason = "no redis-cli binary on PATH (apt-get install redis-tools)"
-        if os.environ.get("AIOLIMITS_REQUIRE_REDIS") == "1":
-            pytest.fail(f"{reason}, and AIOLIMITS_REQUIRE_REDIS=1 requires the Redis tests to run")
-        pytest.skip(reason)
-    cluster = RedisClusterNodes.start(str(tmp_path_factory.mktemp("redis-cluster")))
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
 def cli(port: int, *args: str) -> str:
     """One ``redis-cli`` command to the node on ``port`` (a test helper, not the library)."""
     return subprocess.run(
@@ -246,11 +166,55 @@ def _fields(text: str) -> dict[str, str]:
     return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
 
 
+def require_redis_cli() -> None:
+    """As :func:`require_redis`, for the ``redis-cli`` that builds a Cluster."""
+    require_redis()
+    if shutil.which("redis-cli") is None:
+        reason = "no redis-cli binary on PATH (apt-get install redis-tools)"
+        if os.environ.get("AIOLIMITS_REQUIRE_REDIS") == "1":
+            pytest.fail(f"{reason}, and AIOLIMITS_REQUIRE_REDIS=1 requires the Redis tests to run")
+        pytest.skip(reason)
+
+
+def start_cluster_nodes(
+    directory: str, count: int, replicas: int, *options: str
+) -> list[RedisServer]:
+    """``count`` Cluster nodes on free loopback ports, made into one Cluster with ``replicas``
+    replicas per master. A failure stops the nodes already started."""
+    nodes: list[RedisServer] = []
+    try:
+        # One at a time, so that a failure leaves the ones started in the list to stop.
+        nodes.extend(
+            RedisServer.start(
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{i}.conf",
+                *options,
+                "--dir",
+                directory,
+                port=free_cluster_port(),
+            )
+            for i in range(count)
+        )
+        addresses = [f"127.0.0.1:{node.port}" for node in nodes]
+        per_master = ["--cluster-replicas", str(replicas)]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, *per_master, "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return nodes
+
+
 @attrs.define(eq=False)
-class RedisFailoverCluster:
-    """Three masters with one replica each on 127.0.0.1 (``cluster-node-timeout`` 1000 ms), for
-    tests that kill a master and wait for its replica to take over. Every node is stopped by its
-    pid at the end (a killed one is already gone)."""
+class RedisClusterNodes:
+    """Three masters on 127.0.0.1 forming one Cluster (no replicas)."""
 
     nodes: list[RedisServer]
 
@@ -259,47 +223,67 @@ class RedisFailoverCluster:
         return self.nodes[0].url
 
     @classmethod
-    def start(cls, directory: str) -> RedisFailoverCluster:
-        nodes: list[RedisServer] = []
+    def start(cls, directory: str) -> RedisClusterNodes:
+        cluster = cls(start_cluster_nodes(directory, 3, 0))
         try:
-            nodes.extend(
-                RedisServer.start(
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    f"nodes-{i}.conf",
-                    "--cluster-node-timeout",
-                    "1000",
-                    "--repl-diskless-sync-delay",
-                    "0",
-                    "--cluster-replica-validity-factor",
-                    "0",
-                    "--dir",
-                    directory,
-                    port=free_cluster_port(),
-                )
-                for i in range(6)
+            # `--cluster create` returns once the slots are assigned and the nodes have met;
+            # each node declares the cluster ok after its next gossip round (bounded wait).
+            for node in cluster.nodes:
+                cls._wait_ok(node.port)
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    @staticmethod
+    def _wait_ok(port: int) -> None:
+        for _attempt in range(200):
+            if "cluster_state:ok" in cli(port, "cluster", "info"):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"the Cluster node on port {port} never reported cluster_state:ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
+    """A 3-master Redis Cluster for the session, on free loopback ports."""
+    require_redis_cli()
+    cluster = RedisClusterNodes.start(str(tmp_path_factory.mktemp("redis-cluster")))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@attrs.define(eq=False)
+class RedisFailoverCluster(RedisClusterNodes):
+    """Three masters with one replica each on 127.0.0.1 (``cluster-node-timeout`` 1000 ms), for
+    tests that kill a master and wait for its replica to take over. Every node is stopped by its
+    pid at the end (a killed one is already gone)."""
+
+    @classmethod
+    def start(cls, directory: str) -> RedisFailoverCluster:
+        cluster = cls(
+            start_cluster_nodes(
+                directory,
+                6,
+                1,
+                "--cluster-node-timeout",
+                "1000",
+                "--repl-diskless-sync-delay",
+                "0",
+                "--cluster-replica-validity-factor",
+                "0",
             )
-            addresses = [f"127.0.0.1:{node.port}" for node in nodes]
-            subprocess.run(
-                [
-                    "redis-cli",
-                    "--cluster",
-                    "create",
-                    *addresses,
-                    "--cluster-replicas",
-                    "1",
-                    "--cluster-yes",
-                ],
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
-            cluster = cls(nodes)
+        )
+        try:
             cluster.wait_converged()
         except BaseException:
-            for node in nodes:
-                node.stop()
+            cluster.stop()
             raise
         return cluster
 
@@ -368,20 +352,11 @@ class RedisFailoverCluster:
                     return False
         return True
 
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
-
 
 @pytest.fixture
 def redis_failover_cluster(tmp_path: pathlib.Path) -> Iterator[RedisFailoverCluster]:
     """A Cluster of 3 masters with 1 replica each, of this test's own (it may kill nodes)."""
-    require_redis()
-    if shutil.which("redis-cli") is None:
-        reason = "no redis-cli binary on PATH (apt-get install redis-tools)"
-        if os.environ.get("AIOLIMITS_REQUIRE_REDIS") == "1":
-            pytest.fail(f"{reason}, and AIOLIMITS_REQUIRE_REDIS=1 requires the Redis tests to run")
-        pytest.skip(reason)
+    require_redis_cli()
     cluster = RedisFailoverCluster.start(str(tmp_path))
     try:
         yield cluster
