@@ -65,14 +65,14 @@ class Acquisition:
         "waited",
     )
 
-    def __init__(
+    # All positional: every acquire() makes one, and a keyword argument costs a noticeable share.
+    def __init__(  # noqa: PLR0917
         self,
         limitset: Door,
         sched: Scheduler,
         items: Items,
         state: int,
         receipts: list[Any] | None = None,
-        *,
         timeout: float = math.inf,
     ) -> None:
         self._limitset = limitset
@@ -166,7 +166,7 @@ class Acquisition:
             if self._state != HELD:
                 return
             self._state = RELEASED
-            sched.release(self._items, sched.clock(), self._receipts)
+            sched.release(self._items, self._receipts)
 
     # -- context manager protocols -----------------------------------------------------------
 
@@ -200,7 +200,10 @@ class Acquisition:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release()
+        if self._state != HELD or not self._limitset._has_resources:
+            self._state = RELEASED  # release(), without the call: nothing to give back
+        else:
+            self.release()
 
     def __enter__(self) -> Acquisition:
         if self._state == PENDING:

@@ -347,7 +347,7 @@ class KeyedLimitSet(Door):
             )
         if waiter is None:
             return Acquisition(self, sched, items, HELD, receipts)
-        acq = Acquisition(self, sched, items, ACQUIRING, timeout=cm._timeout)
+        acq = Acquisition(self, sched, items, ACQUIRING, None, cm._timeout)
         try:
             await self._park_async(acq, waiter, start)
         except BaseException:

@@ -68,10 +68,15 @@ class Requests:
         # Taken with 1 unless ``requested`` names them.
         self._implicit = tuple((state.key, (state, 1)) for state, _ in self._default_items)
         # Keys whose amounts may be taken without further questions when they are a positive
-        # int, or a float that is whole or allowed to be fractional: (state, fractions allowed).
-        # A CallLimit is left out: only 0 or 1 are valid, the slow path checks it.
-        self._fast: dict[str, tuple[RateState, bool]] = {
-            limit.key: (state, isinstance(limit, RateLimit) and not limit.algorithm.integral)
+        # int, or a float that is whole or allowed to be fractional, up to the capacity: (state,
+        # fractions allowed, capacity). A CallLimit is left out: only 0 or 1 are valid, the slow
+        # path checks it.
+        self._fast: dict[str, tuple[RateState, bool, float]] = {
+            limit.key: (
+                state,
+                isinstance(limit, RateLimit) and not limit.algorithm.integral,
+                state.capacity,
+            )
             for limit, state in zip(limits, states, strict=True)
             if not isinstance(limit, CallLimit)
         }
@@ -94,17 +99,17 @@ class Requests:
         items: list[tuple[RateState, float]] = []
         for key, amount in requested.items():
             spec = fast.get(key)
-            kind = type(amount)
-            if (
-                spec is not None
-                and (kind is int or (kind is float and (spec[1] or amount % 1 == 0)))
-                and 0 < amount <= spec[0].capacity
-            ):
-                items.append((spec[0], amount))
-            else:
-                checked = self._check_requested(key, amount)
-                if checked:
-                    items.append(checked)
+            if spec is not None:
+                state, fractional, capacity = spec
+                kind = type(amount)
+                if (kind is int or (kind is float and (fractional or amount % 1 == 0))) and (
+                    0 < amount <= capacity
+                ):
+                    items.append((state, amount))
+                    continue
+            checked = self._check_requested(key, amount)
+            if checked:
+                items.append(checked)
         for key, item in self._implicit:
             if key not in requested:
                 items.append(item)

@@ -151,10 +151,14 @@ class Scheduler:
         if self.paused_until > now:
             return None
         for state, amount in items:
-            if state.earliest(amount, now) > now:
+            if not state.admits(amount, now):
                 return None
         self.granted += 1
-        return self._take(items, now)
+        # A loop, not a comprehension: on Python 3.11 that would be a function call more.
+        receipts = []
+        for state, amount in items:
+            receipts.append(state.take(amount, now))
+        return receipts
 
     def _dispatch(self, now: float, current: Waiter | None = None) -> None:
         """Grant queued waiters from the head while they are admissible, then tell the new head
@@ -269,7 +273,7 @@ class Scheduler:
 
     # -- after a grant (under the lock) ----------------------------------------------------
 
-    def release(self, items: Items, now: float, receipts: list[Any] | None = None) -> None:
+    def release(self, items: Items, receipts: list[Any] | None = None) -> None:
         """Give back the resource slots of a finished acquisition (``receipts``: what its take
         returned; a shared backend names its leases with them)."""
         released = False
@@ -278,7 +282,7 @@ class Scheduler:
                 state.release(amount)
                 released = True
         if released and self.queue:
-            self._dispatch(now)
+            self._dispatch(self.clock())
 
     def settle(
         self, state: RateState, receipt: Any, held: float, usage: float, now: float

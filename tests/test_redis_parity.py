@@ -312,7 +312,7 @@ def test_lua_acquires_a_set_like_the_scheduler(
                 held.append((py_items, holder))
         elif op == "release" and held:
             py_items, holder = held.pop(conns % len(held))
-            sched.release(py_items, now)
+            sched.release(py_items)
             script(hash_key, "release", now, holder, "conns")
         elif op == "pause":
             sched.pause(now + gap, now)

@@ -56,6 +56,11 @@ class RateState:
     def earliest(self, amount: float, now: float) -> float:
         raise NotImplementedError
 
+    def admits(self, amount: float, now: float) -> bool:
+        """Whether ``amount`` (validated: at most the capacity) can be taken at ``now``: the
+        fast path's question, the same answer as ``earliest(amount, now) <= now``."""
+        return self.earliest(amount, now) <= now
+
     def take(self, amount: float, now: float) -> Receipt:
         raise NotImplementedError
 
@@ -70,6 +75,10 @@ class RateState:
 
     def is_fresh(self, now: float) -> bool:
         raise NotImplementedError
+
+
+#: PeakLog.LIMIT, as a global for the hot path.
+_PEAK_LIMIT = 512
 
 
 class PeakLog(list[float]):
@@ -103,7 +112,7 @@ class PeakLog(list[float]):
     # million buckets), with the operation numbers beside it.
     __slots__ = ("_seq", "_seqs")
 
-    LIMIT = 512
+    LIMIT = _PEAK_LIMIT
 
     def __init__(self) -> None:
         super().__init__()
@@ -113,19 +122,29 @@ class PeakLog(list[float]):
     def record(self, level: float) -> int:
         """Note the level just before an operation that lowers it; returns that operation's
         number, which a receipt keeps: the peaks that matter to it are the ones after it."""
-        self._seq += 1
+        seq = self._seq = self._seq + 1
+        seqs = self._seqs
+        if seqs:
+            if level >= self[0]:  # the common case: the new level hides every recorded one
+                self.clear()
+                seqs.clear()
+            else:
+                while self[-1] <= level:
+                    self.pop()
+                    seqs.pop()
+        self.append(level)
+        seqs.append(seq)
+        if len(seqs) > _PEAK_LIMIT:
+            self._merge()
+        return seq
+
+    def _merge(self) -> None:
+        """Past ``LIMIT`` entries: pairs (0, 1), (2, 3), ... become one entry each, the older
+        level with the newer number; an odd last one stays."""
         levels, seqs = self, self._seqs
-        while levels and levels[-1] <= level:
-            levels.pop()
-            seqs.pop()
-        levels.append(level)
-        seqs.append(self._seq)
-        if len(levels) > self.LIMIT:
-            n = len(levels)
-            # Pairs (0, 1), (2, 3), ...: the older level, the newer number; an odd last stays.
-            levels[:] = levels[0 : n - 1 : 2] + ([levels[-1]] if n % 2 else [])
-            self._seqs = seqs[1:n:2] + ([seqs[-1]] if n % 2 else [])
-        return self._seq
+        n = len(levels)
+        levels[:] = levels[0 : n - 1 : 2] + ([levels[-1]] if n % 2 else [])
+        self._seqs = seqs[1:n:2] + ([seqs[-1]] if n % 2 else [])
 
     def peak_since(self, seq: int) -> float:
         """The highest level recorded by an operation after ``seq`` (-inf: none)."""

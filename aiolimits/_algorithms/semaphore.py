@@ -23,6 +23,9 @@ class SemaphoreState(RateState):
             raise too_large(self.key, amount, self.capacity)
         return now if self.in_use + amount <= self.capacity else math.inf
 
+    def admits(self, amount: float, now: float) -> bool:
+        return self.in_use + amount <= self.capacity
+
     def take(self, amount: float, now: float) -> Receipt:
         if amount > self.capacity:
             raise too_large(self.key, amount, self.capacity)

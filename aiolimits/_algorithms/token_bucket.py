@@ -71,13 +71,25 @@ class TokenBucketState(RateState):
         approx = now + (need - self._level_at(now)) / self.capacity
         return first_true(lambda t: self._has(need, t), approx, now)
 
+    def admits(self, amount: float, now: float) -> bool:
+        need = amount * self._window
+        # Enough without the refill since the last operation (the common case): no call.
+        return need <= self._level or self._has(need, now)
+
     def take(self, amount: float, now: float) -> Receipt:
         if amount > self.capacity:
             raise too_large(self.key, amount, self.capacity)
-        level = self._level_at(now)
+        # _level_at and _set, inline: this is every acquisition's path.
+        level = self._level
+        elapsed = now - self._stamp
+        if elapsed > 0:
+            level += self.capacity * elapsed
+            if level >= self._full:
+                level = self._full
+            self._stamp = now
         seq = self._peaks.record(level)
         cost = amount * self._window
-        self._set(level - cost, now)
+        self._level = level - cost
         return [[seq, cost]]
 
     def refund(self, receipt: Receipt, amount: float, now: float) -> float:

@@ -422,8 +422,8 @@ class ProcessScheduler(Scheduler):
             return head.rate_at
         return head.wake_at
 
-    def release(self, items: Items, now: float, receipts: list[Any] | None = None) -> None:
-        super().release(items, now, receipts)
+    def release(self, items: Items, receipts: list[Any] | None = None) -> None:
+        super().release(items, receipts)
         self._poke = True
 
     def after_refund(self, now: float) -> None:

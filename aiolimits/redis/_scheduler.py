@@ -326,9 +326,9 @@ class RedisScheduler(Scheduler):
             log.warning("could not give back an unused grant: %s", exc)
         self._end_leases(items, receipts)
 
-    def release(self, items: Items, now: float, receipts: list[Any] | None = None) -> None:
+    def release(self, items: Items, receipts: list[Any] | None = None) -> None:
         if receipts and isinstance(receipts[0], Local):
-            super().release(items, now)
+            super().release(items)
         # Inline, like every in-process release: a slot released is free for the next call of
         # this process at once, and the head is asked at once too.
         elif (
@@ -337,7 +337,7 @@ class RedisScheduler(Scheduler):
             and self._end_leases(items, receipts)
             and self.queue
         ):
-            self._dispatch(now)
+            self._dispatch(self.clock())
 
     def _end_leases(self, items: Items, receipts: Sequence[Any]) -> bool:
         """End the leases of an acquisition; False when it had none. Never raises: a lease that
