@@ -553,6 +553,8 @@ def test_earliest_is_admissible_when_asked_again_and_a_float_earlier_is_not(
             continue
         e = state.earliest(op.amount, t)
         assert e >= t
+        # The fast path's question (``admits``) has the same answer as ``earliest``.
+        assert copy.deepcopy(state).admits(op.amount, t) == (e == t), (op, t, e)
         if e > t:
             assert earliest_on_a_copy(state, op.amount, e) == e, (op, t, e)
             before = math.nextafter(e, -math.inf)

@@ -439,10 +439,14 @@ def test_available_and_fresh(
 def test_semaphore_waits_for_a_release_not_for_a_time() -> None:
     state = SemaphoreState("connections", 2, 0.0, 0.0)
     assert state.earliest(2, 0.0) == 0.0
+    assert state.admits(2, 0.0)
     state.take(1, 0.0)
     assert state.earliest(2, 5.0) == math.inf
+    assert not state.admits(2, 5.0)
+    assert state.admits(1, 5.0)
     state.release(1)
     assert state.earliest(2, 5.0) == 5.0
+    assert state.admits(2, 5.0)
     with pytest.raises(TypeError, match="'connections' cannot be updated"):
         state.refund(None, 1, 5.0)
     with pytest.raises(TypeError, match="'connections' cannot be updated"):
