@@ -18,13 +18,14 @@ exceeds any limit, and exactly the remainder is admitted after.
 
 from __future__ import annotations
 
-import contextlib
+import gc
 import hashlib
 import os
 import signal
 import threading
 import uuid
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -45,6 +46,18 @@ pytestmark = pytest.mark.filterwarnings("error")
 T = TypeVar("T")
 
 HANG = 30.0  # seconds after which a call that should have failed within its timeout has hung
+
+
+@pytest.fixture(autouse=True)
+def _collect_dropped_node_connections() -> Iterator[None]:
+    """After each test, collect what redis-py dropped without closing: when its Cluster client
+    reads the topology again (after a failover), it replaces its node objects, and the old
+    nodes' pooled connections are left to the garbage collector, which warns about their open
+    sockets. Collected here, ignoring those warnings, so they cannot surface in a later test."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 @pytest.fixture
@@ -111,15 +124,6 @@ def bounded(call: Callable[[], T]) -> T:
     return result
 
 
-def first_call_after_failover(limits: LimitSet) -> None:
-    """The first call of a set whose client has not called since the failover: redis-py's
-    Cluster client still sends it to the dead master, is refused, reads the new topology and
-    raises (the backend allows no retries), so it may fail with BackendUnavailable; nothing
-    is taken then. See test_the_first_call_after_a_completed_failover_is_answered."""
-    with contextlib.suppress(BackendUnavailable):
-        limits.get_stats()
-
-
 def fail_over(cluster: RedisFailoverCluster, key: str) -> tuple[int, int]:
     """Kill the master of ``key`` once its replica has all its writes, and wait until the replica
     serves the slot. Returns the ports of the killed master and of the promoted replica."""
@@ -152,7 +156,6 @@ async def test_the_promoted_replica_keeps_the_counts_and_serves_the_script(
     assert not script_exists(replica)
 
     fail_over(cluster, key)
-    first_call_after_failover(limits)
     # Everything acknowledged before the failover is still counted on the promoted replica.
     assert available(limits) == {"tokens": 4, "call_count": 3, "conns": 1}
     assert script_exists(replica)  # loaded by the library on NOSCRIPT
@@ -250,8 +253,6 @@ async def test_during_a_failover_raise_raises_and_allow_admits_then_limits_are_s
 
     # The shared limits again, with exactly the state from before the window: the calls that
     # timed out never ran (their master never resumed), and what was allowed counted nothing.
-    first_call_after_failover(strict)
-    first_call_after_failover(lenient)
     assert available(strict) == {"tokens": 4, "call_count": 3, "conns": 1}
     with lenient.try_acquire({"tokens": 4}) as acq:  # call 3, 10 tokens
         assert acq.successful
@@ -288,11 +289,11 @@ async def test_a_release_in_another_process_wakes_a_waiter_after_a_failover(
         tg.start_soon(wait)
         await anyio.sleep(0.2)  # the waiter is queued and subscribed
         await anyio.to_thread.run_sync(fail_over, cluster, backend(cluster).hash_key(name))
-        first_call_after_failover(holding)
         held.release()
         assert holding.get_stats()["limits"]["conns"]["in_use"] == 0  # released in Redis
-        # A generous bound on a wake-up (the subscriber reconnects within a second).
-        with anyio.move_on_after(3):
+        # A generous bound on a wake-up (the subscriber reconnects within a second; the machine
+        # may be loaded).
+        with anyio.move_on_after(10):
             await admitted.wait()
         tg.cancel_scope.cancel()
     assert admitted.is_set()
@@ -310,13 +311,6 @@ def test_a_cluster_with_no_node_left_is_unavailable(
         bounded(partial(limits.try_acquire, {"tokens": 1}))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BackendUnavailable,
-    reason="known limit: the first acquisition of a process after a completed failover goes to "
-    "the dead master and is refused; it is not sent again (a script call cannot in general be "
-    "sent twice safely), so it fails once with BackendUnavailable under on_unavailable='raise'",
-)
 def test_the_first_acquisition_after_a_completed_failover_is_answered(
     redis_failover_cluster: RedisFailoverCluster,
 ) -> None:

@@ -80,6 +80,19 @@ def _resp(args: Sequence[str], encoding: str, errors: str) -> bytes:
     return b"".join(out)
 
 
+def _refused(exc: BaseException) -> bool:
+    """Whether ``exc`` comes of a connection refused while connecting (so nothing was sent on
+    it): a ConnectionRefusedError among its causes."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the chains redis-py makes are short
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class Local:
     """The receipt of a limit taken from the in-process fallback (``on_unavailable="local"``)."""
 
@@ -191,17 +204,26 @@ class RedisScheduler(Scheduler):
     # -- talking to the script ---------------------------------------------------------------
 
     def _call(self, op: str, now: float, *args: str) -> Any:
-        """One script call; the time is the server's, or ``now`` under a simulated clock."""
-        try:
-            return self._script(
-                keys=[self._hash],
-                args=[op, num(now) if self._simulated else "", *args],
-                client=self._client,
-            )
-        except UNAVAILABLE as exc:
-            raise BackendUnavailable(
-                f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
-            ) from exc
+        """One script call; the time is the server's, or ``now`` under a simulated clock.
+
+        A call is never sent twice, with one exception that cannot apply it twice: a Cluster
+        node that refused the connection was sent nothing. After a failover, the first call of
+        a process goes to the old master (its map of the Cluster changes only when a call fails);
+        the refusal makes the client read the map again, and the call goes to the new master."""
+        for attempt in (1, 2):
+            try:
+                return self._script(
+                    keys=[self._hash],
+                    args=[op, num(now) if self._simulated else "", *args],
+                    client=self._client,
+                )
+            except UNAVAILABLE as exc:  # noqa: PERF203 (two attempts at most; try is free)
+                if attempt == 1 and not isinstance(self._client, redis.Redis) and _refused(exc):
+                    continue
+                raise BackendUnavailable(
+                    f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
+                ) from exc
+        raise AssertionError("unreachable")
 
     def _unavailable(self, exc: BackendUnavailable) -> str:
         """The policy to apply now that Redis did not answer (re-raises under "raise")."""
