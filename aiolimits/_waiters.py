@@ -51,6 +51,10 @@ WAITING = 0
 GRANTED = 1
 LEFT = 2  # cancelled or timed out, out of the queue, holding nothing
 
+_INF = math.inf
+# Per event loop class: whether its timers must be padded to whole milliseconds (uvloop).
+_PAD_MS: dict[type, bool] = {}
+
 
 class Cancellable(Protocol):
     def cancel(self) -> None: ...
@@ -90,8 +94,8 @@ class Waiter:
         self.notified = False
         # Set by the scheduler while this waiter is the head: when it becomes admissible
         # (inf: only a release can do it) and the part of that known from the rate limits alone.
-        self.wake_at = math.inf
-        self.rate_at = -math.inf
+        self.wake_at = _INF
+        self.rate_at = -_INF
         self.receipts: list[Any] | None = None
         self.granted_at = 0.0
 
@@ -198,13 +202,18 @@ class AsyncioWaiter(TaskWaiter):
         deadline: float,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        super().__init__(items, deadline)
+        # Every waiting task makes one: TaskWaiter.__init__ inline, one call fewer.
+        Waiter.__init__(self, items, deadline)
+        self._thread = threading.get_ident()
         self._loop = loop
         self._fut: asyncio.Future[None] = loop.create_future()
         # uvloop rounds timer delays to whole milliseconds against a cached millisecond clock, so
         # a timer can fire up to ~1.5 ms early; waking early and going back to sleep is the
         # spinning other limiters show under uvloop. Round up instead: never early, <= 2 ms late.
-        self._pad_ms = type(loop).__module__.startswith("uvloop")
+        pad = _PAD_MS.get(type(loop))
+        if pad is None:
+            pad = _PAD_MS[type(loop)] = type(loop).__module__.startswith("uvloop")
+        self._pad_ms = pad
 
     def _wake(self) -> None:
         fut = self._fut
