@@ -15,10 +15,25 @@
 -- the test hook that drives the script with a fake clock. Numbers come in as Python's repr of a
 -- float (which strtod reads back exactly) and go out as %.17g strings (which Python's float()
 -- reads back exactly): Redis would truncate a Lua number in a reply to an integer.
+--
+-- Loaded two ways, from this one text (aiolimits/redis/_script.py): as a function library
+-- (FUNCTION LOAD, then FCALL: this top level runs once, at load, and registers `run`), or as an
+-- EVAL script where the server has no functions (Redis < 7: the whole text runs on every call).
+-- The loader puts the function's name, FUNCTION_NAME, in front of the first line of a library.
 
-local key = KEYS[1]
-local INF = math.huge
-local TINY = math.ldexp(1, -1074) -- the smallest subnormal double
+-- Under EVAL a call's keys and arguments are globals; a function gets them as the arguments of
+-- its callback (and reading a global that does not exist is an error there).
+local EVAL = redis.register_function == nil
+local EVAL_KEYS, EVAL_ARGV
+if EVAL then EVAL_KEYS, EVAL_ARGV = KEYS, ARGV end
+
+-- The call being run: its hash, its arguments, and the states it has read (set by `run` at the
+-- start of every call; a library's upvalues outlive its calls, so nothing may carry over).
+local key, ARGV, cache
+-- Only `redis` can be read while a library loads (the standard library, cmsgpack and the rest
+-- exist when its function is called): this top level uses operators, not math.huge or ldexp.
+local INF = 1 / 0
+local TINY = 2 ^ -1074 -- the smallest subnormal double
 local PEAK_LIMIT = 512 -- PeakLog.LIMIT
 
 local function fmt(x)
@@ -224,18 +239,20 @@ end
 -- -- the algorithms: new(now), earliest, take, refund, charge, available -------------------
 -- Each takes the state table s and the limit L = { cap = C, window = W }.
 
--- Each algorithm is built on first use in a call: a script runs from the top every time, and
--- building all six would cost more than the decision itself.
+-- Each algorithm is built on first use: under EVAL a script runs from the top every time, and
+-- building all six would cost more than the decision itself (a library keeps what it built).
 local builders = {}
-local algos = setmetatable({}, {
-  __index = function(t, name)
+local algos = {}
+local function algo(name)
+  local A = algos[name]
+  if A == nil then
     local build = builders[name]
     if build == nil then return nil end
-    local A = build()
-    t[name] = A
-    return A
-  end,
-})
+    A = build()
+    algos[name] = A
+  end
+  return A
+end
 
 -- TokenBucket: the level in unit-seconds and the time it was brought up to date.
 builders.token_bucket = function()
@@ -625,13 +642,11 @@ end
 
 -- -- loading and saving -----------------------------------------------------------------------
 
-local cache = {}
-
 local function limit_at(i)
   -- field, algorithm, capacity, window: four ARGV entries from i
   local L = { field = ARGV[i], algo = ARGV[i + 1], cap = tonumber(ARGV[i + 2]),
               window = tonumber(ARGV[i + 3]) }
-  local A = algos[L.algo]
+  local A = algo(L.algo)
   if A == nil then error('aiolimits: unknown algorithm ' .. tostring(L.algo)) end
   L.A = A
   return L
@@ -906,6 +921,13 @@ ops.stats = function(now)
   return out
 end
 
-local op = ops[ARGV[1]]
-if op == nil then error('aiolimits: unknown operation ' .. tostring(ARGV[1])) end
-return op(read_now())
+local function run(keys, args)
+  key, ARGV, cache = keys[1], args, {}
+  local op = ops[ARGV[1]]
+  if op == nil then error('aiolimits: unknown operation ' .. tostring(ARGV[1])) end
+  return op(read_now())
+end
+
+if EVAL then return run(EVAL_KEYS, EVAL_ARGV) end
+-- Writes (the state, and the high-water mark of the clock even when only asking): no flags.
+redis.register_function({ function_name = FUNCTION_NAME, callback = run })
