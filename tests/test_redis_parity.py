@@ -368,3 +368,17 @@ def test_lua_server_time_never_runs_backwards(script: Script) -> None:
     script.client.hset(key, "!t", repr(future))
     reply = script.raw(key, "earliest", "", 0)
     assert float(reply[0]) == future
+    conns = multi_args([(ResourceLimit("conns", 2), 1)])
+    assert script.raw(key, "acquire", "", "h", "5.0", *conns).split(b" ")[:2] == [b"1", b"4000000000"]
+    assert float(script.client.hget(key, "!t") or 0) == future  # not lowered
+
+
+def test_lua_acquire_records_the_clock_and_counts_its_grants(script: Script) -> None:
+    key = fresh_hash()
+    calls = multi_args([(CallLimit(60.0, 2), 1)])
+    for _ in range(3):  # two grants, then a refusal
+        reply = script.raw(key, "acquire", "", "h", "5.0", *calls)
+        assert script.client.hget(key, "!t") == reply.split(b" ")[1]  # the time it answered at
+    assert reply.startswith(b"0 ")
+    assert script.client.hget(key, "!g") == b"2"
+    assert script(key, "stats", 0.0, 0)[2] == b"2"

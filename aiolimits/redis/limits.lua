@@ -36,7 +36,10 @@ local INF = 1 / 0
 local TINY = 2 ^ -1074 -- the smallest subnormal double
 local PEAK_LIMIT = 512 -- PeakLog.LIMIT
 
+-- A whole number below 2^53 as %d: the same digits as %.17g, made much faster (the receipts of
+-- the buckets and most counts are whole).
 local function fmt(x)
+  if x >= 1 and x < 9007199254740992 and x % 1 == 0 then return string.format('%d', x) end
   return string.format('%.17g', x)
 end
 
@@ -678,6 +681,11 @@ end
 
 -- A receipt as text, the way acquire answers: parts separated by ';', numbers by ','.
 local function receipt_text(receipt)
+  if #receipt == 1 then
+    local part = receipt[1]
+    if #part == 2 then return fmt(part[1]) .. ',' .. fmt(part[2]) end
+    if #part == 1 then return fmt(part[1]) end
+  end
   local parts = {}
   for i = 1, #receipt do
     local part = {}
@@ -697,14 +705,21 @@ local function decode_receipt(text)
   return parts
 end
 
-local function read_now()
+-- The time of a call, given the high-water mark stored in "!t" (`last`, as stored: false when
+-- absent), and whether "!t" is to be set to it.
+local function clock(last)
   local given = ARGV[2]
-  if given ~= '' then return tonumber(given) end
+  if given ~= '' then return tonumber(given), false end
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  local last = tonumber(redis.call('HGET', key, '!t') or '')
-  if last ~= nil and last > now then return last end
-  redis.call('HSET', key, '!t', fmt(now))
+  last = tonumber(last or '')
+  if last ~= nil and last > now then return last, false end
+  return now, true
+end
+
+local function read_now()
+  local now, stamp = clock(redis.call('HGET', key, '!t'))
+  if stamp then redis.call('HSET', key, '!t', fmt(now)) end
   return now
 end
 
@@ -729,9 +744,10 @@ local function read_items(first)
 end
 
 -- Scheduler.admit_time: (rate_at, admit_at) for the items at now, and when a lease of a full
--- resource among them runs out (inf: none is full, or none has a lease).
-local function admit_time(items, now)
-  local p = paused_until()
+-- resource among them runs out (inf: none is full, or none has a lease). `p`: the end of a pause,
+-- if already read.
+local function admit_time(items, now, p)
+  if p == nil then p = paused_until() end
   local at
   if p > now then at = p else at = now end
   local blocked = false
@@ -762,21 +778,42 @@ local ops = {}
 -- "1 now receipt..." (receipt_text per item, empty for a resource); otherwise takes nothing:
 -- "0 now rate_at admit_at expiry". One line of text: the most frequent reply is the cheapest to
 -- make and to read as one string (nested replies cost more than the decision on both sides).
-ops.acquire = function(now)
+-- The most frequent operation, so it reads every field it needs in one HMGET ("!t", "!p", "!g",
+-- the states) and writes in one HSET: three redis.calls with TIME, where it made seven.
+local function acquire()
   local holder, ttl = ARGV[3], tonumber(ARGV[4])
   local items = read_items(5)
-  local rate_at, admit_at, expiry = admit_time(items, now)
-  if admit_at > now then
-    return table.concat({ '0', fmt(now), fmt(rate_at), fmt(admit_at), fmt(expiry) }, ' ')
+  local n = #items
+  local fields = { '!t', '!p', '!g' }
+  for j = 1, n do fields[3 + j] = 's:' .. items[j][1].field end
+  local got = redis.call('HMGET', key, unpack(fields))
+  local now, stamp = clock(got[1])
+  for j = 1, n do
+    local L = items[j][1]
+    if cache[L.field] == nil then
+      local raw = got[3 + j]
+      if raw then cache[L.field] = cmsgpack.unpack(raw) else cache[L.field] = L.A.new(L, now) end
+    end
   end
-  local out = { '1', fmt(now) }
-  for j = 1, #items do
+  local rate_at, admit_at, expiry = admit_time(items, now, tonumber(got[2] or '') or -INF)
+  local now_text = fmt(now)
+  if admit_at > now then
+    if stamp then redis.call('HSET', key, '!t', now_text) end
+    return table.concat({ '0', now_text, fmt(rate_at), fmt(admit_at), fmt(expiry) }, ' ')
+  end
+  local out = { '1', now_text }
+  local writes = {}
+  if stamp then writes[1], writes[2] = '!t', now_text end
+  for j = 1, n do
     local L, amount = items[j][1], items[j][2]
-    local receipt = L.A.take(state_of(L, now), L, amount, now, holder, ttl)
-    save(L)
+    local receipt = L.A.take(cache[L.field], L, amount, now, holder, ttl)
+    writes[#writes + 1] = fields[3 + j]
+    writes[#writes + 1] = cmsgpack.pack(cache[L.field])
     out[#out + 1] = receipt_text(receipt)
   end
-  redis.call('HINCRBY', key, '!g', 1)
+  writes[#writes + 1] = '!g'
+  writes[#writes + 1] = string.format('%d', (tonumber(got[3] or '') or 0) + 1)
+  redis.call('HSET', key, unpack(writes))
   return table.concat(out, ' ')
 end
 
@@ -923,6 +960,7 @@ end
 
 local function run(keys, args)
   key, ARGV, cache = keys[1], args, {}
+  if ARGV[1] == 'acquire' then return acquire() end -- it reads the clock with its state
   local op = ops[ARGV[1]]
   if op == nil then error('aiolimits: unknown operation ' .. tostring(ARGV[1])) end
   return op(read_now())
