@@ -599,7 +599,7 @@ class RedisScheduler(Scheduler):
                 loaded = False
                 while True:
                     functions = self._script.functions
-                    command = self._script.command(self._hash, [op, "", *args])
+                    command = self._script.command(self._hash, [op, "", *args], functions=functions)
                     conn.send_packed_command(  # type: ignore[no-untyped-call]
                         [_resp(command, *self._encoding)]
                     )

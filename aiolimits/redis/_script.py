@@ -105,9 +105,10 @@ class Lua:
                     raise
                 loaded = loaded or functions == self.functions
 
-    def command(self, key: str, args: Sequence[str]) -> list[str]:
-        """One call as the words of a command (``_scheduler``'s direct path sends them)."""
-        if self.functions:
+    def command(self, key: str, args: Sequence[str], *, functions: bool) -> list[str]:
+        """One call as the words of a command, as a function or a script (``_scheduler``'s
+        direct path sends them)."""
+        if functions:
             return ["FCALL", FUNCTION, "1", key, *args]
         return ["EVALSHA", SHA, "1", key, *args]
 
