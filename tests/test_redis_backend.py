@@ -454,6 +454,35 @@ async def test_a_server_without_functions_is_sent_the_script_by_evalsha() -> Non
         server.stop()
 
 
+def test_a_user_refused_functions_by_an_acl_is_sent_the_script_by_evalsha(
+    own_server: RedisServer,
+) -> None:
+    import redis
+
+    admin = redis.Redis.from_url(own_server.url)
+    try:
+        admin.acl_setuser(
+            "scripts-only",
+            enabled=True,
+            passwords=["+pw"],
+            keys=["~*"],
+            channels=["&*"],
+            commands=["+@all", "-fcall", "-function"],
+        )
+    finally:
+        admin.close()
+    from aiolimits.redis import RedisBackend
+
+    url = f"redis://scripts-only:pw@127.0.0.1:{own_server.port}/0"
+    limits = LimitSet(
+        [CallLimit(3600, 2, "sliding_window")], backend=RedisBackend(url), name=uuid.uuid4().hex
+    )
+    assert limits.try_acquire().successful  # NOPERM for FCALL: not run, EVALSHA from now on
+    assert limits.try_acquire().successful
+    assert not limits.try_acquire().successful
+    assert limits._scheduler._script.functions is False  # type: ignore[attr-defined]
+
+
 # --- the async door on the real clock: the dispatcher thread asks for the queue ------------------
 
 

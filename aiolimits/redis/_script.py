@@ -58,9 +58,13 @@ LIBRARY: str = f"#!lua name={FUNCTION}\nlocal FUNCTION_NAME = '{FUNCTION}' {SOUR
 SHA: str = hashlib.sha1(SOURCE.encode()).hexdigest()
 
 
-def _unknown_command(exc: redis.exceptions.ResponseError) -> bool:
-    """The server does not know FCALL or FUNCTION (Redis < 7, or renamed away)."""
-    return str(exc).lower().startswith("unknown command")
+def _no_functions(exc: redis.exceptions.ResponseError) -> bool:
+    """The server does not know FCALL or FUNCTION (Redis < 7, or renamed away), or refuses them
+    to this user (an ACL that allows scripts but not functions): the command did not run."""
+    message = str(exc).lower()
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return "'fcall'" in message or "'function" in message
+    return message.startswith("unknown command")
 
 
 class Lua:
@@ -68,7 +72,8 @@ class Lua:
     server does not have it.
 
     As a function (``FCALL``) unless the server does not know functions: the first ``unknown
-    command`` reply switches this backend to ``EVALSHA`` for good. A server that does not have
+    command`` reply (or an ACL's refusal of ``FCALL`` or ``FUNCTION LOAD``) switches this
+    backend to ``EVALSHA`` for good. A server that does not have
     the library (``Function not found``: a restart without persistence, a ``FUNCTION FLUSH``, a
     Cluster node that never saw the load) or the script (``NOSCRIPT``) did not run the call:
     it is loaded there (``FUNCTION LOAD REPLACE``, to every master of a Cluster) and the call is
@@ -123,7 +128,7 @@ class Lua:
         True when the call was not run and may be sent again — the server lacked the library or
         the script and has it now (unless it was loaded already for this call: ``loaded``), or it
         has no functions and this backend uses ``EVALSHA`` from now on."""
-        if functions and _unknown_command(exc):
+        if functions and _no_functions(exc):
             self.functions = False
             return True
         if loaded:
@@ -142,7 +147,7 @@ class Lua:
             try:
                 client.function_load(LIBRARY, replace=True)
             except redis.exceptions.ResponseError as exc:
-                if not _unknown_command(exc):
+                if not _no_functions(exc):
                     raise
                 self.functions = False
             else:
