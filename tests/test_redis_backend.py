@@ -374,6 +374,115 @@ def test_a_manual_clock_drives_the_script_time(redis_server: RedisServer) -> Non
     assert limits.try_acquire({"tokens": 10}).successful
 
 
+# --- how the script is loaded: a function library, or an EVAL script -----------------------------
+
+
+def commandstats(server: RedisServer) -> dict[str, int]:
+    """How many times each command was called on the server (INFO commandstats)."""
+    import redis
+
+    client = redis.Redis.from_url(server.url)
+    try:
+        stats: Any = client.info("commandstats")
+    finally:
+        client.close()
+    return {name.removeprefix("cmdstat_"): entry["calls"] for name, entry in stats.items()}
+
+
+@pytest.mark.anyio
+async def test_the_library_is_loaded_once_and_again_after_a_function_flush(
+    own_server: RedisServer,
+) -> None:
+    import redis
+
+    from aiolimits.redis._script import FUNCTION
+
+    limits = LimitSet(
+        [CallLimit(3600, 5, "sliding_window")], backend=backend(own_server), name=uuid.uuid4().hex
+    )
+    client = redis.Redis.from_url(own_server.url)
+    try:
+        assert limits.try_acquire().successful  # from the thread: Function not found, loaded
+        async with limits.acquire(timeout=5):  # the task's direct call
+            pass
+        assert client.function_list(FUNCTION)[0][1] == FUNCTION.encode()
+        assert commandstats(own_server)["function|load"] == 1
+        client.function_flush()  # a restart without persistence, say: both doors load it again
+        assert limits.try_acquire().successful
+        client.function_flush()
+        async with limits.acquire(timeout=5):
+            pass
+        assert limits.try_acquire().successful
+        stats = commandstats(own_server)
+        assert stats["function|load"] == 3
+        assert "evalsha" not in stats
+        # Five were taken, each once (a call refused for want of the library was not run).
+        assert not limits.try_acquire().successful
+    finally:
+        client.close()
+
+
+@pytest.mark.anyio
+async def test_a_server_without_functions_is_sent_the_script_by_evalsha() -> None:
+    import redis
+
+    require_redis()
+    # FCALL and FUNCTION unknown, as on Redis < 7.
+    server = RedisServer.start("--rename-command", "FCALL", "", "--rename-command", "FUNCTION", "")
+    try:
+        limits = LimitSet(
+            [CallLimit(3600, 4, "sliding_window")], backend=backend(server), name=uuid.uuid4().hex
+        )
+        assert limits.try_acquire().successful  # unknown command: EVALSHA from now on
+        async with limits.acquire(timeout=5):
+            pass
+        client = redis.Redis.from_url(server.url)
+        try:
+            client.script_flush()  # NOSCRIPT: loaded again, by both doors
+            assert limits.try_acquire().successful
+            client.script_flush()
+            async with limits.acquire(timeout=5):
+                pass
+        finally:
+            client.close()
+        assert not limits.try_acquire().successful  # four taken, each once
+        stats = commandstats(server)
+        assert "fcall" not in stats  # renamed away: never run
+        assert stats["script|load"] == 3
+        assert limits._scheduler._script.functions is False  # type: ignore[attr-defined]
+    finally:
+        server.stop()
+
+
+def test_a_user_refused_functions_by_an_acl_is_sent_the_script_by_evalsha(
+    own_server: RedisServer,
+) -> None:
+    import redis
+
+    admin = redis.Redis.from_url(own_server.url)
+    try:
+        admin.acl_setuser(
+            "scripts-only",
+            enabled=True,
+            passwords=["+pw"],
+            keys=["~*"],
+            channels=["&*"],
+            commands=["+@all", "-fcall", "-function"],
+        )
+    finally:
+        admin.close()
+    from aiolimits.redis import RedisBackend
+
+    url = f"redis://scripts-only:pw@127.0.0.1:{own_server.port}/0"
+    limits = LimitSet(
+        [CallLimit(3600, 2, "sliding_window")], backend=RedisBackend(url), name=uuid.uuid4().hex
+    )
+    assert limits.try_acquire().successful  # NOPERM for FCALL: not run, EVALSHA from now on
+    assert limits.try_acquire().successful
+    assert not limits.try_acquire().successful
+    assert limits._scheduler._script.functions is False  # type: ignore[attr-defined]
+
+
 # --- the async door on the real clock: the dispatcher thread asks for the queue ------------------
 
 
@@ -388,9 +497,9 @@ class CountingScript:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.script, name)
 
-    def __call__(self, *, keys: Any, args: Any, client: Any) -> Any:
+    def __call__(self, client: Any, key: str, args: Any) -> Any:
         self.calls[args[0]] = self.calls.get(args[0], 0) + 1
-        return self.script(keys=keys, args=args, client=client)
+        return self.script(client, key, args)
 
 
 @pytest.mark.anyio
@@ -522,10 +631,10 @@ class GrantLog:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.script, name)
 
-    def __call__(self, *, keys: Any, args: Any, client: Any) -> Any:
+    def __call__(self, client: Any, key: str, args: Any) -> Any:
         from aiolimits.redis._script import acquire_reply
 
-        reply = self.script(keys=keys, args=args, client=client)
+        reply = self.script(client, key, args)
         if args[0] == "batch":
             self.times += [float(reply[0])] * len(reply[2])
         elif args[0] == "acquire" and acquire_reply(reply)[0] == 1:

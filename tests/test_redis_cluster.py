@@ -8,6 +8,7 @@ runs here as on a single server, from a URL naming any one node.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 
@@ -31,7 +32,7 @@ class TestRedisCluster(LimitSetContract):
     """Every contract test, on a Redis Cluster."""
 
 
-def test_sets_spread_over_the_nodes_and_survive_a_script_flush(
+def test_sets_spread_over_the_nodes_and_survive_a_function_flush(
     redis_cluster: RedisClusterNodes,
 ) -> None:
     import redis
@@ -52,15 +53,59 @@ def test_sets_spread_over_the_nodes_and_survive_a_script_flush(
     try:
         owners = {client.get_node_from_key(backend.hash_key(f"s{i}")).port for i in range(12)}  # type: ignore[no-untyped-call]
         assert len(owners) > 1  # the sets really are spread over several masters
-        for node in redis_cluster.nodes:  # every node forgets the script
+        for node in redis_cluster.nodes:  # every node forgets the library
             plain = redis.Redis.from_url(node.url)
-            plain.script_flush()
+            plain.function_flush()
             plain.close()
     finally:
         client.close()
     for limits in sets:
-        assert limits.try_acquire().successful  # NOSCRIPT: loaded again where needed
+        assert limits.try_acquire().successful  # Function not found: loaded again, everywhere
         assert not limits.try_acquire().successful
+    assert all(library_on(node.url) for node in redis_cluster.nodes)
+
+
+def library_on(url: str) -> bool:
+    import redis
+
+    from aiolimits.redis._script import FUNCTION
+
+    plain = redis.Redis.from_url(url)
+    try:
+        return bool(plain.function_list(FUNCTION))
+    finally:
+        plain.close()
+
+
+def test_a_node_that_never_saw_the_library_is_sent_it(redis_cluster: RedisClusterNodes) -> None:
+    import redis
+    from redis.cluster import RedisCluster
+
+    from aiolimits.redis import RedisBackend
+
+    backend = RedisBackend(redis_cluster.url)
+    name = uuid.uuid4().hex
+    limits = LimitSet([CallLimit(3600, 2, "sliding_window")], backend=backend, name=name)
+    assert limits.try_acquire().successful
+    client = RedisCluster.from_url(redis_cluster.url)
+    try:
+        owner = client.get_node_from_key(backend.hash_key(name))  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
+    plain = redis.Redis(host=owner.host, port=owner.port)
+    try:
+        plain.function_flush()  # only the node of this set forgets it
+        assert not library_on(f"redis://{owner.host}:{owner.port}")
+        assert limits.try_acquire().successful  # loaded again, and the call made once
+        assert not limits.try_acquire().successful
+        assert library_on(f"redis://{owner.host}:{owner.port}")
+    finally:
+        plain.close()
+    for node in redis_cluster.nodes:  # FCALL is sent straight to its node, without asking
+        each = redis.Redis.from_url(node.url)
+        stats: Any = each.info("commandstats")
+        each.close()
+        assert "cmdstat_command|getkeys" not in stats
 
 
 @pytest.mark.anyio

@@ -2,7 +2,8 @@
 
 Every LimitSet gets its own ``name``, so tests share one server. Under a
 :class:`~aiolimits.testing.ManualClock` the script takes its time from that clock (the backend's
-test hook); the real-clock tests run on Redis server time.
+test hook); the real-clock tests run on Redis server time. They run twice: with the script as
+a function (FCALL), and as an EVAL script, as on a server without functions.
 """
 
 from __future__ import annotations
@@ -27,3 +28,15 @@ def make_limitset(redis_server: RedisServer) -> MakeLimitSet:
 
 class TestRedisBackend(LimitSetContract):
     """Every contract test, on RedisBackend."""
+
+
+class TestRedisBackendWithoutFunctions(LimitSetContract):
+    """Every contract test, with the script sent as EVALSHA (a server without functions)."""
+
+    @pytest.fixture
+    def make_limitset(self, redis_server: RedisServer) -> MakeLimitSet:
+        from aiolimits.redis import RedisBackend
+
+        backend = RedisBackend(redis_server.url, prefix="contract-eval")
+        backend._lua.functions = False  # what a server without FCALL leads to
+        return limitset_factory(backend, lambda: uuid.uuid4().hex)

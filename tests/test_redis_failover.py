@@ -19,7 +19,6 @@ exceeds any limit, and exactly the remainder is admitted after.
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 import signal
 import threading
@@ -82,14 +81,11 @@ def declared() -> list[RateLimit | CallLimit | ResourceLimit]:
     ]
 
 
-def script_sha() -> str:
-    from aiolimits.redis._script import SOURCE
+def library_exists(port: int) -> bool:
+    """The node has the script's function library (FUNCTION LIST of its name)."""
+    from aiolimits.redis._script import FUNCTION
 
-    return hashlib.sha1(SOURCE.encode()).hexdigest()
-
-
-def script_exists(port: int) -> bool:
-    return cli(port, "script", "exists", script_sha()).strip() == "1"
+    return FUNCTION in cli(port, "function", "list", "libraryname", FUNCTION)
 
 
 def available(limits: LimitSet) -> dict[str, float]:
@@ -149,16 +145,14 @@ async def test_the_promoted_replica_keeps_the_counts_and_serves_the_script(
     assert held.successful
     async with limits.acquire({"tokens": 3}, timeout=5):  # call 2, 6 tokens
         pass
-    # The replica has never been sent the script (Redis 7 does not replicate SCRIPT LOAD, and
-    # this makes sure whatever the version): the promoted replica must load it on NOSCRIPT.
+    # The library was loaded on the master by the first call: FUNCTION LOAD is replicated (a
+    # library is part of the data set), so the promoted replica serves it as it is.
     replica = cluster.replica_of(cluster.master_of(key)).port
-    cli(replica, "script", "flush")
-    assert not script_exists(replica)
 
     fail_over(cluster, key)
     # Everything acknowledged before the failover is still counted on the promoted replica.
     assert available(limits) == {"tokens": 4, "call_count": 3, "conns": 1}
-    assert script_exists(replica)  # loaded by the library on NOSCRIPT
+    assert library_exists(replica)
 
     # Exactly the remainder is admitted, through every door, and no more.
     async with limits.acquire({"tokens": 2}, timeout=5):  # call 3, 8 tokens (the dispatcher)
@@ -175,13 +169,14 @@ async def test_the_promoted_replica_keeps_the_counts_and_serves_the_script(
         async with limits.acquire({"tokens": 1}, timeout=0.2):
             pytest.fail("admitted beyond the token limit")
 
-    # The promoted node forgets the script again (SCRIPT FLUSH): it is sent again.
-    cli(replica, "script", "flush")
+    # The promoted node forgets the library (FUNCTION FLUSH): it is loaded again.
+    cli(replica, "function", "flush")
+    assert not library_exists(replica)
     last = limits.try_acquire({"tokens": 0})  # call 5 of 5
     assert last.successful
     last.release()
     assert not limits.try_acquire({"tokens": 0}).successful
-    assert script_exists(replica)
+    assert library_exists(replica)
     assert available(limits) == {"tokens": 0, "call_count": 0, "conns": 2}
     assert limits.get_stats()["granted"] == 5
 

@@ -43,27 +43,31 @@ _holders = itertools.count()
 
 
 class Script:
-    """The Lua script on one server, called with an explicit time."""
+    """The Lua script on one server, called with an explicit time: as a function (FCALL, one
+    library whose calls must not leak state into each other) or as an EVAL script."""
 
-    def __init__(self, server: RedisServer) -> None:
+    def __init__(self, server: RedisServer, *, functions: bool) -> None:
         import redis
 
-        from aiolimits.redis._script import SOURCE
+        from aiolimits.redis._script import Lua
 
         self.client = redis.Redis.from_url(server.url)
-        self.script = self.client.register_script(SOURCE)
+        self.lua = Lua(functions=functions)
+
+    def raw(self, hash_key: str, *args: Any) -> Any:
+        return self.lua(self.client, hash_key, [str(arg) for arg in args])
 
     def __call__(self, hash_key: str, op: str, now: float, *args: Any) -> Any:
         """The reply, acquire's (one line of text) decoded as the scheduler decodes it."""
         from aiolimits.redis._script import acquire_reply, num
 
-        reply = self.script(keys=[hash_key], args=[op, num(now), *args])
+        reply = self.raw(hash_key, op, num(now), *args)
         return acquire_reply(reply) if op == "acquire" else reply
 
 
-@pytest.fixture(scope="module")
-def script(redis_server: RedisServer) -> Iterator[Script]:
-    s = Script(redis_server)
+@pytest.fixture(scope="module", params=[True, False], ids=["fcall", "eval"])
+def script(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[Script]:
+    s = Script(redis_server, functions=request.param)
     yield s
     s.client.close()
 
@@ -362,5 +366,20 @@ def test_lua_server_time_never_runs_backwards(script: Script) -> None:
     key = fresh_hash()
     future = 4e9  # a high-water mark left by a server whose clock was ahead
     script.client.hset(key, "!t", repr(future))
-    reply = script.script(keys=[key], args=["earliest", "", 0])
+    reply = script.raw(key, "earliest", "", 0)
     assert float(reply[0]) == future
+    conns = multi_args([(ResourceLimit("conns", 2), 1)])
+    reply = script.raw(key, "acquire", "", "h", "5.0", *conns)
+    assert reply.split(b" ")[:2] == [b"1", b"4000000000"]
+    assert float(script.client.hget(key, "!t") or 0) == future  # not lowered
+
+
+def test_lua_acquire_records_the_clock_and_counts_its_grants(script: Script) -> None:
+    key = fresh_hash()
+    calls = multi_args([(CallLimit(60.0, 2), 1)])
+    for _ in range(3):  # two grants, then a refusal
+        reply = script.raw(key, "acquire", "", "h", "5.0", *calls)
+        assert script.client.hget(key, "!t") == reply.split(b" ")[1]  # the time it answered at
+    assert reply.startswith(b"0 ")
+    assert script.client.hget(key, "!g") == b"2"
+    assert script(key, "stats", 0.0, 0)[2] == b"2"

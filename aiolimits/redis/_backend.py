@@ -23,7 +23,7 @@ from .._limits import Limit
 from .._scheduler import Scheduler
 from .._waiters import TimerClock
 from ._scheduler import RedisScheduler
-from ._script import SOURCE
+from ._script import Lua
 from ._threads import UNAVAILABLE
 
 __all__ = ["RedisBackend"]
@@ -65,6 +65,7 @@ class RedisBackend(Backend):
     __slots__ = (
         "_checked",
         "_client",
+        "_lua",
         "_url",
         "lease_seconds",
         "on_unavailable",
@@ -103,6 +104,8 @@ class RedisBackend(Backend):
         self.on_unavailable = on_unavailable
         self.timeout = float(timeout)
         self.lease_seconds = float(lease_seconds)
+        # How the script is sent (shared by this backend's sets: functions are detected once).
+        self._lua = Lua()
         if isinstance(url_or_client, str):
             self._client = redis.Redis.from_url(url_or_client, **self._settings())
         elif isinstance(url_or_client, redis.asyncio.Redis):
@@ -221,7 +224,7 @@ class RedisBackend(Backend):
             clock,
             client=client,
             subscriber=self._subscriber(key),
-            script=client.register_script(SOURCE),
+            script=self._lua,
             hash_key=key,
             limits=limits,
             lease_seconds=self.lease_seconds,

@@ -57,12 +57,11 @@ from .._errors import BackendUnavailable
 from .._limits import Limit, ResourceLimit
 from .._scheduler import Items, Scheduler
 from .._waiters import GRANTED, LEFT, WAITING, Cancellable, TimerClock, Waiter
-from ._script import acquire_reply, decode_receipt, encode_receipt, limit_args, num
+from ._script import Lua, acquire_reply, decode_receipt, encode_receipt, limit_args, num
 from ._threads import UNAVAILABLE, Dispatcher, Listener, Renewer, expire, log
 
 if TYPE_CHECKING:
     from redis.cluster import RedisCluster
-    from redis.commands.core import Script
 
 __all__ = ["RedisScheduler"]
 
@@ -147,7 +146,7 @@ class RedisScheduler(Scheduler):
         *,
         client: redis.Redis | RedisCluster,
         subscriber: Callable[[], redis.client.PubSub],
-        script: Script,
+        script: Lua,
         hash_key: str,
         limits: Sequence[Limit],
         lease_seconds: float,
@@ -213,9 +212,7 @@ class RedisScheduler(Scheduler):
         for attempt in (1, 2):
             try:
                 return self._script(
-                    keys=[self._hash],
-                    args=[op, num(now) if self._simulated else "", *args],
-                    client=self._client,
+                    self._client, self._hash, [op, num(now) if self._simulated else "", *args]
                 )
             except UNAVAILABLE as exc:  # noqa: PERF203 (two attempts at most; try is free)
                 if attempt == 1 and not isinstance(self._client, redis.Redis) and _refused(exc):
@@ -621,18 +618,21 @@ class RedisScheduler(Scheduler):
             # each costs a noticeable share of a loopback round trip).
             deadline = anyio.current_time() + timeout
             with anyio.CancelScope(shield=True, deadline=deadline):
-                for attempt in (1, 2):
-                    command = ["EVALSHA", self._script.sha, "1", self._hash, op, "", *args]
+                loaded = False
+                while True:
+                    functions = self._script.functions
+                    command = self._script.command(self._hash, [op, "", *args], functions=functions)
                     conn.send_packed_command(  # type: ignore[no-untyped-call]
                         [_resp(command, *self._encoding)]
                     )
                     await _wait_readable(conn._sock)
                     try:
                         reply = conn.read_response()
-                    except redis.exceptions.NoScriptError:
-                        if attempt == 2:
+                    except redis.exceptions.ResponseError as exc:
+                        # Not run (no library or script there): loaded, and sent once more.
+                        if not self._script.recover(self._client, exc, functions, loaded):
                             raise
-                        self._script.sha = self._client.script_load(self._script.script)
+                        loaded = loaded or functions == self._script.functions
                         continue
                     done = True
                     return reply
