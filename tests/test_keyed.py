@@ -863,11 +863,16 @@ class _ElsewhereBackend(Backend):
         return "_ElsewhereBackend()"
 
 
-@pytest.mark.parametrize("backend", [_ElsewhereBackend(), "redis://localhost", object()])
-def test_only_the_memory_backend_is_accepted(backend: Any) -> None:
-    with pytest.raises(
-        TypeError, match=r"^backend must be None or MemoryBackend\(\): KeyedLimitSet keeps"
-    ):
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [
+        (_ElsewhereBackend(), r"^backend _ElsewhereBackend\(\) cannot hold a KeyedLimitSet"),
+        ("redis://localhost", r"^backend must be a backend such as MemoryBackend\(\), got 're"),
+        (object(), r"^backend must be a backend such as MemoryBackend\(\), got <object"),
+    ],
+)
+def test_a_backend_that_cannot_hold_keys_is_refused(backend: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
         KeyedLimitSet([tokens()], backend=backend)
     keyed = KeyedLimitSet([tokens()], backend=MemoryBackend())
     assert keyed.try_acquire("a", {"tokens": 1}).successful

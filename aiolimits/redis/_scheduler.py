@@ -40,9 +40,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
 import uuid
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -58,7 +56,7 @@ from .._limits import Limit, ResourceLimit
 from .._scheduler import Items, Scheduler
 from .._waiters import GRANTED, LEFT, WAITING, Cancellable, TimerClock, Waiter
 from ._script import acquire_reply, decode_receipt, encode_receipt, limit_args, num
-from ._threads import UNAVAILABLE, Dispatcher, Listener, Renewer, expire, log
+from ._threads import UNAVAILABLE, Hub, log
 
 if TYPE_CHECKING:
     from redis.cluster import RedisCluster
@@ -102,7 +100,6 @@ class RedisScheduler(Scheduler):
         "_channel",
         "_client",
         "_direct",
-        "_dispatcher",
         "_encoding",
         "_epoch",
         "_expiry_at",
@@ -111,18 +108,16 @@ class RedisScheduler(Scheduler):
         "_fast_busy",
         "_hash",
         "_holders",
+        "_hub",
         "_lease",
         "_leases",
-        "_listener",
         "_me",
         "_policy",
         "_refunded",
         "_refused",
-        "_renewer",
         "_resources",
         "_script",
         "_simulated",
-        "_subscriber",
         "leases_lost",
         "remote",
     )
@@ -133,7 +128,7 @@ class RedisScheduler(Scheduler):
         clock: Callable[[], float],
         *,
         client: redis.Redis | RedisCluster,
-        subscriber: Callable[[], redis.client.PubSub],
+        hub: Hub,
         script: Script,
         hash_key: str,
         limits: Sequence[Limit],
@@ -149,7 +144,7 @@ class RedisScheduler(Scheduler):
         self._refunded: dict[str, float] = {state.key: 0.0 for state in states}
         self.refunded = self._refunded
         self._client = client
-        self._subscriber = subscriber  # a new subscription connection, without a read timeout
+        self._hub = hub  # the set's threads, shared with its other schedulers (keyed sets)
         self._script = script
         self._hash = hash_key
         self._channel = f"{hash_key}:wake"
@@ -161,7 +156,6 @@ class RedisScheduler(Scheduler):
         # dispatcher thread asks Redis for the queue (see Dispatcher); under a simulated clock
         # every decision is made inline, so that a test sees it done when its tasks are blocked.
         self.remote = not simulated
-        self._dispatcher: Dispatcher | None = None
         # Counts what may change an answer of Redis for the head (answers applied, releases
         # elsewhere): a refusal that the dispatcher got before one of them is stale.
         self._epoch = 0
@@ -184,8 +178,6 @@ class RedisScheduler(Scheduler):
         self._me = uuid.uuid4().hex
         self._holders = itertools.count()
         self._leases: dict[str, tuple[str, ...]] = {}  # holder -> resource keys held
-        self._renewer: Renewer | None = None
-        self._listener: Listener | None = None
         self.leases_lost = 0
 
     # -- talking to the script ---------------------------------------------------------------
@@ -420,11 +412,8 @@ class RedisScheduler(Scheduler):
         if self._simulated and isinstance(self.clock, TimerClock):
             self._expiry_timer = self.clock.call_at(at, self._expired)
         else:
-            # The timer holds the scheduler weakly: a pending expiry keeps nothing alive.
-            timer = threading.Timer(at - now, expire, (weakref.ref(self),))
-            timer.daemon = True
-            timer.start()
-            self._expiry_timer = timer
+            # The hub's timer holds the scheduler weakly: a pending expiry keeps nothing alive.
+            self._expiry_timer = self._hub.call_later(at - now, self)
 
     def _expired(self) -> None:
         with self.lock:
@@ -435,8 +424,7 @@ class RedisScheduler(Scheduler):
     # -- waiting across processes ------------------------------------------------------------
 
     def enqueue(self, waiter: Waiter, now: float) -> bool:
-        if self._listener is None:
-            self._listener = Listener(self)
+        self._hub.listen(self)
         if self._simulated:
             return super().enqueue(waiter, now)
         refused, self._refused = self._refused, None
@@ -507,9 +495,7 @@ class RedisScheduler(Scheduler):
             self._signal()
 
     def _signal(self, job: Callable[[], object] | None = None) -> None:
-        if self._dispatcher is None:
-            self._dispatcher = Dispatcher(self)
-        self._dispatcher.signal(job)
+        self._hub.signal(self, job)
 
     # -- the async door's first step: one direct call from the task, without thread hops -----
 
@@ -568,8 +554,7 @@ class RedisScheduler(Scheduler):
                 if self.queue:
                     self._signal()
                 return None, None, start
-            if self._listener is None:
-                self._listener = Listener(self)
+            self._hub.listen(self)
             # First in the queue: it arrived before those that queued while Redis answered.
             self.queue[waiter] = None
             self.queue.move_to_end(waiter, last=False)
@@ -785,8 +770,7 @@ class RedisScheduler(Scheduler):
 
     def _hold(self, holder: str, keys: tuple[str, ...]) -> None:
         self._leases[holder] = keys
-        if self._renewer is None:
-            self._renewer = Renewer(self)
+        self._hub.hold(self)
 
     def renew(self) -> None:
         """Extend every lease this process holds (the renewer thread calls it)."""

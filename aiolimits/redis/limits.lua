@@ -11,6 +11,14 @@
 -- replica whose clock is behind), "!p" the end of a pause, "!g" the grant count, "!r:<key>" the
 -- units refunded, "!d" the declaration (written by the client, not read here).
 --
+-- A KeyedLimitSet keeps each client key in a hash of its own, "<prefix>:k:{<len(name)>:<name>:<key>}"
+-- (plain sets are "{<prefix>:<name>}": only a keyed hash does not start with "{"). A keyed hash
+-- expires: after every operation its PEXPIRE is at least the time until its state is fresh again
+-- (every bucket full, every window empty, no lease live, no pause) plus a margin, so Redis drops
+-- it only once it decides exactly as a key never seen. Its ids (bucket operation numbers, slot and
+-- log entry ids) start from Redis TIME in microseconds, so that a receipt from before an expiry
+-- never names anything of the state made again after it (see keyed_ids below).
+--
 -- ARGV[1] is the operation, ARGV[2] the time: "" for Redis server time (TIME), or seconds for
 -- the test hook that drives the script with a fake clock. Numbers come in as Python's repr of a
 -- float (which strtod reads back exactly) and go out as %.17g strings (which Python's float()
@@ -20,6 +28,24 @@ local key = KEYS[1]
 local INF = math.huge
 local TINY = math.ldexp(1, -1074) -- the smallest subnormal double
 local PEAK_LIMIT = 512 -- PeakLog.LIMIT
+local KEYED = string.sub(key, 1, 1) ~= '{'
+local FRESH_MARGIN_MS = 1000 -- a keyed hash is kept this long after it is fresh
+
+-- The first id of a new state: 0 in a plain set's hash (which never expires); in a keyed hash,
+-- Redis TIME in microseconds, above every id of an earlier incarnation of the same hash (that one
+-- expired at least FRESH_MARGIN_MS after its last operation, and a state issues fewer than one id
+-- per microsecond of its life). A stale receipt then names an id below the new state's: bucket
+-- refunds find the peak of the whole new log (its first take, from a full bucket: nothing to give
+-- back) and slot and entry ids are not found.
+local id_base = nil
+local function keyed_ids()
+  if not KEYED then return 0 end
+  if id_base == nil then
+    local t = redis.call('TIME')
+    id_base = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+  return id_base
+end
 
 local function fmt(x)
   return string.format('%.17g', x)
@@ -115,7 +141,7 @@ end
 -- -- PeakLog and give_back --------------------------------------------------------------------
 
 local function new_peaks()
-  return { seq = 0, seqs = {}, levels = {} }
+  return { seq = keyed_ids(), seqs = {}, levels = {} }
 end
 
 -- bisect_right, 1-based: the first index whose seq is > seq
@@ -299,6 +325,12 @@ builders.token_bucket = function()
   A.available = function(s, L, now)
     return level_at(s, L, now) / L.window
   end
+  -- When the bucket is full again (an upper bound, within float error: the margin covers it).
+  A.fresh_at = function(s, L, now)
+    local full = L.cap * L.window
+    if s.level >= full then return s.stamp end
+    return s.stamp + (full - s.level) / L.cap
+  end
   return A
 end
 
@@ -352,6 +384,9 @@ builders.gcra = function()
   A.available = function(s, L, now)
     return level(s, L, now)
   end
+  A.fresh_at = function(s, L, now)
+    return s.tat
+  end
   return A
 end
 
@@ -360,7 +395,7 @@ end
 builders.leaky_bucket = function()
   local A = {
     new = function(L, now)
-      return { next_id = 0, slots = {} }
+      return { next_id = keyed_ids(), slots = {} }
     end,
   }
   local function interval(L) return L.window / L.cap end
@@ -438,6 +473,9 @@ builders.leaky_bucket = function()
     if next_free(s) <= now then return L.cap end
     return 0.0
   end
+  A.fresh_at = function(s, L, now)
+    return next_free(s)
+  end
   return A
 end
 
@@ -445,7 +483,7 @@ end
 builders.sliding_window = function()
   local A = {
     new = function(L, now)
-      return { next_id = 0, total = 0, log = {} }
+      return { next_id = keyed_ids(), total = 0, log = {} }
     end,
   }
   local function prune(s, now)
@@ -512,6 +550,12 @@ builders.sliding_window = function()
     prune(s, now)
     return L.cap - s.total
   end
+  -- When the last entry leaves the window (the log is in expiry order).
+  A.fresh_at = function(s, L, now)
+    local n = #s.log
+    if n == 0 then return -INF end
+    return s.log[n][2]
+  end
   return A
 end
 
@@ -575,6 +619,11 @@ builders.fixed_window = function()
     roll(s, L, now)
     return L.cap - s.count
   end
+  -- An empty window is fresh; a counted one, once it has ended.
+  A.fresh_at = function(s, L, now)
+    if s.count == 0 then return -INF end
+    return s.stop
+  end
   return A
 end
 
@@ -620,12 +669,22 @@ builders.resource = function()
     end
     return first
   end
+  -- When the last lease runs out.
+  A.fresh_at = function(s, L, now)
+    local last = -INF
+    for _, lease in pairs(s.leases) do
+      if lease[2] > last then last = lease[2] end
+    end
+    return last
+  end
   return A
 end
 
 -- -- loading and saving -----------------------------------------------------------------------
 
 local cache = {}
+local limit_of = {} -- the limit of each state in the cache, by field
+local fresh_hint = -INF -- a lease renewed by this call lives until then
 
 local function limit_at(i)
   -- field, algorithm, capacity, window: four ARGV entries from i
@@ -643,6 +702,7 @@ local function state_of(L, now)
     local raw = redis.call('HGET', key, 's:' .. L.field)
     if raw then s = cmsgpack.unpack(raw) else s = L.A.new(L, now) end
     cache[L.field] = s
+    limit_of[L.field] = L
   end
   return s
 end
@@ -873,6 +933,7 @@ ops.renew = function(now)
       local lease = s.leases[holder]
       if lease ~= nil and lease[2] > now then
         lease[2] = now + ttl
+        fresh_hint = now + ttl
         renewed = renewed + 1
         redis.call('HSET', key, 's:' .. ARGV[i], cmsgpack.pack(s))
       end
@@ -906,6 +967,28 @@ ops.stats = function(now)
   return out
 end
 
+-- -- keyed hashes: expiry ------------------------------------------------------------------
+
+-- Keep a keyed hash at least until every state this call read or changed is fresh again, and
+-- the pause is over, plus the margin. The hash's TTL is only ever lengthened: the states this
+-- call did not read have not changed since an earlier call covered them. (The TTL is in Redis
+-- time; under the test clock, it is the test clock's seconds until fresh.)
+local function keyed_expire(now)
+  local fresh = paused_until()
+  if fresh_hint > fresh then fresh = fresh_hint end
+  for field, s in pairs(cache) do
+    local L = limit_of[field]
+    local at = L.A.fresh_at(s, L, now)
+    if at > fresh then fresh = at end
+  end
+  local ms = FRESH_MARGIN_MS
+  if fresh > now then ms = ms + math.ceil((fresh - now) * 1000) end
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+
 local op = ops[ARGV[1]]
 if op == nil then error('aiolimits: unknown operation ' .. tostring(ARGV[1])) end
-return op(read_now())
+local now = read_now()
+local reply = op(now)
+if KEYED then keyed_expire(now) end
+return reply
