@@ -314,9 +314,14 @@ class KeyedLimitSet(Door):
         assert self._shared is not None
         with self._lock:
             proxy = self._proxies.get(key)
+            now = self._clock()
+            paused = self._paused_until > now
         if proxy is not None:
             return proxy.sched
-        now = self._clock()
+        if paused:  # a key first used during a pause of every key is paused: use it
+            proxy = self._checkout(key)
+            self._checkin(proxy)
+            return proxy.sched
         return self._shared(key, tuple(new_state(limit, now) for limit in self._limits))
 
     def _make_room_shared(self) -> None:

@@ -286,13 +286,21 @@ Spec = tuple[
 Scenario = tuple[Spec, list[int], float]
 
 
-def replay(spec: Spec, ops: list[int], start: float) -> dict[str, Any]:
-    """Run ``ops`` on a KeyedLimitSet and on the model, asserting that they agree at every step;
-    returns the keyed set's ``get_keys_stats()``."""
+MakeKeyed = Callable[[list[Limit], ManualClock], KeyedLimitSet]
+
+
+def replay(
+    spec: Spec, ops: list[int], start: float, make_keyed: MakeKeyed | None = None
+) -> dict[str, Any]:
+    """Run ``ops`` on a KeyedLimitSet (in memory, or made by ``make_keyed``) and on the model,
+    asserting that they agree at every step; returns the keyed set's ``get_keys_stats()``."""
     limits = build_limits(spec)
     clock = ManualClock(start)
     # max_keys is never reached (there are only len(KEYS) keys), so only fresh keys are dropped.
-    keyed = KeyedLimitSet(limits, max_keys=len(KEYS), clock=clock)
+    if make_keyed is None:
+        keyed = KeyedLimitSet(limits, max_keys=len(KEYS), clock=clock)
+    else:
+        keyed = make_keyed(limits, clock)
     model = {key: LimitSet(limits, clock=clock) for key in KEYS}  # never drops anything
     probes = [request_of(limits, pack([1, 1, 1, 1])), full_request(limits)]
     held: list[tuple[str, Acquisition, Acquisition]] = []

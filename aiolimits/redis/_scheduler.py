@@ -375,7 +375,8 @@ class RedisScheduler(Scheduler):
 
     def pause(self, until: float, now: float) -> None:
         try:
-            self._call("pause", now, num(until - now))
+            # Under a simulated clock the script's time is ours: the exact end goes too.
+            self._call("pause", now, num(until - now), num(until) if self._simulated else "")
         except BackendUnavailable as exc:
             if self._unavailable(exc) == "allow":
                 return
@@ -510,7 +511,12 @@ class RedisScheduler(Scheduler):
         others."""
         with self.lock:
             start = self.clock()
-            direct = not self.queue and not self._fast_busy and self._direct is not None
+            direct = (
+                not self.queue
+                and not self._fast_busy
+                and self._direct is not None
+                and self._hub.take_direct()  # a keyed set bounds its connections in use
+            )
             if not direct:
                 waiter = new_waiter(items, start + patience)
                 if not self.enqueue(waiter, start):
@@ -521,7 +527,7 @@ class RedisScheduler(Scheduler):
             holder = f"{self._me}:{next(self._holders)}"
         args = [holder, num(self._lease), *self._item_args(items)]
         try:
-            reply = acquire_reply(await self._direct_call("acquire", args))
+            reply = await self._ask_directly(args)
         except BaseException as exc:
             with self.lock:
                 self._fast_busy = False
@@ -565,6 +571,13 @@ class RedisScheduler(Scheduler):
                 waiter.rate_at, waiter.wake_at = -math.inf, now
                 self._signal()
             return None, waiter, start
+
+    async def _ask_directly(self, args: list[str]) -> list[Any]:
+        """``acquire``, asked by the task itself; ends the hub's count of direct calls."""
+        try:
+            return acquire_reply(await self._direct_call("acquire", args))
+        finally:
+            self._hub.end_direct()
 
     async def _direct_call(self, op: str, args: list[str]) -> Any:
         """One script call from a task: sent on a pooled connection of the blocking client, the

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 __all__ = ["UNAVAILABLE", "Hub", "log"]
 
+#: The most tasks of a keyed set that ask Redis themselves at once (each on a pooled connection of
+#: its own, see ``RedisScheduler.take_first``); more queue, and the dispatcher asks for them.
+DIRECT_CALLS = 8
+
 log = logging.getLogger("aiolimits.redis")
 
 # What a call to an unreachable, stopped or restarting server raises (BusyLoadingError while it
@@ -59,6 +63,7 @@ class Hub:
     __slots__ = (
         "__weakref__",
         "_channel",
+        "_direct",
         "_holders",
         "_label",
         "_lease",
@@ -91,9 +96,27 @@ class Hub:
             weakref.WeakValueDictionary()
         )
         self._holders: weakref.WeakSet[RedisScheduler] = weakref.WeakSet()  # hold leases
+        self._direct = 0  # direct calls in flight (a keyed set's)
         self.dispatcher: Dispatcher | None = None
         self.listener: Listener | None = None
         self.renewer: Renewer | None = None
+
+    def take_direct(self) -> bool:
+        """May a task ask Redis itself now? Always for a LimitSet (its one scheduler asks once
+        at a time); for a keyed set, while fewer than ``DIRECT_CALLS`` do (the others queue),
+        so that thousands of keys never hold as many connections."""
+        if not self._pattern:
+            return True
+        with self._lock:
+            if self._direct >= DIRECT_CALLS:
+                return False
+            self._direct += 1
+            return True
+
+    def end_direct(self) -> None:
+        if self._pattern:
+            with self._lock:
+                self._direct -= 1
 
     def signal(self, sched: RedisScheduler, job: Callable[[], object] | None = None) -> None:
         """Have the dispatcher thread run ``job``, then ask Redis for ``sched``'s queue."""

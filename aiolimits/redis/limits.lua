@@ -942,9 +942,12 @@ ops.renew = function(now)
   return { fmt(now), renewed }
 end
 
--- pause: seconds. Nobody is admitted before now + seconds; the later end of two pauses wins.
+-- pause: seconds[, end]. Nobody is admitted before now + seconds (or the end given, in the
+-- test clock's time: the exact end a keyed set's pause of every key set earlier); the later end
+-- of two pauses wins.
 ops.pause = function(now)
   local untill = now + tonumber(ARGV[3])
+  if ARGV[4] ~= nil and ARGV[4] ~= '' then untill = tonumber(ARGV[4]) end
   if untill > paused_until() then redis.call('HSET', key, '!p', fmt(untill)) end
   return { fmt(now) }
 end
