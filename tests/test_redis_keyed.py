@@ -472,3 +472,42 @@ async def test_keys_spread_over_the_cluster_and_wake_across_nodes(
         held[far].release()
         with anyio.fail_after(25):
             await done.wait()
+
+
+# --- integrations -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # uvicorn runs on asyncio only
+@pytest.mark.anyio
+async def test_two_starlette_apps_share_each_clients_limit_through_redis(
+    redis_server: RedisServer,
+) -> None:
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from aiolimits.integrations.starlette import LimitMiddleware, header
+
+    from ._servers import uvicorn_server
+
+    async def hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("hello")
+
+    def app(keyed: KeyedLimitSet) -> Starlette:
+        made = Starlette(routes=[Route("/", hello)])
+        made.add_middleware(LimitMiddleware, limits=keyed, key=header("x-api-key"))
+        return made
+
+    first, second = pair(redis_server, [CallLimit(window_seconds=3600, capacity=2)])
+    async with (
+        uvicorn_server(app(first)) as one,
+        uvicorn_server(app(second)) as two,
+        httpx.AsyncClient() as http,
+    ):
+        statuses = [
+            (await http.get(url, headers={"x-api-key": key})).status_code
+            for url, key in [(one, "a"), (two, "a"), (one, "a"), (two, "b")]
+        ]
+    assert statuses == [200, 200, 429, 200]  # a's two calls, across both apps; b's own

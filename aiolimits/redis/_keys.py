@@ -34,6 +34,16 @@ class KeyScheduler(RedisScheduler, KeyProxy):
 
     __slots__ = ()
 
+    def share(self, model: KeyScheduler) -> None:
+        """Use ``model``'s per-set parts instead of copies of them (a proxy costs about 800 bytes
+        less): the limits' script arguments, and the holder ids of leases (one id prefix and
+        one counter for the whole set, so that a proxy made again for a key never reuses the
+        holder id of an earlier proxy's lease)."""
+        self._args = model._args
+        self._resources = model._resources
+        self._me = model._me
+        self._holders = model._holders
+
     def idle(self) -> bool:
         return not (self.queue or self._leases or self._fast_busy)
 
@@ -42,7 +52,7 @@ class KeyScheduler(RedisScheduler, KeyProxy):
 class RedisKeys:
     """Makes the proxy of each key of one keyed set (``RedisBackend.attach_keyed``)."""
 
-    __slots__ = ("_kwargs", "_stem", "clock", "hub")
+    __slots__ = ("_kwargs", "_model", "_stem", "clock", "hub")
 
     def __init__(
         self,
@@ -71,6 +81,12 @@ class RedisKeys:
             "on_unavailable": on_unavailable,
             "direct": direct,
         }
+        self._model: KeyScheduler | None = None
 
     def __call__(self, key: str, states: tuple[RateState, ...]) -> KeyScheduler:
-        return KeyScheduler(states, self.clock, hash_key=f"{self._stem}{key}}}", **self._kwargs)
+        sched = KeyScheduler(states, self.clock, hash_key=f"{self._stem}{key}}}", **self._kwargs)
+        if self._model is None:
+            self._model = sched
+        else:
+            sched.share(self._model)
+        return sched
