@@ -8,6 +8,7 @@ clock a short window's hash really leaves Redis (seen through a keyspace notific
 
 from __future__ import annotations
 
+import gc
 import math
 import pickle
 import threading
@@ -361,6 +362,30 @@ async def test_waiters_on_200_keys_share_one_dispatcher_one_subscription_and_one
         for acq in held:
             acq.release()
     assert sorted(granted) == sorted(keys)
+
+
+@pytest.mark.anyio
+async def test_the_threads_of_a_keyed_set_end_when_it_is_garbage(
+    redis_server: RedisServer,
+) -> None:
+    holder, waiter = pair(redis_server, [ResourceLimit("c", 1)], lease_seconds=120)
+    label = f"{{aiolimits:{waiter.name}}} keys"
+    held = holder.try_acquire("k")
+    with pytest.raises(TimeoutError):
+        async with waiter.acquire("k", timeout=0.2):  # queues: dispatcher and subscriber
+            pytest.fail("admitted beyond the limit")
+    held.release()
+    threads = [t for t in threading.enumerate() if label in t.name]
+    assert {t.name.split(" ")[0] for t in threads} == {
+        "aiolimits-dispatch",
+        "aiolimits-wake",
+        "aiolimits-renew",
+    }
+    del holder, waiter, held
+    gc.collect()
+    for thread in threads:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in threads)
 
 
 @pytest.mark.anyio

@@ -39,7 +39,8 @@ class RedisBackend(Backend):
 
     Each LimitSet is one Redis hash, ``{prefix:name}`` (a hash tag: one Cluster slot), decided
     by a server-side Lua script: one round trip per uncontended acquisition, every limit of the
-    set taken atomically, on Redis server time. See ``docs/redis.md``.
+    set taken atomically, on Redis server time. A KeyedLimitSet keeps each client key in a hash
+    of its own that expires once the key is fresh again. See ``docs/redis.md``.
 
     Args:
         url_or_client: a ``redis://`` URL (of a single server or of any node of a Cluster: which

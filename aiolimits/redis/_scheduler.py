@@ -19,7 +19,7 @@ Design, and what it costs:
 * **Who calls Redis** (under the real clock): a lone async request asks itself, awaiting the
   answer on its loop (``take_first``: nobody queued, nothing in flight; a refusal puts it first
   in the queue); otherwise the async door only queues (``enqueue``) and a waiter only signals
-  when its time has come (``after_wake``); the dispatcher thread (``_threads.Dispatcher``) makes
+  when its time has come (``after_wake``); the set's dispatcher thread (``_threads.Hub``) makes
   those calls with the lock released, so no event loop blocks on Redis and what queues during a
   call goes out in the next one (coalescing). The verbs that must
   answer at once (``try_take``, ``admit_time``, ``settle``, ``pause``, ``availability``, a release
@@ -28,6 +28,9 @@ Design, and what it costs:
   answer the dispatcher got before another was applied is stale (``_epoch``): asked again.
 * **Wake-ups across processes**: a release or refund in another process is published by the
   script on the set's channel; the subscriber thread makes the head due and signals.
+* **Keyed sets**: the proxy of one client key of a KeyedLimitSet is this scheduler over the key's
+  own hash (``_keys.py``); the threads (dispatcher, subscriber, renewer) belong to the set's
+  :class:`~aiolimits.redis._threads.Hub` and serve every scheduler of the set.
 * **Leases**: resource slots are leases named by a holder id per acquisition; a renewer thread
   extends this process's leases while held, so a process that dies frees its slots within one
   lease. A renewal that finds its lease gone is logged and counted (``leases_lost``).
