@@ -111,7 +111,9 @@ def test_keys_are_independent_and_two_sets_on_one_name_share_each_key(
     assert a.get_stats("alice")["limits"]["call_count"]["available"] == 0
     assert a.get_stats("bob")["limits"]["call_count"]["available"] == 1
     assert a.get_stats("carol")["limits"]["conns"]["in_use"] == 0
-    assert "carol" not in a  # asking made no key
+    assert "carol" not in a  # asking made no key, here or in Redis
+    assert a.retry_after("dave", {"conns": 1}) == 0.0
+    assert not client(redis_server).exists(hash_of(a, "carol"), hash_of(a, "dave"))
     assert b.retry_after("alice", {"conns": 0}) > 3000  # a call comes back within the hour
 
 

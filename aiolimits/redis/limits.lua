@@ -749,7 +749,11 @@ local function read_now()
   local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
   local last = tonumber(redis.call('HGET', key, '!t') or '')
   if last ~= nil and last > now then return last end
-  redis.call('HSET', key, '!t', fmt(now))
+  -- A keyed hash is not made just to hold the time (asking about a key never seen leaves
+  -- nothing behind); its first write makes it, and the time is kept from its next call.
+  if last ~= nil or not KEYED or redis.call('EXISTS', key) == 1 then
+    redis.call('HSET', key, '!t', fmt(now))
+  end
   return now
 end
 
