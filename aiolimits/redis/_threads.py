@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -49,6 +49,42 @@ UNAVAILABLE = (
 )
 
 
+class _Registry:
+    """A hub's schedulers, held weakly, under a lock of their own: doors add to them while the
+    threads take snapshots of them."""
+
+    __slots__ = ("_by_channel", "_holders", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # By wake-up channel: the scheduler a message on it wakes.
+        self._by_channel: weakref.WeakValueDictionary[str, RedisScheduler] = (
+            weakref.WeakValueDictionary()
+        )
+        self._holders: weakref.WeakSet[RedisScheduler] = weakref.WeakSet()  # hold leases
+
+    def route(self, sched: RedisScheduler) -> None:
+        with self._lock:
+            if self._by_channel.get(sched._channel) is not sched:
+                self._by_channel[sched._channel] = sched
+
+    def get(self, channel: str) -> RedisScheduler | None:
+        with self._lock:
+            return self._by_channel.get(channel)
+
+    def routed(self) -> list[RedisScheduler]:
+        with self._lock:
+            return list(self._by_channel.values())
+
+    def hold(self, sched: RedisScheduler) -> None:
+        with self._lock:
+            self._holders.add(sched)
+
+    def holders(self) -> list[RedisScheduler]:
+        with self._lock:
+            return list(self._holders)
+
+
 class Hub:
     """The threads of one set, shared by its schedulers, each started on first need.
 
@@ -64,12 +100,11 @@ class Hub:
         "__weakref__",
         "_channel",
         "_direct",
-        "_holders",
         "_label",
         "_lease",
         "_lock",
         "_pattern",
-        "_schedulers",
+        "_registry",
         "_subscriber",
         "dispatcher",
         "listener",
@@ -91,11 +126,7 @@ class Hub:
         self._pattern = pattern
         self._lease = lease_seconds
         self._lock = threading.Lock()
-        # By wake-up channel: the scheduler a message on it wakes.
-        self._schedulers: weakref.WeakValueDictionary[str, RedisScheduler] = (
-            weakref.WeakValueDictionary()
-        )
-        self._holders: weakref.WeakSet[RedisScheduler] = weakref.WeakSet()  # hold leases
+        self._registry = _Registry()
         self._direct = 0  # direct calls in flight (a keyed set's)
         self.dispatcher: Dispatcher | None = None
         self.listener: Listener | None = None
@@ -143,24 +174,22 @@ class Hub:
         """``sched`` has a waiter: route the wake-ups of its channel to it (instead of to an
         earlier scheduler of the same key, which a keyed set dropped while it was idle), and
         make sure the subscription runs."""
-        schedulers = self._schedulers
-        if schedulers.get(sched._channel) is not sched:
-            schedulers[sched._channel] = sched
+        self._registry.route(sched)
         if self.listener is None:
             with self._lock:
                 if self.listener is None:
                     listener = Listener(self._label, self._subscriber, self._channel, self._pattern)
-                    listener.start(self._schedulers)
+                    listener.start(self._registry)
                     weakref.finalize(self, listener.stop)
                     self.listener = listener
 
     def hold(self, sched: RedisScheduler) -> None:
         """``sched`` holds leases: renew them while it lives."""
-        self._holders.add(sched)
+        self._registry.hold(sched)
         if self.renewer is None:
             with self._lock:
                 if self.renewer is None:
-                    renewer = Renewer(self._label, self._lease / 3, self._holders)
+                    renewer = Renewer(self._label, self._lease / 3, self._registry)
                     weakref.finalize(self, renewer.stop.set)
                     self.renewer = renewer
 
@@ -168,9 +197,9 @@ class Hub:
 class Renewer:
     """Extends the leases of a set's schedulers every third of a lease, while the hub lives."""
 
-    def __init__(self, label: str, period: float, holders: weakref.WeakSet[RedisScheduler]) -> None:
+    def __init__(self, label: str, period: float, registry: _Registry) -> None:
         self._period = period
-        self._holders = holders
+        self._registry = registry
         self.stop = threading.Event()  # set when the hub is garbage
         self._thread = threading.Thread(
             target=self._run, name=f"aiolimits-renew {label}", daemon=True
@@ -179,7 +208,7 @@ class Renewer:
 
     def _run(self) -> None:
         while not self.stop.wait(self._period):
-            _each(list(self._holders), "renew")
+            _each(self._registry.holders(), "renew")
 
 
 class Listener:
@@ -202,9 +231,9 @@ class Listener:
         self._current: redis.client.PubSub | None = None
         self.subscriptions = 0  # how many times it subscribed (a new connection each)
 
-    def start(self, schedulers: weakref.WeakValueDictionary[str, RedisScheduler]) -> None:
+    def start(self, registry: _Registry) -> None:
         thread = threading.Thread(
-            target=self._run, args=(schedulers,), name=f"aiolimits-wake {self._label}", daemon=True
+            target=self._run, args=(registry,), name=f"aiolimits-wake {self._label}", daemon=True
         )
         thread.start()
 
@@ -215,7 +244,7 @@ class Listener:
         if connection is not None:
             connection.disconnect()  # the blocked read in the thread returns
 
-    def _run(self, schedulers: weakref.WeakValueDictionary[str, RedisScheduler]) -> None:
+    def _run(self, registry: _Registry) -> None:
         delay = 0.05
         while not self._stopped.is_set():
             pubsub: redis.client.PubSub | None = None
@@ -233,12 +262,12 @@ class Listener:
                     return
                 delay = 0.05
                 # Messages may have been missed while (re)subscribing: wake every scheduler.
-                _each(list(schedulers.values()), "wake")
+                _each(registry.routed(), "wake")
                 for message in pubsub.listen():  # type: ignore[no-untyped-call]
                     channel = message.get("channel")
                     if isinstance(channel, bytes):
                         channel = channel.decode("utf-8", "replace")
-                    _each([schedulers.get(channel)], "wake")
+                    _each([registry.get(channel)], "wake")
             except Exception as exc:
                 if self._stopped.is_set():
                     return
@@ -252,7 +281,7 @@ class Listener:
                     pubsub.close()
 
 
-def _each(schedulers: list[RedisScheduler | None], what: str) -> None:
+def _each(schedulers: Sequence[RedisScheduler | None], what: str) -> None:
     """``wake()`` or ``renew()`` each scheduler given; the list (this frame's only reference
     to them) is gone when it returns, so the thread keeps none of them alive."""
     for sched in schedulers:
