@@ -139,6 +139,7 @@ class RedisScheduler(Scheduler):
         simulated: bool,
         on_unavailable: str,
         direct: tuple[redis.ConnectionPool, float] | None = None,
+        model: RedisScheduler | None = None,
     ) -> None:
         super().__init__(states, clock)
         # This scheduler puts waiters into its queue itself, and keeps every key's refund tally
@@ -151,8 +152,17 @@ class RedisScheduler(Scheduler):
         self._script = script
         self._hash = hash_key
         self._channel = f"{hash_key}:wake"
-        self._args = {limit.key: limit_args(limit) for limit in limits}
-        self._resources = {limit.key for limit in limits if isinstance(limit, ResourceLimit)}
+        if model is None:
+            self._args = {limit.key: limit_args(limit) for limit in limits}
+            self._resources = {limit.key for limit in limits if isinstance(limit, ResourceLimit)}
+            self._me = uuid.uuid4().hex
+            self._holders = itertools.count()
+        else:
+            # Another scheduler of the same keyed set: its limits' arguments, and one holder id
+            # prefix and counter for the whole set (so that a proxy made again for a key never
+            # reuses an earlier proxy's lease holder id).
+            self._args, self._resources = model._args, model._resources
+            self._me, self._holders = model._me, model._holders
         self._lease = lease_seconds
         self._simulated = simulated
         # Under the real clock, the async door queues without asking and this process's
@@ -178,8 +188,6 @@ class RedisScheduler(Scheduler):
         self._policy = on_unavailable
         self._expiry_at = math.inf
         self._expiry_timer: Cancellable | None = None
-        self._me = uuid.uuid4().hex
-        self._holders = itertools.count()
         self._leases: dict[str, tuple[str, ...]] = {}  # holder -> resource keys held
         self.leases_lost = 0
 
