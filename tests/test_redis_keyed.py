@@ -9,6 +9,7 @@ clock a short window's hash really leaves Redis (seen through a keyspace notific
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import pickle
 import threading
@@ -35,34 +36,41 @@ from aiolimits.testing import ManualClock
 
 from ._redis_server import (
     RedisClusterNodes,
+    RedisFailoverCluster,
     RedisServer,
     redis_cluster,
+    redis_failover_cluster,
     redis_server,
     require_redis,
 )
 from .contract._support import eventually
 from .test_keyed import _LIMIT_SPECS, _OPS, FIRST, SECOND, Spec, replay
+from .test_redis_failover import fail_over
 
 if TYPE_CHECKING:
     import redis
 
     from aiolimits.redis import RedisBackend
 
-__all__ = ["redis_cluster", "redis_server"]  # the session fixtures
+__all__ = ["redis_cluster", "redis_failover_cluster", "redis_server"]  # the fixtures
 
 pytestmark = pytest.mark.filterwarnings("error")
 
 MARGIN_MS = 1000  # limits.lua FRESH_MARGIN_MS
 
 
-def backend(server: RedisServer | RedisClusterNodes, **kwargs: Any) -> RedisBackend:
+def backend(
+    server: RedisServer | RedisClusterNodes | RedisFailoverCluster, **kwargs: Any
+) -> RedisBackend:
     from aiolimits.redis import RedisBackend
 
     return RedisBackend(server.url, **kwargs)
 
 
 def pair(
-    server: RedisServer | RedisClusterNodes, limits: list[Limit], **kwargs: Any
+    server: RedisServer | RedisClusterNodes | RedisFailoverCluster,
+    limits: list[Limit],
+    **kwargs: Any,
 ) -> tuple[KeyedLimitSet, KeyedLimitSet]:
     """Two keyed sets on one name: two processes, as far as the limits can tell."""
     name = uuid.uuid4().hex
@@ -260,6 +268,7 @@ def test_a_pause_keeps_the_hash_until_it_ends_and_the_ttl_is_never_shortened(
     assert low <= MARGIN_MS <= high  # taking nothing: fresh at once
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # Redis's expiry is the point, not loops
 @pytest.mark.anyio
 async def test_a_short_window_really_leaves_redis(own_server: RedisServer) -> None:
     store = client(own_server)
@@ -563,3 +572,41 @@ async def test_two_starlette_apps_share_each_clients_limit_through_redis(
             for url, key in [(one, "a"), (two, "a"), (one, "a"), (two, "b")]
         ]
     assert statuses == [200, 200, 429, 200]  # a's two calls, across both apps; b's own
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # a Cluster and a failover per loop: one
+@pytest.mark.anyio
+async def test_the_keyed_subscription_moves_to_the_new_master_after_a_failover(
+    redis_failover_cluster: RedisFailoverCluster,
+) -> None:
+    from redis.cluster import RedisCluster
+
+    cluster = redis_failover_cluster
+    # Leases far longer than the test: only the publication of the release can wake the waiter.
+    holder, waiter = pair(cluster, [ResourceLimit("c", 1)], lease_seconds=600, timeout=0.5)
+    root = f"{{aiolimits:{waiter.name}}}"  # the waiting set subscribes on this key's master
+    client = RedisCluster.from_url(cluster.url)
+    try:
+        subscribed = client.get_node_from_key(root).port  # type: ignore[no-untyped-call]
+        key = next(  # a key on another master: its release is not the first call after failover
+            f"k{i}"
+            for i in itertools.count()
+            if client.get_node_from_key(hash_of(holder, f"k{i}")).port != subscribed  # type: ignore[no-untyped-call]
+        )
+    finally:
+        client.close()
+    held = holder.try_acquire(key)
+    assert held.successful
+    admitted = anyio.Event()
+
+    async def wait() -> None:
+        async with waiter.acquire(key, timeout=60):
+            admitted.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait)
+        await eventually(lambda: waiter.get_stats(key)["waiting"] == 1, within=20)
+        await anyio.to_thread.run_sync(fail_over, cluster, root)
+        held.release()
+        with anyio.fail_after(30):  # the subscriber reconnects within a second or so
+            await admitted.wait()
