@@ -73,7 +73,7 @@ def pair(
     **kwargs: Any,
 ) -> tuple[KeyedLimitSet, KeyedLimitSet]:
     """Two keyed sets on one name: two processes, as far as the limits can tell."""
-    name = uuid.uuid4().hex
+    name = uuid.uuid4().hex + kwargs.pop("suffix", "")
     clock = kwargs.pop("clock", None)
     extra = {} if clock is None else {"clock": clock}
     a = KeyedLimitSet(limits, backend=backend(server, **kwargs), name=name, **extra)
@@ -425,23 +425,28 @@ async def test_the_threads_of_a_keyed_set_end_when_it_is_garbage(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("suffix", "key"),
+    [("", "k"), ("*?[a]\\^{x}", "*}:wake?")],  # glob characters, braces: escaped, still routed
+    ids=["plain", "glob-characters"],
+)
 async def test_a_release_in_another_process_wakes_the_waiter_of_that_key(
-    redis_server: RedisServer,
+    redis_server: RedisServer, suffix: str, key: str
 ) -> None:
-    holder, waiter = pair(redis_server, [ResourceLimit("c", 1)], lease_seconds=120)
-    held = holder.try_acquire("k")
+    holder, waiter = pair(redis_server, [ResourceLimit("c", 1)], lease_seconds=120, suffix=suffix)
+    held = holder.try_acquire(key)
     assert held.successful
     assert waiter.try_acquire("other").successful  # another key is not blocked
     done = anyio.Event()
 
     async def wait() -> None:
-        async with waiter.acquire("k", timeout=30) as acq:  # far shorter than the lease
+        async with waiter.acquire(key, timeout=30) as acq:  # far shorter than the lease
             assert acq.successful
         done.set()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(wait)
-        await eventually(lambda: waiter.get_stats("k")["waiting"] >= 1, within=20)
+        await eventually(lambda: waiter.get_stats(key)["waiting"] >= 1, within=20)
         held.release()
         with anyio.fail_after(25):
             await done.wait()
