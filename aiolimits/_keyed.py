@@ -28,6 +28,14 @@ bucket had absorbed, and every window forgotten, what it took: a refund could gi
 and a later ``update`` that charges overage moves it to the key's live state (made again if need
 be), where the charge lands exactly as it would have on a key never dropped. So releasing needs no
 lock and no count, as for a LimitSet, and an acquisition never released pins nothing.
+
+With a shared backend (``Backend.attach_keyed`` returns a factory: Redis), each key's state lives
+in the backend, which expires it once fresh, and a key used here has only a local *proxy*: a
+scheduler of the backend's, with its own lock, over the key's shared state. The doors are the
+same (``_door.py``); the set's lock guards only the proxies' dict and CLOCK order. A proxy is
+dropped when idle (nothing queued, no door working on it, no slot held), in the same CLOCK order;
+dropping it forgets nothing, so it is never "forgotten", and an acquisition held through a
+dropped proxy keeps using it (it settles in the backend's state of the key).
 """
 
 from __future__ import annotations
@@ -40,9 +48,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, Final, final
 
-from ._acquisition import ACQUIRING, FAILED, HELD, RELEASED, Acquisition, DeferredAcquire
+from ._acquisition import (
+    ACQUIRING,
+    FAILED,
+    HELD,
+    PENDING,
+    RELEASED,
+    Acquisition,
+    DeferredAcquire,
+)
 from ._algorithms import RateState, SemaphoreState, new_state
-from ._backends._base import Backend
+from ._backends._base import Backend, KeyFactory, KeyProxy
 from ._backends.memory import MemoryBackend
 from ._door import Door, check_common, check_picklable_clock, retry_after_locked, stats_locked
 from ._limits import Limit
@@ -92,6 +108,21 @@ class _KeyScheduler(Scheduler):
         return all(state.is_fresh(now) for state in self.states)
 
 
+class _Proxy:
+    """A key's proxy in a shared backend, with the keyed set's bookkeeping of it."""
+
+    __slots__ = ("inflight", "key", "sched", "used")
+
+    def __init__(self, key: str, sched: KeyProxy) -> None:
+        self.key = key
+        self.sched = sched
+        self.used = False
+        self.inflight = 0  # door operations under way on it: not dropped meanwhile
+
+    def idle(self) -> bool:
+        return not self.inflight and self.sched.idle()
+
+
 def _check_client_key(key: object) -> str:
     if not isinstance(key, str):
         raise TypeError(f"key must be a str (a client IP, API key, user id), got {describe(key)}")
@@ -113,8 +144,11 @@ class KeyedLimitSet(Door):
             recently (approximately the least recently used), whose client then starts again
             from full limits.
         config: read-only data exposed as ``acquisition.config``.
-        backend: only :class:`MemoryBackend` for now.
-        name: a label (for shared backends later).
+        backend: where the keys' state lives: :class:`MemoryBackend` (the default: this
+            process) or :class:`aiolimits.redis.RedisBackend` (every process that builds a
+            KeyedLimitSet with the same backend location and ``name`` shares each key's limits;
+            see ``docs/keyed.md``).
+        name: identifies the state in a shared backend (required there); a label otherwise.
         clock: monotonic seconds; ``aiolimits.testing.ManualClock`` for deterministic tests.
 
     Example:
@@ -126,6 +160,7 @@ class KeyedLimitSet(Door):
 
     __slots__ = (
         "__weakref__",
+        "_backend",
         "_dropped",
         "_entries",
         "_forgotten",
@@ -135,7 +170,9 @@ class KeyedLimitSet(Door):
         "_name",
         "_paused_until",
         "_position",
+        "_proxies",
         "_requests",
+        "_shared",
     )
 
     def __init__(
@@ -154,11 +191,14 @@ class KeyedLimitSet(Door):
             raise TypeError(f"max_keys must be an int, got {describe(max_keys)}")
         if max_keys < 1:
             raise ValueError(f"max_keys must be >= 1, got {max_keys!r}")
-        if backend is not None and not isinstance(backend, MemoryBackend):
-            raise TypeError(
-                f"backend must be None or MemoryBackend(): KeyedLimitSet keeps its keys in this "
-                f"process for now, got {backend!r}"
-            )
+        if backend is None:
+            backend = MemoryBackend()
+        elif not isinstance(backend, Backend):
+            raise TypeError(f"backend must be a backend such as MemoryBackend(), got {backend!r}")
+        # None: the keys live here; else the factory of a shared backend's per-key proxies.
+        self._shared: KeyFactory | None = backend.attach_keyed(limits, clock, name)
+        self._backend = backend
+        self._proxies: OrderedDict[str, _Proxy] = OrderedDict()
         self._init_door(limits, frozen_config, clock)
         self._name = name
         self._max_keys = max_keys
@@ -184,12 +224,17 @@ class KeyedLimitSet(Door):
     def name(self) -> str | None:
         return self._name
 
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
     def __len__(self) -> int:
-        """The number of keys holding state now."""
-        return len(self._entries)
+        """The number of keys holding state in this process now (with a shared backend: the
+        keys that have a local proxy)."""
+        return len(self._entries) + len(self._proxies)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._entries
+        return key in self._entries or key in self._proxies
 
     # -- keys --------------------------------------------------------------------------------
 
@@ -239,6 +284,90 @@ class KeyedLimitSet(Door):
     def _drop(self, sched: _KeyScheduler) -> None:
         del self._entries[sched.key]
         sched.dropped = True
+
+    # -- keys in a shared backend: local proxies ---------------------------------------------
+
+    def _checkout(self, key: str) -> _Proxy:
+        """The proxy of ``key`` (made, and room made for it, if new), counted in flight until
+        :meth:`_checkin`, so that it is not dropped while a door works on it."""
+        assert self._shared is not None
+        with self._lock:
+            proxy = self._proxies.get(key)
+            if proxy is not None:
+                proxy.used = True
+                proxy.inflight += 1
+                return proxy
+            self._make_room_shared()
+            now = self._clock()
+            states = tuple(new_state(limit, now) for limit in self._limits)
+            proxy = self._proxies[key] = _Proxy(key, self._shared(key, states))
+            proxy.inflight += 1
+            paused_until = self._paused_until
+        if paused_until > now:  # first used during a pause of every key
+            sched = proxy.sched
+            try:
+                with sched.lock:
+                    sched.pause(paused_until, now)
+            except BaseException:
+                self._checkin(proxy)
+                raise
+        return proxy
+
+    def _checkin(self, proxy: _Proxy) -> None:
+        with self._lock:
+            proxy.inflight -= 1
+
+    def _peek(self, key: str) -> KeyProxy:
+        """The proxy of ``key``, or a proxy not kept (asking creates no key)."""
+        assert self._shared is not None
+        with self._lock:
+            proxy = self._proxies.get(key)
+            now = self._clock()
+            paused = self._paused_until > now
+        if proxy is not None:
+            return proxy.sched
+        if paused:  # a key first used during a pause of every key is paused: use it
+            proxy = self._checkout(key)
+            self._checkin(proxy)
+            return proxy.sched
+        return self._shared(key, tuple(new_state(limit, now) for limit in self._limits))
+
+    def _make_room_shared(self) -> None:
+        """Under the lock: drop idle proxies in CLOCK order (those used since last looked at
+        get a second chance), a few per new key, and one more at ``max_keys``. The backend
+        holds the state, so dropping a proxy changes no decision."""
+        proxies = self._proxies
+        for _ in range(_SWEEP):
+            if not proxies:
+                return
+            proxy = next(iter(proxies.values()))
+            if proxy.used or not proxy.idle():
+                proxy.used = False
+                proxies.move_to_end(proxy.key)
+            else:
+                del proxies[proxy.key]
+                self._dropped += 1
+        if len(proxies) < self._max_keys:
+            return
+        for _ in range(2 * len(proxies)):
+            proxy = next(iter(proxies.values()))
+            if proxy.used or not proxy.idle():
+                proxy.used = False
+                proxies.move_to_end(proxy.key)
+                continue
+            del proxies[proxy.key]
+            self._dropped += 1
+            return
+
+    async def _enter_shared(self, cm: KeyedAcquire) -> Acquisition:
+        proxy = self._checkout(cm._key)
+        try:
+            sched = proxy.sched
+            items = self._localise(cm._items, sched)
+            acq = Acquisition(self, sched, items, PENDING, timeout=cm._timeout)
+            return await acq.__aenter__()
+        finally:
+            self._checkin(proxy)
 
     def _relocate(
         self, acq: Acquisition, checked: Sequence[tuple[RateState, float]]
@@ -306,6 +435,12 @@ class KeyedLimitSet(Door):
         queued for that key."""
         _check_client_key(key)
         template = self._items(requested)
+        if self._shared is not None:
+            proxy = self._checkout(key)
+            try:
+                return self._try(proxy.sched, self._localise(template, proxy.sched))
+            finally:
+                self._checkin(proxy)
         with self._lock:
             now = self._clock()
             sched = self._scheduler_locked(key, now)
@@ -332,6 +467,16 @@ class KeyedLimitSet(Door):
         _check_client_key(key)
         template = self._items(requested)
         timeout_s = check_timeout(timeout)
+        if self._shared is not None:
+            proxy = self._checkout(key)
+            try:
+                shared = proxy.sched
+                items = self._localise(template, shared)
+                with shared.lock:
+                    taken = self._take_or_queue_locked(shared, items, timeout_s, ThreadWaiter)
+                return self._wait_sync(shared, items, timeout_s, taken)
+            finally:
+                self._checkin(proxy)
         with self._lock:
             sched = self._scheduler_locked(key, self._clock())
             items = self._localise(template, sched)
@@ -362,6 +507,9 @@ class KeyedLimitSet(Door):
         only a release can make it admissible. Asking creates no key."""
         _check_client_key(key)
         template = self._items(requested)
+        if self._shared is not None:
+            peeked = self._peek(key)
+            return self._retry_after(peeked, self._localise(template, peeked))
         with self._lock:
             now = self._clock()
             sched = self._entries.get(key) or self._fresh_scheduler(key, now)
@@ -374,6 +522,9 @@ class KeyedLimitSet(Door):
         seconds = check_amount("seconds", seconds)
         if key is not None:
             _check_client_key(key)
+        if self._shared is not None:
+            self._pause_shared(seconds, key)
+            return
         with self._lock:
             now = self._clock()
             until = now + seconds
@@ -384,10 +535,30 @@ class KeyedLimitSet(Door):
             for sched in self._entries.values():
                 sched.pause(until, now)
 
+    def _pause_shared(self, seconds: float, key: str | None) -> None:
+        """Pause ``key``'s shared state, or (None) that of every key this process has a proxy
+        of, and of every key it uses during the pause."""
+        if key is not None:
+            proxy = self._checkout(key)
+            try:
+                self._pause(proxy.sched, seconds)
+            finally:
+                self._checkin(proxy)
+            return
+        with self._lock:
+            until = self._clock() + seconds
+            self._paused_until = max(self._paused_until, until)
+            proxies = [proxy.sched for proxy in self._proxies.values()]
+        for sched in proxies:
+            with sched.lock:
+                sched.pause(until, sched.clock())
+
     def get_stats(self, key: str) -> dict[str, Any]:
         """The statistics of ``key``, as :meth:`LimitSet.get_stats` gives them (a key not held
         shows fresh limits). Asking creates no key."""
         _check_client_key(key)
+        if self._shared is not None:
+            return self._stats(self._peek(key))
         with self._lock:
             now = self._clock()
             sched = self._entries.get(key)
@@ -403,7 +574,7 @@ class KeyedLimitSet(Door):
         with self._lock:
             now = self._clock()
             return {
-                "keys": len(self._entries),
+                "keys": len(self._entries) + len(self._proxies),
                 "max_keys": self._max_keys,
                 "dropped": self._dropped,
                 "forgotten": self._forgotten,
@@ -413,13 +584,14 @@ class KeyedLimitSet(Door):
     # -- pickling ----------------------------------------------------------------------------
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Pickle as the recipe (limits, ``max_keys``, ``config``, ``name``, ``clock``); it
-        unpickles with no keys held."""
+        """Pickle as the recipe (limits, ``max_keys``, ``config``, backend, ``name``, ``clock``);
+        it unpickles with no keys held here (a shared backend's keys keep their state there)."""
         check_picklable_clock(self, self._clock)
         rebuild = partial(
             KeyedLimitSet,
             max_keys=self._max_keys,
             config=dict(self._config),
+            backend=self._backend,
             name=self._name,
             clock=self._clock,
         )
@@ -427,9 +599,10 @@ class KeyedLimitSet(Door):
 
     def __repr__(self) -> str:
         name = f" name={self._name!r}" if self._name else ""
+        backend = "" if self._shared is None else f" backend={self._backend!r}"
         return (
-            f"<KeyedLimitSet{name} limits={list(self._limits)!r} keys={len(self._entries)} "
-            f"max_keys={self._max_keys}>"
+            f"<KeyedLimitSet{name} limits={list(self._limits)!r} keys={len(self)} "
+            f"max_keys={self._max_keys}{backend}>"
         )
 
 
@@ -454,6 +627,9 @@ class KeyedAcquire(DeferredAcquire):
             raise RuntimeError("this acquisition was already entered; call acquire() again")
         self._entered = True  # single use, whatever happens next
         keyed = self._keyed
+        if keyed._shared is not None:
+            acq = self._acq = await keyed._enter_shared(self)
+            return acq
         with keyed._lock:  # the fast path, inline: no waiter, no await
             now = keyed._clock()
             sched = keyed._scheduler_locked(self._key, now)

@@ -286,13 +286,21 @@ Spec = tuple[
 Scenario = tuple[Spec, list[int], float]
 
 
-def replay(spec: Spec, ops: list[int], start: float) -> dict[str, Any]:
-    """Run ``ops`` on a KeyedLimitSet and on the model, asserting that they agree at every step;
-    returns the keyed set's ``get_keys_stats()``."""
+MakeKeyed = Callable[[list[Limit], ManualClock], KeyedLimitSet]
+
+
+def replay(
+    spec: Spec, ops: list[int], start: float, make_keyed: MakeKeyed | None = None
+) -> dict[str, Any]:
+    """Run ``ops`` on a KeyedLimitSet (in memory, or made by ``make_keyed``) and on the model,
+    asserting that they agree at every step; returns the keyed set's ``get_keys_stats()``."""
     limits = build_limits(spec)
     clock = ManualClock(start)
     # max_keys is never reached (there are only len(KEYS) keys), so only fresh keys are dropped.
-    keyed = KeyedLimitSet(limits, max_keys=len(KEYS), clock=clock)
+    if make_keyed is None:
+        keyed = KeyedLimitSet(limits, max_keys=len(KEYS), clock=clock)
+    else:
+        keyed = make_keyed(limits, clock)
     model = {key: LimitSet(limits, clock=clock) for key in KEYS}  # never drops anything
     probes = [request_of(limits, pack([1, 1, 1, 1])), full_request(limits)]
     held: list[tuple[str, Acquisition, Acquisition]] = []
@@ -863,11 +871,16 @@ class _ElsewhereBackend(Backend):
         return "_ElsewhereBackend()"
 
 
-@pytest.mark.parametrize("backend", [_ElsewhereBackend(), "redis://localhost", object()])
-def test_only_the_memory_backend_is_accepted(backend: Any) -> None:
-    with pytest.raises(
-        TypeError, match=r"^backend must be None or MemoryBackend\(\): KeyedLimitSet keeps"
-    ):
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [
+        (_ElsewhereBackend(), r"^backend _ElsewhereBackend\(\) cannot hold a KeyedLimitSet"),
+        ("redis://localhost", r"^backend must be a backend such as MemoryBackend\(\), got 're"),
+        (object(), r"^backend must be a backend such as MemoryBackend\(\), got <object"),
+    ],
+)
+def test_a_backend_that_cannot_hold_keys_is_refused(backend: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
         KeyedLimitSet([tokens()], backend=backend)
     keyed = KeyedLimitSet([tokens()], backend=MemoryBackend())
     assert keyed.try_acquire("a", {"tokens": 1}).successful

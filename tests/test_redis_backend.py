@@ -730,11 +730,11 @@ async def test_an_uncontended_task_asks_redis_itself_without_the_dispatcher(
     for _ in range(5):
         async with limits.acquire(timeout=5) as acq:
             assert acq.successful
-    assert limits._scheduler._dispatcher is None  # type: ignore[attr-defined]  # no thread hop
+    assert limits._scheduler._hub.dispatcher is None  # type: ignore[attr-defined]  # no thread hop
     with pytest.raises(TimeoutError):
         async with limits.acquire(timeout=5):  # due in an hour: refused by that one call
             pytest.fail("admitted beyond the limit")
-    assert limits._scheduler._dispatcher is None  # type: ignore[attr-defined]
+    assert limits._scheduler._hub.dispatcher is None  # type: ignore[attr-defined]
     assert limits.get_stats()["timed_out"] == 1
 
 

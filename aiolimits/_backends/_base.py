@@ -10,12 +10,31 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import TypeAlias
 
 from .._algorithms import RateState
 from .._limits import Limit
 from .._scheduler import Scheduler
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "KeyFactory", "KeyProxy"]
+
+
+class KeyProxy(Scheduler):
+    """A shared backend's scheduler of one key of a KeyedLimitSet: this process's proxy of the
+    key's state, which lives in the backend (the FIFO queue of this process's waiters, and what
+    a shared scheduler keeps locally). Dropping a proxy forgets nothing: the backend holds the
+    state, and a proxy made again for the key finds it there."""
+
+    __slots__ = ()
+
+    def idle(self) -> bool:
+        """Nothing queued, nothing being decided, nothing held that the proxy must keep up
+        (leases): the keyed set may drop it, if no door is working on it."""
+        raise NotImplementedError
+
+
+#: Makes the proxy of a key from its fresh local states (the fallback of a shared scheduler).
+KeyFactory: TypeAlias = Callable[[str, tuple[RateState, ...]], KeyProxy]
 
 
 class Backend(abc.ABC):
@@ -38,3 +57,18 @@ class Backend(abc.ABC):
         Raises:
             ValueError: the shared state under ``name`` was declared with different limits.
         """
+
+    def attach_keyed(
+        self, limits: tuple[Limit, ...], clock: Callable[[], float], name: str | None
+    ) -> KeyFactory | None:
+        """How a KeyedLimitSet with these ``limits`` makes the scheduler of each key: None to keep
+        every key in this process, or the factory of a shared backend's per-key proxies.
+
+        Raises:
+            TypeError: this backend cannot hold a KeyedLimitSet.
+            ValueError: the shared state under ``name`` was declared otherwise.
+        """
+        raise TypeError(
+            f"backend {self!r} cannot hold a KeyedLimitSet: use MemoryBackend() or "
+            "aiolimits.redis.RedisBackend(...)"
+        )

@@ -13,7 +13,7 @@ from typing import final
 from .._algorithms import RateState
 from .._limits import Limit
 from .._scheduler import Scheduler
-from ._base import Backend
+from ._base import Backend, KeyFactory
 
 __all__ = ["MemoryBackend"]
 
@@ -34,6 +34,12 @@ class MemoryBackend(Backend):
     ) -> Scheduler:
         """The scheduler that holds a new LimitSet's state (``name`` only labels it here)."""
         return Scheduler(states, clock)
+
+    def attach_keyed(
+        self, limits: tuple[Limit, ...], clock: Callable[[], float], name: str | None
+    ) -> KeyFactory | None:
+        """None: a KeyedLimitSet keeps its keys in this process."""
+        return None
 
     def __repr__(self) -> str:
         return "MemoryBackend()"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any, Final, final
 
@@ -16,15 +17,16 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from .._algorithms import RateState
-from .._backends._base import Backend
+from .._backends._base import Backend, KeyFactory
 from .._backends._declaration import declaration, declaration_json, mismatch
 from .._errors import BackendUnavailable
 from .._limits import Limit
 from .._scheduler import Scheduler
 from .._waiters import TimerClock
+from ._keys import RedisKeys
 from ._scheduler import RedisScheduler
 from ._script import Lua
-from ._threads import UNAVAILABLE
+from ._threads import UNAVAILABLE, Hub
 
 __all__ = ["RedisBackend"]
 
@@ -37,7 +39,8 @@ class RedisBackend(Backend):
 
     Each LimitSet is one Redis hash, ``{prefix:name}`` (a hash tag: one Cluster slot), decided
     by a server-side Lua script: one round trip per uncontended acquisition, every limit of the
-    set taken atomically, on Redis server time. See ``docs/redis.md``.
+    set taken atomically, on Redis server time. A KeyedLimitSet keeps each client key in a hash
+    of its own that expires once the key is fresh again. See ``docs/redis.md``.
 
     Args:
         url_or_client: a ``redis://`` URL (of a single server or of any node of a Cluster: which
@@ -188,8 +191,46 @@ class RedisBackend(Backend):
         return subscribe
 
     def hash_key(self, name: str) -> str:
-        """The Redis key of the set ``name``: its hash tag keeps it in one Cluster slot."""
+        """The Redis key of the set ``name``: its hash tag keeps it in one Cluster slot. A keyed
+        set keeps only its declaration there."""
         return f"{{{self.prefix}:{name}}}"
+
+    def key_hash_key(self, name: str, key: str) -> str:
+        """The Redis key of the client ``key`` of the keyed set ``name``: a hash tag of its own
+        (so the keys of a set spread over a Cluster), made of the name's length, the name and the
+        key, so that no two (name, key) pairs share it; it does not start with ``{`` as every
+        plain set's does."""
+        return f"{self._key_stem(name)}{key}}}"
+
+    def _key_stem(self, name: str) -> str:
+        return f"{self.prefix}:k:{{{len(name)}:{name}:"
+
+    def _declare(self, name: str, key: str, limits: tuple[Limit, ...], keyed: bool) -> Any:
+        """Record the declaration of the set ``name`` in its hash ``key``, or check it against
+        the one recorded; returns the client."""
+        declared = declaration_json(limits)
+        if keyed:
+            declared = f'{{"keyed":{declared}}}'
+        try:
+            client = self._connect()
+            client.hsetnx(key, "!d", declared)
+            stored: Any = client.hget(key, "!d")
+        except UNAVAILABLE as exc:
+            raise BackendUnavailable(f"Redis did not answer for the limits {key!r}: {exc}") from exc
+        if stored is not None:
+            text = stored.decode() if isinstance(stored, bytes) else str(stored)
+            found = json.loads(text)
+            was_keyed = isinstance(found, dict)
+            if was_keyed != keyed:
+                kinds = ("a LimitSet", "a KeyedLimitSet (limits per client key)")
+                raise ValueError(
+                    f"the shared state {name!r} belongs to {kinds[was_keyed]}, not to "
+                    f"{kinds[keyed]}: a LimitSet and a KeyedLimitSet cannot share a name"
+                )
+            message = mismatch(name, found["keyed"] if was_keyed else found, declaration(limits))
+            if message is not None:
+                raise ValueError(message)
+        return client
 
     def attach(
         self,
@@ -207,25 +248,65 @@ class RedisBackend(Backend):
         if name is None:
             raise ValueError("name is required with RedisBackend: it names the shared state")
         key = self.hash_key(name)
-        declared = declaration_json(limits)
-        try:
-            client = self._connect()
-            client.hsetnx(key, "!d", declared)
-            stored: Any = client.hget(key, "!d")
-        except UNAVAILABLE as exc:
-            raise BackendUnavailable(f"Redis did not answer for the limits {key!r}: {exc}") from exc
-        if stored is not None:
-            text = stored.decode() if isinstance(stored, bytes) else str(stored)
-            message = mismatch(name, json.loads(text), declaration(limits))
-            if message is not None:
-                raise ValueError(message)
+        client = self._declare(name, key, limits, keyed=False)
+        hub = Hub(
+            key,
+            self._subscriber(key),
+            f"{key}:wake",
+            pattern=False,
+            lease_seconds=self.lease_seconds,
+        )
         return RedisScheduler(
             states,
             clock,
             client=client,
-            subscriber=self._subscriber(key),
+            hub=hub,
             script=self._lua,
             hash_key=key,
+            limits=limits,
+            lease_seconds=self.lease_seconds,
+            simulated=isinstance(clock, TimerClock),
+            on_unavailable=self.on_unavailable,
+            direct=(client.connection_pool, self.timeout)
+            if isinstance(client, redis.Redis)
+            else None,
+        )
+
+    def attach_keyed(
+        self, limits: tuple[Limit, ...], clock: Callable[[], float], name: str | None
+    ) -> KeyFactory | None:
+        """The factory of the per-key proxies of the keyed set ``name``; checks (or records)
+        its declaration, marked keyed, in the hash of ``name``.
+
+        The proxies of one keyed set share one :class:`Hub`: one dispatcher thread, one
+        subscription to the wake-up channels of all its keys (a pattern), one lease renewer.
+
+        Raises:
+            ValueError: no ``name``, or ``name`` was declared otherwise (other limits, or a
+                plain LimitSet).
+            BackendUnavailable: Redis could not be reached within ``timeout``.
+        """
+        if name is None:
+            raise ValueError("name is required with RedisBackend: it names the shared state")
+        root = self.hash_key(name)
+        client = self._declare(name, root, limits, keyed=True)
+        stem = self._key_stem(name)
+        # The wake-up channels of the keys, "<stem><key>}:wake": the stem's glob characters
+        # escaped, any key.
+        pattern = re.sub(r"([*?\[\]\\^])", r"\\\1", stem) + "*}:wake"
+        hub = Hub(
+            f"{root} keys",
+            self._subscriber(root),  # any node: a Cluster sends every publication to all
+            pattern,
+            pattern=True,
+            lease_seconds=self.lease_seconds,
+        )
+        return RedisKeys(
+            stem,
+            clock,
+            client=client,
+            hub=hub,
+            script=self._lua,
             limits=limits,
             lease_seconds=self.lease_seconds,
             simulated=isinstance(clock, TimerClock),

@@ -19,7 +19,7 @@ Design, and what it costs:
 * **Who calls Redis** (under the real clock): a lone async request asks itself, awaiting the
   answer on its loop (``take_first``: nobody queued, nothing in flight; a refusal puts it first
   in the queue); otherwise the async door only queues (``enqueue``) and a waiter only signals
-  when its time has come (``after_wake``); the dispatcher thread (``_threads.Dispatcher``) makes
+  when its time has come (``after_wake``); the set's dispatcher thread (``_threads.Hub``) makes
   those calls with the lock released, so no event loop blocks on Redis and what queues during a
   call goes out in the next one (coalescing). The verbs that must
   answer at once (``try_take``, ``admit_time``, ``settle``, ``pause``, ``availability``, a release
@@ -28,6 +28,9 @@ Design, and what it costs:
   answer the dispatcher got before another was applied is stale (``_epoch``): asked again.
 * **Wake-ups across processes**: a release or refund in another process is published by the
   script on the set's channel; the subscriber thread makes the head due and signals.
+* **Keyed sets**: the proxy of one client key of a KeyedLimitSet is this scheduler over the key's
+  own hash (``_keys.py``); the threads (dispatcher, subscriber, renewer) belong to the set's
+  :class:`~aiolimits.redis._threads.Hub` and serve every scheduler of the set.
 * **Leases**: resource slots are leases named by a holder id per acquisition; a renewer thread
   extends this process's leases while held, so a process that dies frees its slots within one
   lease. A renewal that finds its lease gone is logged and counted (``leases_lost``).
@@ -40,9 +43,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
 import uuid
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -58,7 +59,7 @@ from .._limits import Limit, ResourceLimit
 from .._scheduler import Items, Scheduler
 from .._waiters import GRANTED, LEFT, WAITING, Cancellable, TimerClock, Waiter
 from ._script import Lua, acquire_reply, decode_receipt, encode_receipt, limit_args, num
-from ._threads import UNAVAILABLE, Dispatcher, Listener, Renewer, expire, log
+from ._threads import UNAVAILABLE, Hub, log
 
 if TYPE_CHECKING:
     from redis.cluster import RedisCluster
@@ -114,7 +115,6 @@ class RedisScheduler(Scheduler):
         "_channel",
         "_client",
         "_direct",
-        "_dispatcher",
         "_encoding",
         "_epoch",
         "_expiry_at",
@@ -123,18 +123,16 @@ class RedisScheduler(Scheduler):
         "_fast_busy",
         "_hash",
         "_holders",
+        "_hub",
         "_lease",
         "_leases",
-        "_listener",
         "_me",
         "_policy",
         "_refunded",
         "_refused",
-        "_renewer",
         "_resources",
         "_script",
         "_simulated",
-        "_subscriber",
         "leases_lost",
         "remote",
     )
@@ -145,7 +143,7 @@ class RedisScheduler(Scheduler):
         clock: Callable[[], float],
         *,
         client: redis.Redis | RedisCluster,
-        subscriber: Callable[[], redis.client.PubSub],
+        hub: Hub,
         script: Lua,
         hash_key: str,
         limits: Sequence[Limit],
@@ -153,6 +151,7 @@ class RedisScheduler(Scheduler):
         simulated: bool,
         on_unavailable: str,
         direct: tuple[redis.ConnectionPool, float] | None = None,
+        model: RedisScheduler | None = None,
     ) -> None:
         super().__init__(states, clock)
         # This scheduler puts waiters into its queue itself, and keeps every key's refund tally
@@ -161,19 +160,27 @@ class RedisScheduler(Scheduler):
         self._refunded: dict[str, float] = {state.key: 0.0 for state in states}
         self.refunded = self._refunded
         self._client = client
-        self._subscriber = subscriber  # a new subscription connection, without a read timeout
+        self._hub = hub  # the set's threads, shared with its other schedulers (keyed sets)
         self._script = script
         self._hash = hash_key
         self._channel = f"{hash_key}:wake"
-        self._args = {limit.key: limit_args(limit) for limit in limits}
-        self._resources = {limit.key for limit in limits if isinstance(limit, ResourceLimit)}
+        if model is None:
+            self._args = {limit.key: limit_args(limit) for limit in limits}
+            self._resources = {limit.key for limit in limits if isinstance(limit, ResourceLimit)}
+            self._me = uuid.uuid4().hex
+            self._holders = itertools.count()
+        else:
+            # Another scheduler of the same keyed set: its limits' arguments, and one holder id
+            # prefix and counter for the whole set (so that a proxy made again for a key never
+            # reuses an earlier proxy's lease holder id).
+            self._args, self._resources = model._args, model._resources
+            self._me, self._holders = model._me, model._holders
         self._lease = lease_seconds
         self._simulated = simulated
         # Under the real clock, the async door queues without asking and this process's
         # dispatcher thread asks Redis for the queue (see Dispatcher); under a simulated clock
         # every decision is made inline, so that a test sees it done when its tasks are blocked.
         self.remote = not simulated
-        self._dispatcher: Dispatcher | None = None
         # Counts what may change an answer of Redis for the head (answers applied, releases
         # elsewhere): a refusal that the dispatcher got before one of them is stale.
         self._epoch = 0
@@ -193,11 +200,7 @@ class RedisScheduler(Scheduler):
         self._policy = on_unavailable
         self._expiry_at = math.inf
         self._expiry_timer: Cancellable | None = None
-        self._me = uuid.uuid4().hex
-        self._holders = itertools.count()
         self._leases: dict[str, tuple[str, ...]] = {}  # holder -> resource keys held
-        self._renewer: Renewer | None = None
-        self._listener: Listener | None = None
         self.leases_lost = 0
 
     # -- talking to the script ---------------------------------------------------------------
@@ -402,7 +405,8 @@ class RedisScheduler(Scheduler):
 
     def pause(self, until: float, now: float) -> None:
         try:
-            self._call("pause", now, num(until - now))
+            # Under a simulated clock the script's time is ours: the exact end goes too.
+            self._call("pause", now, num(until - now), num(until) if self._simulated else "")
         except BackendUnavailable as exc:
             if self._unavailable(exc) == "allow":
                 return
@@ -439,11 +443,8 @@ class RedisScheduler(Scheduler):
         if self._simulated and isinstance(self.clock, TimerClock):
             self._expiry_timer = self.clock.call_at(at, self._expired)
         else:
-            # The timer holds the scheduler weakly: a pending expiry keeps nothing alive.
-            timer = threading.Timer(at - now, expire, (weakref.ref(self),))
-            timer.daemon = True
-            timer.start()
-            self._expiry_timer = timer
+            # The hub's timer holds the scheduler weakly: a pending expiry keeps nothing alive.
+            self._expiry_timer = self._hub.call_later(at - now, self)
 
     def _expired(self) -> None:
         with self.lock:
@@ -454,8 +455,7 @@ class RedisScheduler(Scheduler):
     # -- waiting across processes ------------------------------------------------------------
 
     def enqueue(self, waiter: Waiter, now: float) -> bool:
-        if self._listener is None:
-            self._listener = Listener(self)
+        self._hub.listen(self)
         if self._simulated:
             return super().enqueue(waiter, now)
         refused, self._refused = self._refused, None
@@ -526,9 +526,7 @@ class RedisScheduler(Scheduler):
             self._signal()
 
     def _signal(self, job: Callable[[], object] | None = None) -> None:
-        if self._dispatcher is None:
-            self._dispatcher = Dispatcher(self)
-        self._dispatcher.signal(job)
+        self._hub.signal(self, job)
 
     # -- the async door's first step: one direct call from the task, without thread hops -----
 
@@ -543,7 +541,12 @@ class RedisScheduler(Scheduler):
         others."""
         with self.lock:
             start = self.clock()
-            direct = not self.queue and not self._fast_busy and self._direct is not None
+            direct = (
+                not self.queue
+                and not self._fast_busy
+                and self._direct is not None
+                and self._hub.take_direct()  # a keyed set bounds its connections in use
+            )
             if not direct:
                 waiter = new_waiter(items, start + patience)
                 if not self.enqueue(waiter, start):
@@ -554,7 +557,7 @@ class RedisScheduler(Scheduler):
             holder = f"{self._me}:{next(self._holders)}"
         args = [holder, num(self._lease), *self._item_args(items)]
         try:
-            reply = acquire_reply(await self._direct_call("acquire", args))
+            reply = await self._ask_directly(args)
         except BaseException as exc:
             with self.lock:
                 self._fast_busy = False
@@ -587,8 +590,7 @@ class RedisScheduler(Scheduler):
                 if self.queue:
                     self._signal()
                 return None, None, start
-            if self._listener is None:
-                self._listener = Listener(self)
+            self._hub.listen(self)
             # First in the queue: it arrived before those that queued while Redis answered.
             self.queue[waiter] = None
             self.queue.move_to_end(waiter, last=False)
@@ -599,6 +601,13 @@ class RedisScheduler(Scheduler):
                 waiter.rate_at, waiter.wake_at = -math.inf, now
                 self._signal()
             return None, waiter, start
+
+    async def _ask_directly(self, args: list[str]) -> list[Any]:
+        """``acquire``, asked by the task itself; ends the hub's count of direct calls."""
+        try:
+            return acquire_reply(await self._direct_call("acquire", args))
+        finally:
+            self._hub.end_direct()
 
     async def _direct_call(self, op: str, args: list[str]) -> Any:
         """One script call from a task: sent on a pooled connection of the blocking client, the
@@ -807,8 +816,7 @@ class RedisScheduler(Scheduler):
 
     def _hold(self, holder: str, keys: tuple[str, ...]) -> None:
         self._leases[holder] = keys
-        if self._renewer is None:
-            self._renewer = Renewer(self)
+        self._hub.hold(self)
 
     def renew(self) -> None:
         """Extend every lease this process holds (the renewer thread calls it)."""

@@ -1,16 +1,24 @@
-"""The background threads of a Redis-backed LimitSet: dispatcher, subscriber, lease renewer.
+"""The background threads of a Redis-backed set: dispatcher, subscriber, lease renewer.
 
-Each holds its scheduler weakly and ends when the scheduler is garbage. None of them is a polling
-loop: the dispatcher sleeps until signalled, the subscriber until a message comes, the renewer
-for a third of a lease between renewals.
+A :class:`Hub` owns them for one set and serves every scheduler of that set: the one scheduler of
+a LimitSet, or the scheduler of every key a KeyedLimitSet uses in this process (thousands of keys
+may have waiters at once: they share one dispatcher thread, one subscription connection and one
+renewer, not three threads each). The hub holds its schedulers weakly; each scheduler holds its
+hub, so the threads end once the set and all its schedulers are garbage.
+
+None of them is a polling loop: the dispatcher sleeps until signalled or until the next expiry
+timer, the subscriber until a message comes, the renewer for a third of a lease between renewals.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -22,7 +30,11 @@ from .._errors import BackendUnavailable
 if TYPE_CHECKING:
     from ._scheduler import RedisScheduler
 
-__all__ = ["UNAVAILABLE", "Dispatcher", "Listener", "Renewer", "expire", "log"]
+__all__ = ["UNAVAILABLE", "Hub", "log"]
+
+#: The most tasks of a keyed set that ask Redis themselves at once (each on a pooled connection of
+#: its own, see ``RedisScheduler.take_first``); more queue, and the dispatcher asks for them.
+DIRECT_CALLS = 8
 
 log = logging.getLogger("aiolimits.redis")
 
@@ -37,49 +49,193 @@ UNAVAILABLE = (
 )
 
 
-def expire(ref: weakref.ref[RedisScheduler]) -> None:
-    sched = ref()
-    if sched is not None:
-        sched._expired()
+class _Registry:
+    """A hub's schedulers, held weakly, under a lock of their own: doors add to them while the
+    threads take snapshots of them."""
+
+    __slots__ = ("_by_channel", "_holders", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # By wake-up channel: the scheduler a message on it wakes.
+        self._by_channel: weakref.WeakValueDictionary[str, RedisScheduler] = (
+            weakref.WeakValueDictionary()
+        )
+        self._holders: weakref.WeakSet[RedisScheduler] = weakref.WeakSet()  # hold leases
+
+    def route(self, sched: RedisScheduler) -> None:
+        with self._lock:
+            if self._by_channel.get(sched._channel) is not sched:
+                self._by_channel[sched._channel] = sched
+
+    def get(self, channel: str) -> RedisScheduler | None:
+        with self._lock:
+            return self._by_channel.get(channel)
+
+    def routed(self) -> list[RedisScheduler]:
+        with self._lock:
+            return list(self._by_channel.values())
+
+    def hold(self, sched: RedisScheduler) -> None:
+        with self._lock:
+            self._holders.add(sched)
+
+    def holders(self) -> list[RedisScheduler]:
+        with self._lock:
+            return list(self._holders)
+
+
+class Hub:
+    """The threads of one set, shared by its schedulers, each started on first need.
+
+    Args:
+        label: names the threads (the set's Redis key, or its keys' pattern).
+        subscriber: opens a new subscription connection.
+        channel: the wake-up channel to subscribe to, or (``pattern``) the glob pattern matching
+            the wake-up channels of every key of a keyed set.
+        lease_seconds: the lease of the schedulers' resource slots (renewed every third).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_channel",
+        "_direct",
+        "_label",
+        "_lease",
+        "_lock",
+        "_pattern",
+        "_registry",
+        "_subscriber",
+        "dispatcher",
+        "listener",
+        "renewer",
+    )
+
+    def __init__(
+        self,
+        label: str,
+        subscriber: Callable[[], redis.client.PubSub],
+        channel: str,
+        *,
+        pattern: bool,
+        lease_seconds: float,
+    ) -> None:
+        self._label = label
+        self._subscriber = subscriber
+        self._channel = channel
+        self._pattern = pattern
+        self._lease = lease_seconds
+        self._lock = threading.Lock()
+        self._registry = _Registry()
+        self._direct = 0  # direct calls in flight (a keyed set's)
+        self.dispatcher: Dispatcher | None = None
+        self.listener: Listener | None = None
+        self.renewer: Renewer | None = None
+
+    def take_direct(self) -> bool:
+        """May a task ask Redis itself now? Always for a LimitSet (its one scheduler asks once
+        at a time); for a keyed set, while fewer than ``DIRECT_CALLS`` do (the others queue),
+        so that thousands of keys never hold as many connections."""
+        if not self._pattern:
+            return True
+        with self._lock:
+            if self._direct >= DIRECT_CALLS:
+                return False
+            self._direct += 1
+            return True
+
+    def end_direct(self) -> None:
+        if self._pattern:
+            with self._lock:
+                self._direct -= 1
+
+    def signal(self, sched: RedisScheduler, job: Callable[[], object] | None = None) -> None:
+        """Have the dispatcher thread run ``job``, then ask Redis for ``sched``'s queue."""
+        dispatcher = self.dispatcher
+        if dispatcher is None:
+            with self._lock:
+                if self.dispatcher is None:
+                    self.dispatcher = Dispatcher(self, self._label)
+                dispatcher = self.dispatcher
+        dispatcher.signal(sched, job)
+
+    def call_later(self, delay: float, sched: RedisScheduler) -> Timer:
+        """Run ``sched._expired()`` on the dispatcher thread in ``delay`` seconds (a lease that
+        blocks a full resource runs out then): one thread for every timer of the set."""
+        dispatcher = self.dispatcher
+        if dispatcher is None:
+            with self._lock:
+                if self.dispatcher is None:
+                    self.dispatcher = Dispatcher(self, self._label)
+                dispatcher = self.dispatcher
+        return dispatcher.call_later(delay, sched)
+
+    def listen(self, sched: RedisScheduler) -> None:
+        """``sched`` has a waiter: route the wake-ups of its channel to it (instead of to an
+        earlier scheduler of the same key, which a keyed set dropped while it was idle), and
+        make sure the subscription runs."""
+        self._registry.route(sched)
+        if self.listener is None:
+            with self._lock:
+                if self.listener is None:
+                    listener = Listener(self._label, self._subscriber, self._channel, self._pattern)
+                    listener.start(self._registry)
+                    weakref.finalize(self, listener.stop)
+                    self.listener = listener
+
+    def hold(self, sched: RedisScheduler) -> None:
+        """``sched`` holds leases: renew them while it lives."""
+        self._registry.hold(sched)
+        if self.renewer is None:
+            with self._lock:
+                if self.renewer is None:
+                    renewer = Renewer(self._label, self._lease / 3, self._registry)
+                    weakref.finalize(self, renewer.stop.set)
+                    self.renewer = renewer
 
 
 class Renewer:
-    """Extends a scheduler's leases every third of a lease, while the scheduler lives."""
+    """Extends the leases of a set's schedulers every third of a lease, while the hub lives."""
 
-    def __init__(self, sched: RedisScheduler) -> None:
-        self._sched = weakref.ref(sched)
-        self._period = sched._lease / 3
-        self._stop = threading.Event()  # set when the scheduler is garbage
+    def __init__(self, label: str, period: float, registry: _Registry) -> None:
+        self._period = period
+        self._registry = registry
+        self.stop = threading.Event()  # set when the hub is garbage
         self._thread = threading.Thread(
-            target=self._run, name=f"aiolimits-renew {sched._hash}", daemon=True
+            target=self._run, name=f"aiolimits-renew {label}", daemon=True
         )
         self._thread.start()
-        weakref.finalize(sched, self._stop.set)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._period):
-            sched = self._sched()
-            if sched is None:
-                return
-            sched.renew()
-            del sched
+        while not self.stop.wait(self._period):
+            _each(self._registry.holders(), "renew")
 
 
 class Listener:
-    """Subscribes to a set's wake-up channel and dispatches the local head on each message.
-    Ends, closing its connection, when its scheduler is garbage."""
+    """Subscribes to a set's wake-up channel (or, for a keyed set, the pattern of its keys'
+    channels) and wakes the scheduler a message names. Ends, closing its connection, when its
+    hub is garbage."""
 
-    def __init__(self, sched: RedisScheduler) -> None:
-        self._sched = weakref.ref(sched)
-        self._subscriber = sched._subscriber
-        self._channel = sched._channel
+    def __init__(
+        self,
+        label: str,
+        subscriber: Callable[[], redis.client.PubSub],
+        channel: str,
+        pattern: bool,
+    ) -> None:
+        self._label = label
+        self._subscriber = subscriber
+        self._channel = channel
+        self._pattern = pattern
         self._stopped = threading.Event()
         self._current: redis.client.PubSub | None = None
-        self._thread = threading.Thread(
-            target=self._run, name=f"aiolimits-wake {sched._hash}", daemon=True
+        self.subscriptions = 0  # how many times it subscribed (a new connection each)
+
+    def start(self, registry: _Registry) -> None:
+        thread = threading.Thread(
+            target=self._run, args=(registry,), name=f"aiolimits-wake {self._label}", daemon=True
         )
-        self._thread.start()
-        weakref.finalize(sched, self.stop)
+        thread.start()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -88,27 +244,32 @@ class Listener:
         if connection is not None:
             connection.disconnect()  # the blocked read in the thread returns
 
-    def _run(self) -> None:
+    def _run(self, registry: _Registry) -> None:
         delay = 0.05
         while not self._stopped.is_set():
             pubsub: redis.client.PubSub | None = None
             try:
                 pubsub = self._subscriber()
-                pubsub.subscribe(self._channel)
+                if self._pattern:
+                    pubsub.psubscribe(self._channel)
+                else:
+                    pubsub.subscribe(self._channel)
+                self.subscriptions += 1
                 # Published before the flag is read, as stop() sets the flag before it reads
                 # this: one of the two sees the other, so the thread never blocks after stop().
                 self._current = pubsub
                 if self._stopped.is_set():
                     return
                 delay = 0.05
-                # Messages may have been missed while (re)subscribing.
-                if not self._wake(None):
-                    return
+                # Messages may have been missed while (re)subscribing: wake every scheduler.
+                _each(registry.routed(), "wake")
                 for message in pubsub.listen():  # type: ignore[no-untyped-call]
-                    if not self._wake(message.get("data")):
-                        return
+                    channel = message.get("channel")
+                    if isinstance(channel, bytes):
+                        channel = channel.decode("utf-8", "replace")
+                    _each([registry.get(channel)], "wake")
             except Exception as exc:
-                if self._stopped.is_set() or self._sched() is None:
+                if self._stopped.is_set():
                     return
                 if not isinstance(exc, UNAVAILABLE):
                     log.exception("the wake-up subscription of %s failed", self._channel)
@@ -119,41 +280,73 @@ class Listener:
                 if pubsub is not None:
                     pubsub.close()
 
-    def _wake(self, data: object) -> bool:
-        sched = self._sched()
+
+def _each(schedulers: Sequence[RedisScheduler | None], what: str) -> None:
+    """``wake()`` or ``renew()`` each scheduler given; the list (this frame's only reference
+    to them) is gone when it returns, so the thread keeps none of them alive."""
+    for sched in schedulers:
         if sched is None:
-            return False
+            continue
         try:
-            sched.wake()
+            if what == "wake":
+                sched.wake()
+            elif what == "renew":
+                sched.renew()
+            else:
+                sched._expired()
         except BackendUnavailable as exc:
             log.warning("could not dispatch after a wake-up on %s: %s", sched._hash, exc)
-        return True
+        except Exception:
+            log.exception("a background Redis call of aiolimits failed")
+
+
+class Timer:
+    """An expiry timer of the dispatcher thread; :meth:`cancel` makes it do nothing."""
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 class Dispatcher:
-    """The thread that makes a LimitSet's waiting-related Redis calls under the real clock: the
-    batches of the queue (``dispatch_queue``), lease ends and unused grants given back. Waiters
-    and releases only signal it, so no event loop ever blocks on Redis while waiting, and the
-    acquisitions that queue while a call is in flight go out together in the next one."""
+    """The thread that makes a set's waiting-related Redis calls under the real clock: the
+    batches of each signalled scheduler's queue (``dispatch_queue``), lease ends and unused
+    grants given back, and the expiry timers. Waiters and releases only signal it, so no event
+    loop ever blocks on Redis while waiting, and the acquisitions that queue while a call is in
+    flight go out together in the next one."""
 
-    def __init__(self, sched: RedisScheduler) -> None:
-        self._sched = weakref.ref(sched)
+    def __init__(self, hub: Hub, label: str) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._signaled = False
+        self._pending: dict[RedisScheduler, None] = {}  # signalled, in order
         self._stopped = False
         self._jobs: list[Callable[[], object]] = []
+        self._timers: list[tuple[float, int, Timer, weakref.ref[RedisScheduler]]] = []
+        self._order = itertools.count()
         self._thread = threading.Thread(
-            target=self._run, name=f"aiolimits-dispatch {sched._hash}", daemon=True
+            target=self._run, name=f"aiolimits-dispatch {label}", daemon=True
         )
         self._thread.start()
-        weakref.finalize(sched, self.stop)
+        weakref.finalize(hub, self.stop)
 
-    def signal(self, job: Callable[[], object] | None = None) -> None:
+    def signal(self, sched: RedisScheduler, job: Callable[[], object] | None = None) -> None:
         with self._cond:
             if job is not None:
                 self._jobs.append(job)
-            self._signaled = True
+            self._pending[sched] = None
             self._cond.notify()
+
+    def call_later(self, delay: float, sched: RedisScheduler) -> Timer:
+        timer = Timer()
+        with self._cond:
+            entry = (time.monotonic() + delay, next(self._order), timer, weakref.ref(sched))
+            heapq.heappush(self._timers, entry)
+            if self._timers[0] is entry:
+                self._cond.notify()  # sooner than what the thread sleeps until
+        return timer
 
     def stop(self) -> None:
         with self._cond:
@@ -163,23 +356,39 @@ class Dispatcher:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._signaled and not self._stopped:
-                    self._cond.wait()
-                if self._stopped and not self._jobs:
-                    return
-                self._signaled = False
+                while True:
+                    if self._stopped and not self._jobs:
+                        return
+                    if self._pending or self._jobs:
+                        break
+                    timeout = None
+                    if self._timers:
+                        timeout = self._timers[0][0] - time.monotonic()
+                        if timeout <= 0:
+                            break
+                    self._cond.wait(timeout)
                 jobs, self._jobs = self._jobs, []
+                pending, self._pending = self._pending, {}
+                due: list[weakref.ref[RedisScheduler]] = []
+                now = time.monotonic()
+                while self._timers and self._timers[0][0] <= now:
+                    _at, _n, timer, ref = heapq.heappop(self._timers)
+                    if not timer.cancelled:
+                        due.append(ref)
             for job in jobs:
                 _run_logged(job)
-            sched = self._sched()
-            if sched is None:
-                return
-            _run_logged(sched.dispatch_queue)
-            del sched
+            _each([ref() for ref in due], "expired")
+            _dispatch_each(list(pending))
+            del pending
+
+
+def _dispatch_each(schedulers: list[RedisScheduler]) -> None:
+    for sched in schedulers:
+        _run_logged(sched.dispatch_queue)
 
 
 def _run_logged(job: Callable[[], object]) -> None:
-    """Run a job of the dispatcher thread; a failure is logged (there is nobody to raise to)."""
+    """Run a job of a background thread; a failure is logged (there is nobody to raise to)."""
     try:
         job()
     except Exception:

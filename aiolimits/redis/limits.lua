@@ -11,6 +11,14 @@
 -- replica whose clock is behind), "!p" the end of a pause, "!g" the grant count, "!r:<key>" the
 -- units refunded, "!d" the declaration (written by the client, not read here).
 --
+-- A KeyedLimitSet keeps each client key in a hash of its own, "<prefix>:k:{<len(name)>:<name>:<key>}"
+-- (plain sets are "{<prefix>:<name>}": only a keyed hash does not start with "{"). A keyed hash
+-- expires: after every operation its PEXPIRE is at least the time until its state is fresh again
+-- (every bucket full, every window empty, no lease live, no pause) plus a margin, so Redis drops
+-- it only once it decides exactly as a key never seen. Its ids (bucket operation numbers, slot and
+-- log entry ids) start from Redis TIME in microseconds, so that a receipt from before an expiry
+-- never names anything of the state made again after it (see keyed_ids below).
+--
 -- ARGV[1] is the operation, ARGV[2] the time: "" for Redis server time (TIME), or seconds for
 -- the test hook that drives the script with a fake clock. Numbers come in as Python's repr of a
 -- float (which strtod reads back exactly) and go out as %.17g strings (which Python's float()
@@ -30,11 +38,31 @@ if EVAL then EVAL_KEYS, EVAL_ARGV = KEYS, ARGV end
 -- The call being run: its hash, its arguments, and the states it has read (set by `run` at the
 -- start of every call; a library's upvalues outlive its calls, so nothing may carry over).
 local key, ARGV, cache
+-- Also per call: the limit of each state in the cache (by field), when a lease renewed by this
+-- call runs out, whether the hash is a key's of a KeyedLimitSet (which expires), and the first id
+-- of a state this call makes in it (keyed_ids).
+local limit_of, fresh_hint, KEYED, id_base
 -- Only `redis` can be read while a library loads (the standard library, cmsgpack and the rest
 -- exist when its function is called): this top level uses operators, not math.huge or ldexp.
 local INF = 1 / 0
 local TINY = 2 ^ -1074 -- the smallest subnormal double
 local PEAK_LIMIT = 512 -- PeakLog.LIMIT
+local FRESH_MARGIN_MS = 1000 -- a keyed hash is kept this long after it is fresh
+
+-- The first id of a new state: 0 in a plain set's hash (which never expires); in a keyed hash,
+-- Redis TIME in microseconds, above every id of an earlier incarnation of the same hash (that one
+-- expired at least FRESH_MARGIN_MS after its last operation, and a state issues fewer than one id
+-- per microsecond of its life). A stale receipt then names an id below the new state's: bucket
+-- refunds find the peak of the whole new log (its first take, from a full bucket: nothing to give
+-- back) and slot and entry ids are not found.
+local function keyed_ids()
+  if not KEYED then return 0 end
+  if id_base == nil then
+    local t = redis.call('TIME')
+    id_base = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+  return id_base
+end
 
 -- A whole number below 2^53 as %d: the same digits as %.17g, made much faster (the receipts of
 -- the buckets and most counts are whole).
@@ -133,7 +161,7 @@ end
 -- -- PeakLog and give_back --------------------------------------------------------------------
 
 local function new_peaks()
-  return { seq = 0, seqs = {}, levels = {} }
+  return { seq = keyed_ids(), seqs = {}, levels = {} }
 end
 
 -- bisect_right, 1-based: the first index whose seq is > seq
@@ -319,6 +347,12 @@ builders.token_bucket = function()
   A.available = function(s, L, now)
     return level_at(s, L, now) / L.window
   end
+  -- When the bucket is full again (an upper bound, within float error: the margin covers it).
+  A.fresh_at = function(s, L, now)
+    local full = L.cap * L.window
+    if s.level >= full then return s.stamp end
+    return s.stamp + (full - s.level) / L.cap
+  end
   return A
 end
 
@@ -372,6 +406,9 @@ builders.gcra = function()
   A.available = function(s, L, now)
     return level(s, L, now)
   end
+  A.fresh_at = function(s, L, now)
+    return s.tat
+  end
   return A
 end
 
@@ -380,7 +417,7 @@ end
 builders.leaky_bucket = function()
   local A = {
     new = function(L, now)
-      return { next_id = 0, slots = {} }
+      return { next_id = keyed_ids(), slots = {} }
     end,
   }
   local function interval(L) return L.window / L.cap end
@@ -458,6 +495,9 @@ builders.leaky_bucket = function()
     if next_free(s) <= now then return L.cap end
     return 0.0
   end
+  A.fresh_at = function(s, L, now)
+    return next_free(s)
+  end
   return A
 end
 
@@ -465,7 +505,7 @@ end
 builders.sliding_window = function()
   local A = {
     new = function(L, now)
-      return { next_id = 0, total = 0, log = {} }
+      return { next_id = keyed_ids(), total = 0, log = {} }
     end,
   }
   local function prune(s, now)
@@ -532,6 +572,12 @@ builders.sliding_window = function()
     prune(s, now)
     return L.cap - s.total
   end
+  -- When the last entry leaves the window (the log is in expiry order).
+  A.fresh_at = function(s, L, now)
+    local n = #s.log
+    if n == 0 then return -INF end
+    return s.log[n][2]
+  end
   return A
 end
 
@@ -595,6 +641,11 @@ builders.fixed_window = function()
     roll(s, L, now)
     return L.cap - s.count
   end
+  -- An empty window is fresh; a counted one, once it has ended.
+  A.fresh_at = function(s, L, now)
+    if s.count == 0 then return -INF end
+    return s.stop
+  end
   return A
 end
 
@@ -640,6 +691,14 @@ builders.resource = function()
     end
     return first
   end
+  -- When the last lease runs out.
+  A.fresh_at = function(s, L, now)
+    local last = -INF
+    for _, lease in pairs(s.leases) do
+      if lease[2] > last then last = lease[2] end
+    end
+    return last
+  end
   return A
 end
 
@@ -661,6 +720,7 @@ local function state_of(L, now)
     local raw = redis.call('HGET', key, 's:' .. L.field)
     if raw then s = cmsgpack.unpack(raw) else s = L.A.new(L, now) end
     cache[L.field] = s
+    limit_of[L.field] = L
   end
   return s
 end
@@ -718,8 +778,13 @@ local function clock(last)
 end
 
 local function read_now()
-  local now, stamp = clock(redis.call('HGET', key, '!t'))
-  if stamp then redis.call('HSET', key, '!t', fmt(now)) end
+  local last = redis.call('HGET', key, '!t')
+  local now, stamp = clock(last)
+  -- A keyed hash is not made just to hold the time (asking about a key never seen leaves
+  -- nothing behind); its first write makes it, and the time is kept from its next call.
+  if stamp and (last or not KEYED or redis.call('EXISTS', key) == 1) then
+    redis.call('HSET', key, '!t', fmt(now))
+  end
   return now
 end
 
@@ -788,18 +853,26 @@ local function acquire()
   for j = 1, n do fields[3 + j] = 's:' .. items[j][1].field end
   local got = redis.call('HMGET', key, unpack(fields))
   local now, stamp = clock(got[1])
+  local absent = true -- no field read: a keyed hash that does not exist (it is not made for '!t')
   for j = 1, n do
     local L = items[j][1]
     if cache[L.field] == nil then
       local raw = got[3 + j]
-      if raw then cache[L.field] = cmsgpack.unpack(raw) else cache[L.field] = L.A.new(L, now) end
+      if raw then
+        cache[L.field] = cmsgpack.unpack(raw)
+        absent = false
+      else
+        cache[L.field] = L.A.new(L, now)
+      end
+      limit_of[L.field] = L
     end
   end
+  if got[1] or got[2] or got[3] then absent = false end
   local rate_at, admit_at, expiry = admit_time(items, now, tonumber(got[2] or '') or -INF)
   local now_text = fmt(now)
   if admit_at > now then
-    if stamp then redis.call('HSET', key, '!t', now_text) end
-    return table.concat({ '0', now_text, fmt(rate_at), fmt(admit_at), fmt(expiry) }, ' ')
+    if stamp and not (KEYED and absent) then redis.call('HSET', key, '!t', now_text) end
+    return table.concat({ '0', now_text, fmt(rate_at), fmt(admit_at), fmt(expiry) }, ' '), now
   end
   local out = { '1', now_text }
   local writes = {}
@@ -814,7 +887,7 @@ local function acquire()
   writes[#writes + 1] = '!g'
   writes[#writes + 1] = string.format('%d', (tonumber(got[3] or '') or 0) + 1)
   redis.call('HSET', key, unpack(writes))
-  return table.concat(out, ' ')
+  return table.concat(out, ' '), now
 end
 
 -- batch: lease seconds, m, then per request holder and items (as for acquire). The queue of one
@@ -925,6 +998,7 @@ ops.renew = function(now)
       local lease = s.leases[holder]
       if lease ~= nil and lease[2] > now then
         lease[2] = now + ttl
+        fresh_hint = now + ttl
         renewed = renewed + 1
         redis.call('HSET', key, 's:' .. ARGV[i], cmsgpack.pack(s))
       end
@@ -933,9 +1007,12 @@ ops.renew = function(now)
   return { fmt(now), renewed }
 end
 
--- pause: seconds. Nobody is admitted before now + seconds; the later end of two pauses wins.
+-- pause: seconds[, end]. Nobody is admitted before now + seconds (or the end given, in the
+-- test clock's time: the exact end a keyed set's pause of every key set earlier); the later end
+-- of two pauses wins.
 ops.pause = function(now)
   local untill = now + tonumber(ARGV[3])
+  if ARGV[4] ~= nil and ARGV[4] ~= '' then untill = tonumber(ARGV[4]) end
   if untill > paused_until() then redis.call('HSET', key, '!p', fmt(untill)) end
   return { fmt(now) }
 end
@@ -958,12 +1035,40 @@ ops.stats = function(now)
   return out
 end
 
+-- -- keyed hashes: expiry ------------------------------------------------------------------
+
+-- Keep a keyed hash at least until every state this call read or changed is fresh again, and
+-- the pause is over, plus the margin. The hash's TTL is only ever lengthened: the states this
+-- call did not read have not changed since an earlier call covered them. (The TTL is in Redis
+-- time; under the test clock, it is the test clock's seconds until fresh.)
+local function keyed_expire(now)
+  local fresh = paused_until()
+  if fresh_hint > fresh then fresh = fresh_hint end
+  for field, s in pairs(cache) do
+    local L = limit_of[field]
+    local at = L.A.fresh_at(s, L, now)
+    if at > fresh then fresh = at end
+  end
+  local ms = FRESH_MARGIN_MS
+  if fresh > now then ms = ms + math.ceil((fresh - now) * 1000) end
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+
 local function run(keys, args)
   key, ARGV, cache = keys[1], args, {}
-  if ARGV[1] == 'acquire' then return acquire() end -- it reads the clock with its state
-  local op = ops[ARGV[1]]
-  if op == nil then error('aiolimits: unknown operation ' .. tostring(ARGV[1])) end
-  return op(read_now())
+  limit_of, fresh_hint, id_base = {}, -INF, nil
+  KEYED = string.sub(key, 1, 1) ~= '{'
+  local reply, now
+  if ARGV[1] == 'acquire' then
+    reply, now = acquire() -- it reads the clock with its state
+  else
+    local op = ops[ARGV[1]]
+    if op == nil then error('aiolimits: unknown operation ' .. tostring(ARGV[1])) end
+    now = read_now()
+    reply = op(now)
+  end
+  if KEYED then keyed_expire(now) end
+  return reply
 end
 
 if EVAL then return run(EVAL_KEYS, EVAL_ARGV) end
