@@ -203,13 +203,17 @@ class Scheduler:
     def enqueue(self, waiter: Waiter, now: float) -> bool:
         """Under the lock, after :meth:`try_take` failed: queue ``waiter``, or return False when
         its deadline is already known to be unreachable (the caller raises TimeoutError)."""
+        queue = self.queue
+        if queue and waiter.deadline == _INF:
+            # Behind others and without a deadline: nothing to ask until it is the head.
+            queue[waiter] = None
+            return True
         rate_at, admit_at = self.admit_time(waiter.items, now)
         # The rate limits alone put admission after the deadline (a full resource does not: a
         # release may come in time, so such a waiter waits until its deadline).
         if rate_at > waiter.deadline or now >= waiter.deadline:
             self.timed_out += 1
             return False
-        queue = self.queue
         if not queue:
             waiter.wake_at = admit_at
             waiter.rate_at = rate_at

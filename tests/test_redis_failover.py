@@ -18,13 +18,11 @@ exceeds any limit, and exactly the remainder is admitted after.
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import threading
 import uuid
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -45,18 +43,6 @@ pytestmark = pytest.mark.filterwarnings("error")
 T = TypeVar("T")
 
 HANG = 30.0  # seconds after which a call that should have failed within its timeout has hung
-
-
-@pytest.fixture(autouse=True)
-def _collect_dropped_node_connections() -> Iterator[None]:
-    """After each test, collect what redis-py dropped without closing: when its Cluster client
-    reads the topology again (after a failover), it replaces its node objects, and the old
-    nodes' pooled connections are left to the garbage collector, which warns about their open
-    sockets. Collected here, ignoring those warnings, so they cannot surface in a later test."""
-    yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
 
 
 @pytest.fixture
