@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._algorithms import RateState, SemaphoreState
-from ._waiters import GRANTED, LEFT, WAITING, Waiter
+from ._waiters import GRANTED, LEFT, WAITING, TimerClock, Waiter
 
 __all__ = ["Items", "Scheduler"]
 
@@ -60,6 +60,7 @@ class Scheduler:
     dropped = False
 
     __slots__ = (
+        "_timed",
         "cancelled",
         "clock",
         "granted",
@@ -74,6 +75,10 @@ class Scheduler:
     # A backend that decides over the network sets this: its async door then queues without
     # asking under the lock (a network call there would block the event loop).
     remote = False
+
+    # Whether a new head's timer may be armed for it (``Waiter.notify_at``) instead of waking it
+    # to arm it; a backend whose waiters must run when they become head clears it.
+    timed_wakes = True
 
     def __init__(
         self,
@@ -94,6 +99,9 @@ class Scheduler:
         self.cancelled = 0
         # Units refunded per key, created on the first refund.
         self.refunded: dict[str, float] | None = None
+        # A new head's wake-up may be armed by the one who makes it head (notify_at): delays on
+        # this clock are real seconds (a simulated clock fires its own timers instead).
+        self._timed = self.timed_wakes and not isinstance(clock, TimerClock)
 
     # -- decisions (under the lock) --------------------------------------------------------
 
@@ -191,7 +199,13 @@ class Scheduler:
             # deadline (it then times out at once, even while a full resource blocks it too).
             if head.wake_at != admit_at or rate_at > head.deadline:
                 head.wake_at = admit_at
-                if head is not current and not head.notify():
+                if head is current:
+                    return
+                if self._timed and rate_at <= head.deadline:
+                    woken = head.notify_at(admit_at, now, self.lock)
+                else:
+                    woken = head.notify()  # it times out at once, or arms its own timer
+                if not woken:
                     del queue[head]
                     head.state = LEFT
                     self.cancelled += 1

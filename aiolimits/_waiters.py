@@ -103,6 +103,13 @@ class Waiter:
         """Wake the waiter to re-read its state. Under the lock. False if it can never wake."""
         raise NotImplementedError
 
+    def notify_at(self, when: float, now: float, lock: threading.Lock) -> bool:
+        """Under ``lock``, when this waiter has just become the head: wake it once the clock
+        (now reading ``now``) reads ``when`` (inf: only a later notification will). A waiter
+        that can arm that timer itself without running does; the others are woken now, to arm
+        it when they run (the default). False if it can never wake."""
+        return self.notify()
+
     def consume_notification(self) -> None:
         """Under the lock, after waking: forget a notification already delivered."""
         self.notified = False
@@ -194,7 +201,7 @@ class TaskWaiter(Waiter):
 class AsyncioWaiter(TaskWaiter):
     """A task on an asyncio (or uvloop) event loop, possibly on another thread than the notifier."""
 
-    __slots__ = ("_fut", "_loop", "_pad_ms")
+    __slots__ = ("_fut", "_loop", "_pad_ms", "_timer")
 
     def __init__(
         self,
@@ -214,6 +221,9 @@ class AsyncioWaiter(TaskWaiter):
         if pad is None:
             pad = _PAD_MS[type(loop)] = type(loop).__module__.startswith("uvloop")
         self._pad_ms = pad
+        # A wake-up the scheduler armed for it on its loop (notify_at); touched on that loop's
+        # thread only.
+        self._timer: asyncio.TimerHandle | None = None
 
     def _wake(self) -> None:
         fut = self._fut
@@ -228,6 +238,33 @@ class AsyncioWaiter(TaskWaiter):
         # another thread can only be late, which is the case handled by giving the grant back.
         return self._fut.cancelled()
 
+    def notify_at(self, when: float, now: float, lock: threading.Lock) -> bool:
+        # On its loop's thread, the timer is armed here and the task sleeps on until it fires:
+        # otherwise it would run now only to arm the same timer, one loop iteration (and a
+        # share of a grant's CPU) per new head in a busy queue.
+        if self.notified or threading.get_ident() != self._thread:
+            return self.notify()
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+            self._timer = None
+        if when == _INF:
+            return True  # asleep already: a release or a refund will notify it
+        delay = when - now
+        if delay <= 0:
+            return self.notify()
+        self._timer = self._loop.call_later(self._padded(delay), self._fire, lock)
+        return True
+
+    def _fire(self, lock: threading.Lock) -> None:
+        with lock:
+            self._timer = None
+            self.notify()
+
+    def _padded(self, delay: float) -> float:
+        # uvloop rounds to whole milliseconds, early as well as late: round up, plus one.
+        return (math.ceil(delay * 1000.0) + 1) / 1000.0 if self._pad_ms else delay
+
     async def sleep(self, delay: float | None) -> None:
         """Park until notified or ``delay`` seconds (None: no limit) have passed."""
         fut = self._fut
@@ -235,14 +272,16 @@ class AsyncioWaiter(TaskWaiter):
             fut = self._fut = self._loop.create_future()
         handle = None
         if delay is not None:
-            if self._pad_ms:
-                delay = (math.ceil(delay * 1000.0) + 1) / 1000.0
-            handle = self._loop.call_later(delay, _resolve_timer, fut)
+            handle = self._loop.call_later(self._padded(delay), _resolve_timer, fut)
         try:
             await fut
         finally:
             if handle is not None:
                 handle.cancel()
+            timer = self._timer
+            if timer is not None:  # awake for another reason: it re-reads its wake time itself
+                timer.cancel()
+                self._timer = None
 
 
 class TrioWaiter(TaskWaiter):

@@ -30,6 +30,7 @@ import pytest
 
 from aiolimits import Acquisition, CallLimit, LimitSet, RateLimit, ResourceLimit
 from aiolimits._algorithms.fixed_window import window_index
+from aiolimits._waiters import AsyncioWaiter, TrioWaiter
 from aiolimits.testing import ManualClock
 
 T = TypeVar("T")
@@ -629,6 +630,92 @@ async def test_waiters_on_a_token_bucket_are_granted_not_before_their_time(
     for i, w in waited.items():
         assert w >= 0.1 * i - 1e-9, (i, w)
         assert w < 0.1 * i + PATIENCE / 2, (i, w)
+
+
+@pytest.mark.anyio
+async def test_an_asyncio_task_sleeps_once_until_its_time_even_when_it_becomes_head(
+    anyio_backend_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Waiters 2 and 3 queue behind waiter 1. Each becomes head when the one before is granted,
+    # and the scheduler arms its wake-up on its loop then (notify_at): it is not woken only to
+    # arm the timer itself, so each task parks once, and is granted when it wakes. (A trio task
+    # wakes to arm its own timer: it parks twice.)
+    sleeps: dict[int, int] = {}  # id(waiter) -> sleeps
+
+    def counting(sleep: Any) -> Any:
+        async def wrapper(self: Any, delay: float | None) -> None:
+            sleeps[id(self)] = sleeps.get(id(self), 0) + 1
+            await sleep(self, delay)
+
+        return wrapper
+
+    for cls in (AsyncioWaiter, TrioWaiter):
+        monkeypatch.setattr(cls, "sleep", counting(cls.sleep))
+    clock = FreezableClock()
+    limits = LimitSet([RateLimit("tokens", 0.25, 10)], clock=clock)
+    clock.freeze()
+    assert limits.try_acquire({"tokens": 10}).successful  # empty at t0, exactly
+    waited: dict[int, float] = {}
+    order: list[int] = []  # id(waiter) of waiters 1, 2, 3
+
+    async def task_waiter(i: int) -> None:
+        async with limits.acquire({"tokens": 4}) as acq:
+            waited[i] = acq.waited
+
+    with anyio.fail_after(PATIENCE):
+        async with anyio.create_task_group() as tg:
+            for i in (1, 2, 3):
+                tg.start_soon(task_waiter, i)
+                await queued(limits, i)
+                order.append(id(list(limits._scheduler.queue)[-1]))
+            clock.thaw()
+    assert sorted(waited) == [1, 2, 3]
+    for i, w in waited.items():
+        assert w >= 0.1 * i - 1e-9, (i, w)  # never before its time
+    expected = [1, 1, 1] if anyio_backend_name == "asyncio" else [1, 2, 2]
+    assert [sleeps[w] for w in order] == expected
+
+
+@pytest.mark.anyio
+async def test_a_head_cancelled_while_its_wake_up_is_armed_passes_its_turn_on(
+    anyio_backend: Backend,
+) -> None:
+    # Waiter 2 becomes head when waiter 1 is granted, with its wake-up armed for it at t0 + 0.2;
+    # it is cancelled before then. Waiter 3 is then head, due at t0 + 0.2 (waiter 2 took nothing),
+    # and is granted then, not before; nothing stays queued or taken.
+    clock = FreezableClock()
+    limits = LimitSet([RateLimit("tokens", 0.25, 10)], clock=clock)
+    clock.freeze()
+    assert limits.try_acquire({"tokens": 10}).successful  # empty at t0, exactly
+    waited: dict[int, float] = {}
+    first = anyio.Event()
+    second = anyio.CancelScope()
+
+    async def task_waiter(i: int) -> None:
+        async with limits.acquire({"tokens": 4}) as acq:
+            waited[i] = acq.waited
+            if i == 1:
+                first.set()
+
+    async def cancellable() -> None:
+        with second:
+            await task_waiter(2)
+
+    with anyio.fail_after(PATIENCE):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(task_waiter, 1)
+            await queued(limits, 1)
+            tg.start_soon(cancellable)
+            await queued(limits, 2)
+            tg.start_soon(task_waiter, 3)
+            await queued(limits, 3)
+            clock.thaw()
+            await first.wait()
+            second.cancel()
+    assert sorted(waited) == [1, 3]
+    assert waited[3] >= 0.2 - 1e-9
+    stats = limits.get_stats()
+    assert (stats["waiting"], stats["granted"], stats["cancelled"]) == (0, 3, 1)
 
 
 @pytest.mark.anyio

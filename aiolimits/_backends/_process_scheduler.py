@@ -77,6 +77,10 @@ def _clock_tag(clock: Callable[[], float]) -> str:
 class ProcessScheduler(Scheduler):
     """The core scheduler over state shared through a :class:`StateFile`; it is its own lock."""
 
+    # A head may be held back by another process's waiter (``_admit_head``), whose wake-ups
+    # come by datagram: a new head is woken to arm its own timer, the path those were built on.
+    timed_wakes = False
+
     __slots__ = (
         "__weakref__",
         "_base_in_use",

@@ -109,6 +109,9 @@ ALLOWED: Any = object()
 class RedisScheduler(Scheduler):
     """A :class:`Scheduler` whose decisions are made by the Lua script on the shared state."""
 
+    # Its waiters' wake times come from Redis and are re-asked when they run.
+    timed_wakes = False
+
     __slots__ = (
         "__weakref__",
         "_args",
