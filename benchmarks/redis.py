@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-from aiolimits import LimitSet, RateLimit
+from aiolimits import KeyedLimitSet, LimitSet, RateLimit
 
 from ._common import BIG, Summary
 
@@ -82,10 +82,23 @@ async def _ops(url: str) -> dict[str, Op]:
         with limits.try_acquire(request):
             pass
 
+    # A keyed set: each acquisition on one of 1,000 client keys, at random (each key its own
+    # hash, its own script call).
+    keyed = KeyedLimitSet(
+        [RateLimit("tokens", 1, BIG)], backend=RedisBackend(url), name=f"bench-{uuid.uuid4().hex}"
+    )
+    clients = [f"client-{i}" for i in range(1000)]
+    pick = random.Random(1).choice
+
+    async def ours_keyed() -> None:
+        async with keyed.acquire(pick(clients), request):
+            pass
+
     ops: dict[str, Op] = {
         "redis-py INCR (baseline)": incr,
         "aiolimits RedisBackend": ours,
         "aiolimits try_acquire (blocks the loop)": ours_try,
+        "aiolimits KeyedLimitSet, 1,000 keys": ours_keyed,
     }
     try:
         from limits import parse
