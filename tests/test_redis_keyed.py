@@ -403,6 +403,67 @@ async def test_waiters_on_200_keys_share_one_dispatcher_one_subscription_and_one
 
 
 @pytest.mark.anyio
+async def test_the_due_queues_of_many_keys_are_asked_for_in_one_round_trip(
+    own_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 20 keys each have a waiter behind a held slot. The dispatcher is held up by a job of ours
+    # while the 20 releases wake their keys, so that its next round finds all 20 due: their
+    # calls go out in one pipeline, and every waiter is granted exactly its one slot.
+    import redis.client
+
+    from aiolimits.redis._keys import RedisKeys
+
+    holder, waiter = pair(own_server, [ResourceLimit("c", 1)], lease_seconds=120)
+    keys = [f"client-{i}" for i in range(20)]
+    held = [holder.try_acquire(key) for key in keys]
+    assert all(acq.successful for acq in held)
+    sizes: list[int] = []
+    execute = redis.client.Pipeline.execute
+
+    def counting(self: Any, raise_on_error: bool = True) -> Any:
+        sizes.append(len(self.command_stack))
+        return execute(self, raise_on_error)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", counting)
+    granted: list[str] = []
+
+    async def wait(key: str) -> None:
+        async with waiter.acquire(key, timeout=30):
+            granted.append(key)
+            await anyio.sleep(0.05)
+
+    assert isinstance(waiter._shared, RedisKeys)
+    hub = waiter._shared.hub
+    gate = threading.Event()
+    # A key with nothing due, to hold the dispatcher up by (checked out: never dropped).
+    gate_key = waiter._checkout("gate").sched
+    async with anyio.create_task_group() as tg:
+        for key in keys:
+            tg.start_soon(wait, key)
+        await eventually(lambda: waiting(waiter, keys) == len(keys), within=20)
+        dispatcher = hub.dispatcher
+        assert dispatcher is not None
+        holding = threading.Event()
+
+        def hold() -> None:
+            holding.set()
+            gate.wait()
+
+        hub.signal(gate_key, hold)  # type: ignore[arg-type]
+        await eventually(holding.is_set)  # the dispatcher is in our job: what wakes now waits
+        for acq in held:
+            acq.release()
+        # The 20 woken keys, waiting for the dispatcher's next round (it took the gate's key
+        # with the gate job).
+        await eventually(lambda: len(dispatcher._pending) == len(keys), within=20)
+        gate.set()
+    assert sorted(granted) == sorted(keys)
+    assert max(sizes) == len(keys)
+    for key in keys:
+        assert waiter.get_stats(key)["limits"]["c"]["in_use"] == 0
+
+
+@pytest.mark.anyio
 async def test_the_threads_of_a_keyed_set_end_when_it_is_garbage(
     redis_server: RedisServer,
 ) -> None:

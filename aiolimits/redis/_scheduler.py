@@ -49,6 +49,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import attrs
 import redis
 import redis.client
 import redis.exceptions
@@ -91,6 +92,18 @@ def _refused(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+@attrs.frozen
+class Batch:
+    """A run of the queue asked for in one script call: its waiters, their lease holders, the
+    time and epoch it was taken at, and the call's arguments after the time."""
+
+    waiters: list[Waiter]
+    holders: list[str]
+    now: float
+    epoch: int
+    args: list[str]
 
 
 class Local:
@@ -667,26 +680,45 @@ class RedisScheduler(Scheduler):
         """Ask Redis for the due head and the waiters behind it, in one call per batch, and
         apply the answer: grants in queue order up to the first refusal, whose time goes to the
         new head. Repeats while whole batches are granted and more are queued."""
-        while True:
-            with self.lock:
-                now = self.clock()
-                batch = self._due_batch(now)
-                if not batch:
-                    return
-                holders = [f"{self._me}:{next(self._holders)}" for _ in batch]
-                epoch = self._epoch
+        while (asked := self.batch_to_ask()) is not None:
             try:
-                reply = self._call("batch", now, *self._batch_args(batch, holders))
+                reply = self._call("batch", asked.now, *asked.args)
             except BackendUnavailable as exc:
-                with self.lock:
-                    self._batch_failed(batch, exc)
+                self.batch_failed(asked, exc)
                 return
-            with self.lock:
-                undo = self._apply(batch, holders, reply, now, epoch)
-            for items, receipts in undo:
-                self._undo(items, receipts, self.clock())
-            if len(reply[2]) < len(batch) or reply[3]:
+            if not self.batch_answered(asked, reply):
                 return  # the head waits for its time, a release or a refund
+
+    # The three steps of dispatch_queue, also taken for many keys of a keyed set at once, their
+    # calls sent in one round trip (``_threads._dispatch_each``).
+
+    def batch_to_ask(self) -> Batch | None:
+        """The due head and the waiters behind it, to ask Redis for (None: none is due)."""
+        with self.lock:
+            now = self.clock()
+            batch = self._due_batch(now)
+            if not batch:
+                return None
+            holders = [f"{self._me}:{next(self._holders)}" for _ in batch]
+            return Batch(batch, holders, now, self._epoch, self._batch_args(batch, holders))
+
+    def batch_command(self, asked: Batch) -> list[str]:
+        """The words of the script call for ``asked`` (for a pipeline of many)."""
+        args = ["batch", num(asked.now) if self._simulated else "", *asked.args]
+        return self._script.command(self._hash, args, functions=self._script.functions)
+
+    def batch_answered(self, asked: Batch, reply: Any) -> bool:
+        """Apply Redis's ``reply`` to ``asked``; True when the whole batch was granted and no
+        time was given back (more may be due: ask again)."""
+        with self.lock:
+            undo = self._apply(asked.waiters, asked.holders, reply, asked.now, asked.epoch)
+        for items, receipts in undo:
+            self._undo(items, receipts, self.clock())
+        return not (len(reply[2]) < len(asked.waiters) or reply[3])
+
+    def batch_failed(self, asked: Batch, exc: BackendUnavailable) -> None:
+        with self.lock:
+            self._batch_failed(asked.waiters, exc)
 
     def _dispatch_inline(self, now: float) -> None:
         """Under the lock: what the dispatcher thread does, done now by the caller (a release,

@@ -19,7 +19,8 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 import redis.client
@@ -35,6 +36,8 @@ __all__ = ["UNAVAILABLE", "Hub", "log"]
 #: The most tasks of a keyed set that ask Redis themselves at once (each on a pooled connection of
 #: its own, see ``RedisScheduler.take_first``); more queue, and the dispatcher asks for them.
 DIRECT_CALLS = 8
+
+T = TypeVar("T")
 
 log = logging.getLogger("aiolimits.redis")
 
@@ -383,13 +386,57 @@ class Dispatcher:
 
 
 def _dispatch_each(schedulers: list[RedisScheduler]) -> None:
+    """Ask Redis for the due queues of ``schedulers`` (the keys of a keyed set with waiters, or
+    a LimitSet's one). On a single server, the calls for many keys go out together, in one
+    round trip per round (a pipeline, not a transaction: each call is its own atomic script);
+    what is left, and a Cluster's, one call after another."""
+    if len(schedulers) > 1:
+        schedulers = _run_logged(partial(_dispatch_together, schedulers)) or schedulers
     for sched in schedulers:
         _run_logged(sched.dispatch_queue)
 
 
-def _run_logged(job: Callable[[], object]) -> None:
+def _dispatch_together(schedulers: list[RedisScheduler]) -> list[RedisScheduler]:
+    """Rounds of one pipelined call per due scheduler of the same single-server client, while
+    any batch was granted whole; returns the schedulers left to ask one by one (those of
+    another client or of a Cluster, and any whose call came back with an error reply, which
+    ``dispatch_queue`` handles: a script to load again, say)."""
+    client = schedulers[0]._client
+    if not isinstance(client, redis.Redis):
+        return schedulers
+    together = [s for s in schedulers if s._client is client]
+    alone = [s for s in schedulers if s._client is not client]
+    while together:
+        asked = []
+        for sched in together:
+            batch = sched.batch_to_ask()
+            if batch is not None:
+                asked.append((sched, batch))
+        if not asked:
+            break
+        pipe = client.pipeline(transaction=False)
+        for sched, batch in asked:
+            pipe.execute_command(*sched.batch_command(batch))  # type: ignore[no-untyped-call]
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except UNAVAILABLE as exc:
+            for sched, batch in asked:
+                message = f"Redis did not answer for the limits {sched._hash!r} in time: {exc}"
+                sched.batch_failed(batch, BackendUnavailable(message))
+            break
+        together = []
+        for (sched, batch), reply in zip(asked, replies, strict=True):
+            if isinstance(reply, Exception):
+                alone.append(sched)  # not run (an error reply): asked again alone
+            elif sched.batch_answered(batch, reply):
+                together.append(sched)
+    return alone
+
+
+def _run_logged(job: Callable[[], T]) -> T | None:
     """Run a job of a background thread; a failure is logged (there is nobody to raise to)."""
     try:
-        job()
+        return job()
     except Exception:
         log.exception("a background Redis call of aiolimits failed")
+        return None
