@@ -391,7 +391,9 @@ def _dispatch_each(schedulers: list[RedisScheduler]) -> None:
     round trip per round (a pipeline, not a transaction: each call is its own atomic script);
     what is left, and a Cluster's, one call after another."""
     if len(schedulers) > 1:
-        schedulers = _run_logged(partial(_dispatch_together, schedulers)) or schedulers
+        left = _run_logged(partial(_dispatch_together, schedulers))
+        if left is not None:  # else it failed: every one is asked alone
+            schedulers = left
     for sched in schedulers:
         _run_logged(sched.dispatch_queue)
 
