@@ -443,6 +443,14 @@ async def test_the_due_queues_of_many_keys_are_asked_for_in_one_round_trip(
         await eventually(lambda: waiting(waiter, keys) == len(keys), within=20)
         dispatcher = hub.dispatcher
         assert dispatcher is not None
+
+        def asked() -> bool:
+            # Every key's waiter has had its first answer (a full slot: no wake time), and the
+            # dispatcher has nothing left to do: the round our job opens holds only its key.
+            heads = [next(iter(waiter._proxies[key].sched.queue)) for key in keys]
+            return all(head.wake_at == math.inf for head in heads) and not dispatcher._pending
+
+        await eventually(asked, within=20)
         holding = threading.Event()
 
         def hold() -> None:
