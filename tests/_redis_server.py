@@ -356,6 +356,18 @@ class RedisFailoverCluster(RedisClusterNodes):
 
 
 @pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A server of this test's own, which the test may stop, kill, restart, or count the
+    connections of."""
+    require_redis()
+    server = RedisServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def redis_failover_cluster(tmp_path: pathlib.Path) -> Iterator[RedisFailoverCluster]:
     """A Cluster of 3 masters with 1 replica each, of this test's own (it may kill nodes).
 

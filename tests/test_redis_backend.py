@@ -16,7 +16,6 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -32,14 +31,14 @@ from aiolimits import (
 )
 from aiolimits.testing import ManualClock
 
-from ._redis_server import RedisServer, redis_server, require_redis
+from ._redis_server import RedisServer, own_server, redis_server, require_redis
 from .contract import AnyLimit
 from .contract._support import eventually
 
 if TYPE_CHECKING:
     from aiolimits.redis import RedisBackend
 
-__all__ = ["redis_server"]  # the session fixture
+__all__ = ["own_server", "redis_server"]  # the fixtures
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -56,17 +55,6 @@ def pair(server: RedisServer, limits: list[AnyLimit], **kwargs: Any) -> tuple[Li
     a = LimitSet(limits, backend=backend(server, **kwargs), name=name)
     b = LimitSet(limits, backend=backend(server, **kwargs), name=name)
     return a, b
-
-
-@pytest.fixture
-def own_server() -> Iterator[RedisServer]:
-    """A server of this test's own, which the test may stop, kill and restart."""
-    require_redis()
-    server = RedisServer.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 # --- shared state ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import math
 import pickle
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -38,10 +38,10 @@ from ._redis_server import (
     RedisClusterNodes,
     RedisFailoverCluster,
     RedisServer,
+    own_server,
     redis_cluster,
     redis_failover_cluster,
     redis_server,
-    require_redis,
 )
 from .contract._support import eventually
 from .test_keyed import _LIMIT_SPECS, _OPS, FIRST, SECOND, Spec, replay
@@ -52,7 +52,12 @@ if TYPE_CHECKING:
 
     from aiolimits.redis import RedisBackend
 
-__all__ = ["redis_cluster", "redis_failover_cluster", "redis_server"]  # the fixtures
+__all__ = [
+    "own_server",
+    "redis_cluster",
+    "redis_failover_cluster",
+    "redis_server",
+]  # the fixtures
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -90,17 +95,6 @@ def client(server: RedisServer) -> redis.Redis:
 def hash_of(keyed: KeyedLimitSet, key: str) -> str:
     assert keyed.name is not None
     return keyed.backend.key_hash_key(keyed.name, key)  # type: ignore[attr-defined,no-any-return]
-
-
-@pytest.fixture
-def own_server() -> Iterator[RedisServer]:
-    """A server of this test's own, which the test may stop, or count the connections of."""
-    require_redis()
-    server = RedisServer.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 # --- shared state, per key ------------------------------------------------------------------------
