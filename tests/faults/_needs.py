@@ -22,13 +22,13 @@ def _missing(reason: str) -> None:
 
 
 def require_root() -> None:
-    """Skip the calling test unless it runs as root (fail instead under AIOLIMITS_REQUIRE_ROOT=1)."""
+    """Skip the calling test unless it runs as root (fail under AIOLIMITS_REQUIRE_ROOT=1)."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         _missing("this fault test needs root (it mounts a tmpfs, or runs as another user)")
 
 
 def require_tool(name: str) -> str:
-    """The path of the command ``name``; skip (or fail under AIOLIMITS_REQUIRE_ROOT=1) without it."""
+    """The path of command ``name``; skip (fail under AIOLIMITS_REQUIRE_ROOT=1) without it."""
     path = shutil.which(name)
     if path is None:
         _missing(f"this fault test needs {name!r} on PATH")
