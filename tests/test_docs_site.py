@@ -66,3 +66,23 @@ def test_slowapi_guide_answers_429_after_five_a_minute() -> None:
 def test_fastapi_limiter_guide_answers_429_after_two() -> None:
     namespace = run_page("migrating/fastapi-limiter.md")
     assert anyio.run(statuses, namespace["app"], "/", 3) == [200, 200, 429]
+
+
+@pytest.mark.parametrize(
+    ("module", "page"),
+    [("aiolimits", "aiolimits"), ("aiolimits.redis", "redis"), ("aiolimits.testing", "testing")],
+)
+def test_api_reference_lists_every_public_name(module: str, page: str) -> None:
+    public = __import__(module, fromlist=["__all__"]).__all__
+    text = (DOCS / "reference" / f"{page}.md").read_text()
+    missing = [name for name in public if f"::: {module}.{name}\n" not in text]
+    assert not missing, f"docs/reference/{page}.md lacks {missing}"
+
+
+def test_api_reference_renders_every_integration_module_with_its_members() -> None:
+    import aiolimits.integrations as package
+
+    text = (DOCS / "reference" / "integrations.md").read_text()
+    for name in ("httpx", "starlette", "fastapi", "aiohttp"):
+        assert f"::: aiolimits.integrations.{name}\n    options:\n      members: true" in text
+    assert package.__doc__ is not None
