@@ -151,7 +151,7 @@ class KeyedLimitSet(Door):
         name: identifies the state in a shared backend (required there); a label otherwise.
         clock: monotonic seconds; ``aiolimits.testing.ManualClock`` for deterministic tests.
 
-    Example:
+    Examples:
         >>> per_client = KeyedLimitSet([RateLimit("requests", window_seconds=60, capacity=100)])
         >>> async def handle(request):
         ...     async with per_client.acquire(request.client.host, {"requests": 1}, timeout=2):

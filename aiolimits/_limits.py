@@ -136,7 +136,7 @@ class RateLimit:
         ValueError: an empty key, a non-positive, NaN or infinite window or capacity, an unknown
             algorithm.
 
-    Example:
+    Examples:
         >>> RateLimit("tokens", window_seconds=60, capacity=90_000)
         RateLimit('tokens', window_seconds=60, capacity=90000, algorithm='token_bucket')
     """
@@ -173,7 +173,7 @@ class CallLimit:
 
     Every acquisition takes exactly one call, whether or not ``requested`` names it.
 
-    Example:
+    Examples:
         >>> CallLimit(window_seconds=60, capacity=500)
         CallLimit(window_seconds=60, capacity=500, algorithm='token_bucket')
     """
@@ -213,7 +213,7 @@ class ResourceLimit:
     Every acquisition takes one slot unless ``requested`` asks for more (or 0 to skip it); the
     slots come back when the acquisition is released. Usage updates do not apply to it.
 
-    Example:
+    Examples:
         >>> ResourceLimit("connections", capacity=10)
         ResourceLimit('connections', capacity=10)
     """

@@ -66,7 +66,7 @@ class LimitSet(Door):
         name: identifies the state in a shared backend.
         clock: monotonic seconds; ``aiolimits.testing.ManualClock`` for deterministic tests.
 
-    Example:
+    Examples:
         >>> limits = LimitSet([
         ...     CallLimit(window_seconds=60, capacity=500),
         ...     RateLimit("tokens", window_seconds=60, capacity=90_000),
@@ -209,7 +209,7 @@ class LimitSet(Door):
         """A decorator: ``async def`` functions run in ``async with limits.acquire(...)``, plain
         functions in ``with limits.acquire_sync(...)`` (blocking the calling thread).
 
-        Example:
+        Examples:
             >>> @limits.limited({"tokens": 1000})
             ... async def summarize(text: str) -> str: ...
             >>> @limits.limited(cost=lambda prompt, max_tokens: {"tokens": max_tokens})

@@ -120,7 +120,7 @@ class LimitPool:
         ValueError: no set, a set given twice, sets whose keys or kinds differ (the message names
             the set's index and the keys), an unknown algorithm, a negative ``worker_index``.
 
-    Example:
+    Examples:
         >>> pool = LimitPool(
         ...     [LimitSet(limits, config={"api_key": key}) for key in api_keys],
         ...     load_balancing="least_wait",

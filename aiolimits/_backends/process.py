@@ -62,7 +62,7 @@ class ProcessBackend(Backend):
     It is not a network backend (see the Redis backend) and it needs Linux (``flock``, pidfds,
     abstract unix sockets).
 
-    Example:
+    Examples:
         >>> backend = ProcessBackend("myapp")  # or a directory: ProcessBackend("/run/myapp")
         >>> limits = LimitSet([CallLimit(60, 500)], backend=backend, name="openai")
 

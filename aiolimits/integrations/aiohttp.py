@@ -66,7 +66,7 @@ def limit_middleware(
         max_wait: seconds a request may wait for the limits; 0 rejects at once.
         headers: add ``RateLimit-Policy`` and ``RateLimit`` to admitted responses too.
 
-    Example:
+    Examples:
         >>> app = web.Application(middlewares=[limit_middleware(per_ip, key=client_ip)])
     """
     gate: Gate[web.Request] = Gate(limits, key=key, cost=cost, max_wait=max_wait, headers=headers)

@@ -103,7 +103,7 @@ class LimitedTransport(_Policied, httpx.AsyncBaseTransport):
         timeout: seconds to wait for the limits at most, per attempt (None: no limit); then
             ``TimeoutError``.
 
-    Example:
+    Examples:
         >>> limits = LimitSet([CallLimit(60, 500), RateLimit("tokens", 60, 90_000)])
         >>> transport = LimitedTransport(
         ...     limits,

@@ -72,7 +72,7 @@ class LimitMiddleware:
         max_wait: seconds a request may wait for the limits; 0 rejects at once.
         headers: add ``RateLimit-Policy`` and ``RateLimit`` to admitted responses too.
 
-    Example:
+    Examples:
         >>> app = Starlette(routes=...)
         >>> app.add_middleware(
         ...     LimitMiddleware,

@@ -57,7 +57,7 @@ class RedisBackend(Backend):
         lease_seconds: how long a resource slot stays held by a process that stopped renewing it
             (it renews every third of that while alive).
 
-    Example:
+    Examples:
         >>> limits = LimitSet(
         ...     [CallLimit(60, 500), RateLimit("tokens", 60, 90_000)],
         ...     backend=RedisBackend("redis://redis.internal:6379/0"),
