@@ -12,6 +12,7 @@ from ._acquisition import Acquisition as Acquisition
 from ._backends._base import Backend as Backend
 from ._backends.memory import MemoryBackend as MemoryBackend
 from ._backends.process import ProcessBackend as ProcessBackend
+from ._client_limits import client_limits as client_limits
 from ._errors import BackendUnavailable as BackendUnavailable
 from ._keyed import KeyedLimitSet as KeyedLimitSet
 from ._limits import CallLimit as CallLimit
@@ -36,4 +37,5 @@ __all__ = [
     "RateLimit",
     "RateLimitAlgorithm",
     "ResourceLimit",
+    "client_limits",
 ]

@@ -69,9 +69,9 @@ async def test_aiohttp_page_example_serves_with_ratelimit_headers() -> None:
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_httpx_page_example_fans_out_and_settles_real_usage(anyio_backend: str) -> None:
     namespace = example("httpx.md")
-    provider = SimulatedProvider(
-        calls=1000,
-        tokens=1_000_000,
+    provider = SimulatedProvider(  # exactly the limits the example declares to client_limits
+        calls=500,
+        tokens=200_000,
         window_seconds=60,
         algorithm=RateLimitAlgorithm.TokenBucket,
         latency=(0.001, 0.005),

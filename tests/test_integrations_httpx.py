@@ -7,9 +7,11 @@ The demo's test sends through it to a real server on 127.0.0.1.
 
 from __future__ import annotations
 
+import email.utils
 import gzip
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import anyio
@@ -92,6 +94,45 @@ async def test_429_with_retry_after_pauses_the_limits_and_retries_when_the_pause
     assert [r.status_code for r in results] == [200]
     assert calls == [0, 5]
     assert transport.stats == {"paused": 1, "retried": 1}
+
+
+async def test_429_with_an_http_date_pauses_until_that_date() -> None:
+    clock = ManualClock()
+    limits = LimitSet([CallLimit(window_seconds=1, capacity=100)], clock=clock)
+    answers = [
+        httpx.Response(429, headers={"Retry-After": email.utils.formatdate(time.time() + 60)}),
+        httpx.Response(200),
+    ]
+    transport = LimitedTransport(limits, transport=httpx.MockTransport(lambda _: answers.pop(0)))
+    results: list[httpx.Response] = []
+    async with httpx.AsyncClient(transport=transport) as client, anyio.create_task_group() as tg:
+
+        async def send() -> None:
+            results.append(await client.get(URL))
+
+        tg.start_soon(send)
+        await anyio.wait_all_tasks_blocked()
+        # whole seconds in the date; reading the wall clock here costs at most a second more
+        assert 58 <= limits.get_stats()["paused_for"] <= 60
+        clock.advance(60)
+    assert [r.status_code for r in results] == [200]
+
+
+@pytest.mark.parametrize("form", ["seconds", "date"])
+async def test_429_with_a_retry_after_beyond_range_is_returned_not_obeyed(form: str) -> None:
+    limits = LimitSet([CallLimit(window_seconds=1, capacity=100)])
+    # decades ahead: a broken or hostile server must not stop every caller for good
+    far = "1e9" if form == "seconds" else email.utils.formatdate(time.time() + 1e9)
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, headers={"Retry-After": far})
+
+    transport = LimitedTransport(limits, transport=httpx.MockTransport(provider))
+    async with httpx.AsyncClient(transport=transport) as client:
+        response = await client.get(URL)
+    assert response.status_code == 429
+    assert limits.get_stats()["paused_for"] == 0
+    assert transport.stats == {"paused": 0, "retried": 0}
 
 
 async def test_retry_after_ms_is_preferred_and_the_429_is_returned_when_retries_run_out() -> None:

@@ -43,6 +43,7 @@ from typing import Any, Final, final
 import anyio
 import httpx
 
+from .._client_limits import client_limits as safe_client_limits
 from .._limits import CallLimit, Limit, RateLimit, RateLimitAlgorithm, ResourceLimit
 from .._limitset import LimitSet
 from ..integrations.httpx import LimitedTransport
@@ -136,28 +137,13 @@ def client_limits(config: DemoConfig) -> list[Limit]:
         ValueError: the margin leaves nothing: a window too small for ``concurrency`` requests.
     """
     algorithm = RateLimitAlgorithm(config.algorithm)
-    k = config.concurrency
-    limits: list[Limit] = []
-    for key, capacity, margin in (
-        ("call_count", config.provider_calls, k + 1),
-        ("tokens", config.provider_tokens, k * config.largest_request + 1),
-    ):
-        own = capacity - margin
-        if own < (1 if key == "call_count" else config.largest_request):
-            raise ValueError(
-                f"the provider's {key} per window ({capacity}) leaves no room after the margin "
-                f"for {k} requests in transit ({margin}): raise the limit or the window, or "
-                "lower the concurrency"
-            )
-        window = config.window
-        if algorithm in (RateLimitAlgorithm.TokenBucket, RateLimitAlgorithm.GCRA):
-            window = config.window * own / capacity  # the same rate, a smaller burst
-        if key == "call_count":
-            limits.append(CallLimit(window, own, algorithm))
-        else:
-            limits.append(RateLimit(key, window, own, algorithm))
-    limits.append(ResourceLimit("in_flight", k))
-    return limits
+    provider: list[RateLimit | CallLimit] = [
+        CallLimit(config.window, config.provider_calls, algorithm),
+        RateLimit("tokens", config.window, config.provider_tokens, algorithm),
+    ]
+    return safe_client_limits(
+        provider, in_flight=config.concurrency, largest={"tokens": config.largest_request}
+    )
 
 
 @final

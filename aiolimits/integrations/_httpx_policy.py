@@ -4,6 +4,7 @@ that release their acquisition when closed. See :mod:`aiolimits.integrations.htt
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import cast, final
@@ -15,7 +16,8 @@ from .._keyed import KeyedLimitSet
 from .._limitset import LimitSet
 from .._pool import LimitPool
 from .._requests import check_timeout, describe
-from ._common import Requested, is_keyed, parse_retry_after
+from ._common import Requested, is_keyed
+from .headers import read_retry_after
 
 __all__ = [
     "Cost",
@@ -154,11 +156,10 @@ class Policy:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    """Seconds to back off: ``retry-after-ms`` (as some LLM providers send) or ``Retry-After``."""
-    ms = parse_retry_after(response.headers.get("retry-after-ms"))
-    if ms is not None:
-        return ms / 1000
-    return parse_retry_after(response.headers.get("retry-after"))
+    """Seconds to back off: ``retry-after-ms`` (as some LLM providers send) or ``Retry-After``
+    (delta-seconds or an HTTP date); None when absent, malformed or out of range."""
+    said = read_retry_after(response.headers, time.time())  # httpx.Headers ignore case
+    return None if said is None else said.retry_after
 
 
 def rebuilt(
