@@ -83,6 +83,6 @@ def test_api_reference_renders_every_integration_module_with_its_members() -> No
     import aiolimits.integrations as package
 
     text = (DOCS / "reference" / "integrations.md").read_text()
-    for name in ("httpx", "starlette", "fastapi", "aiohttp"):
+    for name in ("httpx", "starlette", "fastapi", "aiohttp", "headers"):
         assert f"::: aiolimits.integrations.{name}\n    options:\n      members: true" in text
     assert package.__doc__ is not None
