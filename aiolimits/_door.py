@@ -242,7 +242,8 @@ class Door:
 
 def retry_after_locked(sched: Scheduler, items: Items, now: float) -> float:
     """Under the lock: seconds until ``items`` could be admitted by ``sched`` (inf: only a
-    release can), a lower bound while others are queued."""
+    release can), a lower bound while others are queued: the rate limits' time counts the
+    requests queued ahead, each granted at its own earliest time (``Scheduler.queued_rate_at``)."""
     sched.catch_up(now)
     _rate_at, at = sched.admit_time(items, now)
     # FIFO: nobody passes the head, which (caught up above) is not admissible before its wake
@@ -250,6 +251,9 @@ def retry_after_locked(sched: Scheduler, items: Items, now: float) -> float:
     head_at = sched.head_wake_at()
     if head_at > at:
         at = head_at
+    queued_at = sched.queued_rate_at(items, now)  # after those queued ahead, as a timeout is
+    if queued_at > at:
+        at = queued_at
     return max(0.0, at - now)
 
 
