@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from asyncio import _get_running_loop
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
@@ -65,7 +66,7 @@ from ._limits import Limit
 from ._limitset import check_limits
 from ._requests import Requests, check_amount, check_timeout, describe
 from ._scheduler import Items, Scheduler
-from ._waiters import ThreadWaiter, async_waiter, refuse_on_event_loop
+from ._waiters import ThreadWaiter, async_waiter, refuse_on_event_loop, trio_lowlevel
 
 __all__ = ["KeyedLimitSet"]
 
@@ -484,6 +485,9 @@ class KeyedLimitSet(Door):
         return self._wait_sync(sched, items, timeout_s, taken)
 
     async def _enter(self, cm: KeyedAcquire) -> Acquisition:
+        lowlevel = trio_lowlevel()  # under trio, a checkpoint as Acquisition.__aenter__ is
+        if lowlevel is not None:
+            await lowlevel.checkpoint_if_cancelled()
         with self._lock:
             sched = self._scheduler_locked(cm._key, self._clock())
             items = self._localise(cm._items, sched)
@@ -491,7 +495,10 @@ class KeyedLimitSet(Door):
                 sched, items, cm._timeout, async_waiter
             )
         if waiter is None:
-            return Acquisition(self, sched, items, HELD, receipts)
+            acq = Acquisition(self, sched, items, HELD, receipts)
+            if lowlevel is not None:
+                await lowlevel.cancel_shielded_checkpoint()
+            return acq
         acq = Acquisition(self, sched, items, ACQUIRING, None, cm._timeout)
         try:
             await self._park_async(acq, waiter, start)
@@ -629,6 +636,9 @@ class KeyedAcquire(DeferredAcquire):
         keyed = self._keyed
         if keyed._shared is not None:
             acq = self._acq = await keyed._enter_shared(self)
+            return acq
+        if _get_running_loop() is None and trio_lowlevel() is not None:
+            acq = self._acq = await keyed._enter(self)  # a trio checkpoint, even uncontended
             return acq
         with keyed._lock:  # the fast path, inline: no waiter, no await
             now = keyed._clock()

@@ -36,7 +36,7 @@ from ._decorator import Limited, Requested, limited
 from ._limits import CallLimit, Limit, ResourceLimit, enum_member
 from ._limitset import LimitSet
 from ._requests import check_amount, check_timeout, describe
-from ._waiters import refuse_on_event_loop
+from ._waiters import refuse_on_event_loop, trio_lowlevel
 
 __all__ = ["LimitPool", "LoadBalancingAlgorithm", "PoolAcquire"]
 
@@ -368,8 +368,13 @@ class PoolAcquire(DeferredAcquire):
         if pool._algorithm is not LoadBalancingAlgorithm.LeastWait:
             chosen = pool._pick()
         else:
+            lowlevel = trio_lowlevel()  # under trio, a checkpoint as Acquisition.__aenter__ is
+            if lowlevel is not None:
+                await lowlevel.checkpoint_if_cancelled()
             acq, rotation = pool._least_wait(requested)
             if acq.successful:
+                if lowlevel is not None:
+                    await lowlevel.cancel_shielded_checkpoint()
                 return acq
             chosen = pool._soonest(rotation, requested)
         acq = chosen.acquire(requested, timeout=self._timeout)
