@@ -61,11 +61,12 @@ from ._acquisition import (
 from ._algorithms import RateState, SemaphoreState, new_state
 from ._backends._base import Backend, KeyFactory, KeyProxy
 from ._backends.memory import MemoryBackend
-from ._door import Door, check_common, check_picklable_clock, retry_after_locked, stats_locked
+from ._door import Door, check_common, check_picklable_clock, retry_after_locked
 from ._limits import Limit
 from ._limitset import check_limits
 from ._requests import Requests, check_amount, check_timeout, describe
 from ._scheduler import Items, Scheduler
+from ._statistics import KeyedStatistics, LimitSetStatistics, limitset_statistics, seconds_up
 from ._waiters import ThreadWaiter, async_waiter, refuse_on_event_loop, trio_lowlevel
 
 __all__ = ["KeyedLimitSet"]
@@ -563,9 +564,14 @@ class KeyedLimitSet(Door):
     def get_stats(self, key: str) -> dict[str, Any]:
         """The statistics of ``key``, as :meth:`LimitSet.get_stats` gives them (a key not held
         shows fresh limits). Asking creates no key."""
+        return self.statistics(key).as_dict()
+
+    def statistics(self, key: str) -> LimitSetStatistics:
+        """The statistics of ``key`` as a frozen, typed value, as :meth:`LimitSet.statistics`
+        gives them (a key not held shows fresh limits). Asking creates no key."""
         _check_client_key(key)
         if self._shared is not None:
-            return self._stats(self._peek(key))
+            return self._statistics(self._peek(key))
         with self._lock:
             now = self._clock()
             sched = self._entries.get(key)
@@ -573,20 +579,25 @@ class KeyedLimitSet(Door):
                 sched = self._fresh_scheduler(key, now)
             else:
                 sched.catch_up(now)
-            return stats_locked(self._limits, sched, now)
+            return limitset_statistics(self._limits, sched, now)
 
     def get_keys_stats(self) -> dict[str, Any]:
         """How many keys are held, and how many were dropped (``dropped``: fresh, no decision
-        changed; ``forgotten``: at ``max_keys`` before they were fresh)."""
+        changed; ``forgotten``: at ``max_keys`` before they were fresh); see
+        :meth:`keys_statistics`."""
+        return self.keys_statistics().as_dict()
+
+    def keys_statistics(self) -> KeyedStatistics:
+        """The keys held and dropped, as a frozen, typed value (``get_keys_stats`` as a dict)."""
         with self._lock:
             now = self._clock()
-            return {
-                "keys": len(self._entries) + len(self._proxies),
-                "max_keys": self._max_keys,
-                "dropped": self._dropped,
-                "forgotten": self._forgotten,
-                "paused_for": max(0.0, self._paused_until - now),
-            }
+            return KeyedStatistics(
+                keys=len(self._entries) + len(self._proxies),
+                max_keys=self._max_keys,
+                dropped=self._dropped,
+                forgotten=self._forgotten,
+                paused_for=seconds_up(max(0.0, self._paused_until - now)),
+            )
 
     # -- pickling ----------------------------------------------------------------------------
 
