@@ -23,9 +23,10 @@ Nothing under the lock awaits, sleeps or calls user code.
   granted at its own earliest time, in order, and nothing is released, refunded or cancelled.
   That answer comes from a :class:`Forecast`, a copy of the rate limits' state run ahead of now to
   the tail of the queue (Go's ``rate.Reservation`` keeps such a virtual state): each arrival costs
-  O(1) on it, and it is rebuilt lazily, once, after anything that makes it wrong (a waiter
-  leaving, a refund or charge, a pause). Resource limits are left out of it: a slot depends on
-  releases, which it ignores, so a full resource never fails a request at once.
+  O(1) on it, and it is rebuilt lazily, once, after a waiter leaves, a refund or a pause (a
+  charge only takes room: the forecast stays a lower bound and is kept). Resource limits are
+  left out of it: a slot depends on releases, which it ignores, so a full resource never fails
+  a request at once.
 
 The async and thread doors (``_limitset.py``) call :meth:`try_take` and, when that fails, park a
 waiter from ``_waiters.py`` with :meth:`enqueue` / :meth:`after_wake` / :meth:`abandon`.
@@ -435,11 +436,12 @@ class Scheduler:
     ) -> tuple[Any, float]:
         """Move one limit of an acquisition from ``held`` units to ``usage`` (§3 refund or
         charge). Returns the new receipt and the units now held."""
-        if usage != held:
-            self._forecast = None
         if usage < held:
             given = state.refund(receipt, held - usage, now)
             if given > 0:
+                # Room the forecast does not know of. (A charge only takes room: the forecast
+                # stays a lower bound, and is kept.)
+                self._forecast = None
                 refunded = self.refunded
                 if refunded is None:
                     refunded = self.refunded = {}
