@@ -125,6 +125,7 @@ class Scheduler:
     dropped = False
 
     __slots__ = (
+        "_credit",
         "_forecast",
         "_timed",
         "cancelled",
@@ -152,6 +153,13 @@ class Scheduler:
     # and checks a request's own amounts only, as the head does.
     forecasts_queue = True
 
+    # PERF (benchmarks/queue_timeouts.py): building a forecast runs every queued request on the
+    # copies. Each arrival earns this many such runs and a build spends one per queued request;
+    # a build the credit does not cover is not made, and the arrival is checked on its own
+    # amounts, as before queue-aware timeouts. So the forecast costs at most this much per
+    # arrival, amortised, even when refunds or cancellations drop it again and again.
+    forecast_budget = 8
+
     def __init__(
         self,
         states: tuple[RateState, ...],
@@ -174,8 +182,10 @@ class Scheduler:
         # A new head's wake-up may be armed by the one who makes it head (notify_at): delays on
         # this clock are real seconds (a simulated clock fires its own timers instead).
         self._timed = self.timed_wakes and not isinstance(clock, TimerClock)
-        # Built on demand by the first arrival with a deadline behind others (see Forecast).
+        # Built on demand by the first arrival with a deadline behind others (see Forecast),
+        # with the credit arrivals earn (forecast_budget).
         self._forecast: Forecast | None = None
+        self._credit = 0
 
     # -- decisions (under the lock) --------------------------------------------------------
 
@@ -297,6 +307,7 @@ class Scheduler:
         queued ahead granted at its own earliest time (see :class:`Forecast`)."""
         queue = self.queue
         deadline = waiter.deadline
+        self._credit += self.forecast_budget
         if queue:
             if deadline == _INF:
                 # Behind others and without a deadline: nothing to ask until it is the head.
@@ -315,13 +326,15 @@ class Scheduler:
                     self.timed_out += 1
                     return False
                 forecast = self._forecast or self._new_forecast(now)
-                rate_at = forecast.earliest(waiter.items, now)
-                if rate_at > deadline:
-                    self.timed_out += 1
-                    return False
-                forecast.take(waiter.items, rate_at)
-                queue[waiter] = None
-                return True
+                if forecast is not None:
+                    rate_at = forecast.earliest(waiter.items, now)
+                    if rate_at > deadline:
+                        self.timed_out += 1
+                        return False
+                    forecast.take(waiter.items, rate_at)
+                    queue[waiter] = None
+                    return True
+                # Beyond the budget of forecasts: checked on its own amounts, as the head is.
         rate_at, admit_at = self.admit_time(waiter.items, now)
         # The rate limits alone put admission after the deadline (a full resource does not: a
         # release may come in time, so such a waiter waits until its deadline).
@@ -337,8 +350,15 @@ class Scheduler:
         queue[waiter] = None
         return True
 
-    def _new_forecast(self, now: float) -> Forecast:
-        """A forecast from the state now: every queued waiter still to be run on it."""
+    def _new_forecast(self, now: float) -> Forecast | None:
+        """A forecast from the state now, every queued waiter still to be run on it; None when
+        the credit earned by arrivals does not cover that (see ``forecast_budget``)."""
+        # The replays are what grows with the queue; the copies cost O(1) per event that
+        # dropped the forecast (a refund, a waiter leaving, a pause), which paid for it.
+        cost = len(self.queue) + 1
+        if self._credit < cost:
+            return None
+        self._credit -= cost
         copies = {
             id(state): deepcopy(state)
             for state in self.states
@@ -350,12 +370,12 @@ class Scheduler:
 
     def queued_rate_at(self, items: Items, now: float) -> float:
         """Under the lock: when the rate limits could admit ``items`` behind the requests queued
-        now (see :class:`Forecast`); -inf when nobody is queued or this scheduler does not
-        forecast. Changes no decision."""
+        now (see :class:`Forecast`); -inf when nobody is queued, or this scheduler does not
+        forecast, or not now (``forecast_budget``). Changes no decision."""
         if not self.queue or not self.forecasts_queue:
             return -_INF
         forecast = self._forecast or self._new_forecast(now)
-        return forecast.earliest(items, now)
+        return -_INF if forecast is None else forecast.earliest(items, now)
 
     def forget_forecast(self) -> None:
         """Drop the forecast of the queue (see :class:`Forecast`): something other than a grant

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from aiolimits import RateLimit, RateLimitAlgorithm, ResourceLimit
 from aiolimits._algorithms import RateState, SemaphoreState, new_state
-from aiolimits._scheduler import Items, Scheduler
+from aiolimits._scheduler import Forecast, Items, Scheduler
 from aiolimits._waiters import GRANTED, LEFT, Waiter
 
 INF = math.inf
@@ -43,6 +43,14 @@ class SimWaiter(Waiter):
     def notify(self) -> bool:
         self.notified = True
         return True
+
+
+class UnboundedForecastScheduler(Scheduler):
+    """A forecast at every arrival, however often it is rebuilt (to check it against the model
+    everywhere; the budget's fallback is checked by the soundness test)."""
+
+    __slots__ = ()
+    forecast_budget = 10**9
 
 
 class NoForecastScheduler(Scheduler):
@@ -262,7 +270,7 @@ def test_a_request_refused_at_once_is_one_the_model_refuses(
 def test_with_rate_limits_only_the_forecast_is_the_model(
     algorithm: RateLimitAlgorithm, ops: list[Op]
 ) -> None:
-    sched, clock, states = build(algorithm, False, Scheduler)
+    sched, clock, states = build(algorithm, False, UnboundedForecastScheduler)
     play(Sim(sched, clock, checks=True, exact=True), states, ops)
 
 
@@ -274,7 +282,7 @@ def test_failing_at_once_never_loses_a_request_that_would_have_been_admitted_in_
     # refusal at once is a timeout there. Without the events SPEC §4 lets a refusal ignore
     # (releases, refunds, cancellations, and a pause, which can make a request ahead time out
     # and so leave room behind it), the rule loses nothing.
-    on_sched, on_clock, on_states = build(algorithm, False, Scheduler)
+    on_sched, on_clock, on_states = build(algorithm, False, UnboundedForecastScheduler)
     off_sched, off_clock, off_states = build(algorithm, False, NoForecastScheduler)
     on = Sim(on_sched, on_clock, checks=False, exact=False)
     off = Sim(off_sched, off_clock, checks=False, exact=False)
@@ -342,3 +350,38 @@ def test_the_forecast_holds_no_more_waiters_than_twice_the_queue() -> None:
         forecast = sched._forecast
         # At most twice the queue when the last one arrived (one granted since).
         assert forecast is None or len(forecast.pending) <= 2 * (len(sched.queue) + 1)
+
+
+class CountingScheduler(Scheduler):
+    __slots__ = ()
+    runs = 0  # waiters run on copies by the forecasts built (a class-level tally: one test)
+
+    def _new_forecast(self, now: float) -> Forecast | None:
+        forecast = super()._new_forecast(now)
+        if forecast is not None:
+            CountingScheduler.runs += len(forecast.pending)
+        return forecast
+
+
+def test_rebuilding_the_forecast_costs_at_most_its_budget_per_arrival() -> None:
+    # Something drops the forecast before every arrival (a refund, a waiter leaving): the
+    # rebuilds stop once they have used the credit the arrivals earned, and the arrivals are
+    # then checked on their own amounts (they wait, as before queue-aware timeouts).
+    sched, clock, states = build(RateLimitAlgorithm.TokenBucket, False, CountingScheduler)
+    sim = Sim(sched, clock, checks=False, exact=False)
+    sim.arrive(0, items_of(states, {"a": 10}), None)  # taken: the bucket is empty
+    arrivals = 0
+    for n in range(1, 101):
+        sim.arrive(n, items_of(states, {"a": 1}), None)
+        arrivals += 1
+    assert sched.queued_rate_at(items_of(states, {"a": 1}), 0.0) == 101  # 100 ahead, 1/s
+    for n in range(101, 301):
+        sched.forget_forecast()
+        sim.arrive(n, items_of(states, {"a": 1}), 1000)
+        arrivals += 1
+    assert CountingScheduler.runs <= sched.forecast_budget * arrivals
+    assert sched._credit >= 0
+    # Arrivals behind a queue that cannot clear in time are still refused at once: on their
+    # own amounts when the budget is spent, from a forecast once it is earned again.
+    sim.arrive(301, items_of(states, {"a": 1}), 0.5)
+    assert sim.outcomes[301] == Outcome("refused", 0.0)
