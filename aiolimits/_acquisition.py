@@ -219,6 +219,10 @@ class Acquisition:
             else:
                 self._receipts = receipts
                 self._state = HELD
+        except TimeoutError:
+            self._state = RELEASED
+            await lowlevel.cancel_shielded_checkpoint()  # refused at once is a checkpoint too
+            raise
         except BaseException:
             self._state = RELEASED
             raise

@@ -975,6 +975,19 @@ async def test_under_trio_an_uncontended_acquire_is_a_checkpoint(
             assert acq.waited == 0
 
 
+@pytest.mark.parametrize("anyio_backend", [BACKENDS["trio"]], ids=["trio"])
+async def test_under_trio_an_acquire_refused_at_once_is_a_checkpoint(
+    anyio_backend: Backend,
+) -> None:
+    import trio.testing
+
+    limits = LimitSet([RateLimit("tokens", 10, 10)], clock=ManualClock())
+    assert limits.try_acquire({"tokens": 10}).successful
+    with trio.testing.assert_checkpoints(), pytest.raises(TimeoutError):
+        async with limits.acquire({"tokens": 5}, timeout=1):  # due at 5
+            pass  # pragma: no cover
+
+
 @pytest.mark.parametrize("anyio_backend", ASYNCIO_ONLY)
 async def test_under_asyncio_an_uncontended_acquire_does_not_yield(
     anyio_backend: Backend,
