@@ -297,6 +297,8 @@ class Scheduler:
                     self._forecast = None
                     continue
             return
+        # Nobody left: the forecast would only keep copies and granted waiters alive.
+        self._forecast = None
 
     # -- the waiting protocol, used by the doors -------------------------------------------
 

@@ -385,3 +385,15 @@ def test_rebuilding_the_forecast_costs_at_most_its_budget_per_arrival() -> None:
     # own amounts when the budget is spent, from a forecast once it is earned again.
     sim.arrive(301, items_of(states, {"a": 1}), 0.5)
     assert sim.outcomes[301] == Outcome("refused", 0.0)
+
+
+def test_an_empty_queue_keeps_no_forecast() -> None:
+    sched, clock, states = build(RateLimitAlgorithm.TokenBucket, False, Scheduler)
+    sim = Sim(sched, clock, checks=True, exact=True)
+    sim.arrive(0, items_of(states, {"a": 10}), None)  # taken: the bucket is empty
+    sim.arrive(1, items_of(states, {"a": 1}), None)
+    sim.arrive(2, items_of(states, {"a": 1}), 100)  # the forecast is made
+    assert sched._forecast is not None
+    sim.advance(2)
+    assert not sched.queue
+    assert sched._forecast is None  # its copies and the granted waiters are not kept alive
