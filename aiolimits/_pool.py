@@ -316,7 +316,7 @@ class LimitPool:
         """Per set (its config, name and :meth:`LimitSet.statistics`) and totals over the sets,
         as a frozen, typed value; the same numbers as :meth:`get_stats`."""
         return PoolStatistics.of(
-            self._algorithm.value,
+            self._algorithm,
             [
                 PoolSetStatistics(config=s.config, name=s.name, statistics=s.statistics())
                 for s in self._sets

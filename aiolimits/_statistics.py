@@ -26,6 +26,7 @@ import attrs
 from ._limits import CallLimit, Limit, RateLimitAlgorithm, ResourceLimit
 
 if TYPE_CHECKING:
+    from ._pool import LoadBalancingAlgorithm
     from ._scheduler import Scheduler
 
 __all__ = [
@@ -216,13 +217,13 @@ class PoolStatistics:
     snapshot is consistent; the totals add snapshots taken one after another.
 
     Attributes:
-        load_balancing: the pool's algorithm.
+        load_balancing: the pool's load balancing algorithm.
         sets: per set, in the pool's order.
         waiting, granted, timed_out, cancelled: sums over the sets (ints).
         refunded: units refunded, summed over the sets, rounded down to 1e-6.
     """
 
-    load_balancing: str
+    load_balancing: LoadBalancingAlgorithm
     sets: tuple[PoolSetStatistics, ...]
     waiting: int
     granted: int
@@ -233,7 +234,7 @@ class PoolStatistics:
     def as_dict(self) -> dict[str, Any]:
         """The ``get_stats()`` form."""
         return {
-            "load_balancing": self.load_balancing,
+            "load_balancing": self.load_balancing.value,
             "sets": [
                 {"config": dict(s.config), "name": s.name, "stats": s.statistics.as_dict()}
                 for s in self.sets
@@ -246,7 +247,10 @@ class PoolStatistics:
         }
 
     @classmethod
-    def of(cls, load_balancing: str, sets: Sequence[PoolSetStatistics]) -> PoolStatistics:
+    def of(
+        cls, load_balancing: LoadBalancingAlgorithm, sets: Sequence[PoolSetStatistics]
+    ) -> PoolStatistics:
+        """Totals over the snapshots of the sets."""
         snapshots = [s.statistics for s in sets]
         return cls(
             load_balancing=load_balancing,

@@ -25,6 +25,7 @@ from aiolimits import (
     LimitPool,
     LimitSet,
     LimitSetStatistics,
+    LoadBalancingAlgorithm,
     PoolStatistics,
     ProcessBackend,
     RateLimit,
@@ -147,7 +148,7 @@ def test_pool_statistics() -> None:
     assert isinstance(stats, PoolStatistics)
     assert [dict(s.config) for s in stats.sets] == [{"key": "a"}, {"key": "b"}]
     assert (stats.granted, stats.waiting, stats.refunded) == (1, 0, 0.0)
-    assert stats.load_balancing == "round_robin"
+    assert stats.load_balancing is LoadBalancingAlgorithm.RoundRobin
     assert pool.get_stats() == pool.statistics().as_dict()
 
 
