@@ -21,16 +21,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from copy import deepcopy
+from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aiolimits import RateLimit, RateLimitAlgorithm, ResourceLimit
+from aiolimits import LimitSet, ProcessBackend, RateLimit, RateLimitAlgorithm, ResourceLimit
 from aiolimits._algorithms import RateState, SemaphoreState, new_state
 from aiolimits._scheduler import Forecast, Items, Scheduler
 from aiolimits._waiters import GRANTED, LEFT, Waiter
+from aiolimits.testing import ManualClock
+
+from .contract import crowd
 
 INF = math.inf
 
@@ -397,3 +402,27 @@ def test_an_empty_queue_keeps_no_forecast() -> None:
     sim.advance(2)
     assert not sched.queue
     assert sched._forecast is None  # its copies and the granted waiters are not kept alive
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_process_backend_forecast_sees_a_refund_made_by_another_attachment(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # Two attachments of one shared set stand for two processes. The first queues waiters (its
+    # forecast is made); the second refunds into the shared state: the first's next arrival is
+    # decided on the state with the refund, not on its stale forecast.
+    clock = ManualClock()
+    backend = ProcessBackend(str(tmp_path))
+    first, second = (
+        LimitSet([RateLimit("tokens", 10, 10)], backend=backend, name="shared", clock=clock)
+        for _ in range(2)
+    )
+    holder = second.try_acquire({"tokens": 10})
+    assert holder.successful
+    async with crowd(first, clock) as c:
+        await c.arrive("head", {"tokens": 10})  # due at 10
+        await c.arrive("middle", {"tokens": 1}, timeout=100)  # due at 11: the forecast is made
+        holder.update({"tokens": 1})  # in the other "process": 9 back, the head is due at 1
+        late = await c.arrive("late", {"tokens": 5}, timeout=7.5)  # due at 7
+        assert late.state == "waiting"
