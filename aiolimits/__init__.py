@@ -22,6 +22,12 @@ from ._limits import ResourceLimit as ResourceLimit
 from ._limitset import LimitSet as LimitSet
 from ._pool import LimitPool as LimitPool
 from ._pool import LoadBalancingAlgorithm as LoadBalancingAlgorithm
+from ._statistics import KeyedStatistics as KeyedStatistics
+from ._statistics import LimitSetStatistics as LimitSetStatistics
+from ._statistics import PoolSetStatistics as PoolSetStatistics
+from ._statistics import PoolStatistics as PoolStatistics
+from ._statistics import RateLimitStatistics as RateLimitStatistics
+from ._statistics import ResourceLimitStatistics as ResourceLimitStatistics
 
 __all__ = [
     "Acquisition",
@@ -29,13 +35,19 @@ __all__ = [
     "BackendUnavailable",
     "CallLimit",
     "KeyedLimitSet",
+    "KeyedStatistics",
     "LimitPool",
     "LimitSet",
+    "LimitSetStatistics",
     "LoadBalancingAlgorithm",
     "MemoryBackend",
+    "PoolSetStatistics",
+    "PoolStatistics",
     "ProcessBackend",
     "RateLimit",
     "RateLimitAlgorithm",
+    "RateLimitStatistics",
     "ResourceLimit",
+    "ResourceLimitStatistics",
     "client_limits",
 ]

@@ -12,9 +12,12 @@ allows; a refund wakes waiters it makes admissible.
 from __future__ import annotations
 
 import math
+from asyncio import _get_running_loop
 from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, final
+
+from ._waiters import trio_lowlevel
 
 if TYPE_CHECKING:
     from ._door import Door
@@ -172,6 +175,10 @@ class Acquisition:
 
     async def __aenter__(self) -> Acquisition:
         if self._state == PENDING:
+            if _get_running_loop() is None:
+                lowlevel = trio_lowlevel()
+                if lowlevel is not None:
+                    return await self._enter_trio(lowlevel)
             sched = self._sched
             if not sched.remote:
                 with sched.lock:
@@ -192,6 +199,35 @@ class Acquisition:
             raise RuntimeError("this acquisition was already released; call acquire() again")
         elif self._state == ACQUIRING:
             raise RuntimeError("this acquisition is already being acquired by another task")
+        return self
+
+    async def _enter_trio(self, lowlevel: Any) -> Acquisition:
+        """``__aenter__`` in a trio task: a checkpoint even when nothing waits, as
+        ``trio.Semaphore.acquire`` is. A cancelled scope raises ``Cancelled`` before anything is
+        taken; once taken, the task yields with the cancellation shielded, so that what it took
+        is never lost to it (``checkpoint_if_cancelled``, then ``cancel_shielded_checkpoint``)."""
+        self._state = ACQUIRING  # single use, as in __aenter__
+        try:
+            await lowlevel.checkpoint_if_cancelled()
+            sched = self._sched
+            receipts = None
+            if not sched.remote:
+                with sched.lock:
+                    receipts = sched.try_take(self._items, sched.clock())
+            if receipts is None:
+                await self._limitset._acquire_async(self)
+            else:
+                self._receipts = receipts
+                self._state = HELD
+        except TimeoutError:
+            self._state = RELEASED
+            await lowlevel.cancel_shielded_checkpoint()  # refused at once is a checkpoint too
+            raise
+        except BaseException:
+            self._state = RELEASED
+            raise
+        # Also after a wait, which may have ended without yielding (granted on arrival).
+        await lowlevel.cancel_shielded_checkpoint()
         return self
 
     async def __aexit__(

@@ -18,9 +18,10 @@ from typing import Any, Final, TypeVar
 
 from ._acquisition import FAILED, HELD, Acquisition
 from ._algorithms import RateState
-from ._limits import CallLimit, Limit, ResourceLimit
+from ._limits import Limit, ResourceLimit
 from ._requests import check_amount, describe
 from ._scheduler import Items, Scheduler
+from ._statistics import LimitSetStatistics, limitset_statistics
 from ._waiters import (
     GRANTED,
     Cancellable,
@@ -234,15 +235,20 @@ class Door:
 
     def _stats(self, sched: Scheduler) -> dict[str, Any]:
         """A consistent snapshot of ``sched`` (see ``LimitSet.get_stats``)."""
+        return self._statistics(sched).as_dict()
+
+    def _statistics(self, sched: Scheduler) -> LimitSetStatistics:
+        """A consistent snapshot of ``sched`` (see ``LimitSet.statistics``)."""
         with sched.lock:
             now = sched.clock()
             sched.catch_up(now)
-            return stats_locked(self._limits, sched, now)
+            return limitset_statistics(self._limits, sched, now)
 
 
 def retry_after_locked(sched: Scheduler, items: Items, now: float) -> float:
     """Under the lock: seconds until ``items`` could be admitted by ``sched`` (inf: only a
-    release can), a lower bound while others are queued."""
+    release can), a lower bound while others are queued: the rate limits' time counts the
+    requests queued ahead, each granted at its own earliest time (``Scheduler.queued_rate_at``)."""
     sched.catch_up(now)
     _rate_at, at = sched.admit_time(items, now)
     # FIFO: nobody passes the head, which (caught up above) is not admissible before its wake
@@ -250,6 +256,9 @@ def retry_after_locked(sched: Scheduler, items: Items, now: float) -> float:
     head_at = sched.head_wake_at()
     if head_at > at:
         at = head_at
+    queued_at = sched.queued_rate_at(items, now)  # after those queued ahead, as a timeout is
+    if queued_at > at:
+        at = queued_at
     return max(0.0, at - now)
 
 
@@ -267,36 +276,9 @@ def check_picklable_clock(owner: object, clock: Callable[[], float]) -> None:
 
 
 def stats_locked(limits: Sequence[Limit], sched: Scheduler, now: float) -> dict[str, Any]:
-    """Under the lock: the statistics of ``sched``, whose states belong to ``limits``."""
-    waiting = sched.waiting_per_key()
-    available = sched.availability(now)  # a shared backend also refreshes its totals here
-    per_key: dict[str, dict[str, Any]] = {}
-    for limit in limits:
-        key = limit.key
-        entry: dict[str, Any] = {
-            "kind": "resource"
-            if isinstance(limit, ResourceLimit)
-            else ("call" if isinstance(limit, CallLimit) else "rate"),
-            "capacity": limit.capacity,
-            "available": available[key],
-            "waiting": waiting[key],
-        }
-        if isinstance(limit, ResourceLimit):
-            entry["in_use"] = limit.capacity - available[key]
-        else:
-            entry["algorithm"] = limit.algorithm.value
-            entry["window_seconds"] = limit.window_seconds
-            entry["refunded"] = sched.refunded_units(key)
-        per_key[key] = entry
-    return {
-        "limits": per_key,
-        "waiting": sched.waiting_count(),
-        "granted": sched.granted,
-        "timed_out": sched.timed_out,
-        "cancelled": sched.cancelled,
-        "refunded": sum(sched.refunded.values()) if sched.refunded else 0.0,
-        "paused_for": max(0.0, sched.paused_until - now),
-    }
+    """Under the lock: the statistics of ``sched``, whose states belong to ``limits``, as the
+    ``get_stats()`` dict (see ``_statistics.py``)."""
+    return limitset_statistics(limits, sched, now).as_dict()
 
 
 def _timer_fired(sched: Scheduler, waiter: Waiter) -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from asyncio import _get_running_loop
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
@@ -60,12 +61,13 @@ from ._acquisition import (
 from ._algorithms import RateState, SemaphoreState, new_state
 from ._backends._base import Backend, KeyFactory, KeyProxy
 from ._backends.memory import MemoryBackend
-from ._door import Door, check_common, check_picklable_clock, retry_after_locked, stats_locked
+from ._door import Door, check_common, check_picklable_clock, retry_after_locked
 from ._limits import Limit
 from ._limitset import check_limits
 from ._requests import Requests, check_amount, check_timeout, describe
 from ._scheduler import Items, Scheduler
-from ._waiters import ThreadWaiter, async_waiter, refuse_on_event_loop
+from ._statistics import KeyedStatistics, LimitSetStatistics, limitset_statistics, seconds_up
+from ._waiters import ThreadWaiter, async_waiter, refuse_on_event_loop, trio_lowlevel
 
 __all__ = ["KeyedLimitSet"]
 
@@ -484,6 +486,9 @@ class KeyedLimitSet(Door):
         return self._wait_sync(sched, items, timeout_s, taken)
 
     async def _enter(self, cm: KeyedAcquire) -> Acquisition:
+        lowlevel = trio_lowlevel()  # under trio, a checkpoint as Acquisition.__aenter__ is
+        if lowlevel is not None:
+            await lowlevel.checkpoint_if_cancelled()
         with self._lock:
             sched = self._scheduler_locked(cm._key, self._clock())
             items = self._localise(cm._items, sched)
@@ -491,7 +496,10 @@ class KeyedLimitSet(Door):
                 sched, items, cm._timeout, async_waiter
             )
         if waiter is None:
-            return Acquisition(self, sched, items, HELD, receipts)
+            acq = Acquisition(self, sched, items, HELD, receipts)
+            if lowlevel is not None:
+                await lowlevel.cancel_shielded_checkpoint()
+            return acq
         acq = Acquisition(self, sched, items, ACQUIRING, None, cm._timeout)
         try:
             await self._park_async(acq, waiter, start)
@@ -556,9 +564,14 @@ class KeyedLimitSet(Door):
     def get_stats(self, key: str) -> dict[str, Any]:
         """The statistics of ``key``, as :meth:`LimitSet.get_stats` gives them (a key not held
         shows fresh limits). Asking creates no key."""
+        return self.statistics(key).as_dict()
+
+    def statistics(self, key: str) -> LimitSetStatistics:
+        """The statistics of ``key`` as a frozen, typed value, as :meth:`LimitSet.statistics`
+        gives them (a key not held shows fresh limits). Asking creates no key."""
         _check_client_key(key)
         if self._shared is not None:
-            return self._stats(self._peek(key))
+            return self._statistics(self._peek(key))
         with self._lock:
             now = self._clock()
             sched = self._entries.get(key)
@@ -566,20 +579,25 @@ class KeyedLimitSet(Door):
                 sched = self._fresh_scheduler(key, now)
             else:
                 sched.catch_up(now)
-            return stats_locked(self._limits, sched, now)
+            return limitset_statistics(self._limits, sched, now)
 
     def get_keys_stats(self) -> dict[str, Any]:
         """How many keys are held, and how many were dropped (``dropped``: fresh, no decision
-        changed; ``forgotten``: at ``max_keys`` before they were fresh)."""
+        changed; ``forgotten``: at ``max_keys`` before they were fresh); see
+        :meth:`keys_statistics`."""
+        return self.keys_statistics().as_dict()
+
+    def keys_statistics(self) -> KeyedStatistics:
+        """The keys held and dropped, as a frozen, typed value (``get_keys_stats`` as a dict)."""
         with self._lock:
             now = self._clock()
-            return {
-                "keys": len(self._entries) + len(self._proxies),
-                "max_keys": self._max_keys,
-                "dropped": self._dropped,
-                "forgotten": self._forgotten,
-                "paused_for": max(0.0, self._paused_until - now),
-            }
+            return KeyedStatistics(
+                keys=len(self._entries) + len(self._proxies),
+                max_keys=self._max_keys,
+                dropped=self._dropped,
+                forgotten=self._forgotten,
+                paused_for=seconds_up(max(0.0, self._paused_until - now)),
+            )
 
     # -- pickling ----------------------------------------------------------------------------
 
@@ -629,6 +647,9 @@ class KeyedAcquire(DeferredAcquire):
         keyed = self._keyed
         if keyed._shared is not None:
             acq = self._acq = await keyed._enter_shared(self)
+            return acq
+        if _get_running_loop() is None and trio_lowlevel() is not None:
+            acq = self._acq = await keyed._enter(self)  # a trio checkpoint, even uncontended
             return acq
         with keyed._lock:  # the fast path, inline: no waiter, no await
             now = keyed._clock()

@@ -23,6 +23,7 @@ from ._door import Door, check_common, check_picklable_clock
 from ._limits import CallLimit, Limit, RateLimit, ResourceLimit
 from ._requests import Requests, check_timeout, describe
 from ._scheduler import Scheduler
+from ._statistics import LimitSetStatistics
 from ._waiters import ThreadWaiter, refuse_on_event_loop
 
 _INF: Final = math.inf
@@ -194,9 +195,25 @@ class LimitSet(Door):
             ``kind`` ("rate", "call" or "resource"), ``capacity``, ``available`` (units
             admissible now, negative while in debt), ``waiting`` (queued requests naming it),
             and ``algorithm``, ``window_seconds``, ``refunded`` (rate limits) or ``in_use``
-            (resource limits).
+            (resource limits). Counts (and a resource's ``available`` and ``in_use``) are
+            ints; amounts are rounded as :meth:`statistics` says. The typed form of the same
+            snapshot is :meth:`statistics`.
         """
         return self._stats(self._scheduler)
+
+    def statistics(self) -> LimitSetStatistics:
+        """A consistent snapshot as a frozen, typed value: per limit
+        (``RateLimitStatistics`` or ``ResourceLimitStatistics``) and totals for the
+        set. The same numbers as :meth:`get_stats`: counts are ints, amounts of units are
+        rounded down to 1e-6 and ``paused_for`` up to 1e-6 s, so no figure overstates what is
+        available.
+
+        Example:
+            >>> stats = limits.statistics()
+            >>> stats.limits["tokens"].available, stats.waiting
+            (87600.0, 0)
+        """
+        return self._statistics(self._scheduler)
 
     # -- decorator and pickling --------------------------------------------------------------
 

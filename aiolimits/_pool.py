@@ -36,7 +36,8 @@ from ._decorator import Limited, Requested, limited
 from ._limits import CallLimit, Limit, ResourceLimit, enum_member
 from ._limitset import LimitSet
 from ._requests import check_amount, check_timeout, describe
-from ._waiters import refuse_on_event_loop
+from ._statistics import PoolSetStatistics, PoolStatistics
+from ._waiters import refuse_on_event_loop, trio_lowlevel
 
 __all__ = ["LimitPool", "LoadBalancingAlgorithm", "PoolAcquire"]
 
@@ -307,18 +308,20 @@ class LimitPool:
             ``{"load_balancing": "least_wait", "sets": [{"config": {...}, "name": ...,
             "stats": {...}}, ...], "waiting": n, "granted": n, "timed_out": n,
             "cancelled": n, "refunded": units}``. Each set's snapshot is consistent; the totals
-            add snapshots taken one after another.
+            add snapshots taken one after another. The typed form: :meth:`statistics`.
         """
-        snapshots = [limit_set.get_stats() for limit_set in self._sets]
-        per_set = [
-            {"config": dict(s.config), "name": s.name, "stats": stats}
-            for s, stats in zip(self._sets, snapshots, strict=True)
-        ]
-        totals = {
-            key: sum(stats[key] for stats in snapshots)
-            for key in ("waiting", "granted", "timed_out", "cancelled", "refunded")
-        }
-        return {"load_balancing": self._algorithm.value, "sets": per_set, **totals}
+        return self.statistics().as_dict()
+
+    def statistics(self) -> PoolStatistics:
+        """Per set (its config, name and :meth:`LimitSet.statistics`) and totals over the sets,
+        as a frozen, typed value; the same numbers as :meth:`get_stats`."""
+        return PoolStatistics.of(
+            self._algorithm,
+            [
+                PoolSetStatistics(config=s.config, name=s.name, statistics=s.statistics())
+                for s in self._sets
+            ],
+        )
 
     # -- pickling and repr -------------------------------------------------------------------
 
@@ -334,9 +337,9 @@ class LimitPool:
     def __repr__(self) -> str:
         waiting = granted = 0
         for limit_set in self._sets:
-            stats = limit_set.get_stats()
-            waiting += stats["waiting"]
-            granted += stats["granted"]
+            stats = limit_set.statistics()
+            waiting += stats.waiting
+            granted += stats.granted
         return (
             f"<LimitPool load_balancing={self._algorithm.value} sets={len(self._sets)} "
             f"waiting={waiting} granted={granted}>"
@@ -368,8 +371,13 @@ class PoolAcquire(DeferredAcquire):
         if pool._algorithm is not LoadBalancingAlgorithm.LeastWait:
             chosen = pool._pick()
         else:
+            lowlevel = trio_lowlevel()  # under trio, a checkpoint as Acquisition.__aenter__ is
+            if lowlevel is not None:
+                await lowlevel.checkpoint_if_cancelled()
             acq, rotation = pool._least_wait(requested)
             if acq.successful:
+                if lowlevel is not None:
+                    await lowlevel.cancel_shielded_checkpoint()
                 return acq
             chosen = pool._soonest(rotation, requested)
         acq = chosen.acquire(requested, timeout=self._timeout)

@@ -18,6 +18,15 @@ Nothing under the lock awaits, sleeps or calls user code.
 * Invariant, after every operation under the lock: the queue is empty, or its head is not
   admissible before ``head.wake_at``, the time it becomes so (inf: only a release can). Once that
   time has come, the head's own timer grants it, or whoever takes the lock first (catch_up).
+* Queue-aware timeouts (SPEC §4): a request with a deadline that arrives behind others fails at
+  once when the rate limits cannot admit it before its deadline even if every request ahead is
+  granted at its own earliest time, in order, and nothing is released, refunded or cancelled.
+  That answer comes from a :class:`Forecast`, a copy of the rate limits' state run ahead of now to
+  the tail of the queue (Go's ``rate.Reservation`` keeps such a virtual state): each arrival costs
+  O(1) on it, and it is rebuilt lazily, once, after a waiter leaves, a refund or a pause (a
+  charge only takes room: the forecast stays a lower bound and is kept). Resource limits are
+  left out of it: a slot depends on releases, which it ignores, so a full resource never fails
+  a request at once.
 
 The async and thread doors (``_limitset.py``) call :meth:`try_take` and, when that fails, park a
 waiter from ``_waiters.py`` with :meth:`enqueue` / :meth:`after_wake` / :meth:`abandon`.
@@ -29,12 +38,13 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from copy import deepcopy
 from typing import Any
 
 from ._algorithms import RateState, SemaphoreState
 from ._waiters import GRANTED, LEFT, WAITING, TimerClock, Waiter
 
-__all__ = ["Items", "Scheduler"]
+__all__ = ["Forecast", "Items", "Scheduler"]
 
 Items = tuple[tuple[RateState, float], ...]
 
@@ -53,6 +63,61 @@ class _NoQueue(OrderedDict["Waiter", None]):
 _NO_QUEUE: OrderedDict[Waiter, None] = _NoQueue()
 
 
+class Forecast:
+    """The rate limits as they will be once every queued request has been granted, each at its
+    own earliest time in queue order, assuming nothing is released, refunded or cancelled.
+
+    Copies of the scheduler's rate states (resource states are left out: releases are ignored,
+    so they never delay the forecast) on a virtual clock ``at`` that only moves forward: the
+    time the last request it counts would be granted. Waiters queued without a deadline are
+    only noted (``pending``) and run on the copies when a request with a deadline needs the
+    answer, so an arrival that will never ask costs one append. It is a lower bound: grants
+    later than forecast (a full resource, a late timer) only make the real times later.
+    """
+
+    __slots__ = ("at", "copies", "pending")
+
+    def __init__(self, copies: dict[int, RateState], at: float, pending: list[Waiter]) -> None:
+        #: The copy of each rate state, by ``id`` of the real one (which the waiters' items name).
+        self.copies = copies
+        #: The virtual clock: no operation on the copies is ever at an earlier time.
+        self.at = at
+        #: Queued waiters not yet run on the copies, in queue order.
+        self.pending = pending
+
+    def earliest(self, items: Items, now: float) -> float:
+        """When the rate limits admit ``items`` after everything the forecast counts (and not
+        before ``now``); runs the pending waiters first. Changes nothing else."""
+        pending = self.pending
+        if pending:
+            for waiter in pending:
+                self.take(waiter.items, self._rate_at(waiter.items, self.at))
+            pending.clear()
+        if now > self.at:
+            self.at = now
+        return self._rate_at(items, self.at)
+
+    def take(self, items: Items, at: float) -> None:
+        """Count ``items`` as granted at ``at`` (not before the virtual clock)."""
+        copies = self.copies
+        for state, amount in items:
+            if not isinstance(state, SemaphoreState):
+                copies[id(state)].take(amount, at)
+        self.at = at
+
+    def _rate_at(self, items: Items, at: float) -> float:
+        # As ``Scheduler.admit_time``: each limit is asked at one time, the latest answer wins
+        # (admissibility only grows with time while nothing is taken).
+        copies = self.copies
+        t = at
+        for state, amount in items:
+            if not isinstance(state, SemaphoreState):
+                e = copies[id(state)].earliest(amount, at)
+                if e > t:
+                    t = e
+        return t
+
+
 class Scheduler:
     """The state and the queue of one LimitSet, with every decision about them."""
 
@@ -60,6 +125,8 @@ class Scheduler:
     dropped = False
 
     __slots__ = (
+        "_credit",
+        "_forecast",
         "_timed",
         "cancelled",
         "clock",
@@ -79,6 +146,19 @@ class Scheduler:
     # Whether a new head's timer may be armed for it (``Waiter.notify_at``) instead of waking it
     # to arm it; a backend whose waiters must run when they become head clears it.
     timed_wakes = True
+
+    # Whether a request arriving behind others is checked against the queue ahead (a
+    # :class:`Forecast` over copies of ``states``). Only a scheduler whose ``states`` are what
+    # its decisions are made on can; one that decides elsewhere (the Redis script) clears it
+    # and checks a request's own amounts only, as the head does.
+    forecasts_queue = True
+
+    # PERF (benchmarks/queue_timeouts.py): building a forecast runs every queued request on the
+    # copies. Each arrival earns this many such runs and a build spends one per queued request;
+    # a build the credit does not cover is not made, and the arrival is checked on its own
+    # amounts, as before queue-aware timeouts. So the forecast costs at most this much per
+    # arrival, amortised, even when refunds or cancellations drop it again and again.
+    forecast_budget = 8
 
     def __init__(
         self,
@@ -102,6 +182,10 @@ class Scheduler:
         # A new head's wake-up may be armed by the one who makes it head (notify_at): delays on
         # this clock are real seconds (a simulated clock fires its own timers instead).
         self._timed = self.timed_wakes and not isinstance(clock, TimerClock)
+        # Built on demand by the first arrival with a deadline behind others (see Forecast),
+        # with the credit arrivals earn (forecast_budget).
+        self._forecast: Forecast | None = None
+        self._credit = 0
 
     # -- decisions (under the lock) --------------------------------------------------------
 
@@ -179,6 +263,7 @@ class Scheduler:
                 del queue[head]
                 head.state = LEFT
                 self.cancelled += 1
+                self._forecast = None
                 continue
             rate_at, admit_at, receipts = self._admit_head(head, now)
             if receipts is not None:
@@ -209,32 +294,96 @@ class Scheduler:
                     del queue[head]
                     head.state = LEFT
                     self.cancelled += 1
+                    self._forecast = None
                     continue
             return
+        # Nobody left: the forecast would only keep copies and granted waiters alive.
+        self._forecast = None
 
     # -- the waiting protocol, used by the doors -------------------------------------------
 
     def enqueue(self, waiter: Waiter, now: float) -> bool:
         """Under the lock, after :meth:`try_take` failed: queue ``waiter``, or return False when
-        its deadline is already known to be unreachable (the caller raises TimeoutError)."""
+        its deadline is already known to be unreachable (the caller raises TimeoutError): the
+        rate limits (or a pause) cannot admit it before its deadline, even with every request
+        queued ahead granted at its own earliest time (see :class:`Forecast`)."""
         queue = self.queue
-        if queue and waiter.deadline == _INF:
-            # Behind others and without a deadline: nothing to ask until it is the head.
-            queue[waiter] = None
-            return True
+        deadline = waiter.deadline
+        self._credit += self.forecast_budget
+        if queue:
+            if deadline == _INF:
+                # Behind others and without a deadline: nothing to ask until it is the head.
+                queue[waiter] = None
+                forecast = self._forecast
+                if forecast is not None:
+                    pending = forecast.pending
+                    pending.append(waiter)
+                    if len(pending) > 2 * len(queue):
+                        # Mostly granted already: rebuilding from the state now costs less
+                        # than running them, and memory stays bounded by the queue.
+                        self._forecast = None
+                return True
+            if self.forecasts_queue:
+                if now >= deadline:
+                    self.timed_out += 1
+                    return False
+                forecast = self._forecast or self._new_forecast(now)
+                if forecast is not None:
+                    rate_at = forecast.earliest(waiter.items, now)
+                    if rate_at > deadline:
+                        self.timed_out += 1
+                        return False
+                    forecast.take(waiter.items, rate_at)
+                    queue[waiter] = None
+                    return True
+                # Beyond the budget of forecasts: checked on its own amounts, as the head is.
         rate_at, admit_at = self.admit_time(waiter.items, now)
         # The rate limits alone put admission after the deadline (a full resource does not: a
         # release may come in time, so such a waiter waits until its deadline).
-        if rate_at > waiter.deadline or now >= waiter.deadline:
+        if rate_at > deadline or now >= deadline:
             self.timed_out += 1
             return False
         if not queue:
             waiter.wake_at = admit_at
             waiter.rate_at = rate_at
+            self._forecast = None  # built again from the state as it is now, when needed
             if queue is _NO_QUEUE:
                 queue = self.queue = OrderedDict()
         queue[waiter] = None
         return True
+
+    def _new_forecast(self, now: float) -> Forecast | None:
+        """A forecast from the state now, every queued waiter still to be run on it; None when
+        the credit earned by arrivals does not cover that (see ``forecast_budget``)."""
+        # The replays are what grows with the queue; the copies cost O(1) per event that
+        # dropped the forecast (a refund, a waiter leaving, a pause), which paid for it.
+        cost = len(self.queue) + 1
+        if self._credit < cost:
+            return None
+        self._credit -= cost
+        copies = {
+            id(state): deepcopy(state)
+            for state in self.states
+            if not isinstance(state, SemaphoreState)
+        }
+        start = self.paused_until if self.paused_until > now else now
+        forecast = self._forecast = Forecast(copies, start, list(self.queue))
+        return forecast
+
+    def queued_rate_at(self, items: Items, now: float) -> float:
+        """Under the lock: when the rate limits could admit ``items`` behind the requests queued
+        now (see :class:`Forecast`); -inf when nobody is queued, or this scheduler does not
+        forecast, or not now (``forecast_budget``). Changes no decision."""
+        if not self.queue or not self.forecasts_queue:
+            return -_INF
+        forecast = self._forecast or self._new_forecast(now)
+        return -_INF if forecast is None else forecast.earliest(items, now)
+
+    def forget_forecast(self) -> None:
+        """Drop the forecast of the queue (see :class:`Forecast`): something other than a grant
+        changed the rate limits or the queue ahead. A subclass whose state is changed from
+        outside the scheduler (another process) calls it then."""
+        self._forecast = None
 
     def after_wake(self, waiter: Waiter, now: float) -> float | None:
         """Under the lock, each time ``waiter`` wakes. Returns the clock time to sleep until
@@ -274,11 +423,13 @@ class Scheduler:
         was_head = next(iter(self.queue)) is waiter
         del self.queue[waiter]
         waiter.state = LEFT
+        self._forecast = None
         if was_head:
             self._dispatch(now)
 
     def _give_back(self, waiter: Waiter, now: float, *, dispatch: bool) -> None:
         """Return a grant nobody used: slots released, rate amounts refunded as §3 allows."""
+        self._forecast = None
         receipts = waiter.receipts or ()
         for (state, amount), receipt in zip(waiter.items, receipts, strict=True):
             if isinstance(state, SemaphoreState):
@@ -310,6 +461,9 @@ class Scheduler:
         if usage < held:
             given = state.refund(receipt, held - usage, now)
             if given > 0:
+                # Room the forecast does not know of. (A charge only takes room: the forecast
+                # stays a lower bound, and is kept.)
+                self._forecast = None
                 refunded = self.refunded
                 if refunded is None:
                     refunded = self.refunded = {}
@@ -327,6 +481,7 @@ class Scheduler:
         """Admit nobody before ``until``; overlapping pauses keep the later end."""
         if until > self.paused_until:
             self.paused_until = until
+            self._forecast = None
             if self.queue:
                 self._dispatch(now)
 

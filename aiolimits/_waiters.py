@@ -45,6 +45,7 @@ __all__ = [
     "async_waiter",
     "refuse_on_event_loop",
     "running_event_loop",
+    "trio_lowlevel",
 ]
 
 WAITING = 0
@@ -336,6 +337,18 @@ def running_event_loop() -> str | None:
     trio = sys.modules.get("trio")
     if trio is not None and trio.lowlevel.in_trio_run():
         return "trio"
+    return None
+
+
+def trio_lowlevel() -> Any:
+    """``trio.lowlevel`` when the caller is a trio task, else None: the doors make every async
+    acquisition a trio checkpoint with it (trio's convention for its own primitives). Under
+    asyncio it costs one C call."""
+    if asyncio._get_running_loop() is not None:
+        return None
+    trio = sys.modules.get("trio")
+    if trio is not None and trio.lowlevel.in_trio_task():
+        return trio.lowlevel
     return None
 
 

@@ -19,7 +19,7 @@ import math
 import random
 import sys
 from collections.abc import Callable, Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import anyio
 import pytest
@@ -914,3 +914,92 @@ async def test_release_in_a_cancelled_scope_happens_without_a_checkpoint(
     async with second:
         assert limits.get_stats()["limits"]["conn"]["in_use"] == 2
     assert limits.get_stats()["limits"]["conn"]["in_use"] == 0
+
+
+# -- under trio, acquiring is a checkpoint (SPEC §4), as trio.Semaphore.acquire is --------------
+
+ACQUIRE_FORMS = ["LimitSet", "LimitPool", "LimitPool LeastWait", "KeyedLimitSet"]
+
+
+def _uncontended_acquirer(clock: ManualClock, form: str) -> Callable[[], Any]:
+    """An async acquire form on limits with room: nothing waits."""
+    from aiolimits import KeyedLimitSet, LimitPool, LoadBalancingAlgorithm
+
+    if form == "LimitSet":
+        limits = mixed_set(clock)
+        return lambda: limits.acquire({"tokens": 1})
+    if form == "LimitPool":
+        pool = LimitPool([mixed_set(clock), mixed_set(clock)])
+        return lambda: pool.acquire({"tokens": 1})
+    if form == "LimitPool LeastWait":
+        least_wait = LimitPool(
+            [mixed_set(clock), mixed_set(clock)], load_balancing=LoadBalancingAlgorithm.LeastWait
+        )
+        return lambda: least_wait.acquire({"tokens": 1})
+    keyed = KeyedLimitSet([ResourceLimit("conn", 2), CallLimit(1, 5)], clock=clock)
+    return lambda: keyed.acquire("client")
+
+
+@pytest.mark.parametrize("anyio_backend", [BACKENDS["trio"]], ids=["trio"])
+@pytest.mark.parametrize("form", ACQUIRE_FORMS)
+async def test_under_trio_an_uncontended_acquire_in_a_cancelled_scope_takes_nothing(
+    anyio_backend: Backend, form: str
+) -> None:
+    import trio
+
+    acquire = _uncontended_acquirer(ManualClock(), form)
+    entered = False
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            async with acquire():
+                entered = True
+    assert not entered
+    # Nothing was taken: the next one is the first grant of its set.
+    async with acquire() as acq:
+        assert acq._sched.granted == 1
+
+
+@pytest.mark.parametrize("anyio_backend", [BACKENDS["trio"]], ids=["trio"])
+@pytest.mark.parametrize("form", ACQUIRE_FORMS)
+async def test_under_trio_an_uncontended_acquire_is_a_checkpoint(
+    anyio_backend: Backend, form: str
+) -> None:
+    import trio.testing
+
+    acquire = _uncontended_acquirer(ManualClock(), form)
+    # Both halves of a checkpoint: a cancellation point and a schedule point (a yield to other
+    # tasks), with nothing waiting.
+    with trio.testing.assert_checkpoints():
+        async with acquire() as acq:
+            assert acq.waited == 0
+
+
+@pytest.mark.parametrize("anyio_backend", [BACKENDS["trio"]], ids=["trio"])
+async def test_under_trio_an_acquire_refused_at_once_is_a_checkpoint(
+    anyio_backend: Backend,
+) -> None:
+    import trio.testing
+
+    limits = LimitSet([RateLimit("tokens", 10, 10)], clock=ManualClock())
+    assert limits.try_acquire({"tokens": 10}).successful
+    with trio.testing.assert_checkpoints(), pytest.raises(TimeoutError):
+        async with limits.acquire({"tokens": 5}, timeout=1):  # due at 5
+            pass  # pragma: no cover
+
+
+@pytest.mark.parametrize("anyio_backend", ASYNCIO_ONLY)
+async def test_under_asyncio_an_uncontended_acquire_does_not_yield(
+    anyio_backend: Backend,
+) -> None:
+    # asyncio.Semaphore's behaviour, kept (docs/limitset.md): no task switch when nothing waits.
+    limits = mixed_set(ManualClock())
+    ran: list[str] = []
+
+    async def note() -> None:
+        ran.append("other")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(note)
+        async with limits.acquire({"tokens": 1}):
+            assert ran == []

@@ -29,10 +29,13 @@ def anyio_backend() -> str:
     return "asyncio"  # uvicorn and aiohttp run on asyncio; httpx's page runs on trio too
 
 
-def example(page: str) -> dict[str, Any]:
-    blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.DOTALL)
+def example(page: str, blocks: int = 1) -> dict[str, Any]:
+    """Run the first ``blocks`` python blocks of ``page``, in order, in one namespace (later
+    blocks add to the first one's app)."""
+    found = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.DOTALL)
     namespace: dict[str, Any] = {"__name__": "example"}
-    exec(compile(blocks[0], str(DOCS / page), "exec"), namespace)
+    for block in found[:blocks]:
+        exec(compile(block, str(DOCS / page), "exec"), namespace)
     return namespace
 
 
@@ -45,17 +48,35 @@ async def test_starlette_page_example_serves_with_ratelimit_headers() -> None:
     assert namespace["limits"].get_stats()["granted"] == 1
 
 
-async def test_fastapi_page_example_settles_usage_and_limits_the_other_route() -> None:
-    namespace = example("fastapi.md")
+async def test_fastapi_page_examples_run_and_spare_the_health_check() -> None:
+    namespace = example("fastapi.md", blocks=2)  # the app, and the per-key /search added to it
+    limits = namespace["limits"]
     async with uvicorn_server(namespace["app"]) as url, httpx.AsyncClient() as client:
         done = await client.get(url + "/complete", params={"prompt": "hi " * 40, "max_tokens": 900})
+        label = await client.get(url + "/classify", params={"text": "a good day"})
+        granted = limits.get_stats()["granted"]
         health = await client.get(url + "/health")
+        assert limits.get_stats()["granted"] == granted  # a health check takes nothing
+        searches = [
+            await client.get(url + "/search", params={"q": "cats"}, headers={"x-api-key": "k1"})
+            for _ in range(31)
+        ]
+        other = await client.get(url + "/search", params={"q": "dogs"}, headers={"x-api-key": "k2"})
+        anonymous = await client.get(url + "/search", params={"q": "fish"})
     assert done.status_code == 200
     assert done.json()["tokens"] == 30 + 42
-    assert health.status_code == 200
-    stats = namespace["limits"].get_stats()
-    assert stats["granted"] == 2
+    assert label.json() == {"label": "positive"}
+    assert health.json() == {"status": "ok"}
+    stats = limits.get_stats()
+    assert stats["granted"] == 2  # /complete and /classify
     assert stats["refunded"] == 900 - 72
+    # /search returns a body, 30 a minute per API key; another key, or none, is not held back.
+    assert searches[0].json() == {
+        "query": "cats",
+        "results": ["cats: first hit", "cats: second hit"],
+    }
+    assert [r.status_code for r in searches] == [200] * 30 + [429]
+    assert (other.status_code, anonymous.status_code) == (200, 200)
 
 
 async def test_aiohttp_page_example_serves_with_ratelimit_headers() -> None:

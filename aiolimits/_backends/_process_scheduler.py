@@ -266,6 +266,7 @@ class ProcessScheduler(Scheduler):
         self._base_in_use = [s.in_use for _i, s in self._sems]
         self._next_ticket = next_ticket
         self._bytes = data
+        self.forget_forecast()  # another process changed the state the forecast was made from
 
     def _tickets(self) -> list[Ticket]:
         """All waiting tickets in order; also brings this process's owner entry up to date

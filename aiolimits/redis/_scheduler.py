@@ -124,6 +124,7 @@ class RedisScheduler(Scheduler):
 
     # Its waiters' wake times come from Redis and are re-asked when they run.
     timed_wakes = False
+    forecasts_queue = False  # the script decides on state in Redis: see Scheduler.forecasts_queue
 
     __slots__ = (
         "__weakref__",

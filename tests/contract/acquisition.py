@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from aiolimits import CallLimit, RateLimit, ResourceLimit
+from aiolimits import (
+    CallLimit,
+    RateLimit,
+    RateLimitStatistics,
+    ResourceLimit,
+    ResourceLimitStatistics,
+)
 from aiolimits.testing import ManualClock
 
 from ._support import GCRA, MakeLimitSet, stats_of
@@ -192,7 +198,8 @@ class PauseAndRetryAfterContract:
 
 
 class StatsContract:
-    """get_stats(): per key and totals, without waiters (the async part is in WaitingContract)."""
+    """get_stats() and statistics(): per key and totals, without waiters (the async part is in
+    WaitingContract)."""
 
     def test_get_stats_describes_each_limit(self, make_limitset: MakeLimitSet) -> None:
         limits = make_limitset(
@@ -229,6 +236,35 @@ class StatsContract:
         assert stats["refunded"] == 600
         assert stats["limits"]["tokens"]["available"] == 89_600
         assert stats["limits"]["conn"]["in_use"] == 0
+
+    def test_statistics_is_get_stats_typed_with_ints_for_counts(
+        self, make_limitset: MakeLimitSet
+    ) -> None:
+        clock = ManualClock()
+        limits = make_limitset(
+            [CallLimit(60, 500), RateLimit("tokens", 3, 1), ResourceLimit("conn", 4)], clock=clock
+        )
+        acq = limits.try_acquire({"tokens": 1, "conn": 3})
+        assert acq.successful
+        acq.update({"tokens": 0.3})
+        limits.pause(0.1 + 0.2)
+        clock.advance(0.1)
+        stats = limits.statistics()
+        assert stats.as_dict() == limits.get_stats()
+        tokens, conn = stats.limits["tokens"], stats.limits["conn"]
+        assert isinstance(tokens, RateLimitStatistics)
+        assert isinstance(conn, ResourceLimitStatistics)
+        # 0.7 back, then 0.1 s at a third of a unit per second: rounded down to a millionth.
+        assert (tokens.refunded, tokens.available) == (0.7, 0.733333)
+        assert (conn.in_use, conn.available) == (3, 1)
+        assert stats.paused_for == 0.200001  # rounded up: never shorter than it is
+        for count in (stats.waiting, stats.granted, stats.timed_out, stats.cancelled):
+            assert type(count) is int
+        assert (type(conn.in_use), type(conn.available), type(conn.waiting)) == (int, int, int)
+        acq.release()
+        conn_after = limits.statistics().limits["conn"]
+        assert isinstance(conn_after, ResourceLimitStatistics)
+        assert (conn_after.in_use, type(conn_after.in_use)) == (0, int)
 
     def test_get_stats_shows_debt_as_negative_available(self, make_limitset: MakeLimitSet) -> None:
         limits = make_limitset([RateLimit("tokens", 10, 10)], clock=ManualClock())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 
 from aiolimits import RateLimit, ResourceLimit
@@ -134,11 +136,14 @@ class TimeoutContract:
     async def test_waiter_behind_the_head_times_out_at_its_deadline(
         self, make_limitset: MakeLimitSet
     ) -> None:
+        # The head waits for a slot: a release might come in time for both, so the waiter
+        # behind it waits until its deadline (a full resource never fails anyone at once).
         clock = ManualClock()
-        limits = make_limitset([RateLimit("tokens", 10, 10)], clock=clock)
-        assert limits.try_acquire({"tokens": 10}).successful
+        limits = make_limitset([RateLimit("tokens", 10, 10), ResourceLimit("conn", 1)], clock=clock)
+        holder = limits.try_acquire({"tokens": 2})
+        assert holder.successful
         async with crowd(limits, clock) as c:
-            head = await c.arrive("head", {"tokens": 8})  # due at 8
+            head = await c.arrive("head", {"tokens": 8})
             behind = await c.arrive("behind", {"tokens": 1}, timeout=4)
             clock.advance(3.75)
             await settle()
@@ -147,7 +152,110 @@ class TimeoutContract:
             await settle()
             assert behind.state == "timed out"
             assert head.state == "waiting"
-            clock.advance(4)
+            holder.release()
             await settle()
-            assert head.granted_at == 8
-        assert stats_of(limits, "tokens")["available"] == 0
+            assert head.granted_at == 4
+        assert stats_of(limits, "tokens")["available"] == 2  # full at 4, then 8 taken
+
+
+class QueueTimeoutContract:
+    """Queue-aware timeouts (SPEC §4): a deadline is out of reach when the rate limits cannot
+    admit the request before it even with every request ahead granted at its own earliest time,
+    in order; releases, refunds and cancellations still to come are not counted on, but those
+    that happened are."""
+
+    pytestmark = pytest.mark.anyio
+
+    #: Why this backend does not yet count the requests queued ahead of a new one when it
+    #: decides that a deadline is out of reach (SPEC §4); None when it does. The tests of that
+    #: are then expected to fail (strictly: one that passes says the reason is out of date).
+    queue_forecast_missing: ClassVar[str | None] = None
+
+    def needs_queue_forecast(self, request: pytest.FixtureRequest) -> None:
+        if self.queue_forecast_missing is not None:
+            request.applymarker(pytest.mark.xfail(reason=self.queue_forecast_missing, strict=True))
+
+    async def test_timeout_fails_at_once_when_the_queue_ahead_cannot_clear_in_time(
+        self, make_limitset: MakeLimitSet, request: pytest.FixtureRequest
+    ) -> None:
+        self.needs_queue_forecast(request)
+        clock = ManualClock()
+        limits = make_limitset([RateLimit("tokens", 10, 10)], clock=clock)  # 1/s
+        assert limits.try_acquire({"tokens": 10}).successful
+        async with crowd(limits, clock) as c:
+            head = await c.arrive("head", {"tokens": 8})  # due at 8
+            middle = await c.arrive("middle", {"tokens": 1}, timeout=9)  # due at 9
+            late = await c.arrive("late", {"tokens": 1}, timeout=9.75)  # due at 10
+            # No clock advance: it knew at once, though its own token alone is due at 1.
+            assert late.state == "timed out"
+            assert type(late.error) is TimeoutError
+            assert clock() == 0
+            just = await c.arrive("just", {"tokens": 2}, timeout=11)  # due at 11: waits
+            assert (head.state, middle.state, just.state) == ("waiting",) * 3
+            stats = limits.get_stats()
+            assert (stats["timed_out"], stats["waiting"]) == (1, 3)
+            # retry_after counts the queue in the same way.
+            assert limits.retry_after({"tokens": 1}) == 12
+            for t in (8, 9, 11):
+                clock.set(t)
+                await settle()
+            assert c.grants == [("head", 8), ("middle", 9), ("just", 11)]
+
+    async def test_a_waiter_that_left_the_queue_no_longer_counts(
+        self, make_limitset: MakeLimitSet
+    ) -> None:
+        clock = ManualClock()
+        limits = make_limitset([RateLimit("tokens", 10, 10)], clock=clock)
+        assert limits.try_acquire({"tokens": 10}).successful
+        async with crowd(limits, clock) as c:
+            head = await c.arrive("head", {"tokens": 10})  # due at 10
+            middle = await c.arrive("middle", {"tokens": 5}, timeout=15)  # due at 15
+            head.scope.cancel()
+            await settle()
+            assert head.state == "cancelled"
+            late = await c.arrive("late", {"tokens": 5}, timeout=10)  # due at 10 now
+            assert late.state == "waiting"
+            for t in (5, 10):
+                clock.set(t)
+                await settle()
+            assert (middle.state, late.state) == ("done", "done")
+            assert c.grants == [("middle", 5), ("late", 10)]
+
+    async def test_a_refund_while_others_wait_counts_at_once(
+        self, make_limitset: MakeLimitSet
+    ) -> None:
+        clock = ManualClock()
+        limits = make_limitset([RateLimit("tokens", 10, 10)], clock=clock)
+        holder = limits.try_acquire({"tokens": 10})
+        assert holder.successful
+        async with crowd(limits, clock) as c:
+            await c.arrive("head", {"tokens": 10})  # due at 10
+            await c.arrive("middle", {"tokens": 1}, timeout=100)  # due at 11
+            holder.update({"tokens": 1})  # 9 back: the head is due at 1, the middle at 2
+            await settle()
+            late = await c.arrive("late", {"tokens": 5}, timeout=7.5)  # due at 7
+            assert late.state == "waiting"
+            for t in (1, 2, 7):
+                clock.set(t)
+                await settle()
+            assert c.grants == [("head", 1), ("middle", 2), ("late", 7)]
+
+    async def test_a_full_resource_ahead_fails_nobody_at_once(
+        self, make_limitset: MakeLimitSet
+    ) -> None:
+        clock = ManualClock()
+        limits = make_limitset([RateLimit("tokens", 10, 10), ResourceLimit("conn", 1)], clock=clock)
+        holder = limits.try_acquire({"tokens": 1})
+        assert holder.successful
+        async with crowd(limits, clock) as c:
+            head = await c.arrive("head", {"tokens": 1}, hold=True)
+            behind = await c.arrive("behind", {"tokens": 1}, timeout=1)
+            assert (head.state, behind.state) == ("waiting", "waiting")
+            holder.release()
+            await settle()
+            assert c.grants == [("head", 0)]
+            assert behind.state == "waiting"  # for the head's slot, until its deadline
+            clock.advance(1)
+            await settle()
+            assert behind.state == "timed out"
+            head.leave.set()
