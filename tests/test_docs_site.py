@@ -8,6 +8,7 @@ this module runs the pages the site added (getting started, the migration guides
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,25 @@ def test_api_reference_renders_every_integration_module_with_its_members() -> No
     for name in ("httpx", "starlette", "fastapi", "aiohttp", "headers"):
         assert f"::: aiolimits.integrations.{name}\n    options:\n      members: true" in text
     assert package.__doc__ is not None
+
+
+def _blocks(page: Path) -> list[str]:
+    """Every Python block of a page: ``python`` (complete examples) and ``py`` (fragments)."""
+    return re.findall(r"```py(?:thon)?\n(.*?)```", page.read_text(), flags=re.DOTALL)
+
+
+_PAGES = [*sorted(DOCS.rglob("*.md")), ROOT / "README.md", ROOT / "CONTRIBUTING.md"]
+
+
+@pytest.mark.parametrize("page", _PAGES, ids=[str(p.relative_to(ROOT)) for p in _PAGES])
+def test_every_python_block_of_the_site_is_valid_python(page: Path) -> None:
+    # Complete examples run in the tests of their pages; fragments (an ``async with`` on its own,
+    # a ``>>>`` session) must at least be Python that compiles, so an API rename breaks a test.
+    for block in _blocks(page):
+        lines = block.splitlines()
+        source = block
+        if lines and lines[0].startswith(">>>"):  # a session: its input lines only
+            source = "\n".join(line[4:] for line in lines if line.startswith((">>>", "...")))
+        # As the body of a coroutine: a fragment may ``await`` or ``return`` as it would there.
+        body = textwrap.indent(source, "    ") or "    pass"
+        compile(f"async def fragment():\n{body}\n    pass\n", str(page), "exec")
