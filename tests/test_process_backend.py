@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from aiolimits import Acquisition, CallLimit, LimitSet, ProcessBackend, RateLimit, ResourceLimit
 from aiolimits._backends import _process_peers as peers
-from aiolimits._backends._process_file import StateFile
+from aiolimits._backends._process_file import StateFile, open_directory
 from aiolimits._backends._process_scheduler import ProcessScheduler
 from aiolimits._backends.process import runtime_directory
 from aiolimits.testing import ManualClock
@@ -418,30 +418,33 @@ def test_attachments_decide_exactly_like_one_memory_set(
 # -- the state file --------------------------------------------------------------------------
 
 
+def _state_file(directory: Path, name: str = "s.limits") -> StateFile:
+    return StateFile(open_directory(str(directory)), name, str(directory / name))
+
+
 def test_state_file_keeps_the_last_intact_copy_when_a_write_is_torn(tmp_path: Path) -> None:
     path = str(tmp_path / "s.limits")
-    f = StateFile(path)
-    f.write(1, b"one")
-    f.write(2, b"two" * 5000)  # grows into a new region
-    f.write(3, b"three")
-    assert f.read() == (3, b"three")
-    assert f._known is not None
+    f = _state_file(tmp_path)
+    f.write(b"one")
+    f.write(b"two" * 5000)  # grows into a new region
+    f.write(b"three")
+    assert f.read() == (b"three", True)
     # A writer killed after the slot's fields but before their crc: that slot is ignored.
     with open(path, "r+b") as raw:
-        raw.seek((64, 128)[f._known[1]] + 36)
+        raw.seek((64, 128)[f._newest] + 36)
         raw.write(b"\0\0\0\0")
-    assert StateFile(path).read() == (2, b"two" * 5000)
+    assert _state_file(tmp_path).read() == (b"two" * 5000, True)
     # A writer killed in the middle of the data: the crc of the data catches it.
-    g = StateFile(path)
-    g.write(4, b"four")
-    assert g.read() == (4, b"four")
-    assert g._known is not None
-    slot = g._known[2][g._known[1]]
+    g = _state_file(tmp_path)
+    assert g.read() == (b"two" * 5000, True)
+    g.write(b"four")
+    assert g.read() == (b"four", True)
+    slot = g._fields[g._newest]
     assert slot is not None
     with open(path, "r+b") as raw:
         raw.seek(slot[1])
         raw.write(b"XX")
-    assert StateFile(path).read() == (2, b"two" * 5000)
+    assert _state_file(tmp_path).read() == (b"two" * 5000, True)
     f.close()
     g.close()
 
@@ -449,8 +452,10 @@ def test_state_file_keeps_the_last_intact_copy_when_a_write_is_torn(tmp_path: Pa
 def test_a_file_that_is_not_a_state_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.limits"
     path.write_bytes(b"hello" * 1000)
+    path.chmod(0o600)
     with pytest.raises(ValueError, match="not an aiolimits state file"):
-        StateFile(str(path))
+        _state_file(tmp_path, "other.limits")
+    assert path.read_bytes() == b"hello" * 1000  # untouched
 
 
 def test_state_from_a_previous_boot_is_replaced(backend: ProcessBackend) -> None:
