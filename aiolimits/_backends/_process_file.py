@@ -16,12 +16,15 @@ Layout (format 2, little-endian):
 
 * bytes 0-31, the *head*: magic ``b"AIOLIMIT"``, format (u32, 2), header size (u32, 4096), the
   file id (u64, random: a new one whenever the file is initialised again), and a crc32 of these.
-* bytes 64-103 and 128-167, two *slots*, each describing one serialized copy of the state:
-  ``(version, offset, capacity, length, data crc)`` (4 u64, a u32) and a crc32 of those fields.
-* bytes 168-4095: reserved (zero). A later layout (per-key states of a KeyedLimitSet, say) adds
-  its tables here or in regions of its own; the data of a slot is self-describing (it starts
-  with its layout number, see ``_process_scheduler``), and a reader refuses a format it does
-  not know instead of guessing.
+* bytes 64-2079 and 2080-4095, two *slots*, each describing one serialized copy of the state:
+  ``(version, offset, capacity, length, data crc)`` (4 u64, a u32) and a crc32 of those fields,
+  followed by room for 1976 bytes of data *inline* (offset = the slot's + 40): a small state
+  (the usual buckets and windows) is written with its slot in one ``pwrite`` and read with the
+  header page, no further system call.
+* bytes 32-63: reserved (zero). A later layout (per-key states of a KeyedLimitSet, say) adds its
+  tables in regions of its own, pointed to from the data; the data of a slot is
+  self-describing (it starts with its layout number, see ``_process_scheduler``), and a reader
+  refuses a format it does not know instead of guessing.
 * from 4096: data regions, each a multiple of 4096 bytes, reserved with ``posix_fallocate`` when
   made (so a full filesystem is an ``OSError`` at that moment, never a ``SIGBUS`` later).
 
@@ -29,12 +32,13 @@ A writer always writes the slot that is *not* the newest valid one (first the da
 slot's fields), so a process killed in the middle of a write leaves the previous version intact;
 readers take the valid slot with the higher version. A slot whose region is too small gets a
 new region at the end of the file (regions grow geometrically; the old one is abandoned).
+A torn write of a slot fails its crcs, so the other slot (untouched) stays the newest copy.
 
 Everything runs under the file lock (``flock(LOCK_EX)``), which the kernel releases when its
 holder dies. The file is read and written with ``pread``/``pwrite``, never mapped: a file
 truncated by someone else reads short (an error this module handles), where a mapping would
-kill the process with ``SIGBUS``. Each lock starts with one ``pread`` of the head and both slots
-(168 bytes): equal to what this process last read or wrote means nothing changed.
+kill the process with ``SIGBUS``. Each lock starts with one ``pread`` of the header page: equal
+to what this process last read or wrote means nothing changed.
 """
 
 from __future__ import annotations
@@ -56,8 +60,10 @@ HEADER: Final = 4096
 _HEAD = struct.Struct("<8sIIQ")  # magic, format, header size, file id
 _CRC = struct.Struct("<I")
 _SLOT = struct.Struct("<QQQQI")  # version, offset, capacity, length, data crc
-_SLOT_AT: Final = (64, 128)
-_PEEK: Final = 128 + _SLOT.size + _CRC.size  # the head and both slots, read at every lock
+_SLOT_AT: Final = (64, 2080)
+_INLINE: Final = 2016 - 40  # bytes of data a slot holds right after its fields
+_SLOT_BYTES: Final = _SLOT.size + _CRC.size  # 40
+_PEEK: Final = HEADER  # the header page, read at every lock
 _MAX_DATA: Final = 1 << 30  # a slot claiming more is damaged
 _OLD_MAGIC: Final = b"AIOLIMv1"
 _Fields = tuple[int, int, int, int, int]
@@ -191,7 +197,7 @@ class StateFile:
             OSError: it could not be created (``ENOSPC``: the filesystem is full).
         """
         self.path = shown
-        self._peek = b""  # the head and slots as last read or written: equal means unchanged
+        self._peek = bytearray()  # the header page as last read or written: equal, unchanged
         self._fields: list[_Fields | None] = [None, None]
         self._newest = -1  # the slot holding the newest version (-1: none)
         self.file_id = 0
@@ -285,7 +291,7 @@ class StateFile:
         os.pwrite(self.fd, _head(self.file_id), 0)
         self._fields = [None, None]
         self._newest = -1
-        self._peek = b""
+        self._peek = bytearray()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -300,7 +306,7 @@ class StateFile:
 
     def forget(self) -> None:
         """Make the next :meth:`changed` say yes (what is on file is the truth)."""
-        self._peek = b""
+        self._peek = bytearray()
 
     def changed(self) -> bool:
         """Under the lock: whether the file changed since this object last read or wrote it.
@@ -310,13 +316,15 @@ class StateFile:
     @staticmethod
     def _slot(peek: bytes, i: int) -> _Fields | None:
         at = _SLOT_AT[i]
-        if len(peek) < at + _SLOT.size + _CRC.size:
+        if len(peek) < at + _SLOT_BYTES:
             return None
         fields = _SLOT.unpack_from(peek, at)
         (crc,) = _CRC.unpack_from(peek, at + _SLOT.size)
         if fields[0] == 0 or crc != zlib.crc32(peek[at : at + _SLOT.size]):
             return None
         _version, offset, cap, length, _crc = fields
+        if offset == at + _SLOT_BYTES:
+            return fields if cap == _INLINE and length <= cap else None
         if offset < HEADER or offset % 4096 or length > cap or cap > 2 * _MAX_DATA:
             return None
         return fields
@@ -331,16 +339,19 @@ class StateFile:
         fields = [self._slot(peek, 0), self._slot(peek, 1)]
         order = sorted(((f, i) for i, f in enumerate(fields) if f is not None), reverse=True)
         for (_version, offset, _cap, length, crc), i in order:
-            data = os.pread(self.fd, length, offset) if length <= _MAX_DATA else b""
+            if offset < HEADER:  # inline: already read
+                data = bytes(peek[offset : offset + length])
+            else:
+                data = os.pread(self.fd, length, offset) if length <= _MAX_DATA else b""
             if len(data) == length and zlib.crc32(data) == crc:
-                self._fields, self._newest, self._peek = fields, i, peek
+                self._fields, self._newest, self._peek = fields, i, bytearray(peek)
                 return data, True
         if intact and order:
             # Slots that claim data no longer there (truncated, overwritten): damaged.
             self.reinitialise()
             intact = False
         if intact:
-            self._fields, self._newest, self._peek = fields, -1, peek
+            self._fields, self._newest, self._peek = fields, -1, bytearray(peek)
         return None, intact
 
     def write(self, data: bytes) -> None:
@@ -355,11 +366,14 @@ class StateFile:
         target = 1 - newest if newest >= 0 else 0
         old = fields[target]
         length = len(data)
-        if length > _MAX_DATA:
-            raise ValueError(f"the shared state {self.path} would exceed {_MAX_DATA} bytes")
-        if old is not None and old[2] >= length:
+        at = _SLOT_AT[target]
+        if length <= _INLINE:
+            offset, cap = at + _SLOT_BYTES, _INLINE
+        elif old is not None and old[2] >= length and old[1] >= HEADER:
             offset, cap = old[1], old[2]
         else:
+            if length > _MAX_DATA:
+                raise ValueError(f"the shared state {self.path} would exceed {_MAX_DATA} bytes")
             size = os.fstat(self.fd).st_size
             offset = max(HEADER, -(-size // 4096) * 4096)
             cap = 4096
@@ -368,19 +382,20 @@ class StateFile:
             _reserve(self.fd, offset, cap, self.path)
         last = fields[newest] if newest >= 0 else None
         version = (last[0] if last is not None else 0) + 1
-        if length:
-            os.pwrite(self.fd, data, offset)
         new = (version, offset, cap, length, zlib.crc32(data))
         packed = _SLOT.pack(*new)
         packed += _CRC.pack(zlib.crc32(packed))
-        os.pwrite(self.fd, packed, _SLOT_AT[target])
-        fields = list(fields)
+        if offset < HEADER:
+            # Inline: fields and data in one write (a torn one fails its crcs: the other slot,
+            # untouched, stays the newest intact copy).
+            packed += data
+        elif length:
+            os.pwrite(self.fd, data, offset)
+        os.pwrite(self.fd, packed, at)
         fields[target] = new
-        self._fields, self._newest = fields, target
+        self._newest = target
         peek = self._peek
-        if len(peek) != _PEEK:
-            peek = os.pread(self.fd, _PEEK, 0)
+        if len(peek) == _PEEK:
+            peek[at : at + len(packed)] = packed
         else:
-            at = _SLOT_AT[target]
-            peek = peek[:at] + packed + peek[at + len(packed) :]
-        self._peek = peek
+            self._peek = bytearray(os.pread(self.fd, _PEEK, 0))

@@ -44,6 +44,7 @@ import itertools
 import json
 import marshal
 import math
+import re
 import threading
 import time
 import warnings
@@ -68,6 +69,7 @@ _INF = math.inf
 _LAYOUT = 3
 _MARSHAL_VERSION = 2  # no back-references: equal states always give equal bytes
 _serials = itertools.count(1)
+_NON_FINITE = re.compile(rb"g.{6}[\xf0-\xff][\x7f\xff]", re.DOTALL)
 
 Owner = tuple[int, int, int, int]  # pid, start time, pid namespace, serial in its process
 Ticket = tuple[int, Owner, tuple[int, ...]]  # number, owner, indexes of the keys it names
@@ -480,7 +482,7 @@ class ProcessScheduler(Scheduler):
             self._poke = False
             return None
         try:
-            self._check_finite(shared)
+            self._check_finite(data, shared)
             self._file.write(data)
         except BaseException:
             self._file.forget()  # reload next time: what is on file is the truth
@@ -499,12 +501,19 @@ class ProcessScheduler(Scheduler):
         self._first = first[0]
         return owners[first[1]][0] or None
 
-    def _check_finite(self, shared: Any) -> None:
-        if not _finite(shared):
-            raise ValueError(
-                f"refusing to store a non-finite number in the shared state {self._name!r} at "
-                f"{self._file.path}: {shared[2:4]!r}"
-            )
+    def _check_finite(self, data: bytes, shared: Any) -> None:
+        # Marshal writes a float as b"g" and its 8 IEEE bytes, little-endian; a non-finite one
+        # has all exponent bits set, hence a byte 0x7f or 0xff last. Neither byte anywhere (the
+        # usual case, one memchr each) proves every float finite; otherwise a pattern search,
+        # and only a match (which other bytes may also make) is checked number by number.
+        if b"\x7f" not in data and b"\xff" not in data:
+            return
+        if _NON_FINITE.search(data) is None or _finite(shared):
+            return
+        raise ValueError(
+            f"refusing to store a non-finite number in the shared state {self._name!r} at "
+            f"{self._file.path}: {shared[2:4]!r}"
+        )
 
     # -- crashed peers ---------------------------------------------------------------------
 
