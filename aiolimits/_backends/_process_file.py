@@ -336,6 +336,9 @@ class StateFile:
         written back."""
         intact = self._validate_head(attaching=False)
         peek = os.pread(self.fd, _PEEK, 0) if intact else b""
+        if intact and len(peek) < _PEEK:  # cut short after the head: damaged
+            self.reinitialise()
+            intact, peek = False, b""
         fields = [self._slot(peek, 0), self._slot(peek, 1)]
         order = sorted(((f, i) for i, f in enumerate(fields) if f is not None), reverse=True)
         for (_version, offset, _cap, length, crc), i in order:
