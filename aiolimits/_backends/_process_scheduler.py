@@ -482,7 +482,8 @@ class ProcessScheduler(Scheduler):
             self._poke = False
             return None
         try:
-            self._check_finite(data, shared)
+            if b"\x7f" in data or b"\xff" in data:  # see _check_finite
+                self._check_finite(data, shared)
             self._file.write(data)
         except BaseException:
             self._file.forget()  # reload next time: what is on file is the truth
@@ -504,10 +505,9 @@ class ProcessScheduler(Scheduler):
     def _check_finite(self, data: bytes, shared: Any) -> None:
         # Marshal writes a float as b"g" and its 8 IEEE bytes, little-endian; a non-finite one
         # has all exponent bits set, hence a byte 0x7f or 0xff last. Neither byte anywhere (the
-        # usual case, one memchr each) proves every float finite; otherwise a pattern search,
-        # and only a match (which other bytes may also make) is checked number by number.
-        if b"\x7f" not in data and b"\xff" not in data:
-            return
+        # usual case, one memchr each, made by the caller) proves every float finite; otherwise
+        # a pattern search, and only a match (which other bytes may also make) is checked
+        # number by number.
         if _NON_FINITE.search(data) is None or _finite(shared):
             return
         raise ValueError(
