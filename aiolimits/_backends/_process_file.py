@@ -104,7 +104,12 @@ def open_directory(path: str, *, create: bool = True) -> int:
             except FileExistsError:
                 continue  # another process made it meanwhile: checked below like any other
             # mkdir applies the umask; a directory we just made gets exactly 0700.
-            os.chmod(made, 0o700, follow_symlinks=False)
+            # Through an O_PATH descriptor (never a symlink; works whatever the mode mkdir left).
+            made_fd = os.open(made, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.chmod(f"/proc/self/fd/{made_fd}", 0o700)
+            finally:
+                os.close(made_fd)
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW)
