@@ -639,3 +639,19 @@ def test_a_stored_state_with_bad_numbers_is_refused_clearly(backend: ProcessBack
         limits.try_acquire()
     with pytest.raises(ValueError, match=r"is damaged .* \(bad counters\)"):
         LimitSet([CallLimit(60, 10)], backend=backend, name="bad")
+
+
+def test_processes_creating_one_state_at_once_agree_on_one_file(tmp_path: Path) -> None:
+    go, done, out = _spawn.Event(), _spawn.Event(), _spawn.Queue()
+    procs = [_start(workers.race_to_create, str(tmp_path), "race", go, done, out) for _ in range(4)]
+    time.sleep(0.5)  # let them all start: they attach together when told
+    go.set()
+    took = [out.get(timeout=60) for _ in procs]
+    done.set()
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    assert sorted(took) == [False, False, False, True]
+    # One state file, and nothing left of the temporary ones each built.
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["race.limits"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".new")]
