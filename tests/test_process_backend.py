@@ -6,6 +6,7 @@ module and attach to the same state by location and name, as independent process
 
 from __future__ import annotations
 
+import gc
 import itertools
 import marshal
 import math
@@ -655,3 +656,23 @@ def test_processes_creating_one_state_at_once_agree_on_one_file(tmp_path: Path) 
     # One state file, and nothing left of the temporary ones each built.
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["race.limits"]
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".new")]
+
+
+def test_a_directory_no_set_uses_is_closed_and_cleaned(tmp_path: Path) -> None:
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    gc.collect()
+    before = fds()
+    for i in range(50):
+        place = tmp_path / f"d{i}"
+        limits = LimitSet([ResourceLimit("c", 1)], backend=ProcessBackend(place), name="x")
+        held = limits.try_acquire()  # records a holder: a life file
+        assert held.successful
+        assert [p for p in place.iterdir() if p.name.startswith(".life-")]
+        held.release()
+        del limits, held
+    gc.collect()
+    assert fds() == before
+    # Its life files went with it (and wake-up sockets, had it waited).
+    assert not list(tmp_path.glob("d*/.*"))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import functools
 import os
 import secrets
 import select
@@ -151,24 +152,72 @@ class Pokeable(Protocol):
     def poked(self) -> None: ...
 
 
+class _Handles:
+    """What a :class:`Directory` holds open, closed when the directory is no longer used (a
+    finalizer must not hold the directory object itself)."""
+
+    __slots__ = ("address", "fd", "life", "sender", "sock")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.sock: socket.socket | None = None
+        self.address = b""
+        self.life: int | None = None
+        self.sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sender.setblocking(False)
+
+    def close_own(self, *, unlink: bool) -> None:
+        """Drop this process's socket and life file (removing them when ``unlink``)."""
+        if self.sock is not None:
+            if unlink:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.address, dir_fd=self.fd)
+            found = _listener
+            if found is not None and found._pid == os.getpid():
+                found.remove(self.sock)
+            self.sock.close()
+            self.sock = None
+            self.address = b""
+        if self.life is not None:
+            if unlink:
+                with contextlib.suppress(OSError):
+                    os.unlink(_life_name(my_identity()), dir_fd=self.fd)
+            os.close(self.life)
+            self.life = None
+
+    def close(self) -> None:
+        """No scheduler uses the directory any more: close everything (removing what is ours)."""
+        if self.fd >= 0:
+            with contextlib.suppress(Exception):
+                self.close_own(unlink=True)
+            self.sender.close()
+            os.close(self.fd)
+            self.fd = -1
+
+
 class Directory:
     """One checked private directory, as this process uses it: its descriptor (everything is
-    reached through it), and this process's wake-up socket and life file there."""
+    reached through it), and this process's wake-up socket and life file there. Held by the
+    schedulers that use it; closed (its socket and life file removed) when none does."""
+
+    __slots__ = ("__weakref__", "_h", "_prefix", "fd", "path")
 
     def __init__(self, fd: int, path: str) -> None:
         self.fd = fd
         self.path = path
-        self._sock: socket.socket | None = None
-        self.address = b""  # this process's socket's name here, once it has one
-        self._life: int | None = None
-        self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sender.setblocking(False)
+        self._h = _Handles(fd)
         self._prefix = f"/proc/self/fd/{fd}/".encode()
+        weakref.finalize(self, self._h.close)
+
+    @property
+    def address(self) -> bytes:
+        return self._h.address
 
     def wake_address(self) -> bytes:
         """This process's wake-up socket in this directory (made, and listened to, on first
         use). Its name goes into the shared state for the others to send to."""
-        if self._sock is None:
+        h = self._h
+        if h.sock is None:
             me = my_identity()
             name = f".wake-{me[2]}-{me[0]}-{secrets.token_hex(6)}".encode()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -179,20 +228,21 @@ class Directory:
             except BaseException:
                 sock.close()
                 raise
-            self._sock, self.address = sock, name
+            h.sock, h.address = sock, name
             listener().add(sock)
-        return self.address
+        return h.address
 
     def send(self, name: bytes, message: bytes = b"!") -> None:
         """Wake the process whose socket here is ``name``; never blocks. A peer that is gone or
         swamped (its queue of datagrams full: it has wake-ups pending anyway) is skipped."""
         if name.startswith(b".wake-") and b"/" not in name:
             with contextlib.suppress(OSError):
-                self._sender.sendto(message, self._prefix + name)
+                self._h.sender.sendto(message, self._prefix + name)
 
     def keep_alive(self) -> None:
         """Hold this process's life file here (before recording anything in a shared state)."""
-        if self._life is not None:
+        h = self._h
+        if h.life is not None:
             return
         name = _life_name(my_identity())
         fd = os.open(
@@ -203,7 +253,7 @@ class Directory:
         except BaseException:
             os.close(fd)
             raise
-        self._life = fd
+        h.life = fd
 
     def alive(self, peer: Peer) -> bool:
         """Whether ``peer`` (which recorded something in a state file here) still runs."""
@@ -241,40 +291,41 @@ class Directory:
 
     def close_own(self, *, unlink: bool) -> None:
         """Drop this process's socket and life file here (removing them when ``unlink``)."""
-        if self._sock is not None:
-            if unlink:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.address, dir_fd=self.fd)
-            self._sock.close()
-            self._sock = None
-            self.address = b""
-        if self._life is not None:
-            if unlink:
-                with contextlib.suppress(OSError):
-                    os.unlink(_life_name(my_identity()), dir_fd=self.fd)
-            os.close(self._life)
-            self._life = None
+        self._h.close_own(unlink=unlink)
 
 
-_directories: dict[tuple[int, int], Directory] = {}
+_directories: dict[tuple[int, int], weakref.ref[Directory]] = {}
 
 
 def directory(path: str, opener: Callable[[str], int]) -> Directory:
     """This process's :class:`Directory` for ``path``, opened (and checked) by ``opener``. One per
-    directory, however it is spelled: it is opened (and checked) again at every attach."""
+    directory however it is spelled, while schedulers use it; it is checked again at every
+    attach."""
     fd = opener(path)
     try:
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         with _lock:
-            found = _directories.get(key)
-            if found is None:
-                found = _directories[key] = Directory(fd, path)
+            ref = _directories.get(key)
+            found = ref() if ref is not None else None
+            if found is None or found.fd < 0:
+                found = Directory(fd, path)
+                _directories[key] = weakref.ref(found, functools.partial(_drop, key))
                 fd = -1
     finally:
         if fd >= 0:
             os.close(fd)
     return found
+
+
+def _drop(key: tuple[int, int], _ref: object) -> None:
+    ref = _directories.get(key)
+    if ref is not None and ref() is None:
+        del _directories[key]
+
+
+def _live_directories() -> list[Directory]:
+    return [d for ref in list(_directories.values()) if (d := ref()) is not None]
 
 
 class Listener:
@@ -293,6 +344,12 @@ class Listener:
     def add(self, sock: socket.socket) -> None:
         with self._guard:
             self._socks.append(sock)
+        self.rewatch()
+
+    def remove(self, sock: socket.socket) -> None:
+        with self._guard:
+            if sock in self._socks:
+                self._socks.remove(sock)
         self.rewatch()
 
     def register(self, scheduler: Pokeable) -> None:
@@ -373,7 +430,7 @@ def listener() -> Listener:
 
 
 def _at_exit() -> None:
-    for found in list(_directories.values()):
+    for found in _live_directories():
         with contextlib.suppress(Exception):
             found.close_own(unlink=True)
 
@@ -390,7 +447,7 @@ def _after_fork() -> None:
     _pidfds.clear()
     _dead.clear()
     # The parent's socket and life files stay the parent's: close this copy, remove nothing.
-    for found in _directories.values():
+    for found in _live_directories():
         found.close_own(unlink=False)
 
 

@@ -9,6 +9,7 @@ it exits without releasing, as a crashed container would.
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 import textwrap
@@ -47,6 +48,8 @@ def test_a_holder_in_another_pid_namespace_is_not_judged_dead(tmp_path: Path) ->
     assert holder.stdin is not None
     assert holder.stdout is not None
     try:
+        ready, _w, _x = select.select([holder.stdout], [], [], 60)
+        assert ready, "the holder did not start"
         said = holder.stdout.readline().split()
         assert said[0] == "held", said
         assert int(said[1]) < 10  # a pid of its namespace, which means another process here
