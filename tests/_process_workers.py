@@ -171,3 +171,13 @@ def wait_then_time_out(limits: LimitSet, events: Any) -> None:
             events.put("granted")
     except TimeoutError:
         events.put("timed out")
+
+
+def race_to_create(location: str, name: str, go: Any, done: Any, out: Any) -> None:
+    """Attach to a state that does not exist yet, at the same moment as others; hold the only
+    slot if it can, until ``done``."""
+    go.wait(60)
+    limits = LimitSet([ResourceLimit("conn", 1)], backend=ProcessBackend(location), name=name)
+    held = limits.try_acquire()
+    out.put(held.successful)
+    done.wait(60)

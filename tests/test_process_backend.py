@@ -6,11 +6,16 @@ module and attach to the same state by location and name, as independent process
 
 from __future__ import annotations
 
+import gc
 import itertools
+import marshal
 import math
 import multiprocessing
 import multiprocessing.process
+import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -22,9 +27,19 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from aiolimits import Acquisition, CallLimit, LimitSet, ProcessBackend, RateLimit, ResourceLimit
+import aiolimits
+from aiolimits import (
+    Acquisition,
+    CallLimit,
+    LimitSet,
+    ProcessBackend,
+    RateLimit,
+    RateLimitAlgorithm,
+    ResourceLimit,
+)
+from aiolimits._algorithms import TokenBucketState
 from aiolimits._backends import _process_peers as peers
-from aiolimits._backends._process_file import StateFile
+from aiolimits._backends._process_file import StateFile, open_directory
 from aiolimits._backends._process_scheduler import ProcessScheduler
 from aiolimits._backends.process import runtime_directory
 from aiolimits.testing import ManualClock
@@ -419,30 +434,33 @@ def test_attachments_decide_exactly_like_one_memory_set(
 # -- the state file --------------------------------------------------------------------------
 
 
+def _state_file(directory: Path, name: str = "s.limits") -> StateFile:
+    return StateFile(open_directory(str(directory)), name, str(directory / name))
+
+
 def test_state_file_keeps_the_last_intact_copy_when_a_write_is_torn(tmp_path: Path) -> None:
     path = str(tmp_path / "s.limits")
-    f = StateFile(path)
-    f.write(1, b"one")
-    f.write(2, b"two" * 5000)  # grows into a new region
-    f.write(3, b"three")
-    assert f.read() == (3, b"three")
-    assert f._known is not None
+    f = _state_file(tmp_path)
+    f.write(b"one")
+    f.write(b"two" * 5000)  # grows into a new region
+    f.write(b"three")
+    assert f.read() == (b"three", True)
     # A writer killed after the slot's fields but before their crc: that slot is ignored.
     with open(path, "r+b") as raw:
-        raw.seek((64, 128)[f._known[1]] + 36)
+        raw.seek((64, 128)[f._newest] + 36)
         raw.write(b"\0\0\0\0")
-    assert StateFile(path).read() == (2, b"two" * 5000)
+    assert _state_file(tmp_path).read() == (b"two" * 5000, True)
     # A writer killed in the middle of the data: the crc of the data catches it.
-    g = StateFile(path)
-    g.write(4, b"four")
-    assert g.read() == (4, b"four")
-    assert g._known is not None
-    slot = g._known[2][g._known[1]]
+    g = _state_file(tmp_path)
+    assert g.read() == (b"two" * 5000, True)
+    g.write(b"four")
+    assert g.read() == (b"four", True)
+    slot = g._fields[g._newest]
     assert slot is not None
     with open(path, "r+b") as raw:
         raw.seek(slot[1])
         raw.write(b"XX")
-    assert StateFile(path).read() == (2, b"two" * 5000)
+    assert _state_file(tmp_path).read() == (b"two" * 5000, True)
     f.close()
     g.close()
 
@@ -450,8 +468,10 @@ def test_state_file_keeps_the_last_intact_copy_when_a_write_is_torn(tmp_path: Pa
 def test_a_file_that_is_not_a_state_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.limits"
     path.write_bytes(b"hello" * 1000)
+    path.chmod(0o600)
     with pytest.raises(ValueError, match="not an aiolimits state file"):
-        StateFile(str(path))
+        _state_file(tmp_path, "other.limits")
+    assert path.read_bytes() == b"hello" * 1000  # untouched
 
 
 def test_state_from_a_previous_boot_is_replaced(backend: ProcessBackend) -> None:
@@ -502,3 +522,158 @@ def test_names_are_files_whatever_they_contain(backend: ProcessBackend) -> None:
     assert odd.try_acquire().successful
     assert long.try_acquire().successful
     assert {p.parent for p in backend.directory.iterdir()} == {backend.directory}
+
+
+# -- issue #13: spelling, relative locations, what is stored and what is read ------------------
+
+
+def test_equal_limits_attach_however_spelled(backend: ProcessBackend) -> None:
+    LimitSet(
+        [
+            CallLimit(60, 10),
+            RateLimit("tokens", 60, 1000, algorithm=RateLimitAlgorithm.GCRA),
+            ResourceLimit("conn", 2),
+        ],
+        backend=backend,
+        name="spelled",
+    )
+    other: list[AnyLimit] = [
+        CallLimit(60.0, 10.0),
+        RateLimit("tokens", 60.0, 1000.0, algorithm="gcra"),
+        ResourceLimit("conn", 2),
+    ]
+    LimitSet(other, backend=backend, name="spelled")  # no ValueError(None)
+    out = _spawn.Queue()
+    proc = _start(workers.attach_with, str(backend.directory), "spelled", other, out)
+    assert out.get(timeout=60) is None
+    proc.join(10)
+
+
+def test_a_real_mismatch_says_what_differs_even_with_other_spellings(
+    backend: ProcessBackend,
+) -> None:
+    LimitSet([CallLimit(60, 10)], backend=backend, name="differs")
+    with pytest.raises(ValueError, match="created with other limits") as caught:
+        LimitSet([CallLimit(60.0, 10.5)], backend=backend, name="differs")
+    assert str(caught.value) == (
+        "the shared state 'differs' was created with other limits: "
+        "CallLimit(window_seconds=60, capacity=10.5, algorithm='token_bucket') where it has "
+        "CallLimit(window_seconds=60, capacity=10, algorithm='token_bucket') "
+        "(every process must declare the same limits under one name)"
+    )
+
+
+def test_a_relative_location_is_resolved_when_the_backend_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    backend = ProcessBackend("./state")
+    assert backend.directory == tmp_path / "state"
+    limits = LimitSet([ResourceLimit("conn", 1)], backend=backend, name="rel")
+    held = limits.try_acquire()
+    assert held.successful
+    # The pickled set, in a process with another working directory, finds the same state.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = (
+        "import pickle, sys\n"
+        "limits = pickle.loads(sys.stdin.buffer.read())\n"
+        "print(limits.try_acquire().successful, limits._scheduler._file.path)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        input=pickle.dumps(limits),
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(Path(aiolimits.__file__).parents[1])},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().split() == ["False", str(tmp_path / "state" / "rel.limits")]
+    held.release()
+
+
+def test_a_non_finite_number_is_never_written(backend: ProcessBackend) -> None:
+    limits = LimitSet([RateLimit("t", 60, 100)], backend=backend, name="finite")
+    assert limits.try_acquire({"t": 1}).successful
+    sched = limits._scheduler
+    assert isinstance(sched, ProcessScheduler)
+    state = sched.states[0]
+    assert isinstance(state, TokenBucketState)
+    with pytest.raises(ValueError, match="refusing to store a non-finite number"), sched.lock:
+        state._level = -math.inf  # what an unchecked update(usage=1e308) once left there
+    # The file still holds the last finite state: another attachment, and this one, see it.
+    again = LimitSet([RateLimit("t", 60, 100)], backend=backend, name="finite")
+    assert 98.9 < again.get_stats()["limits"]["t"]["available"] <= 99.1
+    assert 98.9 < limits.get_stats()["limits"]["t"]["available"] <= 99.1
+
+
+@pytest.mark.parametrize(
+    ("stored", "says"),
+    [
+        (marshal.dumps((3, "x")), "not a state tuple"),
+        (marshal.dumps(compile("1", "x", "eval")), "not a state tuple"),
+        (b"\xff\x00garbage", "not a state tuple"),
+    ],
+)
+def test_a_stored_state_that_is_not_one_is_refused_clearly(
+    tmp_path: Path, stored: bytes, says: str
+) -> None:
+    f = _state_file(tmp_path, "g.limits")
+    f.write(stored)
+    f.close()
+    with pytest.raises(ValueError, match=rf"is damaged or was not written by .* \({says}\)"):
+        LimitSet([CallLimit(60, 10)], backend=ProcessBackend(tmp_path), name="g")
+
+
+def test_a_stored_state_with_bad_numbers_is_refused_clearly(backend: ProcessBackend) -> None:
+    limits = LimitSet([CallLimit(60, 10)], backend=backend, name="bad")
+    sched = limits._scheduler
+    assert isinstance(sched, ProcessScheduler)
+    shared = list(marshal.loads(sched._bytes))
+    shared[2] = (0, 0, 0, None, [math.nan])  # a refunded tally that is not a number
+    f = _state_file(backend.directory, "bad.limits")
+    assert f.read()[0] == sched._bytes
+    f.write(marshal.dumps(tuple(shared), 2))
+    f.close()
+    with pytest.raises(ValueError, match=r"is damaged .* \(bad counters\)"):
+        limits.try_acquire()
+    with pytest.raises(ValueError, match=r"is damaged .* \(bad counters\)"):
+        LimitSet([CallLimit(60, 10)], backend=backend, name="bad")
+
+
+def test_processes_creating_one_state_at_once_agree_on_one_file(tmp_path: Path) -> None:
+    go, done, out = _spawn.Event(), _spawn.Event(), _spawn.Queue()
+    procs = [_start(workers.race_to_create, str(tmp_path), "race", go, done, out) for _ in range(4)]
+    time.sleep(0.5)  # let them all start: they attach together when told
+    go.set()
+    took = [out.get(timeout=60) for _ in procs]
+    done.set()
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    assert sorted(took) == [False, False, False, True]
+    # One state file, and nothing left of the temporary ones each built.
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["race.limits"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".new")]
+
+
+def test_a_directory_no_set_uses_is_closed_and_cleaned(tmp_path: Path) -> None:
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    gc.collect()
+    before = fds()
+    for i in range(50):
+        place = tmp_path / f"d{i}"
+        limits = LimitSet([ResourceLimit("c", 1)], backend=ProcessBackend(place), name="x")
+        held = limits.try_acquire()  # records a holder: a life file
+        assert held.successful
+        assert [p for p in place.iterdir() if p.name.startswith(".life-")]
+        held.release()
+        del limits, held
+    gc.collect()
+    assert fds() == before
+    # Its life files went with it (and wake-up sockets, had it waited).
+    assert not list(tmp_path.glob("d*/.*"))

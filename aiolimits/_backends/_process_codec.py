@@ -13,7 +13,8 @@ number (so a receipt still edits the live entry), and marks the lists of entries
 from the shared state as over (expired, nothing held), which is what they are: a refund skips
 expired entries. Dumping and loading a log is a few list operations per entry.
 
-The other states copy their slots. Everything is float, int, list and tuple, for ``marshal``.
+The other states copy their slots. Everything is float, int, None, list and tuple, for
+``marshal``; every float is finite (``-inf``, "not started", is stored as None).
 """
 
 from __future__ import annotations
@@ -110,7 +111,13 @@ def _dumper(state: RateState, entries: _Entries) -> Callable[[], Any]:
     if isinstance(state, GCRAState):
         return lambda: (state._tat, _dump_peaks(state._peaks))
     if isinstance(state, FixedWindowState):
-        return lambda: (state._count, state._index, state._start, state._end)
+        # -inf ("not started") is stored as None: a state file holds finite numbers only.
+        return lambda: (
+            state._count,
+            state._index,
+            None if state._start == _NEG_INF else state._start,
+            None if state._end == _NEG_INF else state._end,
+        )
     if isinstance(state, SlidingWindowState):
         return lambda: (state._total, entries.dump(state._log))
     if isinstance(state, LeakyBucketState):
@@ -144,7 +151,9 @@ class StateCodec:
                 state._tat = value[0]
                 _load_peaks(state._peaks, value[1])
             elif isinstance(state, FixedWindowState):
-                state._count, state._index, state._start, state._end = value
+                state._count, state._index, start, end = value
+                state._start = _NEG_INF if start is None else start
+                state._end = _NEG_INF if end is None else end
             elif isinstance(state, SlidingWindowState):
                 state._total = value[0]
                 state._log = entries.load(value[1])

@@ -1,70 +1,305 @@
-"""The state file of the process backend: one file per shared LimitSet, locked with ``flock``.
+"""The files of the process backend: a private directory, and one state file per shared set.
 
-Layout: a 4 KiB header, then data regions. The header holds a magic string and two *slots*, each
-describing one serialized copy of the state: ``(version, offset, capacity, length, data crc)``
-plus a crc of those fields. A writer always writes the slot that is *not* the newest valid one
-(first the data, then the slot's fields), so a process killed in the middle of a write leaves
-the previous version intact and valid; readers take the valid slot with the higher version.
-A slot whose region is too small gets a new region at the end of the file (regions grow
-geometrically; the old one is simply abandoned).
+*The directory* (:func:`open_directory`) must be a directory owned by this user and writable by
+nobody else; a missing one is created with mode 0700 (whatever the umask), and one that is ours
+but readable by others is narrowed to 0700. It is opened once per process and used through that
+descriptor (``openat``), so the directory checked is the directory used. Everything the backend
+puts there (state files, wake-up sockets, liveness files) is created by this user with mode 0600
+and never through a symlink: other users can neither read, write nor connect to any of it.
 
-Everything here runs under the file lock (``flock(LOCK_EX)``): the kernel releases it when its
-holder dies, so a process killed while holding it cannot block the others. The file is mapped
-(``mmap``): the version check on every lock is a memory read, and reading or writing the state
-is a memory copy (the mapping is renewed when the file grows).
+*A state file* (:class:`StateFile`) is created complete under a temporary name and linked into
+place (``link`` fails if the name exists: two processes creating it at once agree on one file),
+opened with ``O_NOFOLLOW``, and accepted only if it is a regular file owned by this user with no
+permission for group or others, whose header has the right magic, format and checksum.
+
+Layout (format 2, little-endian):
+
+* bytes 0-31, the *head*: magic ``b"AIOLIMIT"``, format (u32, 2), header size (u32, 4096), the
+  file id (u64, random: a new one whenever the file is initialised again), and a crc32 of these.
+* bytes 64-2079 and 2080-4095, two *slots*, each describing one serialized copy of the state:
+  ``(version, offset, capacity, length, data crc)`` (4 u64, a u32) and a crc32 of those fields,
+  followed by room for 1976 bytes of data *inline* (offset = the slot's + 40): a small state
+  (the usual buckets and windows) is written with its slot in one ``pwrite`` and read with the
+  header page, no further system call.
+* bytes 32-63: reserved (zero). A later layout (per-key states of a KeyedLimitSet, say) adds its
+  tables in regions of its own, pointed to from the data; the data of a slot is
+  self-describing (it starts with its layout number, see ``_process_scheduler``), and a reader
+  refuses a format it does not know instead of guessing.
+* from 4096: data regions, each a multiple of 4096 bytes, reserved with ``posix_fallocate`` when
+  made (so a full filesystem is an ``OSError`` at that moment, never a ``SIGBUS`` later).
+
+A writer always writes the slot that is *not* the newest valid one (first the data, then the
+slot's fields), so a process killed in the middle of a write leaves the previous version intact;
+readers take the valid slot with the higher version. A slot whose region is too small gets a
+new region at the end of the file (regions grow geometrically; the old one is abandoned).
+A torn write of a slot fails its crcs, so the other slot (untouched) stays the newest copy.
+
+Everything runs under the file lock (``flock(LOCK_EX)``), which the kernel releases when its
+holder dies. The file is read and written with ``pread``/``pwrite``, never mapped: a file
+truncated by someone else reads short (an error this module handles), where a mapping would
+kill the process with ``SIGBUS``. Each lock starts with one ``pread`` of the header page: equal
+to what this process last read or wrote means nothing changed.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
-import mmap
 import os
+import secrets
+import stat
 import struct
 import zlib
 from typing import Final
 
-__all__ = ["StateFile"]
+__all__ = ["FORMAT", "HEADER", "StateFile", "StateFileError", "open_directory"]
 
-MAGIC: Final = b"AIOLIMv1"
+MAGIC: Final = b"AIOLIMIT"
+FORMAT: Final = 2
 HEADER: Final = 4096
+_HEAD = struct.Struct("<8sIIQ")  # magic, format, header size, file id
+_CRC = struct.Struct("<I")
 _SLOT = struct.Struct("<QQQQI")  # version, offset, capacity, length, data crc
-_SLOT_CRC = struct.Struct("<I")
-_SLOT_AT: Final = (64, 128)
-_VERSIONS = struct.Struct("<Q56xQ")  # the version fields of both slots, read at once
+_SLOT_AT: Final = (64, 2080)
+_INLINE: Final = 2016 - 40  # bytes of data a slot holds right after its fields
+_SLOT_BYTES: Final = _SLOT.size + _CRC.size  # 40
+_PEEK: Final = HEADER  # the header page, read at every lock
+_MAX_DATA: Final = 1 << 30  # a slot claiming more is damaged
+_OLD_MAGIC: Final = b"AIOLIMv1"
 _Fields = tuple[int, int, int, int, int]
+
+
+class StateFileError(ValueError):
+    """The state file (or its directory) is not one this process may use."""
+
+
+def _describe_mode(mode: int) -> str:
+    return oct(stat.S_IMODE(mode))
+
+
+def open_directory(path: str, *, create: bool = True) -> int:
+    """An ``O_DIRECTORY`` descriptor of ``path`` (absolute), checked private to this user.
+
+    Missing directories on the way are created with mode 0700. The last component may be a
+    symlink only if this user (or root) owns the symlink.
+
+    Raises:
+        StateFileError: the directory is not a directory, is owned by another user, or is
+            writable by group or others (a ``ValueError``, naming the path and the problem).
+        OSError: it cannot be created or opened.
+    """
+    uid = os.geteuid()
+    if create:
+        missing: list[str] = []
+        head = path
+        while not os.path.lexists(head):
+            missing.append(head)
+            parent = os.path.dirname(head)
+            if parent == head:
+                break
+            head = parent
+        for made in reversed(missing):
+            try:
+                os.mkdir(made, 0o700)
+            except FileExistsError:
+                continue  # another process made it meanwhile: checked below like any other
+            # mkdir applies the umask; a directory we just made gets exactly 0700.
+            # Through an O_PATH descriptor (never a symlink; works whatever the mode mkdir left).
+            made_fd = os.open(made, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.chmod(f"/proc/self/fd/{made_fd}", 0o700)
+            finally:
+                os.close(made_fd)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        try:
+            link = os.lstat(path)
+        except OSError:
+            raise exc from None
+        if not stat.S_ISLNK(link.st_mode):
+            raise StateFileError(f"the ProcessBackend location {path} is not a directory") from None
+        if link.st_uid not in (uid, 0):
+            raise StateFileError(
+                f"the ProcessBackend location {path} is a symlink owned by uid {link.st_uid}, "
+                f"not by this user (uid {uid}): refusing to follow it"
+            ) from None
+        fd = os.open(path, flags)
+    try:
+        _check_directory(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_directory(fd: int, path: str) -> None:
+    st = os.fstat(fd)
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        raise StateFileError(
+            f"the ProcessBackend location {path} is owned by uid {st.st_uid}, not by this "
+            f"user (uid {uid}): another user could read or change the limits there; use a "
+            "directory of your own"
+        )
+    if st.st_mode & 0o022:
+        who = {0o022: "group and others", 0o020: "group", 0o002: "others"}[st.st_mode & 0o022]
+        raise StateFileError(
+            f"the ProcessBackend location {path} is writable by {who} (mode "
+            f"{_describe_mode(st.st_mode)}): another user could plant files there; make it "
+            "0700 or use another directory"
+        )
+    if st.st_mode & 0o077:
+        os.fchmod(fd, 0o700)  # ours, but readable by others: narrow it
+
+
+def _check_opened(fd: int, shown: str) -> os.stat_result:
+    st = os.fstat(fd)
+    uid = os.geteuid()
+    if not stat.S_ISREG(st.st_mode):
+        raise StateFileError(f"{shown} is not a regular file")
+    if st.st_uid != uid:
+        raise StateFileError(
+            f"{shown} is owned by uid {st.st_uid}, not by this user (uid {uid}): refusing to use it"
+        )
+    if st.st_mode & 0o077:
+        raise StateFileError(
+            f"{shown} has mode {_describe_mode(st.st_mode)}: a state file must be private to its "
+            "user (0600); remove it if nothing uses it"
+        )
+    return st
+
+
+def _head(file_id: int) -> bytes:
+    head = _HEAD.pack(MAGIC, FORMAT, HEADER, file_id)
+    return head + _CRC.pack(zlib.crc32(head))
+
+
+def _reserve(fd: int, offset: int, length: int, shown: str) -> None:
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"cannot reserve {length} bytes for the shared state {shown}: {exc.strerror}",
+        ) from exc
 
 
 class StateFile:
     """One open state file. Not thread-safe by itself: the caller holds a thread lock too."""
 
-    __slots__ = ("_data", "_header", "_known", "fd", "path")
+    __slots__ = ("_fields", "_newest", "_peek", "fd", "file_id", "path")
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        # (version, its slot, both slots' fields) as this object last read or wrote them.
-        self._known: tuple[int, int, list[_Fields | None]] | None = None
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def __init__(self, directory: int, name: str, shown: str) -> None:
+        """Open (or create) ``name`` in the directory descriptor ``directory``; ``shown`` is its
+        path, for messages.
+
+        Raises:
+            StateFileError: the file is not a state file this user may trust (a ``ValueError``).
+            OSError: it could not be created (``ENOSPC``: the filesystem is full).
+        """
+        self.path = shown
+        self._peek = bytearray()  # the header page as last read or written: equal, unchanged
+        self._fields: list[_Fields | None] = [None, None]
+        self._newest = -1  # the slot holding the newest version (-1: none)
+        self.file_id = 0
+        self.fd = self._open(directory, name)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             try:
-                if os.fstat(self.fd).st_size < HEADER:
-                    os.ftruncate(self.fd, HEADER)
-                    os.pwrite(self.fd, MAGIC, 0)
-                elif os.pread(self.fd, len(MAGIC), 0) != MAGIC:
-                    raise ValueError(f"{path!r} exists and is not an aiolimits state file")
+                self._validate_head(attaching=True)
             finally:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
-            self._header = mmap.mmap(self.fd, HEADER)
-            self._data = self._header  # the whole file, mapped again when it grows
         except BaseException:
             os.close(self.fd)
             raise
 
+    def _open(self, directory: int, name: str) -> int:
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        while True:
+            try:
+                fd = os.open(name, flags, dir_fd=directory)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise StateFileError(
+                        f"{self.path} is a symlink: refusing to follow it (remove it)"
+                    ) from None
+                raise
+            else:
+                try:
+                    _check_opened(fd, self.path)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return fd
+            # Missing: build it complete under a private name, then link it into place.
+            tmp = f".{name[:180]}.{secrets.token_hex(8)}.new"
+            fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=directory)
+            try:
+                os.fchmod(fd, 0o600)  # whatever the umask
+                _reserve(fd, 0, HEADER, self.path)
+                os.pwrite(fd, _head(secrets.randbits(64)), 0)
+                os.link(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
+            except FileExistsError:
+                os.close(fd)  # another process made it first: use theirs
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            else:
+                return fd
+            finally:
+                os.unlink(tmp, dir_fd=directory)
+
+    def _validate_head(self, *, attaching: bool) -> bool:
+        """Under the lock: check the head. False when it is damaged (while attached) and was
+        initialised again; raises at attach (the file may not be ours to repair)."""
+        head = os.pread(self.fd, _HEAD.size + _CRC.size, 0)
+        if len(head) == _HEAD.size + _CRC.size:
+            magic, fmt, size, file_id = _HEAD.unpack_from(head)
+            (crc,) = _CRC.unpack_from(head, _HEAD.size)
+            good = magic == MAGIC and fmt == FORMAT and size == HEADER
+            if good and crc == zlib.crc32(head[: _HEAD.size]):
+                self.file_id = file_id
+                return True
+        if attaching:
+            if head[: len(_OLD_MAGIC)] == _OLD_MAGIC:
+                raise StateFileError(
+                    f"{self.path} was written by an older aiolimits (state file format 1, this "
+                    f"one reads format {FORMAT}): stop the processes using it, then remove it"
+                )
+            if head[:8] == MAGIC and len(head) >= 12 and _HEAD.unpack_from(head)[1] != FORMAT:
+                raise StateFileError(
+                    f"{self.path} has state file format {_HEAD.unpack_from(head)[1]}; this "
+                    f"aiolimits reads format {FORMAT}: stop the processes using it, then remove it"
+                )
+            if head.strip(b"\0"):
+                raise StateFileError(
+                    f"{self.path} exists and is not an aiolimits state file (or is damaged): "
+                    "remove it if nothing uses it"
+                )
+        # Empty (created, or truncated, by someone else) or, while attached, damaged under us:
+        # a fresh head with a new file id, so every attached process knows to reload.
+        self.reinitialise()
+        return False
+
+    def reinitialise(self) -> None:
+        """Under the lock: make the file an empty state file again (a new file id, no slots)."""
+        self.file_id = secrets.randbits(64)
+        os.ftruncate(self.fd, 0)
+        _reserve(self.fd, 0, HEADER, self.path)
+        os.pwrite(self.fd, _head(self.file_id), 0)
+        self._fields = [None, None]
+        self._newest = -1
+        self._peek = bytearray()
+
     def close(self) -> None:
         if self.fd >= 0:
-            if self._data is not self._header:
-                self._data.close()
-            self._header.close()
             os.close(self.fd)
             self.fd = -1
 
@@ -74,69 +309,101 @@ class StateFile:
     def unlock(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
 
-    def version(self) -> int:
-        """The highest version either slot claims (unchecked: a torn slot only makes the caller
-        read, and :meth:`read` validates)."""
-        a, b = _VERSIONS.unpack_from(self._header, _SLOT_AT[0])
-        return int(a if a > b else b)
+    def forget(self) -> None:
+        """Make the next :meth:`changed` say yes (what is on file is the truth)."""
+        self._peek = bytearray()
 
-    def _slot(self, i: int) -> _Fields | None:
+    def changed(self) -> bool:
+        """Under the lock: whether the file changed since this object last read or wrote it.
+        One ``pread`` (the usual case: no)."""
+        return os.pread(self.fd, _PEEK, 0) != self._peek
+
+    @staticmethod
+    def _slot(peek: bytes, i: int) -> _Fields | None:
         at = _SLOT_AT[i]
-        fields = _SLOT.unpack_from(self._header, at)
-        (crc,) = _SLOT_CRC.unpack_from(self._header, at + _SLOT.size)
-        if fields[0] == 0 or crc != zlib.crc32(self._header[at : at + _SLOT.size]):
+        if len(peek) < at + _SLOT_BYTES:
+            return None
+        fields = _SLOT.unpack_from(peek, at)
+        (crc,) = _CRC.unpack_from(peek, at + _SLOT.size)
+        if fields[0] == 0 or crc != zlib.crc32(peek[at : at + _SLOT.size]):
+            return None
+        _version, offset, cap, length, _crc = fields
+        if offset == at + _SLOT_BYTES:
+            return fields if cap == _INLINE and length <= cap else None
+        if offset < HEADER or offset % 4096 or length > cap or cap > 2 * _MAX_DATA:
             return None
         return fields
 
-    def _mapped(self, end: int) -> mmap.mmap:
-        """The file mapped at least up to ``end`` (as far as it exists)."""
-        if len(self._data) < end:
-            size = os.fstat(self.fd).st_size
-            if size > len(self._data):
-                if self._data is not self._header:
-                    self._data.close()
-                self._data = mmap.mmap(self.fd, size)
-        return self._data
-
-    def read(self) -> tuple[int, bytes] | None:
-        """Under the lock: ``(version, data)`` of the newest intact copy, or None (no state)."""
-        fields = [self._slot(0), self._slot(1)]
+    def read(self) -> tuple[bytes | None, bool]:
+        """Under the lock: ``(data, intact)``: the data of the newest intact copy (None: no
+        state yet), and False when the file was found damaged (truncated or overwritten by
+        something else) and initialised again, empty: whatever this process knows must then be
+        written back."""
+        intact = self._validate_head(attaching=False)
+        peek = os.pread(self.fd, _PEEK, 0) if intact else b""
+        if intact and len(peek) < _PEEK:  # cut short after the head: damaged
+            self.reinitialise()
+            intact, peek = False, b""
+        fields = [self._slot(peek, 0), self._slot(peek, 1)]
         order = sorted(((f, i) for i, f in enumerate(fields) if f is not None), reverse=True)
-        for (version, offset, _cap, length, crc), i in order:
-            data = self._mapped(offset + length)[offset : offset + length]
+        for (_version, offset, _cap, length, crc), i in order:
+            if offset < HEADER:  # inline: already read
+                data = bytes(peek[offset : offset + length])
+            else:
+                data = os.pread(self.fd, length, offset) if length <= _MAX_DATA else b""
             if len(data) == length and zlib.crc32(data) == crc:
-                self._known = (version, i, fields)
-                return version, data
-        self._known = None
-        return None
+                self._fields, self._newest, self._peek = fields, i, bytearray(peek)
+                return data, True
+        if intact and order:
+            # Slots that claim data no longer there (truncated, overwritten): damaged.
+            self.reinitialise()
+            intact = False
+        if intact:
+            self._fields, self._newest, self._peek = fields, -1, bytearray(peek)
+        return None, intact
 
-    def write(self, version: int, data: bytes, *, current: bool = False) -> None:
-        """Under the lock: store ``data`` as ``version``, keeping the newest intact copy.
-        ``current``: the caller knows that nobody wrote since this object last read or wrote."""
-        known = self._known
-        if known is not None and (current or self.version() == known[0]):
-            # The usual case: nobody wrote since this object last read or wrote.
-            fields, target = known[2], 1 - known[1]
-        else:
-            fields = [self._slot(0), self._slot(1)]
-            newest = max((0, 1), key=lambda i: f[0] if (f := fields[i]) is not None else -1)
-            target = 1 - newest if fields[newest] is not None else 0
+    def write(self, data: bytes) -> None:
+        """Under the lock, after :meth:`read` or :meth:`changed` said the file is as this object
+        last saw it: store ``data`` as the next version, keeping the newest intact copy.
+
+        Raises:
+            OSError: the file could not grow (``ENOSPC``); the previous version stays intact.
+        """
+        fields = self._fields
+        newest = self._newest
+        target = 1 - newest if newest >= 0 else 0
         old = fields[target]
         length = len(data)
-        if old is not None and old[2] >= length:
+        at = _SLOT_AT[target]
+        if length <= _INLINE:
+            offset, cap = at + _SLOT_BYTES, _INLINE
+        elif old is not None and old[2] >= length and old[1] >= HEADER:
             offset, cap = old[1], old[2]
         else:
+            if length > _MAX_DATA:
+                raise ValueError(f"the shared state {self.path} would exceed {_MAX_DATA} bytes")
             size = os.fstat(self.fd).st_size
             offset = max(HEADER, -(-size // 4096) * 4096)
             cap = 4096
             while cap < 2 * length:
                 cap *= 2
-            os.ftruncate(self.fd, offset + cap)
-        self._mapped(offset + length)[offset : offset + length] = data
+            _reserve(self.fd, offset, cap, self.path)
+        last = fields[newest] if newest >= 0 else None
+        version = (last[0] if last is not None else 0) + 1
         new = (version, offset, cap, length, zlib.crc32(data))
-        at = _SLOT_AT[target]
         packed = _SLOT.pack(*new)
-        self._header[at : at + _SLOT.size + 4] = packed + _SLOT_CRC.pack(zlib.crc32(packed))
-        fields = list(fields)
+        packed += _CRC.pack(zlib.crc32(packed))
+        if offset < HEADER:
+            # Inline: fields and data in one write (a torn one fails its crcs: the other slot,
+            # untouched, stays the newest intact copy).
+            packed += data
+        elif length:
+            os.pwrite(self.fd, data, offset)
+        os.pwrite(self.fd, packed, at)
         fields[target] = new
-        self._known = (version, target, fields)
+        self._newest = target
+        peek = self._peek
+        if len(peek) == _PEEK:
+            peek[at : at + len(packed)] = packed
+        else:
+            self._peek = bytearray(os.pread(self.fd, _PEEK, 0))

@@ -18,9 +18,24 @@ Rate waits still sleep until the computed time.
 
 Crashes: the kernel drops the file lock of a dead process, and the state on file is always a
 complete copy (two slots, see ``_process_file``). Resource slots are recorded per holder
-``(pid, start time)``; a holder found dead (when a request finds a resource full, when
+``(pid, start time, pid namespace)`` (see ``_process_peers`` for how a holder in another
+namespace is judged); a holder found dead (when a request finds a resource full, when
 ``get_stats``/``retry_after`` look, when a waiter's listener sees its pidfd fire, at attach) has
 its slots reclaimed and its tickets dropped.
+
+The data of a slot of the state file is ``marshal`` (format 2, no back-references, so equal
+states give equal bytes) of plain ints, floats, strs, bytes, tuples, lists and one dict. It is
+read only from a file this user owns and nobody else may write (checked when opened: see
+``_process_file``), whose crc matched, and it is then checked for shape before use
+(:func:`_check_shared`): a damaged or foreign state is a clear ``ValueError``. Every number in
+it is finite: the only infinities of the algorithms (``-inf`` as "never" for a pause or a
+fixed window not yet started) are stored as ``None``, and a state holding any other non-finite
+number is refused, never written.
+
+Layout 3 of that data, a tuple: ``(3, (boot id, clock tag, declaration JSON), (granted,
+timed out, cancelled, paused until, [refunded per key]), [state per key], [ticket], {owner:
+(wake-up socket name, (slots held per resource limit))}, next ticket)``, where an owner is
+``(pid, start, pid namespace, serial)`` and a ticket ``(number, owner, (key indexes))``.
 """
 
 from __future__ import annotations
@@ -29,8 +44,10 @@ import itertools
 import json
 import marshal
 import math
+import re
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from fcntl import LOCK_EX, LOCK_UN, flock
@@ -44,16 +61,17 @@ from .._waiters import Waiter
 from . import _process_peers as peers
 from ._declaration import declaration, declaration_json, mismatch
 from ._process_codec import StateCodec
-from ._process_file import StateFile
+from ._process_file import StateFile, StateFileError
 
 __all__ = ["ProcessScheduler"]
 
 _INF = math.inf
-_LAYOUT = 2
+_LAYOUT = 3
 _MARSHAL_VERSION = 2  # no back-references: equal states always give equal bytes
 _serials = itertools.count(1)
+_NON_FINITE = re.compile(rb"g.{6}[\xf0-\xff][\x7f\xff]", re.DOTALL)
 
-Owner = tuple[int, int, int]  # pid, start time, serial of the scheduler in its process
+Owner = tuple[int, int, int, int]  # pid, start time, pid namespace, serial in its process
 Ticket = tuple[int, Owner, tuple[int, ...]]  # number, owner, indexes of the keys it names
 
 
@@ -70,8 +88,89 @@ def _clock_tag(clock: Callable[[], float]) -> str:
     the whole machine; any other clock is private to the process and object that uses it."""
     if clock is time.monotonic:
         return "monotonic"
-    pid, start = peers.my_identity()
-    return f"private:{pid}:{start}:{id(clock)}:{type(clock).__qualname__}"
+    pid, start, ns = peers.my_identity()
+    return f"private:{pid}:{start}:{ns}:{id(clock)}:{type(clock).__qualname__}"
+
+
+def _finite_list(values: Any) -> bool:
+    # sum() propagates inf and nan at C speed; a finite list whose sum overflows is checked one
+    # by one (the accepted numbers keep sums finite, so that does not happen in practice).
+    return math.isfinite(sum(values)) or all(map(math.isfinite, values))
+
+
+def _finite(shared: Any) -> bool:
+    """Whether every number of a state about to be stored is finite (None stands for -inf)."""
+    _layout, _meta, counters, states, _tickets, owners, _next = shared
+    if not _finite_list([x for x in counters[:4] if x is not None]):
+        return False
+    if not _finite_list(counters[4]):
+        return False
+    for value in states:
+        if not _finite_value(value):
+            return False
+    return all(_finite_list(holding) for _address, holding in owners.values())
+
+
+def _finite_value(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_finite_value(v) for v in value) if len(value) < 8 else _finite_list(value)
+    return value is None or isinstance(value, int) or math.isfinite(value)
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int
+
+
+def _is_num(x: Any) -> bool:
+    return (type(x) is float and math.isfinite(x)) or type(x) is int
+
+
+def _check_shared(shared: Any, keys: int) -> str | None:
+    """What is wrong with a decoded state of this layout, or None. Checks the shape and that
+    every number is finite; the values of the algorithm states are checked by shape only (each
+    is a few numbers or lists of numbers, see ``_process_codec``)."""
+    _layout, _meta, counters, states, tickets, owners, next_ticket = shared
+    if not (
+        isinstance(counters, tuple)
+        and len(counters) == 5
+        and all(map(_is_int, counters[:3]))
+        and (counters[3] is None or _is_num(counters[3]))
+        and isinstance(counters[4], list)
+        and len(counters[4]) == keys
+        and all(map(_is_num, counters[4]))
+    ):
+        return "bad counters"
+    if not isinstance(states, list) or len(states) != keys or not all(map(_finite_value, states)):
+        return "bad limit states"
+    if not isinstance(tickets, list) or not _is_int(next_ticket):
+        return "bad queue"
+    for ticket in tickets:
+        if not (
+            isinstance(ticket, tuple)
+            and len(ticket) == 3
+            and _is_int(ticket[0])
+            and isinstance(ticket[1], tuple)
+            and len(ticket[1]) == 4
+            and all(map(_is_int, ticket[1]))
+            and isinstance(ticket[2], tuple)
+            and all(_is_int(i) and 0 <= i < keys for i in ticket[2])
+        ):
+            return "bad ticket"
+    if not isinstance(owners, dict):
+        return "bad holders"
+    for owner, entry in owners.items():
+        if not (
+            isinstance(owner, tuple)
+            and len(owner) == 4
+            and all(map(_is_int, owner))
+            and isinstance(entry, tuple)
+            and len(entry) == 2
+            and type(entry[0]) is bytes
+            and isinstance(entry[1], tuple)
+            and all(map(_is_num, entry[1]))
+        ):
+            return "bad holder"
+    return None
 
 
 class ProcessScheduler(Scheduler):
@@ -86,6 +185,7 @@ class ProcessScheduler(Scheduler):
         "_base_in_use",
         "_bytes",
         "_codec",
+        "_dir",
         "_file",
         "_first",
         "_foreign",
@@ -102,13 +202,13 @@ class ProcessScheduler(Scheduler):
         "_poke",
         "_refunded",
         "_sems",
-        "_version",
         "_watch",
     )
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - built in one place, by ProcessBackend.attach
         self,
-        path: str,
+        directory: peers.Directory,
+        filename: str,
         name: str,
         limits: tuple[Limit, ...],
         states: tuple[RateState, ...],
@@ -126,11 +226,10 @@ class ProcessScheduler(Scheduler):
         self._codec = StateCodec(states)
         self._index = {id(state): i for i, state in enumerate(states)}
         self._sems = [(i, s) for i, s in enumerate(states) if isinstance(s, SemaphoreState)]
-        pid, start = peers.my_identity()
-        self._me: Owner = (pid, start, next(_serials))
+        pid, start, ns = peers.my_identity()
+        self._me: Owner = (pid, start, ns, next(_serials))
         self._forks = peers.forks
         self._meta = (_boot_id(), _clock_tag(clock), declaration_json(limits))
-        self._version = -1
         self._bytes = b""
         self._foreign: list[Ticket] = []  # other processes' waiting tickets, in order
         self._mine: dict[Waiter, tuple[int, tuple[int, ...]]] = {}
@@ -140,8 +239,9 @@ class ProcessScheduler(Scheduler):
         self._next_ticket = 1
         self._first: int | None = None
         self._poke = False
-        self._watch: frozenset[tuple[int, int]] = frozenset()
-        self._file = StateFile(path)
+        self._watch: frozenset[peers.Peer] = frozenset()
+        self._dir = directory
+        self._file = StateFile(directory.fd, filename, f"{directory.path}/{filename}")
         try:
             self._attach(name, limits)
         except BaseException:
@@ -155,15 +255,13 @@ class ProcessScheduler(Scheduler):
         with self._local:
             self._file.lock()
             try:
-                got = self._file.read()
+                data, _intact = self._file.read()
                 fresh = True
-                if got is not None:
-                    version, data = got
-                    shared = marshal.loads(data)
+                shared = None if data is None else self._decode(data)
+                if data is not None and shared is not None:
                     fresh = not self._usable(name, limits, shared)
-                    self._version = version
                     if not fresh:
-                        self._load(data)
+                        self._load(data, shared)
                 if fresh:
                     self._bytes = b""  # write our fresh states
                 else:
@@ -172,7 +270,7 @@ class ProcessScheduler(Scheduler):
             finally:
                 self._file.unlock()
         if poke is not None:  # a dead process's waiter was first: tell the next one
-            peers.listener().send(poke)
+            self._dir.send(poke)
 
     def _usable(self, name: str, limits: tuple[Limit, ...], shared: Any) -> bool:
         """Whether the stored state is this set's. False when it is stale (from a previous boot,
@@ -182,19 +280,11 @@ class ProcessScheduler(Scheduler):
             ValueError: it was declared with other limits, is on another clock, or was written
                 by another version of the file layout.
         """
-        boot = shared[1][0] if isinstance(shared, tuple) and len(shared) > 1 else None
-        if boot != self._meta[0]:
-            return False  # monotonic times of a previous boot mean nothing now
-        if shared[0] != _LAYOUT:
-            raise ValueError(
-                f"the shared state {name!r} at {self._file.path} was made by another version "
-                "of aiolimits; stop the processes using it (or remove the file)"
-            )
         _boot, clock, decl = shared[1]
         if clock != self._meta[1]:
             if clock.startswith("private:"):
-                pid, start = (int(x) for x in clock.split(":")[1:3])
-                if not peers.alive((pid, start)):
+                pid, start, ns = (int(x) for x in clock.split(":")[1:4])
+                if not self._dir.alive((pid, start, ns)):
                     return False
             raise ValueError(
                 f"the shared state {name!r} is on another clock ({clock}) than this LimitSet "
@@ -202,7 +292,10 @@ class ProcessScheduler(Scheduler):
             )
         if decl != self._meta[2]:
             message = mismatch(name, json.loads(decl), declaration(limits))
-            raise ValueError(message)
+            if message is not None:
+                raise ValueError(message)
+            # The same limits, spelled otherwise by an older version: keep the stored spelling.
+            self._meta = (*self._meta[:2], decl)
         return True
 
     # -- the lock ----------------------------------------------------------------------------
@@ -218,7 +311,7 @@ class ProcessScheduler(Scheduler):
             file = self._file
             flock(file.fd, LOCK_EX)
             try:
-                if file.version() != self._version:
+                if file.changed():
                     self._reload()
             except BaseException:
                 flock(file.fd, LOCK_UN)
@@ -239,21 +332,79 @@ class ProcessScheduler(Scheduler):
             finally:
                 flock(self._file.fd, LOCK_UN)
             if poke is not None:
-                peers.listener().send(poke)
+                self._dir.send(poke)
         finally:
             self._local.release()
 
     def _reload(self) -> None:
-        got = self._file.read()
-        if got is None:
-            raise RuntimeError(f"the shared state {self._name!r} at {self._file.path} is gone")
-        self._version, data = got
-        self._load(data)
+        data, intact = self._file.read()
+        if data is None or not intact:
+            # Truncated or overwritten by something else while in use: the file was made an
+            # empty state file again; what this process last saw goes back into it.
+            warnings.warn(
+                f"the shared state {self._name!r} at {self._file.path} was damaged (truncated "
+                "or overwritten) while in use; it was written again from this process's last "
+                "view of it (changes made since by other processes are lost)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._bytes = b""  # write it back on leaving the lock
+            return
+        shared = self._decode(data)
+        if shared is None or shared[1] != self._meta:
+            raise StateFileError(
+                f"the shared state {self._name!r} at {self._file.path} was replaced by the state "
+                "of another set (other limits, clock or boot) while in use"
+            )
+        self._load(data, shared)
 
-    def _load(self, data: bytes) -> None:
-        shared = marshal.loads(data)
+    def _decode(self, data: bytes) -> Any:
+        """The stored state, checked for shape and finite numbers.
+
+        Raises:
+            StateFileError: it is not a state of this layout (a ``ValueError``).
+        """
+        try:
+            shared = marshal.loads(data)
+        except (EOFError, ValueError, TypeError):
+            shared = None
+        if (
+            isinstance(shared, tuple)
+            and len(shared) >= 2
+            and isinstance(shared[1], tuple)
+            and len(shared[1]) == 3
+            and shared[1][0] != self._meta[0]
+        ):
+            return None  # from a previous boot: replaced whatever its layout
+        if not isinstance(shared, tuple) or len(shared) != 7:
+            self._damaged("not a state tuple")
+        if shared[0] != _LAYOUT:
+            raise ValueError(
+                f"the shared state {self._name!r} at {self._file.path} was made by another "
+                "version of aiolimits; stop the processes using it (or remove the file)"
+            )
+        meta = shared[1]
+        if not (isinstance(meta, tuple) and len(meta) == 3 and all(type(m) is str for m in meta)):
+            self._damaged("bad declaration")
+        return shared
+
+    def _damaged(self, problem: str) -> None:
+        raise StateFileError(
+            f"the shared state {self._name!r} at {self._file.path} is damaged or was not "
+            f"written by this version of aiolimits ({problem}); stop the processes using it, "
+            "then remove it"
+        )
+
+    def _load(self, data: bytes, shared: Any) -> None:
+        try:
+            problem = _check_shared(shared, len(self.states))
+        except (TypeError, ValueError, OverflowError):
+            problem = "bad numbers"
+        if problem is not None:
+            self._damaged(problem)
         _layout, _meta, counters, states, tickets, owners, next_ticket = shared
-        self.granted, self.timed_out, self.cancelled, self.paused_until, refunded = counters
+        self.granted, self.timed_out, self.cancelled, paused, refunded = counters
+        self.paused_until = -_INF if paused is None else paused
         for state, value in zip(self.states, refunded, strict=True):
             self._refunded[state.key] = value
         self._codec.load(states)
@@ -287,12 +438,14 @@ class ProcessScheduler(Scheduler):
                     holding[j] += state.in_use - base[j]
                     base[j] = state.in_use
             if self._mine or any(holding):
-                address = peers.listener().address if self._mine else b""
+                self._dir.keep_alive()
+                address = self._dir.wake_address() if self._mine else b""
                 self._owners[me] = (address, tuple(holding))
             elif me in self._owners:
                 del self._owners[me]
         elif self._mine:
-            self._owners[me] = (peers.listener().address, ())
+            self._dir.keep_alive()
+            self._owners[me] = (self._dir.wake_address(), ())
         elif me in self._owners:
             del self._owners[me]
         return tickets
@@ -304,42 +457,39 @@ class ProcessScheduler(Scheduler):
         tickets = self._tickets()
         owners = self._owners
         states = self._codec.dump()
-        data = marshal.dumps(
+        paused = self.paused_until
+        shared = (
+            _LAYOUT,
+            self._meta,
             (
-                _LAYOUT,
-                self._meta,
-                (
-                    self.granted,
-                    self.timed_out,
-                    self.cancelled,
-                    self.paused_until,
-                    list(self._refunded.values()),  # in the order of the states
-                ),
-                states,
-                tickets,
-                owners,
-                self._next_ticket,
+                self.granted,
+                self.timed_out,
+                self.cancelled,
+                None if paused == -_INF else paused,
+                list(self._refunded.values()),  # in the order of the states
             ),
-            _MARSHAL_VERSION,
+            states,
+            tickets,
+            owners,
+            self._next_ticket,
         )
+        data = marshal.dumps(shared, _MARSHAL_VERSION)
         if queue:
-            watch = frozenset(o[:2] for o in owners if o[0] != me[0])
+            watch = frozenset(o[:3] for o in owners if o[:3] != me[:3])
             if watch != self._watch:
                 self._watch = watch
                 peers.listener().rewatch()
         if data == self._bytes:
             self._poke = False
             return None
-        if self._version < 0:
-            self._version = self._file.version() + 1
-            self._file.write(self._version, data)
-        else:
-            try:
-                self._file.write(self._version + 1, data, current=True)
-            except BaseException:
-                self._version = -1  # reload next time: what is on file is the truth
-                raise
-            self._version += 1
+        try:
+            if b"\x7f" in data or b"\xff" in data:  # see _check_finite
+                self._check_finite(data, shared)
+            self._file.write(data)
+        except BaseException:
+            self._file.forget()  # reload next time: what is on file is the truth
+            self._bytes = b""
+            raise
         self._bytes = data
         if not tickets:
             self._first = None
@@ -353,15 +503,31 @@ class ProcessScheduler(Scheduler):
         self._first = first[0]
         return owners[first[1]][0] or None
 
+    def _check_finite(self, data: bytes, shared: Any) -> None:
+        # Marshal writes a float as b"g" and its 8 IEEE bytes, little-endian; a non-finite one
+        # has all exponent bits set, hence a byte 0x7f or 0xff last. Neither byte anywhere (the
+        # usual case, one memchr each, made by the caller) proves every float finite; otherwise
+        # a pattern search, and only a match (which other bytes may also make) is checked
+        # number by number.
+        if _NON_FINITE.search(data) is None or _finite(shared):
+            return
+        raise ValueError(
+            f"refusing to store a non-finite number in the shared state {self._name!r} at "
+            f"{self._file.path}: {shared[2:4]!r}"
+        )
+
     # -- crashed peers ---------------------------------------------------------------------
 
     def _reap(self, now: float) -> bool:
         """Reclaim what dead processes held: slots back, tickets dropped. Under the lock."""
-        dead = [o for o in self._owners if o[0] != self._me[0] and not peers.alive((o[0], o[1]))]
+        me = self._me[:3]
+        alive = self._dir.alive
+        dead = [o for o in self._owners if o[:3] != me and not alive(o[:3])]
         if not dead:
             return False
         for owner in dead:
-            _address, holding = self._owners.pop(owner)
+            address, holding = self._owners.pop(owner)
+            self._dir.buried(owner[:3], address)
             for j, (_i, state) in enumerate(self._sems):
                 if holding[j]:
                     state.in_use -= holding[j]
@@ -459,7 +625,7 @@ class ProcessScheduler(Scheduler):
     def has_waiters(self) -> bool:
         return bool(self.queue)
 
-    def watched_peers(self) -> frozenset[tuple[int, int]]:
+    def watched_peers(self) -> frozenset[peers.Peer]:
         return self._watch
 
     def poked(self) -> None:

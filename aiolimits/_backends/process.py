@@ -4,8 +4,8 @@
 worker, spawned pool process or cron job attaches them all to one shared state: a small file
 (``<directory>/<name>.limits``, on tmpfs by default) guarded by ``flock``. There is no server
 process. How the state is shared, waited on and recovered after crashes is described in
-``_process_scheduler.py``; the guide, guarantees and measurements are in
-``docs/process-backend.md``.
+``_process_scheduler.py``; how the directory and files are kept private to the user in
+``_process_file.py``; the guide, guarantees and measurements are in ``docs/process-backend.md``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from urllib.parse import quote
 from .._algorithms import RateState
 from .._limits import Limit
 from .._scheduler import Scheduler
+from . import _process_peers as peers
 from ._base import Backend
+from ._process_file import open_directory
 from ._process_scheduler import ProcessScheduler
 
 __all__ = ["ProcessBackend", "runtime_directory"]
@@ -59,8 +61,11 @@ class ProcessBackend(Backend):
     no server to run. The first process creates the state; the others must declare the same
     limits. A process that dies holding resource slots does not leak them.
 
+    The directory must belong to the user and be writable by nobody else (it is created 0700;
+    its files are 0600): other users can neither read, change nor wake anything there.
+
     It is not a network backend (see the Redis backend) and it needs Linux (``flock``, pidfds,
-    abstract unix sockets).
+    unix sockets).
 
     Examples:
         >>> backend = ProcessBackend("myapp")  # or a directory: ProcessBackend("/run/myapp")
@@ -68,7 +73,8 @@ class ProcessBackend(Backend):
 
     Args:
         location: a directory (any path with a ``/``, or a ``PathLike``), created if missing; or
-            a bare name, a directory of that name under :func:`runtime_directory`.
+            a bare name, a directory of that name under :func:`runtime_directory`. A relative
+            path is resolved against the working directory now, when the backend is made.
 
     Raises:
         TypeError: ``location`` is not a str or path.
@@ -76,7 +82,7 @@ class ProcessBackend(Backend):
         RuntimeError: the platform is not Linux.
     """
 
-    __slots__ = ("_location", "directory")
+    __slots__ = ("_location", "_under_runtime", "directory")
 
     def __init__(self, location: str | os.PathLike[str]) -> None:
         if isinstance(location, os.PathLike):
@@ -89,12 +95,16 @@ class ProcessBackend(Backend):
         if not location:
             raise ValueError("location must be a directory path or a name, got ''")
         if not sys.platform.startswith("linux"):
-            raise RuntimeError("ProcessBackend needs Linux (flock, pidfds, abstract sockets)")
+            raise RuntimeError("ProcessBackend needs Linux (flock, pidfds, unix sockets)")
         self._location = location
         if is_path or "/" in location or location in (".", "..") or location.startswith("~"):
-            self.directory = Path(location).expanduser()
+            # Absolute now: a process with another working directory (a pickled copy, a worker
+            # that changes directory) must find the same place.
+            self.directory = Path(os.path.abspath(os.path.expanduser(location)))
+            self._under_runtime = False
         else:
             self.directory = runtime_directory() / location
+            self._under_runtime = True
 
     @property
     def location(self) -> str:
@@ -111,7 +121,10 @@ class ProcessBackend(Backend):
 
         Raises:
             ValueError: ``name`` is missing or empty, or the state was declared with other limits
-                (or on another clock).
+                (or on another clock), or the directory or the file is not private to this user
+                (owned by another, writable by others, a symlink to another's file), or the file
+                is not a state file of this version.
+            OSError: the directory or the file cannot be created (``ENOSPC``: no space).
         """
         if name is None:
             raise ValueError(
@@ -120,9 +133,12 @@ class ProcessBackend(Backend):
             )
         if not name:
             raise ValueError("name must be a non-empty string with ProcessBackend, got ''")
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = str(self.directory / _state_file_name(name))
-        return ProcessScheduler(path, name, limits, states, clock)
+        if self._under_runtime:
+            # The per-user directory itself must be ours and private too: another user could
+            # have made it first (its name is predictable).
+            os.close(open_directory(str(self.directory.parent)))
+        directory = peers.directory(str(self.directory), open_directory)
+        return ProcessScheduler(directory, _state_file_name(name), name, limits, states, clock)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The resolved directory: a process with another environment unpickles the same place.
