@@ -32,7 +32,7 @@ from .._acquisition import Acquisition
 from .._keyed import KeyedLimitSet
 from .._limits import CallLimit, Limit, RateLimit
 from .._limitset import LimitSet
-from .._requests import check_amount, describe
+from .._numbers import check_seconds, describe
 
 __all__ = [
     "Gate",
@@ -194,7 +194,7 @@ class Gate(Generic[Req]):
         self._set: LimitSet | None = limits if isinstance(limits, LimitSet) else None
         self._key = key
         self._cost = cost
-        self._max_wait = check_amount("max_wait", max_wait)
+        self._max_wait = check_seconds("max_wait", max_wait)
         self._headers = headers
 
     @property

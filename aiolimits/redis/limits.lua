@@ -48,6 +48,7 @@ local INF = 1 / 0
 local TINY = 2 ^ -1074 -- the smallest subnormal double
 local PEAK_LIMIT = 512 -- PeakLog.LIMIT
 local FRESH_MARGIN_MS = 1000 -- a keyed hash is kept this long after it is fresh
+local MAX_TTL_MS = 9e12 -- the longest PEXPIRE a keyed hash is given (%d-exact, < 2^53)
 
 -- The first id of a new state: 0 in a plain set's hash (which never expires); in a keyed hash,
 -- Redis TIME in microseconds, above every id of an earlier incarnation of the same hash (that one
@@ -116,12 +117,16 @@ local function first_true(pred, approx, lo)
   if pred(lo) then return lo end
   local hi = approx
   if lo > approx then hi = lo end
+  if not (hi < INF) then return INF end -- nan or inf: a state out of the number range
   local below, step
   if not pred(hi) then
     below = hi
     if hi ~= 0 then step = ulp(hi) else step = ulp(1.0) end
     hi = hi + step
+    -- The step doubles: at most about 2,100 rounds (the float exponent range), whatever the
+    -- numbers, and none past infinity, where nothing finite holds.
     while not pred(hi) do
+      if hi == INF then return INF end
       below = hi
       step = step * 2
       hi = hi + step
@@ -1051,6 +1056,10 @@ local function keyed_expire(now)
   end
   local ms = FRESH_MARGIN_MS
   if fresh > now then ms = ms + math.ceil((fresh - now) * 1000) end
+  -- A debt can put freshness centuries away (the number range bounds it, not to a TTL Redis
+  -- takes): PEXPIRE needs a whole number of ms that Redis can add to its clock. A hash kept
+  -- MAX_TTL_MS (about 285 years) is kept for good in practice.
+  if not (ms < MAX_TTL_MS) then ms = MAX_TTL_MS end
   if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
 end
 
