@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
@@ -198,13 +199,16 @@ def test_the_steady_refill_admits_at_each_exact_refill_time_never_a_float_early(
 def test_decimal_histories_never_admit_before_the_exact_model(
     cls: type[RateState], params: tuple[float, int, float], ops: list[tuple[str, float, int, int]]
 ) -> None:
-    # With refunds and charges (debts) and fractional amounts too: whatever the rounding, every
-    # admission is at or after the exact model's time, and refunds give back no more than the
-    # model (never more room than the truth).
+    # With refunds and charges (debts) and fractional amounts too: every admission is at or after
+    # the exact model's time. Refunds are honest up to the rounding of the level they are
+    # computed from (the level is kept exactly, but the peaks and rooms of PeakLog are floats):
+    # a refund may give back a float step more than the exact history allows. That excess is
+    # tracked, must stay within a rounding, and is the only slack the admissions get.
     window, capacity, t = params
     b = bucket(cls, window, capacity, t)
     model = BucketModel(Fraction(capacity), Fraction(window), Fraction(t))
-    held: list[list[object]] = []
+    held: list[list[Any]] = []
+    excess = Fraction(0)  # units given back beyond the exact history's, in all
     for kind, dt, raw, which in ops:
         t += dt
         n = float(Fraction(raw % (4 * capacity) + 1, 4)) if raw % 2 else raw % capacity + 1
@@ -214,22 +218,22 @@ def test_decimal_histories_never_admit_before_the_exact_model(
             if kind == "wait":
                 t = e
             if e == t:
-                assert model.earliest(Fraction(n), Fraction(t)) == Fraction(t), (n, t)
+                if Fraction(n) > excess:
+                    assert model.earliest(Fraction(n) - excess, Fraction(t)) == Fraction(t), (n, t)
                 held.append([b.take(n, t), model.take(Fraction(n), Fraction(t))])
         elif held:
             r, m = held[which % len(held)]
             if kind == "charge":
                 b.charge(r, n, t)
-                model.charge(m, Fraction(n), Fraction(t))  # type: ignore[arg-type]
+                model.charge(m, Fraction(n), Fraction(t))
             else:
-                # The bucket may give back a float step more than the model of the exact history
-                # when its own level is a float step lower (rounded down); what matters is that
-                # it never ends up above the model: never more room than the truth.
                 could = model.level_had_it_taken_less(m, Fraction(n), Fraction(t)) - model.level(
                     Fraction(t)
-                )  # type: ignore[arg-type]
-                given = b.refund(r, n, t)
-                model._lower(m, min(Fraction(given), could))  # type: ignore[arg-type]
+                )
+                given = Fraction(b.refund(r, n, t))
+                assert given <= could + Fraction(capacity) * 2**-48, (given, could)
+                excess += max(Fraction(0), given - could)
+                model._lower(m, min(given, could))
         # available() is the level rounded to nearest, for statistics: within rounding of it.
-        slack = Fraction(capacity, 10**12) + Fraction(abs(b.available(t))) / 10**12
+        slack = excess + Fraction(capacity, 10**12) + Fraction(abs(b.available(t))) / 10**12
         assert Fraction(b.available(t)) <= model.level(Fraction(t)) + slack, t
