@@ -32,13 +32,15 @@ may drive the level below zero, a debt the refill pays off before anything else 
 from __future__ import annotations
 
 import math
-from fractions import Fraction
+from math import nextafter
 
 from ._base import PeakLog, RateState, Receipt, first_true, give_back, too_large
 
 #: Relative bound used to tell when the float answer of ``_has`` is certain: far
 #: above the few roundings (each at most 2**-53 of its operands) that make up the two sides.
 _SURE = 2.0**-48
+
+_NEG = -math.inf
 
 #: A bucket not full for this many windows has its refill folded into its level (see ``_bring``).
 _FOLD_AFTER = 1024
@@ -84,9 +86,19 @@ class TokenBucketState(RateState):
             return True
         if rhs - lhs > bound:
             return False
-        return (Fraction(now) - Fraction(start)) * Fraction(c) >= (
-            Fraction(need) - Fraction(level)
-        ) * Fraction(w)
+        # Exact, in integers: every float (and int) is a ratio of integers with a power-of-two
+        # denominator; comparing the cross products is exact and several times faster than
+        # Fraction, which matters because a waiter woken at its time asks right at the tie.
+        tn, td = now.as_integer_ratio()
+        sn, sd = start.as_integer_ratio()
+        nn, nd = need.as_integer_ratio()
+        ln, ld = level.as_integer_ratio()
+        cn, cd = c.as_integer_ratio()
+        wn, wd = w.as_integer_ratio()
+        # (tn/td - sn/sd)·cn/cd >= (nn/nd - ln/ld)·wn/wd, all denominators positive
+        return (tn * sd - sn * td) * cn * (nd * ld * wd) >= (nn * ld - ln * nd) * wn * (
+            td * sd * cd
+        )
 
     def _level_at(self, now: float) -> float:
         """The level at ``now`` as a float, for statistics and refunds (rounded, capped at C)."""
@@ -129,11 +141,35 @@ class TokenBucketState(RateState):
         return self._has(amount, now)
 
     def take(self, amount: float, now: float) -> Receipt:
-        if amount > self.capacity:
-            raise too_large(self.key, amount, self.capacity)
-        self._bring(now)
-        seq = self._peaks.record(self._level_at(now))
-        self._level = sub_down(self._level, amount)
+        capacity = self.capacity
+        if amount > capacity:
+            raise too_large(self.key, amount, capacity)
+        # _bring and _level_at, with the float fast path inline: this is every acquisition's path.
+        level, start = self._level, self._stamp
+        if now > start:
+            w = self._window
+            refill = (now - start) * capacity
+            short = (capacity - level) * w
+            bound = _SURE * ((abs(now) + abs(start)) * capacity + (capacity + abs(level)) * w)
+            if refill - short > bound:  # surely full: C exactly, from now
+                self._level = level = capacity
+                self._stamp = now
+                peak = level
+            elif short - refill > bound and now - start < _FOLD_AFTER * w:  # surely not full
+                peak = level + refill / w
+                if peak > capacity:
+                    peak = capacity
+            else:
+                self._bring(now)
+                level = self._level
+                peak = self._level_at(now)
+        else:
+            peak = level
+        seq = self._peaks.record(peak)
+        # level - amount, rounded down (sub_down, inline)
+        left = level - amount
+        bb = left - level
+        self._level = left if (level - (left - bb)) + (-amount - bb) >= 0 else nextafter(left, _NEG)
         return [[seq, amount]]
 
     def refund(self, receipt: Receipt, amount: float, now: float) -> float:
