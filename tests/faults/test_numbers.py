@@ -285,3 +285,14 @@ def test_the_edges_of_the_range_keep_every_number_finite_and_every_call_prompt(
     acq.update({"a": 0})
     acq.release()
     assert math.isfinite(limits.retry_after({"a": 1 if algorithm.integral else MIN_AMOUNT}))
+
+
+@pytest.mark.parametrize("header", ["1e300", "1e10", "1000000000.5"])
+def test_a_huge_retry_after_header_pauses_for_the_longest_pause_instead_of_failing(
+    header: str,
+) -> None:
+    from aiolimits.integrations._common import parse_retry_after
+
+    seconds = parse_retry_after(header)
+    assert seconds == MAX_SECONDS
+    LimitSet([RateLimit("a", 60, 10)], clock=ManualClock()).pause(seconds)  # accepted
