@@ -18,8 +18,8 @@ from typing import Any, Final, TypeVar
 
 from ._acquisition import FAILED, HELD, Acquisition
 from ._algorithms import RateState
-from ._limits import Limit, ResourceLimit
-from ._requests import check_amount, describe
+from ._limits import CallLimit, Limit, ResourceLimit
+from ._numbers import check_seconds, describe
 from ._scheduler import Items, Scheduler
 from ._statistics import LimitSetStatistics, limitset_statistics
 from ._waiters import (
@@ -228,7 +228,7 @@ class Door:
             return retry_after_locked(sched, items, sched.clock())
 
     def _pause(self, sched: Scheduler, seconds: float) -> None:
-        seconds = check_amount("seconds", seconds)
+        seconds = check_seconds("seconds", seconds)
         with sched.lock:
             now = sched.clock()
             sched.pause(now + seconds, now)

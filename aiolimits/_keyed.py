@@ -64,7 +64,8 @@ from ._backends.memory import MemoryBackend
 from ._door import Door, check_common, check_picklable_clock, retry_after_locked
 from ._limits import Limit
 from ._limitset import check_limits
-from ._requests import Requests, check_amount, check_timeout, describe
+from ._numbers import check_seconds, check_timeout, describe
+from ._requests import Requests
 from ._scheduler import Items, Scheduler
 from ._statistics import KeyedStatistics, LimitSetStatistics, limitset_statistics, seconds_up
 from ._waiters import ThreadWaiter, async_waiter, refuse_on_event_loop, trio_lowlevel
@@ -527,7 +528,7 @@ class KeyedLimitSet(Door):
         """Admit nobody before ``now + seconds``: for ``key`` only, or (``key=None``) for every
         key, including keys first seen during the pause. Waiters keep their places; overlapping
         pauses keep the later end. Pausing every key visits each key held (O(keys))."""
-        seconds = check_amount("seconds", seconds)
+        seconds = check_seconds("seconds", seconds)
         if key is not None:
             _check_client_key(key)
         if self._shared is not None:

@@ -12,10 +12,11 @@ configuration mistake is reported where it is made rather than at the first acqu
 from __future__ import annotations
 
 import enum
-import math
 from typing import Any, Final, TypeAlias, TypeVar
 
 import attrs
+
+from ._numbers import check_capacity, check_resource_capacity, check_window
 
 __all__ = [
     "CALL_COUNT_KEY",
@@ -77,11 +78,6 @@ def _convert_algorithm(value: object) -> RateLimitAlgorithm:
     return enum_member(RateLimitAlgorithm, "algorithm", value)
 
 
-def _is_real(value: object) -> bool:
-    # bool is an int, but `capacity=True` is a mistake, not a capacity of 1.
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_key(name: str, value: object) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, got {type(value).__name__} {value!r}")
@@ -93,29 +89,19 @@ def _check_key(_instance: object, attribute: attrs.Attribute[Any], value: object
     check_key(attribute.name, value)
 
 
-def _check_positive_finite(
-    _instance: object, attribute: attrs.Attribute[Any], value: object
-) -> None:
-    if not _is_real(value):
-        raise TypeError(
-            f"{attribute.name} must be an int or float, got {type(value).__name__} {value!r}"
-        )
-    assert isinstance(value, (int, float))
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
+def _check_window(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    check_window(attribute.name, value)
 
 
 def _check_window_capacity(
-    instance: RateLimit, attribute: attrs.Attribute[Any], value: Any
+    instance: RateLimit | CallLimit, attribute: attrs.Attribute[Any], value: Any
 ) -> None:
-    _check_positive_finite(instance, attribute, value)
     # Amounts are whole units for the window algorithms, so a capacity below one unit could never
     # admit anything: refuse it here instead of rejecting every acquisition later.
-    if instance.algorithm.integral and value < 1:
-        raise ValueError(
-            f"capacity must be >= 1 for algorithm {instance.algorithm.value!r} (it counts whole "
-            f"units), got {value!r}"
-        )
+    algorithm = instance.algorithm
+    check_capacity(
+        attribute.name, value, whole_units_of=repr(algorithm.value) if algorithm.integral else None
+    )
 
 
 @attrs.frozen(repr=False)
@@ -127,14 +113,14 @@ class RateLimit:
 
     Args:
         key: the name used in ``requested`` and ``usage``; a non-empty string.
-        window_seconds: the length of the window, finite and > 0.
-        capacity: units per window, finite and > 0 (>= 1 for the window algorithms).
+        window_seconds: the length of the window in seconds, from 1e-3 to 1e9.
+        capacity: units per window, from 1e-9 to 1e12 (from 1 for the window algorithms).
         algorithm: a :class:`RateLimitAlgorithm` or its string value.
 
     Raises:
         TypeError: an argument of the wrong type.
-        ValueError: an empty key, a non-positive, NaN or infinite window or capacity, an unknown
-            algorithm.
+        ValueError: an empty key, a window or capacity outside its range (``docs/numbers.md``),
+            NaN or infinite, an unknown algorithm.
 
     Examples:
         >>> RateLimit("tokens", window_seconds=60, capacity=90_000)
@@ -142,7 +128,7 @@ class RateLimit:
     """
 
     key: str = attrs.field(validator=_check_key)
-    window_seconds: float = attrs.field(validator=_check_positive_finite)
+    window_seconds: float = attrs.field(validator=_check_window)
     capacity: float = attrs.field(validator=_check_window_capacity)
     algorithm: RateLimitAlgorithm = attrs.field(
         default=RateLimitAlgorithm.TokenBucket, converter=_convert_algorithm
@@ -178,7 +164,7 @@ class CallLimit:
         CallLimit(window_seconds=60, capacity=500, algorithm='token_bucket')
     """
 
-    window_seconds: float = attrs.field(validator=_check_positive_finite)
+    window_seconds: float = attrs.field(validator=_check_window)
     capacity: float = attrs.field(validator=_check_window_capacity)
     algorithm: RateLimitAlgorithm = attrs.field(
         default=RateLimitAlgorithm.TokenBucket, converter=_convert_algorithm
@@ -198,12 +184,7 @@ class CallLimit:
 
 
 def _check_slots(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, float) and value.is_integer():
-        raise TypeError(f"{attribute.name} must be an int, got float {value!r} (use {int(value)})")
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{attribute.name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be >= 1, got {value!r}")
+    check_resource_capacity(attribute.name, value)
 
 
 @attrs.frozen(repr=False)

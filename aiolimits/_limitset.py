@@ -21,7 +21,8 @@ from ._backends._base import Backend
 from ._backends.memory import MemoryBackend
 from ._door import Door, check_common, check_picklable_clock
 from ._limits import CallLimit, Limit, RateLimit, ResourceLimit
-from ._requests import Requests, check_timeout, describe
+from ._numbers import check_timeout, describe
+from ._requests import Requests
 from ._scheduler import Scheduler
 from ._statistics import LimitSetStatistics
 from ._waiters import ThreadWaiter, refuse_on_event_loop

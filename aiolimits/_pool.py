@@ -35,7 +35,7 @@ from ._acquisition import Acquisition, DeferredAcquire
 from ._decorator import Limited, Requested, limited
 from ._limits import CallLimit, Limit, ResourceLimit, enum_member
 from ._limitset import LimitSet
-from ._requests import check_amount, check_timeout, describe
+from ._numbers import check_seconds, check_timeout, describe
 from ._statistics import PoolSetStatistics, PoolStatistics
 from ._waiters import refuse_on_event_loop, trio_lowlevel
 
@@ -297,7 +297,7 @@ class LimitPool:
 
         To pause one set only (one API key answered 429), use ``pool.limit_sets[i].pause(...)``.
         """
-        check_amount("seconds", seconds)  # before pausing any, so bad input pauses nothing
+        check_seconds("seconds", seconds)  # before pausing any, so bad input pauses nothing
         for limit_set in self._sets:
             limit_set.pause(seconds)
 

@@ -14,34 +14,13 @@ from typing import Final
 
 from ._algorithms import RateState
 from ._limits import CallLimit, Limit, RateLimit, ResourceLimit
+from ._numbers import MIN_AMOUNT, check_amount, describe
 from ._scheduler import Items
 
-__all__ = ["Requests", "check_amount", "check_timeout", "describe"]
+__all__ = ["Requests"]
 
 _INF: Final = math.inf
-
-
-def describe(value: object) -> str:
-    return f"{type(value).__name__} {value!r}"
-
-
-def check_amount(what: str, value: object) -> float:
-    """A finite, non-negative real number, or the error naming ``what``."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{what} must be an int or float, got {describe(value)}")
-    if not (value >= 0 and value != _INF):  # also false for NaN
-        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
-    return value
-
-
-def check_timeout(timeout: float | None) -> float:
-    if timeout is None:
-        return _INF
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
-        raise TypeError(f"timeout must be a number of seconds or None, got {describe(timeout)}")
-    if not timeout >= 0:
-        raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
-    return float(timeout)
+_MIN_AMOUNT: Final = MIN_AMOUNT
 
 
 class Requests:
@@ -102,8 +81,9 @@ class Requests:
             if spec is not None:
                 state, fractional, capacity = spec
                 kind = type(amount)
+                # The capacity is within the number range, so this is too (``_numbers``).
                 if (kind is int or (kind is float and (fractional or amount % 1 == 0))) and (
-                    0 < amount <= capacity
+                    _MIN_AMOUNT <= amount <= capacity
                 ):
                     items.append((state, amount))
                     continue

@@ -225,12 +225,18 @@ def first_true(pred: Callable[[float], bool], approx: float, lo: float) -> float
     if pred(lo):
         return lo
     hi = max(approx, lo)
+    if not hi < math.inf:  # nan or inf: only a state out of the number range gets here
+        return math.inf
     if not pred(hi):
-        # Too early: step up, doubling the step, until it holds.
+        # Too early: step up, doubling the step, until it holds. The step doubles, so this
+        # runs at most about 2,100 times (the exponent range of a float), whatever the numbers;
+        # and it stops at infinity, where nothing finite holds.
         below = hi
         step = math.ulp(hi) if hi else math.ulp(1.0)
         hi = hi + step
         while not pred(hi):
+            if hi == math.inf:
+                return math.inf
             below = hi
             step *= 2
             hi = hi + step

@@ -1,9 +1,26 @@
 """TokenBucket: a bucket of C tokens, full at creation, refilled continuously at C/W per second.
 
-State is kept as a level in *unit-seconds* (tokens * W) and the time it was last brought up to
-date. In those units the refill rate is C per second and an amount n costs n * W, so deciding needs
-no division: with whole or binary-fraction times and amounts every comparison is exact, and the
-only rounded value is the wait time, which :func:`first_true` corrects against the decision itself.
+The state is a level ``L`` in tokens at a time ``s`` (the stamp): the level at ``t >= s`` is
+``min(C, L + (t - s)·C/W)``. Exactness at the windows people write (0.1 s, 0.3 s, 60 s, whatever
+their float is) rests on three choices:
+
+* **Tokens, not unit-seconds.** A full bucket is ``C`` itself and a take subtracts the amount, so
+  a burst taken at one instant, in any split of whole units, is integer arithmetic: capacity 3 in
+  a 0.3 s window admits 2 then 1 (kept as ``3·0.3 - 2·0.3`` unit-seconds it rounded below
+  ``0.3`` and refused the last unit).
+* **Exact decisions.** ``level(t) >= n`` is asked as ``(t - s)·C >= (n - L)·W`` and answered
+  exactly for the floats involved: by floats when they are clearly apart, by rationals otherwise
+  (``_has``; the Lua has the same answer from error-free float transformations).
+  The earliest time is then the first float at which the exact answer turns true
+  (:func:`~._base.first_true`), never one before.
+* **The refill is never rounded up.** The refill is left implicit in ``(L, s)`` between
+  operations, so it is never rounded; takes subtract with rounding down; the bucket refilled to
+  the brim is ``C`` exactly (and the stamp moves to now), and only when a bucket has not been full
+  for 1024 windows is the refill folded into the level, rounded down to a float. So the level kept
+  is never above the exact level of the same history: nothing is ever admitted before the exact
+  time. It can fall below it by one float step of the level per fractional take or fold, which
+  makes an admission late by at most that many float steps of the level's worth of time (about
+  2e-16·W each; none at all with whole amounts, until a bucket is 1024 windows behind).
 
 Refunds put back the tokens the bucket still remembers: never above the capacity, and never what
 the cap has absorbed since the take (a bucket that refilled to within x of full has forgotten all
@@ -14,113 +31,180 @@ may drive the level below zero, a debt the refill pays off before anything else 
 
 from __future__ import annotations
 
-from fractions import Fraction
+import math
+from math import nextafter
 
 from ._base import PeakLog, RateState, Receipt, first_true, give_back, too_large
 
+#: Relative bound used to tell when the float answer of ``_has`` is certain: far
+#: above the few roundings (each at most 2**-53 of its operands) that make up the two sides.
+_SURE = 2.0**-48
+
+_NEG = -math.inf
+
+#: A bucket not full for this many windows has its refill folded into its level (see ``_bring``).
+_FOLD_AFTER = 1024
+
+
+def sub_down(a: float, b: float) -> float:
+    """``a - b`` rounded down: the largest float that is not above the exact difference."""
+    s = a - b
+    # Two-sum of a and -b: `err` is the exact rounding error, s + err == a - b.
+    bb = s - a
+    err = (a - (s - bb)) + (-b - bb)
+    return math.nextafter(s, -math.inf) if err < 0 else s
+
 
 class TokenBucketState(RateState):
-    __slots__ = ("_full", "_level", "_peaks", "_stamp", "_window")
+    __slots__ = ("_level", "_peaks", "_stamp", "_window")
 
     def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
         super().__init__(key, capacity, window, now)
         self._window = window
-        self._full = capacity * window  # the level of a full bucket, in unit-seconds
-        self._level = self._full
+        self._level: float = capacity  # tokens at _stamp: full
         self._stamp = now
-        self._peaks = PeakLog()  # levels in unit-seconds, for honest refunds
+        self._peaks = PeakLog()  # levels in tokens, for honest refunds
+
+    # -- the exact questions -------------------------------------------------------------------
+
+    def _has(self, need: float, now: float) -> bool:
+        """Whether the level at ``now`` is at least ``need`` (``need <= C``), exactly."""
+        level = self._level
+        if need <= level:
+            return True
+        start = self._stamp
+        if now <= start:
+            return False
+        # (now - start)·C >= (need - level)·W, exactly: the floats decide when they are clearly
+        # apart (the common case), rationals otherwise. The Lua gets the same exact answer from
+        # error-free float transformations.
+        c, w = self.capacity, self._window
+        lhs = (now - start) * c
+        rhs = (need - level) * w
+        bound = _SURE * ((abs(now) + abs(start)) * c + (abs(need) + abs(level)) * w)
+        if lhs - rhs > bound:
+            return True
+        if rhs - lhs > bound:
+            return False
+        # Exact, in integers: every float (and int) is a ratio of integers with a power-of-two
+        # denominator; comparing the cross products is exact and several times faster than
+        # Fraction, which matters because a waiter woken at its time asks right at the tie.
+        tn, td = now.as_integer_ratio()
+        sn, sd = start.as_integer_ratio()
+        nn, nd = need.as_integer_ratio()
+        ln, ld = level.as_integer_ratio()
+        cn, cd = c.as_integer_ratio()
+        wn, wd = w.as_integer_ratio()
+        # (tn/td - sn/sd)·cn/cd >= (nn/nd - ln/ld)·wn/wd, all denominators positive
+        return (tn * sd - sn * td) * cn * (nd * ld * wd) >= (nn * ld - ln * nd) * wn * (
+            td * sd * cd
+        )
 
     def _level_at(self, now: float) -> float:
+        """The level at ``now`` as a float, for statistics and refunds (rounded, capped at C)."""
         elapsed = now - self._stamp
         if elapsed <= 0:
             return self._level
-        level = self._level + self.capacity * elapsed
-        return level if level < self._full else self._full
+        level = self._level + elapsed * self.capacity / self._window
+        return level if level < self.capacity else self.capacity
 
-    def _set(self, level: float, now: float) -> None:
-        self._level = level
-        if now > self._stamp:
+    def _bring(self, now: float) -> None:
+        """Bring the state to ``now`` before changing it: full is ``C`` exactly (stamp now);
+        a bucket not full for ``_FOLD_AFTER`` windows has its refill folded into the level,
+        rounded down (so that the level, which the takes since then have lowered by about the
+        refill, stays within about 1024 capacities of the true level and keeps its precision);
+        otherwise the refill stays implicit, and unrounded."""
+        if now <= self._stamp:
+            return
+        if self._has(self.capacity, now):
+            self._level = self.capacity
+            self._stamp = now
+        elif now - self._stamp >= _FOLD_AFTER * self._window:
+            # The largest float not above the exact level now, searched from the float estimate
+            # (which cancellation can put far off, after a debt) with every step decided exactly:
+            # the first -v from -C (not full) at which the level is at least v.
+            estimate = self._level_at(now)
+            self._level = -first_true(lambda u: self._has(-u, now), -estimate, -self.capacity)
             self._stamp = now
 
-    def _has(self, need: float, now: float) -> bool:
-        """Whether the level at ``now`` is at least ``need`` (<= the full level).
-
-        ``level + C * elapsed >= need`` is asked as ``C * elapsed >= need - level``: a product
-        rounded to nearest lies on the same side of any float as the exact product unless it equals
-        it, so the answer is exact whenever the deficit is (binary-fraction levels and amounts).
-        Summing first would round up to ``need`` a few float steps before the exact time, and a
-        clock that starts at 0 would show a wait of 0.12499999999999997 s instead of 0.125 s.
-        """
-        deficit = need - self._level
-        if deficit <= 0:
-            return True
-        elapsed = now - self._stamp
-        if elapsed <= 0:
-            return False
-        refill = self.capacity * elapsed
-        if refill != deficit:
-            return refill > deficit
-        return Fraction(self.capacity) * Fraction(elapsed) >= deficit
+    # -- the verbs -----------------------------------------------------------------------------
 
     def earliest(self, amount: float, now: float) -> float:
         if amount > self.capacity:
             raise too_large(self.key, amount, self.capacity)
-        need = amount * self._window
-        if self._has(need, now):
+        if self._has(amount, now):
             return now
-        approx = now + (need - self._level_at(now)) / self.capacity
-        return first_true(lambda t: self._has(need, t), approx, now)
+        approx = self._stamp + (amount - self._level) * self._window / self.capacity
+        return first_true(lambda t: self._has(amount, t), approx, now)
 
     def admits(self, amount: float, now: float) -> bool:
-        need = amount * self._window
-        # Enough without the refill since the last operation (the common case): no call.
-        return need <= self._level or self._has(need, now)
+        return self._has(amount, now)
 
     def take(self, amount: float, now: float) -> Receipt:
-        if amount > self.capacity:
-            raise too_large(self.key, amount, self.capacity)
-        # _level_at and _set, inline: this is every acquisition's path.
-        level = self._level
-        elapsed = now - self._stamp
-        if elapsed > 0:
-            level += self.capacity * elapsed
-            if level >= self._full:
-                level = self._full
-            self._stamp = now
-        seq = self._peaks.record(level)
-        cost = amount * self._window
-        self._level = level - cost
-        return [[seq, cost]]
+        capacity = self.capacity
+        if amount > capacity:
+            raise too_large(self.key, amount, capacity)
+        # _bring and _level_at, with the float fast path inline: this is every acquisition's path.
+        level, start = self._level, self._stamp
+        if now > start:
+            w = self._window
+            refill = (now - start) * capacity
+            short = (capacity - level) * w
+            bound = _SURE * ((abs(now) + abs(start)) * capacity + (capacity + abs(level)) * w)
+            if refill - short > bound:  # surely full: C exactly, from now
+                self._level = level = capacity
+                self._stamp = now
+                peak = level
+            elif short - refill > bound and now - start < _FOLD_AFTER * w:  # surely not full
+                peak = level + refill / w
+                if peak > capacity:
+                    peak = capacity
+            else:
+                self._bring(now)
+                level = self._level
+                peak = self._level_at(now)
+        else:
+            peak = level
+        seq = self._peaks.record(peak)
+        # level - amount, rounded down (sub_down, inline)
+        left = level - amount
+        bb = left - level
+        self._level = left if (level - (left - bb)) + (-amount - bb) >= 0 else nextafter(left, _NEG)
+        return [[seq, amount]]
 
     def refund(self, receipt: Receipt, amount: float, now: float) -> float:
         if receipt is None:
             return 0.0
+        self._bring(now)
         level = self._level_at(now)
         # Only what the cap has not absorbed since the take can honestly come back (PeakLog).
-        back = give_back(self._peaks, receipt, amount * self._window, level, self._full)
-        after = level + back  # within full, up to the rounding of full - peak: clamp that away
-        self._set(after if after < self._full else self._full, now)
-        return amount if back == amount * self._window else back / self._window
+        given = give_back(self._peaks, receipt, amount, level, self.capacity)
+        if given > 0:
+            # Rounded down, so the level stays below the exact one; full is full exactly.
+            self._level = sub_down(self._level, -given)
+            if self._has(self.capacity, now):
+                self._level = self.capacity
+                self._stamp = now
+        return given
 
     def charge(self, receipt: Receipt, amount: float, now: float) -> Receipt:
-        level = self._level_at(now)
-        seq = self._peaks.record(level)
-        more = amount * self._window
-        self._set(level - more, now)
+        self._bring(now)
+        seq = self._peaks.record(self._level_at(now))
+        self._level = sub_down(self._level, amount)
         parts: list[list[float]] = receipt if receipt is not None else []
-        parts.append([seq, more])
+        parts.append([seq, amount])
         return parts
 
     def available(self, now: float) -> float:
-        return self._level_at(now) / self._window
+        return self._level_at(now)
 
     def is_fresh(self, now: float) -> bool:
         # The decision's own exact question: a rounded refilled level could read full a few
         # float steps before ``earliest`` admits the whole capacity.
-        return self._has(self._full, now)
+        return self._has(self.capacity, now)
 
     def __repr__(self) -> str:
         return (
-            f"<TokenBucketState {self.key!r} tokens={self._level / self._window:g}/"
-            f"{self.capacity:g} at t={self._stamp:g}>"
+            f"<TokenBucketState {self.key!r} tokens={self._level:g}/{self.capacity:g} "
+            f"at t={self._stamp:g}>"
         )

@@ -26,7 +26,6 @@ from typing import Any
 
 from .._algorithms import (
     FixedWindowState,
-    GCRAState,
     LeakyBucketState,
     RateState,
     SemaphoreState,
@@ -106,10 +105,8 @@ def _dumper(state: RateState, entries: _Entries) -> Callable[[], Any]:
     """A function dumping ``state``."""
     if isinstance(state, SemaphoreState):
         return lambda: state.in_use
-    if isinstance(state, TokenBucketState):
+    if isinstance(state, TokenBucketState):  # and GCRAState, the same maths and state
         return lambda: (state._level, state._stamp, _dump_peaks(state._peaks))
-    if isinstance(state, GCRAState):
-        return lambda: (state._tat, _dump_peaks(state._peaks))
     if isinstance(state, FixedWindowState):
         # -inf ("not started") is stored as None: a state file holds finite numbers only.
         return lambda: (
@@ -144,12 +141,9 @@ class StateCodec:
         for state, entries, value in zip(self._states, self._entries, data, strict=True):
             if isinstance(state, SemaphoreState):
                 state.in_use = value
-            elif isinstance(state, TokenBucketState):
+            elif isinstance(state, TokenBucketState):  # and GCRAState
                 state._level, state._stamp = value[0], value[1]
                 _load_peaks(state._peaks, value[2])
-            elif isinstance(state, GCRAState):
-                state._tat = value[0]
-                _load_peaks(state._peaks, value[1])
             elif isinstance(state, FixedWindowState):
                 state._count, state._index, start, end = value
                 state._start = _NEG_INF if start is None else start

@@ -32,7 +32,7 @@ from .._acquisition import Acquisition
 from .._keyed import KeyedLimitSet
 from .._limits import CallLimit, Limit, RateLimit
 from .._limitset import LimitSet
-from .._requests import check_amount, describe
+from .._numbers import MAX_SECONDS, check_seconds, describe
 
 __all__ = [
     "Gate",
@@ -107,7 +107,9 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
     if not math.isfinite(seconds) or seconds < 0:
         return None
-    return seconds
+    # A provider (or a hostile upstream) may ask for more than any pause can last: the longest
+    # pause the number range allows, rather than an error out of the 429 handling.
+    return min(seconds, MAX_SECONDS)
 
 
 @final
@@ -194,7 +196,7 @@ class Gate(Generic[Req]):
         self._set: LimitSet | None = limits if isinstance(limits, LimitSet) else None
         self._key = key
         self._cost = cost
-        self._max_wait = check_amount("max_wait", max_wait)
+        self._max_wait = check_seconds("max_wait", max_wait)
         self._headers = headers
 
     @property

@@ -14,8 +14,8 @@ import httpx
 from .._acquisition import Acquisition
 from .._keyed import KeyedLimitSet
 from .._limitset import LimitSet
+from .._numbers import check_timeout, describe
 from .._pool import LimitPool
-from .._requests import check_timeout, describe
 from ._common import Requested, is_keyed
 from .headers import read_retry_after
 

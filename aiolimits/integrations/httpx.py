@@ -40,7 +40,7 @@ from typing import TypeVar, final
 import httpx
 
 from .._acquisition import Acquisition
-from .._requests import describe
+from .._numbers import describe
 from ._httpx_policy import (
     Cost,
     Key,

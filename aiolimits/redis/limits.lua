@@ -48,6 +48,7 @@ local INF = 1 / 0
 local TINY = 2 ^ -1074 -- the smallest subnormal double
 local PEAK_LIMIT = 512 -- PeakLog.LIMIT
 local FRESH_MARGIN_MS = 1000 -- a keyed hash is kept this long after it is fresh
+local MAX_TTL_MS = 9e12 -- the longest PEXPIRE a keyed hash is given (%d-exact, < 2^53)
 
 -- The first id of a new state: 0 in a plain set's hash (which never expires); in a keyed hash,
 -- Redis TIME in microseconds, above every id of an earlier incarnation of the same hash (that one
@@ -116,12 +117,16 @@ local function first_true(pred, approx, lo)
   if pred(lo) then return lo end
   local hi = approx
   if lo > approx then hi = lo end
+  if not (hi < INF) then return INF end -- nan or inf: a state out of the number range
   local below, step
   if not pred(hi) then
     below = hi
     if hi ~= 0 then step = ulp(hi) else step = ulp(1.0) end
     hi = hi + step
+    -- The step doubles: at most about 2,100 rounds (the float exponent range), whatever the
+    -- numbers, and none past infinity, where nothing finite holds.
     while not pred(hi) do
+      if hi == INF then return INF end
       below = hi
       step = step * 2
       hi = hi + step
@@ -156,6 +161,65 @@ local function product_error(a, b, p)
   local ah, al = split(a)
   local bh, bl = split(b)
   return ((ah * bh - p) + ah * bl + al * bh) + al * bl
+end
+
+-- a - b rounded down (TokenBucketState's sub_down): two-sum of a and -b gives the exact error.
+local function sub_down(a, b)
+  local s = a - b
+  local bb = s - a
+  local err = (a - (s - bb)) + (-b - bb)
+  if err < 0 then return next_down(s) end
+  return s
+end
+
+-- The exact sign of the sum of the floats xs (Shewchuk's grow-expansion: each x is added to a
+-- non-overlapping expansion with two-sums, which lose nothing; the sign of an expansion is that
+-- of its largest component, the last non-zero one).
+local function exact_sign(xs)
+  local e = {}
+  for i = 1, #xs do
+    local q = xs[i]
+    local h = {}
+    for j = 1, #e do
+      local sum = q + e[j]
+      local bb = sum - q
+      local err = (q - (sum - bb)) + (e[j] - bb)
+      if err ~= 0 then h[#h + 1] = err end
+      q = sum
+    end
+    h[#h + 1] = q
+    e = h
+  end
+  for i = #e, 1, -1 do
+    if e[i] > 0 then return 1 end
+    if e[i] < 0 then return -1 end
+  end
+  return 0
+end
+
+-- Whether (t1 - t0)·c >= (n - lv)·w exactly (TokenBucketState._has): the floats decide when
+-- they are clearly apart (the same bound as there), the exact sign of the expanded difference
+-- otherwise; the same answer as Python's rationals.
+local SURE = 2 ^ -48
+local FOLD_AFTER = 1024 -- TokenBucketState's _FOLD_AFTER
+local function exact_at_least(t0, t1, c, n, lv, w)
+  local lhs = (t1 - t0) * c
+  local rhs = (n - lv) * w
+  local bound = SURE * ((math.abs(t1) + math.abs(t0)) * c + (math.abs(n) + math.abs(lv)) * w)
+  if lhs - rhs > bound then return true end
+  if rhs - lhs > bound then return false end
+  -- t1 - t0 = e1 + e2 and n - lv = d1 + d2 exactly (two-sums), then each product exactly.
+  local e1 = t1 - t0
+  local bb = e1 - t1
+  local e2 = (t1 - (e1 - bb)) + (-t0 - bb)
+  local d1 = n - lv
+  bb = d1 - n
+  local d2 = (n - (d1 - bb)) + (-lv - bb)
+  local p1, p2, q1, q2 = c * e1, c * e2, w * d1, w * d2
+  return exact_sign({
+    p1, product_error(c, e1, p1), p2, product_error(c, e2, p2),
+    -q1, -product_error(w, d1, q1), -q2, -product_error(w, d2, q2),
+  }) >= 0
 end
 
 -- -- PeakLog and give_back --------------------------------------------------------------------
@@ -286,134 +350,102 @@ local function algo(name)
 end
 
 -- TokenBucket: the level in unit-seconds and the time it was brought up to date.
+-- TokenBucket (and GCRA, the same maths): the level in tokens at a stamp; the level at t is
+-- min(C, level + (t - stamp)·C/W). Decisions are exact (has), the level kept is never above the
+-- exact one (takes round down, full is C exactly, the refill is folded in only after a window).
+-- States written before the level was kept in tokens ({level in unit-seconds, stamp}, or GCRA's
+-- {tat}) are read as what they meant.
 builders.token_bucket = function()
   local A = {
     new = function(L, now)
-      return { level = L.cap * L.window, stamp = now, peaks = new_peaks() }
+      return { u = 1, level = L.cap, stamp = now, peaks = new_peaks() }
     end,
   }
+  local function upgrade(s, L, now)
+    if s.u == 1 then return end
+    if s.tat ~= nil then
+      local owed = s.tat - now
+      if owed > 0 then s.level = L.cap - owed * L.cap / L.window else s.level = L.cap end
+      s.stamp = now
+      s.tat = nil
+    else
+      s.level = s.level / L.window
+    end
+    s.u = 1
+  end
   local function level_at(s, L, now)
     local elapsed = now - s.stamp
     if elapsed <= 0 then return s.level end
-    local level = s.level + L.cap * elapsed
-    local full = L.cap * L.window
-    if level < full then return level end
-    return full
-  end
-  local function set(s, level, now)
-    s.level = level
-    if now > s.stamp then s.stamp = now end
+    local level = s.level + elapsed * L.cap / L.window
+    if level < L.cap then return level end
+    return L.cap
   end
   local function has(s, L, need, now)
-    local deficit = need - s.level
-    if deficit <= 0 then return true end
-    local elapsed = now - s.stamp
-    if elapsed <= 0 then return false end
-    local refill = L.cap * elapsed
-    if refill ~= deficit then return refill > deficit end
-    return product_error(L.cap, elapsed, refill) >= 0
+    local level = s.level
+    if need <= level then return true end
+    local start = s.stamp
+    if now <= start then return false end
+    return exact_at_least(start, now, L.cap, need, level, L.window)
   end
-  A.earliest = function(s, L, amount, now)
-    local need = amount * L.window
-    if has(s, L, need, now) then return now end
-    local approx = now + (need - level_at(s, L, now)) / L.cap
-    return first_true(function(t) return has(s, L, need, t) end, approx, now)
-  end
-  A.take = function(s, L, amount, now)
-    local level = level_at(s, L, now)
-    local seq = peak_record(s.peaks, level)
-    local cost = amount * L.window
-    set(s, level - cost, now)
-    return { { seq, cost } }
-  end
-  A.refund = function(s, L, receipt, amount, now)
-    local level = level_at(s, L, now)
-    local full = L.cap * L.window
-    local want = amount * L.window
-    local back = give_back(s.peaks, receipt, want, level, full)
-    local after = level + back
-    if after < full then set(s, after, now) else set(s, full, now) end
-    if back == want then return amount end
-    return back / L.window
-  end
-  A.charge = function(s, L, receipt, amount, now)
-    local level = level_at(s, L, now)
-    local seq = peak_record(s.peaks, level)
-    local more = amount * L.window
-    set(s, level - more, now)
-    receipt[#receipt + 1] = { seq, more }
-    return receipt
-  end
-  A.available = function(s, L, now)
-    return level_at(s, L, now) / L.window
-  end
-  -- When the bucket is full again (an upper bound, within float error: the margin covers it).
-  A.fresh_at = function(s, L, now)
-    local full = L.cap * L.window
-    if s.level >= full then return s.stamp end
-    return s.stamp + (full - s.level) / L.cap
-  end
-  return A
-end
-
--- GCRA: the theoretical arrival time.
-builders.gcra = function()
-  local A = {
-    new = function(L, now)
-      return { tat = now, peaks = new_peaks() }
-    end,
-  }
-  local function interval(L) return L.window / L.cap end
-  local function level(s, L, now)
-    local owed = s.tat - now
-    if owed > 0 then return L.cap - owed / interval(L) end
-    return L.cap - 0.0
-  end
-  A.earliest = function(s, L, amount, now)
-    local tat = s.tat
-    local at = add_up(add_up(tat, -L.window), amount * interval(L))
-    if not (at < tat) then at = tat end
-    if at > now then return at end
-    return now
-  end
-  local function advance(s, L, amount, now)
-    local tat = s.tat
-    if tat > now then
-      s.tat = add_up(tat, amount * interval(L))
-    else
-      s.tat = add_up(now, amount * interval(L))
+  local function bring(s, L, now)
+    upgrade(s, L, now)
+    if now <= s.stamp then return end
+    if has(s, L, L.cap, now) then
+      s.level = L.cap
+      s.stamp = now
+    elseif now - s.stamp >= FOLD_AFTER * L.window then
+      local estimate = level_at(s, L, now)
+      s.level = -first_true(function(u) return has(s, L, -u, now) end, -estimate, -L.cap)
+      s.stamp = now
     end
   end
+  A.earliest = function(s, L, amount, now)
+    upgrade(s, L, now)
+    if has(s, L, amount, now) then return now end
+    local approx = s.stamp + (amount - s.level) * L.window / L.cap
+    return first_true(function(t) return has(s, L, amount, t) end, approx, now)
+  end
   A.take = function(s, L, amount, now)
-    local seq = peak_record(s.peaks, level(s, L, now))
-    advance(s, L, amount, now)
+    bring(s, L, now)
+    local seq = peak_record(s.peaks, level_at(s, L, now))
+    s.level = sub_down(s.level, amount)
     return { { seq, amount } }
   end
   A.refund = function(s, L, receipt, amount, now)
-    local given = give_back(s.peaks, receipt, amount, level(s, L, now), L.cap)
+    bring(s, L, now)
+    local given = give_back(s.peaks, receipt, amount, level_at(s, L, now), L.cap)
     if given > 0 then
-      local back = add_up(s.tat, -given * interval(L))
-      if back > now then s.tat = back else s.tat = now end
+      s.level = sub_down(s.level, -given)
+      if has(s, L, L.cap, now) then
+        s.level = L.cap
+        s.stamp = now
+      end
     end
     return given
   end
   A.charge = function(s, L, receipt, amount, now)
-    local seq = peak_record(s.peaks, level(s, L, now))
-    advance(s, L, amount, now)
+    bring(s, L, now)
+    local seq = peak_record(s.peaks, level_at(s, L, now))
+    s.level = sub_down(s.level, amount)
     receipt[#receipt + 1] = { seq, amount }
     return receipt
   end
   A.available = function(s, L, now)
-    return level(s, L, now)
+    upgrade(s, L, now)
+    return level_at(s, L, now)
   end
+  -- When the bucket is full again (within float error: the margin covers it).
   A.fresh_at = function(s, L, now)
-    return s.tat
+    upgrade(s, L, now)
+    if s.level >= L.cap then return s.stamp end
+    return s.stamp + (L.cap - s.level) * L.window / L.cap
   end
   return A
 end
 
--- LeakyBucket: the slots that have not ended, oldest first, each { id, end, units held }.
--- Receipts name their slots by id (in Python they share the slot's list).
+-- GCRA: the theoretical arrival time stamp + (C - level)·W/C, kept exactly as TokenBucket's pair.
+builders.gcra = builders.token_bucket
+
 builders.leaky_bucket = function()
   local A = {
     new = function(L, now)
@@ -1051,6 +1083,10 @@ local function keyed_expire(now)
   end
   local ms = FRESH_MARGIN_MS
   if fresh > now then ms = ms + math.ceil((fresh - now) * 1000) end
+  -- A debt can put freshness centuries away (the number range bounds it, not to a TTL Redis
+  -- takes): PEXPIRE needs a whole number of ms that Redis can add to its clock. A hash kept
+  -- MAX_TTL_MS (about 285 years) is kept for good in practice.
+  if not (ms < MAX_TTL_MS) then ms = MAX_TTL_MS end
   if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
 end
 
