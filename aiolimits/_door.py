@@ -18,7 +18,7 @@ from typing import Any, Final, TypeVar
 
 from ._acquisition import FAILED, HELD, Acquisition
 from ._algorithms import RateState
-from ._limits import CallLimit, Limit, ResourceLimit
+from ._limits import Limit, ResourceLimit
 from ._numbers import check_seconds, describe
 from ._scheduler import Items, Scheduler
 from ._statistics import LimitSetStatistics, limitset_statistics
