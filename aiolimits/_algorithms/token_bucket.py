@@ -81,7 +81,7 @@ class TokenBucketState(RateState):
         if now <= start:
             return False
         # (now - start)·C >= (need - level)·W, exactly: the floats decide when they are clearly
-        # apart (the common case), rationals otherwise. The Lua gets the same exact answer from
+        # apart (the common case), integers otherwise. The Lua gets the same exact answer from
         # error-free float transformations.
         c, w = self.capacity, self._window
         lhs = (now - start) * c  # > 0
