@@ -9,7 +9,7 @@ import attrs
 
 from aiolimits import CallLimit, LimitSet, RateLimit, ResourceLimit
 
-BIG = 1e15  # capacity large enough never to wait
+BIG = 1e12  # capacity large enough never to wait (the largest in the number range)
 
 
 def one_rate() -> tuple[LimitSet, dict[str, float]]:

@@ -384,3 +384,28 @@ def test_lua_acquire_records_the_clock_and_counts_its_grants(script: Script) -> 
     assert reply.startswith(b"0 ")
     assert script.client.hget(key, "!g") == b"2"
     assert script(key, "stats", 0.0, 0)[2] == b"2"
+
+
+# --- states written before the buckets kept their level in tokens ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "old"),
+    [
+        # TokenBucket kept its level in unit-seconds: 4 unit-seconds of a 2 s window = 2 tokens.
+        ("token_bucket", "{level = 4, stamp = 10, peaks = {seq = 0, seqs = {}, levels = {}}}"),
+        # GCRA kept one TAT: 1 s ahead of now, at 2 units per second, is 2 units owed.
+        ("gcra", "{tat = 11, peaks = {seq = 0, seqs = {}, levels = {}}}"),
+    ],
+)
+def test_lua_reads_bucket_states_written_in_the_old_forms(
+    script: Script, algorithm: str, old: str
+) -> None:
+    state = LuaState(script, rate(algorithm, 4, 2))
+    field = f"s:{state.limit[0]}"
+    script.client.eval(
+        f"redis.call('HSET', KEYS[1], ARGV[1], cmsgpack.pack({old}))", 1, state.hash, field
+    )
+    assert state.available(10.0) == 2.0
+    assert state.earliest(2, 10.0) == 10.0
+    assert state.earliest(3, 10.0) == 10.5

@@ -9,7 +9,7 @@ their float is) rests on three choices:
   a 0.3 s window admits 2 then 1 (kept as ``3·0.3 - 2·0.3`` unit-seconds it rounded below
   ``0.3`` and refused the last unit).
 * **Exact decisions.** ``level(t) >= n`` is asked as ``(t - s)·C >= (n - L)·W`` and answered
-  exactly for the floats involved: by floats when they are clearly apart, by rationals otherwise
+  exactly for the floats involved: by floats when they are clearly apart, by integers otherwise
   (``_has``; the Lua has the same answer from error-free float transformations).
   The earliest time is then the first float at which the exact answer turns true
   (:func:`~._base.first_true`), never one before.
@@ -36,9 +36,14 @@ from math import nextafter
 
 from ._base import PeakLog, RateState, Receipt, first_true, give_back, too_large
 
-#: Relative bound used to tell when the float answer of ``_has`` is certain: far
-#: above the few roundings (each at most 2**-53 of its operands) that make up the two sides.
-_SURE = 2.0**-48
+#: When the float answer of ``_has`` is certain. Each side is a difference of two floats (one
+#: correctly rounded operation: within 2**-53 of the exact difference, relative, whatever the
+#: cancellation) times a float (another 2**-53), so within about 2**-52 of its exact value,
+#: relative: sides further apart than ``_APART`` (2**-49, relative) compare as their exact values
+#: do. Below ``_NORMAL`` (subnormal territory, which the number range keeps away from but a
+#: clock near 0 could reach) rounding is no longer relative, and the exact path decides.
+_APART = 1.0 + 2.0**-49
+_NORMAL = 2.0**-1000
 
 _NEG = -math.inf
 
@@ -76,15 +81,14 @@ class TokenBucketState(RateState):
         if now <= start:
             return False
         # (now - start)·C >= (need - level)·W, exactly: the floats decide when they are clearly
-        # apart (the common case), rationals otherwise. The Lua gets the same exact answer from
+        # apart (the common case), integers otherwise. The Lua gets the same exact answer from
         # error-free float transformations.
         c, w = self.capacity, self._window
-        lhs = (now - start) * c
-        rhs = (need - level) * w
-        bound = _SURE * ((abs(now) + abs(start)) * c + (abs(need) + abs(level)) * w)
-        if lhs - rhs > bound:
+        lhs = (now - start) * c  # > 0
+        rhs = (need - level) * w  # > 0
+        if lhs > rhs * _APART and rhs > _NORMAL:
             return True
-        if rhs - lhs > bound:
+        if rhs > lhs * _APART and lhs > _NORMAL:
             return False
         # Exact, in integers: every float (and int) is a ratio of integers with a power-of-two
         # denominator; comparing the cross products is exact and several times faster than
@@ -150,12 +154,11 @@ class TokenBucketState(RateState):
             w = self._window
             refill = (now - start) * capacity
             short = (capacity - level) * w
-            bound = _SURE * ((abs(now) + abs(start)) * capacity + (capacity + abs(level)) * w)
-            if refill - short > bound:  # surely full: C exactly, from now
+            if short <= 0 or (refill > short * _APART and short > _NORMAL):  # full: C from now
                 self._level = level = capacity
                 self._stamp = now
                 peak = level
-            elif short - refill > bound and now - start < _FOLD_AFTER * w:  # surely not full
+            elif short > refill * _APART and refill > _NORMAL and now - start < _FOLD_AFTER * w:
                 peak = level + refill / w
                 if peak > capacity:
                     peak = capacity

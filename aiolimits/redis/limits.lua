@@ -198,16 +198,16 @@ local function exact_sign(xs)
 end
 
 -- Whether (t1 - t0)·c >= (n - lv)·w exactly (TokenBucketState._has): the floats decide when
--- they are clearly apart (the same bound as there), the exact sign of the expanded difference
+-- they are clearly apart (by the same relative bound as there), the exact sign of the expanded difference
 -- otherwise; the same answer as Python's rationals.
-local SURE = 2 ^ -48
+local APART = 1 + 2 ^ -49 -- TokenBucketState's _APART and _NORMAL
+local NORMAL = 2 ^ -1000
 local FOLD_AFTER = 1024 -- TokenBucketState's _FOLD_AFTER
 local function exact_at_least(t0, t1, c, n, lv, w)
   local lhs = (t1 - t0) * c
   local rhs = (n - lv) * w
-  local bound = SURE * ((math.abs(t1) + math.abs(t0)) * c + (math.abs(n) + math.abs(lv)) * w)
-  if lhs - rhs > bound then return true end
-  if rhs - lhs > bound then return false end
+  if lhs > rhs * APART and rhs > NORMAL then return true end
+  if rhs > lhs * APART and lhs > NORMAL then return false end
   -- t1 - t0 = e1 + e2 and n - lv = d1 + d2 exactly (two-sums), then each product exactly.
   local e1 = t1 - t0
   local bb = e1 - t1
