@@ -161,6 +161,11 @@ class Door:
         start)`` or ``(None, waiter, start)``. Raises TimeoutError when the deadline is out of
         reach (nothing queued)."""
         start = sched.clock()
+        if sched.remote:
+            # A shared backend's first round trip answers within the caller's timeout too.
+            bound: Callable[[float], None] | None = getattr(sched, "bound_next_call", None)
+            if bound is not None:
+                bound(timeout)
         receipts = sched.try_take(items, start)
         if receipts is not None:
             return receipts, None, start

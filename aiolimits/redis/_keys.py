@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from redis.cluster import RedisCluster
 
     from .._limits import Limit
+    from ._link import Circuit, Link
     from ._script import Lua
 
 __all__ = ["KeyScheduler", "RedisKeys"]
@@ -56,7 +57,9 @@ class RedisKeys:
         lease_seconds: float,
         simulated: bool,
         on_unavailable: str,
-        direct: tuple[redis.ConnectionPool, float] | None,
+        circuit: Circuit,
+        timeout: float,
+        link: Link | None,
     ) -> None:
         self._stem = stem
         self.clock = clock
@@ -69,7 +72,9 @@ class RedisKeys:
             "lease_seconds": lease_seconds,
             "simulated": simulated,
             "on_unavailable": on_unavailable,
-            "direct": direct,
+            "circuit": circuit,
+            "timeout": timeout,
+            "link": link,
         }
         self._model: KeyScheduler | None = None
 

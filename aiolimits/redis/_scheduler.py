@@ -58,9 +58,10 @@ from .._algorithms import RateState, SemaphoreState
 from .._errors import BackendUnavailable
 from .._limits import Limit, ResourceLimit
 from .._scheduler import Items, Scheduler
-from .._waiters import GRANTED, LEFT, WAITING, Cancellable, TimerClock, Waiter
+from .._waiters import GRANTED, LEFT, WAITING, Cancellable, TimerClock, Waiter, running_event_loop
+from ._link import GRACE, UNAVAILABLE, Circuit, Link, NotSent
 from ._script import Lua, acquire_reply, decode_receipt, encode_receipt, limit_args, num
-from ._threads import UNAVAILABLE, Hub, log
+from ._threads import Hub, log
 
 if TYPE_CHECKING:
     from redis.cluster import RedisCluster
@@ -70,15 +71,9 @@ __all__ = ["RedisScheduler"]
 # anyio >= 4.7 names it wait_readable; before, wait_socket_readable (deprecated since).
 _wait_readable: Any = getattr(anyio, "wait_readable", None) or anyio.wait_socket_readable
 
-
-def _resp(args: Sequence[str], encoding: str, errors: str) -> bytes:
-    """A command as the bytes of the Redis protocol: what redis-py's packer makes of these
-    strings, without its per-argument type dispatch (the direct call's share of a round trip)."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg.encode(encoding, errors)
-        out += (b"$%d\r\n" % len(data), data, b"\r\n")
-    return b"".join(out)
+#: The error reply of a call on a plain set's hash that has no declaration (Redis lost its data):
+#: the call did nothing; the declaration is written (and checked) again and the call sent again.
+UNDECLARED = "aiolimits-undeclared"
 
 
 def _refused(exc: BaseException) -> bool:
@@ -92,6 +87,28 @@ def _refused(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _on_loop() -> bool:
+    """Whether this thread runs an event loop (asyncio, uvloop or trio): no Redis I/O here."""
+    return running_event_loop() is not None
+
+
+class NoAnswer(BackendUnavailable):
+    """Redis did not answer within the caller's own time (shorter than the backend's
+    ``timeout``): the call may still run; the circuit stays as it was."""
+
+
+class Pending:
+    """The receipt of a usage update handed to the dispatcher thread (``update`` called on an
+    event loop): the receipt and the units held once it has been sent, the ones before until
+    then. A later update of the same limit reads them when it is sent, after this one."""
+
+    __slots__ = ("held", "receipt")
+
+    def __init__(self, receipt: Any, held: float) -> None:
+        self.receipt = receipt
+        self.held = held
 
 
 @attrs.frozen
@@ -129,26 +146,32 @@ class RedisScheduler(Scheduler):
         "__weakref__",
         "_args",
         "_channel",
+        "_circuit",
         "_client",
         "_direct",
-        "_encoding",
         "_epoch",
         "_expiry_at",
         "_expiry_timer",
         "_failures",
         "_fast_busy",
         "_hash",
+        "_hint",
         "_holders",
         "_hub",
         "_lease",
         "_leases",
         "_me",
+        "_outbox",
         "_policy",
+        "_redeclare",
         "_refunded",
         "_refused",
         "_resources",
+        "_retrying",
         "_script",
         "_simulated",
+        "_tag",
+        "_timeout",
         "leases_lost",
         "remote",
     )
@@ -166,7 +189,10 @@ class RedisScheduler(Scheduler):
         lease_seconds: float,
         simulated: bool,
         on_unavailable: str,
-        direct: tuple[redis.ConnectionPool, float] | None = None,
+        circuit: Circuit,
+        timeout: float,
+        link: Link | None = None,
+        redeclare: Callable[[], object] | None = None,
         model: RedisScheduler | None = None,
     ) -> None:
         super().__init__(states, clock)
@@ -203,16 +229,25 @@ class RedisScheduler(Scheduler):
         self._failures: dict[Waiter, BaseException] = {}
         # An async request is being decided directly (``take_first``): it is ahead of the queue.
         self._fast_busy = False
-        # The pool and timeout for those direct calls (a single server; None: always queue).
-        self._direct = direct
-        # How the direct calls encode their arguments (as the pool's connections would).
-        kwargs = direct[0].connection_kwargs if direct is not None else {}
-        self._encoding = (
-            str(kwargs.get("encoding", "utf-8")),
-            str(kwargs.get("encoding_errors", "strict")),
-        )
+        # The connections for the calls a caller makes itself (a single server; None: a Cluster,
+        # whose calls go through its client, the async ones through the dispatcher).
+        self._direct = link
+        self._circuit = circuit  # shared by every set of the backend
+        self._timeout = timeout  # the backend's bound on any call
+        # The bound of the next try_take, set by the blocking door from its caller's timeout.
+        self._hint: float | None = None
+        # A plain set's calls under Redis time ask the script to check the declaration is
+        # there ("d"), and re-declare when Redis lost it; a keyed set's key hashes hold none.
+        self._redeclare = redeclare
+        self._tag = "d" if redeclare is not None and not simulated else ""
         # The last refusal of try_take, for the enqueue that follows it in the same step.
         self._refused: tuple[Items, float, float, float] | None = None
+        # Calls handed off by an event loop's thread, to send first (see _defer), and whether
+        # sending them again waits for the circuit to close.
+        self._outbox: list[
+            tuple[str, Callable[[], list[str] | None], Callable[[Any], object] | None, str | None]
+        ] = []
+        self._retrying = False
         self._policy = on_unavailable
         self._expiry_at = math.inf
         self._expiry_timer: Cancellable | None = None
@@ -221,25 +256,120 @@ class RedisScheduler(Scheduler):
 
     # -- talking to the script ---------------------------------------------------------------
 
-    def _call(self, op: str, now: float, *args: str) -> Any:
+    def _call(self, op: str, now: float, *args: str, bound: float | None = None) -> Any:
         """One script call; the time is the server's, or ``now`` under a simulated clock.
 
-        A call is never sent twice, with one exception that cannot apply it twice: a Cluster
-        node that refused the connection was sent nothing. After a failover, the first call of
-        a process goes to the old master (its map of the Cluster changes only when a call fails);
-        the refusal makes the client read the map again, and the call goes to the new master."""
+        At once :class:`NotSent` while the circuit is open. Otherwise at most the backend's
+        ``timeout``, or ``bound`` seconds when that is shorter (:class:`NoAnswer` then). A
+        plain set whose declaration Redis lost is declared again (and checked: ValueError when
+        another declaration took the name meanwhile), and the call sent once more."""
+        self._circuit.check()
+        words = [op, num(now) if self._simulated else self._tag, *args]
+        try:
+            return self._send(words, bound)
+        except redis.exceptions.ResponseError as exc:
+            if self._redeclare is None or not str(exc).startswith(UNDECLARED):
+                raise
+        self._declare_again()
+        return self._send(words, bound)
+
+    def _declare_again(self) -> None:
+        assert self._redeclare is not None
+        log.warning("the declaration of %s was lost in Redis: declaring it again", self._hash)
+        try:
+            self._redeclare()
+        except BackendUnavailable:
+            raise
+        except UNAVAILABLE as exc:
+            raise BackendUnavailable(
+                f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
+            ) from exc
+
+    def _send(self, words: list[str], bound: float | None) -> Any:
+        if self._direct is not None:
+            return self._round_trip(self._direct, words, bound)
+        # A Cluster, through its client (bounded by the backend's timeout). A call is never
+        # sent twice, with one exception that cannot apply it twice: a node that refused the
+        # connection was sent nothing. After a failover, the first call of a process goes to the
+        # old master (its map of the Cluster changes only when a call fails); the refusal makes
+        # the client read the map again, and the call goes to the new master.
         for attempt in (1, 2):
             try:
-                return self._script(
-                    self._client, self._hash, [op, num(now) if self._simulated else "", *args]
-                )
+                return self._script(self._client, self._hash, words)
             except UNAVAILABLE as exc:  # noqa: PERF203 (two attempts at most; try is free)
-                if attempt == 1 and not isinstance(self._client, redis.Redis) and _refused(exc):
+                if attempt == 1 and _refused(exc):
                     continue
+                self._circuit.trip(exc)
                 raise BackendUnavailable(
                     f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
                 ) from exc
         raise AssertionError("unreachable")
+
+    def _round_trip(self, link: Link, words: list[str], bound: float | None) -> Any:
+        """One call on a single server, on a connection of the link, from a thread: at most
+        ``bound`` (or the backend's timeout). Without a bound the thread may connect itself;
+        with one, a short-lived thread connects while it waits at most that long."""
+        full = bound is None or bound >= self._timeout
+        timeout = self._timeout if bound is None else min(bound, self._timeout)
+        conn = link.take()
+        try:
+            if conn is None:
+                conn = link.connect() if bound is None else link.wait(timeout)
+        except UNAVAILABLE as exc:  # the link tripped the circuit
+            raise NotSent(f"Redis cannot be reached for the limits {self._hash!r}: {exc}") from exc
+        if conn is None:
+            self._circuit.check()
+            raise NoAnswer(f"no connection to Redis for the limits {self._hash!r} in {timeout}s")
+        script = self._script
+        loaded = False
+        try:
+            while True:
+                functions = script.functions
+                conn.send_command(  # type: ignore[no-untyped-call]
+                    *script.command(self._hash, words, functions=functions)
+                )
+                try:
+                    reply = conn.read_response(timeout=timeout)
+                except redis.exceptions.ResponseError as exc:
+                    # Not run (no library or script there): loaded, and sent once more.
+                    if not script.recover(self._client, exc, functions, loaded):
+                        raise
+                    loaded = loaded or functions == script.functions
+                    continue
+                return reply
+        except redis.exceptions.ResponseError:
+            raise  # an error reply: the connection is in step
+        except UNAVAILABLE as exc:
+            conn.disconnect()  # type: ignore[no-untyped-call]  # an answer may be on its way
+            conn = None
+            if not full and isinstance(exc, redis.exceptions.TimeoutError):
+                raise NoAnswer(
+                    f"Redis did not answer for the limits {self._hash!r} within {timeout}s"
+                ) from exc
+            self._circuit.trip(exc)
+            raise BackendUnavailable(
+                f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
+            ) from exc
+        except BaseException:
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            conn = None
+            raise
+        finally:
+            if conn is not None:
+                link.give(conn)
+
+    def bound_next_call(self, timeout: float) -> None:
+        """Under the lock, from the blocking door: the next ``try_take`` answers within
+        ``timeout`` (its caller's) plus the round trip's grace."""
+        self._hint = timeout + GRACE
+
+    def _bound(self) -> float | None:
+        """The bound of a call that must answer now: its caller's, or the grace of one round
+        trip on an event loop's thread (None: the backend's timeout)."""
+        hint, self._hint = self._hint, None
+        if hint is not None:
+            return hint
+        return GRACE if _on_loop() else None
 
     def _unavailable(self, exc: BackendUnavailable) -> str:
         """The policy to apply now that Redis did not answer (re-raises under "raise")."""
@@ -264,7 +394,14 @@ class RedisScheduler(Scheduler):
     def _acquire(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
         holder = f"{self._me}:{next(self._holders)}"
         reply = acquire_reply(
-            self._call("acquire", now, holder, num(self._lease), *self._item_args(items))
+            self._call(
+                "acquire",
+                now,
+                holder,
+                num(self._lease),
+                *self._item_args(items),
+                bound=self._bound(),
+            )
         )
         if reply[0] != 1:
             server_now = float(reply[1])
@@ -294,7 +431,8 @@ class RedisScheduler(Scheduler):
 
     def admit_time(self, items: Items, now: float) -> tuple[float, float]:
         try:
-            reply = self._call("earliest", now, *self._item_args(items))
+            self._flush()
+            reply = self._call("earliest", now, *self._item_args(items), bound=self._bound())
         except BackendUnavailable as exc:
             if self._unavailable(exc) == "allow":
                 return now, now
@@ -308,6 +446,7 @@ class RedisScheduler(Scheduler):
 
     def _admit(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
         try:
+            self._flush()
             return self._acquire(items, now)
         except BackendUnavailable as exc:
             if self._unavailable(exc) == "allow":
@@ -319,11 +458,15 @@ class RedisScheduler(Scheduler):
             return rate_at, admit_at, [Local(r) for r in self._take(items, now)]
 
     def try_take(self, items: Items, now: float) -> list[Any] | None:
-        if self._fast_busy:
-            return None  # an earlier async request is being decided
+        if self._fast_busy or self.paused_until > now:
+            # An earlier async request is being decided, or a pause made on an event loop is
+            # being sent.
+            self._hint = None
+            return None
         if self.queue:
             self.catch_up(now)
             if self.queue:
+                self._hint = None
                 return None
         _rate_at, _admit_at, receipts = self._admit(items, now)
         if receipts is not None:
@@ -336,6 +479,61 @@ class RedisScheduler(Scheduler):
         self._undo(waiter.items, receipts, now)
         if dispatch:
             self._dispatch(now)
+
+    # -- calls handed off by an event loop's thread, sent in order (the outbox) ------------
+
+    def _defer(
+        self,
+        op: str,
+        args: Callable[[], list[str] | None],
+        *,
+        done: Callable[[Any], object] | None = None,
+        lost: str | None = None,
+    ) -> None:
+        """Under the lock, instead of a round trip on an event loop's thread: the call ``op``
+        (its arguments made when it is sent, None: nothing to send) goes out before any other
+        call of this scheduler (the next one made under the lock sends it first) or, if none
+        comes, from the dispatcher thread. ``done`` gets the reply; ``lost``: a timed-out call
+        that may not be sent again (it may have run) is logged with that text, else (ending a
+        lease, which may run twice) it is sent again once Redis answers. A call not sent (Redis
+        known to be unreachable) is sent once Redis answers again."""
+        self._outbox.append((op, args, done, lost))
+        self._signal()
+
+    def _flush(self) -> None:
+        """Under the lock: send the outbox, in order (see :meth:`_defer`)."""
+        outbox = self._outbox
+        while outbox:
+            op, args, done, lost = outbox[0]
+            words = args()
+            if words is None:
+                outbox.pop(0)
+                continue
+            try:
+                reply = self._call(op, self.clock(), *words)
+            except NotSent:
+                if not self._retrying:
+                    self._retrying = True
+                    self._circuit.later(self._flush_again)
+                return
+            except BackendUnavailable as exc:
+                if lost is None and self._circuit.opened:
+                    continue  # sent again once Redis answers (NotSent on the next turn)
+                outbox.pop(0)
+                log.warning("%s: %s", lost or f"could not send {op}", exc)
+                continue
+            except Exception:
+                outbox.pop(0)
+                log.exception("a deferred Redis call of aiolimits failed")
+                continue
+            outbox.pop(0)
+            if done is not None:
+                done(reply)
+
+    def _flush_again(self) -> None:
+        with self.lock:
+            self._retrying = False
+            self._flush()
 
     def _undo(self, items: Items, receipts: Sequence[Any], now: float) -> None:
         """Give back a grant nobody used: rate amounts refunded as far as §3 allows, leases
@@ -354,49 +552,72 @@ class RedisScheduler(Scheduler):
             for (state, amount), receipt in zip(items, receipts, strict=True)
             if state.key not in self._resources
         ]
-        try:
-            if rates:
-                args = [str(len(rates))]
-                for state, receipt, amount in rates:
-                    args += [*self._args[state.key], num(amount), "0.0", encode_receipt(receipt)]
-                self._call("settle", now, *args)
-        except BackendUnavailable as exc:
-            log.warning("could not give back an unused grant: %s", exc)
-        self._end_leases(items, receipts)
+        holder = self._forget_leases(items, receipts)
+        if rates:
+            args = [str(len(rates))]
+            for state, receipt, amount in rates:
+                args += [*self._args[state.key], num(amount), "0.0", encode_receipt(receipt)]
+            if not self._simulated and _on_loop():
+                self._defer("settle", lambda: args, lost="could not give back an unused grant")
+            else:
+                try:
+                    self._flush()
+                    self._call("settle", now, *args)
+                except BackendUnavailable as exc:
+                    log.warning("could not give back an unused grant: %s", exc)
+        if holder is not None:
+            self._end_lease(holder, self._lease_keys(items))
 
     def release(self, items: Items, receipts: list[Any] | None = None) -> None:
         if receipts and isinstance(receipts[0], Local):
             super().release(items)
-        # Inline, like every in-process release: a slot released is free for the next call of
-        # this process at once, and the head is asked at once too.
-        elif (
-            receipts
-            and receipts[0] is not ALLOWED
-            and self._end_leases(items, receipts)
-            and self.queue
-        ):
+            return
+        if not receipts or receipts[0] is ALLOWED:
+            return
+        holder = self._forget_leases(items, receipts)
+        if holder is None:
+            return
+        # Like every in-process release, a slot released is free for this process's next call
+        # (sent before it), and the head is asked at once.
+        self._end_lease(holder, self._lease_keys(items))
+        if self.queue:
             self._dispatch(self.clock())
 
-    def _end_leases(self, items: Items, receipts: Sequence[Any]) -> bool:
-        """End the leases of an acquisition; False when it had none. Never raises: a lease that
-        cannot be ended now expires within ``lease_seconds`` (it is no longer renewed)."""
-        keys = [state.key for state, _amount in items if state.key in self._resources]
-        if not keys:
-            return False
-        holder = next(r for (s, _a), r in zip(items, receipts, strict=True) if s.key in keys)
-        self._leases.pop(holder, None)
+    def _lease_keys(self, items: Items) -> tuple[str, ...]:
+        return tuple(state.key for state, _amount in items if state.key in self._resources)
+
+    def _forget_leases(self, items: Items, receipts: Sequence[Any]) -> str | None:
+        """Stop renewing the lease of an acquisition; its holder id (None: it holds none)."""
+        for (state, _amount), receipt in zip(items, receipts, strict=True):
+            if state.key in self._resources:
+                self._leases.pop(receipt, None)
+                return str(receipt)
+        return None
+
+    def _end_lease(self, holder: str, keys: tuple[str, ...]) -> None:
+        """Under the lock: end a lease in Redis; never raises, never waits on an event loop.
+        A lease that cannot be ended now is ended once Redis answers again (ending one is
+        idempotent), and expires by itself within ``lease_seconds`` anyway (it is no longer
+        renewed)."""
+        words = [holder, *keys]
+        if self._outbox or (not self._simulated and _on_loop()):
+            self._defer("release", lambda: words)
+            return
         for attempt in (1, 2):
             try:
-                self._call("release", self.clock(), holder, *keys)
+                self._call("release", self.clock(), *words)
             except BackendUnavailable as exc:
-                # Ending a lease is idempotent, so a call refused before it was sent (a node gone:
-                # after a Cluster failover the client has just read the new topology) is safely
-                # made once more. A timeout is not retried: it already waited its bound.
-                if attempt == 1 and isinstance(exc.__cause__, redis.exceptions.ConnectionError):
+                # A call refused before it was sent (a node gone: after a Cluster failover the
+                # client has just read the new topology) is made once more at once.
+                if (
+                    attempt == 1
+                    and not isinstance(exc, NotSent)
+                    and isinstance(exc.__cause__, redis.exceptions.ConnectionError)
+                ):
                     continue
-                log.warning("could not end the lease %s (it expires by itself): %s", holder, exc)
+                log.warning("could not end the lease %s yet (sent again later): %s", holder, exc)
+                self._defer("release", lambda: words)
             break
-        return True
 
     def settle(
         self, state: RateState, receipt: Any, held: float, usage: float, now: float
@@ -406,11 +627,15 @@ class RedisScheduler(Scheduler):
             return Local(inner), held_now
         if receipt is ALLOWED:
             return receipt, usage  # nothing was taken in Redis: nothing to settle there
+        if isinstance(receipt, Pending) or (not self._simulated and _on_loop()):
+            # Sent later, in order after any update still to be sent (see _defer).
+            return self._defer_settle(state, receipt, held, usage), usage
         if usage == held:
             return receipt, held
         args = [*self._args[state.key], num(held), num(usage), encode_receipt(receipt)]
         try:
-            reply = self._call("settle", now, "1", *args)
+            self._flush()
+            reply = self._call("settle", now, "1", *args, bound=self._bound())
         except BackendUnavailable as exc:
             self._unavailable(exc)
             return receipt, held  # not recorded: a refund is lost, a charge goes uncounted
@@ -419,8 +644,49 @@ class RedisScheduler(Scheduler):
             self._refunded[state.key] += float(given)
         return decode_receipt(new_receipt), float(held_now)
 
+    def _defer_settle(self, state: RateState, receipt: Any, held: float, usage: float) -> Pending:
+        """A usage update handed off (see :meth:`_defer`): its receipt, complete once sent."""
+        out = Pending(receipt, held)
+
+        def args() -> list[str] | None:
+            prior, before = receipt, held
+            if isinstance(prior, Pending):  # an earlier update of the limit, sent before this
+                prior, before = prior.receipt, prior.held
+            out.receipt, out.held = prior, before  # until this one is answered
+            if prior is ALLOWED or usage == before:
+                out.held = usage if prior is ALLOWED else before
+                return None
+            return [
+                "1",
+                *self._args[state.key],
+                num(before),
+                num(usage),
+                encode_receipt(prior),
+            ]
+
+        def done(reply: Any) -> None:
+            new_receipt, held_now, given = reply[2]
+            out.receipt, out.held = decode_receipt(new_receipt), float(held_now)
+            if float(given) > 0:
+                self._refunded[state.key] += float(given)
+
+        self._defer("settle", args, done=done, lost=f"could not report the usage of {state.key!r}")
+        return out
+
     def pause(self, until: float, now: float) -> None:
+        if not self._simulated and _on_loop():
+            # Sent later (see _defer); meanwhile this process admits nobody before ``until``
+            # itself (try_take and the async door look at it).
+            if until > self.paused_until:
+                self.paused_until = until
+            self._defer(
+                "pause",
+                lambda: [num(max(until - self.clock(), 0.0)), ""],
+                lost=f"could not pause {self._hash} in Redis (paused in this process)",
+            )
+            return
         try:
+            self._flush()
             # Under a simulated clock the script's time is ours: the exact end goes too.
             self._call("pause", now, num(until - now), num(until) if self._simulated else "")
         except BackendUnavailable as exc:
@@ -436,12 +702,18 @@ class RedisScheduler(Scheduler):
         for state in self.states:
             args += self._args[state.key]
         try:
-            reply = self._call("stats", now, *args)
+            self._flush()
+            reply = self._call("stats", now, *args, bound=self._bound())
         except BackendUnavailable as exc:
             self._unavailable(exc)
             return super().availability(now)
+        return self._read_stats(now, reply)
+
+    def _read_stats(self, now: float, reply: Any) -> dict[str, float]:
         server_now = float(reply[0])
-        self.paused_until = self._local(now, server_now, float(reply[1]))
+        paused = self._local(now, server_now, float(reply[1]))
+        if paused > self.paused_until or self.paused_until <= now:
+            self.paused_until = paused
         out: dict[str, float] = {}
         for state, entry in zip(self.states, reply[3:], strict=True):
             out[state.key] = float(entry[0])
@@ -502,8 +774,15 @@ class RedisScheduler(Scheduler):
             return None
         is_head = next(iter(self.queue)) is waiter
         if now >= waiter.deadline or (is_head and waiter.rate_at > waiter.deadline):
-            self._leave(waiter, now)
-            self.timed_out += 1
+            if waiter.rate_at > waiter.deadline or not self._unanswered():
+                self._leave(waiter, now)
+                self.timed_out += 1
+                return None
+            # Redis has not answered for the head: give it the round trip's grace, then decide
+            # by the policy (the deadline holds whatever Redis does).
+            if now < waiter.deadline + GRACE and not self._circuit.opened:
+                return waiter.deadline + GRACE
+            self._no_answer(waiter, now)
             return None
         if is_head and now >= waiter.wake_at:
             self._signal()  # the dispatcher asks, and notifies this waiter with the answer
@@ -511,16 +790,36 @@ class RedisScheduler(Scheduler):
         wake = waiter.wake_at if is_head else math.inf
         return wake if wake < waiter.deadline else waiter.deadline
 
-    def _dispatch(self, now: float, current: Waiter | None = None) -> None:
-        if self._simulated:
-            super()._dispatch(now, current)
-        elif self.queue:
-            # Something changed (a release, a refund, a pause, a new head): ask for the head now.
-            self._epoch += 1  # an answer in flight predates it
-            head = next(iter(self.queue))
-            if head.wake_at > now:
-                head.wake_at = now
-            self._dispatch_inline(now)
+    def _unanswered(self) -> bool:
+        """Under the lock: the head of the queue waits for Redis's first answer about it."""
+        head = next(iter(self.queue), None)
+        return head is not None and head.rate_at == -math.inf
+
+    def _no_answer(self, waiter: Waiter, now: float) -> None:
+        """Under the lock: ``waiter``'s deadline (and grace) passed without an answer from Redis:
+        the failure policy decides (``"raise"``: a timeout, or BackendUnavailable when Redis is
+        known to be unreachable)."""
+        receipts: list[Any] | None = None
+        if self._policy == "allow":
+            receipts = [ALLOWED] * len(waiter.items)
+        elif self._policy == "local":
+            _rate_at, admit_at = Scheduler.admit_time(self, waiter.items, now)
+            if admit_at <= now:
+                receipts = [Local(r) for r in self._take(waiter.items, now)]
+        elif self._circuit.opened:
+            self._failures[waiter] = NotSent(f"Redis is unreachable ({self._circuit.reason})")
+        if receipts is None:
+            self._leave(waiter, now)
+            self.timed_out += 1
+            return
+        was_head = next(iter(self.queue)) is waiter
+        del self.queue[waiter]
+        waiter.receipts = receipts
+        waiter.granted_at = now
+        waiter.state = GRANTED
+        self.granted += 1
+        if was_head:
+            self._dispatch(now)
 
     def failure(self, waiter: Waiter) -> BaseException | None:
         return self._failures.pop(waiter, None)
@@ -551,19 +850,36 @@ class RedisScheduler(Scheduler):
     ) -> tuple[list[Any] | None, Any, float]:
         """The async door's first step under the real clock: ``(receipts, None, start)``,
         ``(None, waiter, start)`` (queued), or ``(None, None, start)`` (the rate limits already
-        place it after its deadline, ``patience`` seconds away). When nobody is queued and
-        nothing is being decided, the task asks Redis itself, awaiting the answer on its own
-        event loop (no thread hop); otherwise it queues and the dispatcher asks for it with the
-        others."""
+        place it after its deadline, ``patience`` seconds away). When nobody is queued, nothing
+        is being decided and a connected connection is ready, the task asks Redis itself,
+        awaiting the answer on its own event loop (no thread hop) for at most its patience plus
+        the grace of one round trip; otherwise it queues and the dispatcher asks for it with
+        the others. While Redis is known to be unreachable, the policy applies at once."""
         with self.lock:
             start = self.clock()
-            direct = (
+            if self._circuit.opened:
+                # No I/O: the decision fails at once, and the policy decides (or raises).
+                receipts = self.try_take(items, start)
+                if receipts is not None:
+                    return receipts, None, start
+                waiter = new_waiter(items, start + patience)
+                if not self.enqueue(waiter, start):
+                    return None, None, start
+                return None, waiter, start
+            conn = None
+            if (
                 not self.queue
                 and not self._fast_busy
+                and not self._outbox  # what was handed off goes first (from the dispatcher)
+                and self.paused_until <= start
                 and self._direct is not None
                 and self._hub.take_direct()  # a keyed set bounds its connections in use
-            )
-            if not direct:
+            ):
+                conn = self._direct.take()
+                if conn is None:
+                    self._hub.end_direct()
+                    self._direct.warm()  # for the next one; the dispatcher asks for this one
+            if conn is None:
                 waiter = new_waiter(items, start + patience)
                 if not self.enqueue(waiter, start):
                     return None, None, start  # the deadline is already out of reach
@@ -573,105 +889,168 @@ class RedisScheduler(Scheduler):
             holder = f"{self._me}:{next(self._holders)}"
         args = [holder, num(self._lease), *self._item_args(items)]
         try:
-            reply = await self._ask_directly(args)
+            reply = await self._ask_directly(conn, args, patience + GRACE)
         except BaseException as exc:
             with self.lock:
                 self._fast_busy = False
                 if self.queue:
                     self._signal()
-            if isinstance(exc, BackendUnavailable) and self._policy != "raise":
-                # The dispatcher applies the policy to it, first in the queue.
-                with self.lock:
-                    waiter = new_waiter(items, start + patience)
-                    if not self.enqueue(waiter, start):
-                        return None, None, start
-                    self.queue.move_to_end(waiter, last=False)
-                return None, waiter, start
+                if isinstance(exc, (BackendUnavailable, redis.exceptions.ResponseError)):
+                    decided = self._direct_failed(exc, items, patience, start, new_waiter)
+                    if decided is not None:
+                        return decided
             raise
         with self.lock:
             self._fast_busy = False
-            now = self.clock()
-            if reply[0] == 1:
-                receipts = self._receipts(items, holder, reply[2:])
-                self.granted += 1
-                if self.queue:
-                    self._signal()
-                return receipts, None, start
-            server_now = float(reply[1])
-            rate_at = self._local(start, server_now, float(reply[2]))
-            admit_at = self._local(start, server_now, float(reply[3]))
-            waiter = new_waiter(items, start + patience)
-            if rate_at > waiter.deadline or now >= waiter.deadline:
-                self.timed_out += 1
-                if self.queue:
-                    self._signal()
-                return None, None, start
-            self._hub.listen(self)
-            # First in the queue: it arrived before those that queued while Redis answered.
-            self.queue[waiter] = None
-            self.queue.move_to_end(waiter, last=False)
-            if epoch == self._epoch:
-                waiter.rate_at, waiter.wake_at = rate_at, admit_at
-                self._watch_expiry(now, self._local(start, server_now, float(reply[4])))
-            else:  # something changed meanwhile: ask again
-                waiter.rate_at, waiter.wake_at = -math.inf, now
-                self._signal()
-            return None, waiter, start
+            return self._direct_answered(
+                reply,
+                items,
+                holder,
+                patience=patience,
+                start=start,
+                epoch=epoch,
+                new_waiter=new_waiter,
+            )
 
-    async def _ask_directly(self, args: list[str]) -> list[Any]:
+    def _direct_failed(
+        self,
+        exc: BackendUnavailable | redis.exceptions.ResponseError,
+        items: Items,
+        patience: float,
+        start: float,
+        new_waiter: Callable[[Items, float], Any],
+    ) -> tuple[list[Any] | None, Any, float] | None:
+        """Under the lock: what ``take_first`` returns after its direct call failed (None: it
+        raises ``exc``)."""
+        if isinstance(exc, NoAnswer) and self._policy != "raise":
+            # Not answered within the caller's time: the policy decides now.
+            if self._policy == "allow":
+                return [ALLOWED] * len(items), None, start
+            return self._local_take(items, self.clock()), None, start
+        if isinstance(exc, BackendUnavailable) and self._policy == "raise":
+            return None
+        # The dispatcher asks again (an error reply: the script to load, the set to declare
+        # again), or applies the policy to it, first in the queue.
+        waiter = new_waiter(items, start + patience)
+        if not self.enqueue(waiter, start):
+            return None, None, start
+        self.queue.move_to_end(waiter, last=False)
+        waiter.wake_at = start
+        self._signal()
+        return None, waiter, start
+
+    def _direct_answered(
+        self,
+        reply: list[Any],
+        items: Items,
+        holder: str,
+        *,
+        patience: float,
+        start: float,
+        epoch: int,
+        new_waiter: Callable[[Items, float], Any],
+    ) -> tuple[list[Any] | None, Any, float]:
+        """Under the lock: what ``take_first`` returns for Redis's answer ``reply``."""
+        now = self.clock()
+        if reply[0] == 1:
+            receipts = self._receipts(items, holder, reply[2:])
+            self.granted += 1
+            if self.queue:
+                self._signal()
+            return receipts, None, start
+        server_now = float(reply[1])
+        rate_at = self._local(start, server_now, float(reply[2]))
+        admit_at = self._local(start, server_now, float(reply[3]))
+        waiter = new_waiter(items, start + patience)
+        if rate_at > waiter.deadline or now >= waiter.deadline:
+            self.timed_out += 1
+            if self.queue:
+                self._signal()
+            return None, None, start
+        self._hub.listen(self)
+        # First in the queue: it arrived before those that queued while Redis answered.
+        self.queue[waiter] = None
+        self.queue.move_to_end(waiter, last=False)
+        if epoch == self._epoch:
+            waiter.rate_at, waiter.wake_at = rate_at, admit_at
+            self._watch_expiry(now, self._local(start, server_now, float(reply[4])))
+        else:  # something changed meanwhile: ask again
+            waiter.rate_at, waiter.wake_at = -math.inf, now
+            self._signal()
+        return None, waiter, start
+
+    def _local_take(self, items: Items, now: float) -> list[Any] | None:
+        """Under the lock: the in-process decision of ``on_unavailable="local"``."""
+        if self.queue:
+            return None
+        _rate_at, admit_at = Scheduler.admit_time(self, items, now)
+        if admit_at > now:
+            return None
+        self.granted += 1
+        return [Local(r) for r in self._take(items, now)]
+
+    async def _ask_directly(
+        self, conn: redis.Connection, args: list[str], bound: float
+    ) -> list[Any]:
         """``acquire``, asked by the task itself; ends the hub's count of direct calls."""
         try:
-            return acquire_reply(await self._direct_call("acquire", args))
+            return acquire_reply(await self._direct_call(conn, "acquire", args, bound))
         finally:
             self._hub.end_direct()
 
-    async def _direct_call(self, op: str, args: list[str]) -> Any:
-        """One script call from a task: sent on a pooled connection of the blocking client, the
-        answer awaited on the task's own event loop (at most ``timeout``; shielded, so that an
-        answer Redis gives is never lost to a cancellation)."""
-        assert self._direct is not None
-        pool, timeout = self._direct
-        try:
-            conn = pool.get_connection()  # connects, if it must
-        except UNAVAILABLE as exc:
-            raise BackendUnavailable(
-                f"Redis did not answer for the limits {self._hash!r} in time: {exc!r}"
-            ) from exc
+    async def _direct_call(
+        self, conn: redis.Connection, op: str, args: list[str], bound: float
+    ) -> Any:
+        """One script call from a task, on a connected connection of the link: sent, and the
+        answer awaited on the task's own event loop, for at most ``bound`` seconds or the
+        backend's timeout (shielded, so that an answer Redis gives is never lost to a
+        cancellation). An error reply (the script or the declaration missing) is raised: the
+        dispatcher deals with it, off the event loop.
+
+        Raises:
+            NoAnswer: no answer within ``bound`` (shorter than the backend's timeout).
+            BackendUnavailable: no answer within the backend's timeout (the circuit opens).
+        """
+        link = self._direct
+        assert link is not None
+        full = bound >= self._timeout
+        timeout = self._timeout if full else bound
         done = False
         try:
             # One scope, shielded and with the deadline (fail_after would nest a second one:
             # each costs a noticeable share of a loopback round trip).
-            deadline = anyio.current_time() + timeout
-            with anyio.CancelScope(shield=True, deadline=deadline):
-                loaded = False
-                while True:
-                    functions = self._script.functions
-                    command = self._script.command(self._hash, [op, "", *args], functions=functions)
-                    conn.send_packed_command(  # type: ignore[no-untyped-call]
-                        [_resp(command, *self._encoding)]
-                    )
-                    await _wait_readable(conn._sock)
-                    try:
-                        reply = conn.read_response()
-                    except redis.exceptions.ResponseError as exc:
-                        # Not run (no library or script there): loaded, and sent once more.
-                        if not self._script.recover(self._client, exc, functions, loaded):
-                            raise
-                        loaded = loaded or functions == self._script.functions
-                        continue
-                    done = True
-                    return reply
-        except (TimeoutError, *UNAVAILABLE) as exc:
+            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + timeout):
+                command = self._script.command(
+                    self._hash, [op, self._tag, *args], functions=self._script.functions
+                )
+                conn.send_command(*command)  # type: ignore[no-untyped-call]
+                # PERF: the one private attribute used: a task waits for its socket on its own
+                # loop (no public API does without a thread hop, see benchmarks/redis.py).
+                await _wait_readable(conn._sock)
+                try:
+                    reply = conn.read_response()
+                except redis.exceptions.ResponseError:
+                    done = True  # in step: an error reply was read
+                    raise
+                done = True
+                return reply
+        except UNAVAILABLE as exc:
+            self._circuit.trip(exc)
             raise BackendUnavailable(
                 f"Redis did not answer for the limits {self._hash!r} in time: {exc!r}"
             ) from exc
         finally:
-            if not done:
+            if done:
+                link.give(conn)
+            else:
                 conn.disconnect()  # type: ignore[no-untyped-call]  # an answer may be on its way
-            pool.release(conn)
         # The deadline passed: the scope swallowed its own cancellation.
+        if not full:
+            raise NoAnswer(f"Redis did not answer for the limits {self._hash!r} within {timeout}s")
+        stalled = redis.exceptions.TimeoutError(f"no answer in {timeout}s")
+        self._circuit.trip(stalled)
         raise BackendUnavailable(
-            f"Redis did not answer for the limits {self._hash!r} in time: {TimeoutError()!r}"
+            f"Redis did not answer for the limits {self._hash!r} in time: {stalled!r}"
         )
 
     # -- the dispatcher's work (its thread, never under the lock while calling Redis) --------
@@ -683,7 +1062,7 @@ class RedisScheduler(Scheduler):
         while (asked := self.batch_to_ask()) is not None:
             try:
                 reply = self._call("batch", asked.now, *asked.args)
-            except BackendUnavailable as exc:
+            except (BackendUnavailable, ValueError) as exc:
                 self.batch_failed(asked, exc)
                 return
             if not self.batch_answered(asked, reply):
@@ -695,6 +1074,7 @@ class RedisScheduler(Scheduler):
     def batch_to_ask(self) -> Batch | None:
         """The due head and the waiters behind it, to ask Redis for (None: none is due)."""
         with self.lock:
+            self._flush()  # what an event loop handed off goes first
             now = self.clock()
             batch = self._due_batch(now)
             if not batch:
@@ -704,7 +1084,7 @@ class RedisScheduler(Scheduler):
 
     def batch_command(self, asked: Batch) -> list[str]:
         """The words of the script call for ``asked`` (for a pipeline of many)."""
-        args = ["batch", num(asked.now) if self._simulated else "", *asked.args]
+        args = ["batch", num(asked.now) if self._simulated else self._tag, *asked.args]
         return self._script.command(self._hash, args, functions=self._script.functions)
 
     def batch_answered(self, asked: Batch, reply: Any) -> bool:
@@ -716,13 +1096,14 @@ class RedisScheduler(Scheduler):
             self._undo(items, receipts, self.clock())
         return not (len(reply[2]) < len(asked.waiters) or reply[3])
 
-    def batch_failed(self, asked: Batch, exc: BackendUnavailable) -> None:
+    def batch_failed(self, asked: Batch, exc: BackendUnavailable | ValueError) -> None:
         with self.lock:
             self._batch_failed(asked.waiters, exc)
 
     def _dispatch_inline(self, now: float) -> None:
         """Under the lock: what the dispatcher thread does, done now by the caller (a release,
         a refund, a pause, a waiter leaving), so that its effect is visible when it returns."""
+        self._flush()
         while True:
             batch = self._due_batch(now)
             if not batch:
@@ -730,7 +1111,7 @@ class RedisScheduler(Scheduler):
             holders = [f"{self._me}:{next(self._holders)}" for _ in batch]
             try:
                 reply = self._call("batch", now, *self._batch_args(batch, holders))
-            except BackendUnavailable as exc:
+            except (BackendUnavailable, ValueError) as exc:
                 self._batch_failed(batch, exc)
                 return
             for items, receipts in self._apply(batch, holders, reply, now, self._epoch):
@@ -814,14 +1195,14 @@ class RedisScheduler(Scheduler):
                 self._signal()
         return undo
 
-    def _batch_failed(self, batch: list[Waiter], exc: BackendUnavailable) -> None:
-        """Under the lock: Redis did not answer for a batch: fail it (``"raise"``), or decide
-        it in-process."""
+    def _batch_failed(self, batch: list[Waiter], exc: BackendUnavailable | ValueError) -> None:
+        """Under the lock: Redis did not answer for a batch: fail it (``"raise"``, or another
+        declaration took the set's name: ValueError), or decide it in-process."""
         now = self.clock()
         for waiter in batch:
             if waiter.state != WAITING or waiter not in self.queue:
                 continue
-            if self._policy == "raise":
+            if self._policy == "raise" or isinstance(exc, ValueError):
                 del self.queue[waiter]
                 waiter.state = LEFT
                 self._failures[waiter] = exc
@@ -844,7 +1225,7 @@ class RedisScheduler(Scheduler):
             waiter.state = GRANTED
             self.granted += 1
             waiter.notify()
-        if self._policy != "raise":
+        if self._policy != "raise" and not isinstance(exc, ValueError):
             log.warning("%s; applying on_unavailable=%r", exc, self._policy)
 
     # -- leases ------------------------------------------------------------------------------
