@@ -31,7 +31,7 @@ import pytest
 
 from aiolimits import BackendUnavailable, CallLimit, LimitSet, RateLimit, ResourceLimit
 
-from ._redis_server import RedisFailoverCluster, cli, redis_failover_cluster
+from ._redis_server import RedisFailoverCluster, cli, redis_failover_cluster, wait_reachable
 
 if TYPE_CHECKING:
     from aiolimits.redis import RedisBackend
@@ -116,6 +116,8 @@ def fail_over(cluster: RedisFailoverCluster, key: str) -> tuple[int, int]:
     master.process.wait()
     cluster.wait_converged()
     assert cluster.master_of(key) is replica
+    for limits in (strict, lenient):  # the backends' probes find the Cluster back
+        wait_reachable(limits._backend)  # type: ignore[attr-defined]
     return master.port, replica.port
 
 
@@ -231,6 +233,8 @@ async def test_during_a_failover_raise_raises_and_allow_admits_then_limits_are_s
         os.kill(replica.pid, signal.SIGCONT)
     cluster.wait_converged()
     assert cluster.master_of(key) is replica
+    for limits in (strict, lenient):  # the backends' probes find the Cluster back
+        wait_reachable(limits._backend)  # type: ignore[attr-defined]
 
     # The shared limits again, with exactly the state from before the window: the calls that
     # timed out never ran (their master never resumed), and what was allowed counted nothing.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -305,6 +306,13 @@ class RedisBackend(Backend):
     def _declare(self, name: str, key: str, limits: tuple[Limit, ...], keyed: bool) -> Any:
         """Record the declaration of the set ``name`` in its hash ``key``, or check it against
         the one recorded; returns the client."""
+        return self._declared(name, key, limits, keyed)[0]
+
+    def _declared(
+        self, name: str, key: str, limits: tuple[Limit, ...], keyed: bool
+    ) -> tuple[Any, str]:
+        """:meth:`_declare`, and the digest of the declaration recorded (``"!h"``: a plain
+        set's calls name it, so that the script notices when Redis lost it)."""
         declared = declaration_json(limits)
         if keyed:
             declared = f'{{"keyed":{declared}}}'
@@ -313,6 +321,12 @@ class RedisBackend(Backend):
             client = self._connect()
             client.hsetnx(key, "!d", declared)
             stored: Any = client.hget(key, "!d")
+            text = declared
+            if stored is not None:
+                text = stored.decode() if isinstance(stored, bytes) else str(stored)
+            # Every process writes the digest of the declaration that won, so all agree.
+            digest = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:16]
+            client.hsetnx(key, "!h", digest)
             link = self._link
             if link is not None and not link.ready():
                 # Attaching does I/O on its thread anyway: a connection for the sets' own calls
@@ -322,7 +336,6 @@ class RedisBackend(Backend):
             self._circuit.trip(exc)
             raise BackendUnavailable(f"Redis did not answer for the limits {key!r}: {exc}") from exc
         if stored is not None:
-            text = stored.decode() if isinstance(stored, bytes) else str(stored)
             found = json.loads(text)
             was_keyed = isinstance(found, dict)
             if was_keyed != keyed:
@@ -334,7 +347,11 @@ class RedisBackend(Backend):
             message = mismatch(name, found["keyed"] if was_keyed else found, declaration(limits))
             if message is not None:
                 raise ValueError(message)
-        return client
+        return client, digest
+
+    def _redeclare(self, name: str, key: str, limits: tuple[Limit, ...]) -> str:
+        """The declaration of the plain set ``name`` again, after Redis lost it; its digest."""
+        return self._declared(name, key, limits, keyed=False)[1]
 
     def attach(
         self,
@@ -352,7 +369,7 @@ class RedisBackend(Backend):
         if name is None:
             raise ValueError("name is required with RedisBackend: it names the shared state")
         key = self.hash_key(name)
-        client = self._declare(name, key, limits, keyed=False)
+        client, digest = self._declared(name, key, limits, keyed=False)
         hub = Hub(
             key,
             self._subscriber(key),
@@ -375,7 +392,8 @@ class RedisBackend(Backend):
             circuit=self._circuit,
             timeout=self.timeout,
             link=self._link,
-            redeclare=partial(self._declare, name, key, limits, False),
+            declared=digest,
+            redeclare=partial(self._redeclare, name, key, limits),
         )
 
     def attach_keyed(

@@ -192,7 +192,8 @@ class RedisScheduler(Scheduler):
         circuit: Circuit,
         timeout: float,
         link: Link | None = None,
-        redeclare: Callable[[], object] | None = None,
+        declared: str = "",
+        redeclare: Callable[[], str] | None = None,
         model: RedisScheduler | None = None,
     ) -> None:
         super().__init__(states, clock)
@@ -236,10 +237,11 @@ class RedisScheduler(Scheduler):
         self._timeout = timeout  # the backend's bound on any call
         # The bound of the next try_take, set by the blocking door from its caller's timeout.
         self._hint: float | None = None
-        # A plain set's calls under Redis time ask the script to check the declaration is
-        # there ("d"), and re-declare when Redis lost it; a keyed set's key hashes hold none.
+        # A plain set's calls under Redis time ask the script to check that the declaration
+        # with the digest ``declared`` is there ("d<digest>"), and declare it again when Redis
+        # lost it; a keyed set's key hashes hold none.
         self._redeclare = redeclare
-        self._tag = "d" if redeclare is not None and not simulated else ""
+        self._tag = f"d{declared}" if redeclare is not None and not simulated else ""
         # The last refusal of try_take, for the enqueue that follows it in the same step.
         self._refused: tuple[Items, float, float, float] | None = None
         # Calls handed off by an event loop's thread, to send first (see _defer), and whether
@@ -271,19 +273,22 @@ class RedisScheduler(Scheduler):
             if self._redeclare is None or not str(exc).startswith(UNDECLARED):
                 raise
         self._declare_again()
+        if not self._simulated:
+            words[1] = self._tag
         return self._send(words, bound)
 
     def _declare_again(self) -> None:
         assert self._redeclare is not None
         log.warning("the declaration of %s was lost in Redis: declaring it again", self._hash)
         try:
-            self._redeclare()
+            digest = self._redeclare()
         except BackendUnavailable:
             raise
         except UNAVAILABLE as exc:
             raise BackendUnavailable(
                 f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
             ) from exc
+        self._tag = f"d{digest}"
 
     def _send(self, words: list[str], bound: float | None) -> Any:
         if self._direct is not None:
