@@ -55,6 +55,7 @@ import redis.client
 import redis.exceptions
 
 from .._algorithms import RateState, SemaphoreState
+from .._door import retry_after_locked, stats_locked
 from .._errors import BackendUnavailable
 from .._limits import Limit, ResourceLimit
 from .._scheduler import Items, Scheduler
@@ -144,6 +145,7 @@ class RedisScheduler(Scheduler):
 
     __slots__ = (
         "__weakref__",
+        "_answered",
         "_args",
         "_channel",
         "_circuit",
@@ -250,6 +252,9 @@ class RedisScheduler(Scheduler):
             tuple[str, Callable[[], list[str] | None], Callable[[Any], object] | None, str | None]
         ] = []
         self._retrying = False
+        # Availability Redis just gave with another answer (attempt), for the statistics made
+        # of it next, under the same lock hold.
+        self._answered: dict[str, float] | None = None
         self._policy = on_unavailable
         self._expiry_at = math.inf
         self._expiry_timer: Cancellable | None = None
@@ -703,6 +708,9 @@ class RedisScheduler(Scheduler):
             self._dispatch(now)
 
     def availability(self, now: float) -> dict[str, float]:
+        answered, self._answered = self._answered, None
+        if answered is not None:
+            return answered
         args = [str(len(self.states))]
         for state in self.states:
             args += self._args[state.key]
@@ -983,6 +991,140 @@ class RedisScheduler(Scheduler):
             waiter.rate_at, waiter.wake_at = -math.inf, now
             self._signal()
         return None, waiter, start
+
+    # -- the async door's decision without waiting (the integrations' gate) ----------------
+
+    async def attempt(
+        self, items: Items, limits: Sequence[Limit]
+    ) -> tuple[list[Any] | None, float, dict[str, Any]]:
+        """``(receipts, retry_after, stats)`` for ``try_acquire`` from a task in one awaited
+        round trip: ``acquire`` (or, while others are queued, ``earliest``) and ``stats``,
+        pipelined on a connection of the link. Without a connected one ready, or while Redis is
+        known to be unreachable, the answers are made under the lock as the sync verbs make
+        them (at once while unreachable)."""
+        with self.lock:
+            start = self.clock()
+            conn = None
+            if not self._circuit.opened and self._direct is not None and not self._outbox:
+                conn = self._direct.take()
+                if conn is None:
+                    self._direct.warm()
+            if conn is None:
+                return self._attempt_locked(items, limits, start)
+            barge = not self.queue and not self._fast_busy and self.paused_until <= start
+            holder = ""
+            if barge:
+                self._fast_busy = True
+                holder = f"{self._me}:{next(self._holders)}"
+        stats_args = [str(len(self.states))]
+        for state in self.states:
+            stats_args += self._args[state.key]
+        first = (
+            ["acquire", holder, num(self._lease), *self._item_args(items)]
+            if barge
+            else ["earliest", *self._item_args(items)]
+        )
+        try:
+            replies = await self._direct_pipeline(conn, [first, ["stats", *stats_args]], GRACE)
+        except (BackendUnavailable, redis.exceptions.ResponseError) as exc:
+            with self.lock:
+                self._fast_busy = False
+                return self._attempt_failed(exc, items, limits)
+        with self.lock:
+            self._fast_busy = False
+            now = self.clock()
+            granted: list[Any] | None = None
+            if barge:
+                reply = acquire_reply(replies[0])
+                if reply[0] == 1:
+                    granted = self._receipts(items, holder, reply[2:])
+                    self.granted += 1
+                    at = now
+                else:
+                    at = self._local(start, float(reply[1]), float(reply[3]))
+            else:
+                reply = replies[0]
+                at = self._local(start, float(reply[0]), float(reply[2]))
+            at = max(at, self.head_wake_at())
+            self._answered = self._read_stats(start, replies[1])
+            stats = stats_locked(limits, self, now)
+            if self.queue:
+                self._signal()
+            return granted, 0.0 if granted is not None else max(0.0, at - now), stats
+
+    def _attempt_failed(
+        self,
+        exc: BackendUnavailable | redis.exceptions.ResponseError,
+        items: Items,
+        limits: Sequence[Limit],
+    ) -> tuple[list[Any] | None, float, dict[str, Any]]:
+        """Under the lock: the answers of ``attempt`` after its round trip failed."""
+        if self.queue:
+            self._signal()
+        now = self.clock()
+        if not isinstance(exc, NoAnswer):
+            # Unreachable (the policy applies at once now), or an error reply (the sync path
+            # loads the script, or declares the set again).
+            return self._attempt_locked(items, limits, now)
+        if self._policy == "raise":
+            raise exc
+        receipts = (
+            [ALLOWED] * len(items) if self._policy == "allow" else self._local_take(items, now)
+        )
+        self._answered = Scheduler.availability(self, now)
+        return receipts, 0.0 if receipts else math.inf, stats_locked(limits, self, now)
+
+    def _attempt_locked(
+        self, items: Items, limits: Sequence[Limit], now: float
+    ) -> tuple[list[Any] | None, float, dict[str, Any]]:
+        receipts = self.try_take(items, now)
+        wait = 0.0 if receipts is not None else retry_after_locked(self, items, now)
+        return receipts, wait, stats_locked(limits, self, now)
+
+    async def _direct_pipeline(
+        self, conn: redis.Connection, calls: list[list[str]], bound: float
+    ) -> list[Any]:
+        """Several script calls from a task in one round trip on ``conn`` (see
+        :meth:`_direct_call`): all their replies, or the first error (the connection is then
+        closed: later replies may be on their way)."""
+        link = self._direct
+        assert link is not None
+        full = bound >= self._timeout
+        timeout = self._timeout if full else bound
+        functions = self._script.functions
+        packed = conn.pack_commands(  # type: ignore[no-untyped-call]
+            [
+                self._script.command(self._hash, [op, self._tag, *args], functions=functions)
+                for op, *args in calls
+            ]
+        )
+        replies: list[Any] = []
+        try:
+            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + timeout):
+                conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+                while len(replies) < len(calls):
+                    if not conn.can_read(timeout=0):  # nothing buffered: wait on the loop
+                        await _wait_readable(conn._sock)
+                    replies.append(conn.read_response())
+        except UNAVAILABLE as exc:
+            self._circuit.trip(exc)
+            raise BackendUnavailable(
+                f"Redis did not answer for the limits {self._hash!r} in time: {exc!r}"
+            ) from exc
+        finally:
+            if len(replies) == len(calls):
+                link.give(conn)
+            else:
+                conn.disconnect()  # type: ignore[no-untyped-call]
+        if len(replies) == len(calls):
+            return replies
+        if not full:
+            raise NoAnswer(f"Redis did not answer for the limits {self._hash!r} within {timeout}s")
+        stalled = redis.exceptions.TimeoutError(f"no answer in {timeout}s")
+        self._circuit.trip(stalled)
+        raise BackendUnavailable(
+            f"Redis did not answer for the limits {self._hash!r} in time: {stalled!r}"
+        )
 
     def _local_take(self, items: Items, now: float) -> list[Any] | None:
         """Under the lock: the in-process decision of ``on_unavailable="local"``."""
