@@ -132,13 +132,17 @@ class RedisBackend(Backend):
             self._client = self._sync_twin(url_or_client)
         else:
             self._client = url_or_client
-        self._circuit = Circuit(self._probe, f"{prefix} at {self._where()}")
+        # The probe holds the backend weakly: a backend dropped while Redis is down is garbage.
+        self._circuit = Circuit(
+            partial(_probe_of, weakref.ref(self)), f"{prefix} at {self._where()}"
+        )
         # The callers' own connections, for a single server (known once connected, from a URL).
         self._link: Link | None = None
         if isinstance(self._client, redis.Redis):
             self._link = self._new_link(self._client)
         # The threads of this backend's sets, to end on close().
         self._hubs: weakref.WeakSet[Hub] = weakref.WeakSet()
+        weakref.finalize(self, self._circuit.close)  # garbage: no probe any more
 
     def _where(self) -> str:
         if self._url is not None:
@@ -454,6 +458,13 @@ class RedisBackend(Backend):
     def __repr__(self) -> str:
         where = self._url if self._url is not None else repr(self._client)
         return f"RedisBackend({where!r}, prefix={self.prefix!r})"
+
+
+def _probe_of(ref: weakref.ref[RedisBackend]) -> None:
+    backend = ref()
+    if backend is None:
+        raise RuntimeError("the backend is gone")  # the probe thread ends with its circuit
+    backend._probe()
 
 
 def escape_prefix(prefix: str) -> str:

@@ -178,6 +178,12 @@ def _run_logged(job: Callable[[], object]) -> None:
         log.exception("a deferred Redis call of aiolimits failed")
 
 
+def _disconnect_all(connections: list[redis.Connection]) -> None:
+    for conn in connections:
+        conn.disconnect()  # type: ignore[no-untyped-call]
+    connections.clear()
+
+
 def ping(make: Callable[[], redis.Connection], timeout: float) -> None:
     """One ``PING`` on a connection of its own (the probe of a single server)."""
     conn = make()
@@ -202,7 +208,16 @@ class Link:
         circuit: tripped when a connection cannot be made.
     """
 
-    __slots__ = ("_closed", "_cond", "_idle", "_make", "_warming", "circuit", "timeout")
+    __slots__ = (
+        "__weakref__",
+        "_closed",
+        "_cond",
+        "_idle",
+        "_make",
+        "_warming",
+        "circuit",
+        "timeout",
+    )
 
     #: Idle connections kept at most (more are closed when given back).
     KEEP: Final = 16
@@ -216,6 +231,7 @@ class Link:
         self._idle: list[redis.Connection] = []
         self._warming = False
         self._closed = False
+        weakref.finalize(self, _disconnect_all, self._idle)  # garbage: its sockets closed
 
     def new(self) -> redis.Connection:
         """A connection not yet connected (for the probe)."""

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -93,6 +94,12 @@ def _refused(exc: BaseException) -> bool:
 def _on_loop() -> bool:
     """Whether this thread runs an event loop (asyncio, uvloop or trio): no Redis I/O here."""
     return running_event_loop() is not None
+
+
+def _loop_bound() -> float | None:
+    """How long a call that must answer may take on this thread: one round trip's grace on an
+    event loop's thread, else the backend's timeout (None)."""
+    return GRACE if _on_loop() else None
 
 
 class NoAnswer(BackendUnavailable):
@@ -171,6 +178,8 @@ class RedisScheduler(Scheduler):
         "_resources",
         "_retrying",
         "_script",
+        "_sending",
+        "_sent",
         "_simulated",
         "_tag",
         "_timeout",
@@ -252,6 +261,10 @@ class RedisScheduler(Scheduler):
             tuple[str, Callable[[], list[str] | None], Callable[[Any], object] | None, str | None]
         ] = []
         self._retrying = False
+        # The dispatcher thread is sending the first call of the outbox (without the lock), and
+        # the condition (on the lock) a caller waits on for it to end.
+        self._sending = False
+        self._sent = threading.Condition(self.lock)
         # Availability Redis just gave with another answer (attempt), for the statistics made
         # of it next, under the same lock hold.
         self._answered: dict[str, float] | None = None
@@ -441,7 +454,7 @@ class RedisScheduler(Scheduler):
 
     def admit_time(self, items: Items, now: float) -> tuple[float, float]:
         try:
-            self._flush()
+            self._flush(_loop_bound())
             reply = self._call("earliest", now, *self._item_args(items), bound=self._bound())
         except BackendUnavailable as exc:
             if self._unavailable(exc) == "allow":
@@ -456,7 +469,7 @@ class RedisScheduler(Scheduler):
 
     def _admit(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
         try:
-            self._flush()
+            self._flush(self._hint if self._hint is not None else _loop_bound())
             return self._acquire(items, now)
         except BackendUnavailable as exc:
             if self._unavailable(exc) == "allow":
@@ -510,40 +523,84 @@ class RedisScheduler(Scheduler):
         self._outbox.append((op, args, done, lost))
         self._signal()
 
-    def _flush(self) -> None:
-        """Under the lock: send the outbox, in order (see :meth:`_defer`)."""
+    def _flush(self, bound: float | None = None) -> None:
+        """Under the lock, before a call of this caller: send the outbox first, in order (see
+        :meth:`_defer`), after the one the dispatcher thread may be sending (waiting at most
+        ``bound``, or the backend's timeout: NoAnswer then)."""
+        if self._sending:
+            wait = self._timeout if bound is None else min(bound, self._timeout)
+            if not self._sent.wait_for(lambda: not self._sending, timeout=wait):
+                raise NoAnswer(f"Redis did not answer for the limits {self._hash!r} in time")
         outbox = self._outbox
         while outbox:
-            op, args, done, lost = outbox[0]
+            op, args, done, _lost = outbox[0]
             words = args()
             if words is None:
                 outbox.pop(0)
                 continue
             try:
                 reply = self._call(op, self.clock(), *words)
-            except NotSent:
-                if not self._retrying:
-                    self._retrying = True
-                    self._circuit.later(self._flush_again)
-                return
-            except BackendUnavailable as exc:
-                if lost is None and self._circuit.opened:
-                    continue  # sent again once Redis answers (NotSent on the next turn)
-                outbox.pop(0)
-                log.warning("%s: %s", lost or f"could not send {op}", exc)
-                continue
-            except Exception:
-                outbox.pop(0)
-                log.exception("a deferred Redis call of aiolimits failed")
+            except Exception as exc:
+                if not self._sent_one(exc):
+                    return
                 continue
             outbox.pop(0)
             if done is not None:
                 done(reply)
 
+    def _sent_one(self, exc: Exception) -> bool:
+        """Under the lock: the first call of the outbox failed with ``exc``; whether to go on
+        with the next one (False: it waits, and the rest behind it, until Redis answers)."""
+        op, _args, _done, lost = self._outbox[0]
+        if isinstance(exc, NotSent):
+            if not self._retrying:
+                self._retrying = True
+                self._circuit.later(self._flush_again)
+            return False
+        if isinstance(exc, BackendUnavailable):
+            if lost is None and self._circuit.opened:
+                return True  # sent again once Redis answers (NotSent on the next turn)
+            self._outbox.pop(0)
+            log.warning("%s: %s", lost or f"could not send {op}", exc)
+            return True
+        self._outbox.pop(0)
+        log.error("a deferred Redis call of aiolimits failed: %r", exc)
+        return True
+
+    def send_outbox(self) -> None:
+        """On the dispatcher thread: send the outbox, in order, one call at a time without the
+        lock (an event loop's thread that takes it meanwhile never waits for Redis)."""
+        while True:
+            with self.lock:
+                if self._sending or not self._outbox:
+                    return
+                op, args, done, _lost = self._outbox[0]
+                words = args()
+                if words is None:
+                    self._outbox.pop(0)
+                    continue
+                self._sending = True
+            outcome: Any
+            try:
+                outcome = self._call(op, self.clock(), *words)
+                failed = False
+            except Exception as exc:
+                outcome, failed = exc, True
+            with self.lock:
+                self._sending = False
+                self._sent.notify_all()
+                if failed:
+                    if not self._sent_one(outcome):
+                        return
+                    continue
+                self._outbox.pop(0)
+                if done is not None:
+                    done(outcome)
+
     def _flush_again(self) -> None:
         with self.lock:
             self._retrying = False
-            self._flush()
+        self.send_outbox()
 
     def _undo(self, items: Items, receipts: Sequence[Any], now: float) -> None:
         """Give back a grant nobody used: rate amounts refunded as far as §3 allows, leases
@@ -715,7 +772,7 @@ class RedisScheduler(Scheduler):
         for state in self.states:
             args += self._args[state.key]
         try:
-            self._flush()
+            self._flush(_loop_bound())
             reply = self._call("stats", now, *args, bound=self._bound())
         except BackendUnavailable as exc:
             self._unavailable(exc)
@@ -884,6 +941,7 @@ class RedisScheduler(Scheduler):
                 not self.queue
                 and not self._fast_busy
                 and not self._outbox  # what was handed off goes first (from the dispatcher)
+                and not self._sending
                 and self.paused_until <= start
                 and self._direct is not None
                 and self._hub.take_direct()  # a keyed set bounds its connections in use
@@ -1005,7 +1063,12 @@ class RedisScheduler(Scheduler):
         with self.lock:
             start = self.clock()
             conn = None
-            if not self._circuit.opened and self._direct is not None and not self._outbox:
+            if (
+                not self._circuit.opened
+                and self._direct is not None
+                and not self._outbox
+                and not self._sending
+            ):
                 conn = self._direct.take()
                 if conn is None:
                     self._direct.warm()
@@ -1205,7 +1268,9 @@ class RedisScheduler(Scheduler):
     def dispatch_queue(self) -> None:
         """Ask Redis for the due head and the waiters behind it, in one call per batch, and
         apply the answer: grants in queue order up to the first refusal, whose time goes to the
-        new head. Repeats while whole batches are granted and more are queued."""
+        new head. Repeats while whole batches are granted and more are queued. What an event
+        loop handed off goes first."""
+        self.send_outbox()
         while (asked := self.batch_to_ask()) is not None:
             try:
                 reply = self._call("batch", asked.now, *asked.args)
@@ -1221,7 +1286,6 @@ class RedisScheduler(Scheduler):
     def batch_to_ask(self) -> Batch | None:
         """The due head and the waiters behind it, to ask Redis for (None: none is due)."""
         with self.lock:
-            self._flush()  # what an event loop handed off goes first
             now = self.clock()
             batch = self._due_batch(now)
             if not batch:
@@ -1250,7 +1314,11 @@ class RedisScheduler(Scheduler):
     def _dispatch_inline(self, now: float) -> None:
         """Under the lock: what the dispatcher thread does, done now by the caller (a release,
         a refund, a pause, a waiter leaving), so that its effect is visible when it returns."""
-        self._flush()
+        try:
+            self._flush()
+        except BackendUnavailable:
+            self._signal()  # the dispatcher asks once what it sends is sent
+            return
         while True:
             batch = self._due_batch(now)
             if not batch:

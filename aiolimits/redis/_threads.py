@@ -414,6 +414,7 @@ def _dispatch_together(schedulers: list[RedisScheduler]) -> list[RedisScheduler]
     while together:
         asked = []
         for sched in together:
+            sched.send_outbox()  # what an event loop handed off goes first
             batch = sched.batch_to_ask()
             if batch is not None:
                 asked.append((sched, batch))
