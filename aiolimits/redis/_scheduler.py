@@ -96,12 +96,6 @@ def _on_loop() -> bool:
     return running_event_loop() is not None
 
 
-def _loop_bound() -> float | None:
-    """How long a call that must answer may take on this thread: one round trip's grace on an
-    event loop's thread, else the backend's timeout (None)."""
-    return GRACE if _on_loop() else None
-
-
 class NoAnswer(BackendUnavailable):
     """Redis did not answer within the caller's own time (shorter than the backend's
     ``timeout``): the call may still run; the circuit stays as it was."""
@@ -387,12 +381,12 @@ class RedisScheduler(Scheduler):
         self._hint = timeout + GRACE
 
     def _bound(self) -> float | None:
-        """The bound of a call that must answer now: its caller's, or the grace of one round
-        trip on an event loop's thread (None: the backend's timeout)."""
+        """The bound of a call that must answer now: its caller's (None: the backend's
+        timeout). The sync questions (``try_acquire``, ``retry_after``, ``get_stats``) have
+        none: on an event loop they wait for one round trip (``attempt`` is their async twin),
+        and not at all while Redis is known to be unreachable."""
         hint, self._hint = self._hint, None
-        if hint is not None:
-            return hint
-        return GRACE if _on_loop() else None
+        return hint
 
     def _unavailable(self, exc: BackendUnavailable) -> str:
         """The policy to apply now that Redis did not answer (re-raises under "raise")."""
@@ -454,7 +448,7 @@ class RedisScheduler(Scheduler):
 
     def admit_time(self, items: Items, now: float) -> tuple[float, float]:
         try:
-            self._flush(_loop_bound())
+            self._flush()
             reply = self._call("earliest", now, *self._item_args(items), bound=self._bound())
         except BackendUnavailable as exc:
             if self._unavailable(exc) == "allow":
@@ -469,7 +463,7 @@ class RedisScheduler(Scheduler):
 
     def _admit(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
         try:
-            self._flush(self._hint if self._hint is not None else _loop_bound())
+            self._flush(self._hint)
             return self._acquire(items, now)
         except BackendUnavailable as exc:
             if self._unavailable(exc) == "allow":
@@ -772,7 +766,7 @@ class RedisScheduler(Scheduler):
         for state in self.states:
             args += self._args[state.key]
         try:
-            self._flush(_loop_bound())
+            self._flush()
             reply = self._call("stats", now, *args, bound=self._bound())
         except BackendUnavailable as exc:
             self._unavailable(exc)
@@ -890,6 +884,20 @@ class RedisScheduler(Scheduler):
         self.granted += 1
         if was_head:
             self._dispatch(now)
+
+    def _dispatch(self, now: float, current: Waiter | None = None) -> None:
+        if self._simulated:
+            super()._dispatch(now, current)
+        elif self.queue:
+            # Something changed (a release, a refund, a pause, a new head): ask for the head now.
+            self._epoch += 1  # an answer in flight predates it
+            head = next(iter(self.queue))
+            if head.wake_at > now:
+                head.wake_at = now
+            if _on_loop():
+                self._signal()  # never a round trip on an event loop's thread
+            else:
+                self._dispatch_inline(now)
 
     def failure(self, waiter: Waiter) -> BaseException | None:
         return self._failures.pop(waiter, None)
