@@ -31,7 +31,7 @@ from ._keys import RedisKeys
 from ._link import UNAVAILABLE, Circuit, Link, ping
 from ._scheduler import RedisScheduler
 from ._script import Lua
-from ._threads import Hub
+from ._threads import Hub, stoppable
 
 __all__ = ["RedisBackend"]
 
@@ -273,20 +273,21 @@ class RedisBackend(Backend):
                         client.nodes_manager.initialize()
                 again = True
                 node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
-                plain = redis.Redis(
+                plain = redis.ConnectionPool(
+                    connection_class=stoppable(redis.Connection),
                     host=node.host,
                     port=node.port,
                     socket_connect_timeout=connect,
                     retry=Retry(NoBackoff(), 0),
                 )
-                return redis.client.PubSub(plain.connection_pool, ignore_subscribe_messages=True)
+                return redis.client.PubSub(plain, ignore_subscribe_messages=True)
             pool = client.connection_pool
             kwargs = dict(pool.connection_kwargs)
             kwargs["socket_timeout"] = None
             # Never reconnected by redis-py: a subscription that ends (or that close() ends by
             # closing its socket) ends its read, and the listener decides what to do.
             kwargs["retry"] = Retry(NoBackoff(), 0)
-            own = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+            own = redis.ConnectionPool(connection_class=stoppable(pool.connection_class), **kwargs)
             return redis.client.PubSub(own, ignore_subscribe_messages=True)
 
         return subscribe

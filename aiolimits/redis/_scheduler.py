@@ -165,6 +165,7 @@ class RedisScheduler(Scheduler):
         "_leases",
         "_me",
         "_outbox",
+        "_patience",
         "_policy",
         "_redeclare",
         "_refunded",
@@ -240,8 +241,10 @@ class RedisScheduler(Scheduler):
         self._direct = link
         self._circuit = circuit  # shared by every set of the backend
         self._timeout = timeout  # the backend's bound on any call
-        # The bound of the next try_take, set by the blocking door from its caller's timeout.
+        # The bound of the next try_take, set by the blocking door from its caller's timeout;
+        # and of every call while a task decides under the lock (attempt without a connection).
         self._hint: float | None = None
+        self._patience: float | None = None
         # A plain set's calls under Redis time ask the script to check that the declaration
         # with the digest ``declared`` is there ("d<digest>"), and declare it again when Redis
         # lost it; a keyed set's key hashes hold none.
@@ -278,6 +281,8 @@ class RedisScheduler(Scheduler):
         plain set whose declaration Redis lost is declared again (and checked: ValueError when
         another declaration took the name meanwhile), and the call sent once more."""
         self._circuit.check()
+        if bound is None:
+            bound = self._patience
         words = [op, num(now) if self._simulated else self._tag, *args]
         try:
             return self._send(words, bound)
@@ -521,9 +526,13 @@ class RedisScheduler(Scheduler):
         """Under the lock, before a call of this caller: send the outbox first, in order (see
         :meth:`_defer`), after the one the dispatcher thread may be sending (waiting at most
         ``bound``, or the backend's timeout: NoAnswer then)."""
+        if bound is None:
+            bound = self._patience
         if self._sending:
             wait = self._timeout if bound is None else min(bound, self._timeout)
             if not self._sent.wait_for(lambda: not self._sending, timeout=wait):
+                if self._patience is not None:
+                    self._patience = 0.0  # the rest of this decision waits no more
                 raise NoAnswer(f"Redis did not answer for the limits {self._hash!r} in time")
         outbox = self._outbox
         while outbox:
@@ -1081,7 +1090,13 @@ class RedisScheduler(Scheduler):
                 if conn is None:
                     self._direct.warm()
             if conn is None:
-                return self._attempt_locked(items, limits, start)
+                # Under the lock on the task's loop: every call waits one round trip's grace
+                # at most (at once while Redis is known to be unreachable).
+                self._patience = GRACE
+                try:
+                    return self._attempt_locked(items, limits, start)
+                finally:
+                    self._patience = None
             barge = not self.queue and not self._fast_busy and self.paused_until <= start
             holder = ""
             if barge:
@@ -1135,8 +1150,12 @@ class RedisScheduler(Scheduler):
         now = self.clock()
         if not isinstance(exc, NoAnswer):
             # Unreachable (the policy applies at once now), or an error reply (the sync path
-            # loads the script, or declares the set again).
-            return self._attempt_locked(items, limits, now)
+            # loads the script, or declares the set again, within the grace).
+            self._patience = GRACE
+            try:
+                return self._attempt_locked(items, limits, now)
+            finally:
+                self._patience = None
         if self._policy == "raise":
             raise exc
         receipts = (

@@ -31,7 +31,7 @@ from ._link import UNAVAILABLE, log
 if TYPE_CHECKING:
     from ._scheduler import RedisScheduler
 
-__all__ = ["UNAVAILABLE", "Hub", "log"]
+__all__ = ["UNAVAILABLE", "Hub", "log", "stoppable"]
 
 #: The most tasks of a keyed set that ask Redis themselves at once (each on a pooled connection of
 #: its own, see ``RedisScheduler.take_first``); more queue, and the dispatcher asks for them.
@@ -199,6 +199,25 @@ class Hub:
                     self.renewer = renewer
 
 
+_STOPPABLE: dict[type[Any], type[Any]] = {}
+
+
+def stoppable(kind: type[Any]) -> type[Any]:
+    """A subclass of the connection class ``kind`` that refuses to connect again once its
+    subscription was stopped (``aiolimits_stopped``), so that closing its socket ends the
+    listener's read for good."""
+    made = _STOPPABLE.get(kind)
+    if made is None:
+
+        def connect(self: Any) -> None:
+            if getattr(self, "aiolimits_stopped", False):
+                raise redis.exceptions.ConnectionError("the wake-up subscription was stopped")
+            kind.connect(self)
+
+        made = _STOPPABLE[kind] = type(f"Stoppable{kind.__name__}", (kind,), {"connect": connect})
+    return made
+
+
 class Renewer:
     """Extends the leases of a set's schedulers every third of a lease, while the hub lives."""
 
@@ -247,6 +266,9 @@ class Listener:
         pubsub = self._current
         connection: Any = None if pubsub is None else pubsub.connection  # None until subscribed
         if connection is not None:
+            # redis-py reconnects a subscription's connection whenever it reads on a closed one:
+            # a stoppable connection refuses to, once stopped.
+            connection.aiolimits_stopped = True
             connection.disconnect()  # the blocked read in the thread returns
 
     def _run(self, registry: _Registry) -> None:
