@@ -294,7 +294,7 @@ def test_raise_while_redis_is_paused_and_no_over_admission_after(own_server: Red
             limits.acquire_sync(timeout=5)
     finally:
         os.kill(own_server.pid, signal.SIGCONT)
-    wait_reachable(limits._backend)  # type: ignore[attr-defined]
+    wait_reachable(limits._backend)
     # The calls that timed out may still run once the server resumes (Redis had read them):
     # their units then count as used. Either way, never more than the limit in all.
     admitted = sum(limits.try_acquire().successful for _ in range(3))
@@ -317,7 +317,7 @@ def test_allow_admits_while_redis_is_paused(own_server: RedisServer) -> None:
             acq.update({"call_count": 1})
     finally:
         os.kill(own_server.pid, signal.SIGCONT)
-    wait_reachable(limits._backend)  # type: ignore[attr-defined]
+    wait_reachable(limits._backend)
     assert not limits.try_acquire().successful  # the shared limit again
 
 
@@ -343,7 +343,7 @@ def test_local_decides_in_process_while_redis_is_down_and_shares_again_after(
     assert not limits.try_acquire().successful
     restarted = RedisServer.start(port=port)
     try:
-        wait_reachable(limits._backend)  # type: ignore[attr-defined]
+        wait_reachable(limits._backend)
         # Redis answers again: decisions are shared again (a fresh state after the restart).
         assert limits.try_acquire().successful
         assert limits.get_stats()["limits"]["call_count"]["available"] == 1

@@ -232,7 +232,7 @@ async def test_during_a_failover_raise_raises_and_allow_admits_then_limits_are_s
     cluster.wait_converged()
     assert cluster.master_of(key) is replica
     for limits in (strict, lenient):  # the backends' probes find the Cluster back
-        wait_reachable(limits._backend)  # type: ignore[attr-defined]
+        wait_reachable(limits._backend)
 
     # The shared limits again, with exactly the state from before the window: the calls that
     # timed out never ran (their master never resumed), and what was allowed counted nothing.
