@@ -36,7 +36,8 @@ class KeyScheduler(RedisScheduler, KeyProxy):
     __slots__ = ()
 
     def idle(self) -> bool:
-        return not (self.queue or self._leases or self._fast_busy)
+        # (Calls an event loop handed off are sent by this proxy first: it is kept until then.)
+        return not (self.queue or self._leases or self._fast_busy or self._outbox or self._sending)
 
 
 @final

@@ -1161,8 +1161,11 @@ class RedisScheduler(Scheduler):
         receipts = (
             [ALLOWED] * len(items) if self._policy == "allow" else self._local_take(items, now)
         )
+        wait = 0.0
+        if receipts is None:  # the in-process limits ("local") refused it
+            wait = max(0.0, Scheduler.admit_time(self, items, now)[1] - now)
         self._answered = Scheduler.availability(self, now)
-        return receipts, 0.0 if receipts else math.inf, stats_locked(limits, self, now)
+        return receipts, wait, stats_locked(limits, self, now)
 
     def _attempt_locked(
         self, items: Items, limits: Sequence[Limit], now: float
