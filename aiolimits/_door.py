@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from functools import partial
 from types import MappingProxyType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, final
 
 from ._acquisition import FAILED, HELD, Acquisition
 from ._algorithms import RateState
@@ -32,7 +32,7 @@ from ._waiters import (
     async_waiter,
 )
 
-__all__ = ["Door"]
+__all__ = ["Attempt", "Door"]
 
 W = TypeVar("W", bound=Waiter)
 
@@ -50,6 +50,29 @@ def check_common(
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a str or None, got {describe(name)}")
     return MappingProxyType(dict(config or {}))
+
+
+@final
+class Attempt:
+    """The answer of ``attempt``: an acquisition taken now or not at all, with the wait a
+    refusal implies and the statistics, all of one moment (one round trip on a shared backend).
+
+    Attributes:
+        acquisition: held when ``acquisition.successful``; as a context manager it releases.
+        retry_after: seconds until such a request could be admitted (0.0 when admitted; ``inf``
+            when only a release can admit it), as :meth:`LimitSet.retry_after` answers.
+        stats: the set's (or the key's) ``get_stats()`` at that moment.
+    """
+
+    __slots__ = ("acquisition", "retry_after", "stats")
+
+    def __init__(self, acquisition: Acquisition, retry_after: float, stats: dict[str, Any]) -> None:
+        self.acquisition = acquisition
+        self.retry_after = retry_after
+        self.stats = stats
+
+    def __repr__(self) -> str:
+        return f"<Attempt {self.acquisition!r} retry_after={self.retry_after!r}>"
 
 
 class Door:
@@ -162,6 +185,11 @@ class Door:
         start)`` or ``(None, waiter, start)``. Raises TimeoutError when the deadline is out of
         reach (nothing queued)."""
         start = sched.clock()
+        if sched.remote:
+            # A shared backend's first round trip answers within the caller's timeout too.
+            bound: Callable[[float], None] | None = getattr(sched, "bound_next_call", None)
+            if bound is not None:
+                bound(timeout)
         receipts = sched.try_take(items, start)
         if receipts is not None:
             return receipts, None, start
@@ -220,6 +248,23 @@ class Door:
     def _timeout_error(self, items: Items, timeout: float) -> TimeoutError:
         asked = {state.key: amount for state, amount in items}
         return TimeoutError(f"could not acquire {asked!r} within timeout={timeout!r}s")
+
+    async def _attempt(self, sched: Scheduler, items: Items) -> Attempt:
+        """``try_acquire`` for a task, with its ``retry_after`` and ``get_stats`` answers: on a
+        shared backend one awaited round trip (never a wait for the network on the loop), in
+        memory under the lock at once."""
+        remote = getattr(sched, "attempt", None) if sched.remote else None
+        if remote is not None:
+            receipts, wait, stats = await remote(items, self._limits)
+        else:
+            with sched.lock:
+                now = sched.clock()
+                receipts = sched.try_take(items, now)
+                wait = 0.0 if receipts is not None else retry_after_locked(sched, items, now)
+                stats = stats_locked(self._limits, sched, now)
+        if receipts is None:
+            return Attempt(Acquisition(self, sched, items, FAILED), wait, stats)
+        return Attempt(Acquisition(self, sched, items, HELD, receipts), 0.0, stats)
 
     # -- questions ---------------------------------------------------------------------------
 

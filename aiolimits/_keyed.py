@@ -61,7 +61,14 @@ from ._acquisition import (
 from ._algorithms import RateState, SemaphoreState, new_state
 from ._backends._base import Backend, KeyFactory, KeyProxy
 from ._backends.memory import MemoryBackend
-from ._door import Door, check_common, check_picklable_clock, retry_after_locked
+from ._door import (
+    Attempt,
+    Door,
+    check_common,
+    check_picklable_clock,
+    retry_after_locked,
+    stats_locked,
+)
 from ._limits import Limit
 from ._limitset import check_limits
 from ._numbers import check_seconds, check_timeout, describe
@@ -508,6 +515,31 @@ class KeyedLimitSet(Door):
             acq._state = RELEASED
             raise
         return acq
+
+    async def attempt(
+        self, key: str, requested: Mapping[str, int | float] | None = None
+    ) -> Attempt:
+        """:meth:`try_acquire` for tasks, with :meth:`retry_after` and :meth:`get_stats` of
+        ``key`` at the same moment (see :meth:`LimitSet.attempt`): one awaited round trip on a
+        shared backend."""
+        _check_client_key(key)
+        template = self._items(requested)
+        if self._shared is not None:
+            proxy = self._checkout(key)
+            try:
+                return await self._attempt(proxy.sched, self._localise(template, proxy.sched))
+            finally:
+                self._checkin(proxy)
+        with self._lock:
+            now = self._clock()
+            sched = self._scheduler_locked(key, now)
+            items = self._localise(template, sched)
+            receipts = sched.try_take(items, now)
+            wait = 0.0 if receipts is not None else retry_after_locked(sched, items, now)
+            stats = stats_locked(self._limits, sched, now)
+        if receipts is None:
+            return Attempt(Acquisition(self, sched, items, FAILED), wait, stats)
+        return Attempt(Acquisition(self, sched, items, HELD, receipts), 0.0, stats)
 
     # -- questions and pause -----------------------------------------------------------------
 

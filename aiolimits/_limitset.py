@@ -19,7 +19,7 @@ from ._acquisition import PENDING, Acquisition
 from ._algorithms import RateState, new_state
 from ._backends._base import Backend
 from ._backends.memory import MemoryBackend
-from ._door import Door, check_common, check_picklable_clock
+from ._door import Attempt, Door, check_common, check_picklable_clock
 from ._limits import CallLimit, Limit, RateLimit, ResourceLimit
 from ._numbers import check_timeout, describe
 from ._requests import Requests
@@ -172,6 +172,24 @@ class LimitSet(Door):
         with sched.lock:
             taken = self._take_or_queue_locked(sched, items, timeout_s, ThreadWaiter)
         return self._wait_sync(sched, items, timeout_s, taken)
+
+    async def attempt(self, requested: Mapping[str, int | float] | None = None) -> Attempt:
+        """:meth:`try_acquire` for tasks, answering :meth:`retry_after` and :meth:`get_stats`
+        of the same moment too: never waits in the queue, and on a shared backend makes one
+        awaited round trip (the sync verbs would make theirs on the event loop's thread).
+
+        Example:
+            >>> attempt = await limits.attempt({"tokens": 1000})
+            >>> if not attempt.acquisition.successful:
+            ...     return reject(retry_after=attempt.retry_after)
+            >>> with attempt.acquisition:
+            ...     ...
+
+        Returns:
+            an :class:`~aiolimits._door.Attempt`: ``acquisition``, ``retry_after`` (0.0 when
+            admitted), ``stats``.
+        """
+        return await self._attempt(self._scheduler, self._items(requested))
 
     # -- questions ---------------------------------------------------------------------------
 

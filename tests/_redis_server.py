@@ -385,3 +385,10 @@ def redis_failover_cluster(tmp_path: pathlib.Path) -> Iterator[RedisFailoverClus
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)
             gc.collect()
+
+
+def wait_reachable(backend: object, timeout: float = 30.0) -> None:
+    """Wait until ``backend`` (a RedisBackend) found Redis back after a fault: its probe closed
+    the circuit, so that calls go to Redis again (an event, not a poll)."""
+    circuit = backend._circuit  # type: ignore[attr-defined]
+    assert circuit.reachable.wait(timeout), f"Redis was not found back within {timeout}s"

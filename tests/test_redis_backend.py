@@ -31,7 +31,7 @@ from aiolimits import (
 )
 from aiolimits.testing import ManualClock
 
-from ._redis_server import RedisServer, own_server, redis_server, require_redis
+from ._redis_server import RedisServer, own_server, redis_server, require_redis, wait_reachable
 from .contract import AnyLimit
 from .contract._support import eventually
 
@@ -294,6 +294,7 @@ def test_raise_while_redis_is_paused_and_no_over_admission_after(own_server: Red
             limits.acquire_sync(timeout=5)
     finally:
         os.kill(own_server.pid, signal.SIGCONT)
+    wait_reachable(limits._backend)
     # The calls that timed out may still run once the server resumes (Redis had read them):
     # their units then count as used. Either way, never more than the limit in all.
     admitted = sum(limits.try_acquire().successful for _ in range(3))
@@ -316,6 +317,7 @@ def test_allow_admits_while_redis_is_paused(own_server: RedisServer) -> None:
             acq.update({"call_count": 1})
     finally:
         os.kill(own_server.pid, signal.SIGCONT)
+    wait_reachable(limits._backend)
     assert not limits.try_acquire().successful  # the shared limit again
 
 
@@ -341,6 +343,7 @@ def test_local_decides_in_process_while_redis_is_down_and_shares_again_after(
     assert not limits.try_acquire().successful
     restarted = RedisServer.start(port=port)
     try:
+        wait_reachable(limits._backend)
         # Redis answers again: decisions are shared again (a fresh state after the restart).
         assert limits.try_acquire().successful
         assert limits.get_stats()["limits"]["call_count"]["available"] == 1
@@ -488,6 +491,11 @@ class CountingScript:
     def __call__(self, client: Any, key: str, args: Any) -> Any:
         self.calls[args[0]] = self.calls.get(args[0], 0) + 1
         return self.script(client, key, args)
+
+    def command(self, key: str, args: Any, *, functions: bool) -> Any:
+        # The words of a call a thread sends on its own connection (or of a pipelined batch).
+        self.calls[args[0]] = self.calls.get(args[0], 0) + 1
+        return self.script.command(key, args, functions=functions)
 
 
 @pytest.mark.anyio

@@ -15,7 +15,8 @@ import pytest
 from aiolimits import CallLimit, LimitSet, ResourceLimit
 
 from ._redis_server import RedisClusterNodes, redis_cluster
-from .contract import LimitSetContract, MakeLimitSet, limitset_factory
+from .contract import MakeLimitSet, limitset_factory
+from .test_redis_contract import RedisContract
 
 __all__ = ["redis_cluster"]  # the session fixture
 
@@ -28,7 +29,7 @@ def make_limitset(redis_cluster: RedisClusterNodes) -> MakeLimitSet:
     return limitset_factory(backend, lambda: uuid.uuid4().hex)
 
 
-class TestRedisCluster(LimitSetContract):
+class TestRedisCluster(RedisContract):
     """Every contract test, on a Redis Cluster."""
 
     # SPEC §4 queue-aware timeouts: not yet on Redis (see QueueTimeoutContract).

@@ -31,7 +31,7 @@ import pytest
 
 from aiolimits import BackendUnavailable, CallLimit, LimitSet, RateLimit, ResourceLimit
 
-from ._redis_server import RedisFailoverCluster, cli, redis_failover_cluster
+from ._redis_server import RedisFailoverCluster, cli, redis_failover_cluster, wait_reachable
 
 if TYPE_CHECKING:
     from aiolimits.redis import RedisBackend
@@ -231,6 +231,8 @@ async def test_during_a_failover_raise_raises_and_allow_admits_then_limits_are_s
         os.kill(replica.pid, signal.SIGCONT)
     cluster.wait_converged()
     assert cluster.master_of(key) is replica
+    for limits in (strict, lenient):  # the backends' probes find the Cluster back
+        wait_reachable(limits._backend)
 
     # The shared limits again, with exactly the state from before the window: the calls that
     # timed out never ran (their master never resumed), and what was allowed counted nothing.
@@ -241,7 +243,9 @@ async def test_during_a_failover_raise_raises_and_allow_admits_then_limits_are_s
     assert not strict.try_acquire({"tokens": 1}).successful
     async with strict.acquire({"tokens": 0}, timeout=5):  # call 4
         pass
-    held.release()
+    # From a thread, the release is made before it returns (on the event loop it would be
+    # handed to the dispatcher thread, and seen by the other set one round trip later).
+    await anyio.to_thread.run_sync(held.release)
     assert available(lenient) == {"tokens": 0, "call_count": 1, "conns": 2}
 
 
@@ -270,7 +274,7 @@ async def test_a_release_in_another_process_wakes_a_waiter_after_a_failover(
         tg.start_soon(wait)
         await anyio.sleep(0.2)  # the waiter is queued and subscribed
         await anyio.to_thread.run_sync(fail_over, cluster, backend(cluster).hash_key(name))
-        held.release()
+        await anyio.to_thread.run_sync(held.release)  # made before it returns, from a thread
         assert holding.get_stats()["limits"]["conns"]["in_use"] == 0  # released in Redis
         # A generous bound on a wake-up (the subscriber reconnects within a second; the machine
         # may be loaded).

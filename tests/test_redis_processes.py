@@ -41,8 +41,8 @@ WORKER = textwrap.dedent(
     cls = type(limits._scheduler)
     call = cls._call
 
-    def spy(self, op, now, *args):  # the server time of each grant, from the script's reply
-        reply = call(self, op, now, *args)
+    def spy(self, op, now, *args, **kwargs):  # the server time of each grant, from its reply
+        reply = call(self, op, now, *args, **kwargs)
         if op == "acquire" and acquire_reply(reply)[0] == 1:
             decisions.append(float(acquire_reply(reply)[1]))
         elif op == "batch" and reply[2]:  # one waiter at a time here: a batch grants it alone

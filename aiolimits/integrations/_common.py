@@ -7,8 +7,10 @@ and write the verdict's headers into their response type.
 
 Two modes:
 
-* ``max_wait=0`` (the default) rejects at once: ``try_acquire``, and on failure ``retry_after``
-  for the ``Retry-After`` header. Nothing waits in the server.
+* ``max_wait=0`` (the default) rejects at once: one awaited ``attempt`` (``try_acquire`` with
+  its ``retry_after`` and statistics, one round trip on a shared backend) gives the verdict,
+  ``Retry-After`` and the headers. Nothing waits in the server, and no event loop waits for
+  the network.
 * ``max_wait > 0`` waits in the limits' FIFO queue for at most that long (``acquire(timeout=)``);
   a request that the rate limits already place after the deadline is rejected at once, without
   sleeping into the timeout.
@@ -23,12 +25,13 @@ window algorithms). Resource limits are not rate quotas and get no item.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any, Generic, TypeVar, cast, final
 
 from .._acquisition import Acquisition
+from .._door import Attempt
 from .._keyed import KeyedLimitSet
 from .._limits import CallLimit, Limit, RateLimit
 from .._limitset import LimitSet
@@ -211,11 +214,7 @@ class Gate(Generic[Req]):
         if self._keyed is None:
             assert self._set is not None
             return await self._decide(
-                self._set.try_acquire,
-                self._set.acquire,
-                self._set.retry_after,
-                self._set.get_stats,
-                requested,
+                self._set.attempt, self._set.acquire, self._set.get_stats, requested
             )
         assert self._key is not None
         key = self._key(request)
@@ -225,38 +224,44 @@ class Gate(Generic[Req]):
             raise TypeError(f"key() must return a str or None, got {describe(key)}")
         keyed = self._keyed
         return await self._decide(
-            partial(keyed.try_acquire, key),
+            partial(keyed.attempt, key),
             partial(keyed.acquire, key),
-            partial(keyed.retry_after, key),
             partial(keyed.get_stats, key),
             requested,
         )
 
     async def _decide(
         self,
-        try_acquire: Callable[[Requested | None], Acquisition],
+        attempt: Callable[[Requested | None], Awaitable[Attempt]],
         acquire: Callable[..., AbstractAsyncContextManager[Acquisition]],
-        retry_after: Callable[[Requested | None], float],
         get_stats: Callable[[], dict[str, Any]],
         requested: Requested | None,
     ) -> Verdict:
         limits = self._limits.limits
         held: AbstractAsyncContextManager[Acquisition]
         if self._max_wait == 0:
-            acq = held = try_acquire(requested)
+            # One awaited decision: the verdict, Retry-After and the headers of one answer.
+            answer = await attempt(requested)
+            acq = held = answer.acquisition
             if not acq.successful:
-                wait = retry_after(requested)
+                wait = answer.retry_after
                 return Verdict(
-                    False, None, None, wait, ratelimit_headers(limits, get_stats(), wait)
+                    False, None, None, wait, ratelimit_headers(limits, answer.stats, wait)
                 )
-        else:
-            held = acquire(requested, timeout=self._max_wait)
-            try:
-                acq = await held.__aenter__()
-            except TimeoutError:
-                wait = retry_after(requested)
-                return Verdict(
-                    False, None, None, wait, ratelimit_headers(limits, get_stats(), wait)
-                )
+            headers = ratelimit_headers(limits, answer.stats, None) if self._headers else {}
+            return Verdict(True, held, acq, None, headers)
+        held = acquire(requested, timeout=self._max_wait)
+        try:
+            acq = await held.__aenter__()
+        except TimeoutError:
+            # Asked once more, awaited: admitted if that became possible meanwhile, else the
+            # Retry-After and the headers of that answer.
+            answer = await attempt(requested)
+            if answer.acquisition.successful:
+                acq = held = answer.acquisition
+                headers = ratelimit_headers(limits, answer.stats, None) if self._headers else {}
+                return Verdict(True, held, acq, None, headers)
+            wait = answer.retry_after
+            return Verdict(False, None, None, wait, ratelimit_headers(limits, answer.stats, wait))
         headers = ratelimit_headers(limits, get_stats(), None) if self._headers else {}
         return Verdict(True, held, acq, None, headers)

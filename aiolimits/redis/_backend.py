@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import re
+import weakref
 from collections.abc import Callable
+from functools import partial
+from types import TracebackType
 from typing import Any, Final, final
 
 import redis
@@ -24,9 +28,10 @@ from .._limits import Limit
 from .._scheduler import Scheduler
 from .._waiters import TimerClock
 from ._keys import RedisKeys
+from ._link import UNAVAILABLE, Circuit, Link, ping
 from ._scheduler import RedisScheduler
 from ._script import Lua
-from ._threads import UNAVAILABLE, Hub
+from ._threads import Hub, stoppable
 
 __all__ = ["RedisBackend"]
 
@@ -57,6 +62,14 @@ class RedisBackend(Backend):
         lease_seconds: how long a resource slot stays held by a process that stopped renewing it
             (it renews every third of that while alive).
 
+    Once a call finds Redis unreachable (no answer within ``timeout``, or no connection), the
+    backend knows it: later calls apply ``on_unavailable`` at once, without I/O, until a
+    background probe (``PING``) finds Redis back. No call ever waits for Redis on an event loop's
+    thread, and none takes longer than its own timeout plus a round trip's grace (50 ms).
+
+    :meth:`close` (or ``with`` / ``async with`` the backend) ends every thread and connection
+    the backend and its sets opened; they also end when all of them are garbage.
+
     Examples:
         >>> limits = LimitSet(
         ...     [CallLimit(60, 500), RateLimit("tokens", 60, 90_000)],
@@ -66,8 +79,12 @@ class RedisBackend(Backend):
     """
 
     __slots__ = (
+        "__weakref__",
         "_checked",
+        "_circuit",
         "_client",
+        "_hubs",
+        "_link",
         "_lua",
         "_url",
         "lease_seconds",
@@ -115,6 +132,79 @@ class RedisBackend(Backend):
             self._client = self._sync_twin(url_or_client)
         else:
             self._client = url_or_client
+        # The probe holds the backend weakly: a backend dropped while Redis is down is garbage.
+        self._circuit = Circuit(
+            partial(_probe_of, weakref.ref(self)), f"{prefix} at {self._where()}"
+        )
+        # The callers' own connections, for a single server (known once connected, from a URL).
+        self._link: Link | None = None
+        if isinstance(self._client, redis.Redis):
+            self._link = self._new_link(self._client)
+        # The threads of this backend's sets, to end on close().
+        self._hubs: weakref.WeakSet[Hub] = weakref.WeakSet()
+        weakref.finalize(self, self._circuit.close)  # garbage: no probe any more
+
+    def _where(self) -> str:
+        if self._url is not None:
+            return re.sub(r"//[^@/]*@", "//", self._url)  # no credentials in thread names
+        return type(self._client).__name__
+
+    def _new_link(self, client: redis.Redis) -> Link:
+        return Link(client.connection_pool, self._circuit, self.timeout)
+
+    def _probe(self) -> None:
+        """One attempt to reach Redis, on the probe's thread (see ``_link.Circuit``)."""
+        client = self._client
+        if isinstance(client, RedisCluster):
+            client.nodes_manager.initialize()
+            client.execute_command(  # type: ignore[no-untyped-call]
+                "PING", target_nodes=RedisCluster.PRIMARIES
+            )
+            return
+        link = self._link
+        if link is None:
+            client.ping()
+            return
+        ping(link.new, self.timeout)
+
+    def close(self) -> None:
+        """End every thread and connection of this backend and of its sets (idempotent).
+
+        A set used afterwards finds Redis unreachable: its ``on_unavailable`` policy applies.
+        A client passed in is closed too; close the backend only once its sets are done."""
+        self._circuit.close()
+        for hub in list(self._hubs):
+            hub.close()
+        if self._link is not None:
+            self._link.close()
+        with contextlib.suppress(Exception):
+            self._client.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, for ``async with`` (it waits for no I/O: sockets are only closed)."""
+        self.close()
+
+    def __enter__(self) -> RedisBackend:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> RedisBackend:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def _settings(self) -> dict[str, Any]:
         # Bounded calls, never retried: a script that timed out may still run when the server
@@ -158,6 +248,9 @@ class RedisBackend(Backend):
             if info.get("cluster_enabled"):
                 self._client.close()
                 self._client = RedisCluster.from_url(self._url, **self._settings())
+                if self._link is not None:
+                    self._link.close()
+                self._link = None  # a Cluster's calls go through its client
             self._checked = True
         return self._client
 
@@ -180,20 +273,30 @@ class RedisBackend(Backend):
                         client.nodes_manager.initialize()
                 again = True
                 node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
-                plain = redis.Redis(host=node.host, port=node.port, socket_connect_timeout=connect)
-                return redis.client.PubSub(plain.connection_pool, ignore_subscribe_messages=True)
+                plain = redis.ConnectionPool(
+                    connection_class=stoppable(redis.Connection),
+                    host=node.host,
+                    port=node.port,
+                    socket_connect_timeout=connect,
+                    retry=Retry(NoBackoff(), 0),
+                )
+                return redis.client.PubSub(plain, ignore_subscribe_messages=True)
             pool = client.connection_pool
             kwargs = dict(pool.connection_kwargs)
             kwargs["socket_timeout"] = None
-            own = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+            # Never reconnected by redis-py: a subscription that ends (or that close() ends by
+            # closing its socket) ends its read, and the listener decides what to do.
+            kwargs["retry"] = Retry(NoBackoff(), 0)
+            own = redis.ConnectionPool(connection_class=stoppable(pool.connection_class), **kwargs)
             return redis.client.PubSub(own, ignore_subscribe_messages=True)
 
         return subscribe
 
     def hash_key(self, name: str) -> str:
         """The Redis key of the set ``name``: its hash tag keeps it in one Cluster slot. A keyed
-        set keeps only its declaration there."""
-        return f"{{{self.prefix}:{name}}}"
+        set keeps only its declaration there. The prefix is escaped (:func:`escape_prefix`), so
+        that no two (prefix, name) pairs share a key."""
+        return f"{{{escape_prefix(self.prefix)}:{name}}}"
 
     def key_hash_key(self, name: str, key: str) -> str:
         """The Redis key of the client ``key`` of the keyed set ``name``: a hash tag of its own
@@ -203,22 +306,41 @@ class RedisBackend(Backend):
         return f"{self._key_stem(name)}{key}}}"
 
     def _key_stem(self, name: str) -> str:
-        return f"{self.prefix}:k:{{{len(name)}:{name}:"
+        return f"{escape_prefix(self.prefix)}:k:{{{len(name)}:{name}:"
 
     def _declare(self, name: str, key: str, limits: tuple[Limit, ...], keyed: bool) -> Any:
         """Record the declaration of the set ``name`` in its hash ``key``, or check it against
         the one recorded; returns the client."""
+        return self._declared(name, key, limits, keyed)[0]
+
+    def _declared(
+        self, name: str, key: str, limits: tuple[Limit, ...], keyed: bool
+    ) -> tuple[Any, str]:
+        """:meth:`_declare`, and the digest of the declaration recorded (``"!h"``: a plain
+        set's calls name it, so that the script notices when Redis lost it)."""
         declared = declaration_json(limits)
         if keyed:
             declared = f'{{"keyed":{declared}}}'
+        self._circuit.check()
         try:
             client = self._connect()
             client.hsetnx(key, "!d", declared)
             stored: Any = client.hget(key, "!d")
+            text = declared
+            if stored is not None:
+                text = stored.decode() if isinstance(stored, bytes) else str(stored)
+            # Every process writes the digest of the declaration that won, so all agree.
+            digest = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:16]
+            client.hsetnx(key, "!h", digest)
+            link = self._link
+            if link is not None and not link.ready():
+                # Attaching does I/O on its thread anyway: a connection for the sets' own calls
+                # too, so that the first async acquisition is asked without a thread hop.
+                link.give(link.connect())
         except UNAVAILABLE as exc:
+            self._circuit.trip(exc)
             raise BackendUnavailable(f"Redis did not answer for the limits {key!r}: {exc}") from exc
         if stored is not None:
-            text = stored.decode() if isinstance(stored, bytes) else str(stored)
             found = json.loads(text)
             was_keyed = isinstance(found, dict)
             if was_keyed != keyed:
@@ -230,7 +352,11 @@ class RedisBackend(Backend):
             message = mismatch(name, found["keyed"] if was_keyed else found, declaration(limits))
             if message is not None:
                 raise ValueError(message)
-        return client
+        return client, digest
+
+    def _redeclare(self, name: str, key: str, limits: tuple[Limit, ...]) -> str:
+        """The declaration of the plain set ``name`` again, after Redis lost it; its digest."""
+        return self._declared(name, key, limits, keyed=False)[1]
 
     def attach(
         self,
@@ -248,7 +374,7 @@ class RedisBackend(Backend):
         if name is None:
             raise ValueError("name is required with RedisBackend: it names the shared state")
         key = self.hash_key(name)
-        client = self._declare(name, key, limits, keyed=False)
+        client, digest = self._declared(name, key, limits, keyed=False)
         hub = Hub(
             key,
             self._subscriber(key),
@@ -256,6 +382,7 @@ class RedisBackend(Backend):
             pattern=False,
             lease_seconds=self.lease_seconds,
         )
+        self._hubs.add(hub)
         return RedisScheduler(
             states,
             clock,
@@ -267,9 +394,11 @@ class RedisBackend(Backend):
             lease_seconds=self.lease_seconds,
             simulated=isinstance(clock, TimerClock),
             on_unavailable=self.on_unavailable,
-            direct=(client.connection_pool, self.timeout)
-            if isinstance(client, redis.Redis)
-            else None,
+            circuit=self._circuit,
+            timeout=self.timeout,
+            link=self._link,
+            declared=digest,
+            redeclare=partial(self._redeclare, name, key, limits),
         )
 
     def attach_keyed(
@@ -301,6 +430,7 @@ class RedisBackend(Backend):
             pattern=True,
             lease_seconds=self.lease_seconds,
         )
+        self._hubs.add(hub)
         return RedisKeys(
             stem,
             clock,
@@ -311,9 +441,9 @@ class RedisBackend(Backend):
             lease_seconds=self.lease_seconds,
             simulated=isinstance(clock, TimerClock),
             on_unavailable=self.on_unavailable,
-            direct=(client.connection_pool, self.timeout)
-            if isinstance(client, redis.Redis)
-            else None,
+            circuit=self._circuit,
+            timeout=self.timeout,
+            link=self._link,
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -329,6 +459,20 @@ class RedisBackend(Backend):
     def __repr__(self) -> str:
         where = self._url if self._url is not None else repr(self._client)
         return f"RedisBackend({where!r}, prefix={self.prefix!r})"
+
+
+def _probe_of(ref: weakref.ref[RedisBackend]) -> None:
+    backend = ref()
+    if backend is None:
+        raise RuntimeError("the backend is gone")  # the probe thread ends with its circuit
+    backend._probe()
+
+
+def escape_prefix(prefix: str) -> str:
+    """``prefix`` without a ``:`` (written ``%3A``, and ``%`` itself ``%25``), so that the first
+    ``:`` of a key ends the prefix: ``prefix="app", name="x:y"`` and ``prefix="app:x",
+    name="y"`` are two sets. A prefix with neither character (the default) is unchanged."""
+    return prefix.replace("%", "%25").replace(":", "%3A")
 
 
 def _rebuild(

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from redis.cluster import RedisCluster
 
     from .._limits import Limit
+    from ._link import Circuit, Link
     from ._script import Lua
 
 __all__ = ["KeyScheduler", "RedisKeys"]
@@ -35,7 +36,8 @@ class KeyScheduler(RedisScheduler, KeyProxy):
     __slots__ = ()
 
     def idle(self) -> bool:
-        return not (self.queue or self._leases or self._fast_busy)
+        # (Calls an event loop handed off are sent by this proxy first: it is kept until then.)
+        return not (self.queue or self._leases or self._fast_busy or self._outbox or self._sending)
 
 
 @final
@@ -56,7 +58,9 @@ class RedisKeys:
         lease_seconds: float,
         simulated: bool,
         on_unavailable: str,
-        direct: tuple[redis.ConnectionPool, float] | None,
+        circuit: Circuit,
+        timeout: float,
+        link: Link | None,
     ) -> None:
         self._stem = stem
         self.clock = clock
@@ -69,7 +73,9 @@ class RedisKeys:
             "lease_seconds": lease_seconds,
             "simulated": simulated,
             "on_unavailable": on_unavailable,
-            "direct": direct,
+            "circuit": circuit,
+            "timeout": timeout,
+            "link": link,
         }
         self._model: KeyScheduler | None = None
 

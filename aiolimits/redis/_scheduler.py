@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -55,12 +56,14 @@ import redis.client
 import redis.exceptions
 
 from .._algorithms import RateState, SemaphoreState
+from .._door import retry_after_locked, stats_locked
 from .._errors import BackendUnavailable
 from .._limits import Limit, ResourceLimit
 from .._scheduler import Items, Scheduler
-from .._waiters import GRANTED, LEFT, WAITING, Cancellable, TimerClock, Waiter
+from .._waiters import GRANTED, LEFT, WAITING, Cancellable, TimerClock, Waiter, running_event_loop
+from ._link import GRACE, UNAVAILABLE, Circuit, Link, NotSent
 from ._script import Lua, acquire_reply, decode_receipt, encode_receipt, limit_args, num
-from ._threads import UNAVAILABLE, Hub, log
+from ._threads import Hub, log
 
 if TYPE_CHECKING:
     from redis.cluster import RedisCluster
@@ -70,15 +73,9 @@ __all__ = ["RedisScheduler"]
 # anyio >= 4.7 names it wait_readable; before, wait_socket_readable (deprecated since).
 _wait_readable: Any = getattr(anyio, "wait_readable", None) or anyio.wait_socket_readable
 
-
-def _resp(args: Sequence[str], encoding: str, errors: str) -> bytes:
-    """A command as the bytes of the Redis protocol: what redis-py's packer makes of these
-    strings, without its per-argument type dispatch (the direct call's share of a round trip)."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg.encode(encoding, errors)
-        out += (b"$%d\r\n" % len(data), data, b"\r\n")
-    return b"".join(out)
+#: The error reply of a call on a plain set's hash that has no declaration (Redis lost its data):
+#: the call did nothing; the declaration is written (and checked) again and the call sent again.
+UNDECLARED = "aiolimits-undeclared"
 
 
 def _refused(exc: BaseException) -> bool:
@@ -92,6 +89,28 @@ def _refused(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _on_loop() -> bool:
+    """Whether this thread runs an event loop (asyncio, uvloop or trio): no Redis I/O here."""
+    return running_event_loop() is not None
+
+
+class NoAnswer(BackendUnavailable):
+    """Redis did not answer within the caller's own time (shorter than the backend's
+    ``timeout``): the call may still run; the circuit stays as it was."""
+
+
+class Pending:
+    """The receipt of a usage update handed to the dispatcher thread (``update`` called on an
+    event loop): the receipt and the units held once it has been sent, the ones before until
+    then. A later update of the same limit reads them when it is sent, after this one."""
+
+    __slots__ = ("held", "receipt")
+
+    def __init__(self, receipt: Any, held: float) -> None:
+        self.receipt = receipt
+        self.held = held
 
 
 @attrs.frozen
@@ -128,28 +147,38 @@ class RedisScheduler(Scheduler):
 
     __slots__ = (
         "__weakref__",
+        "_answered",
         "_args",
         "_channel",
+        "_circuit",
         "_client",
         "_direct",
-        "_encoding",
         "_epoch",
         "_expiry_at",
         "_expiry_timer",
         "_failures",
         "_fast_busy",
         "_hash",
+        "_hint",
         "_holders",
         "_hub",
         "_lease",
         "_leases",
         "_me",
+        "_outbox",
+        "_patience",
         "_policy",
+        "_redeclare",
         "_refunded",
         "_refused",
         "_resources",
+        "_retrying",
         "_script",
+        "_sending",
+        "_sent",
         "_simulated",
+        "_tag",
+        "_timeout",
         "leases_lost",
         "remote",
     )
@@ -167,7 +196,11 @@ class RedisScheduler(Scheduler):
         lease_seconds: float,
         simulated: bool,
         on_unavailable: str,
-        direct: tuple[redis.ConnectionPool, float] | None = None,
+        circuit: Circuit,
+        timeout: float,
+        link: Link | None = None,
+        declared: str = "",
+        redeclare: Callable[[], str] | None = None,
         model: RedisScheduler | None = None,
     ) -> None:
         super().__init__(states, clock)
@@ -204,16 +237,35 @@ class RedisScheduler(Scheduler):
         self._failures: dict[Waiter, BaseException] = {}
         # An async request is being decided directly (``take_first``): it is ahead of the queue.
         self._fast_busy = False
-        # The pool and timeout for those direct calls (a single server; None: always queue).
-        self._direct = direct
-        # How the direct calls encode their arguments (as the pool's connections would).
-        kwargs = direct[0].connection_kwargs if direct is not None else {}
-        self._encoding = (
-            str(kwargs.get("encoding", "utf-8")),
-            str(kwargs.get("encoding_errors", "strict")),
-        )
+        # The connections for the calls a caller makes itself (a single server; None: a Cluster,
+        # whose calls go through its client, the async ones through the dispatcher).
+        self._direct = link
+        self._circuit = circuit  # shared by every set of the backend
+        self._timeout = timeout  # the backend's bound on any call
+        # The bound of the next try_take, set by the blocking door from its caller's timeout;
+        # and of every call while a task decides under the lock (attempt without a connection).
+        self._hint: float | None = None
+        self._patience: float | None = None
+        # A plain set's calls under Redis time ask the script to check that the declaration
+        # with the digest ``declared`` is there ("d<digest>"), and declare it again when Redis
+        # lost it; a keyed set's key hashes hold none.
+        self._redeclare = redeclare
+        self._tag = f"d{declared}" if redeclare is not None and not simulated else ""
         # The last refusal of try_take, for the enqueue that follows it in the same step.
         self._refused: tuple[Items, float, float, float] | None = None
+        # Calls handed off by an event loop's thread, to send first (see _defer), and whether
+        # sending them again waits for the circuit to close.
+        self._outbox: list[
+            tuple[str, Callable[[], list[str] | None], Callable[[Any], object] | None, str | None]
+        ] = []
+        self._retrying = False
+        # The dispatcher thread is sending the first call of the outbox (without the lock), and
+        # the condition (on the lock) a caller waits on for it to end.
+        self._sending = False
+        self._sent = threading.Condition(self.lock)
+        # Availability Redis just gave with another answer (attempt), for the statistics made
+        # of it next, under the same lock hold.
+        self._answered: dict[str, float] | None = None
         self._policy = on_unavailable
         self._expiry_at = math.inf
         self._expiry_timer: Cancellable | None = None
@@ -222,25 +274,125 @@ class RedisScheduler(Scheduler):
 
     # -- talking to the script ---------------------------------------------------------------
 
-    def _call(self, op: str, now: float, *args: str) -> Any:
+    def _call(self, op: str, now: float, *args: str, bound: float | None = None) -> Any:
         """One script call; the time is the server's, or ``now`` under a simulated clock.
 
-        A call is never sent twice, with one exception that cannot apply it twice: a Cluster
-        node that refused the connection was sent nothing. After a failover, the first call of
-        a process goes to the old master (its map of the Cluster changes only when a call fails);
-        the refusal makes the client read the map again, and the call goes to the new master."""
+        At once :class:`NotSent` while the circuit is open. Otherwise at most the backend's
+        ``timeout``, or ``bound`` seconds when that is shorter (:class:`NoAnswer` then). A
+        plain set whose declaration Redis lost is declared again (and checked: ValueError when
+        another declaration took the name meanwhile), and the call sent once more."""
+        self._circuit.check()
+        if bound is None:
+            bound = self._patience
+        words = [op, num(now) if self._simulated else self._tag, *args]
+        try:
+            return self._send(words, bound)
+        except redis.exceptions.ResponseError as exc:
+            if self._redeclare is None or not str(exc).startswith(UNDECLARED):
+                raise
+        self._declare_again()
+        if not self._simulated:
+            words[1] = self._tag
+        return self._send(words, bound)
+
+    def _declare_again(self) -> None:
+        assert self._redeclare is not None
+        log.warning("the declaration of %s was lost in Redis: declaring it again", self._hash)
+        try:
+            digest = self._redeclare()
+        except BackendUnavailable:
+            raise
+        except UNAVAILABLE as exc:
+            raise BackendUnavailable(
+                f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
+            ) from exc
+        self._tag = f"d{digest}"
+
+    def _send(self, words: list[str], bound: float | None) -> Any:
+        if self._direct is not None:
+            return self._round_trip(self._direct, words, bound)
+        # A Cluster, through its client (bounded by the backend's timeout). A call is never
+        # sent twice, with one exception that cannot apply it twice: a node that refused the
+        # connection was sent nothing. After a failover, the first call of a process goes to the
+        # old master (its map of the Cluster changes only when a call fails); the refusal makes
+        # the client read the map again, and the call goes to the new master.
         for attempt in (1, 2):
             try:
-                return self._script(
-                    self._client, self._hash, [op, num(now) if self._simulated else "", *args]
-                )
+                return self._script(self._client, self._hash, words)
             except UNAVAILABLE as exc:  # noqa: PERF203 (two attempts at most; try is free)
-                if attempt == 1 and not isinstance(self._client, redis.Redis) and _refused(exc):
+                if attempt == 1 and _refused(exc):
                     continue
+                self._circuit.trip(exc)
                 raise BackendUnavailable(
                     f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
                 ) from exc
         raise AssertionError("unreachable")
+
+    def _round_trip(self, link: Link, words: list[str], bound: float | None) -> Any:
+        """One call on a single server, on a connection of the link, from a thread: at most
+        ``bound`` (or the backend's timeout). Without a bound the thread may connect itself;
+        with one, a short-lived thread connects while it waits at most that long."""
+        full = bound is None or bound >= self._timeout
+        timeout = self._timeout if bound is None else min(bound, self._timeout)
+        conn = link.take()
+        try:
+            if conn is None:
+                conn = link.connect() if bound is None else link.wait(timeout)
+        except UNAVAILABLE as exc:  # the link tripped the circuit
+            raise NotSent(f"Redis cannot be reached for the limits {self._hash!r}: {exc}") from exc
+        if conn is None:
+            self._circuit.check()
+            raise NoAnswer(f"no connection to Redis for the limits {self._hash!r} in {timeout}s")
+        script = self._script
+        loaded = False
+        try:
+            while True:
+                functions = script.functions
+                conn.send_command(  # type: ignore[no-untyped-call]
+                    *script.command(self._hash, words, functions=functions)
+                )
+                try:
+                    reply = conn.read_response(timeout=timeout)
+                except redis.exceptions.ResponseError as exc:
+                    # Not run (no library or script there): loaded, and sent once more.
+                    if not script.recover(self._client, exc, functions, loaded):
+                        raise
+                    loaded = loaded or functions == script.functions
+                    continue
+                return reply
+        except redis.exceptions.ResponseError:
+            raise  # an error reply: the connection is in step
+        except UNAVAILABLE as exc:
+            conn.disconnect()  # type: ignore[no-untyped-call]  # an answer may be on its way
+            conn = None
+            if not full and isinstance(exc, redis.exceptions.TimeoutError):
+                raise NoAnswer(
+                    f"Redis did not answer for the limits {self._hash!r} within {timeout}s"
+                ) from exc
+            self._circuit.trip(exc)
+            raise BackendUnavailable(
+                f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
+            ) from exc
+        except BaseException:
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            conn = None
+            raise
+        finally:
+            if conn is not None:
+                link.give(conn)
+
+    def bound_next_call(self, timeout: float) -> None:
+        """Under the lock, from the blocking door: the next ``try_take`` answers within
+        ``timeout`` (its caller's) plus the round trip's grace."""
+        self._hint = timeout + GRACE
+
+    def _bound(self) -> float | None:
+        """The bound of a call that must answer now: its caller's (None: the backend's
+        timeout). The sync questions (``try_acquire``, ``retry_after``, ``get_stats``) have
+        none: on an event loop they wait for one round trip (``attempt`` is their async twin),
+        and not at all while Redis is known to be unreachable."""
+        hint, self._hint = self._hint, None
+        return hint
 
     def _unavailable(self, exc: BackendUnavailable) -> str:
         """The policy to apply now that Redis did not answer (re-raises under "raise")."""
@@ -265,7 +417,14 @@ class RedisScheduler(Scheduler):
     def _acquire(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
         holder = f"{self._me}:{next(self._holders)}"
         reply = acquire_reply(
-            self._call("acquire", now, holder, num(self._lease), *self._item_args(items))
+            self._call(
+                "acquire",
+                now,
+                holder,
+                num(self._lease),
+                *self._item_args(items),
+                bound=self._bound(),
+            )
         )
         if reply[0] != 1:
             server_now = float(reply[1])
@@ -295,7 +454,8 @@ class RedisScheduler(Scheduler):
 
     def admit_time(self, items: Items, now: float) -> tuple[float, float]:
         try:
-            reply = self._call("earliest", now, *self._item_args(items))
+            self._flush()
+            reply = self._call("earliest", now, *self._item_args(items), bound=self._bound())
         except BackendUnavailable as exc:
             if self._unavailable(exc) == "allow":
                 return now, now
@@ -309,6 +469,7 @@ class RedisScheduler(Scheduler):
 
     def _admit(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
         try:
+            self._flush(self._hint)
             return self._acquire(items, now)
         except BackendUnavailable as exc:
             if self._unavailable(exc) == "allow":
@@ -320,11 +481,15 @@ class RedisScheduler(Scheduler):
             return rate_at, admit_at, [Local(r) for r in self._take(items, now)]
 
     def try_take(self, items: Items, now: float) -> list[Any] | None:
-        if self._fast_busy:
-            return None  # an earlier async request is being decided
+        if self._fast_busy or self.paused_until > now:
+            # An earlier async request is being decided, or a pause made on an event loop is
+            # being sent.
+            self._hint = None
+            return None
         if self.queue:
             self.catch_up(now)
             if self.queue:
+                self._hint = None
                 return None
         _rate_at, _admit_at, receipts = self._admit(items, now)
         if receipts is not None:
@@ -337,6 +502,109 @@ class RedisScheduler(Scheduler):
         self._undo(waiter.items, receipts, now)
         if dispatch:
             self._dispatch(now)
+
+    # -- calls handed off by an event loop's thread, sent in order (the outbox) ------------
+
+    def _defer(
+        self,
+        op: str,
+        args: Callable[[], list[str] | None],
+        *,
+        done: Callable[[Any], object] | None = None,
+        lost: str | None = None,
+    ) -> None:
+        """Under the lock, instead of a round trip on an event loop's thread: the call ``op``
+        (its arguments made when it is sent, None: nothing to send) goes out before any other
+        call of this scheduler (the next one made under the lock sends it first) or, if none
+        comes, from the dispatcher thread. ``done`` gets the reply; ``lost``: a timed-out call
+        that may not be sent again (it may have run) is logged with that text, else (ending a
+        lease, which may run twice) it is sent again once Redis answers. A call not sent (Redis
+        known to be unreachable) is sent once Redis answers again."""
+        self._outbox.append((op, args, done, lost))
+        self._signal()
+
+    def _flush(self, bound: float | None = None) -> None:
+        """Under the lock, before a call of this caller: send the outbox first, in order (see
+        :meth:`_defer`), after the one the dispatcher thread may be sending (waiting at most
+        ``bound``, or the backend's timeout: NoAnswer then)."""
+        if bound is None:
+            bound = self._patience
+        if self._sending:
+            wait = self._timeout if bound is None else min(bound, self._timeout)
+            if not self._sent.wait_for(lambda: not self._sending, timeout=wait):
+                if self._patience is not None:
+                    self._patience = 0.0  # the rest of this decision waits no more
+                raise NoAnswer(f"Redis did not answer for the limits {self._hash!r} in time")
+        outbox = self._outbox
+        while outbox:
+            op, args, done, _lost = outbox[0]
+            words = args()
+            if words is None:
+                outbox.pop(0)
+                continue
+            try:
+                reply = self._call(op, self.clock(), *words)
+            except Exception as exc:
+                if not self._sent_one(exc):
+                    return
+                continue
+            outbox.pop(0)
+            if done is not None:
+                done(reply)
+
+    def _sent_one(self, exc: Exception) -> bool:
+        """Under the lock: the first call of the outbox failed with ``exc``; whether to go on
+        with the next one (False: it waits, and the rest behind it, until Redis answers)."""
+        op, _args, _done, lost = self._outbox[0]
+        if isinstance(exc, NotSent):
+            if not self._retrying:
+                self._retrying = True
+                self._circuit.later(self._flush_again)
+            return False
+        if isinstance(exc, BackendUnavailable):
+            if lost is None and self._circuit.opened:
+                return True  # sent again once Redis answers (NotSent on the next turn)
+            self._outbox.pop(0)
+            log.warning("%s: %s", lost or f"could not send {op}", exc)
+            return True
+        self._outbox.pop(0)
+        log.error("a deferred Redis call of aiolimits failed: %r", exc)
+        return True
+
+    def send_outbox(self) -> None:
+        """On the dispatcher thread: send the outbox, in order, one call at a time without the
+        lock (an event loop's thread that takes it meanwhile never waits for Redis)."""
+        while True:
+            with self.lock:
+                if self._sending or not self._outbox:
+                    return
+                op, args, done, _lost = self._outbox[0]
+                words = args()
+                if words is None:
+                    self._outbox.pop(0)
+                    continue
+                self._sending = True
+            outcome: Any
+            try:
+                outcome = self._call(op, self.clock(), *words)
+                failed = False
+            except Exception as exc:
+                outcome, failed = exc, True
+            with self.lock:
+                self._sending = False
+                self._sent.notify_all()
+                if failed:
+                    if not self._sent_one(outcome):
+                        return
+                    continue
+                self._outbox.pop(0)
+                if done is not None:
+                    done(outcome)
+
+    def _flush_again(self) -> None:
+        with self.lock:
+            self._retrying = False
+        self.send_outbox()
 
     def _undo(self, items: Items, receipts: Sequence[Any], now: float) -> None:
         """Give back a grant nobody used: rate amounts refunded as far as §3 allows, leases
@@ -355,49 +623,72 @@ class RedisScheduler(Scheduler):
             for (state, amount), receipt in zip(items, receipts, strict=True)
             if state.key not in self._resources
         ]
-        try:
-            if rates:
-                args = [str(len(rates))]
-                for state, receipt, amount in rates:
-                    args += [*self._args[state.key], num(amount), "0.0", encode_receipt(receipt)]
-                self._call("settle", now, *args)
-        except BackendUnavailable as exc:
-            log.warning("could not give back an unused grant: %s", exc)
-        self._end_leases(items, receipts)
+        holder = self._forget_leases(items, receipts)
+        if rates:
+            args = [str(len(rates))]
+            for state, receipt, amount in rates:
+                args += [*self._args[state.key], num(amount), "0.0", encode_receipt(receipt)]
+            if not self._simulated and _on_loop():
+                self._defer("settle", lambda: args, lost="could not give back an unused grant")
+            else:
+                try:
+                    self._flush()
+                    self._call("settle", now, *args)
+                except BackendUnavailable as exc:
+                    log.warning("could not give back an unused grant: %s", exc)
+        if holder is not None:
+            self._end_lease(holder, self._lease_keys(items))
 
     def release(self, items: Items, receipts: list[Any] | None = None) -> None:
         if receipts and isinstance(receipts[0], Local):
             super().release(items)
-        # Inline, like every in-process release: a slot released is free for the next call of
-        # this process at once, and the head is asked at once too.
-        elif (
-            receipts
-            and receipts[0] is not ALLOWED
-            and self._end_leases(items, receipts)
-            and self.queue
-        ):
+            return
+        if not receipts or receipts[0] is ALLOWED:
+            return
+        holder = self._forget_leases(items, receipts)
+        if holder is None:
+            return
+        # Like every in-process release, a slot released is free for this process's next call
+        # (sent before it), and the head is asked at once.
+        self._end_lease(holder, self._lease_keys(items))
+        if self.queue:
             self._dispatch(self.clock())
 
-    def _end_leases(self, items: Items, receipts: Sequence[Any]) -> bool:
-        """End the leases of an acquisition; False when it had none. Never raises: a lease that
-        cannot be ended now expires within ``lease_seconds`` (it is no longer renewed)."""
-        keys = [state.key for state, _amount in items if state.key in self._resources]
-        if not keys:
-            return False
-        holder = next(r for (s, _a), r in zip(items, receipts, strict=True) if s.key in keys)
-        self._leases.pop(holder, None)
+    def _lease_keys(self, items: Items) -> tuple[str, ...]:
+        return tuple(state.key for state, _amount in items if state.key in self._resources)
+
+    def _forget_leases(self, items: Items, receipts: Sequence[Any]) -> str | None:
+        """Stop renewing the lease of an acquisition; its holder id (None: it holds none)."""
+        for (state, _amount), receipt in zip(items, receipts, strict=True):
+            if state.key in self._resources:
+                self._leases.pop(receipt, None)
+                return str(receipt)
+        return None
+
+    def _end_lease(self, holder: str, keys: tuple[str, ...]) -> None:
+        """Under the lock: end a lease in Redis; never raises, never waits on an event loop.
+        A lease that cannot be ended now is ended once Redis answers again (ending one is
+        idempotent), and expires by itself within ``lease_seconds`` anyway (it is no longer
+        renewed)."""
+        words = [holder, *keys]
+        if self._outbox or (not self._simulated and _on_loop()):
+            self._defer("release", lambda: words)
+            return
         for attempt in (1, 2):
             try:
-                self._call("release", self.clock(), holder, *keys)
+                self._call("release", self.clock(), *words)
             except BackendUnavailable as exc:
-                # Ending a lease is idempotent, so a call refused before it was sent (a node gone:
-                # after a Cluster failover the client has just read the new topology) is safely
-                # made once more. A timeout is not retried: it already waited its bound.
-                if attempt == 1 and isinstance(exc.__cause__, redis.exceptions.ConnectionError):
+                # A call refused before it was sent (a node gone: after a Cluster failover the
+                # client has just read the new topology) is made once more at once.
+                if (
+                    attempt == 1
+                    and not isinstance(exc, NotSent)
+                    and isinstance(exc.__cause__, redis.exceptions.ConnectionError)
+                ):
                     continue
-                log.warning("could not end the lease %s (it expires by itself): %s", holder, exc)
+                log.warning("could not end the lease %s yet (sent again later): %s", holder, exc)
+                self._defer("release", lambda: words)
             break
-        return True
 
     def settle(
         self, state: RateState, receipt: Any, held: float, usage: float, now: float
@@ -407,11 +698,15 @@ class RedisScheduler(Scheduler):
             return Local(inner), held_now
         if receipt is ALLOWED:
             return receipt, usage  # nothing was taken in Redis: nothing to settle there
+        if isinstance(receipt, Pending) or (not self._simulated and _on_loop()):
+            # Sent later, in order after any update still to be sent (see _defer).
+            return self._defer_settle(state, receipt, held, usage), usage
         if usage == held:
             return receipt, held
         args = [*self._args[state.key], num(held), num(usage), encode_receipt(receipt)]
         try:
-            reply = self._call("settle", now, "1", *args)
+            self._flush()
+            reply = self._call("settle", now, "1", *args, bound=self._bound())
         except BackendUnavailable as exc:
             self._unavailable(exc)
             return receipt, held  # not recorded: a refund is lost, a charge goes uncounted
@@ -420,8 +715,49 @@ class RedisScheduler(Scheduler):
             self._refunded[state.key] += float(given)
         return decode_receipt(new_receipt), float(held_now)
 
+    def _defer_settle(self, state: RateState, receipt: Any, held: float, usage: float) -> Pending:
+        """A usage update handed off (see :meth:`_defer`): its receipt, complete once sent."""
+        out = Pending(receipt, held)
+
+        def args() -> list[str] | None:
+            prior, before = receipt, held
+            if isinstance(prior, Pending):  # an earlier update of the limit, sent before this
+                prior, before = prior.receipt, prior.held
+            out.receipt, out.held = prior, before  # until this one is answered
+            if prior is ALLOWED or usage == before:
+                out.held = usage if prior is ALLOWED else before
+                return None
+            return [
+                "1",
+                *self._args[state.key],
+                num(before),
+                num(usage),
+                encode_receipt(prior),
+            ]
+
+        def done(reply: Any) -> None:
+            new_receipt, held_now, given = reply[2]
+            out.receipt, out.held = decode_receipt(new_receipt), float(held_now)
+            if float(given) > 0:
+                self._refunded[state.key] += float(given)
+
+        self._defer("settle", args, done=done, lost=f"could not report the usage of {state.key!r}")
+        return out
+
     def pause(self, until: float, now: float) -> None:
+        if not self._simulated and _on_loop():
+            # Sent later (see _defer); meanwhile this process admits nobody before ``until``
+            # itself (try_take and the async door look at it).
+            if until > self.paused_until:
+                self.paused_until = until
+            self._defer(
+                "pause",
+                lambda: [num(max(until - self.clock(), 0.0)), ""],
+                lost=f"could not pause {self._hash} in Redis (paused in this process)",
+            )
+            return
         try:
+            self._flush()
             # Under a simulated clock the script's time is ours: the exact end goes too.
             self._call("pause", now, num(until - now), num(until) if self._simulated else "")
         except BackendUnavailable as exc:
@@ -433,16 +769,25 @@ class RedisScheduler(Scheduler):
             self._dispatch(now)
 
     def availability(self, now: float) -> dict[str, float]:
+        answered, self._answered = self._answered, None
+        if answered is not None:
+            return answered
         args = [str(len(self.states))]
         for state in self.states:
             args += self._args[state.key]
         try:
-            reply = self._call("stats", now, *args)
+            self._flush()
+            reply = self._call("stats", now, *args, bound=self._bound())
         except BackendUnavailable as exc:
             self._unavailable(exc)
             return super().availability(now)
+        return self._read_stats(now, reply)
+
+    def _read_stats(self, now: float, reply: Any) -> dict[str, float]:
         server_now = float(reply[0])
-        self.paused_until = self._local(now, server_now, float(reply[1]))
+        paused = self._local(now, server_now, float(reply[1]))
+        if paused > self.paused_until or self.paused_until <= now:
+            self.paused_until = paused
         out: dict[str, float] = {}
         for state, entry in zip(self.states, reply[3:], strict=True):
             out[state.key] = float(entry[0])
@@ -503,14 +848,52 @@ class RedisScheduler(Scheduler):
             return None
         is_head = next(iter(self.queue)) is waiter
         if now >= waiter.deadline or (is_head and waiter.rate_at > waiter.deadline):
-            self._leave(waiter, now)
-            self.timed_out += 1
+            if waiter.rate_at > waiter.deadline or not self._unanswered():
+                self._leave(waiter, now)
+                self.timed_out += 1
+                return None
+            # Redis has not answered for the head: give it the round trip's grace, then decide
+            # by the policy (the deadline holds whatever Redis does).
+            if now < waiter.deadline + GRACE and not self._circuit.opened:
+                return waiter.deadline + GRACE
+            self._no_answer(waiter, now)
             return None
         if is_head and now >= waiter.wake_at:
             self._signal()  # the dispatcher asks, and notifies this waiter with the answer
             return waiter.deadline
         wake = waiter.wake_at if is_head else math.inf
         return wake if wake < waiter.deadline else waiter.deadline
+
+    def _unanswered(self) -> bool:
+        """Under the lock: the head of the queue waits for Redis's first answer about it."""
+        head = next(iter(self.queue), None)
+        return head is not None and head.rate_at == -math.inf
+
+    def _no_answer(self, waiter: Waiter, now: float) -> None:
+        """Under the lock: ``waiter``'s deadline (and grace) passed without an answer from Redis:
+        the failure policy decides (``"raise"``: a timeout, or BackendUnavailable when Redis is
+        known to be unreachable)."""
+        receipts: list[Any] | None = None
+        if self._policy == "allow":
+            receipts = [ALLOWED] * len(waiter.items)
+        elif self._policy == "local":
+            _rate_at, admit_at = Scheduler.admit_time(self, waiter.items, now)
+            if admit_at <= now:
+                receipts = [Local(r) for r in self._take(waiter.items, now)]
+        elif self._circuit.opened:
+            self._failures[waiter] = NotSent(f"Redis is unreachable ({self._circuit.reason})")
+        if receipts is None:
+            self._leave(waiter, now)
+            self.timed_out += 1
+            return
+        was_head = next(iter(self.queue)) is waiter
+        del self.queue[waiter]
+        waiter.receipts = receipts
+        waiter.granted_at = now
+        waiter.state = GRANTED
+        self.granted += 1
+        if was_head:
+            self._dispatch(now)
 
     def _dispatch(self, now: float, current: Waiter | None = None) -> None:
         if self._simulated:
@@ -521,7 +904,10 @@ class RedisScheduler(Scheduler):
             head = next(iter(self.queue))
             if head.wake_at > now:
                 head.wake_at = now
-            self._dispatch_inline(now)
+            if _on_loop():
+                self._signal()  # never a round trip on an event loop's thread
+            else:
+                self._dispatch_inline(now)
 
     def failure(self, waiter: Waiter) -> BaseException | None:
         return self._failures.pop(waiter, None)
@@ -552,19 +938,37 @@ class RedisScheduler(Scheduler):
     ) -> tuple[list[Any] | None, Any, float]:
         """The async door's first step under the real clock: ``(receipts, None, start)``,
         ``(None, waiter, start)`` (queued), or ``(None, None, start)`` (the rate limits already
-        place it after its deadline, ``patience`` seconds away). When nobody is queued and
-        nothing is being decided, the task asks Redis itself, awaiting the answer on its own
-        event loop (no thread hop); otherwise it queues and the dispatcher asks for it with the
-        others."""
+        place it after its deadline, ``patience`` seconds away). When nobody is queued, nothing
+        is being decided and a connected connection is ready, the task asks Redis itself,
+        awaiting the answer on its own event loop (no thread hop) for at most its patience plus
+        the grace of one round trip; otherwise it queues and the dispatcher asks for it with
+        the others. While Redis is known to be unreachable, the policy applies at once."""
         with self.lock:
             start = self.clock()
-            direct = (
+            if self._circuit.opened:
+                # No I/O: the decision fails at once, and the policy decides (or raises).
+                receipts = self.try_take(items, start)
+                if receipts is not None:
+                    return receipts, None, start
+                waiter = new_waiter(items, start + patience)
+                if not self.enqueue(waiter, start):
+                    return None, None, start
+                return None, waiter, start
+            conn = None
+            if (
                 not self.queue
                 and not self._fast_busy
+                and not self._outbox  # what was handed off goes first (from the dispatcher)
+                and not self._sending
+                and self.paused_until <= start
                 and self._direct is not None
                 and self._hub.take_direct()  # a keyed set bounds its connections in use
-            )
-            if not direct:
+            ):
+                conn = self._direct.take()
+                if conn is None:
+                    self._hub.end_direct()
+                    self._direct.warm()  # for the next one; the dispatcher asks for this one
+            if conn is None:
                 waiter = new_waiter(items, start + patience)
                 if not self.enqueue(waiter, start):
                     return None, None, start  # the deadline is already out of reach
@@ -574,105 +978,320 @@ class RedisScheduler(Scheduler):
             holder = f"{self._me}:{next(self._holders)}"
         args = [holder, num(self._lease), *self._item_args(items)]
         try:
-            reply = await self._ask_directly(args)
+            reply = await self._ask_directly(conn, args, patience + GRACE)
         except BaseException as exc:
             with self.lock:
                 self._fast_busy = False
                 if self.queue:
                     self._signal()
-            if isinstance(exc, BackendUnavailable) and self._policy != "raise":
-                # The dispatcher applies the policy to it, first in the queue.
-                with self.lock:
-                    waiter = new_waiter(items, start + patience)
-                    if not self.enqueue(waiter, start):
-                        return None, None, start
-                    self.queue.move_to_end(waiter, last=False)
-                return None, waiter, start
+                if isinstance(exc, (BackendUnavailable, redis.exceptions.ResponseError)):
+                    decided = self._direct_failed(exc, items, patience, start, new_waiter)
+                    if decided is not None:
+                        return decided
             raise
         with self.lock:
             self._fast_busy = False
-            now = self.clock()
-            if reply[0] == 1:
-                receipts = self._receipts(items, holder, reply[2:])
-                self.granted += 1
-                if self.queue:
-                    self._signal()
-                return receipts, None, start
-            server_now = float(reply[1])
-            rate_at = self._local(start, server_now, float(reply[2]))
-            admit_at = self._local(start, server_now, float(reply[3]))
-            waiter = new_waiter(items, start + patience)
-            if rate_at > waiter.deadline or now >= waiter.deadline:
-                self.timed_out += 1
-                if self.queue:
-                    self._signal()
-                return None, None, start
-            self._hub.listen(self)
-            # First in the queue: it arrived before those that queued while Redis answered.
-            self.queue[waiter] = None
-            self.queue.move_to_end(waiter, last=False)
-            if epoch == self._epoch:
-                waiter.rate_at, waiter.wake_at = rate_at, admit_at
-                self._watch_expiry(now, self._local(start, server_now, float(reply[4])))
-            else:  # something changed meanwhile: ask again
-                waiter.rate_at, waiter.wake_at = -math.inf, now
+            return self._direct_answered(
+                reply,
+                items,
+                holder,
+                patience=patience,
+                start=start,
+                epoch=epoch,
+                new_waiter=new_waiter,
+            )
+
+    def _direct_failed(
+        self,
+        exc: BackendUnavailable | redis.exceptions.ResponseError,
+        items: Items,
+        patience: float,
+        start: float,
+        new_waiter: Callable[[Items, float], Any],
+    ) -> tuple[list[Any] | None, Any, float] | None:
+        """Under the lock: what ``take_first`` returns after its direct call failed (None: it
+        raises ``exc``)."""
+        if isinstance(exc, NoAnswer) and self._policy != "raise":
+            # Not answered within the caller's time: the policy decides now.
+            if self._policy == "allow":
+                return [ALLOWED] * len(items), None, start
+            return self._local_take(items, self.clock()), None, start
+        if isinstance(exc, BackendUnavailable) and self._policy == "raise":
+            return None
+        # The dispatcher asks again (an error reply: the script to load, the set to declare
+        # again), or applies the policy to it, first in the queue.
+        waiter = new_waiter(items, start + patience)
+        if not self.enqueue(waiter, start):
+            return None, None, start
+        self.queue.move_to_end(waiter, last=False)
+        waiter.wake_at = start
+        self._signal()
+        return None, waiter, start
+
+    def _direct_answered(
+        self,
+        reply: list[Any],
+        items: Items,
+        holder: str,
+        *,
+        patience: float,
+        start: float,
+        epoch: int,
+        new_waiter: Callable[[Items, float], Any],
+    ) -> tuple[list[Any] | None, Any, float]:
+        """Under the lock: what ``take_first`` returns for Redis's answer ``reply``."""
+        now = self.clock()
+        if reply[0] == 1:
+            receipts = self._receipts(items, holder, reply[2:])
+            self.granted += 1
+            if self.queue:
                 self._signal()
-            return None, waiter, start
+            return receipts, None, start
+        server_now = float(reply[1])
+        rate_at = self._local(start, server_now, float(reply[2]))
+        admit_at = self._local(start, server_now, float(reply[3]))
+        waiter = new_waiter(items, start + patience)
+        if rate_at > waiter.deadline or now >= waiter.deadline:
+            self.timed_out += 1
+            if self.queue:
+                self._signal()
+            return None, None, start
+        self._hub.listen(self)
+        # First in the queue: it arrived before those that queued while Redis answered.
+        self.queue[waiter] = None
+        self.queue.move_to_end(waiter, last=False)
+        if epoch == self._epoch:
+            waiter.rate_at, waiter.wake_at = rate_at, admit_at
+            self._watch_expiry(now, self._local(start, server_now, float(reply[4])))
+        else:  # something changed meanwhile: ask again
+            waiter.rate_at, waiter.wake_at = -math.inf, now
+            self._signal()
+        return None, waiter, start
 
-    async def _ask_directly(self, args: list[str]) -> list[Any]:
-        """``acquire``, asked by the task itself; ends the hub's count of direct calls."""
-        try:
-            return acquire_reply(await self._direct_call("acquire", args))
-        finally:
-            self._hub.end_direct()
+    # -- the async door's decision without waiting (the integrations' gate) ----------------
 
-    async def _direct_call(self, op: str, args: list[str]) -> Any:
-        """One script call from a task: sent on a pooled connection of the blocking client, the
-        answer awaited on the task's own event loop (at most ``timeout``; shielded, so that an
-        answer Redis gives is never lost to a cancellation)."""
-        assert self._direct is not None
-        pool, timeout = self._direct
+    async def attempt(
+        self, items: Items, limits: Sequence[Limit]
+    ) -> tuple[list[Any] | None, float, dict[str, Any]]:
+        """``(receipts, retry_after, stats)`` for ``try_acquire`` from a task in one awaited
+        round trip: ``acquire`` (or, while others are queued, ``earliest``) and ``stats``,
+        pipelined on a connection of the link. Without a connected one ready, or while Redis is
+        known to be unreachable, the answers are made under the lock as the sync verbs make
+        them (at once while unreachable)."""
+        with self.lock:
+            start = self.clock()
+            conn = None
+            if (
+                not self._circuit.opened
+                and self._direct is not None
+                and not self._outbox
+                and not self._sending
+            ):
+                conn = self._direct.take()
+                if conn is None:
+                    self._direct.warm()
+            if conn is None:
+                # Under the lock on the task's loop: every call waits one round trip's grace
+                # at most (at once while Redis is known to be unreachable).
+                self._patience = GRACE
+                try:
+                    return self._attempt_locked(items, limits, start)
+                finally:
+                    self._patience = None
+            barge = not self.queue and not self._fast_busy and self.paused_until <= start
+            holder = ""
+            if barge:
+                self._fast_busy = True
+                holder = f"{self._me}:{next(self._holders)}"
+        stats_args = [str(len(self.states))]
+        for state in self.states:
+            stats_args += self._args[state.key]
+        first = (
+            ["acquire", holder, num(self._lease), *self._item_args(items)]
+            if barge
+            else ["earliest", *self._item_args(items)]
+        )
         try:
-            conn = pool.get_connection()  # connects, if it must
+            replies = await self._direct_pipeline(conn, [first, ["stats", *stats_args]], GRACE)
+        except (BackendUnavailable, redis.exceptions.ResponseError) as exc:
+            with self.lock:
+                self._fast_busy = False
+                return self._attempt_failed(exc, items, limits)
+        with self.lock:
+            self._fast_busy = False
+            now = self.clock()
+            granted: list[Any] | None = None
+            if barge:
+                reply = acquire_reply(replies[0])
+                if reply[0] == 1:
+                    granted = self._receipts(items, holder, reply[2:])
+                    self.granted += 1
+                    at = now
+                else:
+                    at = self._local(start, float(reply[1]), float(reply[3]))
+            else:
+                reply = replies[0]
+                at = self._local(start, float(reply[0]), float(reply[2]))
+            at = max(at, self.head_wake_at())
+            self._answered = self._read_stats(start, replies[1])
+            stats = stats_locked(limits, self, now)
+            if self.queue:
+                self._signal()
+            return granted, 0.0 if granted is not None else max(0.0, at - now), stats
+
+    def _attempt_failed(
+        self,
+        exc: BackendUnavailable | redis.exceptions.ResponseError,
+        items: Items,
+        limits: Sequence[Limit],
+    ) -> tuple[list[Any] | None, float, dict[str, Any]]:
+        """Under the lock: the answers of ``attempt`` after its round trip failed."""
+        if self.queue:
+            self._signal()
+        now = self.clock()
+        if not isinstance(exc, NoAnswer):
+            # Unreachable (the policy applies at once now), or an error reply (the sync path
+            # loads the script, or declares the set again, within the grace).
+            self._patience = GRACE
+            try:
+                return self._attempt_locked(items, limits, now)
+            finally:
+                self._patience = None
+        if self._policy == "raise":
+            raise exc
+        receipts = (
+            [ALLOWED] * len(items) if self._policy == "allow" else self._local_take(items, now)
+        )
+        wait = 0.0
+        if receipts is None:  # the in-process limits ("local") refused it
+            wait = max(0.0, Scheduler.admit_time(self, items, now)[1] - now)
+        self._answered = Scheduler.availability(self, now)
+        return receipts, wait, stats_locked(limits, self, now)
+
+    def _attempt_locked(
+        self, items: Items, limits: Sequence[Limit], now: float
+    ) -> tuple[list[Any] | None, float, dict[str, Any]]:
+        receipts = self.try_take(items, now)
+        wait = 0.0 if receipts is not None else retry_after_locked(self, items, now)
+        return receipts, wait, stats_locked(limits, self, now)
+
+    async def _direct_pipeline(
+        self, conn: redis.Connection, calls: list[list[str]], bound: float
+    ) -> list[Any]:
+        """Several script calls from a task in one round trip on ``conn`` (see
+        :meth:`_direct_call`): all their replies, or the first error (the connection is then
+        closed: later replies may be on their way)."""
+        link = self._direct
+        assert link is not None
+        full = bound >= self._timeout
+        timeout = self._timeout if full else bound
+        functions = self._script.functions
+        packed = conn.pack_commands(  # type: ignore[no-untyped-call]
+            [
+                self._script.command(self._hash, [op, self._tag, *args], functions=functions)
+                for op, *args in calls
+            ]
+        )
+        replies: list[Any] = []
+        try:
+            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + timeout):
+                conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+                while len(replies) < len(calls):
+                    if not conn.can_read(timeout=0):  # nothing buffered: wait on the loop
+                        await _wait_readable(conn._sock)
+                    replies.append(conn.read_response())
         except UNAVAILABLE as exc:
+            self._circuit.trip(exc)
             raise BackendUnavailable(
                 f"Redis did not answer for the limits {self._hash!r} in time: {exc!r}"
             ) from exc
+        finally:
+            if len(replies) == len(calls):
+                link.give(conn)
+            else:
+                conn.disconnect()  # type: ignore[no-untyped-call]
+        if len(replies) == len(calls):
+            return replies
+        if not full:
+            raise NoAnswer(f"Redis did not answer for the limits {self._hash!r} within {timeout}s")
+        stalled = redis.exceptions.TimeoutError(f"no answer in {timeout}s")
+        self._circuit.trip(stalled)
+        raise BackendUnavailable(
+            f"Redis did not answer for the limits {self._hash!r} in time: {stalled!r}"
+        )
+
+    def _local_take(self, items: Items, now: float) -> list[Any] | None:
+        """Under the lock: the in-process decision of ``on_unavailable="local"``."""
+        if self.queue:
+            return None
+        _rate_at, admit_at = Scheduler.admit_time(self, items, now)
+        if admit_at > now:
+            return None
+        self.granted += 1
+        return [Local(r) for r in self._take(items, now)]
+
+    async def _ask_directly(
+        self, conn: redis.Connection, args: list[str], bound: float
+    ) -> list[Any]:
+        """``acquire``, asked by the task itself; ends the hub's count of direct calls."""
+        try:
+            return acquire_reply(await self._direct_call(conn, "acquire", args, bound))
+        finally:
+            self._hub.end_direct()
+
+    async def _direct_call(
+        self, conn: redis.Connection, op: str, args: list[str], bound: float
+    ) -> Any:
+        """One script call from a task, on a connected connection of the link: sent, and the
+        answer awaited on the task's own event loop, for at most ``bound`` seconds or the
+        backend's timeout (shielded, so that an answer Redis gives is never lost to a
+        cancellation). An error reply (the script or the declaration missing) is raised: the
+        dispatcher deals with it, off the event loop.
+
+        Raises:
+            NoAnswer: no answer within ``bound`` (shorter than the backend's timeout).
+            BackendUnavailable: no answer within the backend's timeout (the circuit opens).
+        """
+        link = self._direct
+        assert link is not None
+        full = bound >= self._timeout
+        timeout = self._timeout if full else bound
         done = False
         try:
             # One scope, shielded and with the deadline (fail_after would nest a second one:
             # each costs a noticeable share of a loopback round trip).
-            deadline = anyio.current_time() + timeout
-            with anyio.CancelScope(shield=True, deadline=deadline):
-                loaded = False
-                while True:
-                    functions = self._script.functions
-                    command = self._script.command(self._hash, [op, "", *args], functions=functions)
-                    conn.send_packed_command(  # type: ignore[no-untyped-call]
-                        [_resp(command, *self._encoding)]
-                    )
-                    await _wait_readable(conn._sock)
-                    try:
-                        reply = conn.read_response()
-                    except redis.exceptions.ResponseError as exc:
-                        # Not run (no library or script there): loaded, and sent once more.
-                        if not self._script.recover(self._client, exc, functions, loaded):
-                            raise
-                        loaded = loaded or functions == self._script.functions
-                        continue
-                    done = True
-                    return reply
-        except (TimeoutError, *UNAVAILABLE) as exc:
+            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + timeout):
+                command = self._script.command(
+                    self._hash, [op, self._tag, *args], functions=self._script.functions
+                )
+                conn.send_command(*command)  # type: ignore[no-untyped-call]
+                # PERF: the one private attribute used: a task waits for its socket on its own
+                # loop (no public API does without a thread hop, see benchmarks/redis.py).
+                await _wait_readable(conn._sock)
+                try:
+                    reply = conn.read_response()
+                except redis.exceptions.ResponseError:
+                    done = True  # in step: an error reply was read
+                    raise
+                done = True
+                return reply
+        except UNAVAILABLE as exc:
+            self._circuit.trip(exc)
             raise BackendUnavailable(
                 f"Redis did not answer for the limits {self._hash!r} in time: {exc!r}"
             ) from exc
         finally:
-            if not done:
+            if done:
+                link.give(conn)
+            else:
                 conn.disconnect()  # type: ignore[no-untyped-call]  # an answer may be on its way
-            pool.release(conn)
         # The deadline passed: the scope swallowed its own cancellation.
+        if not full:
+            raise NoAnswer(f"Redis did not answer for the limits {self._hash!r} within {timeout}s")
+        stalled = redis.exceptions.TimeoutError(f"no answer in {timeout}s")
+        self._circuit.trip(stalled)
         raise BackendUnavailable(
-            f"Redis did not answer for the limits {self._hash!r} in time: {TimeoutError()!r}"
+            f"Redis did not answer for the limits {self._hash!r} in time: {stalled!r}"
         )
 
     # -- the dispatcher's work (its thread, never under the lock while calling Redis) --------
@@ -680,11 +1299,13 @@ class RedisScheduler(Scheduler):
     def dispatch_queue(self) -> None:
         """Ask Redis for the due head and the waiters behind it, in one call per batch, and
         apply the answer: grants in queue order up to the first refusal, whose time goes to the
-        new head. Repeats while whole batches are granted and more are queued."""
+        new head. Repeats while whole batches are granted and more are queued. What an event
+        loop handed off goes first."""
+        self.send_outbox()
         while (asked := self.batch_to_ask()) is not None:
             try:
                 reply = self._call("batch", asked.now, *asked.args)
-            except BackendUnavailable as exc:
+            except (BackendUnavailable, ValueError) as exc:
                 self.batch_failed(asked, exc)
                 return
             if not self.batch_answered(asked, reply):
@@ -705,7 +1326,7 @@ class RedisScheduler(Scheduler):
 
     def batch_command(self, asked: Batch) -> list[str]:
         """The words of the script call for ``asked`` (for a pipeline of many)."""
-        args = ["batch", num(asked.now) if self._simulated else "", *asked.args]
+        args = ["batch", num(asked.now) if self._simulated else self._tag, *asked.args]
         return self._script.command(self._hash, args, functions=self._script.functions)
 
     def batch_answered(self, asked: Batch, reply: Any) -> bool:
@@ -717,13 +1338,18 @@ class RedisScheduler(Scheduler):
             self._undo(items, receipts, self.clock())
         return not (len(reply[2]) < len(asked.waiters) or reply[3])
 
-    def batch_failed(self, asked: Batch, exc: BackendUnavailable) -> None:
+    def batch_failed(self, asked: Batch, exc: BackendUnavailable | ValueError) -> None:
         with self.lock:
             self._batch_failed(asked.waiters, exc)
 
     def _dispatch_inline(self, now: float) -> None:
         """Under the lock: what the dispatcher thread does, done now by the caller (a release,
         a refund, a pause, a waiter leaving), so that its effect is visible when it returns."""
+        try:
+            self._flush()
+        except BackendUnavailable:
+            self._signal()  # the dispatcher asks once what it sends is sent
+            return
         while True:
             batch = self._due_batch(now)
             if not batch:
@@ -731,7 +1357,7 @@ class RedisScheduler(Scheduler):
             holders = [f"{self._me}:{next(self._holders)}" for _ in batch]
             try:
                 reply = self._call("batch", now, *self._batch_args(batch, holders))
-            except BackendUnavailable as exc:
+            except (BackendUnavailable, ValueError) as exc:
                 self._batch_failed(batch, exc)
                 return
             for items, receipts in self._apply(batch, holders, reply, now, self._epoch):
@@ -815,14 +1441,14 @@ class RedisScheduler(Scheduler):
                 self._signal()
         return undo
 
-    def _batch_failed(self, batch: list[Waiter], exc: BackendUnavailable) -> None:
-        """Under the lock: Redis did not answer for a batch: fail it (``"raise"``), or decide
-        it in-process."""
+    def _batch_failed(self, batch: list[Waiter], exc: BackendUnavailable | ValueError) -> None:
+        """Under the lock: Redis did not answer for a batch: fail it (``"raise"``, or another
+        declaration took the set's name: ValueError), or decide it in-process."""
         now = self.clock()
         for waiter in batch:
             if waiter.state != WAITING or waiter not in self.queue:
                 continue
-            if self._policy == "raise":
+            if self._policy == "raise" or isinstance(exc, ValueError):
                 del self.queue[waiter]
                 waiter.state = LEFT
                 self._failures[waiter] = exc
@@ -845,7 +1471,7 @@ class RedisScheduler(Scheduler):
             waiter.state = GRANTED
             self.granted += 1
             waiter.notify()
-        if self._policy != "raise":
+        if self._policy != "raise" and not isinstance(exc, ValueError):
             log.warning("%s; applying on_unavailable=%r", exc, self._policy)
 
     # -- leases ------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 import threading
 import time
 import weakref
@@ -27,29 +26,18 @@ import redis.client
 import redis.exceptions
 
 from .._errors import BackendUnavailable
+from ._link import UNAVAILABLE, log
 
 if TYPE_CHECKING:
     from ._scheduler import RedisScheduler
 
-__all__ = ["UNAVAILABLE", "Hub", "log"]
+__all__ = ["UNAVAILABLE", "Hub", "log", "stoppable"]
 
 #: The most tasks of a keyed set that ask Redis themselves at once (each on a pooled connection of
 #: its own, see ``RedisScheduler.take_first``); more queue, and the dispatcher asks for them.
 DIRECT_CALLS = 8
 
 T = TypeVar("T")
-
-log = logging.getLogger("aiolimits.redis")
-
-# What a call to an unreachable, stopped or restarting server raises (BusyLoadingError while it
-# loads its data set after a restart; RedisClusterException when no node of a Cluster answers).
-UNAVAILABLE = (
-    redis.exceptions.RedisClusterException,
-    redis.exceptions.ClusterError,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.BusyLoadingError,
-)
 
 
 class _Registry:
@@ -186,6 +174,20 @@ class Hub:
                     weakref.finalize(self, listener.stop)
                     self.listener = listener
 
+    def close(self) -> None:
+        """End the hub's threads now (its backend is being closed); the dispatcher runs the
+        jobs already handed to it first. A scheduler used afterwards starts them again."""
+        with self._lock:
+            dispatcher, self.dispatcher = self.dispatcher, None
+            listener, self.listener = self.listener, None
+            renewer, self.renewer = self.renewer, None
+        if dispatcher is not None:
+            dispatcher.stop()
+        if listener is not None:
+            listener.stop()
+        if renewer is not None:
+            renewer.stop.set()
+
     def hold(self, sched: RedisScheduler) -> None:
         """``sched`` holds leases: renew them while it lives."""
         self._registry.hold(sched)
@@ -195,6 +197,25 @@ class Hub:
                     renewer = Renewer(self._label, self._lease / 3, self._registry)
                     weakref.finalize(self, renewer.stop.set)
                     self.renewer = renewer
+
+
+_STOPPABLE: dict[type[Any], type[Any]] = {}
+
+
+def stoppable(kind: type[Any]) -> type[Any]:
+    """A subclass of the connection class ``kind`` that refuses to connect again once its
+    subscription was stopped (``aiolimits_stopped``), so that closing its socket ends the
+    listener's read for good."""
+    made = _STOPPABLE.get(kind)
+    if made is None:
+
+        def connect(self: Any) -> None:
+            if getattr(self, "aiolimits_stopped", False):
+                raise redis.exceptions.ConnectionError("the wake-up subscription was stopped")
+            kind.connect(self)
+
+        made = _STOPPABLE[kind] = type(f"Stoppable{kind.__name__}", (kind,), {"connect": connect})
+    return made
 
 
 class Renewer:
@@ -245,6 +266,9 @@ class Listener:
         pubsub = self._current
         connection: Any = None if pubsub is None else pubsub.connection  # None until subscribed
         if connection is not None:
+            # redis-py reconnects a subscription's connection whenever it reads on a closed one:
+            # a stoppable connection refuses to, once stopped.
+            connection.aiolimits_stopped = True
             connection.disconnect()  # the blocked read in the thread returns
 
     def _run(self, registry: _Registry) -> None:
@@ -378,11 +402,12 @@ class Dispatcher:
                     _at, _n, timer, ref = heapq.heappop(self._timers)
                     if not timer.cancelled:
                         due.append(ref)
-            for job in jobs:
-                _run_logged(job)
+            _run_all(jobs)
             _each([ref() for ref in due], "expired")
             _dispatch_each(list(pending))
-            del pending
+            # Nothing of this round stays referenced while the thread sleeps: a job or a
+            # scheduler kept here would keep its hub, and so this thread, alive.
+            del jobs, pending, due
 
 
 def _dispatch_each(schedulers: list[RedisScheduler]) -> None:
@@ -404,13 +429,14 @@ def _dispatch_together(schedulers: list[RedisScheduler]) -> list[RedisScheduler]
     another client or of a Cluster, and any whose call came back with an error reply, which
     ``dispatch_queue`` handles: a script to load again, say)."""
     client = schedulers[0]._client
-    if not isinstance(client, redis.Redis):
-        return schedulers
+    if not isinstance(client, redis.Redis) or schedulers[0]._circuit.opened:
+        return schedulers  # (while Redis is unreachable each fails at once)
     together = [s for s in schedulers if s._client is client]
     alone = [s for s in schedulers if s._client is not client]
     while together:
         asked = []
         for sched in together:
+            sched.send_outbox()  # what an event loop handed off goes first
             batch = sched.batch_to_ask()
             if batch is not None:
                 asked.append((sched, batch))
@@ -422,6 +448,7 @@ def _dispatch_together(schedulers: list[RedisScheduler]) -> list[RedisScheduler]
         try:
             replies = pipe.execute(raise_on_error=False)
         except UNAVAILABLE as exc:
+            asked[0][0]._circuit.trip(exc)
             for sched, batch in asked:
                 message = f"Redis did not answer for the limits {sched._hash!r} in time: {exc}"
                 sched.batch_failed(batch, BackendUnavailable(message))
@@ -433,6 +460,11 @@ def _dispatch_together(schedulers: list[RedisScheduler]) -> list[RedisScheduler]
             elif sched.batch_answered(batch, reply):
                 together.append(sched)
     return alone
+
+
+def _run_all(jobs: list[Callable[[], object]]) -> None:
+    for job in jobs:
+        _run_logged(job)
 
 
 def _run_logged(job: Callable[[], T]) -> T | None:

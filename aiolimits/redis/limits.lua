@@ -9,7 +9,8 @@
 -- slot). Fields: "s:<limit key>" holds a limit's state (cmsgpack, which stores doubles exactly),
 -- "!t" the highest server time seen (the clock never runs backwards, even across a failover to a
 -- replica whose clock is behind), "!p" the end of a pause, "!g" the grant count, "!r:<key>" the
--- units refunded, "!d" the declaration (written by the client, not read here).
+-- units refunded, "!d" the declaration and "!h" its digest (written by the client; `run` checks
+-- the digest).
 --
 -- A KeyedLimitSet keeps each client key in a hash of its own, "<prefix>:k:{<len(name)>:<name>:<key>}"
 -- (plain sets are "{<prefix>:<name>}": only a keyed hash does not start with "{"). A keyed hash
@@ -19,7 +20,8 @@
 -- log entry ids) start from Redis TIME in microseconds, so that a receipt from before an expiry
 -- never names anything of the state made again after it (see keyed_ids below).
 --
--- ARGV[1] is the operation, ARGV[2] the time: "" for Redis server time (TIME), or seconds for
+-- ARGV[1] is the operation, ARGV[2] the time: "" for Redis server time (TIME), "d<digest>" for
+-- server time on a plain set's hash that must hold that declaration (see `run`), or seconds for
 -- the test hook that drives the script with a fake clock. Numbers come in as Python's repr of a
 -- float (which strtod reads back exactly) and go out as %.17g strings (which Python's float()
 -- reads back exactly): Redis would truncate a Lua number in a reply to an integer.
@@ -1094,6 +1096,17 @@ local function run(keys, args)
   key, ARGV, cache = keys[1], args, {}
   limit_of, fresh_hint, id_base = {}, -INF, nil
   KEYED = string.sub(key, 1, 1) ~= '{'
+  if string.sub(ARGV[2], 1, 1) == 'd' then
+    -- Redis server time, on a plain set's hash that must hold the declaration this client
+    -- checked when it attached: "d" and the digest of it, which the client keeps in "!h" next to
+    -- the declaration "!d". Another digest there, or none, and Redis lost the set's data (and
+    -- someone may have declared the name otherwise since): nothing is done, and the client
+    -- declares it again, checking it as when it attached, before it sends the call once more.
+    if redis.call('HGET', key, '!h') ~= string.sub(ARGV[2], 2) then
+      return redis.error_reply('aiolimits-undeclared: ' .. key)
+    end
+    ARGV[2] = ''
+  end
   local reply, now
   if ARGV[1] == 'acquire' then
     reply, now = acquire() -- it reads the clock with its state
