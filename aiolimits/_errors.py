@@ -1,4 +1,4 @@
-"""Errors of aiolimits beyond the builtins (SPEC §11)."""
+"""Errors of aiolimits beyond the builtins (semantics §11)."""
 
 from __future__ import annotations
 

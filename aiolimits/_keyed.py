@@ -1,4 +1,4 @@
-"""KeyedLimitSet: one independent set of limits per client key, created on first use (SPEC §8).
+"""KeyedLimitSet: one independent set of limits per client key, created on first use (semantics §8).
 
 A web service limits each client (IP address, API key, user) separately, and there may be millions
 of them. A key costs only its algorithm states and a small scheduler; everything else is shared

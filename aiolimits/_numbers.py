@@ -1,4 +1,4 @@
-"""The range of every number the library accepts, and the one place that checks it (SPEC §11).
+"""The range of every number the library accepts, and the one place that checks it (semantics §11).
 
 Every number a caller gives (a limit's window and capacity, an amount requested or reported as
 usage, a timeout, a pause) is checked here against a stated range before anything changes, and

@@ -4,7 +4,7 @@ A pool spreads callers over interchangeable quotas: several API keys, accounts o
 LimitSet with the same keys (and the same kind of limit per key) but its own ``config``. Every
 verb picks one set and delegates to it, so each set keeps its own FIFO queue, its own
 all-or-nothing decisions and its own statistics; the pool adds no queue of its own (one waiting
-primitive, see STYLE.md) and holds no lock while anyone waits.
+primitive, see CONTRIBUTING.md) and holds no lock while anyone waits.
 
 Picking:
 

@@ -1,7 +1,7 @@
 """Requests: turning ``requested`` and ``usage`` mappings into validated ``(state, amount)`` items.
 
 Everything a caller can get wrong is checked here, before the scheduler's lock is taken, so a
-rejected call takes nothing (SPEC §11). The common case (known keys, positive numbers within
+rejected call takes nothing (semantics §11). The common case (known keys, positive numbers within
 capacity) costs one dict lookup and a few comparisons per key; anything else takes the slow path,
 which says exactly what is wrong, naming the argument and the value.
 """

@@ -18,7 +18,7 @@ Nothing under the lock awaits, sleeps or calls user code.
 * Invariant, after every operation under the lock: the queue is empty, or its head is not
   admissible before ``head.wake_at``, the time it becomes so (inf: only a release can). Once that
   time has come, the head's own timer grants it, or whoever takes the lock first (catch_up).
-* Queue-aware timeouts (SPEC §4): a request with a deadline that arrives behind others fails at
+* Queue-aware timeouts (semantics §4): a request with a deadline that arrives behind others fails at
   once when the rate limits cannot admit it before its deadline even if every request ahead is
   granted at its own earliest time, in order, and nothing is released, refunded or cancelled.
   That answer comes from a :class:`Forecast`, a copy of the rate limits' state run ahead of now to

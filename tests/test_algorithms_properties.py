@@ -1,4 +1,4 @@
-"""Property tests of the algorithm maths: each algorithm against a brute-force model, and SPEC §3.
+"""Property tests of the algorithm maths against brute-force models, and of semantics §3.
 
 Two regimes, and each property says which one it uses:
 

@@ -1,4 +1,4 @@
-"""Table tests of the algorithm maths (SPEC §3), with ``now`` passed in.
+"""Table tests of the algorithm maths (semantics §3), with ``now`` passed in.
 
 Each case is a list of steps fed through one loop, :func:`run`. An :class:`Ask` states what the
 algorithm must answer at that time (admitted or not, and the earliest time it would be) and takes

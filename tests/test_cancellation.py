@@ -1,4 +1,4 @@
-"""Cancellation and release: a waiter that leaves, by any mechanism, leaves no trace (SPEC §4, §5).
+"""Cancellation and release: a waiter that leaves, by any means, leaves no trace (semantics §4-5).
 
 Whatever makes a queued waiter leave (an anyio or trio cancel scope, a deadline, ``Task.cancel``,
 ``asyncio.timeout``, the ``timeout=`` of ``acquire`` or ``acquire_sync``), afterwards it is out of
@@ -75,7 +75,7 @@ class Departure:
     #: the backends it exists on
     backends: ClassVar[tuple[str, ...]] = ("asyncio", "uvloop", "trio")
     #: a library timeout cannot make a waiter that the rate limits alone hold back leave: such a
-    #: waiter is refused at once, never queued (SPEC §4).
+    #: waiter is refused at once, never queued (semantics §4).
     rate_blocked_ok: ClassVar[bool] = True
 
     def __init__(self) -> None:
@@ -765,7 +765,7 @@ async def test_grant_handed_back_after_the_clock_moved_admits_nothing_extra(
     assert scope.cancelled_caught
     stats = limits.get_stats()
     assert (stats["waiting"], stats["cancelled"], stats["limits"]["conn"]["in_use"]) == (0, 1, 0)
-    # A bucket of capacity 2 admits at most 2 calls at one instant (SPEC §3).
+    # A bucket of capacity 2 admits at most 2 calls at one instant (semantics §3).
     assert stats["limits"]["call_count"]["available"] == 0
     assert not limits.try_acquire({"conn": 0}).successful
 
@@ -916,7 +916,7 @@ async def test_release_in_a_cancelled_scope_happens_without_a_checkpoint(
     assert limits.get_stats()["limits"]["conn"]["in_use"] == 0
 
 
-# -- under trio, acquiring is a checkpoint (SPEC §4), as trio.Semaphore.acquire is --------------
+# -- under trio, acquiring is a checkpoint (semantics §4), as trio.Semaphore.acquire is -------
 
 ACQUIRE_FORMS = ["LimitSet", "LimitPool", "LimitPool LeastWait", "KeyedLimitSet"]
 

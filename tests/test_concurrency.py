@@ -1,4 +1,4 @@
-"""Tasks, event loops and threads sharing one LimitSet (SPEC §4): fairness, exactness, no deadlock.
+"""Tasks, event loops and threads sharing one LimitSet (semantics §4): fair, exact, no deadlock.
 
 Waiters of every kind (asyncio, uvloop and trio tasks, on loops running in their own threads, and
 plain threads in ``acquire_sync``) sit in one FIFO queue. These tests check that they are granted
@@ -497,7 +497,7 @@ def test_threads_tasks_and_event_loops_hammering_one_limitset_stay_within_every_
     assert len(ledger.grants) + ledger.timeouts == attempts
     assert len(ledger.grants) > attempts // 2
 
-    # tokens, a token bucket: never more than a burst plus the refill (SPEC §3).
+    # tokens, a token bucket: never more than a burst plus the refill (semantics §3).
     assert_token_bucket_envelope(ledger.grants, tokens_capacity, tokens_capacity / tokens_window)
     # call_count, fixed windows: at most capacity grants known to fall in each window.
     per_window: dict[int, int] = {}

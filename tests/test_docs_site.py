@@ -109,3 +109,31 @@ def test_every_python_block_of_the_site_is_valid_python(page: Path) -> None:
         # As the body of a coroutine: a fragment may ``await`` or ``return`` as it would there.
         body = textwrap.indent(source, "    ") or "    pass"
         compile(f"async def fragment():\n{body}\n    pass\n", str(page), "exec")
+
+
+def _repository_text() -> list[tuple[Path, int, str]]:
+    return [
+        (path, number, line)
+        for folder in ("aiolimits", "tests", "benchmarks", "docs", "scripts")
+        for path in sorted((ROOT / folder).rglob("*"))
+        if path.is_file() and path.suffix in {".py", ".lua", ".md", ""}
+        if path.name != "test_docs_site.py"
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+    ]
+
+
+def test_the_code_cites_only_documents_in_the_repository() -> None:
+    # The contract is docs/semantics.md and the house style CONTRIBUTING.md; the documents they
+    # grew from are not in the repository, so a comment citing them would point nowhere.
+    cited = re.compile(r"\bSPEC\b|\bSTYLE\.md\b")
+    text = _repository_text()
+    offenders = [f"{p.relative_to(ROOT)}:{n}" for p, n, line in text if cited.search(line)]
+    assert not offenders, f"cite docs/semantics.md or CONTRIBUTING.md instead: {offenders}"
+    sections = set(re.findall(r"^## §(\d+) ", (DOCS / "semantics.md").read_text(), re.MULTILINE))
+    dangling = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for p, n, line in text
+        for section in re.findall(r"semantics §(\d+)", line)
+        if section not in sections
+    ]
+    assert not dangling, f"cite a section docs/semantics.md has: {dangling}"

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from aiolimits import CallLimit, KeyedLimitSet, LimitSet, RateLimit, ResourceLimit
-from aiolimits.integrations._common import Gate, Verdict, parse_retry_after, ratelimit_headers
+from aiolimits.integrations._common import Gate, Verdict, ratelimit_headers
 from aiolimits.testing import ManualClock
 
 
@@ -58,24 +58,6 @@ def test_retry_after_is_whole_seconds_rounded_up_and_absent_when_only_a_release_
 def test_quoted_key_names_are_escaped() -> None:
     limits = LimitSet([RateLimit('a"b', 1, 1)])
     assert headers_of(limits)["RateLimit-Policy"] == '"a\\"b";q=1;w=1'
-
-
-@pytest.mark.parametrize(
-    ("value", "seconds"),
-    [
-        ("3", 3.0),
-        (" 2.5 ", 2.5),
-        ("0", 0.0),
-        (None, None),
-        ("-1", None),
-        ("soon", None),
-        ("nan", None),
-        ("inf", None),
-        ("Wed, 21 Oct 2015 07:28:00 GMT", None),
-    ],
-)
-def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
-    assert parse_retry_after(value) == seconds
 
 
 def test_importing_aiolimits_imports_no_framework() -> None:

@@ -1,4 +1,4 @@
-"""KeyedLimitSet: one set of limits per client key (SPEC §8); pause per key or for all (§9).
+"""KeyedLimitSet: one set of limits per client key (semantics §8); pause per key or for all (§9).
 
 The central property: dropping a fresh key never changes a decision. It is checked against a model
 that never drops anything (one plain LimitSet per key, made up front, on the same ManualClock),

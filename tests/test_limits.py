@@ -1,4 +1,4 @@
-"""Limit values (SPEC §2): immutable, hashable, picklable, equal by value, validated on creation."""
+"""Limit values (semantics §2): immutable, hashable, picklable, equal by value, validated."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Queue-aware timeouts (SPEC §4) against a brute-force model, on the scheduler itself.
+"""Queue-aware timeouts (semantics §4) against a brute-force model, on the scheduler itself.
 
 A request with a deadline that arrives behind others fails at once when the rate limits cannot
 admit it before the deadline even if every request ahead is granted at its own earliest time,
@@ -284,7 +284,7 @@ def test_failing_at_once_never_loses_a_request_that_would_have_been_admitted_in_
     algorithm: RateLimitAlgorithm, ops: list[Op]
 ) -> None:
     # The same history with and without the forecast: the same grants at the same times, and a
-    # refusal at once is a timeout there. Without the events SPEC §4 lets a refusal ignore
+    # refusal at once is a timeout there. Without the events semantics §4 lets a refusal ignore
     # (releases, refunds, cancellations, and a pause, which can make a request ahead time out
     # and so leave room behind it), the rule loses nothing.
     on_sched, on_clock, on_states = build(algorithm, False, UnboundedForecastScheduler)

@@ -32,7 +32,7 @@ def make_limitset(redis_cluster: RedisClusterNodes) -> MakeLimitSet:
 class TestRedisCluster(RedisContract):
     """Every contract test, on a Redis Cluster."""
 
-    # SPEC §4 queue-aware timeouts: not yet on Redis (see QueueTimeoutContract).
+    # semantics §4 queue-aware timeouts: not yet on Redis (see QueueTimeoutContract).
     queue_forecast_missing = (
         "the Lua script decides on the state in Redis and does not forecast the queue ahead "
         "(RedisScheduler.forecasts_queue = False): a request behind others fails at its deadline"

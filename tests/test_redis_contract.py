@@ -21,7 +21,7 @@ from .contract._support import crowd, eventually, worker_threads
 
 __all__ = ["redis_server"]  # the session fixture
 
-#: SPEC §4 queue-aware timeouts: not yet on Redis (see QueueTimeoutContract).
+#: semantics §4 queue-aware timeouts: not yet on Redis (see QueueTimeoutContract).
 _NO_QUEUE_FORECAST = (
     "the Lua script decides on the state in Redis and does not forecast the queue ahead "
     "(RedisScheduler.forecasts_queue = False): a request behind others fails at its deadline"

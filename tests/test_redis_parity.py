@@ -1,4 +1,4 @@
-"""The Lua script gives exactly the answers of the Python algorithms (SPEC §3, issue #7).
+"""The Lua script gives exactly the answers of the Python algorithms (semantics §3, issue #7).
 
 The Redis backend decides inside Redis with ``aiolimits/redis/limits.lua``, a step-by-step
 mirror of ``aiolimits/_algorithms``. Here the decision tables of ``test_algorithms_tables`` run

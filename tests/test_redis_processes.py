@@ -2,7 +2,7 @@
 
 Each worker records the Redis server time of every grant (read from the script's reply, the
 time the decision was made) and when it held its resource slot; the test checks the combined log
-against the limits' definitions (SPEC §3): every interval of the sliding window holds at most C
+against the limits' definitions (semantics §3): every interval of the sliding window holds at most C
 calls, the GCRA tokens between any two grants stay within C plus the refill, and at no moment do
 more than C slots appear held.
 """

@@ -1,4 +1,4 @@
-"""Statistics as values (SPEC §4): ``statistics()`` beside ``get_stats()``, with clean numbers.
+"""Statistics as values (semantics §4): ``statistics()`` beside ``get_stats()``, with clean numbers.
 
 Counts are ints on every backend (also after a process backend reclaimed a dead holder's slot);
 amounts of units are rounded down to 1e-6 and pauses up to 1e-6 s, so no figure overstates what

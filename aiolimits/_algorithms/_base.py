@@ -88,7 +88,7 @@ class PeakLog(list[float]):
     the level has climbed to within ``x`` of full after an acquisition took ``n``, the cap has
     absorbed all but ``x`` of that acquisition's units, just as it would have had the acquisition
     taken less. Only ``min(n, capacity - peak)`` is still "remembered" and can be given back, where
-    ``peak`` is the highest level since the take (SPEC §3: give back what can honestly be given
+    ``peak`` is the highest level since the take (semantics §3: give back what can honestly be given
     back; without this, a late refund lets the bucket admit more than its capacity at once).
 
     The levels are those of the bucket *as if the units refunded so far had never been taken*:

@@ -1,6 +1,6 @@
 """Declarations: what a shared LimitSet is, in a form every process (and Redis) can compare.
 
-Processes attaching to the same shared state must declare the same limits (SPEC §7). The
+Processes attaching to the same shared state must declare the same limits (semantics §7). The
 declaration is a canonical JSON-able list, one entry per limit in key order, with every number
 spelled one way (a whole number as an int: ``60`` and ``60.0`` are one declaration) and the
 algorithm by its string value; :func:`mismatch` compares two declarations by value (so one

@@ -1,4 +1,4 @@
-"""``aiolimits demo``: the main job, end to end, on one machine (SPEC §10).
+"""``aiolimits demo``: the main job, end to end, on one machine (semantics §10).
 
 ``provider.py`` is a simulated LLM API that enforces RPM and TPM; ``run.py`` fans calls out to it
 through :mod:`aiolimits.integrations.httpx` and measures; ``timeline.py`` draws the PNG; ``cli.py``

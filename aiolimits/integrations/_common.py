@@ -35,14 +35,13 @@ from .._door import Attempt
 from .._keyed import KeyedLimitSet
 from .._limits import CallLimit, Limit, RateLimit
 from .._limitset import LimitSet
-from .._numbers import MAX_SECONDS, check_seconds, describe
+from .._numbers import check_seconds, describe
 
 __all__ = [
     "Gate",
     "Requested",
     "Verdict",
     "is_keyed",
-    "parse_retry_after",
     "ratelimit_headers",
 ]
 
@@ -97,22 +96,6 @@ def ratelimit_headers(
         # HTTP's delta-seconds are whole seconds; rounding up never invites a retry too early.
         headers["Retry-After"] = str(math.ceil(retry_after))
     return headers
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` value: delta-seconds (fractions accepted, as some providers
-    send them) or None when absent or not a number. HTTP dates are not parsed (None)."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    if not math.isfinite(seconds) or seconds < 0:
-        return None
-    # A provider (or a hostile upstream) may ask for more than any pause can last: the longest
-    # pause the number range allows, rather than an error out of the 429 handling.
-    return min(seconds, MAX_SECONDS)
 
 
 @final

@@ -159,7 +159,7 @@ class TimeoutContract:
 
 
 class QueueTimeoutContract:
-    """Queue-aware timeouts (SPEC §4): a deadline is out of reach when the rate limits cannot
+    """Queue-aware timeouts (semantics §4): a deadline is out of reach when the rate limits cannot
     admit the request before it even with every request ahead granted at its own earliest time,
     in order; releases, refunds and cancellations still to come are not counted on, but those
     that happened are."""
@@ -167,7 +167,7 @@ class QueueTimeoutContract:
     pytestmark = pytest.mark.anyio
 
     #: Why this backend does not yet count the requests queued ahead of a new one when it
-    #: decides that a deadline is out of reach (SPEC §4); None when it does. The tests of that
+    #: decides that a deadline is out of reach (semantics §4); None when it does. The tests of that
     #: are then expected to fail (strictly: one that passes says the reason is out of date).
     queue_forecast_missing: ClassVar[str | None] = None
 
