@@ -453,8 +453,14 @@ async def test_the_due_queues_of_many_keys_are_asked_for_in_one_round_trip(
 
         hub.signal(gate_key, hold)  # type: ignore[arg-type]
         await eventually(holding.is_set)  # the dispatcher is in our job: what wakes now waits
-        for acq in held:
-            acq.release()
+
+        # From a thread, each release is sent before it returns (on the event loop it would be
+        # handed to the dispatcher, which our job holds up, and mix with the wake-ups).
+        def release_all() -> None:
+            for acq in held:
+                acq.release()
+
+        await anyio.to_thread.run_sync(release_all)
         # The 20 woken keys, waiting for the dispatcher's next round (it took the gate's key
         # with the gate job).
         await eventually(lambda: len(dispatcher._pending) == len(keys), within=20)
