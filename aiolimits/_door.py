@@ -254,14 +254,10 @@ class Door:
         shared backend one awaited round trip (never a wait for the network on the loop), in
         memory under the lock at once."""
         remote = getattr(sched, "attempt", None) if sched.remote else None
-        if remote is not None:
-            receipts, wait, stats = await remote(items, self._limits)
-        else:
+        if remote is None:
             with sched.lock:
-                now = sched.clock()
-                receipts = sched.try_take(items, now)
-                wait = 0.0 if receipts is not None else retry_after_locked(sched, items, now)
-                stats = stats_locked(self._limits, sched, now)
+                return attempt_locked(self, sched, items, sched.clock())
+        receipts, wait, stats = await remote(items, self._limits)
         if receipts is None:
             return Attempt(Acquisition(self, sched, items, FAILED), wait, stats)
         return Attempt(Acquisition(self, sched, items, HELD, receipts), 0.0, stats)
@@ -288,6 +284,17 @@ class Door:
             now = sched.clock()
             sched.catch_up(now)
             return limitset_statistics(self._limits, sched, now)
+
+
+def attempt_locked(door: Door, sched: Scheduler, items: Items, now: float) -> Attempt:
+    """Under the lock that guards ``sched``: take ``items`` now if the limits admit them, with the
+    ``retry_after`` and statistics of that same moment (the in-memory answer of ``attempt``)."""
+    receipts = sched.try_take(items, now)
+    wait = 0.0 if receipts is not None else retry_after_locked(sched, items, now)
+    stats = stats_locked(door._limits, sched, now)
+    if receipts is None:
+        return Attempt(Acquisition(door, sched, items, FAILED), wait, stats)
+    return Attempt(Acquisition(door, sched, items, HELD, receipts), 0.0, stats)
 
 
 def retry_after_locked(sched: Scheduler, items: Items, now: float) -> float:

@@ -64,10 +64,10 @@ from ._backends.memory import MemoryBackend
 from ._door import (
     Attempt,
     Door,
+    attempt_locked,
     check_common,
     check_picklable_clock,
     retry_after_locked,
-    stats_locked,
 )
 from ._limits import Limit
 from ._limitset import check_limits
@@ -533,13 +533,7 @@ class KeyedLimitSet(Door):
         with self._lock:
             now = self._clock()
             sched = self._scheduler_locked(key, now)
-            items = self._localise(template, sched)
-            receipts = sched.try_take(items, now)
-            wait = 0.0 if receipts is not None else retry_after_locked(sched, items, now)
-            stats = stats_locked(self._limits, sched, now)
-        if receipts is None:
-            return Attempt(Acquisition(self, sched, items, FAILED), wait, stats)
-        return Attempt(Acquisition(self, sched, items, HELD, receipts), 0.0, stats)
+            return attempt_locked(self, sched, self._localise(template, sched), now)
 
     # -- questions and pause -----------------------------------------------------------------
 
