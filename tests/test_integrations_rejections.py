@@ -110,7 +110,7 @@ async def test_every_integration_rejects_with_the_same_json_body_and_names_the_l
     limits = LimitSet(
         [CallLimit(60, 100), RateLimit("tokens", 60, 10)], clock=ManualClock(), name="api"
     )
-    options = {"cost": lambda request: {"tokens": 6}}
+    options: dict[str, Any] = {"cost": lambda request: {"tokens": 6}}
     async with serve(framework, limits, **options) as url, httpx.AsyncClient() as client:
         ok = await client.get(url)
         refused = await client.get(url)
@@ -177,7 +177,7 @@ async def test_exempt_requests_are_not_counted_and_carry_no_headers(framework: s
     limits = LimitSet([CallLimit(60, 1)], clock=ManualClock())
 
     def exempt(request: Any) -> bool:
-        return request.headers.get("x-internal") == "yes"
+        return bool(request.headers.get("x-internal") == "yes")
 
     async with serve(framework, limits, exempt=exempt) as url, httpx.AsyncClient() as client:
         internal = [await client.get(url, headers={"x-internal": "yes"}) for _ in range(3)]
@@ -242,7 +242,7 @@ async def test_two_sets_stacked_in_one_app_have_distinct_policy_names() -> None:
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 async def test_a_hostile_key_cannot_break_or_inject_headers(framework: str) -> None:
     limits = LimitSet([RateLimit('a"b\\c\r\nX-Evil: 1 é%', 60, 1)], clock=ManualClock())
-    options = {"cost": lambda request: {'a"b\\c\r\nX-Evil: 1 é%': 1}}
+    options: dict[str, Any] = {"cost": lambda request: {'a"b\\c\r\nX-Evil: 1 é%': 1}}
     async with serve(framework, limits, **options) as url, httpx.AsyncClient() as client:
         responses = [await client.get(url) for _ in range(2)]
     assert [r.status_code for r in responses] == [200, 429]
