@@ -129,6 +129,16 @@ async def test_aiohttp_page_example_serves_with_ratelimit_headers() -> None:
     assert response.headers["RateLimit"] == '"call_count";r=19;t=1'
 
 
+async def test_aiohttp_page_hook_answers_text_and_exempts_reads() -> None:
+    namespace = example("aiohttp.md", blocks=2)
+    async with aiohttp_server(namespace["upload_app"]) as url, httpx.AsyncClient() as client:
+        reads = [await client.get(url) for _ in range(2)]
+        posts = [await client.post(url) for _ in range(2)]
+    assert [r.status_code for r in reads + posts] == [200, 200, 200, 429]
+    assert posts[1].text.startswith("Over the limit call_count; retry in ")
+    assert posts[1].headers["RateLimit-Refused-By"] == '"uploads.call_count"'
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_httpx_page_example_fans_out_and_settles_real_usage(anyio_backend: str) -> None:
     namespace = example("httpx.md")
