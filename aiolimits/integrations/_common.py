@@ -16,10 +16,19 @@ Two modes:
   sleeping into the timeout.
 
 Headers follow the IETF httpapi draft "RateLimit header fields for HTTP": one policy item per rate
-limit of the set, named by its key: ``RateLimit-Policy: "call_count";q=100;w=60`` (the quota and
-its window) and ``RateLimit: "call_count";r=42;t=18`` (units left now, and seconds until the limit
-is back to its full quota: exact for the bucket algorithms, an upper bound of one window for the
-window algorithms). Resource limits are not rate quotas and get no item.
+limit of the set, named ``name.key`` from the set's name (or ``policy=``) and the limit's key, or
+the bare key for a set without a name: ``RateLimit-Policy: "api.call_count";q=100;w=60`` (the
+quota and its window) and ``RateLimit: "api.call_count";r=42;t=18`` (units left now, and seconds
+until the limit is back to its full quota: exact for the bucket algorithms, an upper bound of one
+window for the window algorithms). Resource limits are not rate quotas and get an item only when
+they refused the request.
+
+A rejection names the limit that refused, read from the refusal's own statistics (no second
+question): its items come first, ``RateLimit-Refused-By`` names its policy, and the integration's
+``on_reject`` hook gets it in a :class:`Rejection`. Every integration answers a rejection alike by
+default: 429, ``application/json``, ``{"detail":"Too Many Requests"}``, which is what FastAPI
+renders for the dependency's ``HTTPException``; a dependency can only raise, so this is the one
+body all three can give without an exception handler.
 """
 
 from __future__ import annotations
@@ -188,7 +197,7 @@ class Rejection:
 
     Attributes:
         limit: the key of the limit that refused it (e.g. ``"tokens"``), or None when every
-            limit had room and the requests queued ahead held it back.
+            limit had room and the requests queued ahead (or a pause) held it back.
         policy: that limit's policy name in the headers (an sf-string, quotes included), or None.
         retry_after: seconds until such a request could be admitted, or None when only a
             release can admit it (a full ``ResourceLimit``).
