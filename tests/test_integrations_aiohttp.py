@@ -52,7 +52,7 @@ async def test_over_the_limit_answers_429_with_retry_after_and_ratelimit_headers
     assert responses[0].headers["RateLimit-Policy"] == '"call_count";q=2;w=60'
     assert responses[0].headers["RateLimit"] == '"call_count";r=1;t=30'
     assert responses[2].headers["Retry-After"] == "30"
-    assert responses[2].text == "Too Many Requests"
+    assert responses[2].json() == {"detail": "Too Many Requests"}
     assert missing.status_code == 429  # still over the limit: the handler is not asked
 
 

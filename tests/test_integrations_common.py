@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from aiolimits import CallLimit, KeyedLimitSet, LimitSet, RateLimit, ResourceLimit
-from aiolimits.integrations._common import Gate, Verdict, ratelimit_headers
+from aiolimits.integrations._common import Gate, Verdict, policy_name, ratelimit_headers
 from aiolimits.testing import ManualClock
 
 
@@ -151,3 +151,57 @@ async def test_gate_holds_resources_until_released_and_refuses_a_bad_key() -> No
 def test_fractional_quotas_are_rounded_down_and_windows_up() -> None:
     limits = LimitSet([RateLimit("gpu_seconds", 0.5, 2.5)], clock=ManualClock())
     assert headers_of(limits)["RateLimit-Policy"] == '"gpu_seconds";q=2;w=1'
+
+
+@pytest.mark.anyio
+async def test_a_refusal_by_the_queue_ahead_names_no_limit() -> None:
+    clock = ManualClock()
+    limits = LimitSet([RateLimit("tokens", 10, 10)], clock=clock, name="api")
+    gate: Gate[FakeRequest] = Gate(
+        limits, key=None, cost=lambda r: {"tokens": r.tokens}, max_wait=0, headers=True
+    )
+    assert (await gate.enter(FakeRequest(None, 10))).admitted
+    async with anyio.create_task_group() as tg:
+
+        async def wait_for_ten() -> None:
+            async with limits.acquire({"tokens": 10}):
+                pass
+
+        tg.start_soon(wait_for_ten)
+        await anyio.wait_all_tasks_blocked()
+        clock.advance(5)  # 5 tokens back: room for 1, but the waiter ahead is served first
+        refused = await gate.enter(FakeRequest(None, 1))
+        clock.advance(5)
+    assert not refused.admitted
+    assert refused.rejection is not None
+    assert (refused.rejection.limit, refused.rejection.policy) == (None, None)
+    assert refused.rejection.remaining is None
+    assert "RateLimit-Refused-By" not in refused.headers
+    assert refused.headers["RateLimit"] == '"api.tokens";r=5;t=5'
+
+
+@pytest.mark.anyio
+async def test_the_refusing_limit_is_the_one_short_of_the_most_time() -> None:
+    limits = LimitSet(
+        [CallLimit(60, 1), RateLimit("tokens", 60, 100), ResourceLimit("slots", 5)],
+        clock=ManualClock(),
+    )
+    gate: Gate[FakeRequest] = Gate(
+        limits, key=None, cost=lambda r: {"tokens": r.tokens}, max_wait=0, headers=True
+    )
+    first = await gate.enter(FakeRequest(None, 90))
+    assert first.admitted
+    refused = await gate.enter(FakeRequest(None, 50))  # calls: 60 s away; tokens: 24 s away
+    assert refused.rejection is not None
+    assert refused.rejection.limit == "call_count"
+    assert refused.rejection.retry_after == 60
+    assert refused.headers["RateLimit-Policy"].startswith('"call_count";q=1;w=60, "tokens"')
+    await first.release()
+
+
+def test_policy_names_are_sf_strings_whatever_the_key() -> None:
+    assert policy_name(None, "tokens") == '"tokens"'
+    assert policy_name("api", "tokens") == '"api.tokens"'
+    assert policy_name(None, "50%\t\x00") == '"50%25%09%00"'
+    assert policy_name(None, "\ud800") == '"%ED%A0%80"'  # a lone surrogate is no crash
+    assert policy_name('a"', "\\") == '"a\\".\\\\"'

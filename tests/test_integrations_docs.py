@@ -7,6 +7,7 @@ a request or two checks that the limits are in front.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,25 @@ async def test_starlette_page_example_serves_with_ratelimit_headers() -> None:
     assert namespace["limits"].get_stats()["granted"] == 1
 
 
+async def test_starlette_page_hook_answers_problem_details_and_exempts_the_probe() -> None:
+    namespace = example("starlette.md", blocks=2)
+    limits = namespace["api_limits"]
+    async with uvicorn_server(namespace["api"]) as url, httpx.AsyncClient() as client:
+        probes = [await client.get(url + "/health") for _ in range(3)]
+        exports = [await client.get(url + "/export") for _ in range(11)]
+    assert [r.status_code for r in probes] == [200] * 3
+    assert "RateLimit" not in probes[0].headers
+    assert [r.status_code for r in exports] == [200] * 10 + [429]
+    refused = exports[-1]
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.headers["RateLimit-Refused-By"] == '"api.exports"'
+    body = refused.json()
+    assert (body["status"], body["limit"], body["remaining"]) == (429, "exports", 0)
+    assert 0 < body["retry_after"] <= 360
+    assert refused.headers["Retry-After"] == str(math.ceil(body["retry_after"]))
+    assert limits.get_stats()["granted"] == 10
+
+
 async def test_fastapi_page_examples_run_and_spare_the_health_check() -> None:
     namespace = example("fastapi.md", blocks=2)  # the app, and the per-key /search added to it
     limits = namespace["limits"]
@@ -79,12 +99,44 @@ async def test_fastapi_page_examples_run_and_spare_the_health_check() -> None:
     assert (other.status_code, anonymous.status_code) == (200, 200)
 
 
+async def test_fastapi_page_hook_raises_its_own_exception_and_exempts_internal_calls() -> None:
+    namespace = example("fastapi.md", blocks=3)
+    async with uvicorn_server(namespace["app"]) as url, httpx.AsyncClient() as client:
+        internal = [
+            await client.get(
+                url + "/suggest", params={"q": "cat"}, headers={"x-api-key": "internal"}
+            )
+            for _ in range(3)
+        ]
+        calls = [
+            await client.get(url + "/suggest", params={"q": "cat"}, headers={"x-api-key": "k"})
+            for _ in range(3)
+        ]
+    assert [r.status_code for r in internal] == [200] * 3
+    assert [r.status_code for r in calls] == [200, 200, 503]
+    assert calls[0].json() == {"suggestions": ["cats"]}
+    detail = calls[2].json()["detail"]
+    assert (detail["message"], detail["limit"]) == ("slow down", "call_count")
+    assert 0 < detail["retry_after"] <= 30  # the real clock: one call back after 60 s / 2
+    assert calls[2].headers["RateLimit-Refused-By"] == '"call_count"'
+
+
 async def test_aiohttp_page_example_serves_with_ratelimit_headers() -> None:
     namespace = example("aiohttp.md")
     async with aiohttp_server(namespace["app"]) as url, httpx.AsyncClient() as client:
         response = await client.get(url)
     assert response.json() == {"hello": "world"}
     assert response.headers["RateLimit"] == '"call_count";r=19;t=1'
+
+
+async def test_aiohttp_page_hook_answers_text_and_exempts_reads() -> None:
+    namespace = example("aiohttp.md", blocks=2)
+    async with aiohttp_server(namespace["upload_app"]) as url, httpx.AsyncClient() as client:
+        reads = [await client.get(url) for _ in range(2)]
+        posts = [await client.post(url) for _ in range(2)]
+    assert [r.status_code for r in reads + posts] == [200, 200, 200, 429]
+    assert posts[1].text.startswith("Over the limit call_count; retry in ")
+    assert posts[1].headers["RateLimit-Refused-By"] == '"uploads.call_count"'
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])

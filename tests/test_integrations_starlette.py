@@ -55,7 +55,7 @@ async def test_over_the_limit_answers_429_with_retry_after_and_ratelimit_headers
     assert second.headers["RateLimit"] == '"call_count";r=0;t=60'
     assert third.headers["Retry-After"] == "30"  # one token back after 60 s / 2
     assert third.headers["RateLimit"] == '"call_count";r=0;t=60'
-    assert third.text == "Too Many Requests"
+    assert third.json() == {"detail": "Too Many Requests"}
 
 
 async def test_per_client_limits_keep_clients_apart_and_a_missing_key_is_not_limited() -> None:

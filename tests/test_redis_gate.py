@@ -60,18 +60,23 @@ async def test_the_gate_decides_in_one_awaited_round_trip_with_its_headers(
     counting = CountingScript(limits._scheduler._script)  # type: ignore[attr-defined]
     limits._scheduler._script = counting  # type: ignore[attr-defined]
     gate: Gate[None] = Gate(
-        limits, key=None, cost=lambda _: {"tokens": 1}, max_wait=0, headers=True
+        limits, key=None, cost=lambda _: {"tokens": 1}, max_wait=0, headers=True, policy="api"
     )
     no_sync_questions(limits, monkeypatch)
     admitted = [await gate.enter(None) for _ in range(2)]
     assert all(v.admitted for v in admitted)
-    assert admitted[1].headers["RateLimit"] == '"tokens";r=0;t=60'
+    assert admitted[1].headers["RateLimit"] == '"api.tokens";r=0;t=60'
     rejected = await gate.enter(None)
     assert not rejected.admitted
     assert rejected.retry_after is not None
     assert 29 < rejected.retry_after <= 30
     assert rejected.headers["Retry-After"] == "30"
-    assert rejected.headers["RateLimit"] == '"tokens";r=0;t=60'
+    assert rejected.headers["RateLimit"] == '"api.tokens";r=0;t=60'
+    # The refusing limit, its remaining units and its wait, read from that same answer.
+    assert rejected.headers["RateLimit-Refused-By"] == '"api.tokens"'
+    assert rejected.rejection is not None
+    assert (rejected.rejection.limit, rejected.rejection.remaining) == ("tokens", 0)
+    assert rejected.rejection.retry_after == rejected.retry_after
     # Each decision: one acquire and one stats, pipelined on one connection; nothing else.
     assert counting.calls == {"acquire": 3, "stats": 3}
     assert limits._scheduler._hub.dispatcher is None  # type: ignore[attr-defined]
