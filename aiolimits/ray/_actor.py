@@ -284,14 +284,15 @@ class LimitsActor:
     def _reply(self, shared: Shared, caller: str, result: Any) -> tuple[Any, ...]:
         return result, shared.take_finished(caller), shared.next_timer()
 
-    async def declare(self, name: str, limits: tuple[Limit, ...], start: float | None) -> None:
+    async def declare(
+        self, name: str, limits: tuple[Limit, ...], start: float | None
+    ) -> str | None:
+        """Make the set ``name``, or check ``limits`` against it: None, or what differs."""
         shared = self.sets.get(name)
         if shared is None:
             self.sets[name] = Shared(name, limits, start)
-            return
-        message = mismatch(name, shared.declared, declaration(limits))
-        if message is not None:
-            raise ValueError(message)
+            return None
+        return mismatch(name, shared.declared, declaration(limits))
 
     async def acquire(  # noqa: PLR0917 - called as .remote(...), positionally
         self,

@@ -128,7 +128,7 @@ class RayBackend(Backend):
             )
         actor = self.actor()
         try:
-            ray.get(
+            message = ray.get(
                 actor.declare.remote(name, limits, clock() if simulated else None),
                 timeout=self.timeout,
             )
@@ -136,6 +136,8 @@ class RayBackend(Backend):
             raise BackendUnavailable(
                 f"the Ray limits actor {self.actor_name!r} did not answer: {exc}"
             ) from exc
+        if message is not None:
+            raise ValueError(message)
         return RayScheduler(
             states,
             clock,
