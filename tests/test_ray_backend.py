@@ -93,7 +93,8 @@ async def test_ray_tasks_are_granted_in_arrival_order(ray_cluster: Any) -> None:
     refs = []
     for i in range(4):
         refs.append(task.remote(limits))
-        await eventually(lambda n=i + 1: limits.get_stats()["waiting"] == n, within=60)
+        queued = i + 1
+        await eventually(lambda: limits.get_stats()["waiting"] == queued, within=60)
     holder.release()
     times = await anyio.to_thread.run_sync(lambda: ray_cluster.get(refs, timeout=60))
     assert times == sorted(times)
