@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 import anyio
@@ -77,6 +78,10 @@ def test_eight_ray_tasks_never_exceed_any_limit(ray_cluster: Any) -> None:
     assert limits.get_stats()["granted"] == 48
 
 
+def _waiting_is(limits: LimitSet, n: int) -> bool:
+    return bool(limits.get_stats()["waiting"] == n)
+
+
 def _queue_then_take(limits: LimitSet) -> float:
     with limits.acquire_sync(timeout=60):
         return time.monotonic()
@@ -93,8 +98,7 @@ async def test_ray_tasks_are_granted_in_arrival_order(ray_cluster: Any) -> None:
     refs = []
     for i in range(4):
         refs.append(task.remote(limits))
-        queued = i + 1
-        await eventually(lambda: limits.get_stats()["waiting"] == queued, within=60)
+        await eventually(partial(_waiting_is, limits, i + 1), within=60)
     holder.release()
     times = await anyio.to_thread.run_sync(lambda: ray_cluster.get(refs, timeout=60))
     assert times == sorted(times)
