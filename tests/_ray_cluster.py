@@ -29,14 +29,19 @@ def ray_cluster() -> Iterator[Any]:
     """``ray``, initialised once for the session on this machine (2 CPUs, no dashboard)."""
     ray = import_ray()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        namespace="aiolimits-tests",
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    # Each test module that imports this fixture has its own copy of it: the first to run
+    # starts Ray, and shuts it down at the end of the session.
+    owner = not ray.is_initialized()
+    if owner:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            namespace="aiolimits-tests",
+            log_to_driver=False,
+            configure_logging=False,
+        )
     try:
         yield ray
     finally:
-        ray.shutdown()
+        if owner:
+            ray.shutdown()

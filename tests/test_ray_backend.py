@@ -202,3 +202,49 @@ def test_the_guide_example_runs_in_a_ray_task(ray_cluster: Any) -> None:
     stats = namespace["limits"].get_stats()
     assert stats["granted"] == 1
     assert stats["limits"]["connections"]["in_use"] == 0
+
+
+def _hold_forever(limits: LimitSet, ready: Any) -> None:
+    """In a Ray task: take the slot, say so, and never release it (the test kills the task)."""
+    import ray
+
+    acq = limits.acquire_sync(timeout=60)
+    ray.get(ready.set.remote())
+    del acq
+    time.sleep(3600)
+
+
+class _Flag:
+    def __init__(self) -> None:
+        self.flag = False
+
+    def set(self) -> None:
+        self.flag = True
+
+    def get(self) -> bool:
+        return self.flag
+
+
+def test_a_killed_tasks_slot_comes_back_after_its_lease(ray_cluster: Any) -> None:
+    limits = LimitSet([ResourceLimit("conn", 1)], backend=_backend(lease_seconds=1.0), name=_name())
+    ready = ray_cluster.remote(num_cpus=0)(_Flag).remote()
+    ref = _remote(_hold_forever).remote(limits, ready)
+    deadline = time.monotonic() + 60
+    while not ray_cluster.get(ready.get.remote()):
+        assert time.monotonic() < deadline, "the task never took the slot"
+        time.sleep(0.05)
+    assert not limits.try_acquire().successful  # held by the task, which renews its lease
+    ray_cluster.cancel(ref, force=True)
+    # Within one lease (plus a sweep) of the task's death, the slot is free again.
+    with limits.acquire_sync(timeout=30) as acq:
+        assert acq.successful
+    ray_cluster.kill(ready)
+
+
+def test_a_live_holder_keeps_its_slot_past_many_leases() -> None:
+    limits = LimitSet([ResourceLimit("conn", 1)], backend=_backend(lease_seconds=0.3), name=_name())
+    with limits.acquire_sync():
+        time.sleep(1.5)  # five leases: only renewals keep it
+        assert not limits.try_acquire().successful
+    with limits.acquire_sync(timeout=10):
+        pass

@@ -68,11 +68,13 @@ class ActorWaiter(Waiter):
 class Holding:
     """A granted acquisition in the actor, and the operations of its caller not yet applied."""
 
-    __slots__ = ("acq", "next_seq", "parked", "waiter")
+    __slots__ = ("acq", "expires", "next_seq", "parked", "waiter")
 
-    def __init__(self, acq: Acquisition, waiter: ActorWaiter) -> None:
+    def __init__(self, acq: Acquisition, waiter: ActorWaiter, expires: float) -> None:
         self.acq = acq
         self.waiter = waiter
+        #: When its resource slots go back unless the holder renews (``time.monotonic``).
+        self.expires = expires
         self.next_seq = 1
         self.parked: dict[int, tuple[str, Any]] = {}
 
@@ -80,8 +82,13 @@ class Holding:
 class Shared:
     """One named set in the actor: its LimitSet, its waiters and its holdings."""
 
-    def __init__(self, name: str, limits: tuple[Limit, ...], start: float | None) -> None:
+    def __init__(
+        self, name: str, limits: tuple[Limit, ...], start: float | None, lease: float
+    ) -> None:
         self.name = name
+        #: Seconds a holding with resource slots lasts without a renewal from its holder.
+        self.lease = lease
+        self.sweeper: asyncio.TimerHandle | None = None
         self.declared = declaration(limits)
         self.manual = None if start is None else ManualClock(start)
         clock: Callable[[], float] = time.monotonic if self.manual is None else self.manual
@@ -148,9 +155,12 @@ class Shared:
     def _hold(self, waiter: ActorWaiter) -> tuple[Any, ...]:
         acq = Acquisition(self.limitset, self.sched, waiter.items, HELD, waiter.receipts)
         holdings = self.holdings
-        holdings[waiter.hid] = Holding(acq, waiter)
-        if self.keep is not None and len(holdings) > self.keep:
-            del holdings[next(iter(holdings))]
+        holdings[waiter.hid] = Holding(acq, waiter, time.monotonic() + self.lease)
+        if self.keep is not None:
+            if len(holdings) > self.keep:
+                del holdings[next(iter(holdings))]
+        elif self.sweeper is None:
+            self._arm_sweeper()
         return (GRANTED_OUTCOME, waiter.granted_at - waiter.start)
 
     def _arm(self, waiter: ActorWaiter) -> None:
@@ -246,6 +256,34 @@ class Shared:
             waiter.future.set_result((TIMEOUT_OUTCOME,))
         self.run_due()
 
+    # -- leases ----------------------------------------------------------------------------
+
+    def renew(self, hids: list[str]) -> None:
+        expires = time.monotonic() + self.lease
+        for hid in hids:
+            holding = self.holdings.get(hid)
+            if holding is not None:
+                holding.expires = expires
+
+    def _arm_sweeper(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover - the actor's methods run on its loop
+            return
+        self.sweeper = loop.call_later(self.lease / 3, self._sweep)
+
+    def _sweep(self) -> None:
+        """Give back the slots of holdings whose holder stopped renewing (it died)."""
+        self.sweeper = None
+        now = time.monotonic()
+        for hid, holding in list(self.holdings.items()):
+            if holding.expires <= now:
+                del self.holdings[hid]
+                holding.acq.release()
+        self.run_due()
+        if self.holdings:
+            self._arm_sweeper()
+
     def take_finished(self, caller: str) -> list[tuple[Any, ...]]:
         return self.finished.pop(caller, [])
 
@@ -285,12 +323,12 @@ class LimitsActor:
         return result, shared.take_finished(caller), shared.next_timer()
 
     async def declare(
-        self, name: str, limits: tuple[Limit, ...], start: float | None
+        self, name: str, limits: tuple[Limit, ...], start: float | None, lease: float
     ) -> str | None:
         """Make the set ``name``, or check ``limits`` against it: None, or what differs."""
         shared = self.sets.get(name)
         if shared is None:
-            self.sets[name] = Shared(name, limits, start)
+            self.sets[name] = Shared(name, limits, start, lease)
             return None
         return mismatch(name, shared.declared, declaration(limits))
 
@@ -377,6 +415,13 @@ class LimitsActor:
         shared = self._set(name)
         shared.at(now)
         return self._reply(shared, caller, None)
+
+    async def renew(self, leases: dict[str, list[str]]) -> None:
+        """Holders still alive: the ids of their holdings with resource slots, per set."""
+        for name, hids in leases.items():
+            shared = self.sets.get(name)
+            if shared is not None:
+                shared.renew(hids)
 
     async def ping(self) -> bool:
         return True

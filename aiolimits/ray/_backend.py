@@ -54,6 +54,8 @@ class RayBackend(Backend):
         timeout: seconds a call that must answer (``try_acquire``, ``retry_after``,
             ``get_stats``) waits for the actor; also how long past its own timeout a waiting
             ``acquire`` waits for an answer before giving up.
+        lease_seconds: how long the resource slots of a holder that stopped renewing (its
+            process died) stay taken; a live holder renews every third of that.
 
     Examples:
         >>> limits = LimitSet(
@@ -62,7 +64,15 @@ class RayBackend(Backend):
         ... )
     """
 
-    __slots__ = ("_actor", "actor_name", "actor_options", "namespace", "on_unavailable", "timeout")
+    __slots__ = (
+        "_actor",
+        "actor_name",
+        "actor_options",
+        "lease_seconds",
+        "namespace",
+        "on_unavailable",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -72,6 +82,7 @@ class RayBackend(Backend):
         actor_options: Mapping[str, Any] | None = None,
         on_unavailable: str = "raise",
         timeout: float = 10.0,
+        lease_seconds: float = 30.0,
     ) -> None:
         if not isinstance(actor_name, str) or not actor_name:
             raise ValueError(f"actor_name must be a non-empty str, got {actor_name!r}")
@@ -81,15 +92,17 @@ class RayBackend(Backend):
             raise TypeError(f"actor_options must be a mapping or None, got {actor_options!r}")
         if on_unavailable not in POLICIES:
             raise ValueError(f"on_unavailable must be one of {POLICIES!r}, got {on_unavailable!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
-        if not (timeout > 0 and math.isfinite(timeout)):
-            raise ValueError(f"timeout must be positive and finite, got {timeout!r}")
+        for arg, value in (("timeout", timeout), ("lease_seconds", lease_seconds)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{arg} must be a number of seconds, got {value!r}")
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{arg} must be positive and finite, got {value!r}")
         self.actor_name = actor_name
         self.namespace = namespace
         self.actor_options = dict(actor_options or {})
         self.on_unavailable = on_unavailable
         self.timeout = float(timeout)
+        self.lease_seconds = float(lease_seconds)
         self._actor: Any = None
 
     def actor(self) -> Any:
@@ -129,7 +142,9 @@ class RayBackend(Backend):
         actor = self.actor()
         try:
             message = ray.get(
-                actor.declare.remote(name, limits, clock() if simulated else None),
+                actor.declare.remote(
+                    name, limits, clock() if simulated else None, self.lease_seconds
+                ),
                 timeout=self.timeout,
             )
         except UNAVAILABLE as exc:
@@ -145,35 +160,22 @@ class RayBackend(Backend):
             name=name,
             timeout=self.timeout,
             on_unavailable=self.on_unavailable,
+            lease_seconds=self.lease_seconds,
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (
-            _rebuild,
-            (
-                self.actor_name,
-                self.namespace,
-                self.actor_options,
-                self.on_unavailable,
-                self.timeout,
-            ),
-        )
+        options = {
+            "namespace": self.namespace,
+            "actor_options": self.actor_options,
+            "on_unavailable": self.on_unavailable,
+            "timeout": self.timeout,
+            "lease_seconds": self.lease_seconds,
+        }
+        return (_rebuild, (self.actor_name, options))
 
     def __repr__(self) -> str:
         return f"RayBackend({self.actor_name!r}, namespace={self.namespace!r})"
 
 
-def _rebuild(
-    actor_name: str,
-    namespace: str | None,
-    actor_options: dict[str, Any],
-    on_unavailable: str,
-    timeout: float,
-) -> RayBackend:
-    return RayBackend(
-        actor_name,
-        namespace=namespace,
-        actor_options=actor_options,
-        on_unavailable=on_unavailable,
-        timeout=timeout,
-    )
+def _rebuild(actor_name: str, options: dict[str, Any]) -> RayBackend:
+    return RayBackend(actor_name, **options)

@@ -22,13 +22,14 @@ import logging
 import math
 import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import ray
 import ray.exceptions
 
-from .._algorithms import RateState
+from .._algorithms import RateState, SemaphoreState
 from .._errors import BackendUnavailable
 from .._scheduler import Items, Scheduler
 from .._waiters import GRANTED, LEFT, WAITING, Cancellable, TimerClock, Waiter
@@ -68,11 +69,14 @@ class RayScheduler(Scheduler):
     forecasts_queue = False  # the actor's own scheduler forecasts its queue
 
     __slots__ = (
+        "__weakref__",
         "_actor",
         "_answers",
         "_caller",
         "_failures",
+        "_held",
         "_keys",
+        "_lease",
         "_name",
         "_policy",
         "_simulated",
@@ -92,8 +96,15 @@ class RayScheduler(Scheduler):
         name: str,
         timeout: float,
         on_unavailable: str,
+        lease_seconds: float,
     ) -> None:
         super().__init__(states, clock)
+        self._lease = lease_seconds
+        #: This process's acquisitions holding resource slots, whose leases it renews (None:
+        #: the set has no resource limits).
+        self._held: set[str] | None = (
+            set() if any(isinstance(s, SemaphoreState) for s in states) else None
+        )
         self._actor = actor
         self._name = name
         self._timeout = timeout
@@ -177,6 +188,7 @@ class RayScheduler(Scheduler):
         if waiter.state != WAITING:
             return
         if error is None and outcome[0] == "granted":
+            self._hold(hid)
             waiter.receipts = [Ticket(hid)] * len(waiter.items)
             waiter.granted_at = start + outcome[1]
             waiter.state = GRANTED
@@ -212,6 +224,8 @@ class RayScheduler(Scheduler):
         if not taken:
             return None
         self.granted += 1
+        with self._answers:
+            self._hold(hid)
         return [Ticket(hid)] * len(items)
 
     def _submit(
@@ -246,6 +260,8 @@ class RayScheduler(Scheduler):
         if outcome[0] == "timeout":
             self.timed_out += 1
             return False
+        with self._answers:
+            self._hold(hid)
         waiter.receipts = [Ticket(hid)] * len(waiter.items)
         waiter.granted_at, waiter.state = now + outcome[1], GRANTED
         self.granted += 1
@@ -271,6 +287,8 @@ class RayScheduler(Scheduler):
                 self.timed_out += 1
                 return None, None, start
             self.granted += 1
+            with self._answers:
+                self._hold(hid)
             return [Ticket(hid)] * len(items), None, start
 
     def after_wake(self, waiter: Waiter, now: float) -> float | None:
@@ -301,6 +319,8 @@ class RayScheduler(Scheduler):
                 self.cancelled += 1
             elif waiter.state == GRANTED:
                 ticket = waiter.receipts[0] if waiter.receipts else None
+                if isinstance(ticket, Ticket) and self._held is not None:
+                    self._held.discard(ticket.hid)
                 waiter.state = LEFT
                 self.granted -= 1
                 self.cancelled += 1
@@ -334,7 +354,27 @@ class RayScheduler(Scheduler):
 
     # -- after a grant ---------------------------------------------------------------------
 
+    def _hold(self, hid: str) -> None:
+        """Under ``_answers``: ``hid`` holds slots; its lease is renewed until released."""
+        held = self._held
+        if held is not None:
+            if not held:
+                RENEWER.add(self)
+            held.add(hid)
+
+    def renew(self) -> None:
+        """From the renewer thread: extend the leases of this process's holdings."""
+        held = self._held
+        if not held:
+            return
+        with self._answers:
+            hids = list(held)
+        self._actor.renew.remote({self._name: hids}).future().add_done_callback(_log_failure)
+
     def _operate(self, ticket: Ticket, op: str, arg: Any) -> None:
+        if op in ("release", "abandon") and self._held is not None:
+            with self._answers:
+                self._held.discard(ticket.hid)
         if ticket.allowed:
             return
         try:
@@ -392,6 +432,43 @@ class RayScheduler(Scheduler):
         snapshot = self._snapshot or self._call("stats")
         self._snapshot = None
         return int(snapshot["waiting"])
+
+
+class Renewer:
+    """One daemon thread per process that renews the leases of every RayScheduler holding
+    resource slots, every third of the shortest lease (the actor frees a holding whose lease
+    ran out: its holder died)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._schedulers: weakref.WeakSet[RayScheduler] = weakref.WeakSet()
+        self._thread: threading.Thread | None = None
+
+    def add(self, sched: RayScheduler) -> None:
+        with self._lock:
+            self._schedulers.add(sched)
+            self._lock.notify()  # its lease may be shorter than the period slept on
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="aiolimits-ray-leases", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                schedulers = list(self._schedulers)
+            period = min((s._lease for s in schedulers), default=30.0) / 3
+            with self._lock:
+                self._lock.wait(period)
+            for sched in schedulers:
+                try:
+                    sched.renew()
+                except Exception:  # noqa: PERF203 - one failing set must not stop the others
+                    log.warning("aiolimits: renewing Ray leases failed", exc_info=True)
+
+
+RENEWER = Renewer()
 
 
 def _log_failure(future: Any) -> None:
