@@ -31,6 +31,10 @@ DEFAULT_ACTOR_OPTIONS: Final[Mapping[str, Any]] = {
 }
 
 
+#: How long attaching waits for the actor at least: the first user's call starts its process.
+ACTOR_START_SECONDS: Final = 60.0
+
+
 @final
 class RayBackend(Backend):
     """State in a named Ray actor, shared by every driver, task and actor of the cluster.
@@ -129,7 +133,8 @@ class RayBackend(Backend):
             ValueError: no ``name``; ``name`` was declared with other limits; a ``clock`` other
                 than ``time.monotonic`` (the actor decides on its own clock) or a test clock
                 that drives its own timers.
-            BackendUnavailable: the actor could not be reached within ``timeout``.
+            BackendUnavailable: the actor could not be reached within ``timeout`` (at least
+                60 s here, for Ray to start it).
         """
         if name is None:
             raise ValueError("name is required with RayBackend: it names the shared state")
@@ -145,7 +150,8 @@ class RayBackend(Backend):
                 actor.declare.remote(
                     name, limits, clock() if simulated else None, self.lease_seconds
                 ),
-                timeout=self.timeout,
+                # The first call may wait for Ray to start the actor's worker process.
+                timeout=max(self.timeout, ACTOR_START_SECONDS),
             )
         except UNAVAILABLE as exc:
             raise BackendUnavailable(
