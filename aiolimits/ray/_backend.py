@@ -1,0 +1,187 @@
+"""RayBackend: where a LimitSet's state lives when a Ray cluster's tasks and actors share it."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final, final
+
+import ray
+
+from .._algorithms import RateState
+from .._backends._base import Backend
+from .._errors import BackendUnavailable
+from .._limits import Limit
+from .._scheduler import Scheduler
+from .._waiters import TimerClock
+from ._actor import LimitsActor
+from ._scheduler import UNAVAILABLE, RayScheduler
+
+__all__ = ["RayBackend"]
+
+POLICIES: Final = ("raise", "allow")
+
+#: The actor's options unless ``actor_options`` says otherwise: it outlives whoever made it
+#: first, takes no CPU of a task's share, and has room for many requests parked in it.
+DEFAULT_ACTOR_OPTIONS: Final[Mapping[str, Any]] = {
+    "lifetime": "detached",
+    "num_cpus": 0,
+    "max_concurrency": 100_000,
+}
+
+
+#: How long attaching waits for the actor at least: the first user's call starts its process.
+ACTOR_START_SECONDS: Final = 60.0
+
+
+@final
+class RayBackend(Backend):
+    """State in a named Ray actor, shared by every driver, task and actor of the cluster.
+
+    Every set of this backend lives in one async actor, named ``actor_name`` in ``namespace``
+    (made on first use, found by name afterwards): its limits, its one FIFO queue, every decision.
+    A caller's ``acquire`` is one call to the actor, which answers when the request is granted
+    (waiting happens in the actor, nobody polls); ``update``, ``release`` and ``pause`` are sent
+    without waiting. A LimitSet pickled into a task or actor attaches to the same set again.
+    See ``docs/ray.md``.
+
+    Args:
+        actor_name: the name of the limits actor; give sets that need not share one actor
+            different names to spread the load.
+        namespace: the Ray namespace of the actor (None: the job's namespace; pass one so that
+            several jobs share the actor).
+        actor_options: more ``.options(...)`` for the actor (e.g. ``resources`` to pin it to a
+            node, ``lifetime=None`` to let it die with its maker).
+        on_unavailable: when the actor cannot be reached in ``timeout``: ``"raise"``
+            :class:`aiolimits.BackendUnavailable` (nothing is taken) or ``"allow"`` (admit).
+        timeout: seconds a call that must answer (``try_acquire``, ``retry_after``,
+            ``get_stats``) waits for the actor; also how long past its own timeout a waiting
+            ``acquire`` waits for an answer before giving up.
+        lease_seconds: how long the resource slots of a holder that stopped renewing (its
+            process died) stay taken; a live holder renews every third of that.
+
+    Examples:
+        >>> limits = LimitSet(
+        ...     [CallLimit(60, 500), RateLimit("tokens", 60, 90_000)],
+        ...     backend=RayBackend(), name="openai",
+        ... )
+    """
+
+    __slots__ = (
+        "_actor",
+        "actor_name",
+        "actor_options",
+        "lease_seconds",
+        "namespace",
+        "on_unavailable",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        actor_name: str = "aiolimits",
+        *,
+        namespace: str | None = None,
+        actor_options: Mapping[str, Any] | None = None,
+        on_unavailable: str = "raise",
+        timeout: float = 10.0,
+        lease_seconds: float = 30.0,
+    ) -> None:
+        if not isinstance(actor_name, str) or not actor_name:
+            raise ValueError(f"actor_name must be a non-empty str, got {actor_name!r}")
+        if namespace is not None and (not isinstance(namespace, str) or not namespace):
+            raise ValueError(f"namespace must be a non-empty str or None, got {namespace!r}")
+        if actor_options is not None and not isinstance(actor_options, Mapping):
+            raise TypeError(f"actor_options must be a mapping or None, got {actor_options!r}")
+        if on_unavailable not in POLICIES:
+            raise ValueError(f"on_unavailable must be one of {POLICIES!r}, got {on_unavailable!r}")
+        for arg, value in (("timeout", timeout), ("lease_seconds", lease_seconds)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{arg} must be a number of seconds, got {value!r}")
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{arg} must be positive and finite, got {value!r}")
+        self.actor_name = actor_name
+        self.namespace = namespace
+        self.actor_options = dict(actor_options or {})
+        self.on_unavailable = on_unavailable
+        self.timeout = float(timeout)
+        self.lease_seconds = float(lease_seconds)
+        self._actor: Any = None
+
+    def actor(self) -> Any:
+        """The handle of the limits actor, made if nobody has yet."""
+        if self._actor is None:
+            options = {**DEFAULT_ACTOR_OPTIONS, **self.actor_options}
+            remote: Any = ray.remote(LimitsActor)
+            self._actor = remote.options(
+                name=self.actor_name, namespace=self.namespace, get_if_exists=True, **options
+            ).remote()
+        return self._actor
+
+    def attach(
+        self,
+        limits: tuple[Limit, ...],
+        states: tuple[RateState, ...],
+        clock: Callable[[], float],
+        name: str | None,
+    ) -> Scheduler:
+        """The scheduler of the set ``name`` in the limits actor; declares it there, or checks
+        the limits declared there.
+
+        Raises:
+            ValueError: no ``name``; ``name`` was declared with other limits; a ``clock`` other
+                than ``time.monotonic`` (the actor decides on its own clock) or a test clock
+                that drives its own timers.
+            BackendUnavailable: the actor could not be reached within ``timeout`` (at least
+                60 s here, for Ray to start it).
+        """
+        if name is None:
+            raise ValueError("name is required with RayBackend: it names the shared state")
+        simulated = isinstance(clock, TimerClock)
+        if clock is not time.monotonic and not simulated:
+            raise ValueError(
+                f"clock must be time.monotonic with RayBackend (the actor decides on its own "
+                f"clock), got {clock!r}"
+            )
+        actor = self.actor()
+        try:
+            message = ray.get(
+                actor.declare.remote(
+                    name, limits, clock() if simulated else None, self.lease_seconds
+                ),
+                # The first call may wait for Ray to start the actor's worker process.
+                timeout=max(self.timeout, ACTOR_START_SECONDS),
+            )
+        except UNAVAILABLE as exc:
+            raise BackendUnavailable(
+                f"the Ray limits actor {self.actor_name!r} did not answer: {exc}"
+            ) from exc
+        if message is not None:
+            raise ValueError(message)
+        return RayScheduler(
+            states,
+            clock,
+            actor=actor,
+            name=name,
+            timeout=self.timeout,
+            on_unavailable=self.on_unavailable,
+            lease_seconds=self.lease_seconds,
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        options = {
+            "namespace": self.namespace,
+            "actor_options": self.actor_options,
+            "on_unavailable": self.on_unavailable,
+            "timeout": self.timeout,
+            "lease_seconds": self.lease_seconds,
+        }
+        return (_rebuild, (self.actor_name, options))
+
+    def __repr__(self) -> str:
+        return f"RayBackend({self.actor_name!r}, namespace={self.namespace!r})"
+
+
+def _rebuild(actor_name: str, options: dict[str, Any]) -> RayBackend:
+    return RayBackend(actor_name, **options)
