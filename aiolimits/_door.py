@@ -78,18 +78,25 @@ class Attempt:
 class Door:
     """What the public sets share: the waiting protocol over a scheduler, questions, stats."""
 
-    __slots__ = ("_clock", "_config", "_has_resources", "_limits", "_timer_clock")
+    __slots__ = ("_clock", "_config", "_has_resources", "_limits", "_timer_clock", "_timer_slack")
 
     _limits: tuple[Limit, ...]
     _config: Mapping[str, Any]
     _clock: Callable[[], float]
     _timer_clock: TimerClock | None
+    #: Seconds a wake-up may come late to be shared (``Scheduler.timer_at``); validated.
+    _timer_slack: float
     #: Whether releasing must take the lock: the set has resource limits, or counts holders.
     _has_resources: bool
 
     def _init_door(
-        self, limits: tuple[Limit, ...], config: Mapping[str, Any], clock: Callable[[], float]
+        self,
+        limits: tuple[Limit, ...],
+        config: Mapping[str, Any],
+        clock: Callable[[], float],
+        timer_slack: float,
     ) -> None:
+        self._timer_slack = timer_slack
         self._limits = limits
         self._config = config
         self._clock = clock
@@ -99,6 +106,12 @@ class Door:
     @property
     def limits(self) -> tuple[Limit, ...]:
         return self._limits
+
+    @property
+    def timer_slack(self) -> float:
+        """Seconds a waiter may be woken after its admissible time, so that waiters due close
+        together are granted by one wake-up (0.0: at that exact time)."""
+        return self._timer_slack
 
     @property
     def config(self) -> Mapping[str, Any]:
@@ -205,7 +218,7 @@ class Door:
         handing a grant that arrived meanwhile to the next waiter."""
         with sched.lock:
             # Only the head has a wake time; the others sleep until notified or their deadline.
-            wake = waiter.wake_at if sched.head() is waiter else _INF
+            wake = sched.timer_at(waiter.wake_at) if sched.head() is waiter else _INF
             until: float | None = wake if wake < waiter.deadline else waiter.deadline
         try:
             while until is not None:

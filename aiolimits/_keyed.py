@@ -71,7 +71,7 @@ from ._door import (
 )
 from ._limits import Limit
 from ._limitset import check_limits
-from ._numbers import check_seconds, check_timeout, describe
+from ._numbers import check_seconds, check_timeout, check_timer_slack, describe
 from ._requests import Requests
 from ._scheduler import Items, Scheduler
 from ._statistics import KeyedStatistics, LimitSetStatistics, limitset_statistics, seconds_up
@@ -160,6 +160,7 @@ class KeyedLimitSet(Door):
             see ``docs/keyed.md``).
         name: identifies the state in a shared backend (required there); a label otherwise.
         clock: monotonic seconds; ``aiolimits.testing.ManualClock`` for deterministic tests.
+        timer_slack: as :class:`LimitSet`'s, for every key's queue.
 
     Examples:
         >>> per_client = KeyedLimitSet([RateLimit("requests", window_seconds=60, capacity=100)])
@@ -194,9 +195,11 @@ class KeyedLimitSet(Door):
         backend: Backend | None = None,
         name: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        timer_slack: float = 0.0,
     ) -> None:
         limits = check_limits(limits)
         frozen_config = check_common(config, clock, name)
+        slack = check_timer_slack(timer_slack)
         if not isinstance(max_keys, int) or isinstance(max_keys, bool):
             raise TypeError(f"max_keys must be an int, got {describe(max_keys)}")
         if max_keys < 1:
@@ -209,7 +212,7 @@ class KeyedLimitSet(Door):
         self._shared: KeyFactory | None = backend.attach_keyed(limits, clock, name)
         self._backend = backend
         self._proxies: OrderedDict[str, _Proxy] = OrderedDict()
-        self._init_door(limits, frozen_config, clock)
+        self._init_door(limits, frozen_config, clock, slack)
         self._name = name
         self._max_keys = max_keys
         self._lock = threading.Lock()
@@ -250,7 +253,9 @@ class KeyedLimitSet(Door):
 
     def _fresh_scheduler(self, key: str, now: float) -> _KeyScheduler:
         states = tuple(new_state(limit, now) for limit in self._limits)
-        return _KeyScheduler(key, states, self._clock, self._lock, self._paused_until)
+        sched = _KeyScheduler(key, states, self._clock, self._lock, self._paused_until)
+        sched.timer_slack = self._timer_slack
+        return sched
 
     def _scheduler_locked(self, key: str, now: float) -> _KeyScheduler:
         """Under the lock: the scheduler of ``key``, made (and room made for it) if new."""
@@ -310,7 +315,7 @@ class KeyedLimitSet(Door):
             self._make_room_shared()
             now = self._clock()
             states = tuple(new_state(limit, now) for limit in self._limits)
-            proxy = self._proxies[key] = _Proxy(key, self._shared(key, states))
+            proxy = self._proxies[key] = _Proxy(key, self._new_proxy(key, states))
             proxy.inflight += 1
             paused_until = self._paused_until
         if paused_until > now:  # first used during a pause of every key
@@ -340,7 +345,13 @@ class KeyedLimitSet(Door):
             proxy = self._checkout(key)
             self._checkin(proxy)
             return proxy.sched
-        return self._shared(key, tuple(new_state(limit, now) for limit in self._limits))
+        return self._new_proxy(key, tuple(new_state(limit, now) for limit in self._limits))
+
+    def _new_proxy(self, key: str, states: tuple[RateState, ...]) -> KeyProxy:
+        assert self._shared is not None
+        sched = self._shared(key, states)
+        sched.timer_slack = self._timer_slack
+        return sched
 
     def _make_room_shared(self) -> None:
         """Under the lock: drop idle proxies in CLOCK order (those used since last looked at
@@ -639,6 +650,7 @@ class KeyedLimitSet(Door):
             backend=self._backend,
             name=self._name,
             clock=self._clock,
+            timer_slack=self._timer_slack,
         )
         return (rebuild, (self._limits,))
 

@@ -50,6 +50,7 @@ __all__ = [
     "MAX_AMOUNT",
     "MAX_CAPACITY",
     "MAX_SECONDS",
+    "MAX_TIMER_SLACK",
     "MAX_WINDOW",
     "MIN_AMOUNT",
     "MIN_CAPACITY",
@@ -60,6 +61,7 @@ __all__ = [
     "check_resource_capacity",
     "check_seconds",
     "check_timeout",
+    "check_timer_slack",
     "check_window",
     "describe",
 ]
@@ -71,6 +73,8 @@ MAX_CAPACITY: Final = 1e12
 MIN_AMOUNT: Final = 1e-9
 MAX_AMOUNT: Final = 1e12
 MAX_SECONDS: Final = 1e9
+# A timer slack is a latency traded for fewer wake-ups: beyond a second it is a pause, not a slack.
+MAX_TIMER_SLACK: Final = 1.0
 
 
 def describe(value: object) -> str:
@@ -161,3 +165,14 @@ def check_timeout(timeout: object, what: str = "timeout") -> float:
             f"got {_shown(timeout)}"
         )
     return float(timeout)
+
+
+def check_timer_slack(value: object) -> float:
+    """``timer_slack``: seconds a wake-up may come late, ``0 <= value <= MAX_TIMER_SLACK``."""
+    s = check_real("timer_slack", value)
+    if not 0 <= s <= MAX_TIMER_SLACK:
+        raise ValueError(
+            f"timer_slack must be a number of seconds between 0 and {MAX_TIMER_SLACK:g}, "
+            f"got {_shown(s)}"
+        )
+    return float(s)

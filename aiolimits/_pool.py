@@ -35,7 +35,7 @@ from ._acquisition import Acquisition, DeferredAcquire
 from ._decorator import Limited, Requested, limited
 from ._limits import CallLimit, Limit, ResourceLimit, enum_member
 from ._limitset import LimitSet
-from ._numbers import check_seconds, check_timeout, describe
+from ._numbers import check_seconds, check_timeout, check_timer_slack, describe
 from ._statistics import PoolSetStatistics, PoolStatistics
 from ._waiters import refuse_on_event_loop, trio_lowlevel
 
@@ -115,6 +115,8 @@ class LimitPool:
             :class:`LoadBalancingAlgorithm`), or their string values.
         worker_index: where round-robin starts (modulo the number of sets): give each worker
             process its index so that they do not all start on the first set.
+        timer_slack: None (the default) keeps each set's own ``timer_slack``; seconds (0 to 1)
+            set it on every set of the pool (see :class:`LimitSet`).
 
     Raises:
         TypeError: ``limit_sets`` is not a sequence of LimitSets, or a wrong type of option.
@@ -138,13 +140,18 @@ class LimitPool:
         *,
         load_balancing: LoadBalancingAlgorithm | str = LoadBalancingAlgorithm.RoundRobin,
         worker_index: int = 0,
+        timer_slack: float | None = None,
     ) -> None:
         sets = _check_sets(limit_sets)
+        slack = None if timer_slack is None else check_timer_slack(timer_slack)
         algorithm = enum_member(LoadBalancingAlgorithm, "load_balancing", load_balancing)
         if not isinstance(worker_index, int) or isinstance(worker_index, bool):
             raise TypeError(f"worker_index must be an int, got {describe(worker_index)}")
         if worker_index < 0:
             raise ValueError(f"worker_index must be >= 0, got {worker_index!r}")
+        if slack is not None:
+            for limit_set in sets:
+                limit_set._set_timer_slack(slack)
         self._sets = sets
         self._algorithm = algorithm
         self._worker_index = worker_index

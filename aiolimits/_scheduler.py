@@ -18,6 +18,13 @@ Nothing under the lock awaits, sleeps or calls user code.
 * Invariant, after every operation under the lock: the queue is empty, or its head is not
   admissible before ``head.wake_at``, the time it becomes so (inf: only a release can). Once that
   time has come, the head's own timer grants it, or whoever takes the lock first (catch_up).
+* Timer slack (``timer_slack``, default 0): the head's timer may be armed late, never early, at
+  the first multiple of the slack at or after its wake time (:meth:`Scheduler.timer_at`). The
+  one wake-up then grants, in queue order, every waiter admissible by that time: at a steady
+  rate r one wake-up grants about ``r * slack`` waiters instead of one, and heads of different
+  sets on one clock wake together. ``wake_at`` stays exact (anyone taking the lock after it, an
+  arrival or a release, still grants the head then), and the rate is kept whenever a limit can
+  hold ``r * slack`` units (a full bucket would otherwise overflow while its head sleeps on).
 * Queue-aware timeouts (semantics §4): a request with a deadline that arrives behind others fails at
   once when the rate limits cannot admit it before its deadline even if every request ahead is
   granted at its own earliest time, in order, and nothing is released, refunded or cancelled.
@@ -39,6 +46,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from copy import deepcopy
+from functools import partial
 from typing import Any
 
 from ._algorithms import RateState, SemaphoreState
@@ -137,6 +145,7 @@ class Scheduler:
         "refunded",
         "states",
         "timed_out",
+        "timer_slack",
     )
 
     # A backend that decides over the network sets this: its async door then queues without
@@ -186,8 +195,21 @@ class Scheduler:
         # with the credit arrivals earn (forecast_budget).
         self._forecast: Forecast | None = None
         self._credit = 0
+        #: Seconds a head's timer may fire after its wake time (validated by the doors, which
+        #: set it after the backend made the scheduler): see :meth:`timer_at`.
+        self.timer_slack = 0.0
 
     # -- decisions (under the lock) --------------------------------------------------------
+
+    def timer_at(self, at: float) -> float:
+        """When to wake a head whose wake time is ``at``: ``at`` itself without slack, else the
+        first multiple of ``timer_slack`` at or after it (never earlier, less than one slack
+        later), so that heads due close together share one wake-up."""
+        slack = self.timer_slack
+        if slack and -_INF < at < _INF:
+            # fmod is exact and the sum of ``at`` and a non-negative number never rounds below it.
+            return at + (-at) % slack
+        return at
 
     def admit_time(self, items: Items, now: float) -> tuple[float, float]:
         """``(rate_at, admit_at)`` for ``items`` at ``now``, assuming nothing else happens.
@@ -224,6 +246,20 @@ class Scheduler:
         if admit_at <= now:
             return rate_at, admit_at, self._take(items, now)
         return rate_at, admit_at, None
+
+    def _timer_fired(self, head: Waiter) -> None:
+        """The wake-up armed for ``head`` (``Waiter.notify_at``) is due: grant it, and with it
+        every waiter behind it admissible by now (one wake-up for all of them with
+        ``timer_slack``). A head not due by this clock yet, or no longer the head, is told to
+        re-read its state instead."""
+        with self.lock:
+            if head.state != WAITING:
+                return
+            now = self.clock()
+            if now >= head.wake_at and next(iter(self.queue)) is head:
+                self._dispatch(now)
+            else:
+                head.notify()
 
     def catch_up(self, now: float) -> None:
         """Under the lock: grant a head whose wake time has come but which has not run yet.
@@ -287,7 +323,9 @@ class Scheduler:
                 if head is current:
                     return
                 if self._timed and rate_at <= head.deadline:
-                    woken = head.notify_at(admit_at, now, self.lock)
+                    woken = head.notify_at(
+                        self.timer_at(admit_at), now, partial(self._timer_fired, head)
+                    )
                 else:
                     woken = head.notify()  # it times out at once, or arms its own timer
                 if not woken:
@@ -403,7 +441,7 @@ class Scheduler:
             self._leave(waiter, now)
             self.timed_out += 1
             return None
-        wake = waiter.wake_at if next(iter(queue)) is waiter else _INF
+        wake = self.timer_at(waiter.wake_at) if next(iter(queue)) is waiter else _INF
         return wake if wake < waiter.deadline else waiter.deadline
 
     def abandon(self, waiter: Waiter, now: float) -> None:

@@ -104,11 +104,12 @@ class Waiter:
         """Wake the waiter to re-read its state. Under the lock. False if it can never wake."""
         raise NotImplementedError
 
-    def notify_at(self, when: float, now: float, lock: threading.Lock) -> bool:
-        """Under ``lock``, when this waiter has just become the head: wake it once the clock
-        (now reading ``now``) reads ``when`` (inf: only a later notification will). A waiter
-        that can arm that timer itself without running does; the others are woken now, to arm
-        it when they run (the default). False if it can never wake."""
+    def notify_at(self, when: float, now: float, fire: Callable[[], None]) -> bool:
+        """Under the lock, when this waiter has just become the head: call ``fire`` (which
+        takes the lock, grants what is due and wakes whom it concerns) once the clock (now
+        reading ``now``) reads ``when`` (inf: never; a later notification will wake it). A
+        waiter that can arm that timer itself without running does; the others are woken now,
+        to arm their own when they run (the default). False if it can never wake."""
         return self.notify()
 
     def consume_notification(self) -> None:
@@ -239,10 +240,11 @@ class AsyncioWaiter(TaskWaiter):
         # another thread can only be late, which is the case handled by giving the grant back.
         return self._fut.cancelled()
 
-    def notify_at(self, when: float, now: float, lock: threading.Lock) -> bool:
+    def notify_at(self, when: float, now: float, fire: Callable[[], None]) -> bool:
         # On its loop's thread, the timer is armed here and the task sleeps on until it fires:
         # otherwise it would run now only to arm the same timer, one loop iteration (and a
-        # share of a grant's CPU) per new head in a busy queue.
+        # share of a grant's CPU) per new head in a busy queue. The timer grants by itself
+        # (``fire``), so the head does not run first only to grant itself and those behind it.
         if self.notified or threading.get_ident() != self._thread:
             return self.notify()
         timer = self._timer
@@ -254,13 +256,12 @@ class AsyncioWaiter(TaskWaiter):
         delay = when - now
         if delay <= 0:
             return self.notify()
-        self._timer = self._loop.call_later(self._padded(delay), self._fire, lock)
+        self._timer = self._loop.call_later(self._padded(delay), self._fire, fire)
         return True
 
-    def _fire(self, lock: threading.Lock) -> None:
-        with lock:
-            self._timer = None
-            self.notify()
+    def _fire(self, fire: Callable[[], None]) -> None:
+        self._timer = None  # only ever touched on this loop's thread
+        fire()
 
     def _padded(self, delay: float) -> float:
         # uvloop rounds to whole milliseconds, early as well as late: round up, plus one.

@@ -119,7 +119,18 @@ def tables(r: Results) -> str:
     return "\n".join(out) + "\n"
 
 
+#: Sections measured by hand go after this line of docs/benchmarks.md; a run keeps them.
+HAND_WRITTEN = "<!-- Hand-written sections below: `python -m benchmarks` keeps them. -->"
+
+
 def write_markdown(r: Results, path: Path, command: str, started: datetime, chart: str) -> str:
+    """Write the report to ``path``, keeping what follows :data:`HAND_WRITTEN` there."""
+    kept = ""
+    if path.exists():
+        old = path.read_text(encoding="utf-8")
+        at = old.find(HAND_WRITTEN)
+        if at >= 0:
+            kept = "\n" + old[at:]
     versions = ", ".join(f"{p} {_version(p)}" for p in PACKAGES)
     text = (
         "# Benchmarks: aiolimits and its peers\n\n"
@@ -131,7 +142,7 @@ def write_markdown(r: Results, path: Path, command: str, started: datetime, char
         "figure is a ratio to a baseline measured in the same run, or read beside one (the CPU "
         "floor). What each scenario measures, and what was left out, is in "
         "[benchmarks/README.md](../benchmarks/README.md).\n\n"
-        f"![uncontended ratios and contended CPU per grant]({chart})\n\n" + tables(r)
+        f"![uncontended ratios and contended CPU per grant]({chart})\n\n" + tables(r) + kept
     )
     path.write_text(text, encoding="utf-8")
     return text

@@ -4,31 +4,64 @@
 units per second whose burst has been used up, so every grant is scheduled. Kendall's tau compares
 the order in which requests joined the queue with the order in which they were granted (1.0: the
 same order).
+
+On asyncio and uvloop each ``--timer-slack`` value (default 0, 0.001, 0.005) runs beside
+aiolimiter's ``AsyncLimiter`` (when installed), interleaved over ``--repeats`` repeats in a new
+shuffled order each time; CPU per grant is also shown as a ratio to aiolimiter's median. trio runs
+aiolimits alone (aiolimiter is asyncio-only).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import random
+import statistics
 import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 
 from aiolimits import LimitSet, RateLimit
 
-from ._common import kendall_tau
+from ._common import Summary, kendall_tau
+
+Grant = Callable[[], Awaitable[object]]
 
 
-async def run(tasks: int, per_task: int, rate: float) -> tuple[float, float, float]:
-    limits = LimitSet([RateLimit("r", 1, rate)])
+def aiolimits_grant(rate: float, timer_slack: float) -> Grant:
+    limits = LimitSet([RateLimit("r", 1, rate)], timer_slack=timer_slack)
     assert limits.try_acquire({"r": rate}).successful  # use up the burst
+
+    async def grant() -> None:
+        async with limits.acquire({"r": 1}):
+            pass
+
+    return grant
+
+
+async def aiolimiter_grant(rate: float) -> Grant:
+    from aiolimiter import AsyncLimiter  # optional: the bench extra
+
+    lim = AsyncLimiter(rate, 1)
+    while lim.has_capacity():  # use up the burst
+        await lim.acquire()
+    return lim.acquire
+
+
+async def run(
+    tasks: int, per_task: int, rate: float, slack: float | None
+) -> tuple[float, float, float]:
+    """``(wall / ideal, CPU µs per grant, Kendall tau)``; ``slack`` None runs aiolimiter."""
+    grant = aiolimits_grant(rate, slack) if slack is not None else await aiolimiter_grant(rate)
     arrivals = iter(range(tasks * per_task))
     granted: list[int] = []
 
     async def worker() -> None:
         for _ in range(per_task):
             ticket = next(arrivals)  # taken just before joining the queue
-            async with limits.acquire({"r": 1}):
-                granted.append(ticket)
+            await grant()
+            granted.append(ticket)
 
     cpu0, t0 = time.process_time(), time.monotonic()
     async with anyio.create_task_group() as tg:
@@ -44,18 +77,48 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--per-task", type=int, default=5)
     parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--timer-slack", type=float, nargs="+", default=[0.0, 0.001, 0.005], metavar="SECONDS"
+    )
     args = parser.parse_args()
+    with_peer = importlib.util.find_spec("aiolimiter") is not None
+    rng = random.Random(3)
     for label, backend, options in (
         ("asyncio", "asyncio", {}),
         ("uvloop", "asyncio", {"use_uvloop": True}),
         ("trio", "trio", {}),
     ):
-        ratio, cpu, tau = anyio.run(
-            run, args.tasks, args.per_task, args.rate, backend=backend, backend_options=options
-        )
-        print(
-            f"{label:8} wall/ideal {ratio:.4f}  CPU per grant {cpu:6.1f} us  Kendall tau {tau:.3f}"
-        )
+        rows: list[float | None] = list(args.timer_slack)
+        if with_peer and backend == "asyncio":
+            rows.append(None)
+        results: dict[float | None, list[tuple[float, float, float]]] = {r: [] for r in rows}
+        for _ in range(args.repeats):
+            order = rows[:]
+            rng.shuffle(order)
+            for slack in order:
+                results[slack].append(
+                    anyio.run(
+                        run,
+                        args.tasks,
+                        args.per_task,
+                        args.rate,
+                        slack,
+                        backend=backend,
+                        backend_options=options,
+                    )
+                )
+        peer = results.get(None)
+        peer_cpu = statistics.median(c for _, c, _ in peer) if peer else None
+        for slack, runs in results.items():
+            name = "aiolimiter" if slack is None else f"timer_slack={slack:g}"
+            cpu = Summary.of([c for _, c, _ in runs])
+            ratio = "" if peer_cpu is None else f" ({cpu.median / peer_cpu:.2f}x aiolimiter)"
+            print(
+                f"{label:8} {name:18} wall/ideal {Summary.of([w for w, _, _ in runs]).fmt('.4f')}"
+                f"  CPU per grant {cpu.fmt('.1f')} us{ratio}"
+                f"  Kendall tau {Summary.of([t for _, _, t in runs]).fmt('.3f')}"
+            )
 
 
 if __name__ == "__main__":

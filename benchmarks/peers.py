@@ -9,6 +9,7 @@ lazily so that the suite still runs, without them, where they are not installed.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from ._common import BIG, one_rate, three
 
@@ -171,10 +172,10 @@ TRIO_UNCONTENDED: dict[str, tuple[Callable[[], Op], str | None]] = {
 # Contended: each factory is awaited inside the event loop, uses up the burst, and returns grant().
 
 
-async def aiolimits_grant(rate: float) -> Op:
+async def aiolimits_grant(rate: float, timer_slack: float = 0.0) -> Op:
     from aiolimits import LimitSet, RateLimit
 
-    limits = LimitSet([RateLimit("r", 1, rate)])
+    limits = LimitSet([RateLimit("r", 1, rate)], timer_slack=timer_slack)
     assert limits.try_acquire({"r": rate}).successful  # use up the burst
 
     async def grant() -> None:
@@ -243,6 +244,9 @@ async def concurry_grant(rate: float) -> Op:
 
 CONTENDED: dict[str, tuple[Callable[[float], Awaitable[Op]], str | None]] = {
     "aiolimits": (aiolimits_grant, None),
+    # Waiters due within 1 ms / 5 ms of each other granted by one wake-up (docs/limitset.md).
+    "aiolimits timer_slack=0.001": (partial(aiolimits_grant, timer_slack=0.001), None),
+    "aiolimits timer_slack=0.005": (partial(aiolimits_grant, timer_slack=0.005), None),
     "aiolimiter": (aiolimiter_grant, "aiolimiter"),
     "pyrate-limiter": (pyrate_grant, "pyrate_limiter"),
     "throttled-py": (throttled_grant, "throttled"),

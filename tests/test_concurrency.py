@@ -633,6 +633,55 @@ async def test_waiters_on_a_token_bucket_are_granted_not_before_their_time(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["task", "thread"])
+@pytest.mark.parametrize(("slack", "most_wake_ups"), [(0.0, 8), (0.2, 2)])
+async def test_timer_slack_grants_waiters_due_close_together_at_one_wake_up_on_a_real_clock(
+    anyio_backend: Backend, kind: str, slack: float, most_wake_ups: int
+) -> None:
+    # 40 tokens per second: waiter i (from 0) is admissible 0.025 * (i + 1) s after t0. With a
+    # slack of 0.2 s the wake-ups fall on multiples of 0.2 s, and the 8 due times (0.175 s
+    # apart at most) lie in at most two of them: every grant happens at one of at most two
+    # instants (one ``now`` per dispatch), whatever the delays of a loaded machine. Without
+    # slack each waiter has its own wake-up.
+    clock = FreezableClock()
+    limits = LimitSet([RateLimit("tokens", 0.25, 10)], clock=clock, timer_slack=slack)
+    clock.freeze()
+    assert limits.try_acquire({"tokens": 10}).successful  # empty at t0, exactly
+    order: list[int] = []
+    waited: dict[int, float] = {}
+
+    async def task_waiter(i: int) -> None:
+        async with limits.acquire({"tokens": 1}) as acq:
+            waited[i] = acq.waited
+            order.append(i)
+
+    def thread_waiter(i: int) -> None:
+        with limits.acquire_sync({"tokens": 1}, timeout=PATIENCE) as acq:
+            waited[i] = acq.waited
+            order.append(i)
+
+    async def run_thread_waiter(i: int) -> None:
+        await anyio.to_thread.run_sync(thread_waiter, i)
+
+    with anyio.fail_after(PATIENCE):
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(task_waiter if kind == "task" else run_thread_waiter, i)
+                await queued(limits, i + 1)
+            waiters = list(limits._scheduler.queue)
+            clock.thaw()
+    assert sorted(order) == list(range(8))
+    granted_at = [w.granted_at for w in waiters]  # in queue order
+    assert granted_at == sorted(granted_at)  # FIFO
+    for i, w in waited.items():
+        assert w >= 0.025 * (i + 1) - 1e-9, (i, w)  # never before its time
+    instants = {w.granted_at for w in waiters}
+    assert len(instants) <= most_wake_ups
+    if slack:
+        assert len(instants) < 8
+
+
+@pytest.mark.anyio
 async def test_an_asyncio_task_sleeps_once_until_its_time_even_when_it_becomes_head(
     anyio_backend_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

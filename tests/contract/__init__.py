@@ -18,8 +18,8 @@ modules too), so a failed assert here shows its values in every backend's test m
 
 The contract is split by topic: ``decisions`` (§3 algorithms, §4 requests), ``validation``,
 ``acquisition`` (§5, retry_after and pause, stats), ``waiting`` and ``waiting_outcomes``,
-``timeouts`` (with the queue-aware ones), ``threads`` (threads and the real clock);
-``_support`` holds the shared helpers.
+``timeouts`` (with the queue-aware ones), ``slack`` (timer_slack), ``threads`` (threads and the
+real clock); ``_support`` holds the shared helpers.
 
 Rules the factory must follow: every call returns a LimitSet with fresh state (shared backends
 give each call its own ``name``), it honours ``clock`` (a :class:`ManualClock` drives every
@@ -45,6 +45,7 @@ from ._support import (
 )
 from .acquisition import AcquisitionContract, PauseAndRetryAfterContract, StatsContract
 from .decisions import AlgorithmContract, RequestContract
+from .slack import TimerSlackContract
 from .threads import RealClockContract, ThreadContract
 from .timeouts import QueueTimeoutContract, TimeoutContract
 from .validation import ValidationContract
@@ -65,6 +66,7 @@ __all__ = [
     "StatsContract",
     "ThreadContract",
     "TimeoutContract",
+    "TimerSlackContract",
     "ValidationContract",
     "WaitingContract",
     "WorkerThreads",
@@ -85,6 +87,7 @@ class LimitSetContract(
     WaitingContract,
     TimeoutContract,
     QueueTimeoutContract,
+    TimerSlackContract,
     ThreadContract,
     RealClockContract,
 ):

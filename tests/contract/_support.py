@@ -56,6 +56,7 @@ class MakeLimitSet(Protocol):
         *,
         clock: Callable[[], float] | None = None,
         config: Mapping[str, Any] | None = None,
+        timer_slack: float = 0.0,
     ) -> LimitSet: ...
 
 
@@ -68,10 +69,12 @@ def limitset_factory(backend: Backend, names: Callable[[], str | None]) -> MakeL
         *,
         clock: Callable[[], float] | None = None,
         config: Mapping[str, Any] | None = None,
+        timer_slack: float = 0.0,
     ) -> LimitSet:
         return LimitSet(
             limits,
             config=config,
+            timer_slack=timer_slack,
             backend=backend,
             name=names(),
             clock=time.monotonic if clock is None else clock,
