@@ -674,6 +674,6 @@ def test_a_directory_no_set_uses_is_closed_and_cleaned(tmp_path: Path) -> None:
         held.release()
         del limits, held
     gc.collect()
-    assert fds() == before
+    assert fds() <= before  # other threads of the session (Ray, Redis) may close theirs meanwhile
     # Its life files went with it (and wake-up sockets, had it waited).
     assert not list(tmp_path.glob("d*/.*"))
