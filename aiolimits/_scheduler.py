@@ -201,14 +201,17 @@ class Scheduler:
 
     # -- decisions (under the lock) --------------------------------------------------------
 
-    def timer_at(self, at: float) -> float:
+    def timer_at(self, at: float, deadline: float = _INF) -> float:
         """When to wake a head whose wake time is ``at``: ``at`` itself without slack, else the
         first multiple of ``timer_slack`` at or after it (never earlier, less than one slack
-        later), so that heads due close together share one wake-up."""
+        later), so that heads due close together share one wake-up; but ``at`` itself when
+        that multiple would come after the waiter's ``deadline`` (the slack never makes a
+        waiter that could be granted in time time out)."""
         slack = self.timer_slack
         if slack and -_INF < at < _INF:
             # fmod is exact and the sum of ``at`` and a non-negative number never rounds below it.
-            return at + (-at) % slack
+            late = at + (-at) % slack
+            return late if late <= deadline else at
         return at
 
     def admit_time(self, items: Items, now: float) -> tuple[float, float]:
@@ -324,7 +327,9 @@ class Scheduler:
                     return
                 if self._timed and rate_at <= head.deadline:
                     woken = head.notify_at(
-                        self.timer_at(admit_at), now, partial(self._timer_fired, head)
+                        self.timer_at(admit_at, head.deadline),
+                        now,
+                        partial(self._timer_fired, head),
                     )
                 else:
                     woken = head.notify()  # it times out at once, or arms its own timer
@@ -441,7 +446,8 @@ class Scheduler:
             self._leave(waiter, now)
             self.timed_out += 1
             return None
-        wake = self.timer_at(waiter.wake_at) if next(iter(queue)) is waiter else _INF
+        is_head = next(iter(queue)) is waiter
+        wake = self.timer_at(waiter.wake_at, waiter.deadline) if is_head else _INF
         return wake if wake < waiter.deadline else waiter.deadline
 
     def abandon(self, waiter: Waiter, now: float) -> None:

@@ -139,3 +139,10 @@ def test_timer_slack_survives_pickling() -> None:
     assert limits._scheduler.timer_slack == 0.003
     keyed = pickle.loads(pickle.dumps(KeyedLimitSet([RateLimit("t", 1, 10)], timer_slack=0.003)))
     assert keyed.timer_slack == 0.003
+
+
+def test_a_wake_up_with_slack_never_passes_a_deadline_the_exact_time_meets() -> None:
+    sched = _sched(0.25)
+    assert sched.timer_at(0.125, 0.25) == 0.25
+    assert sched.timer_at(0.125, 0.2) == 0.125  # 0.25 would be too late: the exact time
+    assert sched.timer_at(0.125, 0.1) == 0.125  # out of reach anyway: the waiter times out

@@ -116,3 +116,20 @@ class TimerSlackContract:
             assert not limits.try_acquire({"tokens": 1}).successful  # behind "a": it catches up
             await settle()
             assert c.grants == [("a", 0.125)]
+
+    async def test_timer_slack_never_carries_a_wake_up_past_the_waiters_deadline(
+        self, make_limitset: MakeLimitSet
+    ) -> None:
+        # Due at 0.125 with a deadline at 0.2: the wake-up at 0.25 would come too late, so it
+        # is armed at the exact time instead, and the waiter is granted then.
+        clock = CountingClock()
+        limits = make_limitset([RateLimit("tokens", 1, 8)], clock=clock, timer_slack=0.25)
+        assert limits.try_acquire({"tokens": 8}).successful
+        async with crowd(limits, clock) as c:
+            a = await c.arrive("a", {"tokens": 1}, timeout=0.2)
+            for _ in range(8):
+                clock.advance(1 / 16)
+                await settle()
+            assert a.error is None
+            assert c.grants == [("a", 0.125)]
+            assert clock.armed == [0.125]
