@@ -23,8 +23,9 @@ Nothing under the lock awaits, sleeps or calls user code.
   one wake-up then grants, in queue order, every waiter admissible by that time: at a steady
   rate r one wake-up grants about ``r * slack`` waiters instead of one, and heads of different
   sets on one clock wake together. ``wake_at`` stays exact (anyone taking the lock after it, an
-  arrival or a release, still grants the head then), and the rate is kept whenever a limit can
-  hold ``r * slack`` units (a full bucket would otherwise overflow while its head sleeps on).
+  arrival or a release, still grants the head then; a rounded time past the head's deadline is
+  not used), and the rate is kept whenever a limit can hold ``r * slack`` units (a full bucket
+  would otherwise overflow while its head sleeps on).
 * Queue-aware timeouts (semantics §4): a request with a deadline that arrives behind others fails at
   once when the rate limits cannot admit it before its deadline even if every request ahead is
   granted at its own earliest time, in order, and nothing is released, refunded or cancelled.
