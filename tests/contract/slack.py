@@ -74,13 +74,14 @@ class TimerSlackContract:
             for _ in range(16):
                 clock.advance(1 / 16)
                 await settle()
-            # FIFO, and each grant at the first wake-up at or after its own time.
+            # FIFO, and each grant no later than the first wake-up at or after its own time
+            # (a backend whose own work takes the lock after a head's exact time, as a shared
+            # backend's notifications do, may grant it then, which is allowed).
             assert [name for name, _ in c.grants] == [f"w{i}" for i in range(8)]
             for i, (_name, at) in enumerate(c.grants):
                 due = (i + 1) / 8
-                assert at >= due  # never early
-                assert at == min(w for w in wake_ups if w >= due)
-            assert sorted(set(clock.armed)) == wake_ups
+                assert due <= at <= min(w for w in wake_ups if w >= due)  # never early
+            assert set(clock.armed) <= set(wake_ups)  # wake-ups only on multiples of the slack
             assert clock.pending_timers() == 0
 
     async def test_timer_slack_keeps_a_large_request_in_its_turn(
