@@ -218,7 +218,8 @@ class Door:
         handing a grant that arrived meanwhile to the next waiter."""
         with sched.lock:
             # Only the head has a wake time; the others sleep until notified or their deadline.
-            wake = sched.timer_at(waiter.wake_at) if sched.head() is waiter else _INF
+            is_head = sched.head() is waiter
+            wake = sched.timer_at(waiter.wake_at, waiter.deadline) if is_head else _INF
             until: float | None = wake if wake < waiter.deadline else waiter.deadline
         try:
             while until is not None:

@@ -23,8 +23,9 @@ Nothing under the lock awaits, sleeps or calls user code.
   one wake-up then grants, in queue order, every waiter admissible by that time: at a steady
   rate r one wake-up grants about ``r * slack`` waiters instead of one, and heads of different
   sets on one clock wake together. ``wake_at`` stays exact (anyone taking the lock after it, an
-  arrival or a release, still grants the head then), and the rate is kept whenever a limit can
-  hold ``r * slack`` units (a full bucket would otherwise overflow while its head sleeps on).
+  arrival or a release, still grants the head then; a rounded time past the head's deadline is
+  not used), and the rate is kept whenever a limit can hold ``r * slack`` units (a full bucket
+  would otherwise overflow while its head sleeps on).
 * Queue-aware timeouts (semantics §4): a request with a deadline that arrives behind others fails at
   once when the rate limits cannot admit it before its deadline even if every request ahead is
   granted at its own earliest time, in order, and nothing is released, refunded or cancelled.
@@ -201,14 +202,17 @@ class Scheduler:
 
     # -- decisions (under the lock) --------------------------------------------------------
 
-    def timer_at(self, at: float) -> float:
+    def timer_at(self, at: float, deadline: float = _INF) -> float:
         """When to wake a head whose wake time is ``at``: ``at`` itself without slack, else the
         first multiple of ``timer_slack`` at or after it (never earlier, less than one slack
-        later), so that heads due close together share one wake-up."""
+        later), so that heads due close together share one wake-up; but ``at`` itself when
+        that multiple would come after the waiter's ``deadline`` (the slack never makes a
+        waiter that could be granted in time time out)."""
         slack = self.timer_slack
         if slack and -_INF < at < _INF:
             # fmod is exact and the sum of ``at`` and a non-negative number never rounds below it.
-            return at + (-at) % slack
+            late = at + (-at) % slack
+            return late if late <= deadline else at
         return at
 
     def admit_time(self, items: Items, now: float) -> tuple[float, float]:
@@ -324,7 +328,9 @@ class Scheduler:
                     return
                 if self._timed and rate_at <= head.deadline:
                     woken = head.notify_at(
-                        self.timer_at(admit_at), now, partial(self._timer_fired, head)
+                        self.timer_at(admit_at, head.deadline),
+                        now,
+                        partial(self._timer_fired, head),
                     )
                 else:
                     woken = head.notify()  # it times out at once, or arms its own timer
@@ -441,7 +447,8 @@ class Scheduler:
             self._leave(waiter, now)
             self.timed_out += 1
             return None
-        wake = self.timer_at(waiter.wake_at) if next(iter(queue)) is waiter else _INF
+        is_head = next(iter(queue)) is waiter
+        wake = self.timer_at(waiter.wake_at, waiter.deadline) if is_head else _INF
         return wake if wake < waiter.deadline else waiter.deadline
 
     def abandon(self, waiter: Waiter, now: float) -> None:

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from aiolimits import KeyedLimitSet, LimitPool, LimitSet, RateLimit
 from aiolimits._scheduler import Scheduler
 from aiolimits.testing import ManualClock
+from tests.contract._support import crowd, settle
+from tests.contract.slack import CountingClock
 
 BAD_VALUES = [
     pytest.param(-0.001, ValueError, id="negative"),
@@ -139,3 +141,28 @@ def test_timer_slack_survives_pickling() -> None:
     assert limits._scheduler.timer_slack == 0.003
     keyed = pickle.loads(pickle.dumps(KeyedLimitSet([RateLimit("t", 1, 10)], timer_slack=0.003)))
     assert keyed.timer_slack == 0.003
+
+
+def test_a_wake_up_with_slack_never_passes_a_deadline_the_exact_time_meets() -> None:
+    sched = _sched(0.25)
+    assert sched.timer_at(0.125, 0.25) == 0.25
+    assert sched.timer_at(0.125, 0.2) == 0.125  # 0.25 would be too late: the exact time
+    assert sched.timer_at(0.125, 0.1) == 0.125  # out of reach anyway: the waiter times out
+
+
+@pytest.mark.anyio
+async def test_in_memory_each_wake_up_grants_every_waiter_due_by_then() -> None:
+    # The contract (tests/contract/slack.py) allows a grant earlier than the rounded wake-up;
+    # in memory nothing but the wake-ups takes the lock here, so the grants are exactly at
+    # them: two per wake-up, four wake-ups for eight waiters.
+    clock = CountingClock()
+    limits = LimitSet([RateLimit("tokens", 1, 8)], clock=clock, timer_slack=0.25)
+    assert limits.try_acquire({"tokens": 8}).successful
+    async with crowd(limits, clock) as c:
+        for i in range(8):
+            await c.arrive(f"w{i}", {"tokens": 1})
+        for _ in range(16):
+            clock.advance(1 / 16)
+            await settle()
+        assert c.grants == [(f"w{i}", 0.25 * (i // 2 + 1)) for i in range(8)]
+        assert sorted(set(clock.armed)) == [0.25, 0.5, 0.75, 1.0]

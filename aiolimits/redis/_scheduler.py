@@ -861,7 +861,7 @@ class RedisScheduler(Scheduler):
         if is_head and now >= waiter.wake_at:
             self._signal()  # the dispatcher asks, and notifies this waiter with the answer
             return waiter.deadline
-        wake = self.timer_at(waiter.wake_at) if is_head else math.inf
+        wake = self.timer_at(waiter.wake_at, waiter.deadline) if is_head else math.inf
         return wake if wake < waiter.deadline else waiter.deadline
 
     def _unanswered(self) -> bool:

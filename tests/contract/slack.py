@@ -74,13 +74,14 @@ class TimerSlackContract:
             for _ in range(16):
                 clock.advance(1 / 16)
                 await settle()
-            # FIFO, and each grant at the first wake-up at or after its own time.
+            # FIFO, and each grant no later than the first wake-up at or after its own time
+            # (a backend whose own work takes the lock after a head's exact time, as a shared
+            # backend's notifications do, may grant it then, which is allowed).
             assert [name for name, _ in c.grants] == [f"w{i}" for i in range(8)]
             for i, (_name, at) in enumerate(c.grants):
                 due = (i + 1) / 8
-                assert at >= due  # never early
-                assert at == min(w for w in wake_ups if w >= due)
-            assert sorted(set(clock.armed)) == wake_ups
+                assert due <= at <= min(w for w in wake_ups if w >= due)  # never early
+            assert set(clock.armed) <= set(wake_ups)  # wake-ups only on multiples of the slack
             assert clock.pending_timers() == 0
 
     async def test_timer_slack_keeps_a_large_request_in_its_turn(
@@ -116,3 +117,20 @@ class TimerSlackContract:
             assert not limits.try_acquire({"tokens": 1}).successful  # behind "a": it catches up
             await settle()
             assert c.grants == [("a", 0.125)]
+
+    async def test_timer_slack_never_carries_a_wake_up_past_the_waiters_deadline(
+        self, make_limitset: MakeLimitSet
+    ) -> None:
+        # Due at 0.125 with a deadline at 0.2: the wake-up at 0.25 would come too late, so it
+        # is armed at the exact time instead, and the waiter is granted then.
+        clock = CountingClock()
+        limits = make_limitset([RateLimit("tokens", 1, 8)], clock=clock, timer_slack=0.25)
+        assert limits.try_acquire({"tokens": 8}).successful
+        async with crowd(limits, clock) as c:
+            a = await c.arrive("a", {"tokens": 1}, timeout=0.2)
+            for _ in range(8):
+                clock.advance(1 / 16)
+                await settle()
+            assert a.error is None
+            assert c.grants == [("a", 0.125)]
+            assert clock.armed == [0.125]
