@@ -41,25 +41,6 @@ class RedisContract(LimitSetContract):
     to the backend's dispatcher thread (no round trip on the event loop), so the next waiter is
     granted one round trip later rather than before the releasing task next blocks."""
 
-    @pytest.fixture(autouse=True)
-    def _slack_wake_ups_not_exact(self, request: pytest.FixtureRequest) -> None:
-        # Seen in the full suite: a head granted at 0.1875 where its slack wake-up is at 0.25.
-        # A round of the dispatcher thread, started by another event, may grant a due head at
-        # that event's time: never early, and within the slack, but not on the slack's grid,
-        # which these two tests check exactly. Not strict: most runs land on the grid.
-        if request.node.name.startswith(
-            (
-                "test_timer_slack_grants_nearby_waiters_in_one_wake_up_never_early",
-                "test_timer_slack_keeps_a_large_request_in_its_turn",
-            )
-        ):
-            request.applymarker(
-                pytest.mark.xfail(
-                    reason="Redis: the dispatcher may grant a due head between slack wake-ups",
-                    strict=False,
-                )
-            )
-
     async def test_threads_and_tasks_share_one_fifo_queue(
         self, make_limitset: MakeLimitSet
     ) -> None:
