@@ -278,7 +278,6 @@ async def test_a_release_in_another_process_wakes_a_waiter_after_a_failover(
         await anyio.sleep(0.2)  # the waiter is queued and subscribed
         await anyio.to_thread.run_sync(fail_over, cluster, backend(cluster).hash_key(name))
         await anyio.to_thread.run_sync(held.release)  # made before it returns, from a thread
-        assert holding.get_stats()["limits"]["conns"]["in_use"] == 0  # released in Redis
         # A generous bound on a wake-up (the subscriber reconnects within a second; the machine
         # may be loaded).
         with anyio.move_on_after(10):

@@ -12,7 +12,7 @@ moved by the same steps. It checks that:
 * the shared backend makes the memory backend's decisions, with the same waits and the same
   statistics (the memory backend is the model: the contract and property suites check it);
 * every number in the statistics stays finite, nothing hangs (the per-test timeout), and
-  Redis answers a second client's ``PING`` within 100 ms throughout.
+  Redis answers a second client's ``PING`` within 1 s throughout (a stalled script holds it for seconds).
 
 Each backend sees at least 2,000 steps (``max_examples`` times ``stateful_step_count`` below,
 set here so that no hypothesis profile lowers it; the test counts them).
@@ -293,4 +293,6 @@ def test_fuzz_memory_and_redis_backends(own_server: RedisServer) -> None:
     finally:
         pinger.stop()
     assert not pinger.errors, pinger.errors[:3]
-    assert pinger.worst < 0.1, f"Redis took {pinger.worst:.3f} s to answer PING"
+    # A stalled script holds Redis for seconds (BUSY until lua-time-limit, 5 s): 1 s tells that
+    # apart from a loaded 2-core machine, where a healthy PING has taken 0.24 s.
+    assert pinger.worst < 1.0, f"Redis took {pinger.worst:.3f} s to answer PING"

@@ -6,7 +6,7 @@ holder too) and kept ``-inf`` in their state, and Redis span forever inside its 
 ``BUSY`` to every client. ``RateLimit("x", 1e200, 1e200)`` did the same at its first call, and
 ``update({"a": 10, "b": 10**400})`` refunded ``a`` before failing on ``b``. Here every backend
 refuses those numbers with a ``ValueError`` naming them, changes nothing, and at the edges of the
-range keeps working: finite state, no spin, Redis answering ``PING`` within 100 ms throughout
+range keeps working: finite state, no spin, Redis answering ``PING`` within 1 s throughout (a stall lasts seconds)
 (a generous hang detector, not a measure of speed).
 """
 
@@ -188,7 +188,9 @@ def make(
     if pinger is not None:
         pinger.stop()
         assert not pinger.errors, pinger.errors[:3]
-        assert pinger.worst < 0.1, f"Redis took {pinger.worst:.3f} s to answer PING"
+        # A stalled script holds Redis for seconds (BUSY until lua-time-limit, 5 s): 1 s tells
+        # that apart from a loaded 2-core machine, where a healthy PING has taken 0.24 s.
+        assert pinger.worst < 1.0, f"Redis took {pinger.worst:.3f} s to answer PING"
 
 
 def available(limits: LimitSet) -> dict[str, float]:
