@@ -12,7 +12,8 @@ moved by the same steps. It checks that:
 * the shared backend makes the memory backend's decisions, with the same waits and the same
   statistics (the memory backend is the model: the contract and property suites check it);
 * every number in the statistics stays finite, nothing hangs (the per-test timeout), and
-  Redis answers a second client's ``PING`` within 1 s throughout (a stalled script holds it for seconds).
+  Redis answers a second client's ``PING`` within 1 s throughout (a stalled script holds it for
+  seconds).
 
 Each backend sees at least 2,000 steps (``max_examples`` times ``stateful_step_count`` below,
 set here so that no hypothesis profile lowers it; the test counts them).

@@ -6,7 +6,8 @@ holder too) and kept ``-inf`` in their state, and Redis span forever inside its 
 ``BUSY`` to every client. ``RateLimit("x", 1e200, 1e200)`` did the same at its first call, and
 ``update({"a": 10, "b": 10**400})`` refunded ``a`` before failing on ``b``. Here every backend
 refuses those numbers with a ``ValueError`` naming them, changes nothing, and at the edges of the
-range keeps working: finite state, no spin, Redis answering ``PING`` within 1 s throughout (a stall lasts seconds)
+range keeps working: finite state, no spin, Redis answering ``PING`` within 1 s throughout (a stall
+lasts seconds)
 (a generous hang detector, not a measure of speed).
 """
 
