@@ -559,6 +559,15 @@ class Scheduler:
         waiters at once, and the head learns its new wake time."""
         state.change(capacity, window, now)
         self._forecast = None
+        self.refuse_above(state)
+        if self.queue:
+            self._dispatch(now)
+
+    def refuse_above(self, state: RateState) -> None:
+        """Under the lock, after the capacity of ``state`` changed (here, or in another process
+        of a shared backend): the queued requests for more than it leave with the ValueError
+        an arrival would get (their doors raise it, see :meth:`failure`)."""
+        capacity = state.capacity
         queue = self.queue
         for waiter in [w for w in queue if any(s is state and n > capacity for s, n in w.items)]:
             del queue[waiter]
@@ -569,8 +578,6 @@ class Scheduler:
             amount = next(n for s, n in waiter.items if s is state)
             refused[waiter] = too_large(state.key, amount, capacity)
             waiter.notify()
-        if queue:
-            self._dispatch(now)
 
     # -- introspection ---------------------------------------------------------------------
 
