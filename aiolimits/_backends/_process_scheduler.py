@@ -57,6 +57,7 @@ from typing import Any
 
 from .._algorithms import RateState, SemaphoreState
 from .._limits import Limit
+from .._numbers import MAX_CAPACITY, MAX_WINDOW, MIN_CAPACITY, MIN_WINDOW
 from .._scheduler import Items, Scheduler
 from .._waiters import Waiter
 from . import _process_peers as peers
@@ -126,6 +127,17 @@ def _is_num(x: Any) -> bool:
     return (type(x) is float and math.isfinite(x)) or type(x) is int
 
 
+def _numbers_ok(state: tuple[Any, ...]) -> bool:
+    """A stored limit's numbers are in the ranges a limit accepts (a window of 0: a resource)."""
+    capacity, window = state[0], state[1]
+    return (
+        _is_num(capacity)
+        and _is_num(window)
+        and MIN_CAPACITY <= capacity <= MAX_CAPACITY
+        and (window == 0 or MIN_WINDOW <= window <= MAX_WINDOW)
+    )
+
+
 def _check_shared(shared: Any, keys: int) -> str | None:
     """What is wrong with a decoded state of this layout, or None. Checks the shape and that
     every number is finite; the values of the algorithm states are checked by shape only (each
@@ -145,9 +157,7 @@ def _check_shared(shared: Any, keys: int) -> str | None:
         not isinstance(states, list)
         or len(states) != keys
         or not all(map(_finite_value, states))
-        or not all(
-            isinstance(s, tuple) and len(s) == 3 and _is_num(s[0]) and _is_num(s[1]) for s in states
-        )
+        or not all(isinstance(s, tuple) and len(s) == 3 and _numbers_ok(s) for s in states)
     ):
         return "bad limit states"
     if not isinstance(tickets, list) or not _is_int(next_ticket):
