@@ -629,6 +629,11 @@ class KeyedLimitSet(Door):
             ValueError, TypeError: an unknown key, a number out of range, a window for a
                 ResourceLimit; nothing is changed.
         """
+        if self._shared is not None:
+            raise NotImplementedError(
+                f"change_limit is not supported yet for a KeyedLimitSet on {self._backend!r}: "
+                "each client key's state lives in Redis, and a change must reach all of them"
+            )
         with self._lock:
             changed = changed_limit(self._current, key, capacity, window_seconds)
             if changed is None:
@@ -643,11 +648,7 @@ class KeyedLimitSet(Door):
             current = list(self._current)
             current[index] = limit
             self._current = tuple(current)
-            proxies = [proxy.sched for proxy in self._proxies.values()]
         limit_changes[0] += 1
-        for proxy in proxies:
-            with proxy.lock:
-                proxy.change_limit(proxy.states[index], limit.capacity, window, proxy.clock())
 
     def get_stats(self, key: str) -> dict[str, Any]:
         """The statistics of ``key``, as :meth:`LimitSet.get_stats` gives them (a key not held

@@ -41,7 +41,9 @@ Design, and what it costs:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import threading
 import uuid
@@ -59,6 +61,7 @@ from .._algorithms import RateState, SemaphoreState
 from .._door import retry_after_locked, stats_locked
 from .._errors import BackendUnavailable
 from .._limits import Limit, ResourceLimit
+from .._numbers import check_capacity, check_resource_capacity, check_window
 from .._scheduler import Items, Scheduler
 from .._waiters import GRANTED, LEFT, WAITING, Cancellable, TimerClock, Waiter, running_event_loop
 from ._link import GRACE, UNAVAILABLE, Circuit, Link, NotSent
@@ -68,7 +71,38 @@ from ._threads import Hub, log
 if TYPE_CHECKING:
     from redis.cluster import RedisCluster
 
-__all__ = ["RedisScheduler"]
+__all__ = ["Numbers", "RedisScheduler", "read_numbers"]
+
+#: The numbers ``(capacity, window)`` of the limits changed at run time, by key (semantics §4).
+Numbers = dict[str, tuple[float, float]]
+
+
+def read_numbers(raw: Any, limits: Sequence[Limit]) -> Numbers:
+    """The numbers a change of a limit stored in the set's hash (``"!n"``, JSON), for the keys
+    of ``limits``; anything malformed or out of a limit's range is ignored (logged)."""
+    if raw is None:
+        return {}
+    try:
+        found = json.loads(raw)
+        numbers: Numbers = {}
+        for limit in limits:
+            entry = found.get(limit.key) if isinstance(found, dict) else None
+            if entry is None:
+                continue
+            capacity, window = entry
+            if isinstance(limit, ResourceLimit):
+                check_resource_capacity("capacity", capacity)
+                window = 0.0
+            else:
+                whole = limit.algorithm.value if limit.algorithm.integral else None
+                check_capacity("capacity", capacity, whole_units_of=whole)
+                check_window("window_seconds", window)
+            numbers[limit.key] = (capacity, window)
+    except (ValueError, TypeError) as exc:
+        log.warning("ignoring the changed limits stored in Redis (%r): %s", raw, exc)
+        return {}
+    return numbers
+
 
 # anyio >= 4.7 names it wait_readable; before, wait_socket_readable (deprecated since).
 _wait_readable: Any = getattr(anyio, "wait_readable", None) or anyio.wait_socket_readable
@@ -200,7 +234,7 @@ class RedisScheduler(Scheduler):
         timeout: float,
         link: Link | None = None,
         declared: str = "",
-        redeclare: Callable[[], str] | None = None,
+        redeclare: Callable[[], tuple[str, Numbers]] | None = None,
         model: RedisScheduler | None = None,
     ) -> None:
         super().__init__(states, clock)
@@ -290,16 +324,23 @@ class RedisScheduler(Scheduler):
         except redis.exceptions.ResponseError as exc:
             if self._redeclare is None or not str(exc).startswith(UNDECLARED):
                 raise
-        self._declare_again()
+        for old, new in self._declare_again():
+            # A limit another client changed: the call goes with its numbers now.
+            for i in range(2, len(words) - 3):
+                if words[i : i + 4] == old:
+                    words[i : i + 4] = new
         if not self._simulated:
             words[1] = self._tag
         return self._send(words, bound)
 
-    def _declare_again(self) -> None:
+    def _declare_again(self) -> list[tuple[list[str], list[str]]]:
+        """The declaration again: Redis lost it, or another client changed a limit (semantics
+        §4). Adopts the numbers now; returns the script arguments of each limit that changed,
+        before and after."""
         assert self._redeclare is not None
-        log.warning("the declaration of %s was lost in Redis: declaring it again", self._hash)
+        log.info("the declaration of %s changed or was lost in Redis: reading it", self._hash)
         try:
-            digest = self._redeclare()
+            digest, numbers = self._redeclare()
         except BackendUnavailable:
             raise
         except UNAVAILABLE as exc:
@@ -307,6 +348,55 @@ class RedisScheduler(Scheduler):
                 f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
             ) from exc
         self._tag = f"d{digest}"
+        changed = []
+        now = self.clock()
+        for state in self.states:
+            capacity, window = numbers.get(state.key, (state.capacity, state.window))
+            if (capacity, window) == (state.capacity, state.window):
+                continue
+            old = self._args[state.key]
+            new = self._args[state.key] = [old[0], old[1], num(capacity), num(window)]
+            changed.append((old, new))
+            state.change(capacity, window, now)  # this process's numbers and fallback state
+            self.refuse_above(state)
+        return changed
+
+    def change_limit(self, state: RateState, capacity: float, window: float, now: float) -> None:
+        """The script carries the state in Redis over (semantics §4) and records the numbers
+        now (``"!n"``) with a new digest (``"!h"``), which makes every other client read them
+        before its next call; the script's wake-up tells their waiters. Here the numbers apply
+        at once. From an event loop's thread it is handed off, in order, as a pause is."""
+        key = state.key
+        old = self._args[key]
+        self._args[key] = [old[0], old[1], num(capacity), num(window)]
+        state.change(capacity, window, now)
+        self.refuse_above(state)
+        digest: list[str] = []
+
+        def words() -> list[str]:
+            numbers = json.dumps(
+                {s.key: [s.capacity, s.window] for s in self.states}, sort_keys=True
+            )
+            new = hashlib.sha1(f"{self._tag}|{numbers}".encode(), usedforsecurity=False)
+            digest[:] = [new.hexdigest()[:16]]
+            return [*old, num(capacity), num(window), numbers, digest[0]]
+
+        def done(_reply: Any) -> None:
+            if self._tag:
+                self._tag = f"d{digest[0]}"
+
+        if not self._simulated and _on_loop():
+            self._defer("change", words, done=done, lost=f"could not change {key!r} in Redis")
+            return
+        try:
+            self._flush()
+            self._call("change", now, *words())
+        except BackendUnavailable as exc:
+            self._unavailable(exc)  # not "raise": the numbers apply here, in this process
+            return
+        done(None)
+        if self.queue:
+            self._dispatch(now)
 
     def _send(self, words: list[str], bound: float | None) -> Any:
         if self._direct is not None:
