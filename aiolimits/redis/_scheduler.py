@@ -331,7 +331,13 @@ class RedisScheduler(Scheduler):
                     words[i : i + 4] = new
         if not self._simulated:
             words[1] = self._tag
-        return self._send(words, bound)
+        try:
+            return self._send(words, bound)
+        except redis.exceptions.ResponseError as exc:
+            if "exceeds the capacity" in str(exc):
+                # Validated against a capacity another client lowered since: nothing was done.
+                raise ValueError(f"{exc} (changed at run time)") from None
+            raise
 
     def _declare_again(self) -> list[tuple[list[str], list[str]]]:
         """The declaration again: Redis lost it, or another client changed a limit (semantics
