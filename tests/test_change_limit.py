@@ -7,9 +7,11 @@ the algorithm tables (``test_algorithms_changes.py``).
 from __future__ import annotations
 
 import multiprocessing
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +19,8 @@ from aiolimits import KeyedLimitSet, LimitPool, LimitSet, ProcessBackend, RateLi
 from aiolimits.testing import ManualClock
 
 from . import _process_workers as workers
+
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "changing-limits.md"
 
 
 def test_keyed_change_applies_to_every_client_key_held_and_new() -> None:
@@ -124,3 +128,14 @@ def test_process_growing_wakes_a_waiter_of_another_process(tmp_path: Path) -> No
     assert events.get(timeout=60) == "granted"
     proc.join(10)
     assert limits.get_stats()["granted"] == 2
+
+
+def test_the_guide_example_runs_as_written() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.DOTALL)
+    namespace: dict[str, Any] = {}
+    for block in blocks:
+        exec(compile(block, str(GUIDE), "exec"), namespace)
+    stats = namespace["limits"].get_stats()["limits"]
+    assert stats["tokens"]["capacity"] == 45_000
+    assert 15_000 <= stats["tokens"]["available"] < 15_100  # 30,000 still in use
+    assert (stats["call_count"]["capacity"], stats["call_count"]["window_seconds"]) == (1_000, 120)
