@@ -270,6 +270,12 @@ TIGHTENING: dict[str, type[RateState]] = {
 }
 
 
+def capped(n: int) -> int:
+    """The profile's example count, at most ``n`` (each example runs up to 30 steps)."""
+    profile = settings.default
+    return n if profile is None else min(profile.max_examples, n)
+
+
 @st.composite
 def tightening(draw: st.DrawFn) -> tuple[str, float, float, float, list[tuple[float, int]]]:
     name = draw(st.sampled_from(sorted(TIGHTENING)))
@@ -290,7 +296,7 @@ def tightening(draw: st.DrawFn) -> tuple[str, float, float, float, list[tuple[fl
     return name, capacity, new_capacity, new_window, asks
 
 
-@settings(deadline=None, max_examples=min(settings.default.max_examples, 300))
+@settings(deadline=None, max_examples=capped(300))
 @given(tightening(), st.integers(0, 29))
 def test_a_tightening_change_admits_nothing_the_old_limit_would_refuse(
     case: tuple[str, float, float, float, list[tuple[float, int]]], change_at: int
@@ -310,7 +316,7 @@ def test_a_tightening_change_admits_nothing_the_old_limit_would_refuse(
             old.take(amount, t)
 
 
-@settings(deadline=None, max_examples=min(settings.default.max_examples, 300))
+@settings(deadline=None, max_examples=capped(300))
 @given(tightening(), st.integers(0, 29))
 def test_a_sliding_window_after_a_change_holds_the_new_capacity_in_every_new_window(
     case: tuple[str, float, float, float, list[tuple[float, int]]], change_at: int
