@@ -346,7 +346,7 @@ class RayScheduler(Scheduler):
             self._send("operate", hid, seq, "abandon", None)
 
     def failure(self, waiter: Waiter) -> BaseException | None:
-        return self._failures.pop(waiter, None)
+        return self._failures.pop(waiter, None) or super().failure(waiter)
 
     def head(self) -> Waiter | None:
         return None

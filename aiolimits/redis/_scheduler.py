@@ -1006,7 +1006,7 @@ class RedisScheduler(Scheduler):
                 self._dispatch_inline(now)
 
     def failure(self, waiter: Waiter) -> BaseException | None:
-        return self._failures.pop(waiter, None)
+        return self._failures.pop(waiter, None) or super().failure(waiter)
 
     def wake(self) -> None:
         """Another process released or refunded, or a lease ran out: the head may be
