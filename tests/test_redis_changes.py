@@ -97,3 +97,40 @@ def test_growing_admits_the_waiter_of_another_client(redis_server: RedisServer) 
     first.change_limit("r", capacity=2)  # one token more, now: the script wakes every client
     assert got.wait(60)
     thread.join(10)
+
+
+def test_a_shrink_by_another_client_sends_away_only_the_waiters_above_it(
+    redis_server: RedisServer,
+) -> None:
+    from aiolimits.redis import RedisBackend
+
+    name = uuid.uuid4().hex
+    first = LimitSet(DECLARED, backend=RedisBackend(redis_server.url), name=name)
+    second = LimitSet(DECLARED, backend=RedisBackend(redis_server.url), name=name)
+    assert first.try_acquire({"r": 4}).successful
+    outcomes: dict[str, str] = {}
+
+    def wait(label: str, amount: int) -> None:
+        try:
+            with second.acquire_sync({"r": amount}):
+                outcomes[label] = "granted"
+        except ValueError as exc:
+            outcomes[label] = str(exc)
+
+    threads = [
+        threading.Thread(target=wait, args=("big", 3), daemon=True),
+        threading.Thread(target=wait, args=("small", 1), daemon=True),
+    ]
+    for i, thread in enumerate(threads):
+        thread.start()
+        for _ in range(60_000):
+            if second.get_stats()["waiting"] > i:
+                break
+            threading.Event().wait(0.001)
+    first.change_limit("r", capacity=2)  # 4 in use of 2: "big" can never be admitted now
+    threads[0].join(60)
+    assert "capacity 2" in outcomes["big"]
+    assert "small" not in outcomes
+    first.change_limit("r", capacity=10)  # 6 free: "small" is admitted at once
+    threads[1].join(60)
+    assert outcomes["small"] == "granted"

@@ -130,6 +130,10 @@ def _on_loop() -> bool:
     return running_event_loop() is not None
 
 
+class StaleNumbers(ValueError):
+    """A batch was asked with the numbers of a limit another client has changed since."""
+
+
 class NoAnswer(BackendUnavailable):
     """Redis did not answer within the caller's own time (shorter than the backend's
     ``timeout``): the call may still run; the circuit stays as it was."""
@@ -324,7 +328,11 @@ class RedisScheduler(Scheduler):
         except redis.exceptions.ResponseError as exc:
             if self._redeclare is None or not str(exc).startswith(UNDECLARED):
                 raise
-        for old, new in self._declare_again():
+        changed = self._declare_again()
+        if changed and op == "batch":
+            # A batch's waiters were asked with the old numbers: the dispatcher asks again.
+            raise StaleNumbers(f"a limit of {self._hash} changed in another client")
+        for old, new in changed:
             # A limit another client changed: the call goes with its numbers now.
             for i in range(2, len(words) - 3):
                 if words[i : i + 4] == old:
@@ -363,8 +371,9 @@ class RedisScheduler(Scheduler):
             old = self._args[state.key]
             new = self._args[state.key] = [old[0], old[1], num(capacity), num(window)]
             changed.append((old, new))
-            state.change(capacity, window, now)  # this process's numbers and fallback state
-            self.refuse_above(state)
+            # This process's numbers and fallback state; its queued waiters above a lowered
+            # capacity are sent away under the lock, by the batch that finds the change.
+            state.change(capacity, window, now)
         return changed
 
     def change_limit(self, state: RateState, capacity: float, window: float, now: float) -> None:
@@ -374,33 +383,39 @@ class RedisScheduler(Scheduler):
         at once. From an event loop's thread it is handed off, in order, as a pause is."""
         key = state.key
         old = self._args[key]
-        self._args[key] = [old[0], old[1], num(capacity), num(window)]
-        state.change(capacity, window, now)
-        self.refuse_above(state)
+        new = [old[0], old[1], num(capacity), num(window)]
         digest: list[str] = []
 
         def words() -> list[str]:
-            numbers = json.dumps(
-                {s.key: [s.capacity, s.window] for s in self.states}, sort_keys=True
-            )
-            new = hashlib.sha1(f"{self._tag}|{numbers}".encode(), usedforsecurity=False)
-            digest[:] = [new.hexdigest()[:16]]
-            return [*old, num(capacity), num(window), numbers, digest[0]]
+            numbers = {s.key: [s.capacity, s.window] for s in self.states}
+            numbers[key] = [capacity, window]
+            text = json.dumps(numbers, sort_keys=True)
+            made = hashlib.sha1(f"{self._tag}|{text}".encode(), usedforsecurity=False)
+            digest[:] = [made.hexdigest()[:16]]
+            return [*old, num(capacity), num(window), text, digest[0]]
 
         def done(_reply: Any) -> None:
             if self._tag:
                 self._tag = f"d{digest[0]}"
 
+        def apply() -> None:  # here: this process's numbers and fallback state
+            self._args[key] = new
+            state.change(capacity, window, now)
+            self.refuse_above(state)
+
         if not self._simulated and _on_loop():
             self._defer("change", words, done=done, lost=f"could not change {key!r} in Redis")
+            apply()  # sent before any other call of this process (see _defer)
             return
         try:
             self._flush()
             self._call("change", now, *words())
         except BackendUnavailable as exc:
-            self._unavailable(exc)  # not "raise": the numbers apply here, in this process
+            self._unavailable(exc)  # "raise": nothing changed; otherwise it applies here
+            apply()
             return
         done(None)
+        apply()
         if self.queue:
             self._dispatch(now)
 
@@ -1539,7 +1554,14 @@ class RedisScheduler(Scheduler):
 
     def _batch_failed(self, batch: list[Waiter], exc: BackendUnavailable | ValueError) -> None:
         """Under the lock: Redis did not answer for a batch: fail it (``"raise"``, or another
-        declaration took the set's name: ValueError), or decide it in-process."""
+        declaration took the set's name: ValueError), or decide it in-process. A batch asked
+        with numbers another client changed since is asked again, once the waiters above a
+        lowered capacity are sent away."""
+        if isinstance(exc, StaleNumbers):
+            for state in self.states:
+                self.refuse_above(state)
+            self._signal()
+            return
         now = self.clock()
         for waiter in batch:
             if waiter.state != WAITING or waiter not in self.queue:
