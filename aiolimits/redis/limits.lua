@@ -1120,6 +1120,9 @@ ops.change = function(now)
   limit_of[L.field] = N
   save(L)
   redis.call('HSET', key, '!n', ARGV[9], '!h', ARGV[10])
+  -- Every client's head asks again (with the numbers it reads first): a limit that grew
+  -- admits at once.
+  redis.call('PUBLISH', key .. ':wake', '')
   return { fmt(now) }
 end
 
