@@ -645,6 +645,7 @@ class Courier:
         self._renewing: weakref.WeakSet[RayScheduler] = weakref.WeakSet()
         self._lingering: dict[RayScheduler, float] = {}
         self._soon: list[Callable[[], None]] = []
+        self._renew_at = 0.0
         self._thread: threading.Thread | None = None
 
     def _start_locked(self) -> None:
@@ -656,7 +657,8 @@ class Courier:
     def renew(self, sched: RayScheduler) -> None:
         with self._lock:
             self._renewing.add(sched)
-            self._start_locked()  # its lease may be shorter than the period slept on
+            self._renew_at = 0.0  # now: its lease may be shorter than the period slept on
+            self._start_locked()
 
     def linger(self, sched: RayScheduler) -> None:
         with self._lock:
@@ -680,7 +682,6 @@ class Courier:
                 sched.flush()
 
     def _run(self) -> None:
-        renew_at = 0.0
         while True:
             with self._lock:
                 now = time.monotonic()
@@ -688,10 +689,14 @@ class Courier:
                 due = [s for s, at in self._lingering.items() if at <= now]
                 for sched in due:
                     del self._lingering[sched]
-                renewing = list(self._renewing) if now >= renew_at else []
+                renewing = list(self._renewing) if now >= self._renew_at else []
+                if renewing:
+                    self._renew_at = now + min(s._lease for s in renewing) / 3
                 if not (soon or due or renewing):
-                    until = min(self._lingering.values(), default=renew_at)
-                    self._lock.wait(max(min(until, renew_at) - now, 0.0) if renew_at else None)
+                    until = min(self._lingering.values(), default=_INF)
+                    if self._renewing:
+                        until = min(until, self._renew_at)
+                    self._lock.wait(until - now if until < _INF else None)
                     continue
             for fn in soon:
                 fn()
@@ -702,8 +707,6 @@ class Courier:
                     sched.renew()
                 except Exception:  # noqa: PERF203 - one failing set must not stop the others
                     log.warning("aiolimits: renewing Ray leases failed", exc_info=True)
-            if renewing:
-                renew_at = now + min(s._lease for s in renewing) / 3
 
 
 COURIER = Courier()
