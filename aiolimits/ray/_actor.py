@@ -374,11 +374,13 @@ class LimitsActor:
         return mismatch(name, shared.declared, declaration(limits))
 
     async def batch(
-        self, name: str, caller: str, messages: list[tuple[Any, ...]], now: float | None
+        self, request: tuple[str, str, list[tuple[Any, ...]], float | None]
     ) -> tuple[list[Any], list[tuple[Any, ...]], float]:
-        """Apply a caller's ``messages`` in order: ``(answers, outcomes, next_timer)``, one
-        answer per message that asks a question (``acquire``, ``try``, ``retry_after``,
-        ``stats``), in order; an exception object for one that failed."""
+        """Apply the ``messages`` of ``request = (name, caller, messages, now)`` in order:
+        ``(answers, outcomes, next_timer)``, one answer per message that asks a question
+        (``acquire``, ``try``, ``retry_after``, ``stats``), in order; an exception object for
+        one that failed. One argument: Ray serializes each argument of a call on its own."""
+        name, caller, messages, now = request
         shared = self._set(name)
         shared.at(now)
         answers: list[Any] = []

@@ -46,7 +46,7 @@ import ray.exceptions
 from .._algorithms import RateState, SemaphoreState
 from .._errors import BackendUnavailable
 from .._scheduler import Items, Scheduler
-from .._waiters import GRANTED, LEFT, WAITING, Cancellable, TimerClock, Waiter
+from .._waiters import GRANTED, LEFT, WAITING, AsyncioWaiter, Cancellable, TimerClock, Waiter
 
 __all__ = ["RayScheduler", "Ticket"]
 
@@ -64,6 +64,10 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 
 #: How long a message nobody waits for (a release, an update) waits for a batch to ride with.
 LINGER_SECONDS = 0.001
+
+#: Batches with questions a process has on their way to the actor at most: what is asked
+#: meanwhile waits for one of them to come back, and goes with the next batch.
+MAX_ASKING = 2
 
 #: How long the actor holds a ``wait`` call with nothing to say (then it is made again).
 POLL_SECONDS = 10.0
@@ -147,7 +151,8 @@ class RayScheduler(Scheduler):
         #: Who waits for the answers of the questions in ``_out``, in order: the id of an
         #: acquisition, or an Answer.
         self._out_answers: list[str | Answer] = []
-        self._asking = False  # a batch with questions is on its way
+        #: Batches with questions on their way (or about to go: see :meth:`_post`).
+        self._asking = 0
         self._polling = False  # a ``wait`` call is on its way
         self._slack = 0.0
         self._actor = actor
@@ -196,14 +201,26 @@ class RayScheduler(Scheduler):
             asked[state.key] = amount
         return asked
 
-    def _post(self, message: tuple[Any, ...], answer: str | Answer | None = None) -> bool:
+    def _post(
+        self, message: tuple[Any, ...], answer: str | Answer | None = None, *, soon: bool = False
+    ) -> bool:
         """Put ``message`` in the outbox, and send the outbox now if it may go (see the module
-        docstring). True when this thread sent it and its answer is applied."""
+        docstring). True when this thread sent it and its answer is applied. ``soon`` (a task's
+        acquisition): the courier thread sends it instead, once this event loop lets go of the
+        interpreter, so that what the other tasks of this loop iteration ask goes too."""
         with self._answers:
             self._out.append(message)
             if answer is not None:
                 self._out_answers.append(answer)
-            batch = self._take_locked(force=self._simulated)
+            reserve = soon and not self._simulated and self._asking < MAX_ASKING
+            if reserve:
+                self._asking += 1
+                batch = None
+            else:
+                batch = self._take_locked(force=self._simulated)
+        if reserve:
+            COURIER.call_soon(self._send_reserved)
+            return False
         if batch is not None:
             self._send(*batch, wait=self._simulated or isinstance(answer, Answer))
             return True
@@ -216,13 +233,23 @@ class RayScheduler(Scheduler):
     ) -> tuple[list[tuple[Any, ...]], list[str | Answer]] | None:
         """Under ``_answers``: the outbox to send now, if it may go (``force``: whatever it
         holds, even with a batch of questions on its way)."""
-        if not self._out or not (force or (self._out_answers and not self._asking)):
+        if not self._out or not (force or (self._out_answers and self._asking < MAX_ASKING)):
             return None
         batch = self._out, self._out_answers
         self._out, self._out_answers = [], []
         if batch[1]:
-            self._asking = True
+            self._asking += 1
         return batch
+
+    def _send_reserved(self) -> None:
+        """From the courier thread: send the outbox as the batch :meth:`_post` reserved."""
+        with self._answers:
+            batch = self._out, self._out_answers
+            self._out, self._out_answers = [], []
+            if not batch[1]:  # another thread sent those questions meanwhile
+                self._asking -= 1
+        if batch[0]:
+            self._send(*batch, wait=False)
 
     def flush(self) -> None:
         """Send what lingers in the outbox (the courier thread, at exit)."""
@@ -237,7 +264,7 @@ class RayScheduler(Scheduler):
         """One call to the actor with ``messages``; ``wait``: block for its reply (at most
         ``timeout``) and apply it here, else it is applied on Ray's thread when it comes."""
         try:
-            ref = self._actor.batch.remote(self._name, self._caller, messages, self._now())
+            ref = self._actor.batch.remote((self._name, self._caller, messages, self._now()))
         except Exception as exc:  # Ray shut down, actor handle unusable
             self._replied(answers, None, exc)
             return
@@ -297,7 +324,7 @@ class RayScheduler(Scheduler):
                         gone.append(answer)  # the actor may have it: given back
                     self._acquired_locked(answer, value, failed)
             if answers:
-                self._asking = False
+                self._asking -= 1
             batch = self._take_locked(force=False)
         if error is None:
             self._apply(outcomes, next_timer)
@@ -459,7 +486,9 @@ class RayScheduler(Scheduler):
             self._hold(hid)
         return [Ticket(hid)] * len(items)
 
-    def _submit(self, waiter: Waiter, start: float, timeout: float, lane: int | None) -> None:
+    def _submit(
+        self, waiter: Waiter, start: float, timeout: float, lane: int | None, *, soon: bool = False
+    ) -> None:
         """Send ``waiter``'s request; its answer comes to :meth:`_acquired_locked`."""
         hid = uuid.uuid4().hex
         if self._simulated:
@@ -467,7 +496,7 @@ class RayScheduler(Scheduler):
             waiter.deadline = _INF
         with self._answers:
             self._waiting[hid] = (waiter, start, lane)
-        self._post(("acquire", hid, self._requested(waiter.items), timeout), hid)
+        self._post(("acquire", hid, self._requested(waiter.items), timeout), hid, soon=soon)
 
     def enqueue(self, waiter: Waiter, now: float) -> bool:
         """The thread door, after :meth:`try_take` failed: ask the actor to queue it."""
@@ -482,7 +511,9 @@ class RayScheduler(Scheduler):
         start = self.clock()
         waiter = new_waiter(items, start + patience + self._timeout)
         with self.lock:
-            self._submit(waiter, start, patience, threading.get_ident())
+            # asyncio runs the tasks it is told to wake in that order: no lane needed.
+            lane = None if isinstance(waiter, AsyncioWaiter) else threading.get_ident()
+            self._submit(waiter, start, patience, lane, soon=True)
         with self._answers:
             if waiter.state == WAITING:
                 return None, waiter, start
