@@ -113,6 +113,7 @@ class RayScheduler(Scheduler):
         "_caller",
         "_failures",
         "_held",
+        "_ids",
         "_keys",
         "_lane_of",
         "_lanes",
@@ -122,6 +123,7 @@ class RayScheduler(Scheduler):
         "_out_answers",
         "_policy",
         "_polling",
+        "_reserved",
         "_simulated",
         "_slack",
         "_snapshot",
@@ -153,11 +155,13 @@ class RayScheduler(Scheduler):
         self._out_answers: list[str | Answer] = []
         #: Batches with questions on their way (or about to go: see :meth:`_post`).
         self._asking = 0
+        self._reserved = False  # one of them is the courier's to send
         self._polling = False  # a ``wait`` call is on its way
         self._slack = 0.0
         self._actor = actor
         self._name = name
         self._caller = uuid.uuid4().hex
+        self._ids = itertools.count()
         super().__init__(states, clock)
         self._lease = lease_seconds
         #: This process's acquisitions holding resource slots, whose leases it renews (None:
@@ -212,9 +216,12 @@ class RayScheduler(Scheduler):
             self._out.append(message)
             if answer is not None:
                 self._out_answers.append(answer)
-            reserve = soon and not self._simulated and self._asking < MAX_ASKING
+            reserve = (
+                soon and not self._simulated and not self._reserved and self._asking < MAX_ASKING
+            )
             if reserve:
                 self._asking += 1
+                self._reserved = True
                 batch = None
             else:
                 batch = self._take_locked(force=self._simulated)
@@ -244,6 +251,7 @@ class RayScheduler(Scheduler):
     def _send_reserved(self) -> None:
         """From the courier thread: send the outbox as the batch :meth:`_post` reserved."""
         with self._answers:
+            self._reserved = False
             batch = self._out, self._out_answers
             self._out, self._out_answers = [], []
             if not batch[1]:  # another thread sent those questions meanwhile
@@ -471,8 +479,12 @@ class RayScheduler(Scheduler):
 
     # -- acquiring -------------------------------------------------------------------------
 
+    def _new_id(self) -> str:
+        """A new acquisition's id: this caller's, numbered (unique in the actor)."""
+        return f"{self._caller}{next(self._ids)}"
+
     def try_take(self, items: Items, now: float) -> list[Any] | None:
-        hid = uuid.uuid4().hex
+        hid = self._new_id()
         try:
             taken = self._ask(("try", hid, self._requested(items)), hid)
         except BackendUnavailable:
@@ -490,7 +502,7 @@ class RayScheduler(Scheduler):
         self, waiter: Waiter, start: float, timeout: float, lane: int | None, *, soon: bool = False
     ) -> None:
         """Send ``waiter``'s request; its answer comes to :meth:`_acquired_locked`."""
-        hid = uuid.uuid4().hex
+        hid = self._new_id()
         if self._simulated:
             # Every answer comes with a reply it waits for: no backstop timer to arm.
             waiter.deadline = _INF
