@@ -48,7 +48,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="bench")
     try:
-        noop = ray.remote(Noop).options(num_cpus=0).remote()
+        noop: Any = ray.remote(Noop).options(num_cpus=0).remote()
         ray.get(noop.noop.remote())
         limits = LimitSet(
             [RateLimit("tokens", 1, 1e12), ResourceLimit("conn", 10_000)],

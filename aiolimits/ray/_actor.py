@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import ray
+
 from .._acquisition import HELD, RELEASED, Acquisition
 from .._backends._declaration import declaration, mismatch
 from .._limits import Limit
@@ -356,6 +358,8 @@ class LimitsActor:
 
     def __init__(self) -> None:
         self.sets: dict[str, Shared] = {}
+        #: Ray restarted this actor (``max_restarts``): what its predecessor granted is lost.
+        self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
     def _set(self, name: str) -> Shared:
         shared = self.sets.get(name)
@@ -369,7 +373,12 @@ class LimitsActor:
         """Make the set ``name``, or check ``limits`` against it: None, or what differs."""
         shared = self.sets.get(name)
         if shared is None:
-            self.sets[name] = Shared(name, limits, start, lease)
+            shared = self.sets[name] = Shared(name, limits, start, lease)
+            if self.restarted:
+                # The grants of the actor that died are lost, and each counts for one window at
+                # most: nobody is admitted for the longest window, so none is admitted twice.
+                windows = [getattr(limit, "window_seconds", 0.0) for limit in limits]
+                shared.limitset.pause(max(windows, default=0.0))
             return None
         return mismatch(name, shared.declared, declaration(limits))
 

@@ -617,7 +617,21 @@ class RayScheduler(Scheduler):
             return
         with self._answers:
             hids = list(held)
-        self._actor.renew.remote({self._name: hids}).future().add_done_callback(_log_failure)
+        ref = self._actor.renew.remote({self._name: hids})
+        ref.future().add_done_callback(self._renewed)
+
+    def _renewed(self, future: Any) -> None:
+        """From Ray's thread: a renewal's reply. An actor that died took this process's
+        holdings with it: nothing to renew any more, and said once."""
+        try:
+            future.result()
+        except ray.exceptions.RayActorError as exc:
+            with self._answers:
+                if self._held:
+                    self._held.clear()
+                    log.warning("aiolimits: the Ray limits actor died, leases dropped: %s", exc)
+        except Exception as exc:
+            log.warning("aiolimits: renewing leases on the Ray limits actor failed: %s", exc)
 
     def _operate(self, ticket: Ticket, op: str, arg: Any) -> None:
         if op in ("release", "abandon") and self._held is not None:
@@ -754,11 +768,3 @@ class Courier:
 
 COURIER = Courier()
 atexit.register(COURIER.flush)
-
-
-def _log_failure(future: Any) -> None:
-    """From Ray's thread: a call sent without waiting failed; said in the log."""
-    try:
-        future.result()
-    except Exception as exc:
-        log.warning("aiolimits: a call to the Ray limits actor failed: %s", exc)
