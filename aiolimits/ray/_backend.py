@@ -41,10 +41,10 @@ class RayBackend(Backend):
 
     Every set of this backend lives in one async actor, named ``actor_name`` in ``namespace``
     (made on first use, found by name afterwards): its limits, its one FIFO queue, every decision.
-    A caller's ``acquire`` is one call to the actor, which answers when the request is granted
-    (waiting happens in the actor, nobody polls); ``update``, ``release`` and ``pause`` are sent
-    without waiting. A LimitSet pickled into a task or actor attaches to the same set again.
-    See ``docs/ray.md``.
+    Waiting happens in the actor, nobody polls; the requests of one process share round trips
+    to the actor (one call carries what its tasks asked meanwhile); ``update``, ``release`` and
+    ``pause`` return without waiting. A LimitSet pickled into a task or actor attaches to the
+    same set again. See ``docs/ray.md``.
 
     Args:
         actor_name: the name of the limits actor; give sets that need not share one actor
