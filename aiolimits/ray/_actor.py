@@ -430,7 +430,8 @@ class LimitsActor:
                 shared.renew(hids)
 
     async def ping(self) -> bool:
-        return True
+        """Whether this actor is a restart (Ray made it again after it died)."""
+        return self.restarted
 
 
 #: The operations that are answered.

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, final
 
 import ray
+import ray.exceptions
 
 from .._algorithms import RateState
 from .._backends._base import Backend
@@ -145,18 +146,27 @@ class RayBackend(Backend):
                 f"clock), got {clock!r}"
             )
         actor = self.actor()
-        try:
-            message = ray.get(
-                actor.declare.remote(
-                    name, limits, clock() if simulated else None, self.lease_seconds
-                ),
-                # The first call may wait for Ray to start the actor's worker process.
-                timeout=max(self.timeout, ACTOR_START_SECONDS),
-            )
-        except UNAVAILABLE as exc:
-            raise BackendUnavailable(
-                f"the Ray limits actor {self.actor_name!r} did not answer: {exc}"
-            ) from exc
+        # The first call may wait for Ray to start the actor's worker process.
+        deadline = time.monotonic() + max(self.timeout, ACTOR_START_SECONDS)
+        backoff = 0.05
+        while True:
+            start = clock() if simulated else None
+            try:
+                message = ray.get(
+                    actor.declare.remote(name, limits, start, self.lease_seconds),
+                    timeout=max(deadline - time.monotonic(), 0.0),
+                )
+                break
+            except UNAVAILABLE as exc:
+                # Restarting (Ray failed the call it was given meanwhile): declare again, which
+                # is harmless, until it answers or the time is up.
+                restarting = isinstance(exc, ray.exceptions.ActorUnavailableError)
+                if not restarting or time.monotonic() + backoff >= deadline:
+                    raise BackendUnavailable(
+                        f"the Ray limits actor {self.actor_name!r} did not answer: {exc}"
+                    ) from exc
+            time.sleep(backoff)  # no event tells when a restart is over
+            backoff = min(backoff * 2, 1.0)
         if message is not None:
             raise ValueError(message)
         return RayScheduler(

@@ -210,14 +210,20 @@ class RayScheduler(Scheduler):
     ) -> bool:
         """Put ``message`` in the outbox, and send the outbox now if it may go (see the module
         docstring). True when this thread sent it and its answer is applied. ``soon`` (a task's
-        acquisition): the courier thread sends it instead, once this event loop lets go of the
-        interpreter, so that what the other tasks of this loop iteration ask goes too."""
+        acquisition), when a batch is on its way already: the courier thread sends the second
+        one, once this event loop lets go of the interpreter, so that what the other tasks of
+        this loop iteration ask goes too."""
         with self._answers:
             self._out.append(message)
             if answer is not None:
                 self._out_answers.append(answer)
+            # A lone request goes at once; one that finds a batch on its way waits for the
+            # courier (or for that batch's reply), gathering what this loop asks meanwhile.
             reserve = (
-                soon and not self._simulated and not self._reserved and self._asking < MAX_ASKING
+                soon
+                and not self._simulated
+                and not self._reserved
+                and 0 < self._asking < MAX_ASKING
             )
             if reserve:
                 self._asking += 1
