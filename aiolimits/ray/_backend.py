@@ -24,11 +24,13 @@ __all__ = ["RayBackend"]
 POLICIES: Final = ("raise", "allow")
 
 #: The actor's options unless ``actor_options`` says otherwise: it outlives whoever made it
-#: first, takes no CPU of a task's share, and has room for many requests parked in it.
+#: first, and takes no CPU of a task's share. The calls it runs at once are the batches on
+#: their way (two per process and set at most) and one ``wait`` per process and set with
+#: queued requests, however many requests wait.
 DEFAULT_ACTOR_OPTIONS: Final[Mapping[str, Any]] = {
     "lifetime": "detached",
     "num_cpus": 0,
-    "max_concurrency": 100_000,
+    "max_concurrency": 10_000,
 }
 
 
