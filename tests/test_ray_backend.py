@@ -322,3 +322,38 @@ def test_a_restarted_actor_admits_nobody_for_the_longest_window(ray_cluster: Any
     # The set attached before now shares the new actor's state (same name): refused too.
     assert not before.try_acquire().successful
     ray_cluster.kill(ray_cluster.get_actor(actor_name))
+
+
+@pytest.mark.anyio
+async def test_concurrent_acquisitions_of_a_process_share_round_trips(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiolimits.ray import _scheduler
+
+    calls: list[int] = []
+    send = _scheduler.RayScheduler._send
+
+    def counted(self: Any, messages: list[Any], answers: list[Any], *, wait: bool) -> None:
+        calls.append(sum(message[0] == "acquire" for message in messages))
+        send(self, messages, answers, wait=wait)
+
+    monkeypatch.setattr(_scheduler.RayScheduler, "_send", counted)
+    limits = LimitSet([ResourceLimit("conn", 50)], backend=_backend(), name=_name())
+    held = 0
+    all_held = anyio.Event()
+
+    async def hold() -> None:
+        nonlocal held
+        async with limits.acquire(timeout=60):
+            held += 1
+            if held == 50:
+                all_held.set()
+            await all_held.wait()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(hold)
+    assert sum(calls) == 50
+    # Each acquisition alone would be 50 calls; those of one loop iteration go together.
+    assert len([n for n in calls if n]) < 25
+    assert limits.get_stats()["granted"] == 50
