@@ -34,6 +34,7 @@ from .._acquisition import HELD, RELEASED, Acquisition
 from .._backends._declaration import declaration, mismatch
 from .._limits import Limit
 from .._limitset import LimitSet
+from .._numbers import check_timer_slack
 from .._scheduler import Items, Scheduler
 from .._waiters import GRANTED, WAITING, Cancellable, Waiter
 from ..testing import ManualClock
@@ -323,7 +324,7 @@ class Shared:
         if op == "pause":
             return self.limitset.pause(*args)
         if op == "slack":
-            return self.limitset._set_timer_slack(*args)
+            return self.limitset._set_timer_slack(check_timer_slack(*args))
         if op == "retry_after":
             return self.limitset.retry_after(*args)
         if op == "stats":

@@ -4,9 +4,12 @@ decision is made by the actor, and whose waiters wait for the actor's answer.
 * **Batches** (coalescing): every request of this process to the set is a message in its
   outbox, and one call to the actor (:meth:`LimitsActor.batch`) carries all the messages the
   outbox holds. A message that asks a question (``acquire``, ``try_acquire``, ``retry_after``,
-  ``get_stats``) goes out at once when no batch with questions is on its way, else with the next
-  one, sent as soon as that batch's answer comes back: under load, one round trip serves all the
-  acquisitions the process made meanwhile. A message nobody waits for (``update``, ``release``,
+  ``get_stats``) goes out at once when no batch with questions is on its way; a task's
+  acquisition that finds one on its way is sent by the courier thread once its event loop lets
+  go of the interpreter (with what the other tasks of that loop iteration asked); beyond
+  ``MAX_ASKING`` batches on their way, questions wait for the next reply and go with the batch
+  sent then. Under load, one round trip serves all the acquisitions the process made
+  meanwhile. A message nobody waits for (``update``, ``release``,
   ``pause``, a cancellation) rides with the next batch, or goes on its own after
   ``LINGER_SECONDS`` (the courier thread): an acquisition that follows a release shares its
   round trip.
