@@ -25,25 +25,7 @@ def make_limitset(ray_cluster: Any) -> MakeLimitSet:
     return limitset_factory(RayBackend("aiolimits-contract"), lambda: uuid.uuid4().hex)
 
 
-_NO_TIMER_SLACK = (
-    "timer_slack is not forwarded to the limits actor yet: its set wakes each head at its exact "
-    "time, which the slack tests tell apart (never early either way)"
-)
-
-
 class TestRayBackend(LimitSetContract):
     """Every contract test, on RayBackend."""
 
     release_hands_off = True  # a release is handed to Ray and returns (semantics §7)
-
-    @pytest.fixture(autouse=True)
-    def _timer_slack_not_forwarded(self, request: pytest.FixtureRequest) -> None:
-        name = request.node.name
-        if name.startswith(
-            (
-                "test_timer_slack_keeps_a_large_request_in_its_turn",
-                "test_timer_slack_never_delays_a_grant_a_release_or_an_arrival_makes",
-                "test_timer_slack_never_carries_a_wake_up_past_the_waiters_deadline",
-            )
-        ) or (name.startswith("test_timer_slack_grants_nearby") and name.endswith("-0.25]")):
-            request.applymarker(pytest.mark.xfail(reason=_NO_TIMER_SLACK, strict=True))

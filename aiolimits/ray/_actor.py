@@ -6,6 +6,11 @@ so admission, FIFO order, refunds and timeouts are those of the tested core. Cal
 actor runs the waiting protocol of ``_door.py`` itself, event by event (a grant, a release, a
 timer), so every decision is made on the actor's event loop in the order events arrive.
 
+A caller process sends its requests in batches (:meth:`LimitsActor.batch`: whatever its tasks
+asked while the previous batch was on its way), answered at once: granted, refused, or queued. The
+outcome of a queued request goes to the caller's outstanding :meth:`LimitsActor.wait` (or with its
+next batch), so one round trip serves many waiters and nobody polls.
+
 Ray starts calls of an async actor in no guaranteed order, even from one caller: the operations
 on one acquisition (``update``, ``release``, ``abandon``) carry a sequence number and are applied
 in that order (:class:`Holding`).
@@ -23,10 +28,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import ray
+
 from .._acquisition import HELD, RELEASED, Acquisition
 from .._backends._declaration import declaration, mismatch
 from .._limits import Limit
 from .._limitset import LimitSet
+from .._numbers import check_timer_slack
 from .._scheduler import Items, Scheduler
 from .._waiters import GRANTED, WAITING, Cancellable, Waiter
 from ..testing import ManualClock
@@ -45,12 +53,15 @@ REFUSED_OUTCOME = "refused"
 #: See ``Shared.keep``.
 MAX_RESOURCE_FREE_HOLDINGS = 100_000
 
+#: Operations kept for acquisitions the actor has not seen (see ``Shared.early``) at most.
+MAX_EARLY = 10_000
+
 
 class ActorWaiter(Waiter):
     """A caller's request parked in a set's queue in the actor. Notifying it only marks it due:
     the actor runs it after the operation in progress (:meth:`Shared.run_due`)."""
 
-    __slots__ = ("future", "hid", "shared", "start", "timer")
+    __slots__ = ("hid", "shared", "start", "timer", "until")
 
     def __init__(self, items: Items, deadline: float, shared: Shared, hid: str) -> None:
         super().__init__(items, deadline)
@@ -58,7 +69,8 @@ class ActorWaiter(Waiter):
         self.hid = hid
         self.start = 0.0
         self.timer: Cancellable | asyncio.TimerHandle | None = None
-        self.future: asyncio.Future[tuple[Any, ...]] | None = None
+        #: When its timer fires (inf: none armed).
+        self.until = _INF
 
     def notify(self) -> bool:
         if not self.notified:
@@ -102,8 +114,10 @@ class Shared:
         #: Operations that arrived before their acquisition (abandon before the acquire ran).
         self.early: dict[str, list[tuple[int, str, Any]]] = {}
         self.due: list[ActorWaiter] = []
-        #: Outcomes of queued requests not yet returned, per caller (simulated clocks only).
+        #: Outcomes of queued requests not yet returned, per caller, and the caller's
+        #: outstanding ``wait``.
         self.finished: dict[str, list[tuple[Any, ...]]] = {}
+        self.pollers: dict[str, asyncio.Future[None]] = {}
         self.callers: dict[str, str] = {}
         #: Callers of a set without resource limits never say they are done (release gives
         #: nothing back): its oldest holdings are forgotten beyond this many, after which a late
@@ -121,8 +135,7 @@ class Shared:
     def next_timer(self) -> float:
         if self.manual is None:
             return _INF
-        times = [w.deadline if w.wake_at > w.deadline else w.wake_at for w in self.waiting.values()]
-        return min(times, default=_INF)
+        return min((w.until for w in self.waiting.values()), default=_INF)
 
     # -- acquiring -------------------------------------------------------------------------
 
@@ -142,17 +155,19 @@ class Shared:
                     return (TIMEOUT_OUTCOME,)
                 self.waiting[hid] = waiter
                 self.callers[hid] = caller
-                self._arm(waiter)
+                wake = sched.timer_at(waiter.wake_at, waiter.deadline)
+                self._arm(waiter, wake if sched.head() is waiter else _INF)
+        outcome: tuple[Any, ...] = (QUEUED_OUTCOME,)
         if receipts is not None:
             waiter.receipts = receipts
             waiter.state = GRANTED
             waiter.granted_at = start
-            return self._hold(waiter)
+            outcome = self._hold(waiter)
         early = self.early.pop(hid, None)
         if early is not None:
             for seq, op, arg in early:
                 self.operate(hid, seq, op, arg)
-        return (QUEUED_OUTCOME,)
+        return outcome
 
     def _hold(self, waiter: ActorWaiter) -> tuple[Any, ...]:
         acq = Acquisition(self.limitset, self.sched, waiter.items, HELD, waiter.receipts)
@@ -165,14 +180,14 @@ class Shared:
             self._arm_sweeper()
         return (GRANTED_OUTCOME, waiter.granted_at - waiter.start)
 
-    def _arm(self, waiter: ActorWaiter) -> None:
-        """Under the lock: wake ``waiter`` at its wake time (if head) or its deadline."""
+    def _arm(self, waiter: ActorWaiter, wake: float) -> None:
+        """Under the lock: wake ``waiter`` at ``wake`` (its wake time with the set's timer
+        slack, if head; else inf) or at its deadline, whichever comes first."""
         timer = waiter.timer
         if timer is not None:
             timer.cancel()
             waiter.timer = None
-        wake = waiter.wake_at if self.sched.head() is waiter else _INF
-        until = wake if wake < waiter.deadline else waiter.deadline
+        until = waiter.until = wake if wake < waiter.deadline else waiter.deadline
         if until == _INF:
             return
         if self.manual is not None:
@@ -183,7 +198,7 @@ class Shared:
             waiter.timer = loop.call_later(max(delay, 0.0), self._fire, waiter)
 
     def _fire(self, waiter: ActorWaiter) -> None:
-        waiter.timer = None
+        waiter.timer, waiter.until = None, _INF
         with self.sched.lock:
             waiter.notify()
         self.run_due()
@@ -200,7 +215,7 @@ class Shared:
                     continue
                 until = sched.after_wake(waiter, sched.clock())
                 if until is not None:
-                    self._arm(waiter)
+                    self._arm(waiter, until)
                     continue
                 if waiter.timer is not None:
                     waiter.timer.cancel()
@@ -214,11 +229,10 @@ class Shared:
             else:
                 outcome = (TIMEOUT_OUTCOME,)
             caller = self.callers.pop(waiter.hid, "")
-            if waiter.future is not None:
-                if not waiter.future.done():
-                    waiter.future.set_result(outcome)
-            else:
-                self.finished.setdefault(caller, []).append((waiter.hid, *outcome))
+            self.finished.setdefault(caller, []).append((waiter.hid, *outcome))
+            poller = self.pollers.pop(caller, None)
+            if poller is not None and not poller.done():
+                poller.set_result(None)
 
     # -- after the grant -------------------------------------------------------------------
 
@@ -230,6 +244,8 @@ class Shared:
             if waiter is not None and op == "abandon":
                 self._abandon(waiter)
             elif waiter is None:
+                if len(self.early) >= MAX_EARLY:  # for requests that never came: forget
+                    del self.early[next(iter(self.early))]
                 self.early.setdefault(hid, []).append((seq, op, arg))
             return
         holding.parked[seq] = (op, arg)
@@ -260,8 +276,6 @@ class Shared:
                 self.sched.abandon(waiter, self.clock())
             del self.waiting[waiter.hid]
             self.callers.pop(waiter.hid, None)
-        if waiter.future is not None and not waiter.future.done():
-            waiter.future.set_result((TIMEOUT_OUTCOME,))
         self.run_due()
 
     # -- leases ----------------------------------------------------------------------------
@@ -292,6 +306,42 @@ class Shared:
         if self.holdings:
             self._arm_sweeper()
 
+    def try_acquire(self, hid: str, requested: Mapping[str, float]) -> bool:
+        items = self.limitset._items(requested)
+        sched = self.sched
+        with sched.lock:
+            start = sched.clock()
+            receipts = sched.try_take(items, start)
+        if receipts is None:
+            return False
+        waiter = ActorWaiter(items, _INF, self, hid)
+        waiter.receipts, waiter.state = receipts, GRANTED
+        waiter.start = waiter.granted_at = start
+        self._hold(waiter)
+        return True
+
+    def apply(self, caller: str, message: tuple[Any, ...]) -> Any:
+        """One message of ``caller``'s batch: its answer (None for those not answered)."""
+        op, *args = message
+        if op == "acquire":
+            return self.acquire(caller, *args)
+        if op == "operate":
+            return self.operate(*args)
+        if op == "try":
+            return self.try_acquire(*args)
+        if op == "pause":
+            return self.limitset.pause(*args)
+        if op == "change_limit":
+            key, capacity, window = args
+            return self.limitset.change_limit(key, capacity=capacity, window_seconds=window)
+        if op == "slack":
+            return self.limitset._set_timer_slack(check_timer_slack(*args))
+        if op == "retry_after":
+            return self.limitset.retry_after(*args)
+        if op == "stats":
+            return self.snapshot()
+        raise ValueError(f"unknown operation {op!r}")
+
     def take_finished(self, caller: str) -> list[tuple[Any, ...]]:
         return self.finished.pop(caller, [])
 
@@ -315,12 +365,14 @@ class Shared:
 
 class LimitsActor:
     """The Ray actor (made remote by the backend, which also names it): every named set of one
-    RayBackend. Every method answers ``(result, outcomes, next_timer)``: ``outcomes`` are the
-    caller's queued requests decided since (simulated clocks only), ``next_timer`` when the
-    caller's simulated clock must call :meth:`tick` (inf: never)."""
+    RayBackend. :meth:`batch` and :meth:`wait` answer with ``outcomes``, the caller's queued
+    requests decided since, and ``next_timer``, when the caller's simulated clock must send its
+    next (empty) batch (inf: never)."""
 
     def __init__(self) -> None:
         self.sets: dict[str, Shared] = {}
+        #: Ray restarted this actor (``max_restarts``): what its predecessor granted is lost.
+        self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
     def _set(self, name: str) -> Shared:
         shared = self.sets.get(name)
@@ -328,117 +380,60 @@ class LimitsActor:
             raise LookupError(f"no limits named {name!r} in this actor (it restarted?)")
         return shared
 
-    def _reply(self, shared: Shared, caller: str, result: Any) -> tuple[Any, ...]:
-        return result, shared.take_finished(caller), shared.next_timer()
-
     async def declare(
         self, name: str, limits: tuple[Limit, ...], start: float | None, lease: float
     ) -> str | None:
         """Make the set ``name``, or check ``limits`` against it: None, or what differs."""
         shared = self.sets.get(name)
         if shared is None:
-            self.sets[name] = Shared(name, limits, start, lease)
+            shared = self.sets[name] = Shared(name, limits, start, lease)
+            if self.restarted:
+                # The grants of the actor that died are lost, and each counts for one window at
+                # most: nobody is admitted for the longest window, so none is admitted twice.
+                windows = [getattr(limit, "window_seconds", 0.0) for limit in limits]
+                shared.limitset.pause(max(windows, default=0.0))
             return None
         return mismatch(name, shared.declared, declaration(limits))
 
-    async def acquire(  # noqa: PLR0917 - called as .remote(...), positionally
-        self,
-        name: str,
-        caller: str,
-        hid: str,
-        requested: dict[str, float],
-        timeout: float,
-        now: float | None,
-    ) -> tuple[Any, ...]:
+    async def batch(
+        self, request: tuple[str, str, list[tuple[Any, ...]], float | None]
+    ) -> tuple[list[Any], list[tuple[Any, ...]], float]:
+        """Apply the ``messages`` of ``request = (name, caller, messages, now)`` in order:
+        ``(answers, outcomes, next_timer)``, one answer per message that asks a question
+        (``acquire``, ``try``, ``retry_after``, ``stats``), in order; an exception object for
+        one that failed. One argument: Ray serializes each argument of a call on its own."""
+        name, caller, messages, now = request
         shared = self._set(name)
         shared.at(now)
-        outcome = shared.acquire(caller, hid, requested, timeout)
-        if outcome[0] == QUEUED_OUTCOME and now is None:
-            # Waits here, on the actor's loop: the caller awaits the answer, nobody polls.
-            waiter = shared.waiting.get(hid)
-            if waiter is not None:
-                future = waiter.future = asyncio.get_running_loop().create_future()
-                try:
-                    outcome = await future
-                except asyncio.CancelledError:
-                    if hid in shared.waiting:
-                        shared._abandon(waiter)
-                    raise
-            else:  # decided meanwhile (abandoned early)
-                outcome = (TIMEOUT_OUTCOME,)
-        return self._reply(shared, caller, outcome)
+        answers: list[Any] = []
+        for message in messages:
+            try:
+                answer = shared.apply(caller, message)
+            except Exception as exc:
+                answer = exc
+            if message[0] in ASKING:
+                answers.append(answer)
+            shared.run_due()
+        return answers, shared.take_finished(caller), shared.next_timer()
 
-    async def try_acquire(
-        self, name: str, caller: str, hid: str, requested: dict[str, float], now: float | None
-    ) -> tuple[Any, ...]:
+    async def wait(
+        self, name: str, caller: str, seconds: float
+    ) -> tuple[list[tuple[Any, ...]], float]:
+        """The outcomes of ``caller``'s queued requests: as soon as there is one, or after
+        ``seconds`` (then maybe none). Each caller keeps one outstanding."""
         shared = self._set(name)
-        shared.at(now)
-        items = shared.limitset._items(requested)
-        sched = shared.sched
-        with sched.lock:
-            start = sched.clock()
-            receipts = sched.try_take(items, start)
-        if receipts is None:
-            return self._reply(shared, caller, False)
-        waiter = ActorWaiter(items, _INF, shared, hid)
-        waiter.receipts, waiter.state, waiter.start, waiter.granted_at = (
-            receipts,
-            GRANTED,
-            start,
-            start,
-        )
-        shared._hold(waiter)
-        return self._reply(shared, caller, True)
-
-    async def operate(  # noqa: PLR0917 - called as .remote(...), positionally
-        self, name: str, caller: str, hid: str, seq: int, op: str, arg: Any, now: float | None
-    ) -> tuple[Any, ...]:
-        shared = self._set(name)
-        shared.at(now)
-        shared.operate(hid, seq, op, arg)
-        shared.run_due()
-        return self._reply(shared, caller, None)
-
-    async def pause(
-        self, name: str, caller: str, seconds: float, now: float | None
-    ) -> tuple[Any, ...]:
-        shared = self._set(name)
-        shared.at(now)
-        shared.limitset.pause(seconds)
-        shared.run_due()
-        return self._reply(shared, caller, None)
-
-    async def change_limit(  # noqa: PLR0917 - called as .remote(...), positionally
-        self,
-        name: str,
-        caller: str,
-        key: str,
-        capacity: float | None,
-        window: float | None,
-        now: float | None,
-    ) -> tuple[Any, ...]:
-        shared = self._set(name)
-        shared.at(now)
-        shared.limitset.change_limit(key, capacity=capacity, window_seconds=window)
-        shared.run_due()
-        return self._reply(shared, caller, None)
-
-    async def retry_after(
-        self, name: str, caller: str, requested: dict[str, float], now: float | None
-    ) -> tuple[Any, ...]:
-        shared = self._set(name)
-        shared.at(now)
-        return self._reply(shared, caller, shared.limitset.retry_after(requested))
-
-    async def stats(self, name: str, caller: str, now: float | None) -> tuple[Any, ...]:
-        shared = self._set(name)
-        shared.at(now)
-        return self._reply(shared, caller, shared.snapshot())
-
-    async def tick(self, name: str, caller: str, now: float | None) -> tuple[Any, ...]:
-        shared = self._set(name)
-        shared.at(now)
-        return self._reply(shared, caller, None)
+        if not shared.finished.get(caller):
+            future = asyncio.get_running_loop().create_future()
+            previous = shared.pollers.pop(caller, None)
+            if previous is not None and not previous.done():
+                previous.set_result(None)
+            shared.pollers[caller] = future
+            try:
+                await asyncio.wait((future,), timeout=seconds)
+            finally:
+                if shared.pollers.get(caller) is future:
+                    del shared.pollers[caller]
+        return shared.take_finished(caller), shared.next_timer()
 
     async def renew(self, leases: dict[str, list[str]]) -> None:
         """Holders still alive: the ids of their holdings with resource slots, per set."""
@@ -448,4 +443,9 @@ class LimitsActor:
                 shared.renew(hids)
 
     async def ping(self) -> bool:
-        return True
+        """Whether this actor is a restart (Ray made it again after it died)."""
+        return self.restarted
+
+
+#: The operations that are answered.
+ASKING = frozenset({"acquire", "try", "retry_after", "stats"})

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, final
 
 import ray
+import ray.exceptions
 
 from .._algorithms import RateState
 from .._backends._base import Backend
@@ -23,11 +24,13 @@ __all__ = ["RayBackend"]
 POLICIES: Final = ("raise", "allow")
 
 #: The actor's options unless ``actor_options`` says otherwise: it outlives whoever made it
-#: first, takes no CPU of a task's share, and has room for many requests parked in it.
+#: first, and takes no CPU of a task's share. The calls it runs at once are the batches on
+#: their way (two per process and set at most) and one ``wait`` per process and set with
+#: queued requests, however many requests wait.
 DEFAULT_ACTOR_OPTIONS: Final[Mapping[str, Any]] = {
     "lifetime": "detached",
     "num_cpus": 0,
-    "max_concurrency": 100_000,
+    "max_concurrency": 10_000,
 }
 
 
@@ -41,10 +44,10 @@ class RayBackend(Backend):
 
     Every set of this backend lives in one async actor, named ``actor_name`` in ``namespace``
     (made on first use, found by name afterwards): its limits, its one FIFO queue, every decision.
-    A caller's ``acquire`` is one call to the actor, which answers when the request is granted
-    (waiting happens in the actor, nobody polls); ``update``, ``release`` and ``pause`` are sent
-    without waiting. A LimitSet pickled into a task or actor attaches to the same set again.
-    See ``docs/ray.md``.
+    Waiting happens in the actor, nobody polls; the requests of one process share round trips
+    to the actor (one call carries what its tasks asked meanwhile); ``update``, ``release`` and
+    ``pause`` return without waiting. A LimitSet pickled into a task or actor attaches to the
+    same set again. See ``docs/ray.md``.
 
     Args:
         actor_name: the name of the limits actor; give sets that need not share one actor
@@ -145,18 +148,27 @@ class RayBackend(Backend):
                 f"clock), got {clock!r}"
             )
         actor = self.actor()
-        try:
-            message = ray.get(
-                actor.declare.remote(
-                    name, limits, clock() if simulated else None, self.lease_seconds
-                ),
-                # The first call may wait for Ray to start the actor's worker process.
-                timeout=max(self.timeout, ACTOR_START_SECONDS),
-            )
-        except UNAVAILABLE as exc:
-            raise BackendUnavailable(
-                f"the Ray limits actor {self.actor_name!r} did not answer: {exc}"
-            ) from exc
+        # The first call may wait for Ray to start the actor's worker process.
+        deadline = time.monotonic() + max(self.timeout, ACTOR_START_SECONDS)
+        backoff = 0.05
+        while True:
+            start = clock() if simulated else None
+            try:
+                message = ray.get(
+                    actor.declare.remote(name, limits, start, self.lease_seconds),
+                    timeout=max(deadline - time.monotonic(), 0.0),
+                )
+                break
+            except UNAVAILABLE as exc:
+                # Restarting (Ray failed the call it was given meanwhile): declare again, which
+                # is harmless, until it answers or the time is up.
+                restarting = isinstance(exc, ray.exceptions.ActorUnavailableError)
+                if not restarting or time.monotonic() + backoff >= deadline:
+                    raise BackendUnavailable(
+                        f"the Ray limits actor {self.actor_name!r} did not answer: {exc}"
+                    ) from exc
+            time.sleep(backoff)  # no event tells when a restart is over
+            backoff = min(backoff * 2, 1.0)
         if message is not None:
             raise ValueError(message)
         return RayScheduler(
