@@ -422,7 +422,8 @@ class RayScheduler(Scheduler):
             self.granted += 1
         else:
             waiter.state = LEFT
-            if error is None and outcome[0] == "refused":  # a limit changed (semantics §4)
+            refused = error is None and outcome is not None and outcome[0] == "refused"
+            if refused:  # a limit changed (semantics §4)
                 error = ValueError(outcome[1])
             if error is not None:
                 self._failures[waiter] = error
