@@ -424,6 +424,7 @@ class RayScheduler(Scheduler):
             waiter.state = LEFT
             refused = error is None and outcome is not None and outcome[0] == "refused"
             if refused:  # a limit changed (semantics §4)
+                assert outcome is not None
                 error = ValueError(outcome[1])
             if error is not None:
                 self._failures[waiter] = error
