@@ -1,0 +1,451 @@
+"""Limits that follow the provider: what its answers say, and AIMD when they say nothing.
+
+A client declares the limits it was told (500 requests and 200,000 tokens a minute). The provider's
+real limits may be lower (a new account tier, a quota shared with another process or machine, an
+incident), and many providers say so on every answer. One :class:`Follower` per LimitSet (shared by
+every transport and hook using that set in this process; the limit changes themselves go through
+the set's backend, so every process sharing it sees them) brings the set in line after each answer:
+
+* **What remains.** An answer saying ``remaining = R`` for a dimension (requests, tokens) means the
+  provider admits at most ``R`` more, less whatever this client already sent that the provider has
+  not yet counted. The follower keeps the amount in transit per key (admitted here, not yet
+  answered), and when the set would admit more than ``R - in_transit`` now, it charges the
+  difference to the answer's own acquisition (``acq.update`` with the usage plus the difference:
+  semantics §3, usage above the amount requested is charged, a bucket goes into debt, a window
+  counts it). The difference is then held back exactly as the provider holds it: a bucket earns
+  it back at its rate, a window when it ends. Counting every request still unanswered as in
+  transit errs on the side of fewer 429s: a request the provider already counted is subtracted
+  twice, once, which costs at most what is in flight, not the rate. The ``call_count`` of a
+  :class:`CallLimit` cannot be charged more than 1, so when no request remains the follower
+  pauses the set until the provider's reset instead.
+* **A lower limit.** An answer saying ``limit = L`` below what the provider was declared to allow
+  (``published``, default the set's own capacity) scales the set's limit by ``L / published``:
+  capacity times that factor over the same window, so the rate scales with it (a window shrunk by
+  :func:`~aiolimits.client_limits` keeps its rate at ``L`` per the provider's window). It is
+  logged once per new value, and never raised above what was declared.
+* **No headers, only 429s (AIMD).** A 429 whose answer says nothing usable about a limit scales
+  every rate limit of the set by ``decrease``, down to ``floor``, unless its request was sent
+  before the last decrease (as TCP does: a burst refused together is one signal; a refusal of
+  what was sent at the lowered rate is a new one); each ``interval`` answered without a 429 adds
+  ``increase`` back, up to what was declared. With a :class:`~aiolimits.LimitPool` only the refused set
+  adapts, so ``LeastWait`` sends the traffic to the others.
+
+Limits change through ``LimitSet.change_limit`` (semantics §4 "limits can change at run time"):
+what is in use stays in use, a growing limit wakes waiters, a shrinking one never admits more than
+the stricter of the two. A capacity is never set below the largest amount a request has asked of
+it (that request could then never be admitted), nor below one whole unit for window algorithms.
+
+Headers come from outside: :func:`~aiolimits.integrations.headers.read_limits` ignores anything
+malformed (a debug log), and the follower trusts a header only to make the set stricter than what
+was declared, never looser.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import Any, Final, final
+
+import attrs
+
+from ._acquisition import Acquisition
+from ._limits import CallLimit, RateLimit
+from ._limitset import LimitSet
+from ._numbers import describe
+from ._pool import LimitPool
+from .integrations.headers import ProviderLimits, Quota, read_limits
+
+__all__ = [
+    "DIMENSIONS",
+    "Adaptation",
+    "Follower",
+    "LimitChange",
+    "adaptation_of",
+    "follower_for",
+    "set_of",
+    "settle_with",
+]
+
+logger = logging.getLogger("aiolimits")
+
+#: Which local key a provider's dimension maps to, by default (when the set has that key).
+DIMENSIONS: Final[Mapping[str, str]] = {
+    "requests": "call_count",
+    "tokens": "tokens",
+    "input_tokens": "input_tokens",
+    "output_tokens": "output_tokens",
+}
+
+
+def _fraction(name: str, value: object, *, low_open: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    if not (0 < number <= 1 if low_open else 0 <= number <= 1):
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return number
+
+
+def _check_mapping(name: str, value: object, *, numbers: bool) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a mapping, got {type(value).__name__}")
+    checked: dict[str, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{name} keys must be str, got {key!r}")
+        if numbers:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                raise TypeError(f"{name}[{key!r}] must be a number, got {item!r}")
+            if not (0 < item < math.inf):
+                raise ValueError(f"{name}[{key!r}] must be > 0 and finite, got {item!r}")
+            checked[key] = float(item)
+        else:
+            if not isinstance(item, str):
+                raise TypeError(f"{name}[{key!r}] must be a str, got {item!r}")
+            checked[key] = item
+    return checked
+
+
+@attrs.frozen
+class Adaptation:
+    """How a set follows its provider: header handling and the AIMD parameters.
+
+    Pass ``adapt=Adaptation(...)`` (or ``adapt=True`` for these defaults) to
+    :class:`~aiolimits.integrations.httpx.LimitedTransport`, its sync twin, or the aiohttp
+    client middleware. Every caller of one LimitSet must use equal parameters: the set has one
+    follower.
+
+    Attributes:
+        decrease: on a 429 without usable rate-limit headers, the set's rate limits are
+            multiplied by this (0 < decrease < 1; default 0.7).
+        increase: after each ``interval`` without a 429, this fraction of the declared limit is
+            added back (0 < increase <= 1; default 0.05), up to the declared limit.
+        floor: the lowest fraction of the declared limit AIMD goes down to (default 0.05).
+        interval: seconds between two AIMD steps; None (default): the set's shortest rate
+            window.
+        dimensions: provider dimension (``"requests"``, ``"tokens"``, an IETF policy name) to
+            local key; default :data:`DIMENSIONS`, each used when the set has that key.
+        published: per local key, the provider's published capacity for that limit, when the
+            set's own capacity is not it (e.g. limits made by
+            :func:`~aiolimits.client_limits`, which leave a margin); default the set's capacity.
+    """
+
+    decrease: float = attrs.field(default=0.7)
+    increase: float = attrs.field(default=0.05)
+    floor: float = attrs.field(default=0.05)
+    interval: float | None = attrs.field(default=None)
+    dimensions: Mapping[str, str] = attrs.field(factory=lambda: dict(DIMENSIONS))
+    published: Mapping[str, float] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        decrease = _fraction("decrease", self.decrease)
+        if decrease == 1:
+            raise ValueError("decrease must be below 1, got 1")
+        _fraction("increase", self.increase)
+        _fraction("floor", self.floor)
+        if self.interval is not None:
+            interval = self.interval
+            if isinstance(interval, bool) or not isinstance(interval, (int, float)):
+                raise TypeError(f"interval must be a number or None, got {interval!r}")
+            if not (0 < interval <= 1e6):
+                raise ValueError(f"interval must be in (0, 1e6] seconds, got {interval!r}")
+        object.__setattr__(
+            self, "dimensions", _check_mapping("dimensions", self.dimensions, numbers=False)
+        )
+        object.__setattr__(
+            self, "published", _check_mapping("published", self.published, numbers=True)
+        )
+
+
+@attrs.frozen
+class LimitChange:
+    """One change the follower made, for the timeline: the key and its capacity from ``at``."""
+
+    at: float
+    key: str
+    capacity: float
+    why: str
+
+
+@final
+class Follower:
+    """The one follower of a LimitSet: in transit, factors, and the changes made (see module).
+
+    Thread-safe: its state is under one lock, which is never held while the set's own lock is
+    taken from a path that could take this one (the set's verbs are called after it is released).
+    """
+
+    def __init__(self, limit_set: LimitSet, adaptation: Adaptation) -> None:
+        self.limit_set = limit_set
+        self.adaptation = adaptation
+        self._clock = limit_set._clock
+        rates = [limit for limit in limit_set.limits if isinstance(limit, (RateLimit, CallLimit))]
+        self._declared = {limit.key: limit for limit in rates}
+        self._published = {
+            key: adaptation.published.get(key, float(limit.capacity))
+            for key, limit in self._declared.items()
+        }
+        unknown = set(adaptation.published) - set(self._declared)
+        if unknown:
+            raise ValueError(f"published names keys that are not rate limits: {sorted(unknown)}")
+        self._dimensions = {
+            dimension: key
+            for dimension, key in adaptation.dimensions.items()
+            if key in self._declared
+        }
+        windows = [float(limit.window_seconds) for limit in rates]
+        self.interval = adaptation.interval or (min(windows) if windows else 1.0)
+        self._lock = threading.Lock()
+        self._transit: dict[str, float] = dict.fromkeys(self._declared, 0.0)
+        self._largest: dict[str, float] = dict.fromkeys(self._declared, 0.0)
+        self._told: dict[str, float] = dict.fromkeys(self._declared, 1.0)  # by the headers
+        self._aimd = 1.0
+        self._generation = 0  # AIMD decreases so far
+        self._sent_in: dict[int, int] = {}  # id(acq) in transit -> the generation it went in
+        self._last_step = -math.inf
+        self._refused_since_step = False
+        self._applied = {key: float(limit.capacity) for key, limit in self._declared.items()}
+        self._logged: set[tuple[str, float]] = set()
+        self.changes: list[LimitChange] = []
+
+    # -- what the transports call -------------------------------------------------------------
+
+    def sent(self, acq: Acquisition) -> None:
+        """``acq`` was admitted and its request is on its way: count it in transit."""
+        with self._lock:
+            self._sent_in[id(acq)] = self._generation
+            for key, amount in acq.requested.items():
+                if key in self._transit:
+                    self._transit[key] += amount
+                    self._largest[key] = max(self._largest[key], amount)
+
+    def abandoned(self, acq: Acquisition) -> None:
+        """``acq``'s request got no answer (an error): it is no longer in transit."""
+        with self._lock:
+            self._untransit(acq)
+
+    def _untransit(self, acq: Acquisition) -> int:
+        """Take ``acq`` out of transit; the AIMD generation it was sent in."""
+        generation = self._sent_in.pop(id(acq), -1)
+        for key, amount in acq.requested.items():
+            if key in self._transit:
+                self._transit[key] = max(0.0, self._transit[key] - amount)
+        return generation
+
+    def answered(
+        self, acq: Acquisition, status: int, headers: Any, wall_now: float
+    ) -> dict[str, float]:
+        """The answer to ``acq`` came back: bring the set in line with it.
+
+        Args:
+            acq: the acquisition the request was sent under (still held).
+            status: the answer's HTTP status.
+            headers: its headers (any mapping, or name/value pairs).
+            wall_now: ``time.time()`` when it arrived.
+
+        Returns:
+            Per key, the amount to charge on top of the usage ``acq`` settles with (what the
+            set would admit beyond what the provider says remains); empty when in line.
+        """
+        said = read_limits(headers, now=wall_now)
+        now = self._clock()
+        charge: dict[str, float] = {}
+        pause = 0.0
+        with self._lock:
+            generation = self._untransit(acq)
+            quotas = self._quotas(said)
+            if quotas:
+                self._adopt(quotas, now)
+            elif status == 429:
+                self._refused(now, generation)
+            elif status < 400:
+                self._calm(now)
+            targets = {
+                key: quota.remaining - self._transit[key]
+                for key, quota in quotas.items()
+                if quota.remaining is not None
+            }
+            wanted = self._capacities()
+        self._apply(wanted, now)
+        if targets:
+            available = {
+                key: stats.available
+                for key, stats in self.limit_set.statistics().limits.items()
+                if key in targets
+            }
+            for key, target in targets.items():
+                excess = available[key] - target
+                if excess <= 0:
+                    continue
+                limit = self._declared[key]
+                if isinstance(limit, CallLimit):
+                    if target < 1:
+                        pause = max(pause, _until_one(quotas[key], 1 - target, said.families))
+                elif acq.requested.get(key, 0) > 0:
+                    charge[key] = math.ceil(excess) if limit.algorithm.integral else excess
+        if pause > 0:
+            self.limit_set.pause(pause)
+        return charge
+
+    # -- the decisions, under the lock ---------------------------------------------------------
+
+    def _quotas(self, said: ProviderLimits) -> dict[str, Quota]:
+        quotas = {}
+        for dimension, quota in said.quotas.items():
+            key = self._dimensions.get(dimension)
+            if key is not None and (quota.limit is not None or quota.remaining is not None):
+                quotas[key] = quota
+        return quotas
+
+    def _adopt(self, quotas: Mapping[str, Quota], now: float) -> None:
+        for key, quota in quotas.items():
+            if quota.limit is None or quota.limit <= 0:
+                continue
+            factor = min(1.0, quota.limit / self._published[key])
+            if factor < self._told[key] and (key, quota.limit) not in self._logged:
+                self._logged.add((key, quota.limit))
+                logger.info(
+                    "aiolimits: the provider announces %g for %r where %g was declared; "
+                    "following it",
+                    quota.limit,
+                    key,
+                    self._published[key],
+                )
+            self._told[key] = factor
+
+    def _refused(self, now: float, generation: int) -> None:
+        """A 429 that says nothing usable: one multiplicative step, unless the request was sent
+        before the last step (TCP's rule: a burst refused together is one signal, but a refusal
+        of what was sent at the lowered rate is a new one)."""
+        self._refused_since_step = True
+        if generation != self._generation:
+            return
+        adaptation = self.adaptation
+        self._aimd = max(adaptation.floor, self._aimd * adaptation.decrease)
+        self._generation += 1
+        self._last_step = now
+        self._refused_since_step = False
+        logger.debug("aiolimits: 429 without rate-limit headers; rate factor %.3f", self._aimd)
+
+    def _calm(self, now: float) -> None:
+        """An answer without a 429: one additive step per interval free of 429s."""
+        if self._aimd >= 1.0 or now - self._last_step < self.interval:
+            return
+        if not self._refused_since_step:
+            self._aimd = min(1.0, self._aimd + self.adaptation.increase)
+        self._last_step = now
+        self._refused_since_step = False
+
+    def _capacities(self) -> dict[str, float]:
+        """The capacity each key should have now; only those that differ from the applied."""
+        wanted = {}
+        for key, limit in self._declared.items():
+            capacity = float(limit.capacity) * min(self._told[key], self._aimd)
+            if limit.algorithm.integral or isinstance(limit, CallLimit):
+                capacity = float(math.floor(capacity))
+            capacity = min(float(limit.capacity), max(capacity, self._largest[key], 1.0))
+            if capacity != self._applied[key]:
+                wanted[key] = capacity
+                self._applied[key] = capacity
+        return wanted
+
+    def _apply(self, wanted: Mapping[str, float], now: float) -> None:
+        for key, capacity in wanted.items():
+            limit = self._declared[key]
+            whole: float | int = int(capacity) if capacity.is_integer() else capacity
+            self.limit_set.change_limit(key, capacity=whole)
+            self.changes.append(LimitChange(now, key, capacity, "follow"))
+            logger.debug(
+                "aiolimits: %r capacity now %g (declared %g)", key, capacity, limit.capacity
+            )
+
+    # -- introspection ---------------------------------------------------------------------
+
+    @property
+    def factors(self) -> dict[str, float]:
+        """Per key, the fraction of the declared capacity now in force."""
+        with self._lock:
+            return {
+                key: self._applied[key] / float(limit.capacity)
+                for key, limit in self._declared.items()
+            }
+
+    def __repr__(self) -> str:
+        return f"<Follower factors={self.factors!r} aimd={self._aimd:.3f}>"
+
+
+def _until_one(quota: Quota, need: float, families: tuple[str, ...]) -> float:
+    """Seconds until the provider has ``need`` more of ``quota`` (at most its reset).
+
+    IETF fields reset a window at ``reset_after``; OpenAI and Anthropic replenish continuously,
+    ``reset_after`` being the time until full, so ``need`` comes back in its share of it."""
+    reset = quota.reset_after
+    if reset is None:
+        return 0.0
+    if "ietf" in families or quota.limit is None or quota.remaining is None:
+        return reset
+    missing = quota.limit - quota.remaining
+    return reset if missing <= need else reset * need / missing
+
+
+def adaptation_of(adapt: object, *, keyed: bool) -> Adaptation | None:
+    """``adapt=`` checked: None (off), or the parameters to follow the provider with."""
+    if adapt is False:
+        return None
+    if keyed:
+        raise ValueError("adapt= needs a LimitSet or a LimitPool; a KeyedLimitSet only pauses")
+    if adapt is True:
+        return Adaptation()
+    if not isinstance(adapt, Adaptation):
+        raise TypeError(f"adapt must be a bool or an Adaptation, got {describe(adapt)}")
+    return adapt
+
+
+def set_of(limits: object, acq: Acquisition) -> LimitSet:
+    """The LimitSet ``acq`` was taken from: ``limits``, or the pool's set with its config."""
+    if isinstance(limits, LimitPool):
+        for limit_set in limits.limit_sets:
+            if limit_set.config is acq.config:
+                return limit_set
+        raise AssertionError("an acquisition of a pool comes from one of its sets")
+    assert isinstance(limits, LimitSet)
+    return limits
+
+
+def settle_with(
+    acq: Acquisition, used: Mapping[str, int | float] | None, charge: Mapping[str, float]
+) -> None:
+    """One ``acq.update``: ``used`` (None: what was requested) plus ``charge`` per key."""
+    if not charge:
+        if used is not None:
+            acq.update(used)
+        return
+    final: dict[str, float] = dict(used) if used is not None else {}
+    for key, extra in charge.items():
+        final[key] = final.get(key, acq.requested[key]) + extra
+    acq.update(final)
+
+
+_FOLLOWERS: weakref.WeakKeyDictionary[LimitSet, Follower] = weakref.WeakKeyDictionary()
+_FOLLOWERS_LOCK = threading.Lock()
+
+
+def follower_for(limit_set: LimitSet, adaptation: Adaptation) -> Follower:
+    """The one follower of ``limit_set`` in this process, made on first use.
+
+    Raises:
+        ValueError: the set already has a follower with other parameters.
+    """
+    with _FOLLOWERS_LOCK:
+        follower = _FOLLOWERS.get(limit_set)
+        if follower is None:
+            follower = _FOLLOWERS[limit_set] = Follower(limit_set, adaptation)
+        elif follower.adaptation != adaptation:
+            raise ValueError(
+                "this LimitSet already follows its provider with other parameters "
+                f"({follower.adaptation!r}); every caller of one set must pass equal ones"
+            )
+        return follower
