@@ -7,17 +7,17 @@ every transport and hook using that set in this process; the limit changes thems
 the set's backend, so every process sharing it sees them) brings the set in line after each answer:
 
 * **What remains.** An answer saying ``remaining = R`` for a dimension (requests, tokens) means the
-  provider admits at most ``R`` more, less whatever this client already sent that the provider has
-  not yet counted. The follower keeps the amount in transit per key (admitted here, not yet
-  answered), and when the set would admit more than ``R - in_transit`` now, it charges the
-  difference to the answer's own acquisition (``acq.update`` with the usage plus the difference:
-  semantics §3, usage above the amount requested is charged, a bucket goes into debt, a window
-  counts it). The difference is then held back exactly as the provider holds it: a bucket earns
-  it back at its rate, a window when it ends. Counting every request still unanswered as in
-  transit errs on the side of fewer 429s: a request the provider already counted is subtracted
-  twice, once, which costs at most what is in flight, not the rate. The ``call_count`` of a
-  :class:`CallLimit` cannot be charged more than 1, so when no request remains the follower
-  pauses the set until the provider's reset instead.
+  provider admits at most ``R`` more, less whatever this client already sent that the provider had
+  not counted when it answered. The provider counts a request when it arrives, so the follower
+  subtracts what was sent *after* the answered request and is still unanswered (what was sent
+  before it arrived before it, on the whole); when the set would admit more than that now, it
+  charges the difference to the answer's own acquisition (``acq.update`` with at least its
+  reservation plus the difference: semantics §3, usage above the amount requested is charged, a
+  bucket goes into debt, a window counts it). The difference is then held back exactly as the
+  provider holds it: a bucket earns it back at its rate, a window when it ends. A charge is never
+  given back: the set is only ever brought down to what the provider says, never up. The
+  ``call_count`` of a :class:`CallLimit` cannot be charged more than 1, so when no request
+  remains the follower pauses the set until the provider has one again instead.
 * **A lower limit.** An answer saying ``limit = L`` below what the provider was declared to allow
   (``published``, default the set's own capacity) scales the set's limit by ``L / published``:
   capacity times that factor over the same window, so the rate scales with it (a window shrunk by
@@ -199,12 +199,14 @@ class Follower:
         windows = [float(limit.window_seconds) for limit in rates]
         self.interval = adaptation.interval or (min(windows) if windows else 1.0)
         self._lock = threading.Lock()
-        self._transit: dict[str, float] = dict.fromkeys(self._declared, 0.0)
+        # Requests sent and not yet answered, in the order they were sent: id(acq) -> (its
+        # sequence number, the AIMD generation it went in, its amounts of the rate limits).
+        self._in_transit: dict[int, tuple[int, int, dict[str, float]]] = {}
+        self._sequence = 0
         self._largest: dict[str, float] = dict.fromkeys(self._declared, 0.0)
         self._told: dict[str, float] = dict.fromkeys(self._declared, 1.0)  # by the headers
         self._aimd = 1.0
         self._generation = 0  # AIMD decreases so far
-        self._sent_in: dict[int, int] = {}  # id(acq) in transit -> the generation it went in
         self._last_step = -math.inf
         self._refused_since_step = False
         self._applied = {key: float(limit.capacity) for key, limit in self._declared.items()}
@@ -216,24 +218,29 @@ class Follower:
     def sent(self, acq: Acquisition) -> None:
         """``acq`` was admitted and its request is on its way: count it in transit."""
         with self._lock:
-            self._sent_in[id(acq)] = self._generation
-            for key, amount in acq.requested.items():
-                if key in self._transit:
-                    self._transit[key] += amount
-                    self._largest[key] = max(self._largest[key], amount)
+            amounts = {
+                key: amount for key, amount in acq.requested.items() if key in self._declared
+            }
+            for key, amount in amounts.items():
+                self._largest[key] = max(self._largest[key], amount)
+            self._sequence += 1
+            self._in_transit[id(acq)] = (self._sequence, self._generation, amounts)
 
     def abandoned(self, acq: Acquisition) -> None:
         """``acq``'s request got no answer (an error): it is no longer in transit."""
         with self._lock:
-            self._untransit(acq)
+            self._in_transit.pop(id(acq), None)
 
-    def _untransit(self, acq: Acquisition) -> int:
-        """Take ``acq`` out of transit; the AIMD generation it was sent in."""
-        generation = self._sent_in.pop(id(acq), -1)
-        for key, amount in acq.requested.items():
-            if key in self._transit:
-                self._transit[key] = max(0.0, self._transit[key] - amount)
-        return generation
+    def _untransit(self, acq: Acquisition) -> tuple[int, dict[str, float]]:
+        """Take ``acq`` out of transit: the AIMD generation it was sent in, and per key what was
+        sent after it and is still unanswered."""
+        sequence, generation, _ = self._in_transit.pop(id(acq), (0, -1, {}))
+        later = dict.fromkeys(self._declared, 0.0)
+        for after, _, amounts in self._in_transit.values():
+            if after > sequence:
+                for key, amount in amounts.items():
+                    later[key] += amount
+        return generation, later
 
     def answered(
         self, acq: Acquisition, status: int, headers: Any, wall_now: float
@@ -247,15 +254,16 @@ class Follower:
             wall_now: ``time.time()`` when it arrived.
 
         Returns:
-            Per key, the amount to charge on top of the usage ``acq`` settles with (what the
-            set would admit beyond what the provider says remains); empty when in line.
+            Per key, what the set would admit now beyond what the provider says remains, with
+            ``acq``'s reservation still held (:func:`settle_with` makes ``acq`` count at least
+            its reservation plus that); empty when in line.
         """
         said = read_limits(headers, now=wall_now)
         now = self._clock()
         charge: dict[str, float] = {}
         pause = 0.0
         with self._lock:
-            generation = self._untransit(acq)
+            generation, later = self._untransit(acq)
             quotas = self._quotas(said)
             if quotas:
                 self._adopt(quotas, now)
@@ -264,7 +272,7 @@ class Follower:
             elif status < 400:
                 self._calm(now)
             targets = {
-                key: quota.remaining - self._transit[key]
+                key: quota.remaining - later[key]
                 for key, quota in quotas.items()
                 if quota.remaining is not None
             }
@@ -418,14 +426,18 @@ def set_of(limits: object, acq: Acquisition) -> LimitSet:
 def settle_with(
     acq: Acquisition, used: Mapping[str, int | float] | None, charge: Mapping[str, float]
 ) -> None:
-    """One ``acq.update``: ``used`` (None: what was requested) plus ``charge`` per key."""
+    """One ``acq.update``: ``used`` (None: what was requested), and per key of ``charge`` at
+    least the amount requested plus the charge."""
     if not charge:
         if used is not None:
             acq.update(used)
         return
     final: dict[str, float] = dict(used) if used is not None else {}
     for key, extra in charge.items():
-        final[key] = final.get(key, acq.requested[key]) + extra
+        # The charge was worked out with the reservation still held: the set must count at
+        # least that reservation plus the charge, whatever the real usage gives back.
+        requested = acq.requested[key]
+        final[key] = max(final.get(key, requested), requested + extra)
     acq.update(final)
 
 

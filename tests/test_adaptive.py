@@ -86,12 +86,20 @@ async def test_what_remains_counts_the_requests_still_in_transit() -> None:
     clock = ManualClock()
     limits = declared(clock)
     follower = follower_for(limits, Adaptation())
-    other = limits.try_acquire({"tokens": 500})  # sent, not yet answered
-    follower.sent(other)
-    await post(limits, lambda request: ok(100, x_ratelimit_remaining_tokens="3000"))
-    # The provider may not have counted the 500 yet: at most 2,500 more may go.
+    earlier = limits.try_acquire({"tokens": 700})  # sent before: counted in what remains
+    follower.sent(earlier)
+    later = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        later.append(limits.try_acquire({"tokens": 500}))  # sent while this one was out
+        follower.sent(later[0])
+        return ok(100, x_ratelimit_remaining_tokens="3000")
+
+    await post(limits, answer)
+    # The provider may not have counted the later 500 yet: at most 2,500 more may go.
     assert stats(limits, "tokens")[1] == 2500
-    other.release()
+    earlier.release()
+    later[0].release()
 
 
 async def test_an_answer_saying_more_remains_than_the_set_has_changes_nothing() -> None:

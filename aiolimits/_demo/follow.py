@@ -20,14 +20,14 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, final
 
 import anyio
 import httpx
 
 from .._adaptive import Adaptation, LimitChange, follower_for
-from .._limits import CallLimit, RateLimit, RateLimitAlgorithm, ResourceLimit
+from .._limits import CallLimit, RateLimit, RateLimitAlgorithm
 from .._limitset import LimitSet
 from .._pool import LimitPool
 from ..integrations.httpx import LimitedTransport
@@ -36,8 +36,9 @@ from .provider import Arrival, SimulatedProvider, count_tokens
 __all__ = ["FollowOutcome", "follow"]
 
 WINDOW: Final = 1.0
-CALLS_PER_WINDOW: Final = 200
-TOKENS_PER_WINDOW: Final = 20_000
+CALLS_PER_WINDOW: Final = 100
+TOKENS_PER_WINDOW: Final = 12_000
+CONCURRENCY: Final = 8  # calls in flight at once, as a client's worker pool would send
 MAX_TOKENS: Final = 100
 PROMPTS: Final = (50, 300)
 
@@ -46,7 +47,7 @@ PROMPTS: Final = (50, 300)
 class FollowOutcome:
     """What one run measured at the provider."""
 
-    __slots__ = ("arrivals", "attempts", "changes", "start", "window")
+    __slots__ = ("arrivals", "attempts", "changes", "levels", "start", "window")
 
     def __init__(
         self,
@@ -56,12 +57,14 @@ class FollowOutcome:
         changes: Sequence[LimitChange],
         start: float,
         window: float,
+        levels: Mapping[str, float],
     ) -> None:
         self.arrivals = sorted(arrivals, key=lambda a: a.at)
         self.attempts = list(attempts)  # the followed client's: (sent at, status, API key)
         self.changes = list(changes)
         self.start = start
         self.window = window
+        self.levels = dict(levels)  # tokens in the provider's buckets one window after the start
 
     def _attempts(self, key: str | None, after: float) -> list[tuple[float, int, str]]:
         since = self.start + after * self.window
@@ -85,16 +88,17 @@ class FollowOutcome:
         """The followed client's attempts on ``key`` sent later than ``after`` windows."""
         return len(self._attempts(key, after))
 
-    def used(self, real_tokens_per_window: float, *, key: str | None = None) -> float:
-        """Tokens the provider counted past the first window, as a share of its real rate over
-        the same stretch (up to the last arrival)."""
-        arrivals = [a for a in self.arrivals if key is None or a.key == key]
+    def used(self, real_tokens_per_window: float, *, key: str = "") -> float:
+        """Tokens the provider counted on API ``key`` past the first window, as a share of the
+        most it could have admitted then: what its bucket held one window after the start, plus
+        its real rate over the stretch up to the last arrival."""
         since = self.start + self.window
-        stretch = [a for a in arrivals if a.at > since]
+        stretch = [a for a in self.arrivals if a.key == key and a.at > since]
         if not stretch:
             return 0.0
         span = stretch[-1].at - since
-        return sum(a.tokens for a in stretch) / (real_tokens_per_window / self.window * span)
+        allowed = self.levels.get(key, 0.0) + real_tokens_per_window / self.window * span
+        return sum(a.tokens for a in stretch) / allowed
 
 
 def _prompt(tokens: int) -> str:
@@ -119,7 +123,6 @@ def _declared(config: dict[str, Any] | None = None) -> LimitSet:
         [
             CallLimit(WINDOW, CALLS_PER_WINDOW),
             RateLimit("tokens", WINDOW, TOKENS_PER_WINDOW),
-            ResourceLimit("in_flight", 8),
         ],
         config=config,
     )
@@ -194,16 +197,20 @@ async def follow(
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         start = clock()
 
-        async def call(client: httpx.AsyncClient, prompt: int) -> None:
-            response = await client.post(
-                url,
-                json={
-                    "messages": [{"role": "user", "content": _prompt(prompt)}],
-                    "max_tokens": MAX_TOKENS,
-                },
-            )
-            if response.status_code != 429:  # a 429 after every retry is counted, not raised
-                response.raise_for_status()
+        prompts = [rng.randint(*PROMPTS) for _ in range(calls)]
+
+        async def worker(client: httpx.AsyncClient) -> None:
+            while prompts:
+                prompt = prompts.pop()
+                response = await client.post(
+                    url,
+                    json={
+                        "messages": [{"role": "user", "content": _prompt(prompt)}],
+                        "max_tokens": MAX_TOKENS,
+                    },
+                )
+                if response.status_code != 429:  # a 429 after every retry is counted, not raised
+                    response.raise_for_status()
 
         async def other(stop: anyio.Event) -> None:
             # Unseen by the first client: no aiolimits, a steady share of the real token rate.
@@ -220,13 +227,20 @@ async def follow(
                     )
                     await anyio.sleep((prompt + MAX_TOKENS / 2) / rate)
 
+        levels: dict[str, float] = {}
+
+        async def snapshot() -> None:
+            await anyio.sleep(start + WINDOW - clock())
+            levels.update(provider.levels())
+
+        tg.start_soon(snapshot)
         stop = anyio.Event()
         if unseen:
             tg.start_soon(other, stop)
         async with httpx.AsyncClient(transport=transport, timeout=30) as client:
             async with anyio.create_task_group() as fan_out:
-                for _ in range(calls):
-                    fan_out.start_soon(call, client, rng.randint(*PROMPTS))
+                for _ in range(CONCURRENCY):
+                    fan_out.start_soon(worker, client)
         stop.set()
         tg.cancel_scope.cancel()
     changes = (
@@ -240,4 +254,5 @@ async def follow(
         changes=changes,
         start=start,
         window=WINDOW,
+        levels=levels,
     )

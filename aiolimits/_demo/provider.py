@@ -194,6 +194,11 @@ class SimulatedProvider:
             )
         return pair
 
+    def levels(self) -> dict[str, float]:
+        """Tokens each API key's bucket holds now (for measuring what a run left unused)."""
+        now = self._clock()
+        return {key: max(0.0, pair[1].remaining(now)) for key, pair in self._buckets.items()}
+
     def _said(self, pair: tuple[Bucket, Bucket], now: float) -> list[tuple[str, str]]:
         """Where the client stands, in the chosen family's headers."""
         if self.headers == "none":
