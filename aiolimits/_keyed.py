@@ -69,8 +69,8 @@ from ._door import (
     check_picklable_clock,
     retry_after_locked,
 )
-from ._limits import Limit
-from ._limitset import check_limits
+from ._limits import Limit, ResourceLimit
+from ._limitset import changed_limit, check_limits, limit_changes
 from ._numbers import check_seconds, check_timeout, check_timer_slack, describe
 from ._requests import Requests
 from ._scheduler import Items, Scheduler
@@ -598,6 +598,49 @@ class KeyedLimitSet(Door):
         for sched in proxies:
             with sched.lock:
                 sched.pause(until, sched.clock())
+
+    def change_limit(
+        self,
+        key: str,
+        *,
+        capacity: float | int | None = None,
+        window_seconds: float | None = None,
+    ) -> None:
+        """Change the capacity and/or window of the limit ``key`` now, for every client key:
+        those held now, and those first seen later. The rules are :meth:`LimitSet.change_limit`'s
+        (semantics §4, "Limits that change at run time"), applied to each client key's state;
+        on a shared backend every process of the set sees the change. Visits each key held
+        (O(keys)), as pausing every key does.
+
+        Args:
+            key: the key of the limit (not a client key).
+            capacity: the new capacity (None: unchanged).
+            window_seconds: the new window (None: unchanged); not for a ResourceLimit.
+
+        Raises:
+            ValueError, TypeError: an unknown key, a number out of range, a window for a
+                ResourceLimit; nothing is changed.
+        """
+        with self._lock:
+            changed = changed_limit(self._limits, key, capacity, window_seconds)
+            if changed is None:
+                return
+            index, limit = changed
+            window = 0.0 if isinstance(limit, ResourceLimit) else limit.window_seconds
+            now = self._clock()
+            # The template bounds the amounts accepted; new keys are made from ``_limits``.
+            self._requests.index[limit.key][1].change(limit.capacity, window, now)
+            for sched in self._entries.values():
+                sched.change_limit(sched.states[index], limit.capacity, window, now)
+            limits = list(self._limits)
+            limits[index] = limit
+            self._limits = tuple(limits)
+            self._requests.change(limit)
+            proxies = [proxy.sched for proxy in self._proxies.values()]
+        limit_changes[0] += 1
+        for proxy in proxies:
+            with proxy.lock:
+                proxy.change_limit(proxy.states[index], limit.capacity, window, proxy.clock())
 
     def get_stats(self, key: str) -> dict[str, Any]:
         """The statistics of ``key``, as :meth:`LimitSet.get_stats` gives them (a key not held

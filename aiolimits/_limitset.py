@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, Final, final
 
+import attrs
+
 from . import _decorator
 from ._acquisition import PENDING, Acquisition
 from ._algorithms import RateState, new_state
@@ -29,7 +31,12 @@ from ._waiters import ThreadWaiter, refuse_on_event_loop
 
 _INF: Final = math.inf
 
-__all__ = ["LimitSet", "check_limits"]
+__all__ = ["LimitSet", "changed_limit", "check_limits", "limit_changes"]
+
+#: ``[n]``: n moves on with every change of a limit in this process (two changes at once may
+#: move it by one only: it only has to differ). A pool validates requests against one set per
+#: distinct list of limits, and makes those lists again when it moved on.
+limit_changes = [0]
 
 
 def check_limits(limits: Iterable[Limit]) -> tuple[Limit, ...]:
@@ -48,6 +55,37 @@ def check_limits(limits: Iterable[Limit]) -> tuple[Limit, ...]:
             raise ValueError(f"limits has the key {limit.key!r} more than once")
         seen.add(limit.key)
     return limits
+
+
+def changed_limit(
+    limits: tuple[Limit, ...],
+    key: object,
+    capacity: object,
+    window_seconds: object,
+) -> tuple[int, Limit] | None:
+    """The limit of ``limits`` named ``key`` with the new ``capacity`` and ``window_seconds``
+    (None: unchanged), validated as a new limit is: ``(its index, the new value)``, or None when
+    nothing changes. Raises the error naming the argument, having changed nothing."""
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str, got {describe(key)}")
+    index = next((i for i, limit in enumerate(limits) if limit.key == key), None)
+    if index is None:
+        keys = ", ".join(repr(x.key) for x in limits)
+        raise ValueError(f"key {key!r} is not a limit of this set (keys: {keys})")
+    limit = limits[index]
+    changes: dict[str, Any] = {}
+    if capacity is not None:
+        changes["capacity"] = capacity
+    if window_seconds is not None:
+        if isinstance(limit, ResourceLimit):
+            raise ValueError(
+                f"window_seconds: resource limit {key!r} has no window, got {window_seconds!r}"
+            )
+        changes["window_seconds"] = window_seconds
+    if not changes:
+        return None
+    new = attrs.evolve(limit, **changes)  # validated as a new limit is (semantics §11)
+    return index, new
 
 
 @final
@@ -217,6 +255,50 @@ class LimitSet(Door):
 
         Queued waiters keep their places; overlapping pauses keep the later end."""
         self._pause(self._scheduler, seconds)
+
+    def change_limit(
+        self,
+        key: str,
+        *,
+        capacity: float | int | None = None,
+        window_seconds: float | None = None,
+    ) -> None:
+        """Change the capacity and/or window of the limit ``key`` now, for every user of the set.
+
+        What is in use stays in use, counted against the new numbers; a limit that grows admits
+        its waiters at once; a limit that shrinks never admits what the old or the new limit
+        would have refused (exact rules per algorithm: semantics §4, "Limits that change at run
+        time"). Waiters asking more than a new, smaller capacity leave with ``ValueError``. On a
+        shared backend every process and client of the set sees the change. :attr:`limits` and
+        the statistics show the new numbers. Never waits and never does I/O on the calling
+        thread's event loop (a shared backend hands the change to its I/O path, in order).
+
+        Example:
+            >>> limits.change_limit("tokens", capacity=45_000)  # the provider said so
+
+        Args:
+            key: the limit's key.
+            capacity: the new capacity (None: unchanged), in the range of a new limit's.
+            window_seconds: the new window (None: unchanged); not for a ResourceLimit.
+
+        Raises:
+            ValueError, TypeError: an unknown key, a number out of range, a window for a
+                ResourceLimit; nothing is changed.
+        """
+        sched = self._scheduler
+        with sched.lock:
+            changed = changed_limit(self._limits, key, capacity, window_seconds)
+            if changed is None:
+                return
+            index, limit = changed
+            limits = list(self._limits)
+            limits[index] = limit
+            state = self._requests.index[limit.key][1]
+            window = 0.0 if isinstance(limit, ResourceLimit) else limit.window_seconds
+            sched.change_limit(state, limit.capacity, window, sched.clock())
+            self._limits = tuple(limits)
+            self._requests.change(limit)
+        limit_changes[0] += 1
 
     def get_stats(self) -> dict[str, Any]:
         """A consistent snapshot: per limit, and totals for the set.

@@ -34,7 +34,7 @@ from typing import Any, Final, final
 from ._acquisition import Acquisition, DeferredAcquire
 from ._decorator import Limited, Requested, limited
 from ._limits import CallLimit, Limit, ResourceLimit, enum_member
-from ._limitset import LimitSet
+from ._limitset import LimitSet, limit_changes
 from ._numbers import check_seconds, check_timeout, check_timer_slack, describe
 from ._statistics import PoolSetStatistics, PoolStatistics
 from ._waiters import refuse_on_event_loop, trio_lowlevel
@@ -132,7 +132,16 @@ class LimitPool:
         ...     await call(api_key=acq.config["api_key"])
     """
 
-    __slots__ = ("_algorithm", "_checks", "_counter", "_lock", "_random", "_sets", "_worker_index")
+    __slots__ = (
+        "_algorithm",
+        "_checked_at",
+        "_checks",
+        "_counter",
+        "_lock",
+        "_random",
+        "_sets",
+        "_worker_index",
+    )
 
     def __init__(
         self,
@@ -158,14 +167,9 @@ class LimitPool:
         self._lock = threading.Lock()
         self._counter = worker_index % len(sets)
         self._random = random.Random()
-        # Validating a request against one set per distinct list of limits suffices: identical
-        # sets (the common case) cost one check, whichever set is picked later.
-        distinct: dict[frozenset[Limit], LimitSet] = {}
-        for limit_set in sets:
-            distinct.setdefault(frozenset(limit_set.limits), limit_set)
-        self._checks: tuple[Callable[[Requested | None], Any], ...] = tuple(
-            s._items for s in distinct.values()
-        )
+        self._checked_at = -1
+        self._checks: tuple[Callable[[Requested | None], Any], ...] = ()
+        self._distinct_checks()
 
     # -- what it is --------------------------------------------------------------------------
 
@@ -184,7 +188,20 @@ class LimitPool:
 
     # -- picking -----------------------------------------------------------------------------
 
+    def _distinct_checks(self) -> None:
+        """Validating a request against one set per distinct list of limits suffices: identical
+        sets (the common case) cost one check, whichever set is picked later. Made again after
+        a limit changed (``change_limit``), in any set."""
+        changes = limit_changes[0]
+        distinct: dict[frozenset[Limit], LimitSet] = {}
+        for limit_set in self._sets:
+            distinct.setdefault(frozenset(limit_set.limits), limit_set)
+        self._checks = tuple(s._items for s in distinct.values())
+        self._checked_at = changes
+
     def _check(self, requested: Requested | None) -> None:
+        if self._checked_at != limit_changes[0]:
+            self._distinct_checks()
         for check in self._checks:
             check(requested)
 

@@ -60,6 +60,15 @@ class Requests:
             if not isinstance(limit, CallLimit)
         }
 
+    def change(self, limit: Limit) -> None:
+        """``limit`` (the changed value of one of the limits) replaces the one with its key: the
+        new capacity bounds the amounts accepted from now on. Its state has changed already."""
+        _old, state = self.index[limit.key]
+        self.index[limit.key] = (limit, state)
+        spec = self._fast.get(limit.key)
+        if spec is not None:
+            self._fast[limit.key] = (spec[0], spec[1], state.capacity)
+
     def items(self, requested: Mapping[str, int | float] | None) -> Items:
         """Validate ``requested`` and turn it into ``(state, amount)`` items, zero amounts left
         out. Raises before anything is taken.

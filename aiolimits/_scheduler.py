@@ -35,6 +35,11 @@ Nothing under the lock awaits, sleeps or calls user code.
   charge only takes room: the forecast stays a lower bound and is kept). Resource limits are
   left out of it: a slot depends on releases, which it ignores, so a full resource never fails
   a request at once.
+* Limits that change at run time (semantics §4): :meth:`Scheduler.change_limit` changes one
+  state's numbers (each algorithm keeps what is in use in use), sends away the waiters that ask
+  more than the new capacity (a ``ValueError``, as on arrival), drops the forecast and runs the
+  grant routine, so that a limit that grew admits its waiters at once and the head's wake time
+  is the new one.
 
 The async and thread doors (``_limitset.py``) call :meth:`try_take` and, when that fails, park a
 waiter from ``_waiters.py`` with :meth:`enqueue` / :meth:`after_wake` / :meth:`abandon`.
@@ -50,7 +55,7 @@ from copy import deepcopy
 from functools import partial
 from typing import Any
 
-from ._algorithms import RateState, SemaphoreState
+from ._algorithms import RateState, SemaphoreState, too_large
 from ._waiters import GRANTED, LEFT, WAITING, TimerClock, Waiter
 
 __all__ = ["Forecast", "Items", "Scheduler"]
@@ -144,6 +149,7 @@ class Scheduler:
         "paused_until",
         "queue",
         "refunded",
+        "refused",
         "states",
         "timed_out",
         "timer_slack",
@@ -189,6 +195,9 @@ class Scheduler:
         self.cancelled = 0
         # Units refunded per key, created on the first refund.
         self.refunded: dict[str, float] | None = None
+        # Waiters sent away by a change of a limit, with the error their door raises (created on
+        # the first one): see :meth:`change_limit`.
+        self.refused: dict[Waiter, BaseException] | None = None
         # A new head's wake-up may be armed by the one who makes it head (notify_at): delays on
         # this clock are real seconds (a simulated clock fires its own timers instead).
         self._timed = self.timed_wakes and not isinstance(clock, TimerClock)
@@ -530,6 +539,28 @@ class Scheduler:
             if self.queue:
                 self._dispatch(now)
 
+    def change_limit(self, state: RateState, capacity: float, window: float, now: float) -> None:
+        """Under the lock: the limit of ``state`` (one of ``states``) has ``capacity`` and
+        ``window`` (validated) from ``now`` on (semantics §4). What is in use stays in use (the
+        algorithm's ``change``); a queued request for more than the new capacity could never be
+        admitted, so it leaves with the ``ValueError`` an arrival would get; the forecast is
+        rebuilt when next needed; and the grant routine runs: a limit that grew admits its
+        waiters at once, and the head learns its new wake time."""
+        state.change(capacity, window, now)
+        self._forecast = None
+        queue = self.queue
+        for waiter in [w for w in queue if any(s is state and n > capacity for s, n in w.items)]:
+            del queue[waiter]
+            waiter.state = LEFT
+            refused = self.refused
+            if refused is None:
+                refused = self.refused = {}
+            amount = next(n for s, n in waiter.items if s is state)
+            refused[waiter] = too_large(state.key, amount, capacity)
+            waiter.notify()
+        if queue:
+            self._dispatch(now)
+
     # -- introspection ---------------------------------------------------------------------
 
     def availability(self, now: float) -> dict[str, float]:
@@ -547,9 +578,11 @@ class Scheduler:
         raise NotImplementedError("only a remote scheduler awaits its first step")
 
     def failure(self, waiter: Waiter) -> BaseException | None:
-        """Why a waiter that was not granted left, if not a timeout (a shared backend that
-        could not be reached). Consumed by the door, which raises it."""
-        return None
+        """Why a waiter that was not granted left, if not a timeout (a change of a limit made
+        its request too large; a shared backend that could not be reached). Consumed by the
+        door, which raises it."""
+        refused = self.refused
+        return None if refused is None else refused.pop(waiter, None)
 
     def waiting_per_key(self) -> dict[str, int]:
         counts = {s.key: 0 for s in self.states}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._limits import CallLimit, Limit, RateLimit, RateLimitAlgorithm, ResourceLimit
-from ._base import RateState, Receipt, first_true
+from ._base import RateState, Receipt, first_true, too_large
 from .fixed_window import FixedWindowState
 from .gcra import GCRAState
 from .leaky_bucket import LeakyBucketState
@@ -22,6 +22,7 @@ __all__ = [
     "TokenBucketState",
     "first_true",
     "new_state",
+    "too_large",
 ]
 
 _STATES: dict[RateLimitAlgorithm, type[RateState]] = {

@@ -15,6 +15,9 @@ The questions an algorithm answers, for an amount ``n <= capacity``:
   algorithm can honestly give them back; returns the units actually given back.
 * ``charge(receipt, n, now)``: consume ``n`` more units for that acquisition, at ``now``.
 * ``available(now)``, ``is_fresh(now)``: for statistics and for dropping idle keyed state.
+* ``change(capacity, window, now)``: the limit changes at ``now`` (validated numbers; ``window``
+  is ignored by a semaphore). What is in use stays in use, counted against the new numbers; see
+  each algorithm, and semantics §4 "Limits that change at run time".
 
 Receipts are owned by one acquisition: a small list of parts, newest last, one for the take and
 one per charge. For the buckets (TokenBucket, GCRA) a part is ``[operation number, units]`` (see
@@ -42,11 +45,14 @@ def too_large(key: str, amount: float, capacity: float) -> ValueError:
 class RateState:
     """Base of the per-limit state machines. Subclasses define ``__slots__`` and the verbs."""
 
-    __slots__ = ("capacity", "key")
+    __slots__ = ("capacity", "key", "window")
 
     def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
         self.key = key
+        #: The limit's numbers now (a change of the limit updates them): units, and seconds
+        #: (0.0 for a semaphore, which has no time in it).
         self.capacity = capacity
+        self.window = window
 
     def check(self, amount: float) -> None:
         """Raise ValueError for an amount this limit could never admit."""
@@ -74,6 +80,9 @@ class RateState:
         raise NotImplementedError
 
     def is_fresh(self, now: float) -> bool:
+        raise NotImplementedError
+
+    def change(self, capacity: float, window: float, now: float) -> None:
         raise NotImplementedError
 
 

@@ -7,6 +7,13 @@ starts there, which is what makes "wait until the next boundary" exact.
 
 Amounts are whole units. A refund lowers the current window's count when the acquisition was counted
 in that window; a charge is counted in the window current when it is reported.
+
+A change of the limit at ``t`` keeps the count of the current window, which admits at most
+``C'`` from then on (nothing, until it ends, when it already counts more). A change of the window
+keeps the current window going until the first boundary ``k·W'`` at or after its old end (it
+never ends earlier than it would have), then windows follow the new grid. A window index is
+never used twice (indices go on from the old ones), so a refund can only lower the count of the
+window its units were counted in.
 """
 
 from __future__ import annotations
@@ -28,26 +35,26 @@ def window_index(t: float, window: float) -> int:
 
 
 class FixedWindowState(RateState):
-    __slots__ = ("_count", "_end", "_index", "_start", "_window")
+    __slots__ = ("_count", "_end", "_index", "_shift", "_start")
 
     def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
         super().__init__(key, capacity, window, now)
-        self._window = window
         self._count: float = 0
         self._index = -1
         self._start = self._end = -math.inf
+        self._shift = 0  # added to grid indices after a change of window, so none repeats
         self._roll(now)
 
     def window_index(self, t: float) -> int:
         """The k with ``k * W <= t < (k + 1) * W``, computed with the same float products."""
-        return window_index(t, self._window)
+        return window_index(t, self.window)
 
     def _roll(self, now: float) -> None:
         if now >= self._end:
             k = self.window_index(now)
-            self._index = k
-            self._start = k * self._window
-            self._end = (k + 1) * self._window
+            self._index = k + self._shift
+            self._start = k * self.window
+            self._end = (k + 1) * self.window
             self._count = 0
 
     def earliest(self, amount: float, now: float) -> float:
@@ -92,6 +99,20 @@ class FixedWindowState(RateState):
     def is_fresh(self, now: float) -> bool:
         self._roll(now)
         return self._count == 0
+
+    def change(self, capacity: float, window: float, now: float) -> None:
+        self._roll(now)
+        self.capacity = capacity
+        if window == self.window:
+            return
+        # The current window ends at the first boundary of the new grid at or after its old
+        # end; the window starting there gets the next index.
+        k = window_index(self._end, window)
+        if k * window < self._end:
+            k += 1
+        self.window = window
+        self._end = k * window
+        self._shift = self._index + 1 - k
 
     def __repr__(self) -> str:
         return (

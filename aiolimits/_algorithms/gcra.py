@@ -30,7 +30,7 @@ class GCRAState(TokenBucketState):
     def tat(self) -> float:
         """The theoretical arrival time, rounded to a float (the state keeps it exactly)."""
         owed = self.capacity - self._level
-        return self._stamp + owed * self._window / self.capacity if owed > 0 else self._stamp
+        return self._stamp + owed * self.window / self.capacity if owed > 0 else self._stamp
 
     def __repr__(self) -> str:
-        return f"<GCRAState {self.key!r} tat={self.tat:g} T={self._window / self.capacity:g}>"
+        return f"<GCRAState {self.key!r} tat={self.tat:g} T={self.window / self.capacity:g}>"

@@ -13,14 +13,31 @@ to be over, so these are at most the newest admission and the charges reported d
 end of the schedule is the end of the last one. The slot ends are as large as the clock, so they
 are summed rounded up (:func:`add_up`): a slot is never shorter than its amount, even when the
 amount is worth less than a float step of a clock at 1e7 s.
+
+A change of the limit at ``t`` keeps the units in use in use: the part of each slot still ahead
+of ``t`` holds ``(end - t)/I`` units at the old interval ``I = W/C``, and keeps holding them at
+the new one, so it now ends at ``t + (end - t)·I'/I`` (rounded later). A slower limit pushes the
+schedule back, a faster one brings it forward, and from then on each unit costs ``I'``: the
+schedule is the one the new limit would have made for the units not yet drained, and never
+ahead of the old one when the change slows it down.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from fractions import Fraction
 
 from ._base import RateState, Receipt, add_up, too_large
+
+
+def _scaled_up(x: float, new: float, old: float) -> float:
+    """``x * new / old`` rounded up: the smallest float not below the exact value (a change of
+    the limit is rare, so the exact check costs nothing that matters)."""
+    y = x / old * new
+    if Fraction(y) < Fraction(x) * Fraction(new) / Fraction(old):
+        y = math.nextafter(y, math.inf)
+    return y
 
 
 class LeakyBucketState(RateState):
@@ -94,6 +111,16 @@ class LeakyBucketState(RateState):
 
     def available(self, now: float) -> float:
         return self.capacity if self._next_free() <= now else 0.0
+
+    def change(self, capacity: float, window: float, now: float) -> None:
+        self._prune(now)
+        old, new = self._interval, window / capacity
+        if new != old:
+            for slot in self._slots:  # the same lists as the receipts: their refunds follow
+                slot[0] = add_up(now, _scaled_up(slot[0] - now, new, old))
+        self.capacity = capacity
+        self.window = window
+        self._interval = new
 
     def is_fresh(self, now: float) -> bool:
         return self._next_free() <= now

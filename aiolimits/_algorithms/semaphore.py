@@ -2,6 +2,9 @@
 
 Only a release makes a full semaphore admissible again, so its earliest time is ``inf`` rather than
 a moment a waiter could sleep until.
+
+A change of the capacity keeps the slots in use held; below them, nothing is admitted until
+enough are released.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class SemaphoreState(RateState):
 
     def is_fresh(self, now: float) -> bool:
         return self.in_use == 0
+
+    def change(self, capacity: float, window: float, now: float) -> None:
+        self.capacity = capacity
 
     def __repr__(self) -> str:
         return f"<SemaphoreState {self.key!r} in_use={self.in_use:g}/{self.capacity:g}>"

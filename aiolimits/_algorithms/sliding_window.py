@@ -9,21 +9,26 @@ time returned is always admissible. Memory is bounded by the acquisitions inside
 Amounts are whole units (fractions would make the running total drift); refunds reduce the
 acquisition's own entry while it is still in the window; charges add an entry at the time they
 are reported.
+
+A change of the limit at ``t`` keeps every entry in the log: an admission at ``a`` now counts
+until ``a + W'`` (each expiry moves by ``W' - W``, rounded later), against the capacity ``C'``.
+So every interval of length ``W'`` that holds an admission made after ``t`` holds at most ``C'``
+units, counting those admitted before ``t``; when ``C' <= C`` and ``W' >= W`` that also keeps
+every interval of length ``W`` within ``C``.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from ._base import RateState, Receipt, too_large
+from ._base import RateState, Receipt, add_up, too_large
 
 
 class SlidingWindowState(RateState):
-    __slots__ = ("_log", "_total", "_window")
+    __slots__ = ("_log", "_total")
 
     def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
         super().__init__(key, capacity, window, now)
-        self._window = window
         self._log: deque[list[float]] = deque()  # [expiry, amount], oldest first
         self._total: float = 0
 
@@ -48,7 +53,7 @@ class SlidingWindowState(RateState):
         raise AssertionError("unreachable: an amount <= capacity fits an empty window")
 
     def _add(self, amount: float, now: float) -> list[float]:
-        entry = [now + self._window, amount]
+        entry = [now + self.window, amount]
         self._log.append(entry)
         self._total += amount
         return entry
@@ -87,6 +92,16 @@ class SlidingWindowState(RateState):
     def is_fresh(self, now: float) -> bool:
         self._prune(now)
         return self._total == 0
+
+    def change(self, capacity: float, window: float, now: float) -> None:
+        self._prune(now)
+        shift = window - self.window
+        if shift:
+            for entry in self._log:  # the same lists as the receipts: their refunds follow
+                entry[0] = add_up(entry[0], shift)
+        self.capacity = capacity
+        self.window = window
+        self._prune(now)
 
     def __len__(self) -> int:
         return len(self._log)

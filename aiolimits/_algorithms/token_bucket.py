@@ -27,6 +27,15 @@ the cap has absorbed since the take (a bucket that refilled to within x of full 
 but x of an earlier take; see :class:`~._base.PeakLog`), so that after a refund the bucket is the
 one in which the acquisition had taken less from the start. Charges (usage above what was taken)
 may drive the level below zero, a debt the refill pays off before anything else is admitted.
+
+A change of the limit at ``t`` keeps the tokens in use in use: the deficit ``C - level(t)``
+(units taken and not yet refilled, debt included) is carried over, so the new level is
+``C' - (C - level(t))``, rounded down, and the refill runs at ``C'/W'`` from ``t``. Growing the
+capacity adds ``C' - C`` tokens at once; shrinking it takes ``C - C'`` away, into debt if need be.
+When the change tightens both the capacity and the rate, the level at every later moment is at
+most the old bucket's and at most ``C'`` minus what is in use: nothing is admitted that either
+would have refused. The peak log moves with the level, so a refund gives back the same units it
+would have before the change.
 """
 
 from __future__ import annotations
@@ -61,11 +70,10 @@ def sub_down(a: float, b: float) -> float:
 
 
 class TokenBucketState(RateState):
-    __slots__ = ("_level", "_peaks", "_stamp", "_window")
+    __slots__ = ("_level", "_peaks", "_stamp")
 
     def __init__(self, key: str, capacity: float, window: float, now: float) -> None:
         super().__init__(key, capacity, window, now)
-        self._window = window
         self._level: float = capacity  # tokens at _stamp: full
         self._stamp = now
         self._peaks = PeakLog()  # levels in tokens, for honest refunds
@@ -83,7 +91,7 @@ class TokenBucketState(RateState):
         # (now - start)·C >= (need - level)·W, exactly: the floats decide when they are clearly
         # apart (the common case), integers otherwise. The Lua gets the same exact answer from
         # error-free float transformations.
-        c, w = self.capacity, self._window
+        c, w = self.capacity, self.window
         lhs = (now - start) * c  # > 0
         rhs = (need - level) * w  # > 0
         if lhs > rhs * _APART and rhs > _NORMAL:
@@ -109,7 +117,7 @@ class TokenBucketState(RateState):
         elapsed = now - self._stamp
         if elapsed <= 0:
             return self._level
-        level = self._level + elapsed * self.capacity / self._window
+        level = self._level + elapsed * self.capacity / self.window
         return level if level < self.capacity else self.capacity
 
     def _bring(self, now: float) -> None:
@@ -123,7 +131,7 @@ class TokenBucketState(RateState):
         if self._has(self.capacity, now):
             self._level = self.capacity
             self._stamp = now
-        elif now - self._stamp >= _FOLD_AFTER * self._window:
+        elif now - self._stamp >= _FOLD_AFTER * self.window:
             # The largest float not above the exact level now, searched from the float estimate
             # (which cancellation can put far off, after a debt) with every step decided exactly:
             # the first -v from -C (not full) at which the level is at least v.
@@ -138,7 +146,7 @@ class TokenBucketState(RateState):
             raise too_large(self.key, amount, self.capacity)
         if self._has(amount, now):
             return now
-        approx = self._stamp + (amount - self._level) * self._window / self.capacity
+        approx = self._stamp + (amount - self._level) * self.window / self.capacity
         return first_true(lambda t: self._has(amount, t), approx, now)
 
     def admits(self, amount: float, now: float) -> bool:
@@ -151,7 +159,7 @@ class TokenBucketState(RateState):
         # _bring and _level_at, with the float fast path inline: this is every acquisition's path.
         level, start = self._level, self._stamp
         if now > start:
-            w = self._window
+            w = self.window
             refill = (now - start) * capacity
             short = (capacity - level) * w
             if short <= 0 or (refill > short * _APART and short > _NORMAL):  # full: C from now
@@ -200,6 +208,24 @@ class TokenBucketState(RateState):
 
     def available(self, now: float) -> float:
         return self._level_at(now)
+
+    def change(self, capacity: float, window: float, now: float) -> None:
+        old = self.capacity
+        if now > self._stamp and not self._has(old, now):
+            # Fold the refill into the level, rounded down (as ``_bring`` does after 1024 windows):
+            # the deficit must be the one at ``now`` before the rate changes.
+            estimate = self._level_at(now)
+            self._level = -first_true(lambda u: self._has(-u, now), -estimate, -old)
+            self._stamp = now
+        self._bring(now)
+        # C' - (C - level), rounded down twice: never above the exact level.
+        level = sub_down(sub_down(self._level, old), -capacity)
+        self._level = capacity if level >= capacity else level
+        self._stamp = max(now, self._stamp)
+        self.capacity = capacity
+        self.window = window
+        if capacity != old:
+            self._peaks.lift(0, capacity - old)
 
     def is_fresh(self, now: float) -> bool:
         # The decision's own exact question: a rounded refilled level could read full a few

@@ -18,7 +18,8 @@ modules too), so a failed assert here shows its values in every backend's test m
 
 The contract is split by topic: ``decisions`` (§3 algorithms, §4 requests), ``validation``,
 ``acquisition`` (§5, retry_after and pause, stats), ``waiting`` and ``waiting_outcomes``,
-``timeouts`` (with the queue-aware ones), ``slack`` (timer_slack), ``threads`` (threads and the
+``timeouts`` (with the queue-aware ones), ``slack`` (timer_slack), ``changes`` (limits that
+change at run time), ``threads`` (threads and the
 real clock); ``_support`` holds the shared helpers.
 
 Rules the factory must follow: every call returns a LimitSet with fresh state (shared backends
@@ -44,6 +45,7 @@ from ._support import (
     worker_threads,
 )
 from .acquisition import AcquisitionContract, PauseAndRetryAfterContract, StatsContract
+from .changes import ChangeLimitContract
 from .decisions import AlgorithmContract, RequestContract
 from .slack import TimerSlackContract
 from .threads import RealClockContract, ThreadContract
@@ -56,6 +58,7 @@ __all__ = [
     "AlgorithmContract",
     "AnyLimit",
     "Attempt",
+    "ChangeLimitContract",
     "Crowd",
     "LimitSetContract",
     "MakeLimitSet",
@@ -88,6 +91,7 @@ class LimitSetContract(
     TimeoutContract,
     QueueTimeoutContract,
     TimerSlackContract,
+    ChangeLimitContract,
     ThreadContract,
     RealClockContract,
 ):
