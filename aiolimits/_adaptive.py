@@ -27,8 +27,8 @@ the set's backend, so every process sharing it sees them) brings the set in line
   every rate limit of the set by ``decrease``, down to ``floor``, unless its request was sent
   before the last decrease (as TCP does: a burst refused together is one signal; a refusal of
   what was sent at the lowered rate is a new one); each ``interval`` answered without a 429 adds
-  ``increase`` back, up to what was declared. With a :class:`~aiolimits.LimitPool` only the refused set
-  adapts, so ``LeastWait`` sends the traffic to the others.
+  ``increase`` back, up to what was declared. With a :class:`~aiolimits.LimitPool` only the
+  refused set adapts, so ``LeastWait`` sends the traffic to the others.
 
 Limits change through ``LimitSet.change_limit`` (semantics §4 "limits can change at run time"):
 what is in use stays in use, a growing limit wakes waiters, a shrinking one never admits more than
@@ -254,13 +254,12 @@ class Follower:
             wall_now: ``time.time()`` when it arrived.
 
         Returns:
-            Per key, what the set would admit now beyond what the provider says remains, with
-            ``acq``'s reservation still held (:func:`settle_with` makes ``acq`` count at least
-            its reservation plus that); empty when in line.
+            Per key, the usage to settle ``acq`` with so that the set admits what the provider
+            says remains (see :func:`settle_with`); empty when the answer says nothing of it.
         """
         said = read_limits(headers, now=wall_now)
         now = self._clock()
-        charge: dict[str, float] = {}
+        settle: dict[str, float] = {}
         pause = 0.0
         with self._lock:
             generation, later = self._untransit(acq)
@@ -285,18 +284,22 @@ class Follower:
                 if key in targets
             }
             for key, target in targets.items():
-                excess = available[key] - target
-                if excess <= 0:
-                    continue
                 limit = self._declared[key]
                 if isinstance(limit, CallLimit):
-                    if target < 1:
+                    if available[key] > target and target < 1:
                         pause = max(pause, _until_one(quotas[key], 1 - target, said.families))
-                elif acq.requested.get(key, 0) > 0:
-                    charge[key] = math.ceil(excess) if limit.algorithm.integral else excess
+                    continue
+                requested = acq.requested.get(key, 0)
+                if requested > 0 and (available[key] > target or key in wanted):
+                    # With the reservation held the set admits ``available``; settled at ``u``
+                    # it admits ``available + requested - u``, which must be ``target``. Only
+                    # down, except right after a change of the limit (whose debt, in use kept
+                    # in use, may leave the set below what the provider says).
+                    usage = max(0.0, available[key] + requested - target)
+                    settle[key] = math.ceil(usage) if limit.algorithm.integral else usage
         if pause > 0:
             self.limit_set.pause(pause)
-        return charge
+        return settle
 
     # -- the decisions, under the lock ---------------------------------------------------------
 
@@ -424,21 +427,16 @@ def set_of(limits: object, acq: Acquisition) -> LimitSet:
 
 
 def settle_with(
-    acq: Acquisition, used: Mapping[str, int | float] | None, charge: Mapping[str, float]
+    acq: Acquisition, used: Mapping[str, int | float] | None, settle: Mapping[str, float]
 ) -> None:
-    """One ``acq.update``: ``used`` (None: what was requested), and per key of ``charge`` at
-    least the amount requested plus the charge."""
-    if not charge:
+    """One ``acq.update``: ``used`` (None: what was requested), except for the keys of
+    ``settle``, whose usage is set so that the set admits what the provider says remains (the
+    provider's figure already counts this request's real usage)."""
+    if not settle:
         if used is not None:
             acq.update(used)
         return
-    final: dict[str, float] = dict(used) if used is not None else {}
-    for key, extra in charge.items():
-        # The charge was worked out with the reservation still held: the set must count at
-        # least that reservation plus the charge, whatever the real usage gives back.
-        requested = acq.requested[key]
-        final[key] = max(final.get(key, requested), requested + extra)
-    acq.update(final)
+    acq.update({**(used or {}), **settle})
 
 
 _FOLLOWERS: weakref.WeakKeyDictionary[LimitSet, Follower] = weakref.WeakKeyDictionary()

@@ -80,10 +80,13 @@ async def test_settles_usage_and_follows_the_headers() -> None:
         )
 
     middleware = LimitedClientMiddleware(limits, cost=cost, usage=usage, adapt=True)
-    async with server(reply) as url, aiohttp.ClientSession(middlewares=(middleware,)) as session:
-        async with session.post(url, json={}) as response:
-            assert response.status == 200
-            assert (await response.json())["usage"]["total_tokens"] == 30  # still readable
+    async with (
+        server(reply) as url,
+        aiohttp.ClientSession(middlewares=(middleware,)) as session,
+        session.post(url, json={}) as response,
+    ):
+        assert response.status == 200
+        assert (await response.json())["usage"]["total_tokens"] == 30  # still readable
     assert tokens(limits) == (5000, 1000)
 
 
@@ -96,9 +99,12 @@ async def test_without_headers_settles_only_the_usage() -> None:
         return web.json_response({"usage": {"total_tokens": 30}})
 
     middleware = LimitedClientMiddleware(limits, cost=cost, usage=usage, adapt=True)
-    async with server(reply) as url, aiohttp.ClientSession(middlewares=(middleware,)) as session:
-        async with session.post(url, json={}) as response:
-            assert response.status == 200
+    async with (
+        server(reply) as url,
+        aiohttp.ClientSession(middlewares=(middleware,)) as session,
+        session.post(url, json={}) as response,
+    ):
+        assert response.status == 200
     assert tokens(limits) == (10_000, 9970)
 
 
@@ -115,9 +121,12 @@ async def test_a_429_pauses_the_refused_set_of_a_pool_adapts_it_and_is_sent_agai
         return web.json_response({"usage": {"total_tokens": 30}})
 
     middleware = LimitedClientMiddleware(pool, cost=cost, usage=usage, adapt=True)
-    async with server(reply) as url, aiohttp.ClientSession(middlewares=(middleware,)) as session:
-        async with session.post(url, json={}) as response:
-            assert response.status == 200
+    async with (
+        server(reply) as url,
+        aiohttp.ClientSession(middlewares=(middleware,)) as session,
+        session.post(url, json={}) as response,
+    ):
+        assert response.status == 200
     assert middleware.retried == 1
     assert tokens(sets[0])[0] == 7000  # the refused set, once, by the default decrease
     assert tokens(sets[1])[0] == 10_000

@@ -237,10 +237,12 @@ async def follow(
         stop = anyio.Event()
         if unseen:
             tg.start_soon(other, stop)
-        async with httpx.AsyncClient(transport=transport, timeout=30) as client:
-            async with anyio.create_task_group() as fan_out:
-                for _ in range(CONCURRENCY):
-                    fan_out.start_soon(worker, client)
+        async with (
+            httpx.AsyncClient(transport=transport, timeout=30) as client,
+            anyio.create_task_group() as fan_out,
+        ):
+            for _ in range(CONCURRENCY):
+                fan_out.start_soon(worker, client)
         stop.set()
         tg.cancel_scope.cancel()
     changes = (

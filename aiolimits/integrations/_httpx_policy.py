@@ -150,7 +150,8 @@ class Policy:
     def answered(
         self, follower: Follower | None, acq: Acquisition, response: httpx.Response
     ) -> Mapping[str, float]:
-        """What to charge ``acq`` beyond its usage, from the answer's headers (when following)."""
+        """Per key, the usage that brings the set in line with the answer's headers (when
+        following the provider; see ``Follower.answered``)."""
         if follower is None:
             return {}
         return follower.answered(acq, response.status_code, response.headers.items(), time.time())
@@ -160,16 +161,16 @@ class Policy:
         request: httpx.Request,
         response: httpx.Response | None,
         acq: Acquisition,
-        charge: Mapping[str, float],
+        settle: Mapping[str, float],
     ) -> None:
         """Settle ``acq``: the real usage (when ``usage`` is given and there is a response) plus
-        what the provider's headers say to hold back (``charge``), in one update."""
+        for the keys of ``settle``, what brings the set in line with the provider, in one update."""
         used = (
             self.usage(request, response)
             if self.usage is not None and response is not None
             else None
         )
-        settle_with(acq, used, charge)
+        settle_with(acq, used, settle)
 
     def stats(self) -> dict[str, int]:
         with self._lock:

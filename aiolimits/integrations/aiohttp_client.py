@@ -142,7 +142,7 @@ class LimitedClientMiddleware:
         finally:
             self._chosen.pop(id(request), None)
         try:
-            charge = (
+            settle = (
                 {}
                 if follower is None
                 else follower.answered(acq, response.status, response.headers.items(), time.time())
@@ -152,14 +152,14 @@ class LimitedClientMiddleware:
                 said = read_retry_after(response.headers, time.time())
                 wait = None if said is None else said.retry_after
             if wait is not None:
-                settle_with(acq, None, charge)
+                settle_with(acq, None, settle)
                 response.release()
                 return response, wait
             used = None
             if self.usage is not None:
                 body = await response.read()
                 used = self.usage(request, response, body)
-            settle_with(acq, used, charge)
+            settle_with(acq, used, settle)
         except BaseException:
             response.release()
             raise

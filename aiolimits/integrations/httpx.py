@@ -169,7 +169,7 @@ class LimitedTransport(_Policied, httpx.AsyncBaseTransport):
                     await held.__aexit__(None, None, None)
                 raise
             try:
-                charge = policy.answered(follower, acq, response)
+                settle = policy.answered(follower, acq, response)
             except BaseException:
                 await response.aclose()
                 await held.__aexit__(None, None, None)
@@ -177,9 +177,9 @@ class LimitedTransport(_Policied, httpx.AsyncBaseTransport):
             wait = policy.backoff(response, attempt)
             if wait is None:
                 response.extensions = {**response.extensions, "aiolimits_waited": waited}
-                return await self._settle(request, response, acq, held, charge)
+                return await self._settle(request, response, acq, held, settle)
             try:
-                policy.report(request, None, acq, charge)
+                policy.report(request, None, acq, settle)
                 await response.aclose()
             finally:
                 await held.__aexit__(None, None, None)
@@ -195,21 +195,21 @@ class LimitedTransport(_Policied, httpx.AsyncBaseTransport):
         response: httpx.Response,
         acq: Acquisition,
         held: AbstractAsyncContextManager[Acquisition],
-        charge: Mapping[str, float],
+        settle: Mapping[str, float],
     ) -> httpx.Response:
         policy = self._policy
         if response.is_stream_consumed:
             # Already in memory (a response built with its content, as mock transports do):
             # nothing left to hold, and it is its own decoded view.
             try:
-                policy.report(request, response, acq, charge)
+                policy.report(request, response, acq, settle)
             finally:
                 await held.__aexit__(None, None, None)
             return response
         if policy.usage is None:
             # Held until the caller closes the response (or reads it to the end).
             try:
-                policy.report(request, None, acq, charge)
+                policy.report(request, None, acq, settle)
             except BaseException:
                 await response.aclose()
                 await held.__aexit__(None, None, None)
@@ -219,7 +219,7 @@ class LimitedTransport(_Policied, httpx.AsyncBaseTransport):
             raw = b"".join([chunk async for chunk in response.aiter_raw()])
             decoded = view(response, request, raw)
             await decoded.aread()
-            policy.report(request, decoded, acq, charge)
+            policy.report(request, decoded, acq, settle)
         finally:
             try:
                 await response.aclose()
@@ -285,7 +285,7 @@ class LimitedSyncTransport(_Policied, httpx.BaseTransport):
                     held.__exit__(None, None, None)
                 raise
             try:
-                charge = policy.answered(follower, acq, response)
+                settle = policy.answered(follower, acq, response)
             except BaseException:
                 response.close()
                 held.__exit__(None, None, None)
@@ -293,9 +293,9 @@ class LimitedSyncTransport(_Policied, httpx.BaseTransport):
             wait = policy.backoff(response, attempt)
             if wait is None:
                 response.extensions = {**response.extensions, "aiolimits_waited": waited}
-                return self._settle(request, response, acq, held, charge)
+                return self._settle(request, response, acq, held, settle)
             try:
-                policy.report(request, None, acq, charge)
+                policy.report(request, None, acq, settle)
                 response.close()
             finally:
                 held.__exit__(None, None, None)
@@ -311,18 +311,18 @@ class LimitedSyncTransport(_Policied, httpx.BaseTransport):
         response: httpx.Response,
         acq: Acquisition,
         held: AbstractContextManager[Acquisition],
-        charge: Mapping[str, float],
+        settle: Mapping[str, float],
     ) -> httpx.Response:
         policy = self._policy
         if response.is_stream_consumed:
             try:
-                policy.report(request, response, acq, charge)
+                policy.report(request, response, acq, settle)
             finally:
                 held.__exit__(None, None, None)
             return response
         if policy.usage is None:
             try:
-                policy.report(request, None, acq, charge)
+                policy.report(request, None, acq, settle)
             except BaseException:
                 response.close()
                 held.__exit__(None, None, None)
@@ -332,7 +332,7 @@ class LimitedSyncTransport(_Policied, httpx.BaseTransport):
             raw = b"".join(response.iter_raw())
             decoded = view(response, request, raw)
             decoded.read()
-            policy.report(request, decoded, acq, charge)
+            policy.report(request, decoded, acq, settle)
         finally:
             try:
                 response.close()
