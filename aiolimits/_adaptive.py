@@ -63,7 +63,10 @@ __all__ = [
     "Adaptation",
     "Follower",
     "LimitChange",
+    "Reading",
     "adaptation_of",
+    "available",
+    "available_async",
     "follower_for",
     "set_of",
     "settle_with",
@@ -161,6 +164,29 @@ class Adaptation:
 
 
 @attrs.frozen
+class Reading:
+    """What one answer says remains: per key, the most the set may admit now and the seconds
+    until the provider has one more unit; and the keys whose limit the answer changed."""
+
+    targets: Mapping[str, tuple[float, float]]
+    changed: frozenset[str]
+
+
+def available(limit_set: LimitSet) -> dict[str, float]:
+    """Per key, what ``limit_set`` admits now (for a thread: may make a round trip)."""
+    return {key: stats.available for key, stats in limit_set.statistics().limits.items()}
+
+
+async def available_async(limit_set: LimitSet) -> dict[str, float]:
+    """The same for a task: one awaited round trip on a shared backend, taking nothing."""
+    nothing = {limit.key: 0 for limit in limit_set.limits}
+    attempt = await limit_set.attempt(nothing)
+    with attempt.acquisition:  # holds nothing; releasing a failed one releases nothing
+        pass
+    return {key: float(stats["available"]) for key, stats in attempt.stats["limits"].items()}
+
+
+@attrs.frozen
 class LimitChange:
     """One change the follower made, for the timeline: the key and its capacity from ``at``."""
 
@@ -244,8 +270,13 @@ class Follower:
 
     def answered(
         self, acq: Acquisition, status: int, headers: Any, wall_now: float
-    ) -> dict[str, float]:
-        """The answer to ``acq`` came back: bring the set in line with it.
+    ) -> Reading | None:
+        """The answer to ``acq`` came back: adopt what it announces, or take the AIMD step.
+
+        Never waits and does no I/O on the caller's thread (``change_limit`` hands a shared
+        backend's off). What remains is applied by :meth:`in_line`, given the set's
+        ``available`` figures, which the caller reads as suits it (:func:`available` in a
+        thread, :func:`available_async` in a task).
 
         Args:
             acq: the acquisition the request was sent under (still held).
@@ -254,13 +285,10 @@ class Follower:
             wall_now: ``time.time()`` when it arrived.
 
         Returns:
-            Per key, the usage to settle ``acq`` with so that the set admits what the provider
-            says remains (see :func:`settle_with`); empty when the answer says nothing of it.
+            What the answer says remains, to pass to :meth:`in_line`; None when it says nothing.
         """
         said = read_limits(headers, now=wall_now)
         now = self._clock()
-        settle: dict[str, float] = {}
-        pause = 0.0
         with self._lock:
             generation, later = self._untransit(acq)
             quotas = self._quotas(said)
@@ -271,32 +299,48 @@ class Follower:
             elif status < 400:
                 self._calm(now)
             targets = {
-                key: quota.remaining - later[key]
+                key: (
+                    quota.remaining - later[key],
+                    _until_one(quota, 1 + later[key] - quota.remaining, said.families),
+                )
                 for key, quota in quotas.items()
                 if quota.remaining is not None
             }
             wanted = self._capacities()
         self._apply(wanted, now)
-        if targets:
-            available = {
-                key: stats.available
-                for key, stats in self.limit_set.statistics().limits.items()
-                if key in targets
-            }
-            for key, target in targets.items():
-                limit = self._declared[key]
-                if isinstance(limit, CallLimit):
-                    if available[key] > target and target < 1:
-                        pause = max(pause, _until_one(quotas[key], 1 - target, said.families))
-                    continue
-                requested = acq.requested.get(key, 0)
-                if requested > 0 and (available[key] > target or key in wanted):
-                    # With the reservation held the set admits ``available``; settled at ``u``
-                    # it admits ``available + requested - u``, which must be ``target``. Only
-                    # down, except right after a change of the limit (whose debt, in use kept
-                    # in use, may leave the set below what the provider says).
-                    usage = max(0.0, available[key] + requested - target)
-                    settle[key] = math.ceil(usage) if limit.algorithm.integral else usage
+        return Reading(targets, frozenset(wanted)) if targets else None
+
+    def in_line(
+        self, acq: Acquisition, reading: Reading, available: Mapping[str, float]
+    ) -> dict[str, float]:
+        """Bring the set in line with what ``reading`` says remains.
+
+        Args:
+            acq: the acquisition the request was sent under (still held).
+            reading: what :meth:`answered` returned.
+            available: the set's ``available`` figure per key, read after :meth:`answered`.
+
+        Returns:
+            Per key, the usage to settle ``acq`` with so that the set admits what the provider
+            says remains (see :func:`settle_with`); may be empty. With no request remaining,
+            the set is paused until the provider has one again.
+        """
+        settle: dict[str, float] = {}
+        pause = 0.0
+        for key, (target, wait) in reading.targets.items():
+            limit = self._declared[key]
+            if isinstance(limit, CallLimit):
+                if available[key] > target and target < 1:
+                    pause = max(pause, wait)
+                continue
+            requested = acq.requested.get(key, 0)
+            if requested > 0 and (available[key] > target or key in reading.changed):
+                # With the reservation held the set admits ``available``; settled at ``u`` it
+                # admits ``available + requested - u``, which must be ``target``. Only down,
+                # except right after a change of the limit (whose debt, what is in use staying
+                # in use, may leave the set below what the provider says).
+                usage = max(0.0, available[key] + requested - target)
+                settle[key] = math.ceil(usage) if limit.algorithm.integral else usage
         if pause > 0:
             self.limit_set.pause(pause)
         return settle

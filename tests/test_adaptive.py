@@ -102,16 +102,20 @@ async def test_what_remains_counts_the_requests_still_in_transit() -> None:
     later[0].release()
 
 
-async def test_an_answer_saying_more_remains_gives_back_at_most_the_answers_own_amount() -> None:
+async def test_an_answer_saying_more_remains_than_the_set_has_gives_nothing_back() -> None:
     clock = ManualClock()
     limits = declared(clock)
     await post(limits, lambda request: ok(100, x_ratelimit_remaining_tokens="9999999"))
-    assert stats(limits, "tokens") == (10_000, 10_000)  # never above the capacity
-    used = limits.try_acquire({"tokens": 3000})  # elsewhere, and not seen by the provider yet
-    used.release()
-    await post(limits, lambda request: ok(100, x_ratelimit_remaining_tokens="9000"), 500)
-    # 7,000 less the 500 held; settled to 0, the most it can give back: 7,000, not 9,000.
-    assert stats(limits, "tokens") == (10_000, 7000)
+    assert stats(limits, "tokens") == (10_000, 9900)
+
+
+async def test_right_after_a_lower_limit_the_set_is_brought_to_what_remains_both_ways() -> None:
+    clock = ManualClock()
+    limits = declared(clock)
+    # Halving keeps the 100 in use in use (4,900 admissible); the provider says 4,990 remain.
+    answer = ok(10, x_ratelimit_limit_tokens="5000", x_ratelimit_remaining_tokens="4990")
+    await post(limits, lambda request: answer)
+    assert stats(limits, "tokens") == (5000, 4990)
 
 
 async def test_a_lower_announced_limit_is_adopted_and_logged_once(

@@ -26,7 +26,7 @@ def run(backend: str, **options: object) -> FollowOutcome:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_openai_headers_at_half_the_declared_limits(backend: str) -> None:
-    outcome = run(backend, factor=0.5, headers="openai", calls=150)
+    outcome = run(backend, factor=0.5, headers="openai", calls=120)
     assert outcome.rejected_share(after=1) <= 0.01
     assert outcome.used(TOKENS_PER_WINDOW * 0.5) >= 0.75
     # The lower limit was learned from the headers.
@@ -35,29 +35,33 @@ def test_a_openai_headers_at_half_the_declared_limits(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_b_no_headers_only_429_and_retry_after_at_half(backend: str) -> None:
-    outcome = run(backend, factor=0.5, headers="none", calls=150)
+    outcome = run(backend, factor=0.5, headers="none", calls=120)
     assert outcome.rejected_share(after=1) <= 0.08
     assert outcome.used(TOKENS_PER_WINDOW * 0.5) >= 0.55
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_c_an_unseen_second_client_on_the_same_key(backend: str) -> None:
-    outcome = run(backend, factor=1.0, headers="openai", calls=150, unseen=0.4)
+    outcome = run(backend, factor=1.0, headers="openai", calls=120, unseen=0.4)
     assert outcome.rejected_share(after=1) <= 0.03
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_d_a_pool_key_at_a_quarter_stops_being_refused_and_loses_its_traffic(
-    backend: str,
-) -> None:
-    outcome = run(backend, factor=0.25, headers="openai", calls=200, pool=True)
+def test_d_a_pool_key_at_a_quarter_stops_being_refused(backend: str) -> None:
+    # With headers the quarter is learned from the first answer on the key.
+    outcome = run(backend, factor=0.25, headers="openai", calls=160, pool=True)
     assert outcome.last_rejection("b") <= 2
-    assert outcome.sent_after("a", 2) >= 2 * outcome.sent_after("b", 2)
 
 
-def test_without_following_the_same_runs_are_refused() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_d_without_headers_the_refused_key_adapts_and_its_traffic_moves(backend: str) -> None:
+    outcome = run(backend, factor=0.25, headers="none", calls=160, pool=True)
+    assert outcome.last_rejection("b") <= 3
+    assert outcome.rejected(key="a") == 0  # only b was refused, so only b adapted
+    assert outcome.sent_after("a", 2) >= 1.5 * outcome.sent_after("b", 2)
+
+
+def test_without_following_the_same_run_is_refused() -> None:
     # What the bounds above are measured against: the declared limits alone are twice the real.
-    half = run("asyncio", factor=0.5, headers="openai", calls=150, adapt=False)
+    half = run("asyncio", factor=0.5, headers="openai", calls=120, adapt=False)
     assert half.rejected_share(after=1) > 0.05
-    unseen = run("asyncio", factor=1.0, headers="openai", calls=150, unseen=0.4, adapt=False)
-    assert unseen.rejected_share(after=1) > 0.03

@@ -12,7 +12,15 @@ from typing import cast, final
 import httpx
 
 from .._acquisition import Acquisition
-from .._adaptive import Adaptation, Follower, adaptation_of, follower_for, set_of, settle_with
+from .._adaptive import (
+    Adaptation,
+    Follower,
+    Reading,
+    adaptation_of,
+    follower_for,
+    set_of,
+    settle_with,
+)
 from .._keyed import KeyedLimitSet
 from .._limitset import LimitSet
 from .._numbers import check_timeout, describe
@@ -149,11 +157,10 @@ class Policy:
 
     def answered(
         self, follower: Follower | None, acq: Acquisition, response: httpx.Response
-    ) -> Mapping[str, float]:
-        """Per key, the usage that brings the set in line with the answer's headers (when
-        following the provider; see ``Follower.answered``)."""
+    ) -> Reading | None:
+        """What the answer says remains, when following the provider (``Follower.answered``)."""
         if follower is None:
-            return {}
+            return None
         return follower.answered(acq, response.status_code, response.headers.items(), time.time())
 
     def report(

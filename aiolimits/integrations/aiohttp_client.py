@@ -31,7 +31,14 @@ from typing import Any, final
 import aiohttp
 
 from .._acquisition import Acquisition
-from .._adaptive import Adaptation, adaptation_of, follower_for, set_of, settle_with
+from .._adaptive import (
+    Adaptation,
+    adaptation_of,
+    available_async,
+    follower_for,
+    set_of,
+    settle_with,
+)
 from .._limitset import LimitSet
 from .._numbers import check_timeout, describe
 from .._pool import LimitPool
@@ -142,11 +149,14 @@ class LimitedClientMiddleware:
         finally:
             self._chosen.pop(id(request), None)
         try:
-            settle = (
-                {}
-                if follower is None
-                else follower.answered(acq, response.status, response.headers.items(), time.time())
-            )
+            settle: dict[str, float] = {}
+            if follower is not None:
+                reading = follower.answered(
+                    acq, response.status, response.headers.items(), time.time()
+                )
+                if reading is not None:
+                    figures = await available_async(follower.limit_set)
+                    settle = follower.in_line(acq, reading, figures)
             wait = None
             if response.status == 429 and attempt < self.retries:
                 said = read_retry_after(response.headers, time.time())

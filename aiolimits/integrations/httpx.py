@@ -40,6 +40,7 @@ from typing import TypeVar, final
 import httpx
 
 from .._acquisition import Acquisition
+from .._adaptive import available, available_async
 from .._numbers import describe
 from ._httpx_policy import (
     Adaptation,
@@ -169,7 +170,12 @@ class LimitedTransport(_Policied, httpx.AsyncBaseTransport):
                     await held.__aexit__(None, None, None)
                 raise
             try:
-                settle = policy.answered(follower, acq, response)
+                settle = {}
+                if follower is not None:
+                    reading = policy.answered(follower, acq, response)
+                    if reading is not None:
+                        figures = await available_async(follower.limit_set)
+                        settle = follower.in_line(acq, reading, figures)
             except BaseException:
                 await response.aclose()
                 await held.__aexit__(None, None, None)
@@ -285,7 +291,11 @@ class LimitedSyncTransport(_Policied, httpx.BaseTransport):
                     held.__exit__(None, None, None)
                 raise
             try:
-                settle = policy.answered(follower, acq, response)
+                settle = {}
+                if follower is not None:
+                    reading = policy.answered(follower, acq, response)
+                    if reading is not None:
+                        settle = follower.in_line(acq, reading, available(follower.limit_set))
             except BaseException:
                 response.close()
                 held.__exit__(None, None, None)
