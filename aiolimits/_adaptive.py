@@ -401,7 +401,7 @@ class Follower:
             capacity = float(limit.capacity) * min(self._told[key], self._aimd)
             if limit.algorithm.integral or isinstance(limit, CallLimit):
                 capacity = float(math.floor(capacity))
-            capacity = min(float(limit.capacity), max(capacity, self._largest[key], 1.0))
+            capacity = float(min(limit.capacity, max(capacity, self._largest[key], 1.0)))
             if capacity != self._applied[key]:
                 wanted[key] = capacity
                 self._applied[key] = capacity
@@ -438,12 +438,12 @@ def _until_one(quota: Quota, need: float, families: tuple[str, ...]) -> float:
     IETF fields reset a window at ``reset_after``; OpenAI and Anthropic replenish continuously,
     ``reset_after`` being the time until full, so ``need`` comes back in its share of it."""
     reset = quota.reset_after
-    if reset is None:
+    if reset is None or need <= 0:
         return 0.0
     if "ietf" in families or quota.limit is None or quota.remaining is None:
         return reset
     missing = quota.limit - quota.remaining
-    return reset if missing <= need else reset * need / missing
+    return reset if missing <= need else reset * (need / missing)
 
 
 def adaptation_of(adapt: object, *, keyed: bool) -> Adaptation | None:

@@ -15,9 +15,11 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aiolimits import CallLimit, KeyedLimitSet, LimitPool, LimitSet, RateLimit
-from aiolimits._adaptive import Adaptation, follower_for
+from aiolimits._adaptive import Adaptation, available, follower_for, settle_with
 from aiolimits.integrations.httpx import LimitedSyncTransport, LimitedTransport
 from aiolimits.testing import ManualClock
 
@@ -180,6 +182,25 @@ async def test_malformed_headers_are_ignored(headers: dict[str, str]) -> None:
     assert stats(limits, "tokens") == (10_000, 9900)
 
 
+@pytest.mark.parametrize(
+    ("limit", "remaining", "reset"),
+    [("100", "100", "0s"), ("100", "100", "1s"), ("0", "0", "1s"), ("100", "0", "0s")],
+)
+async def test_edge_figures_for_requests_neither_raise_nor_pause_for_long(
+    limit: str, remaining: str, reset: str
+) -> None:
+    clock = ManualClock()
+    limits = declared(clock)
+    answer = ok(
+        10,
+        x_ratelimit_limit_requests=limit,
+        x_ratelimit_remaining_requests=remaining,
+        x_ratelimit_reset_requests=reset,
+    )
+    assert await post(limits, lambda request: answer) == 200
+    assert limits.statistics().paused_for <= 1
+
+
 async def test_no_request_remaining_pauses_the_set_until_one_comes_back() -> None:
     clock = ManualClock()
     limits = declared(clock)
@@ -302,3 +323,43 @@ def test_every_caller_of_one_set_shares_one_follower_with_equal_parameters() -> 
     assert follower_for(limits, Adaptation()) is follower_for(limits, Adaptation())
     with pytest.raises(ValueError, match="other parameters"):
         follower_for(limits, Adaptation(decrease=0.5))
+
+
+_FIGURE = st.one_of(
+    st.text(max_size=12),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(min_value=-(10**20), max_value=10**20).map(str),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                f"x-ratelimit-{field}-{dimension}"
+                for field in ("limit", "remaining", "reset")
+                for dimension in ("requests", "tokens")
+            ]
+            + ["retry-after", "retry-after-ms", "ratelimit", "ratelimit-policy"]
+        ),
+        _FIGURE,
+    ),
+    st.sampled_from([200, 429, 500]),
+)
+def test_no_header_value_raises_or_loosens_the_declared_limits(
+    headers: dict[str, str], status: int
+) -> None:
+    clock = ManualClock()
+    limits = declared(clock)
+    follower = follower_for(limits, Adaptation())
+    acq = limits.try_acquire({"tokens": 100})
+    follower.sent(acq)
+    reading = follower.answered(acq, status, headers, 1.7e9)
+    if reading is not None:
+        settle_with(acq, None, follower.in_line(acq, reading, available(limits)))
+    acq.release()
+    for key in ("call_count", "tokens"):
+        capacity, _ = stats(limits, key)
+        assert 1 <= capacity <= {"call_count": 100, "tokens": 10_000}[key]
+    assert limits.statistics().paused_for <= 1e6

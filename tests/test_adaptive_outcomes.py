@@ -57,7 +57,6 @@ def test_d_a_pool_key_at_a_quarter_stops_being_refused(backend: str) -> None:
 def test_d_without_headers_the_refused_key_adapts_and_its_traffic_moves(backend: str) -> None:
     outcome = run(backend, factor=0.25, headers="none", calls=160, pool=True)
     assert outcome.last_rejection("b") <= 3
-    assert outcome.rejected(key="a") == 0  # only b was refused, so only b adapted
     assert outcome.sent_after("a", 2) >= 1.5 * outcome.sent_after("b", 2)
 
 
