@@ -46,6 +46,7 @@ import logging
 import math
 import threading
 import weakref
+from collections import deque
 from collections.abc import Mapping
 from typing import Any, Final, final
 
@@ -60,6 +61,7 @@ from .integrations.headers import ProviderLimits, Quota, read_limits
 
 __all__ = [
     "DIMENSIONS",
+    "KEPT_CHANGES",
     "Adaptation",
     "Follower",
     "LimitChange",
@@ -74,6 +76,9 @@ __all__ = [
 
 logger = logging.getLogger("aiolimits")
 
+#: How many of its latest changes a follower keeps for introspection (the demo's timeline).
+KEPT_CHANGES: Final = 10_000
+
 #: Which local key a provider's dimension maps to, by default (when the set has that key).
 DIMENSIONS: Final[Mapping[str, str]] = {
     "requests": "call_count",
@@ -83,11 +88,11 @@ DIMENSIONS: Final[Mapping[str, str]] = {
 }
 
 
-def _fraction(name: str, value: object, *, low_open: bool = True) -> float:
+def _fraction(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     number = float(value)
-    if not (0 < number <= 1 if low_open else 0 <= number <= 1):
+    if not 0 < number <= 1:
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
     return number
 
@@ -193,15 +198,14 @@ class LimitChange:
     at: float
     key: str
     capacity: float
-    why: str
 
 
 @final
 class Follower:
     """The one follower of a LimitSet: in transit, factors, and the changes made (see module).
 
-    Thread-safe: its state is under one lock, which is never held while the set's own lock is
-    taken from a path that could take this one (the set's verbs are called after it is released).
+    Thread-safe: its state is under one lock. The set's own lock may be taken under it (to
+    change a limit), never the other way round: the set never calls its follower.
     """
 
     def __init__(self, limit_set: LimitSet, adaptation: Adaptation) -> None:
@@ -237,7 +241,8 @@ class Follower:
         self._refused_since_step = False
         self._applied = {key: float(limit.capacity) for key, limit in self._declared.items()}
         self._logged: set[tuple[str, float]] = set()
-        self.changes: list[LimitChange] = []
+        #: The latest changes made (at most :data:`KEPT_CHANGES`), oldest first.
+        self.changes: deque[LimitChange] = deque(maxlen=KEPT_CHANGES)
 
     # -- what the transports call -------------------------------------------------------------
 
@@ -307,7 +312,9 @@ class Follower:
                 if quota.remaining is not None
             }
             wanted = self._capacities()
-        self._apply(wanted, now)
+            # Under this lock, so that two answers' changes reach the set in the order they
+            # were decided (the set's own lock is taken inside; never the other way round).
+            self._apply(wanted, now)
         return Reading(targets, frozenset(wanted)) if targets else None
 
     def in_line(
@@ -412,7 +419,7 @@ class Follower:
             limit = self._declared[key]
             whole: float | int = int(capacity) if capacity.is_integer() else capacity
             self.limit_set.change_limit(key, capacity=whole)
-            self.changes.append(LimitChange(now, key, capacity, "follow"))
+            self.changes.append(LimitChange(now, key, capacity))
             logger.debug(
                 "aiolimits: %r capacity now %g (declared %g)", key, capacity, limit.capacity
             )

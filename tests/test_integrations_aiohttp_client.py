@@ -112,7 +112,7 @@ async def test_without_headers_settles_only_the_usage() -> None:
 async def test_a_429_pauses_the_refused_set_of_a_pool_adapts_it_and_is_sent_again() -> None:
     sets = [declared(ManualClock(), {"api_key": "a"}), declared(ManualClock(), {"api_key": "b"})]
     pool = LimitPool(sets)
-    refused = []
+    refused: list[int] = []
 
     def reply(request: web.Request) -> web.Response:
         if not refused:

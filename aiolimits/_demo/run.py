@@ -407,5 +407,5 @@ async def run(
         rejected=provider.rejections,
         retried=transport.stats["retried"],
         waits=waits,
-        changes=follower_for(limits, config.adaptation).changes if config.use_limits else [],
+        changes=list(follower_for(limits, config.adaptation).changes) if config.use_limits else [],
     )
