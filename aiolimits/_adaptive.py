@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Mapping
@@ -69,6 +70,8 @@ __all__ = [
     "adaptation_of",
     "available",
     "available_async",
+    "follow_answer",
+    "follow_answer_sync",
     "follower_for",
     "set_of",
     "settle_with",
@@ -189,6 +192,27 @@ async def available_async(limit_set: LimitSet) -> dict[str, float]:
     with attempt.acquisition:  # holds nothing; releasing a failed one releases nothing
         pass
     return {key: float(stats["available"]) for key, stats in attempt.stats["limits"].items()}
+
+
+async def follow_answer(
+    follower: Follower, acq: Acquisition, status: int, headers: Any
+) -> dict[str, float]:
+    """For a task: :meth:`Follower.answered`, then :meth:`Follower.in_line` with the set's
+    figures read without I/O on the loop; the usage to settle ``acq`` with (may be empty)."""
+    reading = follower.answered(acq, status, headers, time.time())
+    if reading is None:
+        return {}
+    return follower.in_line(acq, reading, await available_async(follower.limit_set))
+
+
+def follow_answer_sync(
+    follower: Follower, acq: Acquisition, status: int, headers: Any
+) -> dict[str, float]:
+    """:func:`follow_answer` for a thread."""
+    reading = follower.answered(acq, status, headers, time.time())
+    if reading is None:
+        return {}
+    return follower.in_line(acq, reading, available(follower.limit_set))
 
 
 @attrs.frozen

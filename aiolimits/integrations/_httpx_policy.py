@@ -15,7 +15,6 @@ from .._acquisition import Acquisition
 from .._adaptive import (
     Adaptation,
     Follower,
-    Reading,
     adaptation_of,
     follower_for,
     set_of,
@@ -154,14 +153,6 @@ class Policy:
         if self.adaptation is None:
             return None
         return follower_for(set_of(self.limits, acq), self.adaptation)
-
-    def answered(
-        self, follower: Follower | None, acq: Acquisition, response: httpx.Response
-    ) -> Reading | None:
-        """What the answer says remains, when following the provider (``Follower.answered``)."""
-        if follower is None:
-            return None
-        return follower.answered(acq, response.status_code, response.headers.items(), time.time())
 
     def report(
         self,

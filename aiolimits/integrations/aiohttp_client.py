@@ -34,7 +34,7 @@ from .._acquisition import Acquisition
 from .._adaptive import (
     Adaptation,
     adaptation_of,
-    available_async,
+    follow_answer,
     follower_for,
     set_of,
     settle_with,
@@ -132,15 +132,12 @@ class LimitedClientMiddleware:
         acq: Acquisition,
         attempt: int,
     ) -> tuple[aiohttp.ClientResponse, float | None]:
-        follower = (
-            None
-            if self._adaptation is None
-            else follower_for(set_of(self.limits, acq), self._adaptation)
-        )
-        if follower is not None:
-            follower.sent(acq)
+        follower = None
         self._chosen[id(request)] = acq.config
         try:
+            if self._adaptation is not None:
+                follower = follower_for(set_of(self.limits, acq), self._adaptation)
+                follower.sent(acq)
             response: aiohttp.ClientResponse = await handler(request)
         except BaseException:
             if follower is not None:
@@ -151,12 +148,9 @@ class LimitedClientMiddleware:
         try:
             settle: dict[str, float] = {}
             if follower is not None:
-                reading = follower.answered(
-                    acq, response.status, response.headers.items(), time.time()
+                settle = await follow_answer(
+                    follower, acq, response.status, response.headers.items()
                 )
-                if reading is not None:
-                    figures = await available_async(follower.limit_set)
-                    settle = follower.in_line(acq, reading, figures)
             wait = None
             if response.status == 429 and attempt < self.retries:
                 said = read_retry_after(response.headers, time.time())

@@ -40,7 +40,7 @@ from typing import TypeVar, final
 import httpx
 
 from .._acquisition import Acquisition
-from .._adaptive import available, available_async
+from .._adaptive import follow_answer, follow_answer_sync
 from .._numbers import describe
 from ._httpx_policy import (
     Adaptation,
@@ -156,8 +156,9 @@ class LimitedTransport(_Policied, httpx.AsyncBaseTransport):
             held = policy.acquire(key, requested)
             acq = await held.__aenter__()
             waited += acq.waited
-            follower = policy.follower(acq)
+            follower = None
             try:
+                follower = policy.follower(acq)
                 if follower is not None:
                     follower.sent(acq)
                 request.extensions = {**request.extensions, "aiolimits": acq.config}
@@ -172,13 +173,14 @@ class LimitedTransport(_Policied, httpx.AsyncBaseTransport):
             try:
                 settle = {}
                 if follower is not None:
-                    reading = policy.answered(follower, acq, response)
-                    if reading is not None:
-                        figures = await available_async(follower.limit_set)
-                        settle = follower.in_line(acq, reading, figures)
+                    settle = await follow_answer(
+                        follower, acq, response.status_code, response.headers.items()
+                    )
             except BaseException:
-                await response.aclose()
-                await held.__aexit__(None, None, None)
+                try:
+                    await response.aclose()
+                finally:
+                    await held.__aexit__(None, None, None)
                 raise
             wait = policy.backoff(response, attempt)
             if wait is None:
@@ -217,8 +219,10 @@ class LimitedTransport(_Policied, httpx.AsyncBaseTransport):
             try:
                 policy.report(request, None, acq, settle)
             except BaseException:
-                await response.aclose()
-                await held.__aexit__(None, None, None)
+                try:
+                    await response.aclose()
+                finally:
+                    await held.__aexit__(None, None, None)
                 raise
             return rebuilt(response, request, ReleasingAsyncStream(response, held))
         try:
@@ -277,8 +281,9 @@ class LimitedSyncTransport(_Policied, httpx.BaseTransport):
             held = policy.acquire_sync(key, requested)
             acq = held.__enter__()
             waited += acq.waited
-            follower = policy.follower(acq)
+            follower = None
             try:
+                follower = policy.follower(acq)
                 if follower is not None:
                     follower.sent(acq)
                 request.extensions = {**request.extensions, "aiolimits": acq.config}
@@ -293,12 +298,14 @@ class LimitedSyncTransport(_Policied, httpx.BaseTransport):
             try:
                 settle = {}
                 if follower is not None:
-                    reading = policy.answered(follower, acq, response)
-                    if reading is not None:
-                        settle = follower.in_line(acq, reading, available(follower.limit_set))
+                    settle = follow_answer_sync(
+                        follower, acq, response.status_code, response.headers.items()
+                    )
             except BaseException:
-                response.close()
-                held.__exit__(None, None, None)
+                try:
+                    response.close()
+                finally:
+                    held.__exit__(None, None, None)
                 raise
             wait = policy.backoff(response, attempt)
             if wait is None:
@@ -334,8 +341,10 @@ class LimitedSyncTransport(_Policied, httpx.BaseTransport):
             try:
                 policy.report(request, None, acq, settle)
             except BaseException:
-                response.close()
-                held.__exit__(None, None, None)
+                try:
+                    response.close()
+                finally:
+                    held.__exit__(None, None, None)
                 raise
             return rebuilt(response, request, ReleasingSyncStream(response, held))
         try:
