@@ -253,10 +253,10 @@ class Follower:
         windows = [float(limit.window_seconds) for limit in rates]
         self.interval = adaptation.interval or (min(windows) if windows else 1.0)
         self._lock = threading.Lock()
-        # Requests sent and not yet answered, in the order they were sent: id(acq) -> (its
-        # sequence number, the AIMD generation it went in, its amounts of the rate limits).
-        self._in_transit: dict[int, tuple[int, int, dict[str, float]]] = {}
-        self._sequence = 0
+        # Requests sent and not yet answered: id(acq) -> (when it was sent, on the set's clock;
+        # the AIMD generation it went in; its amounts of the rate limits).
+        self._in_transit: dict[int, tuple[float, int, dict[str, float]]] = {}
+        self._shortest = math.inf  # the shortest round trip seen, sent to answered
         self._largest: dict[str, float] = dict.fromkeys(self._declared, 0.0)
         self._told: dict[str, float] = dict.fromkeys(self._declared, 1.0)  # by the headers
         self._aimd = 1.0
@@ -272,27 +272,36 @@ class Follower:
 
     def sent(self, acq: Acquisition) -> None:
         """``acq`` was admitted and its request is on its way: count it in transit."""
+        now = self._clock()
         with self._lock:
             amounts = {
                 key: amount for key, amount in acq.requested.items() if key in self._declared
             }
             for key, amount in amounts.items():
                 self._largest[key] = max(self._largest[key], amount)
-            self._sequence += 1
-            self._in_transit[id(acq)] = (self._sequence, self._generation, amounts)
+            self._in_transit[id(acq)] = (now, self._generation, amounts)
 
     def abandoned(self, acq: Acquisition) -> None:
         """``acq``'s request got no answer (an error): it is no longer in transit."""
         with self._lock:
             self._in_transit.pop(id(acq), None)
 
-    def _untransit(self, acq: Acquisition) -> tuple[int, dict[str, float]]:
-        """Take ``acq`` out of transit: the AIMD generation it was sent in, and per key what was
-        sent after it and is still unanswered."""
-        sequence, generation, _ = self._in_transit.pop(id(acq), (0, -1, {}))
+    def _untransit(self, acq: Acquisition, now: float) -> tuple[int, dict[str, float]]:
+        """Take ``acq`` out of transit: the AIMD generation it was sent in, and per key what
+        the provider may not have counted yet when it answered.
+
+        The provider counted every request that reached it before it answered. A request sent
+        at least one round trip before the answer came back has (a round trip is never shorter
+        than the shortest seen: there and back), so what may be uncounted is what was sent
+        within the shortest round trip seen before now, which is always after ``acq`` itself
+        was sent. Before any answer, everything still unanswered counts.
+        """
+        sent, generation, _ = self._in_transit.pop(id(acq), (now, -1, {}))
+        self._shortest = min(self._shortest, now - sent)
+        since = now - self._shortest
         later = dict.fromkeys(self._declared, 0.0)
-        for after, _, amounts in self._in_transit.values():
-            if after > sequence:
+        for at, _, amounts in self._in_transit.values():
+            if at > since:
                 for key, amount in amounts.items():
                     later[key] += amount
         return generation, later
@@ -319,7 +328,7 @@ class Follower:
         said = read_limits(headers, now=wall_now)
         now = self._clock()
         with self._lock:
-            generation, later = self._untransit(acq)
+            generation, later = self._untransit(acq, now)
             quotas = self._quotas(said)
             if quotas:
                 self._adopt(quotas, now)

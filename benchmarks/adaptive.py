@@ -22,21 +22,21 @@ import anyio
 from aiolimits._demo.follow import TOKENS_PER_WINDOW, FollowOutcome, follow
 
 SCENARIOS: dict[str, dict[str, Any]] = {
-    "(a) real = 1/2 declared, OpenAI headers": {"factor": 0.5, "headers": "openai", "calls": 150},
+    "(a) real = 1/2 declared, OpenAI headers": {"factor": 0.5, "headers": "openai", "calls": 100},
     "(a') real = 1/2 declared, Anthropic headers": {
         "factor": 0.5,
         "headers": "anthropic",
-        "calls": 150,
+        "calls": 100,
     },
     "(b) real = 1/2 declared, 429 + Retry-After only": {
         "factor": 0.5,
         "headers": "none",
-        "calls": 150,
+        "calls": 100,
     },
     "(c) unseen 2nd client at 40 % of the key": {
         "factor": 1.0,
         "headers": "openai",
-        "calls": 150,
+        "calls": 100,
         "unseen": 0.4,
     },
     "(d) pool of 2 keys, key b at 1/4, OpenAI headers": {

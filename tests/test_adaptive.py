@@ -88,12 +88,13 @@ async def test_what_remains_counts_the_requests_still_in_transit() -> None:
     clock = ManualClock()
     limits = declared(clock)
     follower = follower_for(limits, Adaptation())
-    earlier = limits.try_acquire({"tokens": 700})  # sent before: counted in what remains
+    earlier = limits.try_acquire({"tokens": 700})  # sent a round trip before: counted
     follower.sent(earlier)
     later = []
 
     def answer(request: httpx.Request) -> httpx.Response:
-        later.append(limits.try_acquire({"tokens": 500}))  # sent while this one was out
+        clock.advance(1)  # the round trip: the shortest seen so far
+        later.append(limits.try_acquire({"tokens": 500}))  # sent within it
         follower.sent(later[0])
         return ok(100, x_ratelimit_remaining_tokens="3000")
 

@@ -26,7 +26,7 @@ def run(backend: str, **options: object) -> FollowOutcome:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_openai_headers_at_half_the_declared_limits(backend: str) -> None:
-    outcome = run(backend, factor=0.5, headers="openai", calls=120)
+    outcome = run(backend, factor=0.5, headers="openai", calls=100)
     assert outcome.rejected_share(after=1) <= 0.01
     assert outcome.used(TOKENS_PER_WINDOW * 0.5) >= 0.75
     # The lower limit was learned from the headers.
@@ -35,14 +35,14 @@ def test_a_openai_headers_at_half_the_declared_limits(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_b_no_headers_only_429_and_retry_after_at_half(backend: str) -> None:
-    outcome = run(backend, factor=0.5, headers="none", calls=120)
+    outcome = run(backend, factor=0.5, headers="none", calls=100)
     assert outcome.rejected_share(after=1) <= 0.08
     assert outcome.used(TOKENS_PER_WINDOW * 0.5) >= 0.55
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_c_an_unseen_second_client_on_the_same_key(backend: str) -> None:
-    outcome = run(backend, factor=1.0, headers="openai", calls=120, unseen=0.4)
+    outcome = run(backend, factor=1.0, headers="openai", calls=100, unseen=0.4)
     assert outcome.rejected_share(after=1) <= 0.03
 
 
@@ -62,5 +62,5 @@ def test_d_without_headers_the_refused_key_adapts_and_its_traffic_moves(backend:
 
 def test_without_following_the_same_run_is_refused() -> None:
     # What the bounds above are measured against: the declared limits alone are twice the real.
-    half = run("asyncio", factor=0.5, headers="openai", calls=120, adapt=False)
+    half = run("asyncio", factor=0.5, headers="openai", calls=100, adapt=False)
     assert half.rejected_share(after=1) > 0.05

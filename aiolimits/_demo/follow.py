@@ -37,7 +37,7 @@ __all__ = ["FollowOutcome", "follow"]
 
 WINDOW: Final = 1.0
 CALLS_PER_WINDOW: Final = 100
-TOKENS_PER_WINDOW: Final = 12_000
+TOKENS_PER_WINDOW: Final = 8_000
 CONCURRENCY: Final = 8  # calls in flight at once, as a client's worker pool would send
 MAX_TOKENS: Final = 100
 PROMPTS: Final = (50, 300)
