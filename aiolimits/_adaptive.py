@@ -8,16 +8,17 @@ the set's backend, so every process sharing it sees them) brings the set in line
 
 * **What remains.** An answer saying ``remaining = R`` for a dimension (requests, tokens) means the
   provider admits at most ``R`` more, less whatever this client already sent that the provider had
-  not counted when it answered. The provider counts a request when it arrives, so the follower
-  subtracts what was sent *after* the answered request and is still unanswered (what was sent
-  before it arrived before it, on the whole); when the set would admit more than that now, it
-  charges the difference to the answer's own acquisition (``acq.update`` with at least its
-  reservation plus the difference: semantics §3, usage above the amount requested is charged, a
-  bucket goes into debt, a window counts it). The difference is then held back exactly as the
-  provider holds it: a bucket earns it back at its rate, a window when it ends. A charge is never
-  given back: the set is only ever brought down to what the provider says, never up. The
-  ``call_count`` of a :class:`CallLimit` cannot be charged more than 1, so when no request
-  remains the follower pauses the set until the provider has one again instead.
+  not counted when it answered. The provider counts a request when it arrives, and a request sent
+  at least one round trip before the answer came back had arrived, so the follower subtracts the
+  unanswered requests sent within the shortest round trip seen. When the set would admit more
+  than that now, the answer's own acquisition is settled at the usage that leaves exactly that
+  much (semantics §3: usage above the amount requested is charged, a bucket goes into debt, a
+  window counts it), so the difference is held back as the provider holds it: a bucket earns it
+  back at its rate, a window when it ends. The set is only brought down to what the provider
+  says, never up, except right after a change of its limit (a shrinking bucket keeps what is in
+  use in use, which may leave it below what the provider says). The ``call_count`` of a
+  :class:`CallLimit` cannot be charged more than 1, so when no request remains the follower
+  pauses the set until the provider has one again instead.
 * **A lower limit.** An answer saying ``limit = L`` below what the provider was declared to allow
   (``published``, default the set's own capacity) scales the set's limit by ``L / published``:
   capacity times that factor over the same window, so the rate scales with it (a window shrunk by
@@ -36,8 +37,11 @@ the stricter of the two. A capacity is never set below the largest amount a requ
 it (that request could then never be admitted), nor below one whole unit for window algorithms.
 
 Headers come from outside: :func:`~aiolimits.integrations.headers.read_limits` ignores anything
-malformed (a debug log), and the follower trusts a header only to make the set stricter than what
-was declared, never looser.
+malformed (a debug log), and a header can only make the set stricter than what was declared.
+
+Reading the set's figures is the one step that may touch a shared store: tasks read them with an
+attempt of nothing (one awaited round trip, :func:`available_async`), threads with
+``statistics()``; :func:`follow_answer` and :func:`follow_answer_sync` do the whole step.
 """
 
 from __future__ import annotations
