@@ -29,6 +29,11 @@ would arrive closer than ``1/r`` to the next one.
 
 The margin costs a fraction ``K * m / (C + r * T)`` of the throughput over a run of ``T``
 seconds: small for a window holding many requests, and zero for the rate itself.
+
+With ``provider_factor < 1`` the provider really allows only that share of what it publishes and
+the client declares; the transport follows it (``adapt=``, ``aiolimits._adaptive``): from the
+``openai`` or ``anthropic`` headers the provider may send, or by AIMD on its 429s without them.
+The summary and the PNG show the limits it learned.
 """
 
 from __future__ import annotations
