@@ -10,17 +10,15 @@
 * when the completion is done its real usage (``prompt + completion``) is settled: the unused
   part goes back, as far as the algorithm allows — before the answer is sent.
 
-It keeps that accounting in an aiolimits :class:`LimitSet` (``CallLimit`` + ``RateLimit
-"tokens"``) with the declared algorithm and windows on ``time.monotonic``; it never waits, it only
-decides (``try_acquire``). Being the same exact maths as the client's is not what makes the demo
-pass: the client's own limits are what keep it under these (see ``run.py``).
-
-For ``token_bucket`` and ``gcra`` (which admit the same sequences) the provider keeps its own
-buckets, a few lines of its own below (:class:`Bucket`), not aiolimits' code: the tests that check
-how a client follows a provider measure the client against an independent referee. It can then
-also say where the client stands on every answer, as OpenAI (``x-ratelimit-*``) or Anthropic
+For ``token_bucket`` and ``gcra`` (which admit the same sequences) it keeps that accounting in
+token buckets of its own, a few lines below (:class:`Bucket`), not aiolimits' code: the tests that
+check how a client follows a provider measure the client against an independent referee. It can
+then also say where the client stands on every answer, as OpenAI (``x-ratelimit-*``) or Anthropic
 (``anthropic-ratelimit-*``) do, and keep separate limits per API key (``Authorization: Bearer
-<key>``), each scaled by its own factor.
+<key>``), each scaled by its own factor. For the window algorithms it keeps the accounting in an
+aiolimits :class:`LimitSet` (``CallLimit`` + ``RateLimit "tokens"``) on ``time.monotonic``. It
+never waits, it only decides; being the same exact maths as the client's is not what makes the
+demo pass: the client's own limits are what keep it under these (see ``run.py``).
 
 The HTTP server is ``h11`` on an anyio TCP listener, so it runs on asyncio and trio alike, with
 keep-alive connections. It is a test double, not a web server: no chunked uploads, no pipelining.
