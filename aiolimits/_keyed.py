@@ -172,6 +172,7 @@ class KeyedLimitSet(Door):
     __slots__ = (
         "__weakref__",
         "_backend",
+        "_current",
         "_dropped",
         "_entries",
         "_forgotten",
@@ -213,6 +214,8 @@ class KeyedLimitSet(Door):
         self._backend = backend
         self._proxies: OrderedDict[str, _Proxy] = OrderedDict()
         self._init_door(limits, frozen_config, clock, slack)
+        #: The limits with their numbers now (``change_limit``); ``_limits`` as declared.
+        self._current = limits
         self._name = name
         self._max_keys = max_keys
         self._lock = threading.Lock()
@@ -234,6 +237,11 @@ class KeyedLimitSet(Door):
         return self._max_keys
 
     @property
+    def limits(self) -> tuple[Limit, ...]:
+        """The limits with their numbers now: as declared, until :meth:`change_limit`."""
+        return self._current
+
+    @property
     def name(self) -> str | None:
         return self._name
 
@@ -252,7 +260,7 @@ class KeyedLimitSet(Door):
     # -- keys --------------------------------------------------------------------------------
 
     def _fresh_scheduler(self, key: str, now: float) -> _KeyScheduler:
-        states = tuple(new_state(limit, now) for limit in self._limits)
+        states = tuple(new_state(limit, now) for limit in self._current)
         sched = _KeyScheduler(key, states, self._clock, self._lock, self._paused_until)
         sched.timer_slack = self._timer_slack
         return sched
@@ -314,7 +322,7 @@ class KeyedLimitSet(Door):
                 return proxy
             self._make_room_shared()
             now = self._clock()
-            states = tuple(new_state(limit, now) for limit in self._limits)
+            states = tuple(new_state(limit, now) for limit in self._current)
             proxy = self._proxies[key] = _Proxy(key, self._new_proxy(key, states))
             proxy.inflight += 1
             paused_until = self._paused_until
@@ -345,7 +353,7 @@ class KeyedLimitSet(Door):
             proxy = self._checkout(key)
             self._checkin(proxy)
             return proxy.sched
-        return self._new_proxy(key, tuple(new_state(limit, now) for limit in self._limits))
+        return self._new_proxy(key, tuple(new_state(limit, now) for limit in self._current))
 
     def _new_proxy(self, key: str, states: tuple[RateState, ...]) -> KeyProxy:
         assert self._shared is not None
@@ -621,26 +629,26 @@ class KeyedLimitSet(Door):
             ValueError, TypeError: an unknown key, a number out of range, a window for a
                 ResourceLimit; nothing is changed.
         """
+        if self._shared is not None:
+            raise NotImplementedError(
+                f"change_limit is not supported yet for a KeyedLimitSet on {self._backend!r}: "
+                "each client key's state lives in Redis, and a change must reach all of them"
+            )
         with self._lock:
-            changed = changed_limit(self._limits, key, capacity, window_seconds)
+            changed = changed_limit(self._current, key, capacity, window_seconds)
             if changed is None:
                 return
             index, limit = changed
             window = 0.0 if isinstance(limit, ResourceLimit) else limit.window_seconds
             now = self._clock()
-            # The template bounds the amounts accepted; new keys are made from ``_limits``.
+            # The template bounds the amounts accepted; new keys are made from ``_current``.
             self._requests.index[limit.key][1].change(limit.capacity, window, now)
             for sched in self._entries.values():
                 sched.change_limit(sched.states[index], limit.capacity, window, now)
-            limits = list(self._limits)
-            limits[index] = limit
-            self._limits = tuple(limits)
-            self._requests.change(limit)
-            proxies = [proxy.sched for proxy in self._proxies.values()]
+            current = list(self._current)
+            current[index] = limit
+            self._current = tuple(current)
         limit_changes[0] += 1
-        for proxy in proxies:
-            with proxy.lock:
-                proxy.change_limit(proxy.states[index], limit.capacity, window, proxy.clock())
 
     def get_stats(self, key: str) -> dict[str, Any]:
         """The statistics of ``key``, as :meth:`LimitSet.get_stats` gives them (a key not held

@@ -18,7 +18,7 @@ import attrs
 
 from . import _decorator
 from ._acquisition import PENDING, Acquisition
-from ._algorithms import RateState, new_state
+from ._algorithms import RateState, limit_now, new_state
 from ._backends._base import Backend
 from ._backends.memory import MemoryBackend
 from ._door import Attempt, Door, check_common, check_picklable_clock
@@ -156,6 +156,17 @@ class LimitSet(Door):
     def name(self) -> str | None:
         return self._name
 
+    @property
+    def limits(self) -> tuple[Limit, ...]:
+        """The limits with their numbers now: as declared, until :meth:`change_limit` (here or,
+        on a shared backend, in another process) changed one."""
+        with self._scheduler.lock:
+            return self._limits_now()
+
+    def _limits_now(self) -> tuple[Limit, ...]:
+        index = self._requests.index
+        return tuple(limit_now(limit, index[limit.key][1]) for limit in self._limits)
+
     def _set_timer_slack(self, slack: float) -> None:
         """Wake-ups armed from now on use ``slack`` (validated); a LimitPool's option."""
         sched = self._scheduler
@@ -287,17 +298,13 @@ class LimitSet(Door):
         """
         sched = self._scheduler
         with sched.lock:
-            changed = changed_limit(self._limits, key, capacity, window_seconds)
+            changed = changed_limit(self._limits_now(), key, capacity, window_seconds)
             if changed is None:
                 return
-            index, limit = changed
-            limits = list(self._limits)
-            limits[index] = limit
+            _index, limit = changed
             state = self._requests.index[limit.key][1]
             window = 0.0 if isinstance(limit, ResourceLimit) else limit.window_seconds
             sched.change_limit(state, limit.capacity, window, sched.clock())
-            self._limits = tuple(limits)
-            self._requests.change(limit)
         limit_changes[0] += 1
 
     def get_stats(self) -> dict[str, Any]:

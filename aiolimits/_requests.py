@@ -48,26 +48,13 @@ class Requests:
         self._implicit = tuple((state.key, (state, 1)) for state, _ in self._default_items)
         # Keys whose amounts may be taken without further questions when they are a positive
         # int, or a float that is whole or allowed to be fractional, up to the capacity: (state,
-        # fractions allowed, capacity). A CallLimit is left out: only 0 or 1 are valid, the slow
-        # path checks it.
-        self._fast: dict[str, tuple[RateState, bool, float]] = {
-            limit.key: (
-                state,
-                isinstance(limit, RateLimit) and not limit.algorithm.integral,
-                state.capacity,
-            )
+        # fractions allowed). A CallLimit is left out: only 0 or 1 are valid, the slow path checks
+        # it. The capacity is the state's, which a change of the limit updates (semantics §4).
+        self._fast: dict[str, tuple[RateState, bool]] = {
+            limit.key: (state, isinstance(limit, RateLimit) and not limit.algorithm.integral)
             for limit, state in zip(limits, states, strict=True)
             if not isinstance(limit, CallLimit)
         }
-
-    def change(self, limit: Limit) -> None:
-        """``limit`` (the changed value of one of the limits) replaces the one with its key: the
-        new capacity bounds the amounts accepted from now on. Its state has changed already."""
-        _old, state = self.index[limit.key]
-        self.index[limit.key] = (limit, state)
-        spec = self._fast.get(limit.key)
-        if spec is not None:
-            self._fast[limit.key] = (spec[0], spec[1], state.capacity)
 
     def items(self, requested: Mapping[str, int | float] | None) -> Items:
         """Validate ``requested`` and turn it into ``(state, amount)`` items, zero amounts left
@@ -88,11 +75,11 @@ class Requests:
         for key, amount in requested.items():
             spec = fast.get(key)
             if spec is not None:
-                state, fractional, capacity = spec
+                state, fractional = spec
                 kind = type(amount)
                 # The capacity is within the number range, so this is too (``_numbers``).
                 if (kind is int or (kind is float and (fractional or amount % 1 == 0))) and (
-                    _MIN_AMOUNT <= amount <= capacity
+                    _MIN_AMOUNT <= amount <= state.capacity
                 ):
                     items.append((state, amount))
                     continue

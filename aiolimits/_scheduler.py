@@ -65,6 +65,13 @@ Items = tuple[tuple[RateState, float], ...]
 _INF = math.inf
 
 
+def check_capacity(items: Items) -> None:
+    """Raise the ValueError of an amount above its limit's capacity now."""
+    for state, amount in items:
+        if amount > state.capacity:
+            raise too_large(state.key, amount, state.capacity)
+
+
 class _NoQueue(OrderedDict["Waiter", None]):
     """The empty queue every scheduler starts with, shared until its first waiter arrives (most
     keyed states never see one). Reading it is reading an empty queue; only :meth:`enqueue`
@@ -292,7 +299,10 @@ class Scheduler:
         if self.paused_until > now:
             return None
         for state, amount in items:
-            if not state.admits(amount, now):
+            if amount > state.capacity or not state.admits(amount, now):
+                # Validated against the capacity before the lock; a change of the limit since
+                # may have lowered it (semantics §4): the arrival's ValueError, nothing taken.
+                check_capacity(items)
                 return None
         self.granted += 1
         # A loop, not a comprehension: on Python 3.11 that would be a function call more.
@@ -360,6 +370,7 @@ class Scheduler:
         its deadline is already known to be unreachable (the caller raises TimeoutError): the
         rate limits (or a pause) cannot admit it before its deadline, even with every request
         queued ahead granted at its own earliest time (see :class:`Forecast`)."""
+        check_capacity(waiter.items)  # see try_take
         queue = self.queue
         deadline = waiter.deadline
         self._credit += self.forecast_budget
@@ -548,6 +559,15 @@ class Scheduler:
         waiters at once, and the head learns its new wake time."""
         state.change(capacity, window, now)
         self._forecast = None
+        self.refuse_above(state)
+        if self.queue:
+            self._dispatch(now)
+
+    def refuse_above(self, state: RateState) -> None:
+        """Under the lock, after the capacity of ``state`` changed (here, or in another process
+        of a shared backend): the queued requests for more than it leave with the ValueError
+        an arrival would get (their doors raise it, see :meth:`failure`)."""
+        capacity = state.capacity
         queue = self.queue
         for waiter in [w for w in queue if any(s is state and n > capacity for s, n in w.items)]:
             del queue[waiter]
@@ -558,8 +578,6 @@ class Scheduler:
             amount = next(n for s, n in waiter.items if s is state)
             refused[waiter] = too_large(state.key, amount, capacity)
             waiter.notify()
-        if queue:
-            self._dispatch(now)
 
     # -- introspection ---------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, final
 
 import attrs
 
+from ._algorithms import limit_now
 from ._limits import CallLimit, Limit, RateLimitAlgorithm, ResourceLimit
 
 if TYPE_CHECKING:
@@ -290,11 +291,13 @@ class KeyedStatistics:
 def limitset_statistics(
     limits: Sequence[Limit], sched: Scheduler, now: float
 ) -> LimitSetStatistics:
-    """Under the lock: the snapshot of ``sched``, whose states belong to ``limits``."""
+    """Under the lock: the snapshot of ``sched``, whose states belong to ``limits`` (as
+    declared: the numbers shown are the states', which a change of a limit updates)."""
     waiting = sched.waiting_per_key()
     available = sched.availability(now)  # a shared backend also refreshes its totals here
     per_key: dict[str, LimitStatistics] = {}
-    for limit in limits:
+    for declared, state in zip(limits, sched.states, strict=True):
+        limit = limit_now(declared, state)
         key = limit.key
         if isinstance(limit, ResourceLimit):
             free = _count(available[key])

@@ -181,3 +181,10 @@ def race_to_create(location: str, name: str, go: Any, done: Any, out: Any) -> No
     held = limits.try_acquire()
     out.put(held.successful)
     done.wait(60)
+
+
+def report_limits_after(limits: LimitSet, go: Any, out: Any) -> None:
+    """Once ``go`` is set, report ``limits.limits`` and the statistics of ``"r"``: what another
+    process's change of a limit left in the shared state."""
+    go.wait(60)
+    out.put((limits.limits, limits.get_stats()["limits"]["r"]))

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aiolimits._algorithms import (
     FixedWindowState,
@@ -255,3 +257,89 @@ def test_semaphore_change_keeps_the_slots_held() -> None:
     state.change(3, 0.0, 0.0)
     state.take(3, 0.0)
     assert state.available(0.0) == 0
+
+
+# --- properties: a tightening change never admits what the old limit would refuse -----------------
+
+TIGHTENING: dict[str, type[RateState]] = {
+    "token_bucket": TokenBucketState,
+    "gcra": GCRAState,
+    "leaky_bucket": LeakyBucketState,
+    "sliding_window": SlidingWindowState,
+    "fixed_window": FixedWindowState,  # the capacity only: fixed grids of two windows disagree
+}
+
+
+def capped(n: int) -> int:
+    """The profile's example count, at most ``n`` (each example runs up to 30 steps)."""
+    profile = settings.default
+    return n if profile is None else min(profile.max_examples, n)
+
+
+@st.composite
+def tightening(draw: st.DrawFn) -> tuple[str, float, float, float, list[tuple[float, int]]]:
+    name = draw(st.sampled_from(sorted(TIGHTENING)))
+    capacity = draw(st.integers(2, 12))
+    new_capacity = draw(st.integers(1, capacity))
+    if name == "fixed_window":
+        new_window = 4.0
+    else:
+        # No faster: the window grows at least as the capacity shrinks (rate C'/W' <= C/W).
+        new_window = 4.0 * draw(st.sampled_from([1, 1.25, 1.5, 2, 3]))
+    asks = draw(
+        st.lists(
+            st.tuples(st.sampled_from([0, 0.125, 0.25, 0.5, 1, 1.5]), st.integers(1, new_capacity)),
+            min_size=1,
+            max_size=30,
+        )
+    )
+    return name, capacity, new_capacity, new_window, asks
+
+
+@settings(deadline=None, max_examples=capped(300))
+@given(tightening(), st.integers(0, 29))
+def test_a_tightening_change_admits_nothing_the_old_limit_would_refuse(
+    case: tuple[str, float, float, float, list[tuple[float, int]]], change_at: int
+) -> None:
+    name, capacity, new_capacity, new_window, asks = case
+    cls = TIGHTENING[name]
+    changed = cls("k", capacity, 4.0, 0.0)
+    old = cls("k", capacity, 4.0, 0.0)  # the same admissions, never changed
+    t = 0.0
+    for i, (step, amount) in enumerate(asks):
+        t += step
+        if i == change_at:
+            changed.change(new_capacity, new_window, t)
+        if amount <= changed.capacity and changed.earliest(amount, t) <= t:
+            assert old.earliest(amount, t) <= t, (i, t, amount, changed, old)
+            changed.take(amount, t)
+            old.take(amount, t)
+
+
+@settings(deadline=None, max_examples=capped(300))
+@given(tightening(), st.integers(0, 29))
+def test_a_sliding_window_after_a_change_holds_the_new_capacity_in_every_new_window(
+    case: tuple[str, float, float, float, list[tuple[float, int]]], change_at: int
+) -> None:
+    _name, capacity, new_capacity, new_window, asks = case
+    state = SlidingWindowState("k", capacity, 4.0, 0.0)
+    admitted: list[tuple[float, int, bool]] = []  # time, amount, after the change
+    t, changed_at = 0.0, 0.0
+    for i, (step, amount) in enumerate(asks):
+        t += step
+        if i == change_at:
+            state.change(new_capacity, new_window, t)
+            changed_at = t
+        if amount <= state.capacity and state.earliest(amount, t) <= t:
+            state.take(amount, t)
+            admitted.append((t, amount, i >= change_at))
+    # Every interval of length W' ending at an admission made after the change holds <= C',
+    # counting what still counted at the change (admitted within W = 4 before it).
+    for end, _, after in admitted:
+        if after:
+            held = sum(
+                n
+                for at, n, post in admitted
+                if end - new_window < at <= end and (post or at > changed_at - 4.0)
+            )
+            assert held <= new_capacity, (end, admitted)

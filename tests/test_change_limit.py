@@ -6,12 +6,21 @@ the algorithm tables (``test_algorithms_changes.py``).
 
 from __future__ import annotations
 
+import multiprocessing
+import re
 import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from aiolimits import KeyedLimitSet, LimitPool, LimitSet, RateLimit, ResourceLimit
+from aiolimits import KeyedLimitSet, LimitPool, LimitSet, ProcessBackend, RateLimit, ResourceLimit
 from aiolimits.testing import ManualClock
+
+from . import _process_workers as workers
+
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "changing-limits.md"
 
 
 def test_keyed_change_applies_to_every_client_key_held_and_new() -> None:
@@ -78,3 +87,55 @@ def test_growing_wakes_a_waiting_thread() -> None:
     limits.change_limit("tokens", capacity=20)
     thread.join(60)
     assert got.is_set()
+
+
+# -- the process backend: a change in one process is the limit of every process ----------------
+
+_spawn = multiprocessing.get_context("spawn")
+
+
+def _until(predicate: Callable[[], bool]) -> None:
+    for _ in range(60_000):
+        if predicate():
+            return
+        threading.Event().wait(0.001)
+    raise AssertionError("not within 60 s")
+
+
+def test_process_change_is_seen_by_another_process(tmp_path: Path) -> None:
+    limits = LimitSet([RateLimit("r", 3600, 4)], backend=ProcessBackend(tmp_path), name="seen")
+    assert limits.try_acquire({"r": 3}).successful
+    go, out = _spawn.Event(), _spawn.Queue()
+    proc = _spawn.Process(target=workers.report_limits_after, args=(limits, go, out), daemon=True)
+    proc.start()
+    limits.change_limit("r", capacity=2)
+    go.set()
+    seen, stats = out.get(timeout=60)
+    proc.join(10)
+    assert seen == (RateLimit("r", 3600, 2),)
+    assert stats["capacity"] == 2
+    assert -1 <= stats["available"] < -0.9  # 3 in use of 2 (refilled by a few seconds at most)
+
+
+def test_process_growing_wakes_a_waiter_of_another_process(tmp_path: Path) -> None:
+    limits = LimitSet([RateLimit("r", 3600, 1)], backend=ProcessBackend(tmp_path), name="grow")
+    assert limits.try_acquire({"r": 1}).successful
+    events = _spawn.Queue()
+    proc = _spawn.Process(target=workers.wait_for_tokens, args=(limits, events), daemon=True)
+    proc.start()
+    _until(lambda: limits.get_stats()["waiting"] == 1)
+    limits.change_limit("r", capacity=2)  # one token now: the waiter, due in an hour, is told
+    assert events.get(timeout=60) == "granted"
+    proc.join(10)
+    assert limits.get_stats()["granted"] == 2
+
+
+def test_the_guide_example_runs_as_written() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.DOTALL)
+    namespace: dict[str, Any] = {}
+    for block in blocks:
+        exec(compile(block, str(GUIDE), "exec"), namespace)
+    stats = namespace["limits"].get_stats()["limits"]
+    assert stats["tokens"]["capacity"] == 45_000
+    assert 15_000 <= stats["tokens"]["available"] < 15_100  # 30,000 still in use
+    assert (stats["call_count"]["capacity"], stats["call_count"]["window_seconds"]) == (1_000, 120)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import attrs
+
 from .._limits import CallLimit, Limit, RateLimit, RateLimitAlgorithm, ResourceLimit
 from ._base import RateState, Receipt, first_true, too_large
 from .fixed_window import FixedWindowState
@@ -21,6 +23,7 @@ __all__ = [
     "SlidingWindowState",
     "TokenBucketState",
     "first_true",
+    "limit_now",
     "new_state",
     "too_large",
 ]
@@ -41,3 +44,15 @@ def new_state(limit: Limit, now: float) -> RateState:
     assert isinstance(limit, (RateLimit, CallLimit))
     cls = _STATES[limit.algorithm]
     return cls(limit.key, limit.capacity, limit.window_seconds, now)
+
+
+def limit_now(limit: Limit, state: RateState) -> Limit:
+    """``limit`` with the numbers its ``state`` has now: a change of the limit (semantics §4),
+    made here or, on a shared backend, by another process, updates the state's numbers."""
+    if isinstance(limit, ResourceLimit):
+        if state.capacity == limit.capacity:
+            return limit
+        return attrs.evolve(limit, capacity=int(state.capacity))
+    if state.capacity == limit.capacity and state.window == limit.window_seconds:
+        return limit
+    return attrs.evolve(limit, capacity=state.capacity, window_seconds=state.window)

@@ -35,7 +35,8 @@ def _scaled_up(x: float, new: float, old: float) -> float:
     """``x * new / old`` rounded up: the smallest float not below the exact value (a change of
     the limit is rare, so the exact check costs nothing that matters)."""
     y = x / old * new
-    if Fraction(y) < Fraction(x) * Fraction(new) / Fraction(old):
+    exact = Fraction(x) * Fraction(new) / Fraction(old)
+    while Fraction(y) < exact:  # two roundings: at most a few steps below
         y = math.nextafter(y, math.inf)
     return y
 

@@ -10,11 +10,12 @@ Amounts are whole units (fractions would make the running total drift); refunds 
 acquisition's own entry while it is still in the window; charges add an entry at the time they
 are reported.
 
-A change of the limit at ``t`` keeps every entry in the log: an admission at ``a`` now counts
-until ``a + W'`` (each expiry moves by ``W' - W``, rounded later), against the capacity ``C'``.
-So every interval of length ``W'`` that holds an admission made after ``t`` holds at most ``C'``
-units, counting those admitted before ``t``; when ``C' <= C`` and ``W' >= W`` that also keeps
-every interval of length ``W`` within ``C``.
+A change of the limit at ``t`` keeps every entry still in the log: an admission at ``a > t - W``
+now counts until ``a + W'`` (each expiry moves by ``W' - W``, rounded later), against the capacity
+``C'``; one that had expired by ``t`` stays forgotten. So every interval of length ``W'`` that
+holds an admission made after ``t`` holds at most ``C'`` units, counting those admitted in
+``(t - W, t]``; when ``C' <= C`` and ``W' >= W`` that also keeps every interval of length ``W``
+within ``C``.
 """
 
 from __future__ import annotations

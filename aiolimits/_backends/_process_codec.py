@@ -15,6 +15,10 @@ expired entries. Dumping and loading a log is a few list operations per entry.
 
 The other states copy their slots. Everything is float, int, None, list and tuple, for
 ``marshal``; every float is finite (``-inf``, "not started", is stored as None).
+
+Each state is stored as ``(capacity, window, value)``: the limit's numbers now travel with its
+state, so a change of the limit in one process (semantics §4) is the state every other process
+loads.
 """
 
 from __future__ import annotations
@@ -114,6 +118,7 @@ def _dumper(state: RateState, entries: _Entries) -> Callable[[], Any]:
             state._index,
             None if state._start == _NEG_INF else state._start,
             None if state._end == _NEG_INF else state._end,
+            state._shift,
         )
     if isinstance(state, SlidingWindowState):
         return lambda: (state._total, entries.dump(state._log))
@@ -133,19 +138,31 @@ class StateCodec:
         self._dumpers = [_dumper(s, e) for s, e in zip(states, self._entries, strict=True)]
 
     def dump(self) -> list[Any]:
-        """The states as marshal-able values."""
-        return [dump() for dump in self._dumpers]
+        """The states as marshal-able values: ``(capacity, window, value)`` each."""
+        return [
+            (state.capacity, state.window, dump())
+            for state, dump in zip(self._states, self._dumpers, strict=True)
+        ]
 
-    def load(self, data: list[Any]) -> None:
-        """Write ``data`` (from :meth:`dump`, in any process) into the states in place."""
-        for state, entries, value in zip(self._states, self._entries, data, strict=True):
+    def load(self, data: list[Any]) -> list[RateState]:
+        """Write ``data`` (from :meth:`dump`, in any process) into the states in place. Returns
+        the states whose limit another process changed (new capacity or window)."""
+        changed = []
+        for state, entries, (capacity, window, value) in zip(
+            self._states, self._entries, data, strict=True
+        ):
+            if capacity != state.capacity or window != state.window:
+                state.capacity, state.window = capacity, window
+                if isinstance(state, LeakyBucketState):
+                    state._interval = window / capacity  # as its change() computes it
+                changed.append(state)
             if isinstance(state, SemaphoreState):
                 state.in_use = value
             elif isinstance(state, TokenBucketState):  # and GCRAState
                 state._level, state._stamp = value[0], value[1]
                 _load_peaks(state._peaks, value[2])
             elif isinstance(state, FixedWindowState):
-                state._count, state._index, start, end = value
+                state._count, state._index, start, end, state._shift = value
                 state._start = _NEG_INF if start is None else start
                 state._end = _NEG_INF if end is None else end
             elif isinstance(state, SlidingWindowState):
@@ -153,3 +170,4 @@ class StateCodec:
                 state._log = entries.load(value[1])
             elif isinstance(state, LeakyBucketState):
                 state._slots = entries.load(value)
+        return changed

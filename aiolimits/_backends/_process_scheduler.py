@@ -32,8 +32,9 @@ it is finite: the only infinities of the algorithms (``-inf`` as "never" for a p
 fixed window not yet started) are stored as ``None``, and a state holding any other non-finite
 number is refused, never written.
 
-Layout 3 of that data, a tuple: ``(3, (boot id, clock tag, declaration JSON), (granted,
-timed out, cancelled, paused until, [refunded per key]), [state per key], [ticket], {owner:
+Layout 4 of that data, a tuple: ``(4, (boot id, clock tag, declaration JSON), (granted,
+timed out, cancelled, paused until, [refunded per key]), [(capacity, window, state) per key],
+[ticket], {owner:
 (wake-up socket name, (slots held per resource limit))}, next ticket)``, where an owner is
 ``(pid, start, pid namespace, serial)`` and a ticket ``(number, owner, (key indexes))``.
 """
@@ -56,6 +57,7 @@ from typing import Any
 
 from .._algorithms import RateState, SemaphoreState
 from .._limits import Limit
+from .._numbers import MAX_CAPACITY, MAX_WINDOW, MIN_CAPACITY, MIN_WINDOW
 from .._scheduler import Items, Scheduler
 from .._waiters import Waiter
 from . import _process_peers as peers
@@ -66,7 +68,7 @@ from ._process_file import StateFile, StateFileError
 __all__ = ["ProcessScheduler"]
 
 _INF = math.inf
-_LAYOUT = 3
+_LAYOUT = 4
 _MARSHAL_VERSION = 2  # no back-references: equal states always give equal bytes
 _serials = itertools.count(1)
 _NON_FINITE = re.compile(rb"g.{6}[\xf0-\xff][\x7f\xff]", re.DOTALL)
@@ -125,6 +127,17 @@ def _is_num(x: Any) -> bool:
     return (type(x) is float and math.isfinite(x)) or type(x) is int
 
 
+def _numbers_ok(state: tuple[Any, ...]) -> bool:
+    """A stored limit's numbers are in the ranges a limit accepts (a window of 0: a resource)."""
+    capacity, window = state[0], state[1]
+    return (
+        _is_num(capacity)
+        and _is_num(window)
+        and MIN_CAPACITY <= capacity <= MAX_CAPACITY
+        and (window == 0 or MIN_WINDOW <= window <= MAX_WINDOW)
+    )
+
+
 def _check_shared(shared: Any, keys: int) -> str | None:
     """What is wrong with a decoded state of this layout, or None. Checks the shape and that
     every number is finite; the values of the algorithm states are checked by shape only (each
@@ -140,7 +153,12 @@ def _check_shared(shared: Any, keys: int) -> str | None:
         and all(map(_is_num, counters[4]))
     ):
         return "bad counters"
-    if not isinstance(states, list) or len(states) != keys or not all(map(_finite_value, states)):
+    if (
+        not isinstance(states, list)
+        or len(states) != keys
+        or not all(map(_finite_value, states))
+        or not all(isinstance(s, tuple) and len(s) == 3 and _numbers_ok(s) for s in states)
+    ):
         return "bad limit states"
     if not isinstance(tickets, list) or not _is_int(next_ticket):
         return "bad queue"
@@ -407,7 +425,7 @@ class ProcessScheduler(Scheduler):
         self.paused_until = -_INF if paused is None else paused
         for state, value in zip(self.states, refunded, strict=True):
             self._refunded[state.key] = value
-        self._codec.load(states)
+        changed = self._codec.load(states)
         me = self._me
         self._foreign = [t for t in tickets if t[1] != me]
         self._first = tickets[0][0] if tickets else None
@@ -418,6 +436,8 @@ class ProcessScheduler(Scheduler):
         self._next_ticket = next_ticket
         self._bytes = data
         self.forget_forecast()  # another process changed the state the forecast was made from
+        for state in changed:  # another process changed a limit (semantics §4)
+            self.refuse_above(state)
 
     def _tickets(self) -> list[Ticket]:
         """All waiting tickets in order; also brings this process's owner entry up to date
@@ -603,6 +623,12 @@ class ProcessScheduler(Scheduler):
 
     def pause(self, until: float, now: float) -> None:
         super().pause(until, now)
+        self._poke = True
+
+    def change_limit(self, state: RateState, capacity: float, window: float, now: float) -> None:
+        # Stored with the state on leaving the lock (a local file write); the first waiting
+        # process is told, as after a release, and grants what the change admits.
+        super().change_limit(state, capacity, window, now)
         self._poke = True
 
     def abandon(self, waiter: Waiter, now: float) -> None:

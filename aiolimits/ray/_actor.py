@@ -39,6 +39,8 @@ _INF = math.inf
 GRANTED_OUTCOME = "granted"
 TIMEOUT_OUTCOME = "timeout"
 QUEUED_OUTCOME = "queued"
+#: A queued request above a capacity a change of the limit lowered: ``(REFUSED, message)``.
+REFUSED_OUTCOME = "refused"
 
 #: See ``Shared.keep``.
 MAX_RESOURCE_FREE_HOLDINGS = 100_000
@@ -204,7 +206,13 @@ class Shared:
                     waiter.timer.cancel()
                     waiter.timer = None
                 del self.waiting[waiter.hid]
-            outcome = self._hold(waiter) if waiter.state == GRANTED else (TIMEOUT_OUTCOME,)
+                failure = sched.failure(waiter)
+            if waiter.state == GRANTED:
+                outcome = self._hold(waiter)
+            elif failure is not None:  # sent away by a change of a limit (semantics §4)
+                outcome = (REFUSED_OUTCOME, str(failure))
+            else:
+                outcome = (TIMEOUT_OUTCOME,)
             caller = self.callers.pop(waiter.hid, "")
             if waiter.future is not None:
                 if not waiter.future.done():
@@ -301,6 +309,7 @@ class Shared:
                 "cancelled": sched.cancelled,
                 "refunded": dict(sched.refunded or {}),
                 "paused_for": max(0.0, sched.paused_until - now),
+                "numbers": {s.key: (s.capacity, s.window) for s in sched.states},
             }
 
 
@@ -396,6 +405,21 @@ class LimitsActor:
         shared = self._set(name)
         shared.at(now)
         shared.limitset.pause(seconds)
+        shared.run_due()
+        return self._reply(shared, caller, None)
+
+    async def change_limit(  # noqa: PLR0917 - called as .remote(...), positionally
+        self,
+        name: str,
+        caller: str,
+        key: str,
+        capacity: float | None,
+        window: float | None,
+        now: float | None,
+    ) -> tuple[Any, ...]:
+        shared = self._set(name)
+        shared.at(now)
+        shared.limitset.change_limit(key, capacity=capacity, window_seconds=window)
         shared.run_due()
         return self._reply(shared, caller, None)
 

@@ -195,6 +195,8 @@ class RayScheduler(Scheduler):
             self.granted += 1
         else:
             waiter.state = LEFT
+            if error is None and outcome[0] == "refused":  # a limit changed (semantics §4)
+                error = ValueError(outcome[1])
             if error is not None:
                 self._failures[waiter] = error
             else:
@@ -344,7 +346,7 @@ class RayScheduler(Scheduler):
             self._send("operate", hid, seq, "abandon", None)
 
     def failure(self, waiter: Waiter) -> BaseException | None:
-        return self._failures.pop(waiter, None)
+        return self._failures.pop(waiter, None) or super().failure(waiter)
 
     def head(self) -> Waiter | None:
         return None
@@ -402,6 +404,12 @@ class RayScheduler(Scheduler):
     def pause(self, until: float, now: float) -> None:
         self._send("pause", until - now)
 
+    def change_limit(self, state: RateState, capacity: float, window: float, now: float) -> None:
+        # The actor's set decides; this process's copy of the numbers (validation, ``limits``,
+        # the statistics) follows at once. Handed off as a pause is, never awaited here.
+        state.change(capacity, window, now)
+        self._send("change_limit", state.key, capacity, None if window == 0 else window)
+
     # -- questions -------------------------------------------------------------------------
 
     def admit_time(self, items: Items, now: float) -> tuple[float, float]:
@@ -426,6 +434,11 @@ class RayScheduler(Scheduler):
     def availability(self, now: float) -> dict[str, float]:
         snapshot = self._snapshot or self._call("stats")
         self.paused_until = now + snapshot["paused_for"]
+        numbers = snapshot.get("numbers", {})
+        for state in self.states:  # a change made by another process shows here
+            capacity, window = numbers.get(state.key, (state.capacity, state.window))
+            if (capacity, window) != (state.capacity, state.window):
+                state.change(capacity, window, now)
         return dict(snapshot["available"])
 
     def waiting_count(self) -> int:

@@ -20,7 +20,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from .._algorithms import RateState
+from .._algorithms import RateState, limit_now
 from .._backends._base import Backend, KeyFactory
 from .._backends._declaration import declaration, declaration_json, mismatch
 from .._errors import BackendUnavailable
@@ -29,7 +29,7 @@ from .._scheduler import Scheduler
 from .._waiters import TimerClock
 from ._keys import RedisKeys
 from ._link import UNAVAILABLE, Circuit, Link, ping
-from ._scheduler import RedisScheduler
+from ._scheduler import Numbers, RedisScheduler, read_numbers
 from ._script import Lua
 from ._threads import Hub, stoppable
 
@@ -315,9 +315,10 @@ class RedisBackend(Backend):
 
     def _declared(
         self, name: str, key: str, limits: tuple[Limit, ...], keyed: bool
-    ) -> tuple[Any, str]:
-        """:meth:`_declare`, and the digest of the declaration recorded (``"!h"``: a plain
-        set's calls name it, so that the script notices when Redis lost it)."""
+    ) -> tuple[Any, str, Numbers]:
+        """:meth:`_declare`, the digest recorded (``"!h"``: a plain set's calls name it, so that
+        the script notices when Redis lost it, or a limit changed) and the numbers of the limits
+        changed at run time (``"!n"``, semantics §4; the declaration ``"!d"`` never changes)."""
         declared = declaration_json(limits)
         if keyed:
             declared = f'{{"keyed":{declared}}}'
@@ -332,6 +333,12 @@ class RedisBackend(Backend):
             # Every process writes the digest of the declaration that won, so all agree.
             digest = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:16]
             client.hsetnx(key, "!h", digest)
+            # A change of a limit wrote a digest of its own, with the numbers: use those.
+            changed, stored_digest = client.hmget(key, ["!n", "!h"])
+            if isinstance(stored_digest, bytes):
+                digest = stored_digest.decode()
+            elif stored_digest is not None:
+                digest = str(stored_digest)
             link = self._link
             if link is not None and not link.ready():
                 # Attaching does I/O on its thread anyway: a connection for the sets' own calls
@@ -352,11 +359,13 @@ class RedisBackend(Backend):
             message = mismatch(name, found["keyed"] if was_keyed else found, declaration(limits))
             if message is not None:
                 raise ValueError(message)
-        return client, digest
+        return client, digest, read_numbers(changed, limits)
 
-    def _redeclare(self, name: str, key: str, limits: tuple[Limit, ...]) -> str:
-        """The declaration of the plain set ``name`` again, after Redis lost it; its digest."""
-        return self._declared(name, key, limits, keyed=False)[1]
+    def _redeclare(self, name: str, key: str, limits: tuple[Limit, ...]) -> tuple[str, Numbers]:
+        """The declaration of the plain set ``name`` again, after Redis lost it or another
+        client changed a limit: its digest, and the numbers of the limits now."""
+        _client, digest, numbers = self._declared(name, key, limits, keyed=False)
+        return digest, numbers
 
     def attach(
         self,
@@ -374,7 +383,14 @@ class RedisBackend(Backend):
         if name is None:
             raise ValueError("name is required with RedisBackend: it names the shared state")
         key = self.hash_key(name)
-        client, digest = self._declared(name, key, limits, keyed=False)
+        client, digest, numbers = self._declared(name, key, limits, keyed=False)
+        # Limits another client changed at run time: this set starts from their numbers now.
+        now = clock()
+        for state in states:
+            capacity, window = numbers.get(state.key, (state.capacity, state.window))
+            if (capacity, window) != (state.capacity, state.window):
+                state.change(capacity, window, now)
+        current = tuple(limit_now(lim, st) for lim, st in zip(limits, states, strict=True))
         hub = Hub(
             key,
             self._subscriber(key),
@@ -390,7 +406,7 @@ class RedisBackend(Backend):
             hub=hub,
             script=self._lua,
             hash_key=key,
-            limits=limits,
+            limits=current,
             lease_seconds=self.lease_seconds,
             simulated=isinstance(clock, TimerClock),
             on_unavailable=self.on_unavailable,

@@ -41,7 +41,9 @@ Design, and what it costs:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import threading
 import uuid
@@ -59,6 +61,7 @@ from .._algorithms import RateState, SemaphoreState
 from .._door import retry_after_locked, stats_locked
 from .._errors import BackendUnavailable
 from .._limits import Limit, ResourceLimit
+from .._numbers import check_capacity, check_resource_capacity, check_window
 from .._scheduler import Items, Scheduler
 from .._waiters import GRANTED, LEFT, WAITING, Cancellable, TimerClock, Waiter, running_event_loop
 from ._link import GRACE, UNAVAILABLE, Circuit, Link, NotSent
@@ -68,7 +71,38 @@ from ._threads import Hub, log
 if TYPE_CHECKING:
     from redis.cluster import RedisCluster
 
-__all__ = ["RedisScheduler"]
+__all__ = ["Numbers", "RedisScheduler", "read_numbers"]
+
+#: The numbers ``(capacity, window)`` of the limits changed at run time, by key (semantics §4).
+Numbers = dict[str, tuple[float, float]]
+
+
+def read_numbers(raw: Any, limits: Sequence[Limit]) -> Numbers:
+    """The numbers a change of a limit stored in the set's hash (``"!n"``, JSON), for the keys
+    of ``limits``; anything malformed or out of a limit's range is ignored (logged)."""
+    if raw is None:
+        return {}
+    try:
+        found = json.loads(raw)
+        numbers: Numbers = {}
+        for limit in limits:
+            entry = found.get(limit.key) if isinstance(found, dict) else None
+            if entry is None:
+                continue
+            capacity, window = entry
+            if isinstance(limit, ResourceLimit):
+                check_resource_capacity("capacity", capacity)
+                window = 0.0
+            else:
+                whole = limit.algorithm.value if limit.algorithm.integral else None
+                check_capacity("capacity", capacity, whole_units_of=whole)
+                check_window("window_seconds", window)
+            numbers[limit.key] = (capacity, window)
+    except (ValueError, TypeError) as exc:
+        log.warning("ignoring the changed limits stored in Redis (%r): %s", raw, exc)
+        return {}
+    return numbers
+
 
 # anyio >= 4.7 names it wait_readable; before, wait_socket_readable (deprecated since).
 _wait_readable: Any = getattr(anyio, "wait_readable", None) or anyio.wait_socket_readable
@@ -94,6 +128,10 @@ def _refused(exc: BaseException) -> bool:
 def _on_loop() -> bool:
     """Whether this thread runs an event loop (asyncio, uvloop or trio): no Redis I/O here."""
     return running_event_loop() is not None
+
+
+class StaleNumbers(ValueError):
+    """A batch was asked with the numbers of a limit another client has changed since."""
 
 
 class NoAnswer(BackendUnavailable):
@@ -200,7 +238,7 @@ class RedisScheduler(Scheduler):
         timeout: float,
         link: Link | None = None,
         declared: str = "",
-        redeclare: Callable[[], str] | None = None,
+        redeclare: Callable[[], tuple[str, Numbers]] | None = None,
         model: RedisScheduler | None = None,
     ) -> None:
         super().__init__(states, clock)
@@ -290,16 +328,33 @@ class RedisScheduler(Scheduler):
         except redis.exceptions.ResponseError as exc:
             if self._redeclare is None or not str(exc).startswith(UNDECLARED):
                 raise
-        self._declare_again()
+        changed = self._declare_again()
+        if changed and op == "batch":
+            # A batch's waiters were asked with the old numbers: the dispatcher asks again.
+            raise StaleNumbers(f"a limit of {self._hash} changed in another client")
+        for old, new in changed:
+            # A limit another client changed: the call goes with its numbers now.
+            for i in range(2, len(words) - 3):
+                if words[i : i + 4] == old:
+                    words[i : i + 4] = new
         if not self._simulated:
             words[1] = self._tag
-        return self._send(words, bound)
-
-    def _declare_again(self) -> None:
-        assert self._redeclare is not None
-        log.warning("the declaration of %s was lost in Redis: declaring it again", self._hash)
         try:
-            digest = self._redeclare()
+            return self._send(words, bound)
+        except redis.exceptions.ResponseError as exc:
+            if "exceeds the capacity" in str(exc):
+                # Validated against a capacity another client lowered since: nothing was done.
+                raise ValueError(f"{exc} (changed at run time)") from None
+            raise
+
+    def _declare_again(self) -> list[tuple[list[str], list[str]]]:
+        """The declaration again: Redis lost it, or another client changed a limit (semantics
+        §4). Adopts the numbers now; returns the script arguments of each limit that changed,
+        before and after."""
+        assert self._redeclare is not None
+        log.info("the declaration of %s changed or was lost in Redis: reading it", self._hash)
+        try:
+            digest, numbers = self._redeclare()
         except BackendUnavailable:
             raise
         except UNAVAILABLE as exc:
@@ -307,6 +362,62 @@ class RedisScheduler(Scheduler):
                 f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
             ) from exc
         self._tag = f"d{digest}"
+        changed = []
+        now = self.clock()
+        for state in self.states:
+            capacity, window = numbers.get(state.key, (state.capacity, state.window))
+            if (capacity, window) == (state.capacity, state.window):
+                continue
+            old = self._args[state.key]
+            new = self._args[state.key] = [old[0], old[1], num(capacity), num(window)]
+            changed.append((old, new))
+            # This process's numbers and fallback state; its queued waiters above a lowered
+            # capacity are sent away under the lock, by the batch that finds the change.
+            state.change(capacity, window, now)
+        return changed
+
+    def change_limit(self, state: RateState, capacity: float, window: float, now: float) -> None:
+        """The script carries the state in Redis over (semantics §4) and records the numbers
+        now (``"!n"``) with a new digest (``"!h"``), which makes every other client read them
+        before its next call; the script's wake-up tells their waiters. Here the numbers apply
+        at once. From an event loop's thread it is handed off, in order, as a pause is."""
+        key = state.key
+        old = self._args[key]
+        new = [old[0], old[1], num(capacity), num(window)]
+        digest: list[str] = []
+
+        def words() -> list[str]:
+            numbers = {s.key: [s.capacity, s.window] for s in self.states}
+            numbers[key] = [capacity, window]
+            text = json.dumps(numbers, sort_keys=True)
+            made = hashlib.sha1(f"{self._tag}|{text}".encode(), usedforsecurity=False)
+            digest[:] = [made.hexdigest()[:16]]
+            return [*old, num(capacity), num(window), text, digest[0]]
+
+        def done(_reply: Any) -> None:
+            if self._tag:
+                self._tag = f"d{digest[0]}"
+
+        def apply() -> None:  # here: this process's numbers and fallback state
+            self._args[key] = new
+            state.change(capacity, window, now)
+            self.refuse_above(state)
+
+        if not self._simulated and _on_loop():
+            self._defer("change", words, done=done, lost=f"could not change {key!r} in Redis")
+            apply()  # sent before any other call of this process (see _defer)
+            return
+        try:
+            self._flush()
+            self._call("change", now, *words())
+        except BackendUnavailable as exc:
+            self._unavailable(exc)  # "raise": nothing changed; otherwise it applies here
+            apply()
+            return
+        done(None)
+        apply()
+        if self.queue:
+            self._dispatch(now)
 
     def _send(self, words: list[str], bound: float | None) -> Any:
         if self._direct is not None:
@@ -910,7 +1021,7 @@ class RedisScheduler(Scheduler):
                 self._dispatch_inline(now)
 
     def failure(self, waiter: Waiter) -> BaseException | None:
-        return self._failures.pop(waiter, None)
+        return self._failures.pop(waiter, None) or super().failure(waiter)
 
     def wake(self) -> None:
         """Another process released or refunded, or a lease ran out: the head may be
@@ -1443,7 +1554,14 @@ class RedisScheduler(Scheduler):
 
     def _batch_failed(self, batch: list[Waiter], exc: BackendUnavailable | ValueError) -> None:
         """Under the lock: Redis did not answer for a batch: fail it (``"raise"``, or another
-        declaration took the set's name: ValueError), or decide it in-process."""
+        declaration took the set's name: ValueError), or decide it in-process. A batch asked
+        with numbers another client changed since is asked again, once the waiters above a
+        lowered capacity are sent away."""
+        if isinstance(exc, StaleNumbers):
+            for state in self.states:
+                self.refuse_above(state)
+            self._signal()
+            return
         now = self.clock()
         for waiter in batch:
             if waiter.state != WAITING or waiter not in self.queue:

@@ -436,6 +436,21 @@ builders.token_bucket = function()
     upgrade(s, L, now)
     return level_at(s, L, now)
   end
+  -- The limit L becomes N at now (TokenBucketState.change): the deficit C - level is kept.
+  A.change = function(s, L, N, now)
+    upgrade(s, L, now)
+    if now > s.stamp and not has(s, L, L.cap, now) then
+      local estimate = level_at(s, L, now)
+      s.level = -first_true(function(u) return has(s, L, -u, now) end, -estimate, -L.cap)
+      s.stamp = now
+    end
+    bring(s, L, now)
+    local level = sub_down(sub_down(s.level, L.cap), -N.cap)
+    if level >= N.cap then level = N.cap end
+    s.level = level
+    if now > s.stamp then s.stamp = now end
+    if N.cap ~= L.cap then peak_lift(s.peaks, 0, N.cap - L.cap) end
+  end
   -- When the bucket is full again (within float error: the margin covers it).
   A.fresh_at = function(s, L, now)
     upgrade(s, L, now)
@@ -529,6 +544,26 @@ builders.leaky_bucket = function()
     if next_free(s) <= now then return L.cap end
     return 0.0
   end
+  -- The limit L becomes N at now (LeakyBucketState.change): what is left of each slot keeps
+  -- its units, at the new interval (rounded later, exactly as _scaled_up).
+  A.change = function(s, L, N, now)
+    prune(s, now)
+    local old, new = interval(L), interval(N)
+    if new ~= old then
+      for i = 1, #s.slots do
+        local x = s.slots[i][2] - now
+        local y = x / old * new
+        while true do
+          local p1, p2 = y * old, x * new
+          if exact_sign({ p1, product_error(y, old, p1), -p2, -product_error(x, new, p2) }) >= 0 then
+            break
+          end
+          y = next_up(y)
+        end
+        s.slots[i][2] = add_up(now, y)
+      end
+    end
+  end
   A.fresh_at = function(s, L, now)
     return next_free(s)
   end
@@ -606,6 +641,16 @@ builders.sliding_window = function()
     prune(s, now)
     return L.cap - s.total
   end
+  -- The limit L becomes N at now (SlidingWindowState.change): each entry counts until its
+  -- admission + the new window.
+  A.change = function(s, L, N, now)
+    prune(s, now)
+    local shift = N.window - L.window
+    if shift ~= 0 then
+      for i = 1, #s.log do s.log[i][2] = add_up(s.log[i][2], shift) end
+    end
+    prune(s, now)
+  end
   -- When the last entry leaves the window (the log is in expiry order).
   A.fresh_at = function(s, L, now)
     local n = #s.log
@@ -627,7 +672,7 @@ builders.fixed_window = function()
   local function roll(s, L, now)
     if now >= s.stop then
       local k = window_index(now, L.window)
-      s.index = k
+      s.index = k + (s.shift or 0)
       s.start = k * L.window
       s.stop = (k + 1) * L.window
       s.count = 0
@@ -675,6 +720,16 @@ builders.fixed_window = function()
     roll(s, L, now)
     return L.cap - s.count
   end
+  -- The limit L becomes N at now (FixedWindowState.change): the current window lasts until the
+  -- first boundary of the new grid at or after its end; indices go on from the old ones.
+  A.change = function(s, L, N, now)
+    roll(s, L, now)
+    if N.window == L.window then return end
+    local k = window_index(s.stop, N.window)
+    if k * N.window < s.stop then k = k + 1 end
+    s.stop = k * N.window
+    s.shift = s.index + 1 - k
+  end
   -- An empty window is fresh; a counted one, once it has ended.
   A.fresh_at = function(s, L, now)
     if s.count == 0 then return -INF end
@@ -716,6 +771,7 @@ builders.resource = function()
     return L.cap - in_use(s, now)
   end
   A.in_use = in_use
+  A.change = function(s, L, N, now) end -- the leases stay held
   -- When the first live lease runs out (inf: none): a full resource may free up then, without
   -- a release, if its holder stopped renewing.
   A.next_expiry = function(s, now)
@@ -1048,6 +1104,25 @@ ops.pause = function(now)
   local untill = now + tonumber(ARGV[3])
   if ARGV[4] ~= nil and ARGV[4] ~= '' then untill = tonumber(ARGV[4]) end
   if untill > paused_until() then redis.call('HSET', key, '!p', fmt(untill)) end
+  return { fmt(now) }
+end
+
+-- change: the limit field, algorithm, capacity, window, then its new capacity and window, the
+-- numbers of every limit now ("!n", JSON) and their digest ("!h"). The state is carried over
+-- as semantics §4 says (each algorithm's `change`); the client sent the digest it knew, so a
+-- change made meanwhile by another client makes this one read the numbers again first.
+ops.change = function(now)
+  local L = limit_at(3)
+  local N = { field = L.field, algo = L.algo, cap = tonumber(ARGV[7]), window = tonumber(ARGV[8]),
+              A = L.A }
+  local s = state_of(L, now)
+  L.A.change(s, L, N, now)
+  limit_of[L.field] = N
+  save(L)
+  redis.call('HSET', key, '!n', ARGV[9], '!h', ARGV[10])
+  -- Every client's head asks again (with the numbers it reads first): a limit that grew
+  -- admits at once.
+  redis.call('PUBLISH', key .. ':wake', '')
   return { fmt(now) }
 end
 
