@@ -24,8 +24,9 @@ the set's backend, so every process sharing it sees them) brings the set in line
   capacity times that factor over the same window, so the rate scales with it (a window shrunk by
   :func:`~aiolimits.client_limits` keeps its rate at ``L`` per the provider's window). It is
   logged once per new value, and never raised above what was declared.
-* **No headers, only 429s (AIMD).** A 429 whose answer says nothing usable about a limit scales
-  every rate limit of the set by ``decrease``, down to ``floor``, unless its request was sent
+* **429s (AIMD).** A 429 scales every rate limit of the set by ``decrease``, down to ``floor``
+  (without headers it is the only signal; with them, the sign that someone unseen takes from the
+  same quota between answers), unless its request was sent
   before the last decrease (as TCP does: a burst refused together is one signal; a refusal of
   what was sent at the lowered rate is a new one); each ``interval`` answered without a 429 adds
   ``increase`` back, up to what was declared. With a :class:`~aiolimits.LimitPool` only the
@@ -134,8 +135,8 @@ class Adaptation:
     follower.
 
     Attributes:
-        decrease: on a 429 without usable rate-limit headers, the set's rate limits are
-            multiplied by this (0 < decrease < 1; default 0.7).
+        decrease: on a 429 (for a request sent since the last decrease), the set's rate
+            limits are multiplied by this (0 < decrease < 1; default 0.7).
         increase: after each ``interval`` without a 429, this fraction of the declared limit is
             added back (0 < increase <= 1; default 0.05), up to the declared limit.
         floor: the lowest fraction of the declared limit AIMD goes down to (default 0.05).
@@ -336,7 +337,10 @@ class Follower:
             quotas = self._quotas(said)
             if quotas:
                 self._adopt(quotas, now)
-            elif status == 429:
+            if status == 429:
+                # Without headers, the only signal; with them, the sign that someone unseen
+                # (another process, a dashboard) takes from the same quota between answers: in
+                # both cases the rate comes down, and comes back while answers succeed.
                 self._refused(now, generation)
             elif status < 400:
                 self._calm(now)
@@ -423,7 +427,9 @@ class Follower:
         if generation != self._generation:
             return
         adaptation = self.adaptation
-        self._aimd = max(adaptation.floor, self._aimd * adaptation.decrease)
+        # From the rate in force: a limit the headers already lowered is lowered further.
+        told = max(self._told.values(), default=1.0)
+        self._aimd = max(adaptation.floor, min(self._aimd, told) * adaptation.decrease)
         self._generation += 1
         self._last_step = now
         self._refused_since_step = False

@@ -43,7 +43,7 @@ def test_b_no_headers_only_429_and_retry_after_at_half(backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_c_an_unseen_second_client_on_the_same_key(backend: str) -> None:
     outcome = run(backend, factor=1.0, headers="openai", calls=100, unseen=0.4)
-    assert outcome.rejected_share(after=1) <= 0.03
+    assert outcome.rejected_share(after=1) <= 0.05
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
