@@ -59,6 +59,7 @@ from typing import Any, Final, final
 import attrs
 
 from ._acquisition import Acquisition
+from ._errors import BackendUnavailable
 from ._limits import CallLimit, RateLimit
 from ._limitset import LimitSet
 from ._numbers import describe
@@ -461,7 +462,13 @@ class Follower:
         for key, capacity in wanted.items():
             limit = self._declared[key]
             whole: float | int = int(capacity) if capacity.is_integer() else capacity
-            self.limit_set.change_limit(key, capacity=whole)
+            try:
+                self.limit_set.change_limit(key, capacity=whole)
+            except BackendUnavailable as exc:
+                # The answer stands; the change is made again with the next answer.
+                self._applied[key] = math.nan
+                logger.warning("aiolimits: could not follow the provider on %r: %s", key, exc)
+                continue
             self.changes.append(LimitChange(now, key, capacity))
             logger.debug(
                 "aiolimits: %r capacity now %g (declared %g)", key, capacity, limit.capacity

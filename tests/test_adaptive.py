@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiolimits import CallLimit, KeyedLimitSet, LimitPool, LimitSet, RateLimit
+from aiolimits import BackendUnavailable, CallLimit, KeyedLimitSet, LimitPool, LimitSet, RateLimit
 from aiolimits._adaptive import Adaptation, available, follower_for, settle_with
 from aiolimits.integrations.httpx import LimitedSyncTransport, LimitedTransport
 from aiolimits.testing import ManualClock
@@ -364,3 +364,23 @@ def test_no_header_value_raises_or_loosens_the_declared_limits(
         capacity, _ = stats(limits, key)
         assert 1 <= capacity <= {"call_count": 100, "tokens": 10_000}[key]
     assert limits.statistics().paused_for <= 1e6
+
+
+async def test_a_store_that_cannot_take_the_change_costs_no_answer_and_is_asked_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = ManualClock()
+    limits = declared(clock)
+    change = LimitSet.change_limit
+
+    def unreachable(self: LimitSet, key: str, **numbers: float) -> None:
+        raise BackendUnavailable("the store is gone")
+
+    monkeypatch.setattr(LimitSet, "change_limit", unreachable)
+    answer = ok(10, x_ratelimit_limit_tokens="5000")
+    assert await post(limits, lambda request: answer) == 200
+    assert stats(limits, "tokens")[0] == 10_000
+    assert "could not follow" in caplog.text
+    monkeypatch.setattr(LimitSet, "change_limit", change)
+    await post(limits, lambda request: answer)
+    assert stats(limits, "tokens")[0] == 5000
