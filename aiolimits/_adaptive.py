@@ -260,13 +260,13 @@ class Follower:
         self.interval = adaptation.interval or (min(windows) if windows else 1.0)
         self._lock = threading.Lock()
         # Requests sent and not yet answered: id(acq) -> (when it was sent, on the set's clock;
-        # the AIMD generation it went in; its amounts of the rate limits).
+        # the generation of the rate it went in; its amounts of the rate limits).
         self._in_transit: dict[int, tuple[float, int, dict[str, float]]] = {}
         self._shortest = math.inf  # the shortest round trip seen, sent to answered
         self._largest: dict[str, float] = dict.fromkeys(self._declared, 0.0)
         self._told: dict[str, float] = dict.fromkeys(self._declared, 1.0)  # by the headers
         self._aimd = 1.0
-        self._generation = 0  # AIMD decreases so far
+        self._generation = 0  # times the rate came down: AIMD decreases and lower limits
         self._last_step = -math.inf
         self._refused_since_step = False
         self._applied = {key: float(limit.capacity) for key, limit in self._declared.items()}
@@ -293,7 +293,7 @@ class Follower:
             self._in_transit.pop(id(acq), None)
 
     def _untransit(self, acq: Acquisition, now: float) -> tuple[int, dict[str, float]]:
-        """Take ``acq`` out of transit: the AIMD generation it was sent in, and per key what
+        """Take ``acq`` out of transit: the generation of the rate it was sent in, and per key what
         the provider may not have counted yet when it answered.
 
         The provider counted every request that reached it before it answered. A request sent
@@ -418,6 +418,10 @@ class Follower:
                     key,
                     self._published[key],
                 )
+            if factor < self._told[key]:
+                # What was sent before the set knew this was sent at a rate it no longer
+                # allows: a 429 for it says nothing new (see ``_refused``).
+                self._generation += 1
             self._told[key] = factor
 
     def _refused(self, now: float, generation: int) -> None:
