@@ -56,7 +56,8 @@ def test_d_a_pool_key_at_a_quarter_stops_being_refused(backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_d_without_headers_the_refused_key_adapts_and_its_traffic_moves(backend: str) -> None:
     outcome = run(backend, factor=0.25, headers="none", calls=160, pool=True)
-    assert outcome.last_rejection("b") <= 5  # measured 1.4-3.4 windows; without adapt 3.7-9.9
+    # AIMD keeps probing, so a 429 may still come now and then; most of them stop.
+    assert outcome.rejected_share(key="b", after=2) <= 0.15
     assert outcome.sent_after("a", 2) >= 1.3 * outcome.sent_after("b", 2)
 
 
