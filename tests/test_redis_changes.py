@@ -15,6 +15,8 @@ import textwrap
 import threading
 import uuid
 
+import pytest
+
 from aiolimits import LimitSet, RateLimit
 
 from ._redis_server import RedisServer, redis_server
@@ -134,3 +136,15 @@ def test_a_shrink_by_another_client_sends_away_only_the_waiters_above_it(
     first.change_limit("r", capacity=10)  # 6 free: "small" is admitted at once
     threads[1].join(60)
     assert outcomes["small"] == "granted"
+
+
+def test_a_keyed_set_on_redis_says_a_change_is_not_supported_yet(
+    redis_server: RedisServer,
+) -> None:
+    from aiolimits import KeyedLimitSet
+    from aiolimits.redis import RedisBackend
+
+    keyed = KeyedLimitSet(DECLARED, backend=RedisBackend(redis_server.url), name=uuid.uuid4().hex)
+    with pytest.raises(NotImplementedError, match="KeyedLimitSet"):
+        keyed.change_limit("r", capacity=2)
+    assert keyed.limits == tuple(DECLARED)
