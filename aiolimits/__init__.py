@@ -9,6 +9,7 @@ sets (API keys, regions). See ``docs/`` for the guides.
 from __future__ import annotations
 
 from ._acquisition import Acquisition as Acquisition
+from ._adaptive import Adaptation as Adaptation
 from ._backends._base import Backend as Backend
 from ._backends.memory import MemoryBackend as MemoryBackend
 from ._backends.process import ProcessBackend as ProcessBackend
@@ -31,6 +32,7 @@ from ._statistics import ResourceLimitStatistics as ResourceLimitStatistics
 
 __all__ = [
     "Acquisition",
+    "Adaptation",
     "Backend",
     "BackendUnavailable",
     "CallLimit",

@@ -71,6 +71,21 @@ def _parser() -> argparse.ArgumentParser:
         help="send without aiolimits, to see the provider's 429s",
     )
     demo.add_argument(
+        "--provider-factor",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="the provider really allows F times its published limits (0 < F <= 1; default 1): "
+        "the client declares the published ones and must learn the real ones",
+    )
+    demo.add_argument(
+        "--provider-headers",
+        choices=["none", "openai", "anthropic"],
+        default="none",
+        help="the rate-limit headers the provider answers with (default none: only 429 and "
+        "Retry-After, so the client adapts with AIMD)",
+    )
+    demo.add_argument(
         "--png", type=Path, default=Path("aiolimits-demo.png"), help="where to write the timeline"
     )
     demo.add_argument("--no-png", action="store_true", help="do not write the timeline")

@@ -114,6 +114,31 @@ def test_command_line_prints_the_summary_and_writes_the_png(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_command_line_learns_a_provider_at_half_from_its_headers_and_draws_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    png = tmp_path / "timeline.png"
+    argv = ["demo", "--calls", "60", "--no-progress", "--png", str(png)]
+    argv += ["--rpm", "6000", "--tpm", "270000", "--window", "2", "--min-prompt", "20"]
+    argv += ["--max-prompt", "200", "--max-tokens", "50", "--concurrency", "2", "--latency", "2,8"]
+    argv += ["--provider-factor", "0.5", "--provider-headers", "anthropic"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "really allows 0.5 x" in out
+    # The client declared 8,499 tokens per bucket; the provider announced half its 9,000.
+    assert "learned: tokens 4,250" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_provider_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="provider_factor"):
+        DemoConfig(provider_factor=0)
+    with pytest.raises(ValueError, match="provider_headers must be one of"):
+        DemoConfig(provider_headers="google")
+    with pytest.raises(ValueError, match="provider_headers needs"):
+        DemoConfig(provider_headers="openai", algorithm="fixed_window")
+
+
 def test_command_line_refuses_a_margin_that_leaves_nothing(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -44,6 +44,8 @@ def demo(args: argparse.Namespace) -> int:
             latency=args.latency,
             seed=args.seed,
             use_limits=not args.without_limits,
+            provider_factor=args.provider_factor,
+            provider_headers=args.provider_headers,
         )
         limits = client_limits(config)
     except ValueError as exc:
@@ -57,6 +59,13 @@ def demo(args: argparse.Namespace) -> int:
         f"{config.provider_calls:,} requests and {config.provider_tokens:,} tokens per "
         f"{config.window:g} s) and answers 429 beyond."
     )
+    if config.provider_factor != 1 or config.provider_headers != "none":
+        console.print(
+            f"The provider really allows {config.provider_factor:g} x that "
+            f"({config.real_calls:,} requests and {config.real_tokens:,} tokens per "
+            f"{config.window:g} s) and sends rate-limit headers: {config.provider_headers}; "
+            "the client follows what it says (AIMD on 429s without headers)."
+        )
     if config.use_limits:
         calls, tokens = limits[0].capacity, limits[1].capacity
         bucket = config.algorithm in ("token_bucket", "gcra")

@@ -29,6 +29,11 @@ would arrive closer than ``1/r`` to the next one.
 
 The margin costs a fraction ``K * m / (C + r * T)`` of the throughput over a run of ``T``
 seconds: small for a window holding many requests, and zero for the rate itself.
+
+With ``provider_factor < 1`` the provider really allows only that share of what it publishes and
+the client declares; the transport follows it (``adapt=``, ``aiolimits._adaptive``): from the
+``openai`` or ``anthropic`` headers the provider may send, or by AIMD on its 429s without them.
+The summary and the PNG show the limits it learned.
 """
 
 from __future__ import annotations
@@ -43,11 +48,12 @@ from typing import Any, Final, final
 import anyio
 import httpx
 
+from .._adaptive import Adaptation, LimitChange, follower_for
 from .._client_limits import client_limits as safe_client_limits
 from .._limits import CallLimit, Limit, RateLimit, RateLimitAlgorithm, ResourceLimit
 from .._limitset import LimitSet
 from ..integrations.httpx import LimitedTransport
-from .provider import Arrival, SimulatedProvider, count_tokens
+from .provider import HEADERS, Arrival, SimulatedProvider, count_tokens
 
 __all__ = ["ALGORITHMS", "DemoConfig", "Summary", "client_limits", "run"]
 
@@ -67,6 +73,8 @@ class DemoConfig:
         "max_prompt",
         "max_tokens",
         "min_prompt",
+        "provider_factor",
+        "provider_headers",
         "rpm",
         "seed",
         "tpm",
@@ -89,7 +97,17 @@ class DemoConfig:
         latency: tuple[float, float] = (0.02, 0.1),
         seed: int = 1,
         use_limits: bool = True,
+        provider_factor: float = 1.0,
+        provider_headers: str = "none",
     ) -> None:
+        if not (0 < provider_factor <= 1):
+            raise ValueError(f"provider_factor must be in (0, 1], got {provider_factor!r}")
+        if provider_headers not in HEADERS:
+            raise ValueError(
+                f"provider_headers must be one of {', '.join(HEADERS)}, got {provider_headers!r}"
+            )
+        if provider_headers != "none" and algorithm not in ("token_bucket", "gcra"):
+            raise ValueError("provider_headers needs the token_bucket or gcra algorithm")
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
         for name, value in (("calls", calls), ("concurrency", concurrency), ("rpm", rpm)):
@@ -113,6 +131,8 @@ class DemoConfig:
         self.latency = latency
         self.seed = seed
         self.use_limits = use_limits
+        self.provider_factor = provider_factor
+        self.provider_headers = provider_headers
 
     @property
     def provider_calls(self) -> int:
@@ -123,6 +143,23 @@ class DemoConfig:
     def provider_tokens(self) -> int:
         """Tokens per window at the provider."""
         return max(1, math.floor(self.tpm * self.window / 60))
+
+    @property
+    def real_calls(self) -> int:
+        """Requests per window the provider really admits: ``provider_factor`` of its published."""
+        return max(1, math.floor(self.provider_calls * self.provider_factor))
+
+    @property
+    def real_tokens(self) -> int:
+        """Tokens per window the provider really admits."""
+        return max(1, math.floor(self.provider_tokens * self.provider_factor))
+
+    @property
+    def adaptation(self) -> Adaptation:
+        """How the client follows the provider: what it was told the provider allows."""
+        return Adaptation(
+            published={"call_count": self.provider_calls, "tokens": self.provider_tokens}
+        )
 
     @property
     def largest_request(self) -> int:
@@ -154,6 +191,7 @@ class Summary:
         "arrivals",
         "calls",
         "calls_measured",
+        "changes",
         "config",
         "elapsed",
         "rejected",
@@ -175,8 +213,10 @@ class Summary:
         rejected: list[float],
         retried: int,
         waits: list[float],
+        changes: list[LimitChange] | None = None,
     ) -> None:
         self.config = config
+        self.changes = changes or []
         self.calls = calls
         self.elapsed = elapsed
         self.arrivals = sorted(arrivals, key=lambda a: a.at)
@@ -213,7 +253,7 @@ class Summary:
         against one window.
         """
         cfg = self.config
-        caps = (cfg.provider_calls, cfg.provider_tokens)
+        caps = (cfg.real_calls, cfg.real_tokens)
         amounts: tuple[Callable[[Arrival], float], ...] = (lambda a: 1.0, lambda a: a.tokens)
         arrivals = self.arrivals
         if not arrivals:
@@ -247,18 +287,31 @@ class Summary:
             else "the complete windows between the first and the last arrival"
         )
         (calls, calls_max), (tokens, tokens_max) = self.calls_measured, self.tokens_measured
+        real = (
+            f"  the provider really allows {cfg.provider_factor:g} x its published limits "
+            f"({cfg.real_calls:,} requests and {cfg.real_tokens:,} tokens per {cfg.window:g} s); "
+            f"rate-limit headers: {cfg.provider_headers}"
+        )
+        learned = [
+            f"  learned: {key} {change.capacity:,.0f} at {change.at - self.arrivals[0].at:.1f} s"
+            for key in ("call_count", "tokens")
+            for change in [c for c in self.changes if c.key == key][-1:]
+            if self.arrivals
+        ]
         return [
             f"{self.calls:,} calls in {self.elapsed:.1f} s ({cfg.algorithm}, {mode})",
+            *([real] if cfg.provider_factor != 1 or cfg.provider_headers != "none" else []),
             "                  admitted  the limit allowed   used",
             f"  requests  {calls:>14,.0f}  {calls_max:>17,.0f}  {self.used_calls:6.1%}",
             f"  tokens    {tokens:>14,.0f}  {tokens_max:>17,.0f}  {self.used_tokens:6.1%}",
             f"  (measured at the provider: {stretch})",
             f"  rate: {self.rate_per_minute(len(self.arrivals)):,.0f} requests/min and "
             f"{self.rate_per_minute(self.tokens):,.0f} tokens/min "
-            f"(limits {cfg.rpm:,} and {cfg.tpm:,}"
+            f"(limits {cfg.rpm * cfg.provider_factor:,.0f} and {cfg.tpm * cfg.provider_factor:,.0f}"
             + (f", plus the burst of a full {cfg.window:g} s bucket)" if bucket else ")"),
             f"  provider answered 429: {len(self.rejected)} times (client retries: {self.retried})",
             f"  waited for the limits: p50 {self.wait(0.5):.3f} s, p99 {self.wait(0.99):.3f} s",
+            *learned,
         ]
 
 
@@ -282,12 +335,13 @@ async def run(
     """
     rng = random.Random(config.seed)
     provider = SimulatedProvider(
-        calls=config.provider_calls,
-        tokens=config.provider_tokens,
+        calls=config.real_calls,
+        tokens=config.real_tokens,
         window_seconds=config.window,
         algorithm=RateLimitAlgorithm(config.algorithm),
         latency=config.latency,
         seed=config.seed,
+        headers=config.provider_headers,
     )
     # Without aiolimits' rate limits the client still sends at most ``concurrency`` requests at
     # once (as its connection pool would), so the comparison is about the rates alone.
@@ -318,6 +372,7 @@ async def run(
         cost=cost if config.use_limits else None,
         usage=usage if config.use_limits else None,
         retries=2 if config.use_limits else 0,
+        adapt=config.adaptation if config.use_limits else False,
     )
     waits: list[float] = []
     done = 0
@@ -357,4 +412,5 @@ async def run(
         rejected=provider.rejections,
         retried=transport.stats["retried"],
         waits=waits,
+        changes=list(follower_for(limits, config.adaptation).changes) if config.use_limits else [],
     )

@@ -11,8 +11,9 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
+from typing import Any
 
-from .run import Summary
+from .run import Summary, client_limits
 
 __all__ = ["MISSING", "write_png"]
 
@@ -31,6 +32,31 @@ def _envelope(summary: Summary, capacity: int, times: list[float]) -> list[float
     if cfg.algorithm == "fixed_window":
         return [capacity * (math.floor(t / w) - math.floor(first / w) + 1) for t in times]
     return [capacity * (math.floor((t - first) / w) + 1) for t in times]
+
+
+def _learned(ax: Any, summary: Summary, first: float, end: float) -> None:
+    """The client's limits over time, as a share of what it declared, against the provider's."""
+    cfg = summary.config
+    declared = {limit.key: float(getattr(limit, "capacity", 1)) for limit in client_limits(cfg)}
+    for key, label, color in (
+        ("call_count", "requests", "#1f77b4"),
+        ("tokens", "tokens", "#2ca02c"),
+    ):
+        xs, ys = [0.0], [1.0]
+        for change in summary.changes:
+            if change.key == key:
+                xs.append(max(0.0, change.at - first))
+                ys.append(change.capacity / declared[key])
+        xs.append(max(end, xs[-1]))
+        ys.append(ys[-1])
+        ax.step(xs, ys, where="post", color=color, label=f"client's {label} limit (learned)")
+    ax.axhline(
+        cfg.provider_factor, color="#d62728", linestyle="--", label="the provider's real share"
+    )
+    ax.set_ylabel("share of the declared limit")
+    ax.set_ylim(0, 1.1)
+    ax.legend(loc="upper right", fontsize=9)
+    ax.grid(alpha=0.3)
 
 
 def write_png(summary: Summary, path: Path) -> Path:
@@ -52,10 +78,15 @@ def write_png(summary: Summary, path: Path) -> Path:
     times = [a.at - first for a in summary.arrivals]
     end = times[-1]
     grid = [end * i / 400 for i in range(401)]
-    fig, axes = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    learning = bool(summary.changes) or cfg.provider_factor != 1
+    fig, all_axes = plt.subplots(
+        3 if learning else 2, 1, figsize=(9, 9 if learning else 6.5), sharex=True
+    )
+    axes = all_axes[:2]
+    rpm, tpm = cfg.rpm * cfg.provider_factor, cfg.tpm * cfg.provider_factor
     panels = (
-        ("requests", [1] * len(times), cfg.provider_calls, f"{cfg.rpm:,} RPM"),
-        ("tokens", [a.tokens for a in summary.arrivals], cfg.provider_tokens, f"{cfg.tpm:,} TPM"),
+        ("requests", [1] * len(times), cfg.real_calls, f"{rpm:,.0f} RPM"),
+        ("tokens", [a.tokens for a in summary.arrivals], cfg.real_tokens, f"{tpm:,.0f} TPM"),
     )
     for ax, (what, amounts, capacity, rate) in zip(axes, panels, strict=True):
         cumulative = list(itertools.accumulate(amounts))
@@ -69,7 +100,9 @@ def write_png(summary: Summary, path: Path) -> Path:
         ax.set_ylabel(f"{what}, cumulative")
         ax.legend(loc="upper left", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[-1].set_xlabel("seconds since the first request reached the provider")
+    if learning:
+        _learned(all_axes[2], summary, first, end)
+    all_axes[-1].set_xlabel("seconds since the first request reached the provider")
     fig.suptitle(
         f"{'with' if cfg.use_limits else 'WITHOUT'} aiolimits: {summary.calls:,} LLM calls, "
         f"{cfg.algorithm}, "

@@ -6,6 +6,9 @@
 * :mod:`aiolimits.integrations.httpx`: an httpx transport for client-side fan-out that acquires
   before each request, settles real usage from the response and backs every caller off together
   when the server answers 429 (extra ``httpx``).
+* :mod:`aiolimits.integrations.aiohttp_client`: the same for ``aiohttp.ClientSession``, as a
+  client middleware (extra ``aiohttp``, aiohttp 3.12 or later).
+* :mod:`aiolimits.integrations.headers`: reads a provider's rate-limit headers (no framework).
 
 Importing this package imports no framework; each module imports only its own.
 """

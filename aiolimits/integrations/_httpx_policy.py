@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import cast, final
 
 import httpx
 
 from .._acquisition import Acquisition
+from .._adaptive import (
+    Adaptation,
+    Follower,
+    adaptation_of,
+    follower_for,
+    set_of,
+    settle_with,
+)
 from .._keyed import KeyedLimitSet
 from .._limitset import LimitSet
 from .._numbers import check_timeout, describe
@@ -20,6 +28,7 @@ from ._common import Requested, is_keyed
 from .headers import read_retry_after
 
 __all__ = [
+    "Adaptation",
     "Cost",
     "Key",
     "Limits",
@@ -43,6 +52,7 @@ class Policy:
 
     __slots__ = (
         "_lock",
+        "adaptation",
         "cost",
         "key",
         "keyed",
@@ -63,8 +73,10 @@ class Policy:
         key: Key | None,
         retries: int,
         timeout: float | None,
+        adapt: bool | Adaptation = False,
     ) -> None:
         keyed = is_keyed(limits)
+        self.adaptation = adaptation_of(adapt, keyed=keyed)
         if not keyed and not isinstance(limits, (LimitSet, LimitPool)):
             raise TypeError(
                 f"limits must be a LimitSet, LimitPool or KeyedLimitSet, got {describe(limits)}"
@@ -131,24 +143,32 @@ class Policy:
         with self._lock:
             self.paused += 1
             self.retried += 1
-        limits = self.limits
         if self.keyed is not None:
             self.keyed.pause(seconds, key=key)
-        elif isinstance(limits, LimitPool):
-            for limit_set in limits.limit_sets:
-                if limit_set.config is acq.config:  # the set this acquisition came from
-                    limit_set.pause(seconds)
-                    return
-            limits.pause(seconds)
         else:
-            assert isinstance(limits, LimitSet)
-            limits.pause(seconds)
+            set_of(self.limits, acq).pause(seconds)
 
-    def report(self, request: httpx.Request, response: httpx.Response, acq: Acquisition) -> None:
-        assert self.usage is not None
-        used = self.usage(request, response)
-        if used is not None:
-            acq.update(used)
+    def follower(self, acq: Acquisition) -> Follower | None:
+        """The follower of the set ``acq`` came from, when following the provider."""
+        if self.adaptation is None:
+            return None
+        return follower_for(set_of(self.limits, acq), self.adaptation)
+
+    def report(
+        self,
+        request: httpx.Request,
+        response: httpx.Response | None,
+        acq: Acquisition,
+        settle: Mapping[str, float],
+    ) -> None:
+        """Settle ``acq``: the real usage (when ``usage`` is given and there is a response) plus
+        for the keys of ``settle``, what brings the set in line with the provider, in one update."""
+        used = (
+            self.usage(request, response)
+            if self.usage is not None and response is not None
+            else None
+        )
+        settle_with(acq, used, settle)
 
     def stats(self) -> dict[str, int]:
         with self._lock:

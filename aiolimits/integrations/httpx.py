@@ -33,15 +33,17 @@ and tasks can share one set of limits. Both keep their checks, keys, pauses and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import TypeVar, final
 
 import httpx
 
 from .._acquisition import Acquisition
+from .._adaptive import follow_answer, follow_answer_sync
 from .._numbers import describe
 from ._httpx_policy import (
+    Adaptation,
     Cost,
     Key,
     Limits,
@@ -102,6 +104,10 @@ class LimitedTransport(_Policied, httpx.AsyncBaseTransport):
             again (0: never), before the 429 is returned.
         timeout: seconds to wait for the limits at most, per attempt (None: no limit); then
             ``TimeoutError``.
+        adapt: follow the provider (a LimitSet or LimitPool): after each answer, bring the set
+            in line with what its rate-limit headers say remains and adopt a lower limit they
+            announce; on a 429 without them, lower the rate multiplicatively and recover it
+            additively (AIMD). ``True`` for the defaults, or an :class:`Adaptation`.
 
     Examples:
         >>> limits = LimitSet([CallLimit(60, 500), RateLimit("tokens", 60, 90_000)])
@@ -126,9 +132,16 @@ class LimitedTransport(_Policied, httpx.AsyncBaseTransport):
         key: Key | None = None,
         retries: int = 2,
         timeout: float | None = None,
+        adapt: bool | Adaptation = False,
     ) -> None:
         self._policy = Policy(
-            limits, cost=cost, usage=usage, key=key, retries=retries, timeout=timeout
+            limits,
+            cost=cost,
+            usage=usage,
+            key=key,
+            retries=retries,
+            timeout=timeout,
+            adapt=adapt,
         )
         self._transport = _inner(transport, httpx.AsyncBaseTransport, httpx.AsyncHTTPTransport)
 
@@ -143,17 +156,38 @@ class LimitedTransport(_Policied, httpx.AsyncBaseTransport):
             held = policy.acquire(key, requested)
             acq = await held.__aenter__()
             waited += acq.waited
+            follower = None
             try:
+                follower = policy.follower(acq)
+                if follower is not None:
+                    follower.sent(acq)
                 request.extensions = {**request.extensions, "aiolimits": acq.config}
                 response = await self._transport.handle_async_request(request)
             except BaseException:
-                await held.__aexit__(None, None, None)
+                try:
+                    if follower is not None:
+                        follower.abandoned(acq)
+                finally:
+                    await held.__aexit__(None, None, None)
+                raise
+            try:
+                settle = {}
+                if follower is not None:
+                    settle = await follow_answer(
+                        follower, acq, response.status_code, response.headers.items()
+                    )
+            except BaseException:
+                try:
+                    await response.aclose()
+                finally:
+                    await held.__aexit__(None, None, None)
                 raise
             wait = policy.backoff(response, attempt)
             if wait is None:
                 response.extensions = {**response.extensions, "aiolimits_waited": waited}
-                return await self._settle(request, response, acq, held)
+                return await self._settle(request, response, acq, held, settle)
             try:
+                policy.report(request, None, acq, settle)
                 await response.aclose()
             finally:
                 await held.__aexit__(None, None, None)
@@ -169,25 +203,33 @@ class LimitedTransport(_Policied, httpx.AsyncBaseTransport):
         response: httpx.Response,
         acq: Acquisition,
         held: AbstractAsyncContextManager[Acquisition],
+        settle: Mapping[str, float],
     ) -> httpx.Response:
         policy = self._policy
         if response.is_stream_consumed:
             # Already in memory (a response built with its content, as mock transports do):
             # nothing left to hold, and it is its own decoded view.
             try:
-                if policy.usage is not None:
-                    policy.report(request, response, acq)
+                policy.report(request, response, acq, settle)
             finally:
                 await held.__aexit__(None, None, None)
             return response
         if policy.usage is None:
             # Held until the caller closes the response (or reads it to the end).
+            try:
+                policy.report(request, None, acq, settle)
+            except BaseException:
+                try:
+                    await response.aclose()
+                finally:
+                    await held.__aexit__(None, None, None)
+                raise
             return rebuilt(response, request, ReleasingAsyncStream(response, held))
         try:
             raw = b"".join([chunk async for chunk in response.aiter_raw()])
             decoded = view(response, request, raw)
             await decoded.aread()
-            policy.report(request, decoded, acq)
+            policy.report(request, decoded, acq, settle)
         finally:
             try:
                 await response.aclose()
@@ -215,9 +257,16 @@ class LimitedSyncTransport(_Policied, httpx.BaseTransport):
         key: Key | None = None,
         retries: int = 2,
         timeout: float | None = None,
+        adapt: bool | Adaptation = False,
     ) -> None:
         self._policy = Policy(
-            limits, cost=cost, usage=usage, key=key, retries=retries, timeout=timeout
+            limits,
+            cost=cost,
+            usage=usage,
+            key=key,
+            retries=retries,
+            timeout=timeout,
+            adapt=adapt,
         )
         self._transport = _inner(transport, httpx.BaseTransport, httpx.HTTPTransport)
 
@@ -232,17 +281,38 @@ class LimitedSyncTransport(_Policied, httpx.BaseTransport):
             held = policy.acquire_sync(key, requested)
             acq = held.__enter__()
             waited += acq.waited
+            follower = None
             try:
+                follower = policy.follower(acq)
+                if follower is not None:
+                    follower.sent(acq)
                 request.extensions = {**request.extensions, "aiolimits": acq.config}
                 response = self._transport.handle_request(request)
             except BaseException:
-                held.__exit__(None, None, None)
+                try:
+                    if follower is not None:
+                        follower.abandoned(acq)
+                finally:
+                    held.__exit__(None, None, None)
+                raise
+            try:
+                settle = {}
+                if follower is not None:
+                    settle = follow_answer_sync(
+                        follower, acq, response.status_code, response.headers.items()
+                    )
+            except BaseException:
+                try:
+                    response.close()
+                finally:
+                    held.__exit__(None, None, None)
                 raise
             wait = policy.backoff(response, attempt)
             if wait is None:
                 response.extensions = {**response.extensions, "aiolimits_waited": waited}
-                return self._settle(request, response, acq, held)
+                return self._settle(request, response, acq, held, settle)
             try:
+                policy.report(request, None, acq, settle)
                 response.close()
             finally:
                 held.__exit__(None, None, None)
@@ -258,22 +328,30 @@ class LimitedSyncTransport(_Policied, httpx.BaseTransport):
         response: httpx.Response,
         acq: Acquisition,
         held: AbstractContextManager[Acquisition],
+        settle: Mapping[str, float],
     ) -> httpx.Response:
         policy = self._policy
         if response.is_stream_consumed:
             try:
-                if policy.usage is not None:
-                    policy.report(request, response, acq)
+                policy.report(request, response, acq, settle)
             finally:
                 held.__exit__(None, None, None)
             return response
         if policy.usage is None:
+            try:
+                policy.report(request, None, acq, settle)
+            except BaseException:
+                try:
+                    response.close()
+                finally:
+                    held.__exit__(None, None, None)
+                raise
             return rebuilt(response, request, ReleasingSyncStream(response, held))
         try:
             raw = b"".join(response.iter_raw())
             decoded = view(response, request, raw)
             decoded.read()
-            policy.report(request, decoded, acq)
+            policy.report(request, decoded, acq, settle)
         finally:
             try:
                 response.close()
