@@ -9,11 +9,16 @@ On asyncio and uvloop each ``--timer-slack`` value (default 0, 0.001, 0.005) run
 aiolimiter's ``AsyncLimiter`` (when installed), interleaved over ``--repeats`` repeats in a new
 shuffled order each time; CPU per grant is also shown as a ratio to aiolimiter's median. trio runs
 aiolimits alone (aiolimiter is asyncio-only).
+
+``--scale 100 100000`` measures instead how the CPU per grant grows with the number of waiters
+(asyncio): each size of queue runs ``--grants`` grants in steady state (:func:`scale_run`),
+interleaved over the repeats, and is shown as a ratio to the first size's median.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import random
 import statistics
@@ -72,6 +77,68 @@ async def run(
     return wall / (n / rate), cpu / n * 1e6, kendall_tau(granted)
 
 
+async def scale_run(waiters: int, rate: float, grants: int) -> tuple[float, float, float]:
+    """``(wall / ideal, CPU µs per grant, Kendall tau)`` of ``grants`` grants made while
+    ``waiters`` tasks wait on one TokenBucket of ``rate`` per second, in steady state.
+
+    Every task acquires 1 unit in a loop, so a granted task joins the tail again and the queue
+    stays ``waiters`` long. The clock starts once every task has joined the queue (making the
+    tasks is not the limiter's cost) and stops after ``grants`` grants: every grant measured
+    includes the granted task's release and its next arrival at the tail."""
+    limits = LimitSet([RateLimit("r", 1, rate)])
+    assert limits.try_acquire({"r": rate}).successful  # use up the burst
+    tickets = iter(range(1 << 62))
+    granted: list[int] = []
+    done = anyio.Event()
+    counting = False
+
+    async def worker() -> None:
+        while True:
+            ticket = next(tickets)  # taken just before joining the queue
+            async with limits.acquire({"r": 1}):
+                if counting:
+                    granted.append(ticket)
+                    if len(granted) == grants:
+                        done.set()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(waiters):
+            tg.start_soon(worker)
+        while limits.statistics().waiting < waiters:
+            await anyio.sleep(0.01)
+        # Let the grants the making of the tasks delayed go (the bucket refilled meanwhile),
+        # and collect its garbage, so that the window sees the steady state only.
+        await anyio.sleep(1.0)
+        gc.collect()
+        counting = True
+        cpu0, t0 = time.process_time(), time.monotonic()
+        await done.wait()
+        wall, cpu = time.monotonic() - t0, time.process_time() - cpu0
+        tg.cancel_scope.cancel()
+    return wall / (grants / rate), cpu / grants * 1e6, kendall_tau(granted)
+
+
+def scale_main(sizes: list[int], rate: float, grants: int, repeats: int) -> None:
+    """Print CPU per grant against the number of waiters, as a ratio to the first size."""
+    rng = random.Random(3)
+    results: dict[int, list[tuple[float, float, float]]] = {n: [] for n in sizes}
+    for _ in range(repeats):
+        order = sizes[:]
+        rng.shuffle(order)
+        for n in order:
+            results[n].append(anyio.run(scale_run, n, rate, grants, backend="asyncio"))
+            wall, cpu, tau = results[n][-1]
+            print(f"  waiters {n:,}: {cpu:.1f} us, wall/ideal {wall:.4f}, tau {tau:.3f}", flush=True)
+    base = statistics.median(c for _, c, _ in results[sizes[0]])
+    for n, runs in results.items():
+        cpu = Summary.of([c for _, c, _ in runs])
+        print(
+            f"waiters {n:>9,}  wall/ideal {Summary.of([w for w, _, _ in runs]).fmt('.4f')}"
+            f"  CPU per grant {cpu.fmt('.1f')} us ({cpu.median / base:.2f}x {sizes[0]:,} waiters;"
+            f" target <= 1.1x)  Kendall tau {Summary.of([t for _, _, t in runs]).fmt('.3f')}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=200)
@@ -81,7 +148,12 @@ def main() -> None:
     parser.add_argument(
         "--timer-slack", type=float, nargs="+", default=[0.0, 0.001, 0.005], metavar="SECONDS"
     )
+    parser.add_argument("--scale", type=int, nargs="+", metavar="WAITERS", help="see above")
+    parser.add_argument("--grants", type=int, default=20_000, help="grants per --scale run")
     args = parser.parse_args()
+    if args.scale:
+        scale_main(args.scale, args.rate, args.grants, args.repeats)
+        return
     with_peer = importlib.util.find_spec("aiolimiter") is not None
     rng = random.Random(3)
     for label, backend, options in (
