@@ -89,10 +89,15 @@ async def scale_run(waiters: int, rate: float, grants: int) -> tuple[float, floa
     assert limits.try_acquire({"r": rate}).successful  # use up the burst
     tickets = iter(range(1 << 62))
     granted: list[int] = []
-    done = anyio.Event()
+    done, all_queued = anyio.Event(), anyio.Event()
     counting = False
+    started = 0
 
     async def worker() -> None:
+        nonlocal started
+        started += 1
+        if started == waiters:  # it joins the queue in this step, as every task before it did
+            all_queued.set()
         while True:
             ticket = next(tickets)  # taken just before joining the queue
             async with limits.acquire({"r": 1}):
@@ -104,12 +109,11 @@ async def scale_run(waiters: int, rate: float, grants: int) -> tuple[float, floa
     async with anyio.create_task_group() as tg:
         for _ in range(waiters):
             tg.start_soon(worker)
-        while limits.statistics().waiting < waiters:
-            await anyio.sleep(0.01)
-        # Let the grants the making of the tasks delayed go (the bucket refilled meanwhile),
-        # and collect its garbage, so that the window sees the steady state only.
-        await anyio.sleep(1.0)
+        await all_queued.wait()
+        # Collect the garbage of making the tasks, then let the grants that it and the collection
+        # delayed go by (the bucket refilled meanwhile): the window sees the steady state only.
         gc.collect()
+        await anyio.sleep(2.0)
         counting = True
         cpu0, t0 = time.process_time(), time.monotonic()
         await done.wait()
@@ -128,7 +132,7 @@ def scale_main(sizes: list[int], rate: float, grants: int, repeats: int) -> None
         for n in order:
             results[n].append(anyio.run(scale_run, n, rate, grants, backend="asyncio"))
             wall, cpu, tau = results[n][-1]
-            print(f"  waiters {n:,}: {cpu:.1f} us, wall/ideal {wall:.4f}, tau {tau:.3f}", flush=True)
+            print(f"  {n:,} waiters: {cpu:.1f} us, wall/ideal {wall:.4f}, tau {tau:.3f}")
     base = statistics.median(c for _, c, _ in results[sizes[0]])
     for n, runs in results.items():
         cpu = Summary.of([c for _, c, _ in runs])

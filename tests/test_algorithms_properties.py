@@ -459,6 +459,7 @@ def test_bucket_refunds_stay_honest_when_its_peak_log_folds(
     for i in range(2000):  # the level drops by 1.5 per step, from 4096 to 1096
         t = exact(Fraction(i, 2))
         receipts.append((state.take(2.0, t), model.take(Fraction(2), Fraction(t))))
+    assert isinstance(state._peaks, PeakLog)
     assert len(state._peaks) <= PeakLog.LIMIT
     t = exact(Fraction(1999, 2))
     exact_answers = asked = 0
