@@ -15,7 +15,8 @@ Memory stays bounded two ways:
   order on every use costs several cache misses once there are millions of keys). Each new key
   first looks at a few keys at the old end of the order: a fresh one is dropped, one used since
   it was last looked at goes to the new end with its flag cleared (amortised O(1), no timer, no
-  background task).
+  background task). Keys leave only from the old end, so the order is a deque of the keys'
+  schedulers beside a plain dict (about half the memory per key of an ``OrderedDict``).
 * ``max_keys`` bounds the rest: at the bound, a new key drops the first key at the old end that
   was not used since last looked at and has no waiter and no resource slot held, fresh or not.
   That key's client then starts again from full limits (its recent usage is forgotten: the policy
