@@ -605,7 +605,9 @@ def test_a_bucket_full_at_its_last_take_keeps_a_number_not_a_log_and_refunds_the
     kinds = []
     receipts = []
     for t, amount in ((0, 3), (1, 2), (20, 1), (20, 4), (40, 2)):
-        receipts.append((state.take(float(amount), float(t)), model.take(Fraction(amount), t)))
+        receipts.append(
+            (state.take(float(amount), float(t)), model.take(Fraction(amount), Fraction(t)))
+        )
         kinds.append(type(state._peaks).__name__)
     assert kinds == ["int", "PeakLog", "int", "PeakLog", "int"]
     for now in (40, 41, 45):
