@@ -28,6 +28,7 @@ from aiolimits import LimitSet, RateLimit
 from . import keyed, peers
 from ._common import Summary, kendall_tau, most_in_window
 from ._report import write_chart, write_markdown
+from .contended import scale_run
 
 
 @attrs.frozen
@@ -40,16 +41,32 @@ class Settings:
     rate: float
     contended_repeats: int
     floor_iterations: int
-    scale_waiters: tuple[int, ...]
+    scale_waiters: tuple[int, ...]  # queue lengths, the first the baseline of the ratios
     scale_rate: float
+    scale_grants: int  # grants measured in steady state per queue length and repeat
     scale_repeats: int
     cancel_waiters: int
     keys: int  # distinct keys in the keyed scenario
 
 
-QUICK = Settings(True, 20_000, 5, 200, 5, 1000.0, 3, 1000, (100, 1000), 2000.0, 3, 1000, 200_000)
+QUICK = Settings(
+    True, 20_000, 5, 200, 5, 1000.0, 3, 1000, (100, 10_000), 2000.0, 4000, 3, 1000, 200_000
+)
 FULL = Settings(
-    False, 100_000, 11, 1000, 5, 1000.0, 5, 3000, (100, 1000, 10_000), 2000.0, 3, 2000, 1_000_000
+    False,
+    100_000,
+    11,
+    1000,
+    5,
+    1000.0,
+    5,
+    3000,
+    (100, 1000, 10_000, 100_000),
+    2000.0,
+    20_000,
+    3,
+    2000,
+    1_000_000,
 )
 LOOPS: tuple[tuple[str, dict[str, Any]], ...] = (("asyncio", {}), ("uvloop", {"use_uvloop": True}))
 
@@ -159,11 +176,16 @@ async def _contended_suite(s: Settings) -> tuple[dict[str, list[Contended]], lis
 
 
 async def _scale_suite(s: Settings) -> dict[int, list[Contended]]:
+    """Each queue length in steady state (``contended.scale_run``), interleaved in a new
+    shuffled order in every repeat."""
     results: dict[int, list[Contended]] = {w: [] for w in s.scale_waiters}
+    rng = random.Random(2)
     for _ in range(s.scale_repeats):
-        for waiters in s.scale_waiters:
-            grant = await peers.aiolimits_grant(s.scale_rate)
-            results[waiters].append(await contended_run(grant, waiters, 2, s.scale_rate))
+        order = list(s.scale_waiters)
+        rng.shuffle(order)
+        for waiters in order:
+            wall, cpu, tau = await scale_run(waiters, s.scale_rate, s.scale_grants)
+            results[waiters].append(Contended(wall, cpu, 0, tau, True))
     return results
 
 

@@ -85,15 +85,23 @@ def tables(r: Results) -> str:
             )
         out.append("")
     out.append("\n## Scale: aiolimits CPU per grant against the number of waiters\n")
+    first = s.scale_waiters[0]
     out.append(
-        f"N waiters x 2 acquisitions at {s.scale_rate:.0f}/s on asyncio; "
-        f"median (min-max) of {s.scale_repeats} repeats.\n"
+        f"N tasks each acquiring 1 unit in a loop from one limit of {s.scale_rate:.0f}/s on "
+        f"asyncio, so N waiters are always queued; {s.scale_grants:,} grants measured in steady "
+        "state, once every task has joined the queue (`benchmarks.contended.scale_run`). "
+        f"÷ {first:,}: CPU per grant as a ratio to the median with {first:,} waiters (target: "
+        f"at most 1.1 with 100,000). Median (min-max) of {s.scale_repeats} interleaved repeats.\n"
     )
-    out.append("| waiters | wall/ideal | CPU µs/grant | tau |\n|---|---|---|---|")
+    out.append(
+        f"| waiters | wall/ideal | CPU µs/grant | ÷ {first:,} | tau |\n|---|---|---|---|---|"
+    )
+    base = Summary.of([c.cpu_us for c in r.scale[first]]).median
     for waiters, runs in r.scale.items():
+        cpu = Summary.of([c.cpu_us for c in runs])
         out.append(
             f"| {waiters:,} | {Summary.of([c.wall_ratio for c in runs]).fmt('.3f')} "
-            f"| {Summary.of([c.cpu_us for c in runs]).fmt('.1f')} "
+            f"| {cpu.fmt('.1f')} | {cpu.median / base:.2f} "
             f"| {Summary.of([c.tau for c in runs]).fmt('.3f')} |"
         )
     out.append("\n## Cancellation: aiolimits with half the waiters cancelled\n")

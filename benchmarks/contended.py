@@ -9,11 +9,16 @@ On asyncio and uvloop each ``--timer-slack`` value (default 0, 0.001, 0.005) run
 aiolimiter's ``AsyncLimiter`` (when installed), interleaved over ``--repeats`` repeats in a new
 shuffled order each time; CPU per grant is also shown as a ratio to aiolimiter's median. trio runs
 aiolimits alone (aiolimiter is asyncio-only).
+
+``--scale 100 100000`` measures instead how the CPU per grant grows with the number of waiters
+(asyncio): each size of queue runs ``--grants`` grants in steady state (:func:`scale_run`),
+interleaved over the repeats, and is shown as a ratio to the first size's median.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import random
 import statistics
@@ -72,6 +77,76 @@ async def run(
     return wall / (n / rate), cpu / n * 1e6, kendall_tau(granted)
 
 
+async def scale_run(waiters: int, rate: float, grants: int) -> tuple[float, float, float]:
+    """``(wall / ideal, CPU µs per grant, Kendall tau)`` of ``grants`` grants made while
+    ``waiters`` tasks wait on one TokenBucket of ``rate`` per second, in steady state.
+
+    Every task acquires 1 unit in a loop, so a granted task joins the tail again and the queue
+    stays ``waiters`` long. The clock starts once every task has joined the queue (making the
+    tasks is not the limiter's cost) and stops after ``grants`` grants: every grant measured
+    includes the granted task's release and its next arrival at the tail."""
+    limits = LimitSet([RateLimit("r", 1, rate)])
+    assert limits.try_acquire({"r": rate}).successful  # use up the burst
+    tickets = iter(range(1 << 62))
+    granted: list[int] = []
+    done, all_queued = anyio.Event(), anyio.Event()
+    counting = False
+    started = 0
+
+    window = [0.0, 0.0, 0.0, 0.0]  # CPU and wall time at the start and at the last grant counted
+
+    async def worker() -> None:
+        nonlocal started, counting
+        started += 1
+        if started == waiters:  # it joins the queue in this step, as every task before it did
+            all_queued.set()
+        while True:
+            ticket = next(tickets)  # taken just before joining the queue
+            async with limits.acquire({"r": 1}):
+                if counting:
+                    granted.append(ticket)
+                    if len(granted) == grants:  # the window closes: the teardown is not in it
+                        window[2:] = time.process_time(), time.monotonic()
+                        counting = False
+                        done.set()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(waiters):
+            tg.start_soon(worker)
+        await all_queued.wait()
+        # Collect the garbage of making the tasks, then let the grants that it and the collection
+        # delayed go by (the bucket refilled meanwhile): the window sees the steady state only.
+        gc.collect()
+        await anyio.sleep(2.0)
+        counting = True
+        window[:2] = time.process_time(), time.monotonic()
+        await done.wait()
+        tg.cancel_scope.cancel()
+    cpu, wall = window[2] - window[0], window[3] - window[1]
+    return wall / (grants / rate), cpu / grants * 1e6, kendall_tau(granted)
+
+
+def scale_main(sizes: list[int], rate: float, grants: int, repeats: int) -> None:
+    """Print CPU per grant against the number of waiters, as a ratio to the first size."""
+    rng = random.Random(3)
+    results: dict[int, list[tuple[float, float, float]]] = {n: [] for n in sizes}
+    for _ in range(repeats):
+        order = sizes[:]
+        rng.shuffle(order)
+        for n in order:
+            results[n].append(anyio.run(scale_run, n, rate, grants, backend="asyncio"))
+            wall, cpu, tau = results[n][-1]
+            print(f"  {n:,} waiters: {cpu:.1f} us, wall/ideal {wall:.4f}, tau {tau:.3f}")
+    base = statistics.median(c for _, c, _ in results[sizes[0]])
+    for n, runs in results.items():
+        cpu = Summary.of([c for _, c, _ in runs])
+        print(
+            f"waiters {n:>9,}  wall/ideal {Summary.of([w for w, _, _ in runs]).fmt('.4f')}"
+            f"  CPU per grant {cpu.fmt('.1f')} us ({cpu.median / base:.2f}x {sizes[0]:,} waiters;"
+            f" target <= 1.1x)  Kendall tau {Summary.of([t for _, _, t in runs]).fmt('.3f')}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=200)
@@ -81,7 +156,12 @@ def main() -> None:
     parser.add_argument(
         "--timer-slack", type=float, nargs="+", default=[0.0, 0.001, 0.005], metavar="SECONDS"
     )
+    parser.add_argument("--scale", type=int, nargs="+", metavar="WAITERS", help="see above")
+    parser.add_argument("--grants", type=int, default=20_000, help="grants per --scale run")
     args = parser.parse_args()
+    if args.scale:
+        scale_main(args.scale, args.rate, args.grants, args.repeats)
+        return
     with_peer = importlib.util.find_spec("aiolimiter") is not None
     rng = random.Random(3)
     for label, backend, options in (

@@ -459,6 +459,7 @@ def test_bucket_refunds_stay_honest_when_its_peak_log_folds(
     for i in range(2000):  # the level drops by 1.5 per step, from 4096 to 1096
         t = exact(Fraction(i, 2))
         receipts.append((state.take(2.0, t), model.take(Fraction(2), Fraction(t))))
+    assert isinstance(state._peaks, PeakLog)
     assert len(state._peaks) <= PeakLog.LIMIT
     t = exact(Fraction(1999, 2))
     exact_answers = asked = 0
@@ -589,3 +590,29 @@ def test_fixed_window_index_is_floor_of_time_over_window_when_exact(
     # Exact regime: the index is the true floor(t / W), not one computed from a rounded quotient.
     k = FixedWindowState("k", 1, exact(window), 0.0).window_index(exact(t))
     assert k == math.floor(t / window)
+
+
+@pytest.mark.parametrize("cls", [TokenBucketState, GCRAState], ids=lambda c: c.__name__)
+def test_a_bucket_full_at_its_last_take_keeps_a_number_not_a_log_and_refunds_the_same(
+    cls: type[TokenBucketState] | type[GCRAState],
+) -> None:
+    # A keyed set holds a million buckets, most used now and then: while the last take found the
+    # bucket full, only that take's number is kept (no older receipt can get anything back).
+    # The log comes back with a take below full, and the refunds are the model's throughout.
+    c = 8.0  # one unit per second
+    state = cls("k", c, c, 0.0)
+    model = BucketModel(Fraction(c), Fraction(c), Fraction(0))
+    kinds = []
+    receipts = []
+    for t, amount in ((0, 3), (1, 2), (20, 1), (20, 4), (40, 2)):
+        receipts.append(
+            (state.take(float(amount), float(t)), model.take(Fraction(amount), Fraction(t)))
+        )
+        kinds.append(type(state._peaks).__name__)
+    assert kinds == ["int", "PeakLog", "int", "PeakLog", "int"]
+    for now in (40, 41, 45):
+        for i in range(len(receipts)):
+            trial, receipt = copy.deepcopy((state, receipts[i][0]))
+            trial_model, model_receipt = copy.deepcopy((model, receipts[i][1]))
+            given = trial.refund(receipt, 1.0, float(now))
+            assert given == trial_model.refund(model_receipt, Fraction(1), Fraction(now)), (i, now)

@@ -80,6 +80,14 @@ def use(keyed: KeyedLimitSet, key: str, requested: Requested = None) -> bool:
         return acq.successful
 
 
+def clock_order(keyed: KeyedLimitSet) -> list[str]:
+    """The keys held, oldest first in the CLOCK order (each key once, the same as the dict's)."""
+    order = [sched.key for sched in keyed._order]
+    assert sorted(order) == sorted(keyed._entries)
+    assert all(keyed._entries[sched.key] is sched for sched in keyed._order)
+    return order
+
+
 # -- 1. keyed isolation ------------------------------------------------------------------------
 
 
@@ -449,7 +457,7 @@ def test_a_resource_key_is_dropped_once_its_slots_are_released() -> None:
     assert "b" not in keyed
     held.release()
     keyed.try_acquire("d").release()  # sweeps c (fresh), then a (fresh now)
-    assert sorted(keyed._entries) == ["d"]
+    assert sorted(clock_order(keyed)) == ["d"]
     assert keyed.get_keys_stats()["dropped"] == 3
 
 
@@ -460,7 +468,7 @@ def test_a_new_key_drops_at_most_three_fresh_keys() -> None:
         use(keyed, key, {"tokens": 1})
     clock.advance(1.0)  # every key is full again
     use(keyed, "z", {"tokens": 1})
-    assert sorted(keyed._entries) == ["d", "e", "z"]
+    assert sorted(clock_order(keyed)) == ["d", "e", "z"]
     assert keyed.get_keys_stats()["dropped"] == 3
 
 
@@ -471,7 +479,7 @@ def test_the_sweep_stops_at_a_least_recently_used_key_that_is_still_recovering()
     use(keyed, "quick", {"tokens": 1})  # 1 s
     clock.advance(1.0)
     use(keyed, "new", {"tokens": 1})
-    assert list(keyed._entries) == ["slow", "quick", "new"]
+    assert clock_order(keyed) == ["slow", "quick", "new"]
     assert keyed.get_keys_stats()["dropped"] == 0
 
 
@@ -541,7 +549,7 @@ def test_an_acquisition_never_released_pins_nothing() -> None:
     assert len(keyed) <= 3
     clock.advance(1000.0)
     assert use(keyed, "e", {"tokens": 1})
-    assert sorted(keyed._entries) == ["e"]
+    assert sorted(clock_order(keyed)) == ["e"]
 
 
 def test_a_key_holding_resource_slots_is_never_dropped() -> None:
@@ -576,13 +584,13 @@ def test_at_max_keys_a_new_key_forgets_the_least_recently_used_idle_key() -> Non
         assert use(keyed, key, {"tokens": 1})
     assert not use(keyed, "a", {"tokens": 1})  # a is used again: b is the least recently used
     use(keyed, "d", {"tokens": 1})
-    assert list(keyed._entries) == ["c", "a", "d"]
+    assert clock_order(keyed) == ["c", "a", "d"]
     stats = keyed.get_keys_stats()
     assert (stats["keys"], stats["dropped"], stats["forgotten"]) == (3, 0, 1)
     # b's usage is forgotten: it starts again from full limits (the policy errs on admitting).
     assert keyed.retry_after("b", {"tokens": 1}) == 0.0
     assert use(keyed, "b", {"tokens": 1})
-    assert list(keyed._entries) == ["a", "d", "b"]
+    assert clock_order(keyed) == ["a", "d", "b"]
     assert keyed.get_keys_stats()["forgotten"] == 2
     # a still remembers its usage.
     assert keyed.retry_after("a", {"tokens": 1}) == 60.0
@@ -596,7 +604,7 @@ def test_questions_do_not_count_as_use_for_the_lru_order() -> None:
     keyed.retry_after("a", {"tokens": 1})
     keyed.get_stats("a")
     use(keyed, "c", {"tokens": 1})
-    assert list(keyed._entries) == ["b", "c"]
+    assert clock_order(keyed) == ["b", "c"]
 
 
 async def test_keys_with_waiters_or_slots_held_are_never_forgotten(
@@ -618,7 +626,7 @@ async def test_keys_with_waiters_or_slots_held_are_never_forgotten(
             assert "w" in keyed
             assert "h" in keyed
         # Over the bound by the two pinned keys; each new idle key forgot the one before it.
-        assert sorted(keyed._entries) == ["h", "n2", "w"]
+        assert sorted(clock_order(keyed)) == ["h", "n2", "w"]
         assert keyed.get_keys_stats() == {
             "keys": 3,
             "max_keys": 2,
@@ -641,7 +649,7 @@ def test_when_every_key_is_pinned_the_count_exceeds_max_keys() -> None:
     for acq in held:
         acq.release()
     keyed.try_acquire("e").release()  # once released, fresh keys go again (three per new key)
-    assert sorted(keyed._entries) == ["d", "e"]
+    assert sorted(clock_order(keyed)) == ["d", "e"]
     assert keyed.get_keys_stats()["dropped"] == 3
 
 

@@ -128,6 +128,22 @@ class PeakLog(list[float]):
         self._seq = 0
         self._seqs: list[int] = []
 
+    @classmethod
+    def after(cls, seq: int, level: float) -> PeakLog:
+        """The log after operation ``seq`` (0: none yet) found the bucket at ``level``, a
+        level no earlier one reached (a full bucket): that one entry hides every older one."""
+        log = cls()
+        log._seq = seq
+        if seq:
+            log.append(level)
+            log._seqs.append(seq)
+        return log
+
+    @property
+    def seq(self) -> int:
+        """The number of the last operation recorded."""
+        return self._seq
+
     def record(self, level: float) -> int:
         """Note the level just before an operation that lowers it; returns that operation's
         number, which a receipt keeps: the peaks that matter to it are the ones after it."""

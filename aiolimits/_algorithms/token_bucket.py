@@ -76,7 +76,11 @@ class TokenBucketState(RateState):
         super().__init__(key, capacity, window, now)
         self._level: float = capacity  # tokens at _stamp: full
         self._stamp = now
-        self._peaks = PeakLog()  # levels in tokens, for honest refunds
+        # The levels before the operations that lowered it, in tokens, for honest refunds
+        # (PeakLog). While the last such operation found the bucket full, no older receipt can
+        # get anything back and the log is that operation's number alone, an int (0: none yet):
+        # a bucket used now and then, as most keys of a keyed set are, then holds no log.
+        self._peaks: PeakLog | int = 0
 
     # -- the exact questions -------------------------------------------------------------------
 
@@ -139,6 +143,14 @@ class TokenBucketState(RateState):
             self._level = -first_true(lambda u: self._has(-u, now), -estimate, -self.capacity)
             self._stamp = now
 
+    def _log(self) -> PeakLog:
+        """The log of peaks, made from the number that stands for it if need be (see
+        ``__init__``): the log of one entry, the full bucket before that operation."""
+        peaks = self._peaks
+        if isinstance(peaks, int):
+            peaks = self._peaks = PeakLog.after(peaks, self.capacity)
+        return peaks
+
     # -- the verbs -----------------------------------------------------------------------------
 
     def earliest(self, amount: float, now: float) -> float:
@@ -176,7 +188,11 @@ class TokenBucketState(RateState):
                 peak = self._level_at(now)
         else:
             peak = level
-        seq = self._peaks.record(peak)
+        peaks = self._peaks
+        if peak < capacity:
+            seq = self._log().record(peak)
+        else:  # full: the log is the number of this operation (see __init__)
+            seq = self._peaks = (peaks if isinstance(peaks, int) else peaks.seq) + 1
         # level - amount, rounded down (sub_down, inline)
         left = level - amount
         bb = left - level
@@ -189,7 +205,7 @@ class TokenBucketState(RateState):
         self._bring(now)
         level = self._level_at(now)
         # Only what the cap has not absorbed since the take can honestly come back (PeakLog).
-        given = give_back(self._peaks, receipt, amount, level, self.capacity)
+        given = give_back(self._log(), receipt, amount, level, self.capacity)
         if given > 0:
             # Rounded down, so the level stays below the exact one; full is full exactly.
             self._level = sub_down(self._level, -given)
@@ -200,7 +216,12 @@ class TokenBucketState(RateState):
 
     def charge(self, receipt: Receipt, amount: float, now: float) -> Receipt:
         self._bring(now)
-        seq = self._peaks.record(self._level_at(now))
+        level = self._level_at(now)
+        peaks = self._peaks
+        if level < self.capacity:
+            seq = self._log().record(level)
+        else:
+            seq = self._peaks = (peaks if isinstance(peaks, int) else peaks.seq) + 1
         self._level = sub_down(self._level, amount)
         parts: list[list[float]] = receipt if receipt is not None else []
         parts.append([seq, amount])

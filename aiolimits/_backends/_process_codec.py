@@ -43,13 +43,21 @@ __all__ = ["StateCodec"]
 _NEG_INF = -math.inf
 
 
-def _dump_peaks(peaks: PeakLog) -> tuple[int, list[int], list[float]]:
+def _dump_peaks(peaks: PeakLog | int) -> int | tuple[int, list[int], list[float]]:
+    if isinstance(peaks, int):  # the number that stands for a log (TokenBucketState.__init__)
+        return peaks
     # The live list of numbers, not a copy: it is marshalled at once, under the lock. The log is
     # itself the list of levels, a list subclass, which marshal refuses: a plain copy of it.
     return peaks._seq, peaks._seqs, peaks[:]
 
 
-def _load_peaks(peaks: PeakLog, data: Any) -> None:
+def _load_peaks(state: TokenBucketState, data: Any) -> None:
+    if isinstance(data, int):
+        state._peaks = data
+        return
+    peaks = state._peaks
+    if isinstance(peaks, int):
+        peaks = state._peaks = PeakLog()
     # Lists fresh from marshal.loads, owned by nobody else.
     peaks._seq, peaks._seqs, peaks[:] = data
 
@@ -160,7 +168,7 @@ class StateCodec:
                 state.in_use = value
             elif isinstance(state, TokenBucketState):  # and GCRAState
                 state._level, state._stamp = value[0], value[1]
-                _load_peaks(state._peaks, value[2])
+                _load_peaks(state, value[2])
             elif isinstance(state, FixedWindowState):
                 state._count, state._index, start, end, state._shift = value
                 state._start = _NEG_INF if start is None else start
