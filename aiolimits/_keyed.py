@@ -209,7 +209,7 @@ class KeyedLimitSet(Door):
         elif not isinstance(backend, Backend):
             raise TypeError(f"backend must be a backend such as MemoryBackend(), got {backend!r}")
         # None: the keys live here; else the factory of a shared backend's per-key proxies.
-        self._shared: KeyFactory | None = backend.attach_keyed(limits, clock, name)
+        self._shared: KeyFactory | None = backend.attach_keyed(limits, clock, name, max_keys)
         self._backend = backend
         self._proxies: OrderedDict[str, _Proxy] = OrderedDict()
         self._init_door(limits, frozen_config, clock, slack)

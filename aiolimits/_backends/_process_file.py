@@ -52,7 +52,15 @@ import struct
 import zlib
 from typing import Final
 
-__all__ = ["FORMAT", "HEADER", "StateFile", "StateFileError", "open_directory"]
+__all__ = [
+    "FORMAT",
+    "HEADER",
+    "StateFile",
+    "StateFileError",
+    "check_opened",
+    "open_directory",
+    "reserve",
+]
 
 MAGIC: Final = b"AIOLIMIT"
 FORMAT: Final = 2
@@ -156,7 +164,7 @@ def _check_directory(fd: int, path: str) -> None:
         os.fchmod(fd, 0o700)  # ours, but readable by others: narrow it
 
 
-def _check_opened(fd: int, shown: str) -> os.stat_result:
+def check_opened(fd: int, shown: str) -> os.stat_result:
     st = os.fstat(fd)
     uid = os.geteuid()
     if not stat.S_ISREG(st.st_mode):
@@ -178,7 +186,7 @@ def _head(file_id: int) -> bytes:
     return head + _CRC.pack(zlib.crc32(head))
 
 
-def _reserve(fd: int, offset: int, length: int, shown: str) -> None:
+def reserve(fd: int, offset: int, length: int, shown: str) -> None:
     try:
         os.posix_fallocate(fd, offset, length)
     except OSError as exc:
@@ -232,7 +240,7 @@ class StateFile:
                 raise
             else:
                 try:
-                    _check_opened(fd, self.path)
+                    check_opened(fd, self.path)
                 except BaseException:
                     os.close(fd)
                     raise
@@ -242,7 +250,7 @@ class StateFile:
             fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=directory)
             try:
                 os.fchmod(fd, 0o600)  # whatever the umask
-                _reserve(fd, 0, HEADER, self.path)
+                reserve(fd, 0, HEADER, self.path)
                 os.pwrite(fd, _head(secrets.randbits(64)), 0)
                 os.link(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
             except FileExistsError:
@@ -292,7 +300,7 @@ class StateFile:
         """Under the lock: make the file an empty state file again (a new file id, no slots)."""
         self.file_id = secrets.randbits(64)
         os.ftruncate(self.fd, 0)
-        _reserve(self.fd, 0, HEADER, self.path)
+        reserve(self.fd, 0, HEADER, self.path)
         os.pwrite(self.fd, _head(self.file_id), 0)
         self._fields = [None, None]
         self._newest = -1
@@ -387,7 +395,7 @@ class StateFile:
             cap = 4096
             while cap < 2 * length:
                 cap *= 2
-            _reserve(self.fd, offset, cap, self.path)
+            reserve(self.fd, offset, cap, self.path)
         last = fields[newest] if newest >= 0 else None
         version = (last[0] if last is not None else 0) + 1
         new = (version, offset, cap, length, zlib.crc32(data))

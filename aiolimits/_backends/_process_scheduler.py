@@ -50,9 +50,8 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
-from fcntl import LOCK_EX, LOCK_UN, flock
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from .._algorithms import RateState, SemaphoreState
 from .._limits import Limit
@@ -63,7 +62,7 @@ from ._declaration import declaration, declaration_json, mismatch
 from ._process_codec import StateCodec
 from ._process_file import StateFile, StateFileError
 
-__all__ = ["ProcessScheduler"]
+__all__ = ["ProcessScheduler", "Storage", "boot_id", "clock_tag"]
 
 _INF = math.inf
 _LAYOUT = 3
@@ -75,7 +74,7 @@ Owner = tuple[int, int, int, int]  # pid, start time, pid namespace, serial in i
 Ticket = tuple[int, Owner, tuple[int, ...]]  # number, owner, indexes of the keys it names
 
 
-def _boot_id() -> str:
+def boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
@@ -83,7 +82,7 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def _clock_tag(clock: Callable[[], float]) -> str:
+def clock_tag(clock: Callable[[], float]) -> str:
     """Which clock the shared times are on. ``time.monotonic`` (CLOCK_MONOTONIC) is one clock for
     the whole machine; any other clock is private to the process and object that uses it."""
     if clock is time.monotonic:
@@ -173,6 +172,27 @@ def _check_shared(shared: Any, keys: int) -> str | None:
     return None
 
 
+class Storage(Protocol):
+    """Where a scheduler's shared state is kept: a :class:`StateFile`, or the record of one key in
+    a keyed table (``_process_keyed``). Every method but ``close`` runs under ``lock()``."""
+
+    path: str
+
+    def lock(self) -> None: ...
+
+    def unlock(self) -> None: ...
+
+    def changed(self) -> bool: ...
+
+    def read(self) -> tuple[bytes | None, bool]: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def forget(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class ProcessScheduler(Scheduler):
     """The core scheduler over state shared through a :class:`StateFile`; it is its own lock."""
 
@@ -214,6 +234,24 @@ class ProcessScheduler(Scheduler):
         states: tuple[RateState, ...],
         clock: Callable[[], float],
     ) -> None:
+        self._setup(directory, name, limits, states, clock)
+        self._file: Storage = StateFile(directory.fd, filename, f"{directory.path}/{filename}")
+        try:
+            self._attach(name, limits)
+        except BaseException:
+            self._file.close()
+            raise
+        weakref.finalize(self, self._file.close)
+
+    def _setup(
+        self,
+        directory: peers.Directory,
+        name: str,
+        limits: tuple[Limit, ...],
+        states: tuple[RateState, ...],
+        clock: Callable[[], float],
+    ) -> None:
+        """Everything but the storage (a state file here; a keyed table's record elsewhere)."""
         super().__init__(states, clock)
         # Every key's tally is part of the shared state, so it exists from the start.
         self.refunded: dict[str, float] = {state.key: 0.0 for state in states}
@@ -229,7 +267,7 @@ class ProcessScheduler(Scheduler):
         pid, start, ns = peers.my_identity()
         self._me: Owner = (pid, start, ns, next(_serials))
         self._forks = peers.forks
-        self._meta = (_boot_id(), _clock_tag(clock), declaration_json(limits))
+        self._meta = (boot_id(), clock_tag(clock), declaration_json(limits))
         self._bytes = b""
         self._foreign: list[Ticket] = []  # other processes' waiting tickets, in order
         self._mine: dict[Waiter, tuple[int, tuple[int, ...]]] = {}
@@ -241,13 +279,6 @@ class ProcessScheduler(Scheduler):
         self._poke = False
         self._watch: frozenset[peers.Peer] = frozenset()
         self._dir = directory
-        self._file = StateFile(directory.fd, filename, f"{directory.path}/{filename}")
-        try:
-            self._attach(name, limits)
-        except BaseException:
-            self._file.close()
-            raise
-        weakref.finalize(self, self._file.close)
 
     # -- attaching ---------------------------------------------------------------------------
 
@@ -309,12 +340,12 @@ class ProcessScheduler(Scheduler):
         self._local.acquire()
         try:
             file = self._file
-            flock(file.fd, LOCK_EX)
+            file.lock()
             try:
                 if file.changed():
                     self._reload()
             except BaseException:
-                flock(file.fd, LOCK_UN)
+                file.unlock()
                 raise
         except BaseException:
             self._local.release()
@@ -330,7 +361,7 @@ class ProcessScheduler(Scheduler):
             try:
                 poke = self._store()
             finally:
-                flock(self._file.fd, LOCK_UN)
+                self._file.unlock()
             if poke is not None:
                 self._dir.send(poke)
         finally:
@@ -485,7 +516,7 @@ class ProcessScheduler(Scheduler):
         try:
             if b"\x7f" in data or b"\xff" in data:  # see _check_finite
                 self._check_finite(data, shared)
-            self._file.write(data)
+            self._write(data, shared)
         except BaseException:
             self._file.forget()  # reload next time: what is on file is the truth
             self._bytes = b""
@@ -502,6 +533,10 @@ class ProcessScheduler(Scheduler):
             return None
         self._first = first[0]
         return owners[first[1]][0] or None
+
+    def _write(self, data: bytes, shared: Any) -> None:
+        """Store ``data`` (``shared``, encoded) as the next version of the state."""
+        self._file.write(data)
 
     def _check_finite(self, data: bytes, shared: Any) -> None:
         # Marshal writes a float as b"g" and its 8 IEEE bytes, little-endian; a non-finite one
