@@ -66,3 +66,46 @@ def serve(sock: socket.socket, location: str) -> None:
         build(location), lifespan="off", ws="none", log_level="warning", access_log=False
     )
     uvicorn.Server(config).run(sockets=[sock])
+
+
+# -- children of the multi-process tests ---------------------------------------------------------
+
+
+def queue_then_report(keyed: KeyedLimitSet, key: str, events: Any, release: Any) -> None:
+    """Wait for ``key``'s slot, report the grant, hold it until told."""
+    with keyed.acquire_sync(key, {"conn": 1}, timeout=60):
+        events.put("child")
+        release.wait(60)
+
+
+def wait_for_tokens(keyed: KeyedLimitSet, key: str, events: Any) -> None:
+    """Wait (no timeout) for 1 token of ``key``'s bucket, which refills in an hour."""
+    with keyed.acquire_sync(key, {"r": 1}):
+        events.put("granted")
+
+
+def ping_pong(keyed: KeyedLimitSet, key: str, rounds: int, out: Any) -> None:
+    """Take ``key``'s only slot ``rounds`` times, from a thread and from asyncio in turn."""
+    import asyncio
+
+    async def take() -> None:
+        async with keyed.acquire(key, {"conn": 1}, timeout=60):
+            await asyncio.sleep(0.0002)
+
+    for i in range(rounds):
+        if i % 2:
+            asyncio.run(take())
+        else:
+            with keyed.acquire_sync(key, {"conn": 1}, timeout=60):
+                pass
+    out.put(rounds)
+
+
+def hold_lock_forever(keyed: KeyedLimitSet, key: str, ready: Any) -> None:
+    """Enter ``key``'s lock (its shard's lock) and never leave (the parent kills us)."""
+    import time
+
+    proxy = keyed._checkout(key)
+    with proxy.sched.lock:
+        ready.set()
+        time.sleep(3600)

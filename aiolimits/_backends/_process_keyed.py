@@ -540,41 +540,51 @@ class KeyedTable:
         with contextlib.suppress(OSError):
             os.unlink(self.overflow_name(tag), dir_fd=self.dir.fd)
 
-    def record_data(self, record: bytes, overflow: StateFile | None = None) -> bytes | None:
+    def _overflow(self, tag: bytes) -> StateFile:
+        return StateFile(self.dir.fd, self.overflow_name(tag), f"{self.path} (overflow)")
+
+    def record_data(self, record: bytes) -> bytes | None:
         """The data of a live record, or None when it is damaged."""
         flags, length, crc, tag, version = _REC.unpack_from(record)
+        header = zlib.crc32(_REC.pack(flags & _OVERFLOW, length, 0, tag, version))
         if flags & _OVERFLOW:
-            if length != 0:
-                return None
+            # Opened anew each time: the file may have been replaced since (the record went
+            # inline, its file removed, then overflowed again).
             try:
-                file = overflow or StateFile(self.dir.fd, self.overflow_name(tag), self.path)
+                file = self._overflow(tag)
             except (OSError, ValueError):
                 return None
             try:
                 data, _intact = file.read()
+            except (OSError, ValueError):
+                data = None
             finally:
-                if overflow is None:
-                    file.close()
-            check = zlib.crc32(_REC.pack(flags & _OVERFLOW, 0, 0, tag, version))
-            return data if data is not None and crc == check else None
-        if length > len(record) - _REC_BYTES:
+                file.close()
+        elif length <= len(record) - _REC_BYTES:
+            data = record[_REC_BYTES : _REC_BYTES + length]
+        else:
             return None
-        data = record[_REC_BYTES : _REC_BYTES + length]
-        check = zlib.crc32(data, zlib.crc32(_REC.pack(0, length, 0, tag, version)))
-        return data if crc == check else None
+        if data is None or len(data) != length or zlib.crc32(data, header) != crc:
+            return None
+        return data
 
-    def pack(self, tag: bytes, data: bytes, version: int) -> bytes | None:
-        """A live, used record holding ``data`` inline, or None if it does not fit."""
+    def pack(self, tag: bytes, data: bytes, version: int) -> bytes:
+        """A live, used record of ``data``: inline if it fits, else written to the key's
+        overflow file first."""
+        flags = 0
         if len(data) > self.geo.record - _REC_BYTES:
-            return None
-        crc = zlib.crc32(data, zlib.crc32(_REC.pack(0, len(data), 0, tag, version)))
-        record = _REC.pack(_LIVE | _USED, len(data), crc, tag, version) + data
+            flags = _OVERFLOW
+            file = self._overflow(tag)
+            try:
+                file.read()  # brings its slots up to date before writing the next copy
+                file.write(data)
+            finally:
+                file.close()
+        crc = zlib.crc32(data, zlib.crc32(_REC.pack(flags, len(data), 0, tag, version)))
+        record = _REC.pack(_LIVE | _USED | flags, len(data), crc, tag, version)
+        if not flags:
+            record += data
         return record + bytes(self.geo.record - len(record))  # as find() reads it back
-
-    def pack_overflow(self, tag: bytes, version: int) -> bytes:
-        crc = zlib.crc32(_REC.pack(_OVERFLOW, 0, 0, tag, version))
-        record = _REC.pack(_LIVE | _USED | _OVERFLOW, 0, crc, tag, version)
-        return record + bytes(self.geo.record - len(record))
 
 
 def _decode(data: bytes) -> Any:
@@ -588,20 +598,9 @@ def _decode(data: bytes) -> Any:
 
 
 class _KeyRecord:
-    """The storage of one key's proxy: its record in the table (see :class:`Storage`)."""
+    """The storage of one key's proxy: its record in the table (see ``Storage``)."""
 
-    __slots__ = (
-        "_found",
-        "_overflow",
-        "_seen",
-        "_slot",
-        "clock",
-        "home",
-        "path",
-        "shard",
-        "table",
-        "tag",
-    )
+    __slots__ = ("_found", "_seen", "_slot", "clock", "home", "path", "shard", "table", "tag")
 
     def __init__(self, table: KeyedTable, key: str, clock: Callable[[], float]) -> None:
         self.table = table
@@ -613,7 +612,6 @@ class _KeyRecord:
         self._seen = b""  # the record as last read or written (b"": none)
         self._found = b""  # the record found under the current lock
         self._slot = -1
-        self._overflow: StateFile | None = None
 
     def lock(self) -> None:
         self.table.lock(self.shard)
@@ -631,53 +629,35 @@ class _KeyRecord:
         found = self._seen = self._found
         if not found:
             return None, True
-        if found[0] & _OVERFLOW and self._overflow is None:
-            with contextlib.suppress(OSError, ValueError):
-                self._overflow = StateFile(
-                    self.table.dir.fd, self.table.overflow_name(self.tag), self.path
-                )
-        data = self.table.record_data(found, self._overflow)
+        data = self.table.record_data(found)
         return data, data is not None
 
     def write(self, data: bytes) -> None:
         table = self.table
-        version = _REC.unpack_from(self._found)[4] + 1 if self._found else 1
+        found = self._found
+        version = _REC.unpack_from(found)[4] + 1 if found else 1
         record = table.pack(self.tag, data, version)
-        if record is None:
-            if self._overflow is None:
-                self._overflow = StateFile(
-                    table.dir.fd, table.overflow_name(self.tag), f"{self.path} overflow"
-                )
-            self._overflow.read()  # brings its slots up to date before writing the next
-            self._overflow.write(data)
-            record = table.pack_overflow(self.tag, version)
-        elif self._found and self._found[0] & _OVERFLOW:
-            self._close_overflow(unlink=True)
-        if not self._found:
+        if not found:
             self._slot = table.insert(self.shard, self.home, self.tag, self.clock())
+        elif found[0] & _OVERFLOW and not record[0] & _OVERFLOW:
+            table.unlink_overflow(self.tag)
         table.write_record(self.shard, self._slot, record)
         self._found = self._seen = record
 
     def remove(self) -> None:
         """Remove the key's record (it is fresh)."""
-        if self._found:
+        found = self._found
+        if found:
             self.table.remove(self.shard, self._slot)
-            if self._found[0] & _OVERFLOW:
-                self._close_overflow(unlink=True)
+            if found[0] & _OVERFLOW:
+                self.table.unlink_overflow(self.tag)
         self._found = self._seen = b""
-
-    def _close_overflow(self, *, unlink: bool) -> None:
-        if self._overflow is not None:
-            self._overflow.close()
-            self._overflow = None
-        if unlink:
-            self.table.unlink_overflow(self.tag)
 
     def forget(self) -> None:
         self._seen = b"\0"  # never equal to a record found: the next lock reloads
 
     def close(self) -> None:
-        self._close_overflow(unlink=False)
+        pass
 
 
 class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
@@ -705,7 +685,6 @@ class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
         counters = (0, 0, 0, None, [0.0] * len(states))
         fresh = (_LAYOUT, None, counters, self._codec.dump(), [], {}, 1)
         self._fresh = marshal.dumps(fresh, _MARSHAL_VERSION)
-        weakref.finalize(self, self._record.close)
 
     def _reload(self) -> None:
         data, intact = self._record.read()
@@ -729,18 +708,22 @@ class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
             return
         self._load(data, shared)
 
-    def _write(self, data: bytes, shared: Any) -> None:
+    def _write(self, data: bytes, shared: Any) -> bytes:
         _layout, _meta, counters, _states, tickets, owners, _next = shared
         now = self.clock()
         if (
-            not tickets
-            and not owners
-            and (counters[3] is None or counters[3] <= now)
-            and all(state.is_fresh(now) for state in self.states)
+            tickets
+            or owners
+            or (counters[3] is not None and counters[3] > now)
+            or not all(state.is_fresh(now) for state in self.states)
         ):
-            self._record.remove()  # fresh: forgotten with no decision changed
-        else:
             self._record.write(data)
+            return data
+        # Fresh: removed, with no decision changed; this proxy now shows a key never seen (its
+        # counters too), as every other process does.
+        self._record.remove()
+        self._load(b"", marshal.loads(self._fresh))
+        return self._fresh
 
     def idle(self) -> bool:
         return not self.queue

@@ -516,12 +516,11 @@ class ProcessScheduler(Scheduler):
         try:
             if b"\x7f" in data or b"\xff" in data:  # see _check_finite
                 self._check_finite(data, shared)
-            self._write(data, shared)
+            self._bytes = self._write(data, shared)
         except BaseException:
             self._file.forget()  # reload next time: what is on file is the truth
             self._bytes = b""
             raise
-        self._bytes = data
         if not tickets:
             self._first = None
             self._poke = False
@@ -534,9 +533,11 @@ class ProcessScheduler(Scheduler):
         self._first = first[0]
         return owners[first[1]][0] or None
 
-    def _write(self, data: bytes, shared: Any) -> None:
-        """Store ``data`` (``shared``, encoded) as the next version of the state."""
+    def _write(self, data: bytes, shared: Any) -> bytes:
+        """Store ``data`` (``shared``, encoded) as the next version of the state; returns the
+        encoded state as it now is (``data``)."""
         self._file.write(data)
+        return data
 
     def _check_finite(self, data: bytes, shared: Any) -> None:
         # Marshal writes a float as b"g" and its 8 IEEE bytes, little-endian; a non-finite one
