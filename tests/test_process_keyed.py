@@ -22,7 +22,6 @@ import httpx
 import pytest
 
 from aiolimits import (
-    CallLimit,
     KeyedLimitSet,
     LimitSet,
     ProcessBackend,
@@ -30,6 +29,7 @@ from aiolimits import (
     RateLimitAlgorithm,
     ResourceLimit,
 )
+from aiolimits._backends._process_keyed import KeyedTable, ProcessKeys
 from aiolimits._limits import Limit
 from aiolimits.testing import ManualClock
 
@@ -124,6 +124,11 @@ def test_the_model_replays_agree_on_the_process_backend(tmp_path: Path) -> None:
         replay(spec, ops, start, make_keyed=_process_keyed(tmp_path))
 
 
+def _table(keyed: KeyedLimitSet) -> KeyedTable:
+    assert isinstance(keyed._shared, ProcessKeys)
+    return keyed._shared.table
+
+
 def _start(target: Any, *args: Any) -> Any:
     proc = _spawn.Process(target=target, args=args, daemon=True)
     proc.start()
@@ -170,7 +175,7 @@ def test_a_keys_waiters_in_two_processes_are_served_in_arrival_order(
     thread.join(60)
     proc.join(60)
     assert proc.exitcode == 0
-    assert keyed._shared.table.live_keys() == 0  # every key fresh again: gone from the table
+    assert _table(keyed).live_keys() == 0  # every key fresh again: gone from the table
 
 
 def test_many_handovers_of_one_key_between_processes_all_complete(
@@ -260,11 +265,9 @@ def test_a_long_log_outgrows_its_record_and_stays_shared(backend: ProcessBackend
     clock.advance(20)  # fresh again: the next change removes it, and its file
     assert one.try_acquire("k", {"r": 1}).successful
     clock.advance(20)
-    with one._proxies["k"].sched.lock:
-        one._proxies["k"].sched._poke = True  # any write: it is fresh, so it goes
-        one._proxies["k"].sched._bytes = b""
+    one.pause(0, key="k")  # a change: the key is fresh, so it goes
     assert [p for p in os.listdir(backend.directory) if p.endswith(".ov")] == []
-    assert one._shared.table.live_keys() == 0
+    assert _table(one).live_keys() == 0
 
 
 # -- the bound, keys and files -------------------------------------------------------------------
@@ -273,9 +276,9 @@ def test_a_long_log_outgrows_its_record_and_stays_shared(backend: ProcessBackend
 def test_at_max_keys_a_new_key_forgets_an_unused_idle_key_never_a_held_one(
     backend: ProcessBackend,
 ) -> None:
-    limits = [RateLimit("r", window_seconds=3600, capacity=2), ResourceLimit("conn", capacity=1)]
+    limits: list[Limit] = [RateLimit("r", 3600, 2), ResourceLimit("conn", capacity=1)]
     keyed = KeyedLimitSet(limits, max_keys=2, backend=backend, name="bound")
-    table = keyed._shared.table
+    table = _table(keyed)
     table.geo.shards = 1  # every key in one shard, so that the sweep meets them all
     held = keyed.try_acquire("held", {"conn": 1})
     assert held.successful
@@ -308,7 +311,7 @@ def test_hostile_keys_stay_in_the_table(backend: ProcessBackend, key: str) -> No
 def test_other_limits_clock_or_max_keys_are_refused(backend: ProcessBackend) -> None:
     limits = [RateLimit("r", window_seconds=60, capacity=5)]
     KeyedLimitSet(limits, backend=backend, name="decl")
-    with pytest.raises(ValueError, match="'decl'.*capacity"):
+    with pytest.raises(ValueError, match=r"'decl'.*capacity"):
         KeyedLimitSet([RateLimit("r", 60, 6)], backend=backend, name="decl")
     with pytest.raises(ValueError, match=r"max_keys=100000, not 10\b"):
         KeyedLimitSet(limits, max_keys=10, backend=backend, name="decl")
@@ -362,4 +365,4 @@ def test_threads_of_two_sets_never_hold_more_of_a_key_than_its_capacity(
         thread.join(120)
     assert max(peak.values()) <= 2
     assert sum(s.get_stats(k)["granted"] for s in sets[:1] for k in "ab") == 0  # all fresh
-    assert sets[0]._shared.table.live_keys() == 0
+    assert _table(sets[0]).live_keys() == 0

@@ -183,6 +183,7 @@ class KeyedTable:
         filename: str,
         name: str,
         limits: tuple[Limit, ...],
+        *,
         clock: Callable[[], float],
         max_keys: int,
     ) -> None:
@@ -273,7 +274,9 @@ class KeyedTable:
                         "damaged): remove it if nothing uses it"
                     )
                 return self._initialise(self.fd, record, max_keys)
-            magic, fmt, size, _file_id, secret, shards, rec, keys, meta_len = _HEAD.unpack_from(head)
+            _magic, fmt, size, _file_id, secret, shards, rec, keys, meta_len = _HEAD.unpack_from(
+                head
+            )
             if fmt != FORMAT or size != HEADER:
                 raise StateFileError(
                     f"{self.path} has keyed state file format {fmt}; this aiolimits reads format "
@@ -352,7 +355,8 @@ class KeyedTable:
 
     def _slot_at(self, shard: int, slot: int) -> int:
         geo = self.geo
-        return geo.table_at + (shard * SLOTS + slot) * geo.record
+        at: int = geo.table_at + (shard * SLOTS + slot) * geo.record
+        return at
 
     def read_slots(self, shard: int, start: int, count: int) -> bytes:
         """``count`` records from ``start`` (not past the shard's end); zeros where the file has
@@ -672,6 +676,7 @@ class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
         limits: tuple[Limit, ...],
         key: str,
         states: tuple[RateState, ...],
+        *,
         clock: Callable[[], float],
     ) -> None:
         table.check_fork()
@@ -683,7 +688,7 @@ class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
         # A fresh key in stored form, from these very states (fresh): what an absent record
         # loads (decoded anew each time: loading hands its lists over to the states).
         counters = (0, 0, 0, None, [0.0] * len(states))
-        fresh = (_LAYOUT, None, counters, self._codec.dump(), [], {}, 1)
+        fresh: tuple[Any, ...] = (_LAYOUT, None, counters, self._codec.dump(), [], {}, 1)
         self._fresh = marshal.dumps(fresh, _MARSHAL_VERSION)
 
     def _reload(self) -> None:
@@ -746,5 +751,6 @@ class ProcessKeys:
         self._clock = clock
 
     def __call__(self, key: str, states: tuple[RateState, ...]) -> KeyProxy:
-        return KeyedProcessScheduler(self.table, self._name, self._limits, key, states, self._clock)
-
+        return KeyedProcessScheduler(
+            self.table, self._name, self._limits, key, states, clock=self._clock
+        )

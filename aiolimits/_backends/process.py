@@ -24,8 +24,8 @@ from .._limits import Limit
 from .._scheduler import Scheduler
 from . import _process_peers as peers
 from ._base import Backend, KeyFactory
-from ._process_keyed import KeyedTable, ProcessKeys
 from ._process_file import open_directory
+from ._process_keyed import KeyedTable, ProcessKeys
 from ._process_scheduler import ProcessScheduler
 
 __all__ = ["ProcessBackend", "runtime_directory"]
@@ -165,7 +165,7 @@ class ProcessBackend(Backend):
         directory = self._directory(name, "KeyedLimitSet")
         assert name is not None
         filename = _state_file_name(name, ".keyed")
-        table = KeyedTable(directory, filename, name, limits, clock, max_keys)
+        table = KeyedTable(directory, filename, name, limits, clock=clock, max_keys=max_keys)
         return ProcessKeys(table, name, limits, clock)
 
     def __reduce__(self) -> tuple[Any, ...]:
