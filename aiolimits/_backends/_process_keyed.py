@@ -172,6 +172,7 @@ class KeyedTable:
         "dir",
         "fd",
         "filename",
+        "fresh",
         "geo",
         "meta",
         "path",
@@ -195,7 +196,9 @@ class KeyedTable:
         now = clock()
         self._scratch = tuple(new_state(limit, now) for limit in limits)
         self._scratch_codec = StateCodec(self._scratch)
-        fresh = len(marshal.dumps(self.fresh_shared(), _MARSHAL_VERSION))
+        #: A fresh key in stored form (its states as made at attach: full, empty, unused).
+        self.fresh = marshal.dumps(self._fresh_shared(), _MARSHAL_VERSION)
+        fresh = len(self.fresh)
         self.fd = self._open(record_size(fresh), max_keys)
         self._flock = _Flock(self.fd)
         try:
@@ -207,8 +210,7 @@ class KeyedTable:
         self._stripes = [threading.Lock() for _ in range(min(self.geo.shards, 1024))]
         self._counts = bytearray()
 
-    def fresh_shared(self) -> tuple[Any, ...]:
-        """The stored form of a fresh key (its states as made at attach: full, empty, unused)."""
+    def _fresh_shared(self) -> tuple[Any, ...]:
         n = len(self._scratch)
         counters = (0, 0, 0, None, [0.0] * n)
         return (_LAYOUT, None, counters, self._scratch_codec.dump(), [], {}, 1)
@@ -673,23 +675,20 @@ class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
         self,
         table: KeyedTable,
         name: str,
-        limits: tuple[Limit, ...],
         key: str,
         states: tuple[RateState, ...],
         *,
         clock: Callable[[], float],
     ) -> None:
         table.check_fork()
-        self._setup(table.dir, name, limits, states, clock)
-        self._meta = None  # type: ignore[assignment]  # checked once, for the table
+        self._setup(table.dir, name, states, clock)
+        self._meta = None  # type: ignore[assignment]  # the table's, checked at attach
         self._record = _KeyRecord(table, key, clock)
         self._file = self._record
         self._local = table.stripe(self._record.shard)
-        # A fresh key in stored form, from these very states (fresh): what an absent record
-        # loads (decoded anew each time: loading hands its lists over to the states).
-        counters = (0, 0, 0, None, [0.0] * len(states))
-        fresh: tuple[Any, ...] = (_LAYOUT, None, counters, self._codec.dump(), [], {}, 1)
-        self._fresh = marshal.dumps(fresh, _MARSHAL_VERSION)
+        # A fresh key in stored form: what an absent record loads (decoded anew each time:
+        # loading hands its lists over to the states).
+        self._fresh = table.fresh
 
     def _reload(self) -> None:
         data, intact = self._record.read()
@@ -751,6 +750,4 @@ class ProcessKeys:
         self._clock = clock
 
     def __call__(self, key: str, states: tuple[RateState, ...]) -> KeyProxy:
-        return KeyedProcessScheduler(
-            self.table, self._name, self._limits, key, states, clock=self._clock
-        )
+        return KeyedProcessScheduler(self.table, self._name, key, states, clock=self._clock)

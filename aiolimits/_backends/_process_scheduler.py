@@ -234,7 +234,8 @@ class ProcessScheduler(Scheduler):
         states: tuple[RateState, ...],
         clock: Callable[[], float],
     ) -> None:
-        self._setup(directory, name, limits, states, clock)
+        self._meta = (boot_id(), clock_tag(clock), declaration_json(limits))
+        self._setup(directory, name, states, clock)
         self._file: Storage = StateFile(directory.fd, filename, f"{directory.path}/{filename}")
         try:
             self._attach(name, limits)
@@ -247,11 +248,11 @@ class ProcessScheduler(Scheduler):
         self,
         directory: peers.Directory,
         name: str,
-        limits: tuple[Limit, ...],
         states: tuple[RateState, ...],
         clock: Callable[[], float],
     ) -> None:
-        """Everything but the storage (a state file here; a keyed table's record elsewhere)."""
+        """Everything but the declaration and the storage (a state file here; a keyed table's
+        record elsewhere, the table holding the declaration)."""
         super().__init__(states, clock)
         # Every key's tally is part of the shared state, so it exists from the start.
         self.refunded: dict[str, float] = {state.key: 0.0 for state in states}
@@ -267,7 +268,6 @@ class ProcessScheduler(Scheduler):
         pid, start, ns = peers.my_identity()
         self._me: Owner = (pid, start, ns, next(_serials))
         self._forks = peers.forks
-        self._meta = (boot_id(), clock_tag(clock), declaration_json(limits))
         self._bytes = b""
         self._foreign: list[Ticket] = []  # other processes' waiting tickets, in order
         self._mine: dict[Waiter, tuple[int, tuple[int, ...]]] = {}
