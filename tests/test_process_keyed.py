@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import socket
 import stat
 import threading
@@ -366,3 +367,19 @@ def test_threads_of_two_sets_never_hold_more_of_a_key_than_its_capacity(
     assert max(peak.values()) <= 2
     assert sum(s.get_stats(k)["granted"] for s in sets[:1] for k in "ab") == 0  # all fresh
     assert _table(sets[0]).live_keys() == 0
+
+
+def test_the_guides_keyed_example_shares_each_client_between_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        "aiolimits._backends.process.runtime_directory", lambda: tmp_path / "aiolimits"
+    )
+    guide = (Path(__file__).parent.parent / "docs" / "process-backend.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", guide, re.DOTALL) if "Keyed" in b)
+    workers: list[dict[str, Any]] = [{}, {}]
+    for namespace in workers:
+        exec(compile(block, "docs/process-backend.md", "exec"), namespace)  # one per "worker"
+    admitted = [workers[i % 2]["per_client"].try_acquire("1.2.3.4").successful for i in range(10)]
+    assert admitted == [True] * 5 + [False] * 5
+    assert (tmp_path / "aiolimits" / "myapp" / "per-client.keyed").exists()
