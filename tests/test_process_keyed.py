@@ -8,6 +8,7 @@ keys and its files.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import re
@@ -19,8 +20,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
+from hypothesis import Phase, given, settings
 
 from aiolimits import (
     KeyedLimitSet,
@@ -35,7 +38,8 @@ from aiolimits._limits import Limit
 from aiolimits.testing import ManualClock
 
 from . import _process_keyed_app as app
-from .test_keyed import FIRST, SECOND, replay
+from .contract._support import eventually, settle
+from .test_keyed import _LIMIT_SPECS, _OPS, FIRST, KEYS, SECOND, AnyioBackend, Spec, replay
 
 _spawn = multiprocessing.get_context("spawn")
 
@@ -111,7 +115,7 @@ def _process_keyed(directory: Path) -> Any:
     def make(limits: list[Limit], clock: ManualClock) -> KeyedLimitSet:
         return KeyedLimitSet(
             limits,
-            max_keys=3,
+            max_keys=len(KEYS),  # never reached: only fresh keys are removed
             backend=ProcessBackend(directory),
             name=uuid.uuid4().hex,
             clock=clock,
@@ -123,6 +127,68 @@ def _process_keyed(directory: Path) -> Any:
 def test_the_model_replays_agree_on_the_process_backend(tmp_path: Path) -> None:
     for spec, ops, start in (FIRST, SECOND):
         replay(spec, ops, start, make_keyed=_process_keyed(tmp_path))
+
+
+@settings(max_examples=15, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(spec=_LIMIT_SPECS, ops=_OPS)
+def test_each_key_on_the_process_backend_decides_as_its_own_limitset(
+    tmp_path_factory: pytest.TempPathFactory, spec: Spec, ops: list[int]
+) -> None:
+    replay(spec, ops, 5.5, make_keyed=_process_keyed(tmp_path_factory.mktemp("replay")))
+
+
+async def test_one_keys_waiters_never_delay_another_across_two_sets(
+    anyio_backend: AnyioBackend, tmp_path: Path
+) -> None:
+    clock = ManualClock()
+    limits = [RateLimit("tokens", window_seconds=20, capacity=2)]  # a token per 10 s
+    one, two = (
+        KeyedLimitSet(limits, backend=ProcessBackend(tmp_path), name="iso", clock=clock)
+        for _ in range(2)
+    )
+    assert one.try_acquire("a", {"tokens": 2}).successful
+    order: list[tuple[str, float]] = []
+
+    async def run(keyed: KeyedLimitSet, name: str) -> None:
+        async with keyed.acquire("a", {"tokens": 1}):
+            order.append((name, clock()))
+
+    async with anyio.create_task_group() as tg:
+        for name, keyed in (("a1", one), ("a2", two), ("a3", one)):
+            tg.start_soon(run, keyed, name)
+            await settle()
+        assert two.get_stats("a")["waiting"] == 3
+        assert not two.try_acquire("a", {"tokens": 1}).successful  # no barging past them
+        assert two.retry_after("b", {"tokens": 1}) == 0.0
+        with anyio.fail_after(5):
+            async with two.acquire("b", {"tokens": 1}) as acq:
+                assert acq.waited == 0.0
+        for i in range(1, 4):
+            clock.advance(10.0)
+            await eventually(lambda i=i: len(order) == i)
+    assert order == [("a1", 10.0), ("a2", 20.0), ("a3", 30.0)]
+
+
+async def test_a_release_in_one_set_admits_a_keys_waiter_in_another(
+    anyio_backend: AnyioBackend, tmp_path: Path
+) -> None:
+    one, two = (_slots(ProcessBackend(tmp_path), "handover") for _ in range(2))
+    holder = one.try_acquire("a", {"conn": 1})
+    assert holder.successful
+    granted: list[bool] = []
+
+    async def wait() -> None:
+        async with two.acquire("a", {"conn": 1}, timeout=30) as acq:
+            granted.append(acq.successful)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait)
+        await eventually(lambda: one.get_stats("a")["waiting"] == 1)
+        assert one.retry_after("a", {"conn": 1}) == math.inf
+        assert two.try_acquire("b", {"conn": 1}).successful  # another key is free
+        holder.release()
+    assert granted == [True]
+    assert _table(one).live_keys() == 1  # "b", never released (an acquisition dropped)
 
 
 def _table(keyed: KeyedLimitSet) -> KeyedTable:
