@@ -17,6 +17,7 @@ import stat
 import threading
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -163,9 +164,9 @@ async def test_one_keys_waiters_never_delay_another_across_two_sets(
         with anyio.fail_after(5):
             async with two.acquire("b", {"tokens": 1}) as acq:
                 assert acq.waited == 0.0
-        for i in range(1, 4):
+        for granted in range(1, 4):
             clock.advance(10.0)
-            await eventually(lambda i=i: len(order) == i)
+            await eventually(partial(lambda n: len(order) == n, granted))
     assert order == [("a1", 10.0), ("a2", 20.0), ("a3", 30.0)]
 
 
