@@ -50,6 +50,7 @@ import secrets
 import stat
 import struct
 import zlib
+from collections.abc import Callable
 from typing import Final
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "StateFileError",
     "check_opened",
     "open_directory",
+    "open_private",
     "reserve",
 ]
 
@@ -196,6 +198,55 @@ def reserve(fd: int, offset: int, length: int, shown: str) -> None:
         ) from exc
 
 
+def open_private(directory: int, name: str, shown: str, initialise: Callable[[int], object]) -> int:
+    """A read-write descriptor of the file ``name`` in the directory descriptor ``directory``,
+    checked private to this user; a missing one is made complete by ``initialise(fd)`` under a
+    temporary name, mode 0600, then linked into place (``link`` fails if the name exists: two
+    processes creating it at once agree on one file). Never through a symlink.
+
+    Raises:
+        StateFileError: the file is a symlink, not a regular file, not this user's, or readable
+            or writable by others (a ``ValueError``; ``shown`` is its path, for messages).
+        OSError: it could not be created (``ENOSPC``: the filesystem is full).
+    """
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        try:
+            fd = os.open(name, flags, dir_fd=directory)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StateFileError(
+                    f"{shown} is a symlink: refusing to follow it (remove it)"
+                ) from None
+            raise
+        else:
+            try:
+                check_opened(fd, shown)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        # Missing: build it complete under a private name, then link it into place.
+        tmp = f".{name[:180]}.{secrets.token_hex(8)}.new"
+        fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=directory)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            initialise(fd)
+            os.link(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
+        except FileExistsError:
+            os.close(fd)  # another process made it first: use theirs
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        else:
+            return fd
+        finally:
+            os.unlink(tmp, dir_fd=directory)
+
+
 class StateFile:
     """One open state file. Not thread-safe by itself: the caller holds a thread lock too."""
 
@@ -226,43 +277,11 @@ class StateFile:
             raise
 
     def _open(self, directory: int, name: str) -> int:
-        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
-        while True:
-            try:
-                fd = os.open(name, flags, dir_fd=directory)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise StateFileError(
-                        f"{self.path} is a symlink: refusing to follow it (remove it)"
-                    ) from None
-                raise
-            else:
-                try:
-                    check_opened(fd, self.path)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                return fd
-            # Missing: build it complete under a private name, then link it into place.
-            tmp = f".{name[:180]}.{secrets.token_hex(8)}.new"
-            fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=directory)
-            try:
-                os.fchmod(fd, 0o600)  # whatever the umask
-                reserve(fd, 0, HEADER, self.path)
-                os.pwrite(fd, _head(secrets.randbits(64)), 0)
-                os.link(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
-            except FileExistsError:
-                os.close(fd)  # another process made it first: use theirs
-                continue
-            except BaseException:
-                os.close(fd)
-                raise
-            else:
-                return fd
-            finally:
-                os.unlink(tmp, dir_fd=directory)
+        def initialise(fd: int) -> None:
+            reserve(fd, 0, HEADER, self.path)
+            os.pwrite(fd, _head(secrets.randbits(64)), 0)
+
+        return open_private(directory, name, self.path, initialise)
 
     def _validate_head(self, *, attaching: bool) -> bool:
         """Under the lock: check the head. False when it is damaged (while attached) and was

@@ -46,7 +46,6 @@ memory only for the pages its records touch.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -67,7 +66,7 @@ from . import _process_peers as peers
 from ._base import KeyProxy
 from ._declaration import declaration, declaration_json, mismatch
 from ._process_codec import StateCodec
-from ._process_file import StateFile, StateFileError, check_opened, reserve
+from ._process_file import StateFile, StateFileError, open_private, reserve
 from ._process_scheduler import ProcessScheduler, boot_id, clock_tag
 
 __all__ = ["KeyedTable", "ProcessKeys"]
@@ -82,7 +81,6 @@ _LAYOUT: Final = 3  # the layout of a plain set's state (``_process_scheduler``)
 _MARSHAL_VERSION: Final = 2
 _SWEEP: Final = 3
 _LOCKS_AT: Final = 1 << 40  # the byte locked for shard s is _LOCKS_AT + s (beyond any data)
-_INIT_LOCK: Final = _LOCKS_AT - 1
 
 # magic, format, header size, file id, secret, shards, record size, max_keys, meta length
 _HEAD = struct.Struct("<8sIIQ16sIIQI")
@@ -163,11 +161,11 @@ class KeyedTable:
 
     __slots__ = (
         "__weakref__",
-        "_counts",
         "_flock",
         "_forks",
         "_scratch",
         "_scratch_codec",
+        "_scratch_lock",
         "_stripes",
         "dir",
         "fd",
@@ -196,6 +194,7 @@ class KeyedTable:
         now = clock()
         self._scratch = tuple(new_state(limit, now) for limit in limits)
         self._scratch_codec = StateCodec(self._scratch)
+        self._scratch_lock = threading.Lock()
         #: A fresh key in stored form (its states as made at attach: full, empty, unused).
         self.fresh = marshal.dumps(self._fresh_shared(), _MARSHAL_VERSION)
         fresh = len(self.fresh)
@@ -208,7 +207,6 @@ class KeyedTable:
             raise
         weakref.finalize(self, os.close, self.fd)
         self._stripes = [threading.Lock() for _ in range(min(self.geo.shards, 1024))]
-        self._counts = bytearray()
 
     def _fresh_shared(self) -> tuple[Any, ...]:
         n = len(self._scratch)
@@ -218,43 +216,10 @@ class KeyedTable:
     # -- the file ----------------------------------------------------------------------------
 
     def _open(self, record: int, max_keys: int) -> int:
-        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
-        dir_fd = self.dir.fd
-        while True:
-            try:
-                fd = os.open(self.filename, flags, dir_fd=dir_fd)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise StateFileError(
-                        f"{self.path} is a symlink: refusing to follow it (remove it)"
-                    ) from None
-                raise
-            else:
-                try:
-                    check_opened(fd, self.path)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                return fd
-            # Missing: built complete under a private name, then linked into place.
-            tmp = f".{self.filename[:180]}.{secrets.token_hex(8)}.new"
-            fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
-            try:
-                os.fchmod(fd, 0o600)  # whatever the umask
-                self._initialise(fd, record, max_keys)
-                os.link(tmp, self.filename, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            except FileExistsError:
-                os.close(fd)  # another process made it first: use theirs
-                continue
-            except BaseException:
-                os.close(fd)
-                raise
-            else:
-                return fd
-            finally:
-                os.unlink(tmp, dir_fd=dir_fd)
+        def initialise(fd: int) -> None:
+            self._initialise(fd, record, max_keys)
+
+        return open_private(self.dir.fd, self.filename, self.path, initialise)
 
     def _initialise(self, fd: int, record: int, max_keys: int) -> _Geometry:
         meta = marshal.dumps(self.meta, _MARSHAL_VERSION)
@@ -265,7 +230,9 @@ class KeyedTable:
         os.pwrite(fd, geo.head(secrets.randbits(64)), 0)
         return geo
 
-    def _attach(self, name: str, limits: tuple[Limit, ...], record: int, max_keys: int) -> Any:
+    def _attach(
+        self, name: str, limits: tuple[Limit, ...], record: int, max_keys: int
+    ) -> _Geometry:
         fcntl.flock(self.fd, fcntl.LOCK_EX)  # attaching processes one at a time
         try:
             head = os.pread(self.fd, _HEAD.size + _CRC.size, 0)
@@ -479,13 +446,14 @@ class KeyedTable:
             return False, True
         if holders:
             return False, False  # its holders died: reclaimed by dropping it
-        try:
-            self._scratch_codec.load(states)
-        except (TypeError, ValueError, IndexError):
-            return False, False
         paused = counters[3]
-        fresh = (paused is None or paused <= now) and all(s.is_fresh(now) for s in self._scratch)
-        return fresh, False
+        with self._scratch_lock:  # shards of other stripes judge at the same time
+            try:
+                self._scratch_codec.load(states)
+            except (TypeError, ValueError, IndexError):
+                return False, False
+            fresh = all(s.is_fresh(now) for s in self._scratch)
+        return fresh and (paused is None or paused <= now), False
 
     def _sweep(self, shard: int, now: float) -> None:
         count, hand = self._count(shard)
