@@ -45,6 +45,7 @@ memory only for the pages its records touch.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import fcntl
 import hashlib
@@ -53,6 +54,7 @@ import marshal
 import os
 import secrets
 import struct
+import sys
 import threading
 import warnings
 import weakref
@@ -377,9 +379,11 @@ class KeyedTable:
         write, exact otherwise)."""
         geo = self.geo
         data = os.pread(self.fd, geo.shards * _COUNT.size, geo.counts_at)
-        return sum(
-            min(count, SLOTS) for count, _hand in _COUNT.iter_unpack(data[: len(data) // 8 * 8])
-        )
+        counts = array.array("I")
+        if counts.itemsize == 4 and sys.byteorder == "little":  # Linux on x86 and arm: at C speed
+            counts.frombytes(data[: len(data) // 8 * 8])
+            return sum(counts[::2])
+        return sum(count for count, _hand in _COUNT.iter_unpack(data[: len(data) // 8 * 8]))
 
     def insert(self, shard: int, home: int, tag: bytes, now: float) -> int:
         """Under the shard's lock: make room for a new key (the sweep; at ``max_keys``, one
@@ -493,11 +497,18 @@ class KeyedTable:
             return
 
     def _next_live(self, shard: int, hand: int) -> tuple[int, bytes]:
-        for i in range(SLOTS):
-            slot = (hand + i) % SLOTS
-            record = self.read_slots(shard, slot, 1)
-            if record[0] & _LIVE:
-                return slot, record
+        """The first live record at or after ``hand`` (wrapping), read 32 slots at a time."""
+        size = self.geo.record
+        slot = hand % SLOTS
+        seen = 0
+        while seen < SLOTS:
+            count = min(32, SLOTS - slot, SLOTS - seen)
+            window = self.read_slots(shard, slot, count)
+            for i in range(count):
+                if window[i * size] & _LIVE:
+                    return slot + i, window[i * size : (i + 1) * size]
+            seen += count
+            slot = (slot + count) % SLOTS
         return -1, b""
 
     def _drop(self, shard: int, slot: int, record: bytes) -> None:
