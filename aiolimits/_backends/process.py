@@ -65,6 +65,10 @@ class ProcessBackend(Backend):
     The directory must belong to the user and be writable by nobody else (it is created 0700;
     its files are 0600): other users can neither read, change nor wake anything there.
 
+    A ``KeyedLimitSet(limits, backend=ProcessBackend(location), name=name)`` shares each key's
+    limits the same way (its keys live in one table file, ``<name>.keyed``; every process must
+    give the same ``max_keys``, which sizes it).
+
     It is not a network backend (see the Redis backend) and it needs Linux (``flock``, pidfds,
     unix sockets).
 
