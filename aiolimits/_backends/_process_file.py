@@ -21,10 +21,11 @@ Layout (format 2, little-endian):
   followed by room for 1976 bytes of data *inline* (offset = the slot's + 40): a small state
   (the usual buckets and windows) is written with its slot in one ``pwrite`` and read with the
   header page, no further system call.
-* bytes 32-63: reserved (zero). A later layout (per-key states of a KeyedLimitSet, say) adds its
-  tables in regions of its own, pointed to from the data; the data of a slot is
-  self-describing (it starts with its layout number, see ``_process_scheduler``), and a reader
-  refuses a format it does not know instead of guessing.
+* bytes 32-63: reserved (zero). The data of a slot is self-describing (it starts with its layout
+  number, see ``_process_scheduler``), and a reader refuses a format it does not know instead of
+  guessing. (A KeyedLimitSet keeps its keys in a table file of its own format, ``<name>.keyed``,
+  see ``_process_keyed``; a key whose state outgrows its record keeps it in a state file of this
+  format.)
 * from 4096: data regions, each a multiple of 4096 bytes, reserved with ``posix_fallocate`` when
   made (so a full filesystem is an ``OSError`` at that moment, never a ``SIGBUS`` later).
 
