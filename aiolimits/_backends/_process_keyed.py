@@ -11,7 +11,8 @@ and the reclaiming of a dead holder's slots work per key exactly as for a plain 
 *The table.* Records live in *shards* of :data:`SLOTS` consecutive slots; a key's shard and its
 home slot come from a keyed hash (BLAKE2b, 128 bits, with a random secret stored in the header)
 of the key's UTF-8 bytes: the key itself is never stored, so a huge key, or one with ``/`` or NUL,
-costs only its hashing, and clients who do not know the secret cannot aim many keys at one shard.
+costs only its hashing, and clients who do not know the secret cannot aim many keys at one shard
+(two keys with one hash would share their limits: at 128 bits, never in practice).
 A key lives at the first slot from its home (linear probing, wrapping within the shard); a
 removed record closes the gap by shifting later records back (no tombstones). Each shard has
 its own lock: an open-file-description byte-range lock (``F_OFD_SETLKW``) on a byte of its own,
@@ -22,7 +23,7 @@ not exclude threads sharing one open file). So keys in different shards never wa
 length and crc, the key's hash and a version number, then the data (``marshal``, the layout of
 a plain set's state with no declaration) if it fits. A record that outgrows its slot keeps its
 data in a state file of its own, ``<name>.keyed.<hash>.ov`` (a :class:`StateFile`: two copies,
-crc-checked); its record then says so and carries the version. A record is written with one
+crc-checked); its record then says so, with the data's length and crc. A record is written with one
 ``pwrite`` within one page, so a ``kill -9`` never tears it; a record that fails its crc is taken
 for a fresh key (with a warning), since erring on the side of admitting is what a forgotten key
 does anyway.
