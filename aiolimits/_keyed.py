@@ -30,13 +30,13 @@ and a later ``update`` that charges overage moves it to the key's live state (ma
 be), where the charge lands exactly as it would have on a key never dropped. So releasing needs no
 lock and no count, as for a LimitSet, and an acquisition never released pins nothing.
 
-With a shared backend (``Backend.attach_keyed`` returns a factory: Redis), each key's state lives
-in the backend, which expires it once fresh, and a key used here has only a local *proxy*: a
-scheduler of the backend's, with its own lock, over the key's shared state. The doors are the
-same (``_door.py``); the set's lock guards only the proxies' dict and CLOCK order. A proxy is
-dropped when idle (nothing queued, no door working on it, no slot held), in the same CLOCK order;
-dropping it forgets nothing, so it is never "forgotten", and an acquisition held through a
-dropped proxy keeps using it (it settles in the backend's state of the key).
+With a shared backend (``Backend.attach_keyed`` returns a factory: Redis, process), each key's state
+lives in the backend, which expires it once fresh, and a key used here has only a local *proxy*: a
+scheduler of the backend's, with its own lock, over the key's shared state. The doors are the same
+(``_door.py``); the set's lock guards only the proxies' dict and CLOCK order. A proxy is dropped
+when idle (nothing queued, no door working on it, no slot held), in the same CLOCK order; dropping
+it forgets nothing, so it is never "forgotten", and an acquisition held through a dropped proxy
+keeps using it (it settles in the backend's state of the key).
 """
 
 from __future__ import annotations
@@ -156,9 +156,10 @@ class KeyedLimitSet(Door):
             from full limits.
         config: read-only data exposed as ``acquisition.config``.
         backend: where the keys' state lives: :class:`MemoryBackend` (the default: this
-            process) or :class:`aiolimits.redis.RedisBackend` (every process that builds a
-            KeyedLimitSet with the same backend location and ``name`` shares each key's limits;
-            see ``docs/keyed.md``).
+            process), :class:`ProcessBackend` (the processes of this machine) or
+            :class:`aiolimits.redis.RedisBackend`: every process that builds a KeyedLimitSet
+            with the same backend location and ``name`` shares each key's limits (see
+            ``docs/keyed.md``).
         name: identifies the state in a shared backend (required there); a label otherwise.
         clock: monotonic seconds; ``aiolimits.testing.ManualClock`` for deterministic tests.
         timer_slack: as :class:`LimitSet`'s, for every key's queue.
@@ -212,7 +213,7 @@ class KeyedLimitSet(Door):
         elif not isinstance(backend, Backend):
             raise TypeError(f"backend must be a backend such as MemoryBackend(), got {backend!r}")
         # None: the keys live here; else the factory of a shared backend's per-key proxies.
-        self._shared: KeyFactory | None = backend.attach_keyed(limits, clock, name)
+        self._shared: KeyFactory | None = backend.attach_keyed(limits, clock, name, max_keys)
         self._backend = backend
         self._proxies: OrderedDict[str, _Proxy] = OrderedDict()
         self._init_door(limits, frozen_config, clock, slack)

@@ -1,6 +1,11 @@
 """ProcessBackend against MemoryBackend, measured in the same run: cost, throughput, wake-ups.
 
-``python -m benchmarks.process [--quick]`` prints four tables:
+``python -m benchmarks.process [--quick] [--keyed]`` prints five tables (``--keyed``: the first):
+
+* a KeyedLimitSet on ProcessBackend holding 100,000 live keys (``--keys``): the shared memory
+  per live key (the table file's allocated blocks), and ``async with keyed.acquire(key, ...)``
+  over random live keys ÷ ``async with limits.acquire(...)`` on a plain ProcessBackend set of
+  the same limits, interleaved; likewise ``try_acquire`` + ``release``;
 
 * uncontended acquire + release (one thread, nothing waits), per operation, process-shared vs
   in-memory, and their ratio, for one RateLimit and for CallLimit + RateLimit + ResourceLimit;
@@ -21,15 +26,24 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import random
 import statistics
 import tempfile
 import threading
 import time
 from typing import Any
 
-from aiolimits import CallLimit, LimitSet, ProcessBackend, RateLimit, ResourceLimit
+from aiolimits import (
+    CallLimit,
+    KeyedLimitSet,
+    LimitSet,
+    ProcessBackend,
+    RateLimit,
+    ResourceLimit,
+)
 
 from ._common import BIG, Summary
+from .keyed import CONFIGS, client_keys
 
 _spawn = multiprocessing.get_context("spawn")
 
@@ -250,12 +264,76 @@ def idle_cpu(directory: str, seconds: float) -> None:
     )
 
 
+def _keyed_async(keyed: KeyedLimitSet, keys: list[str], req: dict[str, float]) -> float:
+    async def run() -> float:
+        t = time.perf_counter()
+        for key in keys:
+            async with keyed.acquire(key, req):
+                pass
+        return (time.perf_counter() - t) / len(keys)
+
+    return asyncio.run(run())
+
+
+def keyed(directory: str, n_keys: int, n: int, repeats: int) -> None:
+    """A KeyedLimitSet on ProcessBackend holding ``n_keys`` live keys: the shared memory per key,
+    and an acquisition of a random one of them beside a plain ProcessBackend acquisition."""
+    print(
+        f"keyed on ProcessBackend: {n_keys:,} live keys, {n} ops x {repeats} repeats "
+        "(median (min-max))"
+    )
+    backend = ProcessBackend(directory)
+    for i, (case, (declared, req)) in enumerate(CONFIGS.items()):
+        limits = LimitSet(declared, backend=backend, name=f"keyed-plain-{i}")
+        per_key = KeyedLimitSet(declared, max_keys=n_keys, backend=backend, name=f"keyed-{i}")
+        keys = client_keys(n_keys)
+        t = time.perf_counter()
+        for key in keys:
+            per_key.try_acquire(key, req).release()
+        fill = (time.perf_counter() - t) / n_keys
+        assert per_key._shared.table.live_keys() == n_keys, "keys were dropped"  # type: ignore[union-attr]
+        path = os.path.join(directory, f"keyed-{i}.keyed")
+        used = os.stat(path).st_blocks * 512
+        rng = random.Random(5)
+        timed = rng.sample(keys, n)
+        keyed_us: list[float] = []
+        plain_us: list[float] = []
+        sync_ratios: list[float] = []
+        for _ in range(repeats):
+            keyed_us.append(_keyed_async(per_key, timed, req) * 1e6)
+            plain_us.append(asyncio.run(_per_op_async(limits, req, n)) * 1e6)
+            t = time.perf_counter()
+            for key in timed:
+                per_key.try_acquire(key, req).release()
+            t_keyed = time.perf_counter() - t
+            t = time.perf_counter()
+            for _ in range(n):
+                limits.try_acquire(req).release()
+            sync_ratios.append(t_keyed / (time.perf_counter() - t))
+        ratios = [k / p for k, p in zip(keyed_us, plain_us, strict=True)]
+        print(
+            f"  {case:22} shared memory {used / n_keys:.0f} bytes/key "
+            f"(limit 1024), first use {fill * 1e6:.1f} us/key"
+        )
+        print(
+            f"  {'':22} async acquire keyed {Summary.of(keyed_us).fmt(unit=' us')}  "
+            f"plain {Summary.of(plain_us).fmt(unit=' us')}  "
+            f"ratio {Summary.of(ratios).fmt(unit='x')} (target <= 3x)"
+        )
+        print(f"  {'':22} try_acquire+release ratio {Summary.of(sync_ratios).fmt(unit='x')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--keyed", action="store_true", help="only the keyed table")
+    parser.add_argument("--keys", type=int, default=100_000, help="live keys of the keyed table")
     args = parser.parse_args()
     n, repeats, seconds, rounds = (5000, 3, 1.0, 100) if args.quick else (20000, 7, 2.0, 500)
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+        keyed(d, args.keys, n, repeats)
+        if args.keyed:
+            return
         uncontended(d, n, repeats)
         throughput(d, seconds, max(1, repeats // 2))
         wake_latency(d, rounds)

@@ -42,7 +42,7 @@ def test_process_backend_guide_example_attaches(
     monkeypatch.setattr(
         "aiolimits._backends.process.runtime_directory", lambda: tmp_path / "aiolimits"
     )
-    (block,) = python_blocks(ROOT / "docs" / "process-backend.md")
+    block = python_blocks(ROOT / "docs" / "process-backend.md")[0]
     first: dict[str, Any] = {}
     second: dict[str, Any] = {}
     exec(compile(block, "docs/process-backend.md", "exec"), first)

@@ -59,16 +59,21 @@ class Backend(abc.ABC):
         """
 
     def attach_keyed(
-        self, limits: tuple[Limit, ...], clock: Callable[[], float], name: str | None
+        self,
+        limits: tuple[Limit, ...],
+        clock: Callable[[], float],
+        name: str | None,
+        max_keys: int = 100_000,
     ) -> KeyFactory | None:
         """How a KeyedLimitSet with these ``limits`` makes the scheduler of each key: None to keep
         every key in this process, or the factory of a shared backend's per-key proxies.
+        ``max_keys`` is the set's: a backend that keeps keys in a table of its own may size it so.
 
         Raises:
             TypeError: this backend cannot hold a KeyedLimitSet.
             ValueError: the shared state under ``name`` was declared otherwise.
         """
         raise TypeError(
-            f"backend {self!r} cannot hold a KeyedLimitSet: use MemoryBackend() or "
-            "aiolimits.redis.RedisBackend(...)"
+            f"backend {self!r} cannot hold a KeyedLimitSet: use MemoryBackend(), "
+            "ProcessBackend(...) or aiolimits.redis.RedisBackend(...)"
         )

@@ -21,10 +21,11 @@ Layout (format 2, little-endian):
   followed by room for 1976 bytes of data *inline* (offset = the slot's + 40): a small state
   (the usual buckets and windows) is written with its slot in one ``pwrite`` and read with the
   header page, no further system call.
-* bytes 32-63: reserved (zero). A later layout (per-key states of a KeyedLimitSet, say) adds its
-  tables in regions of its own, pointed to from the data; the data of a slot is
-  self-describing (it starts with its layout number, see ``_process_scheduler``), and a reader
-  refuses a format it does not know instead of guessing.
+* bytes 32-63: reserved (zero). The data of a slot is self-describing (it starts with its layout
+  number, see ``_process_scheduler``), and a reader refuses a format it does not know instead of
+  guessing. (A KeyedLimitSet keeps its keys in a table file of its own format, ``<name>.keyed``,
+  see ``_process_keyed``; a key whose state outgrows its record keeps it in a state file of this
+  format.)
 * from 4096: data regions, each a multiple of 4096 bytes, reserved with ``posix_fallocate`` when
   made (so a full filesystem is an ``OSError`` at that moment, never a ``SIGBUS`` later).
 
@@ -50,9 +51,19 @@ import secrets
 import stat
 import struct
 import zlib
+from collections.abc import Callable
 from typing import Final
 
-__all__ = ["FORMAT", "HEADER", "StateFile", "StateFileError", "open_directory"]
+__all__ = [
+    "FORMAT",
+    "HEADER",
+    "StateFile",
+    "StateFileError",
+    "check_opened",
+    "open_directory",
+    "open_private",
+    "reserve",
+]
 
 MAGIC: Final = b"AIOLIMIT"
 FORMAT: Final = 2
@@ -156,7 +167,7 @@ def _check_directory(fd: int, path: str) -> None:
         os.fchmod(fd, 0o700)  # ours, but readable by others: narrow it
 
 
-def _check_opened(fd: int, shown: str) -> os.stat_result:
+def check_opened(fd: int, shown: str) -> os.stat_result:
     st = os.fstat(fd)
     uid = os.geteuid()
     if not stat.S_ISREG(st.st_mode):
@@ -178,7 +189,7 @@ def _head(file_id: int) -> bytes:
     return head + _CRC.pack(zlib.crc32(head))
 
 
-def _reserve(fd: int, offset: int, length: int, shown: str) -> None:
+def reserve(fd: int, offset: int, length: int, shown: str) -> None:
     try:
         os.posix_fallocate(fd, offset, length)
     except OSError as exc:
@@ -186,6 +197,55 @@ def _reserve(fd: int, offset: int, length: int, shown: str) -> None:
             exc.errno,
             f"cannot reserve {length} bytes for the shared state {shown}: {exc.strerror}",
         ) from exc
+
+
+def open_private(directory: int, name: str, shown: str, initialise: Callable[[int], object]) -> int:
+    """A read-write descriptor of the file ``name`` in the directory descriptor ``directory``,
+    checked private to this user; a missing one is made complete by ``initialise(fd)`` under a
+    temporary name, mode 0600, then linked into place (``link`` fails if the name exists: two
+    processes creating it at once agree on one file). Never through a symlink.
+
+    Raises:
+        StateFileError: the file is a symlink, not a regular file, not this user's, or readable
+            or writable by others (a ``ValueError``; ``shown`` is its path, for messages).
+        OSError: it could not be created (``ENOSPC``: the filesystem is full).
+    """
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        try:
+            fd = os.open(name, flags, dir_fd=directory)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StateFileError(
+                    f"{shown} is a symlink: refusing to follow it (remove it)"
+                ) from None
+            raise
+        else:
+            try:
+                check_opened(fd, shown)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        # Missing: build it complete under a private name, then link it into place.
+        tmp = f".{name[:180]}.{secrets.token_hex(8)}.new"
+        fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=directory)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            initialise(fd)
+            os.link(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
+        except FileExistsError:
+            os.close(fd)  # another process made it first: use theirs
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        else:
+            return fd
+        finally:
+            os.unlink(tmp, dir_fd=directory)
 
 
 class StateFile:
@@ -218,43 +278,11 @@ class StateFile:
             raise
 
     def _open(self, directory: int, name: str) -> int:
-        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
-        while True:
-            try:
-                fd = os.open(name, flags, dir_fd=directory)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise StateFileError(
-                        f"{self.path} is a symlink: refusing to follow it (remove it)"
-                    ) from None
-                raise
-            else:
-                try:
-                    _check_opened(fd, self.path)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                return fd
-            # Missing: build it complete under a private name, then link it into place.
-            tmp = f".{name[:180]}.{secrets.token_hex(8)}.new"
-            fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=directory)
-            try:
-                os.fchmod(fd, 0o600)  # whatever the umask
-                _reserve(fd, 0, HEADER, self.path)
-                os.pwrite(fd, _head(secrets.randbits(64)), 0)
-                os.link(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
-            except FileExistsError:
-                os.close(fd)  # another process made it first: use theirs
-                continue
-            except BaseException:
-                os.close(fd)
-                raise
-            else:
-                return fd
-            finally:
-                os.unlink(tmp, dir_fd=directory)
+        def initialise(fd: int) -> None:
+            reserve(fd, 0, HEADER, self.path)
+            os.pwrite(fd, _head(secrets.randbits(64)), 0)
+
+        return open_private(directory, name, self.path, initialise)
 
     def _validate_head(self, *, attaching: bool) -> bool:
         """Under the lock: check the head. False when it is damaged (while attached) and was
@@ -292,7 +320,7 @@ class StateFile:
         """Under the lock: make the file an empty state file again (a new file id, no slots)."""
         self.file_id = secrets.randbits(64)
         os.ftruncate(self.fd, 0)
-        _reserve(self.fd, 0, HEADER, self.path)
+        reserve(self.fd, 0, HEADER, self.path)
         os.pwrite(self.fd, _head(self.file_id), 0)
         self._fields = [None, None]
         self._newest = -1
@@ -387,7 +415,7 @@ class StateFile:
             cap = 4096
             while cap < 2 * length:
                 cap *= 2
-            _reserve(self.fd, offset, cap, self.path)
+            reserve(self.fd, offset, cap, self.path)
         last = fields[newest] if newest >= 0 else None
         version = (last[0] if last is not None else 0) + 1
         new = (version, offset, cap, length, zlib.crc32(data))

@@ -51,9 +51,8 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
-from fcntl import LOCK_EX, LOCK_UN, flock
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from .._algorithms import RateState, SemaphoreState
 from .._limits import Limit
@@ -65,7 +64,7 @@ from ._declaration import declaration, declaration_json, mismatch
 from ._process_codec import StateCodec
 from ._process_file import StateFile, StateFileError
 
-__all__ = ["ProcessScheduler"]
+__all__ = ["ProcessScheduler", "Storage", "boot_id", "clock_tag"]
 
 _INF = math.inf
 _LAYOUT = 4
@@ -77,7 +76,7 @@ Owner = tuple[int, int, int, int]  # pid, start time, pid namespace, serial in i
 Ticket = tuple[int, Owner, tuple[int, ...]]  # number, owner, indexes of the keys it names
 
 
-def _boot_id() -> str:
+def boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
@@ -85,7 +84,7 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def _clock_tag(clock: Callable[[], float]) -> str:
+def clock_tag(clock: Callable[[], float]) -> str:
     """Which clock the shared times are on. ``time.monotonic`` (CLOCK_MONOTONIC) is one clock for
     the whole machine; any other clock is private to the process and object that uses it."""
     if clock is time.monotonic:
@@ -191,6 +190,27 @@ def _check_shared(shared: Any, keys: int) -> str | None:
     return None
 
 
+class Storage(Protocol):
+    """Where a scheduler's shared state is kept: a :class:`StateFile`, or the record of one key in
+    a keyed table (``_process_keyed``). Every method but ``close`` runs under ``lock()``."""
+
+    path: str
+
+    def lock(self) -> None: ...
+
+    def unlock(self) -> None: ...
+
+    def changed(self) -> bool: ...
+
+    def read(self) -> tuple[bytes | None, bool]: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def forget(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class ProcessScheduler(Scheduler):
     """The core scheduler over state shared through a :class:`StateFile`; it is its own lock."""
 
@@ -232,6 +252,25 @@ class ProcessScheduler(Scheduler):
         states: tuple[RateState, ...],
         clock: Callable[[], float],
     ) -> None:
+        self._meta = (boot_id(), clock_tag(clock), declaration_json(limits))
+        self._setup(directory, name, states, clock)
+        self._file: Storage = StateFile(directory.fd, filename, f"{directory.path}/{filename}")
+        try:
+            self._attach(name, limits)
+        except BaseException:
+            self._file.close()
+            raise
+        weakref.finalize(self, self._file.close)
+
+    def _setup(
+        self,
+        directory: peers.Directory,
+        name: str,
+        states: tuple[RateState, ...],
+        clock: Callable[[], float],
+    ) -> None:
+        """Everything but the declaration and the storage (a state file here; a keyed table's
+        record elsewhere, the table holding the declaration)."""
         super().__init__(states, clock)
         # Every key's tally is part of the shared state, so it exists from the start.
         self.refunded: dict[str, float] = {state.key: 0.0 for state in states}
@@ -247,7 +286,6 @@ class ProcessScheduler(Scheduler):
         pid, start, ns = peers.my_identity()
         self._me: Owner = (pid, start, ns, next(_serials))
         self._forks = peers.forks
-        self._meta = (_boot_id(), _clock_tag(clock), declaration_json(limits))
         self._bytes = b""
         self._foreign: list[Ticket] = []  # other processes' waiting tickets, in order
         self._mine: dict[Waiter, tuple[int, tuple[int, ...]]] = {}
@@ -259,13 +297,6 @@ class ProcessScheduler(Scheduler):
         self._poke = False
         self._watch: frozenset[peers.Peer] = frozenset()
         self._dir = directory
-        self._file = StateFile(directory.fd, filename, f"{directory.path}/{filename}")
-        try:
-            self._attach(name, limits)
-        except BaseException:
-            self._file.close()
-            raise
-        weakref.finalize(self, self._file.close)
 
     # -- attaching ---------------------------------------------------------------------------
 
@@ -327,12 +358,12 @@ class ProcessScheduler(Scheduler):
         self._local.acquire()
         try:
             file = self._file
-            flock(file.fd, LOCK_EX)
+            file.lock()
             try:
                 if file.changed():
                     self._reload()
             except BaseException:
-                flock(file.fd, LOCK_UN)
+                file.unlock()
                 raise
         except BaseException:
             self._local.release()
@@ -348,7 +379,7 @@ class ProcessScheduler(Scheduler):
             try:
                 poke = self._store()
             finally:
-                flock(self._file.fd, LOCK_UN)
+                self._file.unlock()
             if poke is not None:
                 self._dir.send(poke)
         finally:
@@ -505,12 +536,11 @@ class ProcessScheduler(Scheduler):
         try:
             if b"\x7f" in data or b"\xff" in data:  # see _check_finite
                 self._check_finite(data, shared)
-            self._file.write(data)
+            self._bytes = self._write(data, shared)
         except BaseException:
             self._file.forget()  # reload next time: what is on file is the truth
             self._bytes = b""
             raise
-        self._bytes = data
         if not tickets:
             self._first = None
             self._poke = False
@@ -522,6 +552,12 @@ class ProcessScheduler(Scheduler):
             return None
         self._first = first[0]
         return owners[first[1]][0] or None
+
+    def _write(self, data: bytes, shared: Any) -> bytes:
+        """Store ``data`` (``shared``, encoded) as the next version of the state; returns the
+        encoded state as it now is (``data``)."""
+        self._file.write(data)
+        return data
 
     def _check_finite(self, data: bytes, shared: Any) -> None:
         # Marshal writes a float as b"g" and its 8 IEEE bytes, little-endian; a non-finite one

@@ -36,7 +36,11 @@ class MemoryBackend(Backend):
         return Scheduler(states, clock)
 
     def attach_keyed(
-        self, limits: tuple[Limit, ...], clock: Callable[[], float], name: str | None
+        self,
+        limits: tuple[Limit, ...],
+        clock: Callable[[], float],
+        name: str | None,
+        max_keys: int = 100_000,
     ) -> KeyFactory | None:
         """None: a KeyedLimitSet keeps its keys in this process."""
         return None

@@ -23,8 +23,9 @@ from .._algorithms import RateState
 from .._limits import Limit
 from .._scheduler import Scheduler
 from . import _process_peers as peers
-from ._base import Backend
+from ._base import Backend, KeyFactory
 from ._process_file import open_directory
+from ._process_keyed import KeyedTable, ProcessKeys
 from ._process_scheduler import ProcessScheduler
 
 __all__ = ["ProcessBackend", "runtime_directory"]
@@ -45,11 +46,11 @@ def runtime_directory() -> Path:
     return Path(tempfile.gettempdir()) / f"aiolimits-{os.getuid()}"
 
 
-def _state_file_name(name: str) -> str:
+def _state_file_name(name: str, suffix: str = ".limits") -> str:
     quoted = quote(name, safe="")
     if len(quoted) > 200:
         quoted = "sha256-" + hashlib.sha256(name.encode()).hexdigest()
-    return quoted + ".limits"
+    return quoted + suffix
 
 
 @final
@@ -63,6 +64,10 @@ class ProcessBackend(Backend):
 
     The directory must belong to the user and be writable by nobody else (it is created 0700;
     its files are 0600): other users can neither read, change nor wake anything there.
+
+    A ``KeyedLimitSet(limits, backend=ProcessBackend(location), name=name)`` shares each key's
+    limits the same way (its keys live in one table file, ``<name>.keyed``; every process must
+    give the same ``max_keys``, which sizes it).
 
     It is not a network backend (see the Redis backend) and it needs Linux (``flock``, pidfds,
     unix sockets).
@@ -126,10 +131,16 @@ class ProcessBackend(Backend):
                 is not a state file of this version.
             OSError: the directory or the file cannot be created (``ENOSPC``: no space).
         """
+        directory = self._directory(name, "LimitSet")
+        assert name is not None
+        return ProcessScheduler(directory, _state_file_name(name), name, limits, states, clock)
+
+    def _directory(self, name: str | None, kind: str) -> peers.Directory:
+        """The checked directory, once ``name`` is checked."""
         if name is None:
             raise ValueError(
                 "name is required with ProcessBackend: it identifies the shared state, e.g. "
-                "LimitSet(limits, backend=ProcessBackend(...), name='openai')"
+                f"{kind}(limits, backend=ProcessBackend(...), name='openai')"
             )
         if not name:
             raise ValueError("name must be a non-empty string with ProcessBackend, got ''")
@@ -137,8 +148,29 @@ class ProcessBackend(Backend):
             # The per-user directory itself must be ours and private too: another user could
             # have made it first (its name is predictable).
             os.close(open_directory(str(self.directory.parent)))
-        directory = peers.directory(str(self.directory), open_directory)
-        return ProcessScheduler(directory, _state_file_name(name), name, limits, states, clock)
+        return peers.directory(str(self.directory), open_directory)
+
+    def attach_keyed(
+        self,
+        limits: tuple[Limit, ...],
+        clock: Callable[[], float],
+        name: str | None,
+        max_keys: int = 100_000,
+    ) -> KeyFactory | None:
+        """The factory of the per-key proxies of the keyed set ``name``, whose keys live in
+        ``<directory>/<name>.keyed``, a table sized for ``max_keys`` (see ``_process_keyed``).
+
+        Raises:
+            ValueError: ``name`` is missing or empty, or the table was made with other limits,
+                another clock or another ``max_keys``, or the directory or file is not private
+                to this user.
+            OSError: the directory or the file cannot be created (``ENOSPC``: no space).
+        """
+        directory = self._directory(name, "KeyedLimitSet")
+        assert name is not None
+        filename = _state_file_name(name, ".keyed")
+        table = KeyedTable(directory, filename, name, limits, clock=clock, max_keys=max_keys)
+        return ProcessKeys(table, name, limits, clock)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The resolved directory: a process with another environment unpickles the same place.

@@ -418,7 +418,11 @@ class RedisBackend(Backend):
         )
 
     def attach_keyed(
-        self, limits: tuple[Limit, ...], clock: Callable[[], float], name: str | None
+        self,
+        limits: tuple[Limit, ...],
+        clock: Callable[[], float],
+        name: str | None,
+        max_keys: int = 100_000,
     ) -> KeyFactory | None:
         """The factory of the per-key proxies of the keyed set ``name``; checks (or records)
         its declaration, marked keyed, in the hash of ``name``.
