@@ -245,7 +245,9 @@ class TokenBucketState(RateState):
         self._stamp = max(now, self._stamp)
         self.capacity = capacity
         self.window = window
-        if capacity != old:
+        # A number for the log (the bucket was full at its last take) stands for the log at the
+        # capacity of the moment, so it follows the change by itself.
+        if capacity != old and not isinstance(self._peaks, int):
             self._peaks.lift(0, capacity - old)
 
     def is_fresh(self, now: float) -> bool:
