@@ -640,7 +640,8 @@ class KeyedLimitSet(Door):
         if self._shared is not None:
             raise NotImplementedError(
                 f"change_limit is not supported yet for a KeyedLimitSet on {self._backend!r}: "
-                "each client key's state lives in the shared store, and a change must reach all of them"
+                "each client key's state lives in the shared store, and a change must reach "
+                "all of them"
             )
         with self._lock:
             changed = changed_limit(self._current, key, capacity, window_seconds)
