@@ -10,6 +10,7 @@ a property drives random sequences through both and compares every answer with `
 from __future__ import annotations
 
 import itertools
+import struct
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -363,26 +364,35 @@ def test_lua_refuses_an_amount_above_capacity(script: Script) -> None:
         script(fresh_hash(), "acquire", 0.0, "h", "inf", *multi_args([(rate("gcra", 4, 2), 5)]))
 
 
+def clock_field(script: Script, key: str) -> tuple[float, float]:
+    """The hash's "!c": the highest server time seen and the grant count (two doubles)."""
+    raw = script.client.hget(key, "!c")
+    assert raw is not None
+    time, grants = struct.unpack("<dd", raw)
+    return time, grants
+
+
 def test_lua_server_time_never_runs_backwards(script: Script) -> None:
     key = fresh_hash()
     future = 4e9  # a high-water mark left by a server whose clock was ahead
-    script.client.hset(key, "!t", repr(future))
+    script.client.hset(key, "!c", struct.pack("<dd", future, 0.0))
     reply = script.raw(key, "earliest", "", 0)
     assert float(reply[0]) == future
-    conns = multi_args([(ResourceLimit("conns", 2), 1)])
-    reply = script.raw(key, "acquire", "", "h", "5.0", *conns)
-    assert reply.split(b" ")[:2] == [b"1", b"4000000000"]
-    assert float(script.client.hget(key, "!t") or 0) == future  # not lowered
+    conns = multi_args([(ResourceLimit("conns", 1), 1)])
+    assert script.raw(key, "acquire", "", "h", "5.0", *conns) == b"1 "
+    reply = script.raw(key, "acquire", "", "h2", "5.0", *conns)  # refused: says its time
+    assert reply.split(b" ")[:2] == [b"0", b"4000000000"]
+    assert clock_field(script, key) == (future, 1.0)  # not lowered
 
 
 def test_lua_acquire_records_the_clock_and_counts_its_grants(script: Script) -> None:
     key = fresh_hash()
     calls = multi_args([(CallLimit(60.0, 2), 1)])
-    for _ in range(3):  # two grants, then a refusal
-        reply = script.raw(key, "acquire", "", "h", "5.0", *calls)
-        assert script.client.hget(key, "!t") == reply.split(b" ")[1]  # the time it answered at
+    for _ in range(2):
+        assert script.raw(key, "acquire", "", "h", "5.0", *calls).startswith(b"1 ")
+    reply = script.raw(key, "acquire", "", "h", "5.0", *calls)
     assert reply.startswith(b"0 ")
-    assert script.client.hget(key, "!g") == b"2"
+    assert clock_field(script, key) == (float(reply.split(b" ")[1]), 2.0)  # the time it answered at
     assert script(key, "stats", 0.0, 0)[2] == b"2"
 
 

@@ -44,6 +44,9 @@ local key, ARGV, cache
 -- call runs out, whether the hash is a key's of a KeyedLimitSet (which expires), and the first id
 -- of a state this call makes in it (keyed_ids).
 local limit_of, fresh_hint, KEYED, id_base
+-- Also per call: Redis TIME as read by the call (its reply, or nil), the time "!c" keeps and the
+-- grant count it held, and whether the hash existed before the call (nil: not known).
+local time_reply, now_kept, grants_seen, existed
 -- Only `redis` can be read while a library loads (the standard library, cmsgpack and the rest
 -- exist when its function is called): this top level uses operators, not math.huge or ldexp.
 local INF = 1 / 0
@@ -61,7 +64,7 @@ local MAX_TTL_MS = 9e12 -- the longest PEXPIRE a keyed hash is given (%d-exact, 
 local function keyed_ids()
   if not KEYED then return 0 end
   if id_base == nil then
-    local t = redis.call('TIME')
+    local t = time_reply or redis.call('TIME')
     id_base = tonumber(t[1]) * 1000000 + tonumber(t[2])
   end
   return id_base
@@ -69,9 +72,18 @@ end
 
 -- A whole number below 2^53 as %d: the same digits as %.17g, made much faster (the receipts of
 -- the buckets and most counts are whole).
+-- The last number made into text, and its text: a call writes its time three times or more.
+local fmt_x, fmt_text = 0, '0'
 local function fmt(x)
-  if x >= 1 and x < 9007199254740992 and x % 1 == 0 then return string.format('%d', x) end
-  return string.format('%.17g', x)
+  if x == fmt_x and x ~= 0 then return fmt_text end
+  local text
+  if x >= 1 and x < 9007199254740992 and x % 1 == 0 then
+    text = string.format('%d', x)
+  else
+    text = string.format('%.17g', x)
+  end
+  fmt_x, fmt_text = x, text
+  return text
 end
 
 -- -- float care: math.ulp, math.nextafter, add_up, first_true of _algorithms/_base.py --------
@@ -346,6 +358,13 @@ local function algo(name)
     local build = builders[name]
     if build == nil then return nil end
     A = build()
+    -- How the state is kept in its field: cmsgpack (which stores doubles exactly) unless the
+    -- algorithm says otherwise.
+    if A.prefix == nil then
+      A.prefix = 's:'
+      A.load = function(raw) return cmsgpack.unpack(raw) end
+      A.dump = function(s) return cmsgpack.pack(s) end
+    end
     algos[name] = A
   end
   return A
@@ -435,6 +454,34 @@ builders.token_bucket = function()
   A.available = function(s, L, now)
     upgrade(s, L, now)
     return level_at(s, L, now)
+  end
+  -- Kept in the field "b:<key>", the most frequent state read and written, as little-endian
+  -- doubles (struct: a fraction of the cost of cmsgpack's tables, or of text, on both sides):
+  -- level, stamp, operation number, then the peak log oldest first, operation number and level
+  -- per entry. A state of an earlier version (cmsgpack in "s:<key>") is read once, and moved
+  -- here when written (`old`).
+  A.prefix = 'b:'
+  A.old_prefix = 's:'
+  A.bucket = true -- acquire's fast path (bucket_take) applies
+  A.load = function(raw)
+    local level, stamp, seq, at = struct.unpack('<ddd', raw)
+    local seqs, levels = {}, {}
+    for i = 1, (#raw - 24) / 16 do
+      seqs[i], levels[i], at = struct.unpack('<dd', raw, at)
+    end
+    return { u = 1, level = level, stamp = stamp,
+             peaks = { seq = seq, seqs = seqs, levels = levels } }
+  end
+  A.dump = function(s)
+    local peaks = s.peaks
+    local seqs, levels = peaks.seqs, peaks.levels
+    local n = #seqs
+    if n == 1 then
+      return struct.pack('<ddddd', s.level, s.stamp, peaks.seq, seqs[1], levels[1])
+    end
+    local out = { struct.pack('<ddd', s.level, s.stamp, peaks.seq) }
+    for i = 1, n do out[i + 1] = struct.pack('<dd', seqs[i], levels[i]) end
+    return table.concat(out)
   end
   -- When the bucket is full again (within float error: the margin covers it).
   A.fresh_at = function(s, L, now)
@@ -738,29 +785,81 @@ end
 
 -- -- loading and saving -----------------------------------------------------------------------
 
+-- A library's upvalues outlive its calls: the limits its calls name, by field, and the numbers
+-- of their arguments, by text, are kept from call to call (a call then parses nothing it has
+-- seen before). Pure functions of their text; each table is emptied past MEMO_LIMIT entries.
+local MEMO_LIMIT = 4096
+local limit_memo, limit_count = {}, 0
+local number_memo, number_count = {}, 0
+
+-- tonumber(text) for an argument that recurs (a capacity, a window, an amount).
+local function arg_number(text)
+  local x = number_memo[text]
+  if x == nil then
+    x = tonumber(text)
+    if x == nil then return nil end
+    if number_count >= MEMO_LIMIT then number_memo, number_count = {}, 0 end
+    number_memo[text] = x
+    number_count = number_count + 1
+  end
+  return x
+end
+
 local function limit_at(i)
   -- field, algorithm, capacity, window: four ARGV entries from i
-  local L = { field = ARGV[i], algo = ARGV[i + 1], cap = tonumber(ARGV[i + 2]),
-              window = tonumber(ARGV[i + 3]) }
-  local A = algo(L.algo)
-  if A == nil then error('aiolimits: unknown algorithm ' .. tostring(L.algo)) end
-  L.A = A
+  local field, name, cap, window = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local L = limit_memo[field]
+  if L ~= nil and L.algo == name and L.cap_text == cap and L.window_text == window then
+    return L
+  end
+  local A = algo(name)
+  if A == nil then error('aiolimits: unknown algorithm ' .. tostring(name)) end
+  L = { field = field, algo = name, cap = arg_number(cap), window = arg_number(window),
+        cap_text = cap, window_text = window, A = A }
+  if limit_count >= MEMO_LIMIT then limit_memo, limit_count = {}, 0 end
+  limit_memo[field] = L
+  limit_count = limit_count + 1
   return L
+end
+
+-- The state of L from the text of its field (`raw`, false when absent): decoded, or read in the
+-- form of an earlier version, or new.
+local function load_state(L, raw, now)
+  local A = L.A
+  if raw then return A.load(raw) end
+  if A.old_prefix ~= nil then
+    local old = redis.call('HGET', key, A.old_prefix .. L.field)
+    if old then
+      local s = cmsgpack.unpack(old)
+      s.old = true
+      return s
+    end
+  end
+  return A.new(L, now)
 end
 
 local function state_of(L, now)
   local s = cache[L.field]
   if s == nil then
-    local raw = redis.call('HGET', key, 's:' .. L.field)
-    if raw then s = cmsgpack.unpack(raw) else s = L.A.new(L, now) end
+    s = load_state(L, redis.call('HGET', key, L.A.prefix .. L.field), now)
     cache[L.field] = s
     limit_of[L.field] = L
   end
   return s
 end
 
+-- The field and text of the state of L, to write (a state read in an earlier form leaves it).
+local function dump_state(L)
+  local s = cache[L.field]
+  if s.old then
+    s.old = nil
+    redis.call('HDEL', key, L.A.old_prefix .. L.field)
+  end
+  return L.A.prefix .. L.field, L.A.dump(s)
+end
+
 local function save(L)
-  redis.call('HSET', key, 's:' .. L.field, cmsgpack.pack(cache[L.field]))
+  redis.call('HSET', key, dump_state(L))
 end
 
 local function encode_receipt(receipt)
@@ -801,29 +900,49 @@ end
 
 -- The time of a call, given the high-water mark stored in "!t" (`last`, as stored: false when
 -- absent), and whether "!t" is to be set to it.
+-- "!c" holds the highest server time seen and the grant count, as two little-endian doubles
+-- (struct: no text to parse or print on the hot path). `clock_of` reads it (false when absent).
+local function clock_of(raw)
+  if not raw then return -INF, 0 end
+  return struct.unpack('<dd', raw)
+end
+
+local function clock_text(now, grants)
+  return struct.pack('<dd', now, grants)
+end
+
+-- The time of a call, given the high-water mark read from "!c" (`last`), and whether "!c" is to
+-- be set to it.
 local function clock(last)
   local given = ARGV[2]
   if given ~= '' then return tonumber(given), false end
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  last = tonumber(last or '')
-  if last ~= nil and last > now then return last, false end
+  time_reply = t
+  local now = t[1] + t[2] / 1000000
+  if last > now then return last, false end
   return now, true
 end
 
+-- The time of a call and the grant count, "!c" brought up to date.
 local function read_now()
-  local last = redis.call('HGET', key, '!t')
+  local raw = redis.call('HGET', key, '!c')
+  local last, grants = clock_of(raw)
   local now, stamp = clock(last)
   -- A keyed hash is not made just to hold the time (asking about a key never seen leaves
   -- nothing behind); its first write makes it, and the time is kept from its next call.
-  if stamp and (last or not KEYED or redis.call('EXISTS', key) == 1) then
-    redis.call('HSET', key, '!t', fmt(now))
+  if stamp and (raw or not KEYED or redis.call('EXISTS', key) == 1) then
+    redis.call('HSET', key, '!c', clock_text(now, grants))
   end
+  if stamp then now_kept = now else now_kept = last end
+  grants_seen = grants
   return now
 end
 
+-- The end of the pause ("!p", as text), read once per call.
+local paused
 local function paused_until()
-  return tonumber(redis.call('HGET', key, '!p') or '') or -INF
+  if paused == nil then paused = tonumber(redis.call('HGET', key, '!p') or '') or -INF end
+  return paused
 end
 
 -- Items from ARGV[first]: n, then per item field, algorithm, capacity, window, amount.
@@ -833,11 +952,11 @@ local function read_items(first)
   for j = 0, n - 1 do
     local i = first + 1 + 5 * j
     local L = limit_at(i)
-    local amount = tonumber(ARGV[i + 4])
+    local amount = arg_number(ARGV[i + 4])
     if amount > L.cap then
       error('aiolimits: amount ' .. ARGV[i + 4] .. ' exceeds the capacity of ' .. L.field)
     end
-    items[#items + 1] = { L, amount }
+    items[#items + 1] = { L, amount, ARGV[i + 4] }
   end
   return items
 end
@@ -873,55 +992,159 @@ end
 
 local ops = {}
 
--- acquire: holder, lease seconds, items. Takes every item at once when all admit now:
--- "1 now receipt..." (receipt_text per item, empty for a resource); otherwise takes nothing:
--- "0 now rate_at admit_at expiry". One line of text: the most frequent reply is the cheapest to
--- make and to read as one string (nested replies cost more than the decision on both sides).
--- The most frequent operation, so it reads every field it needs in one HMGET ("!t", "!p", "!g",
--- the states) and writes in one HSET: three redis.calls with TIME, where it made seven.
-local function acquire()
-  local holder, ttl = ARGV[3], tonumber(ARGV[4])
-  local items = read_items(5)
-  local n = #items
-  local fields = { '!t', '!p', '!g' }
-  for j = 1, n do fields[3 + j] = 's:' .. items[j][1].field end
-  local got = redis.call('HMGET', key, unpack(fields))
-  local now, stamp = clock(got[1])
-  local absent = true -- no field read: a keyed hash that does not exist (it is not made for '!t')
-  for j = 1, n do
-    local L = items[j][1]
-    if cache[L.field] == nil then
-      local raw = got[3 + j]
-      if raw then
-        cache[L.field] = cmsgpack.unpack(raw)
-        absent = false
-      else
-        cache[L.field] = L.A.new(L, now)
-      end
-      limit_of[L.field] = L
+-- -- acquire's fast path: a bucket taken from the text of its field --------------------------
+
+-- The fast path applies to a bucket's state kept with at most one peak (24 or 40 bytes: almost
+-- every bucket, since a full bucket empties the log), without building its tables.
+local function bucket_fast(raw)
+  return raw and (#raw == 24 or #raw == 40)
+end
+
+-- Whether the bucket of state `raw` (bucket_fast) has `amount` at now: TokenBucket `has`.
+local function bucket_has(raw, L, amount, now)
+  local level, stamp = struct.unpack('<dd', raw)
+  if amount <= level then return true end
+  if now <= stamp then return false end
+  return exact_at_least(stamp, now, L.cap, amount, level, L.window)
+end
+
+-- TokenBucket `take` of `amount` (which it has) at now on the state `raw` (bucket_fast), step
+-- by step the same floats as bring, level_at, peak_record and sub_down: the new state as its
+-- text, the operation number, and when the bucket is full again (its fresh_at, for a keyed
+-- hash's expiry); nil when the refill is to be folded (the general path).
+local function bucket_take(raw, L, amount, now)
+  local cap, w = L.cap, L.window
+  local level, stamp, seq, s1, l1
+  if #raw == 40 then
+    level, stamp, seq, s1, l1 = struct.unpack('<ddddd', raw)
+  else
+    level, stamp, seq = struct.unpack('<ddd', raw)
+  end
+  if now > stamp then
+    if cap <= level or exact_at_least(stamp, now, cap, cap, level, w) then
+      level, stamp = cap, now
+    elseif now - stamp >= FOLD_AFTER * w then
+      return nil
     end
   end
-  if got[1] or got[2] or got[3] then absent = false end
-  local rate_at, admit_at, expiry = admit_time(items, now, tonumber(got[2] or '') or -INF)
-  local now_text = fmt(now)
-  if admit_at > now then
-    if stamp and not (KEYED and absent) then redis.call('HSET', key, '!t', now_text) end
-    return table.concat({ '0', now_text, fmt(rate_at), fmt(admit_at), fmt(expiry) }, ' '), now
+  local peak = level
+  local elapsed = now - stamp
+  if elapsed > 0 then
+    peak = level + elapsed * cap / w
+    if not (peak < cap) then peak = cap end
   end
-  local out = { '1', now_text }
-  local writes = {}
-  if stamp then writes[1], writes[2] = '!t', now_text end
+  seq = seq + 1
+  local left = sub_down(level, amount)
+  local fresh = stamp
+  if left < cap then fresh = stamp + (cap - left) * w / cap end
+  if l1 == nil or peak >= l1 then
+    return struct.pack('<ddddd', left, stamp, seq, seq, peak), seq, fresh
+  end
+  return struct.pack('<ddddddd', left, stamp, seq, s1, l1, seq, peak), seq, fresh
+end
+
+-- acquire: holder, lease seconds, items. Takes every item at once when all admit now:
+-- "1 receipt..." (receipt_text per item, empty for a resource); otherwise takes nothing:
+-- "0 now rate_at admit_at expiry". One line of text: the most frequent reply is the cheapest to
+-- make and to read as one string (nested replies cost more than the decision on both sides).
+-- The most frequent operation, so it reads every field it needs in one HMGET ("!c", "!p", the
+-- declaration's digest "!h" when `digest` is given, the states) and writes in one HSET: three
+-- redis.calls with TIME. Buckets in their common form are decided and taken on their text
+-- (bucket_has, bucket_take); the rest, and every refusal, go the general way (admit_time).
+-- Nil when the hash does not hold the digest.
+local function acquire(digest)
+  local holder = ARGV[3]
+  local items = read_items(5)
+  local n = #items
+  local fields = { '!c', '!p' }
+  local first = 2
+  if digest ~= nil then
+    fields[3] = '!h'
+    first = 3
+  end
+  for j = 1, n do
+    local L = items[j][1]
+    fields[first + j] = L.A.prefix .. L.field
+  end
+  local got = redis.call('HMGET', key, unpack(fields))
+  if digest ~= nil and got[3] ~= digest then return nil end
+  local last, grants = clock_of(got[1])
+  local now, stamp = clock(last)
+  if stamp then now_kept = now else now_kept = last end
+  paused = tonumber(got[2] or '') or -INF
+  existed = (got[1] or got[2]) and true or false
+  -- Whether every item admits now, the buckets asked on their text.
+  local admits = paused <= now
+  for j = 1, n do
+    if not admits then break end
+    local L, amount = items[j][1], items[j][2]
+    local raw = got[first + j]
+    if raw then existed = true end
+    if L.A.bucket and bucket_fast(raw) then
+      admits = bucket_has(raw, L, amount, now)
+    else
+      local s = load_state(L, raw, now)
+      cache[L.field] = s
+      limit_of[L.field] = L
+      admits = L.A.earliest(s, L, amount, now) <= now
+    end
+  end
+  if not admits then
+    for j = 1, n do
+      local L = items[j][1]
+      local raw = got[first + j]
+      if raw then existed = true end
+      if cache[L.field] == nil then
+        cache[L.field] = load_state(L, raw, now)
+        limit_of[L.field] = L
+      end
+    end
+    local rate_at, admit_at, expiry = admit_time(items, now)
+    if admit_at > now then
+      if stamp and (existed or not KEYED) then
+        redis.call('HSET', key, '!c', clock_text(now, grants))
+      end
+      return '0 ' .. fmt(now) .. ' ' .. fmt(rate_at) .. ' ' .. fmt(admit_at) .. ' ' .. fmt(expiry),
+        now
+    end
+  end
+  local ttl = arg_number(ARGV[4])
+  local out = '1'
+  local writes = { '!c', clock_text(now_kept, grants + 1) }
   for j = 1, n do
     local L, amount = items[j][1], items[j][2]
-    local receipt = L.A.take(cache[L.field], L, amount, now, holder, ttl)
-    writes[#writes + 1] = fields[3 + j]
-    writes[#writes + 1] = cmsgpack.pack(cache[L.field])
-    out[#out + 1] = receipt_text(receipt)
+    local field = fields[first + j]
+    local text, seq, fresh
+    if cache[L.field] == nil and L.A.bucket and bucket_fast(got[first + j]) then
+      text, seq, fresh = bucket_take(got[first + j], L, amount, now)
+      if text ~= nil and fresh > fresh_hint then fresh_hint = fresh end
+      if text == nil then
+        cache[L.field] = load_state(L, got[first + j], now)
+        limit_of[L.field] = L
+      end
+    end
+    if text ~= nil then
+      out = out .. ' ' .. fmt(seq) .. ',' .. items[j][3]
+    else
+      if cache[L.field] == nil then
+        cache[L.field] = load_state(L, got[first + j], now)
+        limit_of[L.field] = L
+      end
+      local receipt = L.A.take(cache[L.field], L, amount, now, holder, ttl)
+      field, text = dump_state(L)
+      local part = receipt[1]
+      if #receipt == 1 and #part == 2 and part[2] == amount then
+        -- A bucket's or a window's receipt takes the amount: its text is the argument's.
+        out = out .. ' ' .. fmt(part[1]) .. ',' .. items[j][3]
+      else
+        out = out .. ' ' .. receipt_text(receipt)
+      end
+    end
+    writes[2 * j + 1] = field
+    writes[2 * j + 2] = text
   end
-  writes[#writes + 1] = '!g'
-  writes[#writes + 1] = string.format('%d', (tonumber(got[3] or '') or 0) + 1)
   redis.call('HSET', key, unpack(writes))
-  return table.concat(out, ' '), now
+  return out, now
 end
 
 -- batch: lease seconds, m, then per request holder and items (as for acquire). The queue of one
@@ -950,12 +1173,17 @@ ops.batch = function(now)
     end
     granted[#granted + 1] = receipts
   end
-  local saved = {}
-  for field, _ in pairs(cache) do saved[#saved + 1] = field end
-  for i = 1, #saved do
-    redis.call('HSET', key, 's:' .. saved[i], cmsgpack.pack(cache[saved[i]]))
+  local writes = {}
+  for field, _ in pairs(cache) do
+    local name, text = dump_state(limit_of[field])
+    writes[#writes + 1] = name
+    writes[#writes + 1] = text
   end
-  if #granted > 0 then redis.call('HINCRBY', key, '!g', #granted) end
+  if #granted > 0 then
+    writes[#writes + 1] = '!c'
+    writes[#writes + 1] = clock_text(now_kept, grants_seen + #granted)
+  end
+  if #writes > 0 then redis.call('HSET', key, unpack(writes)) end
   return { fmt(now), #granted, granted, refused }
 end
 
@@ -1055,7 +1283,7 @@ end
 -- then per limit {available, in use (resources; else 0), refunded}}, changing nothing.
 ops.stats = function(now)
   local n = tonumber(ARGV[3])
-  local out = { fmt(now), fmt(paused_until()), redis.call('HGET', key, '!g') or '0' }
+  local out = { fmt(now), fmt(paused_until()), fmt(grants_seen) }
   for j = 0, n - 1 do
     local L = limit_at(4 + 4 * j)
     local s = state_of(L, now)
@@ -1089,32 +1317,44 @@ local function keyed_expire(now)
   -- takes): PEXPIRE needs a whole number of ms that Redis can add to its clock. A hash kept
   -- MAX_TTL_MS (about 285 years) is kept for good in practice.
   if not (ms < MAX_TTL_MS) then ms = MAX_TTL_MS end
-  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+  if EVAL or not existed then
+    if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+  else
+    -- The hash had its TTL before this call: lengthened in one call (GT, Redis 7, as are
+    -- functions).
+    redis.call('PEXPIRE', key, ms, 'GT')
+  end
 end
 
 local function run(keys, args)
   key, ARGV, cache = keys[1], args, {}
   limit_of, fresh_hint, id_base = {}, -INF, nil
+  time_reply, now_kept, grants_seen, existed, paused = nil, -INF, 0, nil, nil
   KEYED = string.sub(key, 1, 1) ~= '{'
+  local op = ARGV[1]
+  local digest
   if string.sub(ARGV[2], 1, 1) == 'd' then
     -- Redis server time, on a plain set's hash that must hold the declaration this client
     -- checked when it attached: "d" and the digest of it, which the client keeps in "!h" next to
     -- the declaration "!d". Another digest there, or none, and Redis lost the set's data (and
     -- someone may have declared the name otherwise since): nothing is done, and the client
     -- declares it again, checking it as when it attached, before it sends the call once more.
-    if redis.call('HGET', key, '!h') ~= string.sub(ARGV[2], 2) then
+    -- (acquire reads "!h" with its state.)
+    digest = string.sub(ARGV[2], 2)
+    ARGV[2] = ''
+    if op ~= 'acquire' and redis.call('HGET', key, '!h') ~= digest then
       return redis.error_reply('aiolimits-undeclared: ' .. key)
     end
-    ARGV[2] = ''
   end
   local reply, now
-  if ARGV[1] == 'acquire' then
-    reply, now = acquire() -- it reads the clock with its state
+  if op == 'acquire' then
+    reply, now = acquire(digest) -- it reads the clock with its state
+    if reply == nil then return redis.error_reply('aiolimits-undeclared: ' .. key) end
   else
-    local op = ops[ARGV[1]]
-    if op == nil then error('aiolimits: unknown operation ' .. tostring(ARGV[1])) end
+    local run_op = ops[op]
+    if run_op == nil then error('aiolimits: unknown operation ' .. tostring(op)) end
     now = read_now()
-    reply = op(now)
+    reply = run_op(now)
   end
   if KEYED then keyed_expire(now) end
   return reply
