@@ -256,6 +256,73 @@ def test_lua_agrees_with_python_on_random_sequences(
         assert py.available(now) == lua.available(now), where
 
 
+# --- acquire's fast path for buckets: the same bytes as the general path ----------------------
+
+
+@st.composite
+def bucket_scenarios(draw: st.DrawFn) -> tuple[RateLimit, float, list[tuple[str, float, float]]]:
+    algorithm = draw(st.sampled_from(["token_bucket", "gcra"]))
+    capacity = draw(st.sampled_from([1, 3, 4, 7.5, 1e9]))
+    window = draw(st.sampled_from([1e-3, 0.1, 0.3, 1.0, 60.0]))
+    base = draw(st.sampled_from([0.0, UPTIME, 1.7e9 + 0.123456]))
+    gap = st.one_of(
+        st.just(0.0),
+        st.floats(0, window * 2, allow_nan=False),
+        st.just(window * 2000),  # past the fold: the fast path hands over
+    )
+    step = st.tuples(
+        st.sampled_from(["take", "take", "take", "charge", "refund"]),
+        gap,
+        st.floats(0, capacity, allow_nan=False),
+    )
+    return RateLimit("k", window, capacity, algorithm), base, draw(st.lists(step, max_size=20))
+
+
+@settings(
+    max_examples=capped(200),
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(scenario=bucket_scenarios())
+def test_lua_bucket_fast_path_writes_what_the_general_path_writes(
+    script: Script, scenario: tuple[RateLimit, float, list[tuple[str, float, float]]]
+) -> None:
+    """``acquire`` decides and takes a bucket in its common form on the bytes of its field
+    (``bucket_has``, ``bucket_take``); ``batch`` always builds the state's tables (the general
+    path). The same steps on two hashes, one through each, answer and store the same bytes:
+    every branch of the fast path (full, refilling, a second peak, the fold it hands over,
+    refusals, debts from charges and refunds that leave longer logs)."""
+    from aiolimits.redis._script import decode_receipt, encode_receipt, limit_args, num
+
+    limit, now, steps = scenario
+    args = limit_args(limit)
+    fast, general = fresh_hash(), fresh_hash()
+    receipts: list[tuple[Any, Any, float]] = []
+    for i, (op, gap, amount) in enumerate(steps):
+        now += gap
+        where = f"step {i} ({op} {amount!r} at {now!r}) of {steps!r} on {limit!r}"
+        if op == "take":
+            one = [*args, num(amount)]
+            reply = script(fast, "acquire", now, "h", "inf", 1, *one)
+            batch = script(general, "batch", now, "inf", 1, "h", 1, *one)
+            assert (reply[0] == 1) == (int(batch[1]) == 1), where
+            if reply[0] == 1:
+                receipt = decode_receipt(batch[2][0][0])
+                assert reply[2] == receipt, where
+                receipts.append((reply[2], receipt, amount))
+            else:
+                assert [float(x) for x in reply[2:4]] == [float(x) for x in batch[3][:2]], where
+        elif receipts:
+            r_fast, r_general, held = receipts[-1]
+            usage = held + amount if op == "charge" else held - min(held, amount)
+            settle = [1, *args, num(held), num(usage)]
+            a = script(fast, "settle", now, *settle, encode_receipt(r_fast))
+            b = script(general, "settle", now, *settle, encode_receipt(r_general))
+            assert a[2:] == b[2:], where
+            receipts[-1] = (decode_receipt(a[2][0]), decode_receipt(b[2][0]), float(a[2][1]))
+        field = f"b:{limit.key}"
+        assert script.client.hget(fast, field) == script.client.hget(general, field), where
+
+
 # --- a set's limits together: the script's atomic acquisition is Scheduler.admit_time + take ----
 
 

@@ -458,12 +458,18 @@ builders.token_bucket = function()
   -- Kept in the field "b:<key>", the most frequent state read and written, as little-endian
   -- doubles (struct: a fraction of the cost of cmsgpack's tables, or of text, on both sides):
   -- level, stamp, operation number, then the peak log oldest first, operation number and level
-  -- per entry. A state of an earlier version (cmsgpack in "s:<key>") is read once, and moved
+  -- per entry; a log of one entry, the last operation's (the common form), is its level alone
+  -- (32 bytes). A state of an earlier version (cmsgpack in "s:<key>") is read once, and moved
   -- here when written (`old`).
   A.prefix = 'b:'
   A.old_prefix = 's:'
   A.bucket = true -- acquire's fast path (bucket_take) applies
   A.load = function(raw)
+    if #raw == 32 then
+      local level, stamp, seq, peak = struct.unpack('<dddd', raw)
+      return { u = 1, level = level, stamp = stamp,
+               peaks = { seq = seq, seqs = { seq }, levels = { peak } } }
+    end
     local level, stamp, seq, at = struct.unpack('<ddd', raw)
     local seqs, levels = {}, {}
     for i = 1, (#raw - 24) / 16 do
@@ -476,8 +482,8 @@ builders.token_bucket = function()
     local peaks = s.peaks
     local seqs, levels = peaks.seqs, peaks.levels
     local n = #seqs
-    if n == 1 then
-      return struct.pack('<ddddd', s.level, s.stamp, peaks.seq, seqs[1], levels[1])
+    if n == 1 and seqs[1] == peaks.seq then
+      return struct.pack('<dddd', s.level, s.stamp, peaks.seq, levels[1])
     end
     local out = { struct.pack('<ddd', s.level, s.stamp, peaks.seq) }
     for i = 1, n do out[i + 1] = struct.pack('<dd', seqs[i], levels[i]) end
@@ -994,10 +1000,11 @@ local ops = {}
 
 -- -- acquire's fast path: a bucket taken from the text of its field --------------------------
 
--- The fast path applies to a bucket's state kept with at most one peak (24 or 40 bytes: almost
--- every bucket, since a full bucket empties the log), without building its tables.
+-- The fast path applies to a bucket's state kept with no peak or the last operation's alone (24
+-- or 32 bytes: almost every bucket, since a take from a full bucket leaves that log), without
+-- building its tables.
 local function bucket_fast(raw)
-  return raw and (#raw == 24 or #raw == 40)
+  return raw and (#raw == 32 or #raw == 24)
 end
 
 -- Whether the bucket of state `raw` (bucket_fast) has `amount` at now: TokenBucket `has`.
@@ -1014,9 +1021,9 @@ end
 -- hash's expiry); nil when the refill is to be folded (the general path).
 local function bucket_take(raw, L, amount, now)
   local cap, w = L.cap, L.window
-  local level, stamp, seq, s1, l1
-  if #raw == 40 then
-    level, stamp, seq, s1, l1 = struct.unpack('<ddddd', raw)
+  local level, stamp, seq, l1
+  if #raw == 32 then
+    level, stamp, seq, l1 = struct.unpack('<dddd', raw)
   else
     level, stamp, seq = struct.unpack('<ddd', raw)
   end
@@ -1037,10 +1044,8 @@ local function bucket_take(raw, L, amount, now)
   local left = sub_down(level, amount)
   local fresh = stamp
   if left < cap then fresh = stamp + (cap - left) * w / cap end
-  if l1 == nil or peak >= l1 then
-    return struct.pack('<ddddd', left, stamp, seq, seq, peak), seq, fresh
-  end
-  return struct.pack('<ddddddd', left, stamp, seq, s1, l1, seq, peak), seq, fresh
+  if l1 == nil or peak >= l1 then return struct.pack('<dddd', left, stamp, seq, peak), seq, fresh end
+  return struct.pack('<ddddddd', left, stamp, seq, seq - 1, l1, seq, peak), seq, fresh
 end
 
 -- acquire: holder, lease seconds, items. Takes every item at once when all admit now:
@@ -1275,7 +1280,10 @@ end
 ops.pause = function(now)
   local untill = now + tonumber(ARGV[3])
   if ARGV[4] ~= nil and ARGV[4] ~= '' then untill = tonumber(ARGV[4]) end
-  if untill > paused_until() then redis.call('HSET', key, '!p', fmt(untill)) end
+  if untill > paused_until() then
+    redis.call('HSET', key, '!p', fmt(untill))
+    paused = untill
+  end
   return { fmt(now) }
 end
 
