@@ -253,7 +253,7 @@ async def _keyed_memory(url: str) -> float:
     from aiolimits.redis import RedisBackend
 
     name = f"m{uuid.uuid4().hex[:7]}"  # a set name of 8 characters, client keys of 8-10
-    keyed = KeyedLimitSet([RateLimit("tokens", 10, 60)], backend=RedisBackend(url), name=name)
+    keyed = KeyedLimitSet([RateLimit("tokens", 3600, 10)], backend=RedisBackend(url), name=name)
     for i in range(200):
         async with keyed.acquire(f"client-{i}", {"tokens": 1}):
             pass

@@ -1234,25 +1234,6 @@ ops.settle = function(now)
   return out
 end
 
--- release: holder, then resource fields. Ends the holder's leases: {now, leases ended}.
-ops.release = function(now)
-  local holder = ARGV[3]
-  local ended = 0
-  for i = 4, #ARGV do
-    local raw = redis.call('HGET', key, 's:' .. ARGV[i])
-    if raw then
-      local s = cmsgpack.unpack(raw)
-      if s.leases[holder] ~= nil then
-        s.leases[holder] = nil
-        ended = ended + 1
-        redis.call('HSET', key, 's:' .. ARGV[i], cmsgpack.pack(s))
-      end
-    end
-  end
-  if ended > 0 then redis.call('PUBLISH', key .. ':wake', '') end
-  return { fmt(now), ended }
-end
-
 -- renew: holder, lease seconds, then resource fields. Extends the holder's live leases to
 -- now + seconds: {now, leases renewed} (fewer than asked: a lease had already expired).
 ops.renew = function(now)
@@ -1334,6 +1315,47 @@ local function keyed_expire(now)
   end
 end
 
+-- release: holder, then resource fields. Ends the holder's leases: {now, leases ended}. Every
+-- resource acquisition ends with one, so it is lean too: it makes no decision, so it reads no
+-- clock ('' for now) unless a keyed hash's expiry needs the time or the test clock gives it, and
+-- it reads the declaration's digest (`digest`), the clock and the leases in one HMGET. Nil when
+-- the hash does not hold the digest.
+local function release(digest)
+  local holder = ARGV[3]
+  local fields = { '!c' }
+  local first = 1
+  if digest ~= nil then
+    fields[2] = '!h'
+    first = 2
+  end
+  for i = 4, #ARGV do fields[first + i - 3] = 's:' .. ARGV[i] end
+  local got = redis.call('HMGET', key, unpack(fields))
+  if digest ~= nil and got[2] ~= digest then return nil end
+  local now
+  if KEYED or ARGV[2] ~= '' then now = clock((clock_of(got[1]))) end
+  local ended = 0
+  local writes = {}
+  for i = 4, #ARGV do
+    local raw = got[first + i - 3]
+    if raw then
+      existed = true
+      local s = cmsgpack.unpack(raw)
+      if s.leases[holder] ~= nil then
+        s.leases[holder] = nil
+        ended = ended + 1
+        writes[#writes + 1] = fields[first + i - 3]
+        writes[#writes + 1] = cmsgpack.pack(s)
+      end
+    end
+  end
+  if ended > 0 then
+    redis.call('HSET', key, unpack(writes))
+    redis.call('PUBLISH', key .. ':wake', '')
+  end
+  if now == nil then return { '', ended }, now end
+  return { fmt(now), ended }, now
+end
+
 local function run(keys, args)
   key, ARGV, cache = keys[1], args, {}
   limit_of, fresh_hint, id_base = {}, -INF, nil
@@ -1350,13 +1372,16 @@ local function run(keys, args)
     -- (acquire reads "!h" with its state.)
     digest = string.sub(ARGV[2], 2)
     ARGV[2] = ''
-    if op ~= 'acquire' and redis.call('HGET', key, '!h') ~= digest then
+    if op ~= 'acquire' and op ~= 'release' and redis.call('HGET', key, '!h') ~= digest then
       return redis.error_reply('aiolimits-undeclared: ' .. key)
     end
   end
   local reply, now
   if op == 'acquire' then
     reply, now = acquire(digest) -- it reads the clock with its state
+    if reply == nil then return redis.error_reply('aiolimits-undeclared: ' .. key) end
+  elseif op == 'release' then
+    reply, now = release(digest)
     if reply == nil then return redis.error_reply('aiolimits-undeclared: ' .. key) end
   else
     local run_op = ops[op]
