@@ -446,8 +446,8 @@ def test_lua_server_time_never_runs_backwards(script: Script) -> None:
     reply = script.raw(key, "earliest", "", 0)
     assert float(reply[0]) == future
     conns = multi_args([(ResourceLimit("conns", 1), 1)])
-    assert script.raw(key, "acquire", "", "h", "5.0", *conns) == b"1 "
-    reply = script.raw(key, "acquire", "", "h2", "5.0", *conns)  # refused: says its time
+    assert script.raw(key, "acquire", "", "h", "5.0", *conns) == b"1 4000000000 "
+    reply = script.raw(key, "acquire", "", "h2", "5.0", *conns)  # refused
     assert reply.split(b" ")[:2] == [b"0", b"4000000000"]
     assert clock_field(script, key) == (future, 1.0)  # not lowered
 
@@ -455,11 +455,11 @@ def test_lua_server_time_never_runs_backwards(script: Script) -> None:
 def test_lua_acquire_records_the_clock_and_counts_its_grants(script: Script) -> None:
     key = fresh_hash()
     calls = multi_args([(CallLimit(60.0, 2), 1)])
-    for _ in range(2):
-        assert script.raw(key, "acquire", "", "h", "5.0", *calls).startswith(b"1 ")
-    reply = script.raw(key, "acquire", "", "h", "5.0", *calls)
+    for grants in (1.0, 2.0, 2.0):  # two grants, then a refusal
+        reply = script.raw(key, "acquire", "", "h", "5.0", *calls)
+        # The time it answered at, and the count.
+        assert clock_field(script, key) == (float(reply.split(b" ")[1]), grants)
     assert reply.startswith(b"0 ")
-    assert clock_field(script, key) == (float(reply.split(b" ")[1]), 2.0)  # the time it answered at
     assert script(key, "stats", 0.0, 0)[2] == b"2"
 
 

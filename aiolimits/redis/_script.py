@@ -181,17 +181,16 @@ def decode_receipt(reply: Any) -> Receipt:
 
 
 def acquire_reply(reply: bytes | str) -> list[Any]:
-    """The reply of the ``acquire`` operation, one line of text (``"1 receipt..."`` or
-    ``"0 now rate_at admit_at expiry"``), as the list the other replies are: ``[1, None,
-    receipt...]`` (each receipt decoded, ``[]`` for a resource; a grant does not say the server's
-    time, which nobody needs) or ``[0, now, rate_at, admit_at, expiry]`` (numbers as ``%.17g``
-    text)."""
+    """The reply of the ``acquire`` operation, one line of text (``"1 now receipt..."`` or
+    ``"0 now rate_at admit_at expiry"``), as the list the other replies are: ``[1, now,
+    receipt...]`` (each receipt decoded, ``[]`` for a resource) or ``[0, now, rate_at,
+    admit_at, expiry]`` (numbers as ``%.17g`` text)."""
     text = reply.decode() if isinstance(reply, bytes) else reply
     fields = text.split(" ")
     if fields[0] != "1":
         return [0, *fields[1:]]
     receipts: list[Any] = [
         [[float(x) for x in part.split(",")] for part in receipt.split(";")] if receipt else []
-        for receipt in fields[1:]
+        for receipt in fields[2:]
     ]
-    return [1, None, *receipts]
+    return [1, fields[1], *receipts]

@@ -1049,7 +1049,7 @@ local function bucket_take(raw, L, amount, now)
 end
 
 -- acquire: holder, lease seconds, items. Takes every item at once when all admit now:
--- "1 receipt..." (receipt_text per item, empty for a resource); otherwise takes nothing:
+-- "1 now receipt..." (receipt_text per item, empty for a resource); otherwise takes nothing:
 -- "0 now rate_at admit_at expiry". One line of text: the most frequent reply is the cheapest to
 -- make and to read as one string (nested replies cost more than the decision on both sides).
 -- The most frequent operation, so it reads every field it needs in one HMGET ("!c", "!p", the
@@ -1114,7 +1114,7 @@ local function acquire(digest)
     end
   end
   local ttl = arg_number(ARGV[4])
-  local out = '1'
+  local out = '1 ' .. fmt(now)
   local writes = { '!c', clock_text(now_kept, grants + 1) }
   for j = 1, n do
     local L, amount = items[j][1], items[j][2]
