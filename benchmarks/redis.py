@@ -50,7 +50,11 @@ TARGETS: dict[str, tuple[float, str]] = {
 SETS: dict[str, Sequence[Limit]] = {
     "TokenBucket": [RateLimit("tokens", 1, BIG)],
     "GCRA": [RateLimit("tokens", 1, BIG, "gcra")],
-    "Call + Rate + Resource": [CallLimit(1, BIG), RateLimit("tokens", 1, BIG), ResourceLimit("r", 10)],
+    "Call + Rate + Resource": [
+        CallLimit(1, BIG),
+        RateLimit("tokens", 1, BIG),
+        ResourceLimit("r", 10),
+    ],
 }
 
 
@@ -271,11 +275,11 @@ async def _keyed_memory(url: str) -> float:
 # -- 4 processes on one set ------------------------------------------------------------------------
 
 
-def _process(
-    url: str, kind: str, name: str, n: int, tasks: int, barrier: Any, results: Any
-) -> None:
-    """One process of the multi-process row: ``tasks`` tasks doing ``n // tasks`` operations,
+def _process(job: tuple[str, str, str, int, int], barrier: Any, results: Any) -> None:
+    """One process of the multi-process row, ``job`` = (url, kind, set name, n, tasks):
+    ``tasks`` tasks doing ``n // tasks`` operations (``"incr"``, or acquisitions of the set),
     started with the other processes (``barrier``); puts (start, end, operations) on ``results``."""
+    url, kind, name, n, tasks = job
 
     async def main() -> None:
         import redis.asyncio
@@ -311,7 +315,7 @@ def _processes(url: str, kind: str, n: int, tasks: int, procs: int) -> float:
     results = ctx.Queue()
     name = f"bench-procs-{uuid.uuid4().hex}"
     workers = [
-        ctx.Process(target=_process, args=(url, kind, name, n, tasks, barrier, results))
+        ctx.Process(target=_process, args=((url, kind, name, n, tasks), barrier, results))
         for _ in range(procs)
     ]
     for w in workers:
@@ -366,8 +370,7 @@ def main() -> None:
         multi = Summary.of(_multi(url, args.n, args.tasks, args.repeats, args.processes))
         print(
             _line(
-                f"aiolimits RedisBackend, {args.processes} processes x {args.tasks} tasks,"
-                " one set",
+                f"aiolimits RedisBackend, {args.processes} processes x {args.tasks} tasks, one set",
                 multi,
                 "x",
                 ".2f",
@@ -375,9 +378,7 @@ def main() -> None:
             )
         )
         print("Redis server time (INFO commandstats, from one task):")
-        for name, values in asyncio.run(
-            _server_time(url, min(args.n, 3000), args.repeats)
-        ).items():
+        for name, values in asyncio.run(_server_time(url, min(args.n, 3000), args.repeats)).items():
             print(_line(name, Summary.of(values), "", ".2f", args.tasks))
         memory = asyncio.run(_keyed_memory(url))
         print("Redis memory (MEMORY USAGE):")

@@ -1,11 +1,12 @@
 """The Lua script gives exactly the answers of the Python algorithms (semantics §3, issue #7).
 
-The Redis backend decides inside Redis with ``aiolimits/redis/lua/*.lua`` (one file per algorithm), a
-step-by-step
-mirror of ``aiolimits/_algorithms``. Here the decision tables of ``test_algorithms_tables`` run
-against the script through :class:`LuaState`, a ``RateState`` whose every verb is a script call
-with the time passed in (the script's test hook; in production it reads Redis server time), and
-a property drives random sequences through both and compares every answer with ``==``.
+The Redis backend decides inside Redis with ``aiolimits/redis/lua/*.lua`` (one file per
+algorithm), a step-by-step mirror of ``aiolimits/_algorithms``. Here the decision tables of
+``test_algorithms_tables`` run against the script through :class:`LuaState`, a ``RateState``
+whose every verb is a script call with the time passed in (the script's test hook; in production
+it reads Redis server time), and a property drives random sequences through both and compares
+every answer with ``==``. Acquire's fast path for buckets is checked against the general path,
+byte for byte.
 """
 
 from __future__ import annotations

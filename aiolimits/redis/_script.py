@@ -1,10 +1,11 @@
 """The Lua script that keeps a LimitSet's state in Redis, and how Python talks to it.
 
 The script (``lua/*.lua`` beside this file: one file per algorithm, loaded together as one text)
-mirrors ``aiolimits/_algorithms`` float operation by float operation; this module only encodes its arguments and decodes its replies. Numbers cross
-the wire as text that each side reads back exactly: Python's ``repr`` of a float going in (Lua's
-``tonumber`` is ``strtod``), ``%.17g`` coming out (Redis would truncate a Lua number in a reply to
-an integer, so the script never returns one for a float).
+mirrors ``aiolimits/_algorithms`` float operation by float operation; this module only encodes
+its arguments and decodes its replies. Numbers cross the wire as text that each side reads back
+exactly: Python's ``repr`` of a float going in (Lua's ``tonumber`` is ``strtod``), ``%.17g``
+coming out (Redis would truncate a Lua number in a reply to an integer, so the script never
+returns one for a float).
 
 Receipts (what an acquisition keeps to settle its usage later) travel as lists of parts, each a
 list of floats: ``[operation number, units]`` for the buckets, ``[slot id]`` or ``[entry id]``
@@ -58,8 +59,7 @@ FILES: tuple[str, ...] = (
 )
 
 SOURCE: str = "".join(
-    resources.files(__package__).joinpath("lua", name).read_text(encoding="utf-8")
-    for name in FILES
+    resources.files(__package__).joinpath("lua", name).read_text(encoding="utf-8") for name in FILES
 )
 
 # The library's name, and its one function's (function names are global on a server).
