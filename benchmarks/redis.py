@@ -320,7 +320,7 @@ def _processes(url: str, kind: str, n: int, tasks: int, procs: int) -> float:
     ]
     for w in workers:
         w.start()
-    spans = [results.get(timeout=600) for _ in workers]
+    spans: list[tuple[float, float, int]] = [results.get(timeout=600) for _ in workers]
     for w in workers:
         w.join()
     total = sum(done for _, _, done in spans)

@@ -436,7 +436,7 @@ def test_lua_refuses_an_amount_above_capacity(script: Script) -> None:
 def clock_field(script: Script, key: str) -> tuple[float, float]:
     """The hash's "!c": the highest server time seen and the grant count (two doubles)."""
     raw = script.client.hget(key, "!c")
-    assert raw is not None
+    assert isinstance(raw, bytes)
     time, grants = struct.unpack("<dd", raw)
     return time, grants
 

@@ -58,9 +58,8 @@ FILES: tuple[str, ...] = (
     "run.lua",
 )
 
-SOURCE: str = "".join(
-    resources.files(__package__).joinpath("lua", name).read_text(encoding="utf-8") for name in FILES
-)
+_LUA = resources.files(__package__).joinpath("lua")
+SOURCE: str = "".join(_LUA.joinpath(name).read_text(encoding="utf-8") for name in FILES)
 
 # The library's name, and its one function's (function names are global on a server).
 FUNCTION: str = "aiolimits_" + hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
