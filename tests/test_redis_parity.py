@@ -488,3 +488,28 @@ def test_lua_reads_bucket_states_written_in_the_old_forms(
     assert state.available(10.0) == 2.0
     assert state.earliest(2, 10.0) == 10.0
     assert state.earliest(3, 10.0) == 10.5
+
+
+@pytest.mark.parametrize("op", ["acquire", "release", "earliest"])
+def test_lua_checks_the_declaration_digest_before_anything(script: Script, op: str) -> None:
+    """``acquire`` and ``release`` read the digest ("!h") with their fields, the other
+    operations on its own: another digest, or none, and nothing is read or written."""
+    import redis
+
+    key = fresh_hash()
+    conns = multi_args([(ResourceLimit("conns", 1), 1)])
+    args = {
+        "acquire": ["h", "5.0", *conns],
+        "release": ["h", "conns"],
+        "earliest": conns,
+    }[op]
+    script.client.hset(key, "!h", "abc")
+    assert script.raw(key, "acquire", "dabc", "h", "5.0", *conns).startswith(b"1 ")
+    before = script.client.hgetall(key)
+    for tag in ("dabd", "d"):
+        with pytest.raises(redis.ResponseError, match="aiolimits-undeclared"):
+            script.raw(key, op, tag, *args)
+    assert script.client.hgetall(key) == before
+    script.raw(key, op, "dabc", *args)  # the right digest: run
+    if op == "release":
+        assert script.raw(key, "acquire", "dabc", "h2", "5.0", *conns).startswith(b"1 ")
