@@ -40,7 +40,7 @@ local function limit_at(i)
   return L
 end
 
--- The state of L from the text of its field (`raw`, false when absent): decoded, or read in the
+-- The state of L from the value of its field (`raw`, false when absent): decoded, or read in the
 -- form of an earlier version, or new.
 local function load_state(L, raw, now)
   local A = L.A
@@ -116,10 +116,8 @@ local function decode_receipt(text)
   return parts
 end
 
--- The time of a call, given the high-water mark stored in "!t" (`last`, as stored: false when
--- absent), and whether "!t" is to be set to it.
 -- "!c" holds the highest server time seen and the grant count, as two little-endian doubles
--- (struct: no text to parse or print on the hot path). `clock_of` reads it (false when absent).
+-- (struct: no text to parse or print on the hot path). `clock_of` reads it (`raw` false: absent).
 local function clock_of(raw)
   if not raw then return -INF, 0 end
   return struct.unpack('<dd', raw)
@@ -240,7 +238,7 @@ local function acquire(digest)
   if stamp then now_kept = now else now_kept = last end
   paused = tonumber(got[2] or '') or -INF
   existed = (got[1] or got[2]) and true or false
-  -- Whether every item admits now, the buckets asked on their text.
+  -- Whether every item admits now, the buckets asked on the bytes of their fields.
   local admits = paused <= now
   for j = 1, n do
     if not admits then break end
