@@ -1,7 +1,8 @@
 -- aiolimits library, fixed_window.lua: FixedWindow, the twin of aiolimits/_algorithms/fixed_window.py (parity:
 -- tests/test_redis_parity.py). Loaded after base.lua, whose helpers it uses (see there).
 
--- FixedWindow: the current window's index, bounds and count.
+-- FixedWindow: the current window's index, bounds and count, and the shift added to grid indices
+-- after a change of window (none before: nil), so that no index repeats.
 builders.fixed_window = function()
   local A = {}
   local function window_index(t, w)
@@ -13,7 +14,7 @@ builders.fixed_window = function()
   local function roll(s, L, now)
     if now >= s.stop then
       local k = window_index(now, L.window)
-      s.index = k
+      s.index = k + (s.shift or 0)
       s.start = k * L.window
       s.stop = (k + 1) * L.window
       s.count = 0
@@ -60,6 +61,16 @@ builders.fixed_window = function()
   A.available = function(s, L, now)
     roll(s, L, now)
     return L.cap - s.count
+  end
+  -- The limit L becomes N at now (FixedWindowState.change): the current window lasts until the
+  -- first boundary of the new grid at or after its end; indices go on from the old ones.
+  A.change = function(s, L, N, now)
+    roll(s, L, now)
+    if N.window == L.window then return end
+    local k = window_index(s.stop, N.window)
+    if k * N.window < s.stop then k = k + 1 end
+    s.stop = k * N.window
+    s.shift = s.index + 1 - k
   end
   -- An empty window is fresh; a counted one, once it has ended.
   A.fresh_at = function(s, L, now)

@@ -82,6 +82,23 @@ builders.leaky_bucket = function()
     if next_free(s) <= now then return L.cap end
     return 0.0
   end
+  -- The limit L becomes N at now (LeakyBucketState.change): what is left of each slot keeps
+  -- its units, at the new interval (rounded up, exactly as _scaled_up).
+  A.change = function(s, L, N, now)
+    prune(s, now)
+    local old, new = interval(L), interval(N)
+    if new == old then return end
+    for i = 1, #s.slots do
+      local x = s.slots[i][2] - now
+      local y = x / old * new
+      -- The least y with y·old >= x·new exactly.
+      while exact_sign({ y * old, product_error(y, old, y * old), -(x * new),
+                         -product_error(x, new, x * new) }) < 0 do
+        y = next_up(y)
+      end
+      s.slots[i][2] = add_up(now, y)
+    end
+  end
   A.fresh_at = function(s, L, now)
     return next_free(s)
   end

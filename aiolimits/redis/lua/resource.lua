@@ -34,6 +34,7 @@ builders.resource = function()
     return L.cap - in_use(s, now)
   end
   A.in_use = in_use
+  A.change = function(s, L, N, now) end -- the leases stay held
   -- When the first live lease runs out (inf: none): a full resource may free up then, without
   -- a release, if its holder stopped renewing.
   A.next_expiry = function(s, now)

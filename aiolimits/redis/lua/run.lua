@@ -428,6 +428,28 @@ ops.pause = function(now)
   return { fmt(now) }
 end
 
+-- change: the limit field, algorithm, capacity, window, then its new capacity and window, the
+-- numbers of every limit now ("!n", JSON) and their digest ("!h"). The state is carried over
+-- as semantics §4 says (each algorithm's `change`) and saved in its usual form; the client sent
+-- the digest it knew, so a change made meanwhile by another client makes this one read the
+-- numbers again first. The limits memoised by their argument text stay true to that text: a
+-- call with the new numbers parses them.
+ops.change = function(now)
+  local L = limit_at(3)
+  local N = { field = L.field, algo = L.algo, cap = arg_number(ARGV[7]),
+              window = arg_number(ARGV[8]), cap_text = ARGV[7], window_text = ARGV[8], A = L.A }
+  local s = state_of(L, now)
+  L.A.change(s, L, N, now)
+  limit_of[L.field] = N
+  limit_memo[L.field] = N
+  save(N)
+  redis.call('HSET', key, '!n', ARGV[9], '!h', ARGV[10])
+  -- Every client's head asks again (with the numbers it reads first): a limit that grew
+  -- admits at once.
+  redis.call('PUBLISH', key .. ':wake', '')
+  return { fmt(now) }
+end
+
 -- stats: n, then per limit field, algorithm, capacity, window. {now, paused until, granted,
 -- then per limit {available, in use (resources; else 0), refunded}}, changing nothing.
 ops.stats = function(now)

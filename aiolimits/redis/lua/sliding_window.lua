@@ -72,6 +72,16 @@ builders.sliding_window = function()
     prune(s, now)
     return L.cap - s.total
   end
+  -- The limit L becomes N at now (SlidingWindowState.change): each entry counts until its
+  -- admission + the new window.
+  A.change = function(s, L, N, now)
+    prune(s, now)
+    local shift = N.window - L.window
+    if shift ~= 0 then
+      for i = 1, #s.log do s.log[i][2] = add_up(s.log[i][2], shift) end
+    end
+    prune(s, now)
+  end
   -- When the last entry leaves the window (the log is in expiry order).
   A.fresh_at = function(s, L, now)
     local n = #s.log

@@ -85,6 +85,23 @@ builders.token_bucket = function()
     upgrade(s, L, now)
     return level_at(s, L, now)
   end
+  -- The limit L becomes N at now (TokenBucketState.change): the deficit C - level is kept,
+  -- rounded down, and the level is at most the new capacity (so acquire's fast path, which reads
+  -- the new numbers from the call, takes the state as it is).
+  A.change = function(s, L, N, now)
+    upgrade(s, L, now)
+    if now > s.stamp and not has(s, L, L.cap, now) then
+      local estimate = level_at(s, L, now)
+      s.level = -first_true(function(u) return has(s, L, -u, now) end, -estimate, -L.cap)
+      s.stamp = now
+    end
+    bring(s, L, now)
+    local level = sub_down(sub_down(s.level, L.cap), -N.cap)
+    if level >= N.cap then level = N.cap end
+    s.level = level
+    if now > s.stamp then s.stamp = now end
+    if N.cap ~= L.cap then peak_lift(s.peaks, 0, N.cap - L.cap) end
+  end
   -- Kept in the field "b:<key>", the most frequent state read and written, as little-endian
   -- doubles (struct: a fraction of the cost of cmsgpack's tables, or of text, on both sides):
   -- level, stamp, operation number, then the peak log oldest first, operation number and level
