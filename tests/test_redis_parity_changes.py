@@ -73,9 +73,7 @@ def changing_buckets(draw: st.DrawFn) -> tuple[Bucket, float, list[tuple[str, fl
     capacity = draw(st.sampled_from([1, 3, 4, 7.5]))
     window = draw(st.sampled_from([0.1, 0.3, 1.0, 60.0]))
     base = draw(st.sampled_from([0.0, UPTIME, 1.7e9 + 0.123456]))
-    gap = st.one_of(
-        st.just(0.0), st.floats(0, 2.0, allow_nan=False), st.just(window * 2000)
-    )
+    gap = st.one_of(st.just(0.0), st.floats(0, 2.0, allow_nan=False), st.just(window * 2000))
     step = st.tuples(
         st.sampled_from(["take", "take", "take", "charge", "refund", "change"]),
         gap,
