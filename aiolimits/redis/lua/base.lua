@@ -16,7 +16,8 @@
 -- exactly), "!c" the highest server time seen (the clock never runs backwards, even across a
 -- failover to a replica whose clock is behind) and the grant count (two doubles), "!p" the end
 -- of a pause, "!r:<key>" the units refunded, "!d" the declaration and "!h" its digest (written
--- by the client; `run` checks the digest). Where the script's time goes (a profile on Redis
+-- by the client; `run` checks the digest), "!n" the numbers of the limits changed at run time
+-- (JSON, written by `change` with a new digest). Where the script's time goes (a profile on Redis
 -- 7.0): the call and its arguments, its three redis.calls (HMGET, TIME, HSET), and then mostly
 -- Lua function calls, tables, and numbers parsed from or printed as text (%.17g costs as much
 -- as a redis.call): hence doubles in the fields, parsed arguments kept from call to call, and a

@@ -432,8 +432,8 @@ end
 -- numbers of every limit now ("!n", JSON) and their digest ("!h"). The state is carried over
 -- as semantics §4 says (each algorithm's `change`) and saved in its usual form; the client sent
 -- the digest it knew, so a change made meanwhile by another client makes this one read the
--- numbers again first. The limits memoised by their argument text stay true to that text: a
--- call with the new numbers parses them.
+-- numbers again first. The memo of limits by argument text is keyed on the numbers' text, so
+-- the old numbers are never served for the new: the new limit replaces the old one in it.
 ops.change = function(now)
   local L = limit_at(3)
   local N = { field = L.field, algo = L.algo, cap = arg_number(ARGV[7]),
