@@ -61,7 +61,7 @@ __all__ = [
 
 pytestmark = pytest.mark.filterwarnings("error")
 
-MARGIN_MS = 1000  # limits.lua FRESH_MARGIN_MS
+MARGIN_MS = 1000  # lua/base.lua FRESH_MARGIN_MS
 
 
 def backend(

@@ -1,15 +1,18 @@
 """The Lua script gives exactly the answers of the Python algorithms (semantics §3, issue #7).
 
-The Redis backend decides inside Redis with ``aiolimits/redis/limits.lua``, a step-by-step
-mirror of ``aiolimits/_algorithms``. Here the decision tables of ``test_algorithms_tables`` run
-against the script through :class:`LuaState`, a ``RateState`` whose every verb is a script call
-with the time passed in (the script's test hook; in production it reads Redis server time), and
-a property drives random sequences through both and compares every answer with ``==``.
+The Redis backend decides inside Redis with ``aiolimits/redis/lua/*.lua`` (one file per
+algorithm), a step-by-step mirror of ``aiolimits/_algorithms``. Here the decision tables of
+``test_algorithms_tables`` run against the script through :class:`LuaState`, a ``RateState``
+whose every verb is a script call with the time passed in (the script's test hook; in production
+it reads Redis server time), and a property drives random sequences through both and compares
+every answer with ``==``. Acquire's fast path for buckets is checked against the general path,
+byte for byte.
 """
 
 from __future__ import annotations
 
 import itertools
+import struct
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -255,6 +258,73 @@ def test_lua_agrees_with_python_on_random_sequences(
         assert py.available(now) == lua.available(now), where
 
 
+# --- acquire's fast path for buckets: the same bytes as the general path ----------------------
+
+
+@st.composite
+def bucket_scenarios(draw: st.DrawFn) -> tuple[RateLimit, float, list[tuple[str, float, float]]]:
+    algorithm = draw(st.sampled_from(["token_bucket", "gcra"]))
+    capacity = draw(st.sampled_from([1, 3, 4, 7.5, 1e9]))
+    window = draw(st.sampled_from([1e-3, 0.1, 0.3, 1.0, 60.0]))
+    base = draw(st.sampled_from([0.0, UPTIME, 1.7e9 + 0.123456]))
+    gap = st.one_of(
+        st.just(0.0),
+        st.floats(0, window * 2, allow_nan=False),
+        st.just(window * 2000),  # past the fold: the fast path hands over
+    )
+    step = st.tuples(
+        st.sampled_from(["take", "take", "take", "charge", "refund"]),
+        gap,
+        st.floats(0, capacity, allow_nan=False),
+    )
+    return RateLimit("k", window, capacity, algorithm), base, draw(st.lists(step, max_size=20))
+
+
+@settings(
+    max_examples=capped(200),
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(scenario=bucket_scenarios())
+def test_lua_bucket_fast_path_writes_what_the_general_path_writes(
+    script: Script, scenario: tuple[RateLimit, float, list[tuple[str, float, float]]]
+) -> None:
+    """``acquire`` decides and takes a bucket in its common form on the bytes of its field
+    (``bucket_has``, ``bucket_take``); ``batch`` always builds the state's tables (the general
+    path). The same steps on two hashes, one through each, answer and store the same bytes:
+    every branch of the fast path (full, refilling, a second peak, the fold it hands over,
+    refusals, debts from charges and refunds that leave longer logs)."""
+    from aiolimits.redis._script import decode_receipt, encode_receipt, limit_args, num
+
+    limit, now, steps = scenario
+    args = limit_args(limit)
+    fast, general = fresh_hash(), fresh_hash()
+    receipts: list[tuple[Any, Any, float]] = []
+    for i, (op, gap, amount) in enumerate(steps):
+        now += gap
+        where = f"step {i} ({op} {amount!r} at {now!r}) of {steps!r} on {limit!r}"
+        if op == "take":
+            one = [*args, num(amount)]
+            reply = script(fast, "acquire", now, "h", "inf", 1, *one)
+            batch = script(general, "batch", now, "inf", 1, "h", 1, *one)
+            assert (reply[0] == 1) == (int(batch[1]) == 1), where
+            if reply[0] == 1:
+                receipt = decode_receipt(batch[2][0][0])
+                assert reply[2] == receipt, where
+                receipts.append((reply[2], receipt, amount))
+            else:
+                assert [float(x) for x in reply[2:4]] == [float(x) for x in batch[3][:2]], where
+        elif receipts:
+            r_fast, r_general, held = receipts[-1]
+            usage = held + amount if op == "charge" else held - min(held, amount)
+            settle = [1, *args, num(held), num(usage)]
+            a = script(fast, "settle", now, *settle, encode_receipt(r_fast))
+            b = script(general, "settle", now, *settle, encode_receipt(r_general))
+            assert a[2:] == b[2:], where
+            receipts[-1] = (decode_receipt(a[2][0]), decode_receipt(b[2][0]), float(a[2][1]))
+        field = f"b:{limit.key}"
+        assert script.client.hget(fast, field) == script.client.hget(general, field), where
+
+
 # --- a set's limits together: the script's atomic acquisition is Scheduler.admit_time + take ----
 
 
@@ -363,26 +433,35 @@ def test_lua_refuses_an_amount_above_capacity(script: Script) -> None:
         script(fresh_hash(), "acquire", 0.0, "h", "inf", *multi_args([(rate("gcra", 4, 2), 5)]))
 
 
+def clock_field(script: Script, key: str) -> tuple[float, float]:
+    """The hash's "!c": the highest server time seen and the grant count (two doubles)."""
+    raw = script.client.hget(key, "!c")
+    assert isinstance(raw, bytes)
+    time, grants = struct.unpack("<dd", raw)
+    return time, grants
+
+
 def test_lua_server_time_never_runs_backwards(script: Script) -> None:
     key = fresh_hash()
     future = 4e9  # a high-water mark left by a server whose clock was ahead
-    script.client.hset(key, "!t", repr(future))
+    script.client.hset(key, "!c", struct.pack("<dd", future, 0.0))
     reply = script.raw(key, "earliest", "", 0)
     assert float(reply[0]) == future
-    conns = multi_args([(ResourceLimit("conns", 2), 1)])
-    reply = script.raw(key, "acquire", "", "h", "5.0", *conns)
-    assert reply.split(b" ")[:2] == [b"1", b"4000000000"]
-    assert float(script.client.hget(key, "!t") or 0) == future  # not lowered
+    conns = multi_args([(ResourceLimit("conns", 1), 1)])
+    assert script.raw(key, "acquire", "", "h", "5.0", *conns) == b"1 4000000000 "
+    reply = script.raw(key, "acquire", "", "h2", "5.0", *conns)  # refused
+    assert reply.split(b" ")[:2] == [b"0", b"4000000000"]
+    assert clock_field(script, key) == (future, 1.0)  # not lowered
 
 
 def test_lua_acquire_records_the_clock_and_counts_its_grants(script: Script) -> None:
     key = fresh_hash()
     calls = multi_args([(CallLimit(60.0, 2), 1)])
-    for _ in range(3):  # two grants, then a refusal
+    for grants in (1.0, 2.0, 2.0):  # two grants, then a refusal
         reply = script.raw(key, "acquire", "", "h", "5.0", *calls)
-        assert script.client.hget(key, "!t") == reply.split(b" ")[1]  # the time it answered at
+        # The time it answered at, and the count.
+        assert clock_field(script, key) == (float(reply.split(b" ")[1]), grants)
     assert reply.startswith(b"0 ")
-    assert script.client.hget(key, "!g") == b"2"
     assert script(key, "stats", 0.0, 0)[2] == b"2"
 
 
@@ -409,3 +488,28 @@ def test_lua_reads_bucket_states_written_in_the_old_forms(
     assert state.available(10.0) == 2.0
     assert state.earliest(2, 10.0) == 10.0
     assert state.earliest(3, 10.0) == 10.5
+
+
+@pytest.mark.parametrize("op", ["acquire", "release", "earliest"])
+def test_lua_checks_the_declaration_digest_before_anything(script: Script, op: str) -> None:
+    """``acquire`` and ``release`` read the digest ("!h") with their fields, the other
+    operations on its own: another digest, or none, and nothing is read or written."""
+    import redis
+
+    key = fresh_hash()
+    conns = multi_args([(ResourceLimit("conns", 1), 1)])
+    args = {
+        "acquire": ["h", "5.0", *conns],
+        "release": ["h", "conns"],
+        "earliest": conns,
+    }[op]
+    script.client.hset(key, "!h", "abc")
+    assert script.raw(key, "acquire", "dabc", "h", "5.0", *conns).startswith(b"1 ")
+    before = script.client.hgetall(key)
+    for tag in ("dabd", "d"):
+        with pytest.raises(redis.ResponseError, match="aiolimits-undeclared"):
+            script.raw(key, op, tag, *args)
+    assert script.client.hgetall(key) == before
+    script.raw(key, op, "dabc", *args)  # the right digest: run
+    if op == "release":
+        assert script.raw(key, "acquire", "dabc", "h2", "5.0", *conns).startswith(b"1 ")

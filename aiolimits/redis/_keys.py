@@ -1,7 +1,7 @@
 """The keys of a KeyedLimitSet in Redis: one hash per client key, one local proxy per key used.
 
 Each client key's state is a hash of its own (``RedisBackend.key_hash_key``), decided by the same
-script as a LimitSet's, which expires it once it is fresh again (``limits.lua``). In this process
+script as a LimitSet's, which expires it once it is fresh again (``lua/run.lua``). In this process
 a key used has a proxy: a :class:`~aiolimits.redis._scheduler.RedisScheduler` (its FIFO queue of
 this process's waiters, its fallback states for ``on_unavailable="local"``) that the keyed set
 keeps in its CLOCK order and may drop whenever it is idle: Redis holds the state, so dropping it

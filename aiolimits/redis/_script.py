@@ -1,10 +1,11 @@
 """The Lua script that keeps a LimitSet's state in Redis, and how Python talks to it.
 
-The script (``limits.lua`` beside this file) mirrors ``aiolimits/_algorithms`` float operation by
-float operation; this module only encodes its arguments and decodes its replies. Numbers cross
-the wire as text that each side reads back exactly: Python's ``repr`` of a float going in (Lua's
-``tonumber`` is ``strtod``), ``%.17g`` coming out (Redis would truncate a Lua number in a reply to
-an integer, so the script never returns one for a float).
+The script (``lua/*.lua`` beside this file: one file per algorithm, loaded together as one text)
+mirrors ``aiolimits/_algorithms`` float operation by float operation; this module only encodes
+its arguments and decodes its replies. Numbers cross the wire as text that each side reads back
+exactly: Python's ``repr`` of a float going in (Lua's ``tonumber`` is ``strtod``), ``%.17g``
+coming out (Redis would truncate a Lua number in a reply to an integer, so the script never
+returns one for a float).
 
 Receipts (what an acquisition keeps to settle its usage later) travel as lists of parts, each a
 list of floats: ``[operation number, units]`` for the buckets, ``[slot id]`` or ``[entry id]``
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from redis.cluster import RedisCluster
 
 __all__ = [
+    "FILES",
     "FUNCTION",
     "LIBRARY",
     "SOURCE",
@@ -45,7 +47,19 @@ __all__ = [
     "num",
 ]
 
-SOURCE: str = resources.files(__package__).joinpath("limits.lua").read_text(encoding="utf-8")
+#: The library's files (``lua/`` beside this module), in the order they are loaded: one text.
+FILES: tuple[str, ...] = (
+    "base.lua",
+    "token_bucket.lua",
+    "leaky_bucket.lua",
+    "sliding_window.lua",
+    "fixed_window.lua",
+    "resource.lua",
+    "run.lua",
+)
+
+_LUA = resources.files(__package__).joinpath("lua")
+SOURCE: str = "".join(_LUA.joinpath(name).read_text(encoding="utf-8") for name in FILES)
 
 # The library's name, and its one function's (function names are global on a server).
 FUNCTION: str = "aiolimits_" + hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
