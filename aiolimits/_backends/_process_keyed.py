@@ -70,7 +70,7 @@ from ._base import KeyProxy
 from ._declaration import declaration, declaration_json, mismatch
 from ._process_codec import StateCodec
 from ._process_file import StateFile, StateFileError, open_private, reserve
-from ._process_scheduler import ProcessScheduler, boot_id, clock_tag
+from ._process_scheduler import LAYOUT, ProcessScheduler, boot_id, clock_tag
 
 __all__ = ["KeyedTable", "ProcessKeys"]
 
@@ -80,7 +80,6 @@ HEADER: Final = 4096
 #: Slots per shard: a shard is the unit of locking and of the CLOCK order.
 SLOTS: Final = 256
 _PAGE: Final = 4096
-_LAYOUT: Final = 3  # the layout of a plain set's state (``_process_scheduler``)
 _MARSHAL_VERSION: Final = 2
 _SWEEP: Final = 3
 _LOCKS_AT: Final = 1 << 40  # the byte locked for shard s is _LOCKS_AT + s (beyond any data)
@@ -214,7 +213,7 @@ class KeyedTable:
     def _fresh_shared(self) -> tuple[Any, ...]:
         n = len(self._scratch)
         counters = (0, 0, 0, None, [0.0] * n)
-        return (_LAYOUT, None, counters, self._scratch_codec.dump(), [], {}, 1)
+        return (LAYOUT, None, counters, self._scratch_codec.dump(), [], {}, 1)
 
     # -- the file ----------------------------------------------------------------------------
 
@@ -578,7 +577,7 @@ def _decode(data: bytes) -> Any:
         shared = marshal.loads(data)
     except (EOFError, ValueError, TypeError):
         return None
-    if isinstance(shared, tuple) and len(shared) == 7 and shared[0] == _LAYOUT:
+    if isinstance(shared, tuple) and len(shared) == 7 and shared[0] == LAYOUT:
         return shared
     return None
 

@@ -52,7 +52,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from .._algorithms import RateState, SemaphoreState
 from .._limits import Limit
@@ -64,10 +64,11 @@ from ._declaration import declaration, declaration_json, mismatch
 from ._process_codec import StateCodec
 from ._process_file import StateFile, StateFileError
 
-__all__ = ["ProcessScheduler", "Storage", "boot_id", "clock_tag"]
+__all__ = ["LAYOUT", "ProcessScheduler", "Storage", "boot_id", "clock_tag"]
 
 _INF = math.inf
-_LAYOUT = 4
+#: The layout of a set's state (a key's record in a keyed table has the same).
+LAYOUT: Final = 4
 _MARSHAL_VERSION = 2  # no back-references: equal states always give equal bytes
 _serials = itertools.count(1)
 _NON_FINITE = re.compile(rb"g.{6}[\xf0-\xff][\x7f\xff]", re.DOTALL)
@@ -427,7 +428,7 @@ class ProcessScheduler(Scheduler):
             return None  # from a previous boot: replaced whatever its layout
         if not isinstance(shared, tuple) or len(shared) != 7:
             self._damaged("not a state tuple")
-        if shared[0] != _LAYOUT:
+        if shared[0] != LAYOUT:
             raise ValueError(
                 f"the shared state {self._name!r} at {self._file.path} was made by another "
                 "version of aiolimits; stop the processes using it (or remove the file)"
@@ -510,7 +511,7 @@ class ProcessScheduler(Scheduler):
         states = self._codec.dump()
         paused = self.paused_until
         shared = (
-            _LAYOUT,
+            LAYOUT,
             self._meta,
             (
                 self.granted,
