@@ -75,5 +75,6 @@ class Backend(abc.ABC):
         """
         raise TypeError(
             f"backend {self!r} cannot hold a KeyedLimitSet: use MemoryBackend(), "
-            "ProcessBackend(...) or aiolimits.redis.RedisBackend(...)"
+            "ProcessBackend(...), aiolimits.redis.RedisBackend(...) or "
+            "aiolimits.ray.RayBackend(...)"
         )

@@ -11,13 +11,13 @@ import ray
 import ray.exceptions
 
 from .._algorithms import RateState
-from .._backends._base import Backend
+from .._backends._base import Backend, KeyFactory, KeyProxy
 from .._errors import BackendUnavailable
 from .._limits import Limit
 from .._scheduler import Scheduler
 from .._waiters import TimerClock
 from ._actor import LimitsActor
-from ._scheduler import UNAVAILABLE, RayScheduler
+from ._scheduler import UNAVAILABLE, RayKeyProxy, RayScheduler
 
 __all__ = ["RayBackend"]
 
@@ -141,6 +141,69 @@ class RayBackend(Backend):
         """
         if name is None:
             raise ValueError("name is required with RayBackend: it names the shared state")
+        lease = self.lease_seconds
+        actor = self._declare(
+            clock, lambda start: self.actor().declare.remote(name, limits, start, lease)
+        )
+        return RayScheduler(
+            states,
+            clock,
+            actor=actor,
+            name=name,
+            timeout=self.timeout,
+            on_unavailable=self.on_unavailable,
+            lease_seconds=self.lease_seconds,
+        )
+
+    def attach_keyed(
+        self,
+        limits: tuple[Limit, ...],
+        clock: Callable[[], float],
+        name: str | None,
+        max_keys: int = 100_000,
+    ) -> KeyFactory:
+        """The factory of the per-key proxies of the keyed set ``name`` in the limits actor,
+        which keeps each key's state and queue (made on first use, dropped once fresh,
+        ``max_keys`` bounding the rest); declares it there, or checks it.
+
+        Raises:
+            ValueError: as :meth:`attach`; or ``name`` was declared with another ``max_keys``.
+            BackendUnavailable: as :meth:`attach`.
+        """
+        if name is None:
+            raise ValueError("name is required with RayBackend: it names the shared state")
+        actor = self._declare(
+            clock,
+            lambda start: self.actor().declare_keyed.remote(
+                name, limits, start, self.lease_seconds, max_keys
+            ),
+        )
+
+        def proxy(key: str, states: tuple[RateState, ...]) -> KeyProxy:
+            return RayKeyProxy(
+                states,
+                clock,
+                actor=actor,
+                name=name,
+                timeout=self.timeout,
+                on_unavailable=self.on_unavailable,
+                lease_seconds=self.lease_seconds,
+                key=key,
+            )
+
+        return proxy
+
+    def _declare(self, clock: Callable[[], float], call: Callable[[float | None], Any]) -> Any:
+        """Declare a set in the limits actor (``call(start)`` makes the call, ``start`` the
+        reading of a simulated clock): its handle.
+
+        Raises:
+            ValueError: a ``clock`` other than ``time.monotonic`` (the actor decides on its own
+                clock) or a test clock that drives its own timers; the actor's answer when the
+                set was declared otherwise.
+            BackendUnavailable: the actor could not be reached within ``timeout`` (at least
+                60 s here, for Ray to start it).
+        """
         simulated = isinstance(clock, TimerClock)
         if clock is not time.monotonic and not simulated:
             raise ValueError(
@@ -154,10 +217,7 @@ class RayBackend(Backend):
         while True:
             start = clock() if simulated else None
             try:
-                message = ray.get(
-                    actor.declare.remote(name, limits, start, self.lease_seconds),
-                    timeout=max(deadline - time.monotonic(), 0.0),
-                )
+                message = ray.get(call(start), timeout=max(deadline - time.monotonic(), 0.0))
                 break
             except UNAVAILABLE as exc:
                 # Restarting (Ray failed the call it was given meanwhile): declare again, which
@@ -171,15 +231,7 @@ class RayBackend(Backend):
             backoff = min(backoff * 2, 1.0)
         if message is not None:
             raise ValueError(message)
-        return RayScheduler(
-            states,
-            clock,
-            actor=actor,
-            name=name,
-            timeout=self.timeout,
-            on_unavailable=self.on_unavailable,
-            lease_seconds=self.lease_seconds,
-        )
+        return actor
 
     def __reduce__(self) -> tuple[Any, ...]:
         options = {

@@ -1,0 +1,203 @@
+"""A KeyedLimitSet on the Ray backend: each client key's state and FIFO queue live in the limits
+actor, made on first use and dropped once fresh, as in memory (semantics §8); a keyed set
+pickled into Ray tasks attaches to the same keys."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from functools import partial
+from typing import Any
+
+import anyio
+import pytest
+
+from aiolimits import CallLimit, KeyedLimitSet, ResourceLimit
+
+from ._ray_cluster import ray_cluster
+
+__all__ = ["ray_cluster"]  # the session fixture
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+ACTOR = "aiolimits-tests-keyed"
+
+
+def _backend(**kwargs: Any) -> Any:
+    from aiolimits.ray import RayBackend
+
+    return RayBackend(ACTOR, **kwargs)
+
+
+def _name() -> str:
+    return uuid.uuid4().hex
+
+
+def _remote(fn: Any) -> Any:
+    import ray
+
+    return ray.remote(num_cpus=0)(fn)
+
+
+def _keys(ray: Any, name: str) -> dict[str, int]:
+    """What the actor holds for the keyed set ``name``."""
+    return dict(ray.get(_backend().actor().keys.remote(name), timeout=60))
+
+
+def test_each_key_has_its_own_exact_limits() -> None:
+    keyed = KeyedLimitSet([CallLimit(3600, 3)], backend=_backend(), name=_name())
+    for key in ("a", "b"):
+        taken = [keyed.try_acquire(key).successful for _ in range(4)]
+        assert taken == [True, True, True, False]
+    assert keyed.get_stats("a")["limits"]["calls"]["available"] == pytest.approx(0, abs=0.01)
+    assert keyed.get_stats("c")["limits"]["calls"]["available"] == pytest.approx(3, abs=0.01)
+
+
+def test_a_keyed_set_of_other_limits_or_max_keys_is_refused() -> None:
+    name = _name()
+    KeyedLimitSet([CallLimit(60, 3)], backend=_backend(), name=name, max_keys=10)
+    with pytest.raises(ValueError, match="calls"):
+        KeyedLimitSet([CallLimit(60, 4)], backend=_backend(), name=name, max_keys=10)
+    with pytest.raises(ValueError, match="max_keys"):
+        KeyedLimitSet([CallLimit(60, 3)], backend=_backend(), name=name, max_keys=11)
+    with pytest.raises(ValueError, match="name"):
+        KeyedLimitSet([CallLimit(60, 3)], backend=_backend())
+
+
+def _waiting_is(keyed: KeyedLimitSet, key: str, n: int) -> bool:
+    return bool(keyed.get_stats(key)["waiting"] == n)
+
+
+@pytest.mark.anyio
+async def test_waiters_of_a_key_are_granted_in_arrival_order_and_other_keys_pass() -> None:
+    from .contract._support import eventually
+
+    keyed = KeyedLimitSet([ResourceLimit("conn", 1)], backend=_backend(), name=_name())
+    holder = keyed.try_acquire("a")
+    assert holder.successful
+    order: list[int] = []
+
+    async def wait(i: int) -> None:
+        async with keyed.acquire("a", timeout=60):
+            order.append(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(4):
+            tg.start_soon(wait, i)
+            await eventually(partial(_waiting_is, keyed, "a", i + 1), within=60)
+        # Key "a" is full, with a queue: key "b" is another client, admitted at once.
+        with keyed.try_acquire("b") as other:
+            assert other.successful
+        holder.release()
+    assert order == [0, 1, 2, 3]
+    assert keyed.get_stats("a")["granted"] == 5
+
+
+def test_fresh_keys_are_dropped_and_max_keys_bounds_the_rest(ray_cluster: Any) -> None:
+    name = _name()
+    keyed = KeyedLimitSet([ResourceLimit("conn", 1)], backend=_backend(), name=name)
+    for i in range(20):
+        with keyed.acquire_sync(f"k{i}", timeout=60):
+            pass
+        keyed.get_stats(f"k{i}")  # a question: the release went before it
+    held = _keys(ray_cluster, name)
+    # Each released key is fresh: new keys drop them as they come (a few at a time).
+    assert held["dropped"] > 0
+    assert held["keys"] < 20
+    assert held["forgotten"] == 0
+
+    name = _name()
+    bounded = KeyedLimitSet([CallLimit(3600, 1)], backend=_backend(), name=name, max_keys=2)
+    for i in range(5):
+        with bounded.try_acquire(f"k{i}") as acq:
+            assert acq.successful
+        bounded.get_stats(f"k{i}")
+    held = _keys(ray_cluster, name)
+    assert held["keys"] == 2
+    assert held["forgotten"] == 3  # used, not fresh: their clients start again from full
+    # Asking about a key creates none.
+    assert bounded.get_stats("never")["limits"]["calls"]["available"] == pytest.approx(1)
+    assert _keys(ray_cluster, name)["keys"] == 2
+
+
+def test_a_key_with_waiters_or_slots_held_is_never_dropped(ray_cluster: Any) -> None:
+    name = _name()
+    keyed = KeyedLimitSet([ResourceLimit("conn", 1)], backend=_backend(), name=name, max_keys=1)
+    holders = [keyed.try_acquire(f"k{i}") for i in range(3)]
+    assert all(h.successful for h in holders)
+    assert _keys(ray_cluster, name)["keys"] == 3  # over the bound: each holds its slot
+    assert not keyed.try_acquire("k0").successful
+    for holder in holders:
+        holder.release()
+    with keyed.acquire_sync("k0", timeout=60) as acq:
+        assert acq.successful
+
+
+def _hold_forever(keyed: KeyedLimitSet, ready: Any) -> None:
+    """In a Ray task: take key "a"'s slot, say so, never release it (the test kills the task)."""
+    import ray
+
+    acq = keyed.acquire_sync("a", timeout=60)
+    ray.get(ready.set.remote())
+    del acq
+    time.sleep(3600)
+
+
+class _Flag:
+    def __init__(self) -> None:
+        self.flag = False
+
+    def set(self) -> None:
+        self.flag = True
+
+    def get(self) -> bool:
+        return self.flag
+
+
+def test_a_killed_tasks_key_slot_comes_back_after_its_lease(ray_cluster: Any) -> None:
+    keyed = KeyedLimitSet(
+        [ResourceLimit("conn", 1)], backend=_backend(lease_seconds=1.0), name=_name()
+    )
+    ready = ray_cluster.remote(num_cpus=0)(_Flag).remote()
+    ref = _remote(_hold_forever).remote(keyed, ready)
+    deadline = time.monotonic() + 60
+    while not ray_cluster.get(ready.get.remote()):
+        assert time.monotonic() < deadline, "the task never took the slot"
+        time.sleep(0.05)
+    assert not keyed.try_acquire("a").successful  # held by the task, which renews its lease
+    with keyed.try_acquire("b") as other:
+        assert other.successful
+    ray_cluster.cancel(ref, force=True)
+    # Within one lease (plus a sweep) of the task's death, the slot is free again.
+    with keyed.acquire_sync("a", timeout=30) as acq:
+        assert acq.successful
+    ray_cluster.kill(ready)
+
+
+def _hammer(keyed: KeyedLimitSet, rounds: int) -> list[tuple[str, float, float]]:
+    """In a Ray task: acquire keys "a" and "b" in turn; (key, granted, released) on the
+    machine's monotonic clock, taken inside the held block."""
+    out = []
+    for i in range(rounds):
+        key = "ab"[i % 2]
+        with keyed.acquire_sync(key, timeout=60):
+            got = time.monotonic()
+            time.sleep(0.01)
+            out.append((key, got, time.monotonic()))
+    return out
+
+
+def test_a_keyed_set_pickled_into_ray_tasks_never_exceeds_a_keys_limit(ray_cluster: Any) -> None:
+    slots = 1
+    keyed = KeyedLimitSet([ResourceLimit("conn", slots)], backend=_backend(), name=_name())
+    logs = ray_cluster.get([_remote(_hammer).remote(keyed, 6) for _ in range(3)], timeout=120)
+    spans = [span for log in logs for span in log]
+    assert len(spans) == 18
+    for key in "ab":
+        mine = [(got, left) for k, got, left in spans if k == key]
+        ends = [(got, 1) for got, _ in mine] + [(left, -1) for _, left in mine]
+        held = 0
+        for _t, step in sorted(ends):
+            held += step
+            assert held <= slots
+        assert keyed.get_stats(key)["granted"] == 9
