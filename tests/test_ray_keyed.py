@@ -53,6 +53,23 @@ def test_each_key_has_its_own_exact_limits() -> None:
     assert keyed.get_stats("c")["limits"]["call_count"]["available"] == pytest.approx(3, abs=0.01)
 
 
+@pytest.mark.anyio
+async def test_the_guide_example_limits_each_user() -> None:
+    import re
+
+    here = await anyio.Path(__file__).resolve()
+    text = await (here.parent.parent / "docs" / "ray.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[1]
+    block = block.replace('name="per-user"', f'name="{_name()}"')
+    block = block.replace("RayBackend()", f"RayBackend({ACTOR!r})")
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "docs/ray.md", "exec"), namespace)
+    for user in ("ann", "bob", "ann"):
+        await namespace["handle"](user)
+    per_user = namespace["per_user"]
+    assert (per_user.get_stats("ann")["granted"], per_user.get_stats("bob")["granted"]) == (2, 1)
+
+
 def test_a_keyed_set_of_other_limits_or_max_keys_is_refused() -> None:
     name = _name()
     KeyedLimitSet([CallLimit(60, 3)], backend=_backend(), name=name, max_keys=10)
