@@ -81,6 +81,13 @@ def test_a_keyed_set_of_other_limits_or_max_keys_is_refused() -> None:
         KeyedLimitSet([CallLimit(60, 3)], backend=_backend())
 
 
+def test_change_limit_is_refused_and_changes_nothing() -> None:
+    keyed = KeyedLimitSet([CallLimit(3600, 3)], backend=_backend(), name=_name())
+    with pytest.raises(NotImplementedError, match="change_limit is not supported"):
+        keyed.change_limit("call_count", capacity=1)
+    assert [keyed.try_acquire("a").successful for _ in range(4)] == [True, True, True, False]
+
+
 def _waiting_is(keyed: KeyedLimitSet, key: str, n: int) -> bool:
     return bool(keyed.get_stats(key)["waiting"] == n)
 
