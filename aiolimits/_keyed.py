@@ -637,7 +637,10 @@ class KeyedLimitSet(Door):
             ValueError, TypeError: an unknown key, a number out of range, a window for a
                 ResourceLimit; nothing is changed.
         """
-        if self._shared is not None:
+        # A shared backend that can reach every key's state says how (``change_limit`` on its
+        # factory: it hands the change off, as a shared LimitSet does).
+        change_shared = getattr(self._shared, "change_limit", None)
+        if self._shared is not None and change_shared is None:
             raise NotImplementedError(
                 f"change_limit is not supported yet for a KeyedLimitSet on {self._backend!r}: "
                 "each client key's state lives in the shared store, and a change must reach "
@@ -654,9 +657,14 @@ class KeyedLimitSet(Door):
             self._requests.index[limit.key][1].change(limit.capacity, window, now)
             for sched in self._entries.values():
                 sched.change_limit(sched.states[index], limit.capacity, window, now)
+            # A proxy's states are this process's copy of the numbers (validation, statistics).
+            for proxy in self._proxies.values():
+                proxy.sched.states[index].change(limit.capacity, window, now)
             current = list(self._current)
             current[index] = limit
             self._current = tuple(current)
+        if change_shared is not None:
+            change_shared(limit.key, limit.capacity, window)
         limit_changes[0] += 1
 
     def get_stats(self, key: str) -> dict[str, Any]:

@@ -81,11 +81,31 @@ def test_a_keyed_set_of_other_limits_or_max_keys_is_refused() -> None:
         KeyedLimitSet([CallLimit(60, 3)], backend=_backend())
 
 
-def test_change_limit_is_refused_and_changes_nothing() -> None:
-    keyed = KeyedLimitSet([CallLimit(3600, 3)], backend=_backend(), name=_name())
-    with pytest.raises(NotImplementedError, match="change_limit is not supported"):
-        keyed.change_limit("call_count", capacity=1)
-    assert [keyed.try_acquire("a").successful for _ in range(4)] == [True, True, True, False]
+@pytest.mark.anyio
+async def test_change_limit_reaches_every_key_as_in_memory() -> None:
+    from .contract._support import eventually
+
+    limits = [CallLimit(3600, 3)]
+    ray_keyed = KeyedLimitSet(limits, backend=_backend(), name=_name())
+    memory = KeyedLimitSet(limits)
+    for keyed in (ray_keyed, memory):
+        assert [keyed.try_acquire("a").successful for _ in range(3)] == [True] * 3
+        keyed.change_limit("call_count", capacity=5)
+    expected = memory.get_stats("a")["limits"]["call_count"]["available"]
+    assert expected == pytest.approx(2, abs=0.01)
+
+    def changed() -> bool:  # handed off: the actor applies it soon
+        available = ray_keyed.get_stats("a")["limits"]["call_count"]["available"]
+        return bool(available == pytest.approx(expected, abs=0.01))
+
+    await eventually(changed, within=30)
+    for keyed in (ray_keyed, memory):
+        assert [keyed.try_acquire("a").successful for _ in range(3)] == [True, True, False]
+        assert [keyed.try_acquire("b").successful for _ in range(6)] == [True] * 5 + [False]
+    with pytest.raises(ValueError, match="capacity"):
+        ray_keyed.change_limit("call_count", capacity=-1)
+    with pytest.raises(ValueError, match="not a limit"):
+        ray_keyed.change_limit("tokens", capacity=1)
 
 
 def _waiting_is(keyed: KeyedLimitSet, key: str, n: int) -> bool:

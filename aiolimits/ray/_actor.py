@@ -34,7 +34,7 @@ import ray
 from .._acquisition import HELD, RELEASED, Acquisition
 from .._backends._declaration import declaration, mismatch
 from .._limits import Limit
-from .._limitset import LimitSet
+from .._limitset import LimitSet, changed_limit
 from .._numbers import check_timer_slack
 from .._scheduler import Items, Scheduler
 from .._waiters import GRANTED, WAITING, Cancellable, Waiter
@@ -438,6 +438,20 @@ class KeyedShared:
     def find(self, key: str) -> Shared | None:
         return self.keys.get(key)
 
+    def change(self, limit_key: str, capacity: float, window: float | None) -> None:
+        """Change the limit ``limit_key`` of every key (semantics §4, applied to each key's
+        state as the memory KeyedLimitSet does), and of the keys made later."""
+        changed = changed_limit(self.limits, limit_key, capacity, window)
+        if changed is None:
+            return
+        index, limit = changed
+        limits = list(self.limits)
+        limits[index] = limit
+        self.limits = tuple(limits)
+        for shared in self.keys.values():
+            shared.limitset.change_limit(limit_key, capacity=capacity, window_seconds=window)
+            shared.run_due()
+
     def _drop(self, key: str, *, fresh: bool) -> None:
         del self.keys[key]
         self.used.discard(key)
@@ -557,6 +571,15 @@ class LimitsActor:
                 f"not {max_keys}"
             )
         return mismatch(name, keyed.declared, declaration(limits))
+
+    async def change_keyed(
+        self, name: str, limit_key: str, capacity: float, window: float | None
+    ) -> None:
+        """Change a limit of every key of the keyed set ``name``."""
+        keyed = self.keyed.get(name)
+        if keyed is None:
+            raise LookupError(f"no keyed limits named {name!r} in this actor")
+        keyed.change(limit_key, capacity, window)
 
     async def keys(self, name: str) -> dict[str, int]:
         """The keys the keyed set ``name`` holds, and how many were dropped (fresh) or

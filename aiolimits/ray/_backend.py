@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -20,6 +21,8 @@ from ._actor import LimitsActor
 from ._scheduler import UNAVAILABLE, RayKeyProxy, RayScheduler
 
 __all__ = ["RayBackend"]
+
+log = logging.getLogger("aiolimits.ray")
 
 POLICIES: Final = ("raise", "allow")
 
@@ -179,19 +182,7 @@ class RayBackend(Backend):
             ),
         )
 
-        def proxy(key: str, states: tuple[RateState, ...]) -> KeyProxy:
-            return RayKeyProxy(
-                states,
-                clock,
-                actor=actor,
-                name=name,
-                timeout=self.timeout,
-                on_unavailable=self.on_unavailable,
-                lease_seconds=self.lease_seconds,
-                key=key,
-            )
-
-        return proxy
+        return RayKeys(self, actor, name, clock)
 
     def _declare(self, clock: Callable[[], float], call: Callable[[float | None], Any]) -> Any:
         """Declare a set in the limits actor (``call(start)`` makes the call, ``start`` the
@@ -245,6 +236,49 @@ class RayBackend(Backend):
 
     def __repr__(self) -> str:
         return f"RayBackend({self.actor_name!r}, namespace={self.namespace!r})"
+
+
+class RayKeys:
+    """The factory of a keyed set's per-key proxies (the keyed set's ``KeyFactory``), and how a
+    change of a limit reaches every key in the actor."""
+
+    __slots__ = ("_actor", "_backend", "_clock", "_name")
+
+    def __init__(
+        self, backend: RayBackend, actor: Any, name: str, clock: Callable[[], float]
+    ) -> None:
+        self._backend = backend
+        self._actor = actor
+        self._name = name
+        self._clock = clock
+
+    def __call__(self, key: str, states: tuple[RateState, ...]) -> KeyProxy:
+        backend = self._backend
+        return RayKeyProxy(
+            states,
+            self._clock,
+            actor=self._actor,
+            name=self._name,
+            timeout=backend.timeout,
+            on_unavailable=backend.on_unavailable,
+            lease_seconds=backend.lease_seconds,
+            key=key,
+        )
+
+    def change_limit(self, limit_key: str, capacity: float, window: float) -> None:
+        """Change the limit ``limit_key`` of every key, and of the keys made later (a
+        ``window`` of 0: a resource limit). Handed off, as a LimitSet's change is."""
+        ref = self._actor.change_keyed.remote(
+            self._name, limit_key, capacity, None if window == 0 else window
+        )
+        ref.future().add_done_callback(_log_failure)
+
+
+def _log_failure(future: Any) -> None:
+    try:
+        future.result()
+    except Exception as exc:
+        log.warning("aiolimits: a change of a limit on the Ray limits actor failed: %s", exc)
 
 
 def _rebuild(actor_name: str, options: dict[str, Any]) -> RayBackend:
