@@ -246,3 +246,38 @@ def test_a_keyed_set_pickled_into_ray_tasks_never_exceeds_a_keys_limit(ray_clust
             assert held <= slots
         # (Not the key's "granted": a key fresh between two grants is dropped, and counts anew.)
         assert len(mine) == 9
+
+
+@pytest.mark.anyio
+async def test_concurrent_acquisitions_of_a_key_share_round_trips(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiolimits.ray import _scheduler
+
+    calls: list[int] = []
+    send = _scheduler.RayScheduler._send
+
+    def counted(self: Any, messages: list[Any], answers: list[Any], *, wait: bool) -> None:
+        calls.append(sum(message[0] == "acquire" for message in messages))
+        send(self, messages, answers, wait=wait)
+
+    monkeypatch.setattr(_scheduler.RayScheduler, "_send", counted)
+    keyed = KeyedLimitSet([ResourceLimit("conn", 50)], backend=_backend(), name=_name())
+    held = 0
+    all_held = anyio.Event()
+
+    async def hold() -> None:
+        nonlocal held
+        async with keyed.acquire("a", timeout=60):
+            held += 1
+            if held == 50:
+                all_held.set()
+            await all_held.wait()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(hold)
+    assert sum(calls) == 50
+    # Each acquisition alone would be 50 calls; those of one loop iteration go together.
+    assert len([n for n in calls if n]) < 25
+    assert keyed.get_stats("a")["granted"] == 50
