@@ -15,6 +15,10 @@ Ray starts calls of an async actor in no guaranteed order, even from one caller:
 on one acquisition (``update``, ``release``, ``abandon``) carry a sequence number and are applied
 in that order (:class:`Holding`).
 
+A KeyedLimitSet's keys are each such a set (:class:`KeyedShared`), found by ``(name, key)``: made
+on the first request that needs one, dropped once fresh, ``max_keys`` bounding the rest, as the
+memory KeyedLimitSet keeps its keys (semantics §8).
+
 Time: the actor's ``time.monotonic``. A set declared by a caller on a clock that drives its own
 timers (``aiolimits.testing.ManualClock``) gets a ManualClock in the actor instead, moved to the
 caller's reading on every call (the contract suite's hook: same code, injected time).

@@ -181,7 +181,6 @@ class RayBackend(Backend):
                 name, limits, start, self.lease_seconds, max_keys
             ),
         )
-
         return RayKeys(self, actor, name, clock)
 
     def _declare(self, clock: Callable[[], float], call: Callable[[float | None], Any]) -> Any:
@@ -268,9 +267,13 @@ class RayKeys:
     def change_limit(self, limit_key: str, capacity: float, window: float) -> None:
         """Change the limit ``limit_key`` of every key, and of the keys made later (a
         ``window`` of 0: a resource limit). Handed off, as a LimitSet's change is."""
-        ref = self._actor.change_keyed.remote(
-            self._name, limit_key, capacity, None if window == 0 else window
-        )
+        try:
+            ref = self._actor.change_keyed.remote(
+                self._name, limit_key, capacity, None if window == 0 else window
+            )
+        except Exception as exc:  # Ray shut down, actor handle unusable
+            log.warning("aiolimits: a change of a limit could not reach the Ray actor: %s", exc)
+            return
         ref.future().add_done_callback(_log_failure)
 
 
