@@ -248,20 +248,33 @@ def test_a_keyed_set_pickled_into_ray_tasks_never_exceeds_a_keys_limit(ray_clust
         assert len(mine) == 9
 
 
+def _count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The acquisitions each call to the actor made by a keyed set's proxies carries."""
+    from aiolimits.ray import _scheduler
+
+    calls: list[int] = []
+    go = _scheduler.KeyMux._go
+    send = _scheduler.RayScheduler._send
+
+    def joined(self: Any, entries: list[Any]) -> None:
+        calls.append(sum(m[0] == "acquire" for _, messages, _ in entries for m in messages))
+        go(self, entries)
+
+    def alone(self: Any, messages: list[Any], answers: list[Any], *, wait: bool) -> None:
+        if wait:  # sent by the proxy itself; the others go through the mux
+            calls.append(sum(message[0] == "acquire" for message in messages))
+        send(self, messages, answers, wait=wait)
+
+    monkeypatch.setattr(_scheduler.KeyMux, "_go", joined)
+    monkeypatch.setattr(_scheduler.RayScheduler, "_send", alone)
+    return calls
+
+
 @pytest.mark.anyio
 async def test_concurrent_acquisitions_of_a_key_share_round_trips(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from aiolimits.ray import _scheduler
-
-    calls: list[int] = []
-    send = _scheduler.RayScheduler._send
-
-    def counted(self: Any, messages: list[Any], answers: list[Any], *, wait: bool) -> None:
-        calls.append(sum(message[0] == "acquire" for message in messages))
-        send(self, messages, answers, wait=wait)
-
-    monkeypatch.setattr(_scheduler.RayScheduler, "_send", counted)
+    calls = _count_calls(monkeypatch)
     keyed = KeyedLimitSet([ResourceLimit("conn", 50)], backend=_backend(), name=_name())
     held = 0
     all_held = anyio.Event()
@@ -281,3 +294,29 @@ async def test_concurrent_acquisitions_of_a_key_share_round_trips(
     # Each acquisition alone would be 50 calls; those of one loop iteration go together.
     assert len([n for n in calls if n]) < 25
     assert keyed.get_stats("a")["granted"] == 50
+
+
+@pytest.mark.anyio
+async def test_acquisitions_of_many_keys_share_round_trips(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _count_calls(monkeypatch)
+    keyed = KeyedLimitSet([ResourceLimit("conn", 1)], backend=_backend(), name=_name())
+    held = 0
+    all_held = anyio.Event()
+
+    async def hold(key: str) -> None:
+        nonlocal held
+        async with keyed.acquire(key, timeout=60):
+            held += 1
+            if held == 50:
+                all_held.set()
+            await all_held.wait()
+
+    async with anyio.create_task_group() as tg:
+        for i in range(50):
+            tg.start_soon(hold, f"k{i}")
+    # 50 keys, each its own first acquisition: one call each alone; joined, far fewer.
+    assert sum(calls) == 50
+    assert len([n for n in calls if n]) < 25
+    assert all(keyed.get_stats(f"k{i}")["granted"] == 1 for i in range(50))

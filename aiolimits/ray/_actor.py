@@ -623,6 +623,22 @@ class LimitsActor:
             shared.run_due()
         return answers, shared.take_finished(caller), shared.next_timer()
 
+    async def batch_keys(
+        self, name: str, batches: list[tuple[str, str, list[tuple[Any, ...]]]]
+    ) -> list[Any]:
+        """The batches of several keys of the keyed set ``name`` (``(key, caller,
+        messages)``, those a process joined into one call): the reply to each, as
+        :meth:`batch` gives it, or the exception that failed it."""
+        replies: list[Any] = []
+        for key, caller, messages in batches:
+            reply: Any
+            try:
+                reply = await self.batch(((name, key), caller, messages, None))
+            except Exception as exc:
+                reply = exc
+            replies.append(reply)
+        return replies
+
     async def wait(
         self, name: str | tuple[str, str], caller: str, seconds: float
     ) -> tuple[list[tuple[Any, ...]], float]:

@@ -18,7 +18,7 @@ from .._limits import Limit
 from .._scheduler import Scheduler
 from .._waiters import TimerClock
 from ._actor import LimitsActor
-from ._scheduler import UNAVAILABLE, RayKeyProxy, RayScheduler
+from ._scheduler import UNAVAILABLE, KeyMux, RayKeyProxy, RayScheduler
 
 __all__ = ["RayBackend"]
 
@@ -241,7 +241,7 @@ class RayKeys:
     """The factory of a keyed set's per-key proxies (the keyed set's ``KeyFactory``), and how a
     change of a limit reaches every key in the actor."""
 
-    __slots__ = ("_actor", "_backend", "_clock", "_name")
+    __slots__ = ("_actor", "_backend", "_clock", "_mux", "_name")
 
     def __init__(
         self, backend: RayBackend, actor: Any, name: str, clock: Callable[[], float]
@@ -250,6 +250,7 @@ class RayKeys:
         self._actor = actor
         self._name = name
         self._clock = clock
+        self._mux = KeyMux(actor, name)
 
     def __call__(self, key: str, states: tuple[RateState, ...]) -> KeyProxy:
         backend = self._backend
@@ -262,6 +263,7 @@ class RayKeys:
             on_unavailable=backend.on_unavailable,
             lease_seconds=backend.lease_seconds,
             key=key,
+            mux=self._mux,
         )
 
     def change_limit(self, limit_key: str, capacity: float, window: float) -> None:

@@ -52,7 +52,7 @@ from .._errors import BackendUnavailable
 from .._scheduler import Items, Scheduler
 from .._waiters import GRANTED, LEFT, WAITING, AsyncioWaiter, Cancellable, TimerClock, Waiter
 
-__all__ = ["RayKeyProxy", "RayScheduler", "Ticket"]
+__all__ = ["KeyMux", "RayKeyProxy", "RayScheduler", "Ticket"]
 
 log = logging.getLogger("aiolimits.ray")
 
@@ -723,13 +723,96 @@ class RayScheduler(Scheduler):
 
 class RayKeyProxy(RayScheduler, KeyProxy):
     """The proxy of one key of a keyed set kept in the limits actor: a :class:`RayScheduler`
-    whose messages name the key (the actor keeps the key's state and queue)."""
+    whose messages name the key (the actor keeps the key's state and queue). The batches it
+    sends without waiting go through its set's :class:`KeyMux`, which joins those of every key
+    of this process into one call."""
 
-    __slots__ = ()
+    __slots__ = ("_mux",)
+
+    def __init__(
+        self, states: tuple[RateState, ...], clock: Callable[[], float], *, mux: KeyMux, **kw: Any
+    ) -> None:
+        super().__init__(states, clock, **kw)
+        self._mux = mux
 
     def idle(self) -> bool:
         with self._answers:
             return not (self._waiting or self._held or self._out or self._asking)
+
+    def _send(
+        self, messages: list[tuple[Any, ...]], answers: list[str | Answer], *, wait: bool
+    ) -> None:
+        if wait:
+            super()._send(messages, answers, wait=True)
+        else:
+            self._mux.send(self, messages, answers)
+
+
+class KeyMux:
+    """Coalescing across the keys of a keyed set: the batches its key proxies send without
+    waiting, joined into one call to the actor (:meth:`LimitsActor.batch_keys`) while
+    ``MAX_ASKING`` such calls are on their way; each reply goes to its proxy as the reply to
+    its own batch."""
+
+    __slots__ = ("_actor", "_flying", "_lock", "_name", "_pending")
+
+    def __init__(self, actor: Any, name: str) -> None:
+        self._actor = actor
+        self._name = name
+        self._lock = threading.Lock()
+        self._pending: list[tuple[RayKeyProxy, list[tuple[Any, ...]], list[str | Answer]]] = []
+        self._flying = 0
+
+    def send(
+        self, proxy: RayKeyProxy, messages: list[tuple[Any, ...]], answers: list[str | Answer]
+    ) -> None:
+        with self._lock:
+            self._pending.append((proxy, messages, answers))
+            if self._flying >= MAX_ASKING:
+                return  # goes with the next call, when one of those comes back
+            self._flying += 1
+            entries, self._pending = self._pending, []
+        self._go(entries)
+
+    def _go(
+        self, entries: list[tuple[RayKeyProxy, list[tuple[Any, ...]], list[str | Answer]]]
+    ) -> None:
+        batches = [(proxy._target[1], proxy._caller, messages) for proxy, messages, _ in entries]
+        try:
+            ref = self._actor.batch_keys.remote(self._name, batches)
+        except Exception as exc:  # Ray shut down, actor handle unusable
+            self._done(entries, [exc] * len(entries))
+            return
+        ref.future().add_done_callback(lambda future: self._on_reply(entries, future))
+
+    def _on_reply(
+        self,
+        entries: list[tuple[RayKeyProxy, list[tuple[Any, ...]], list[str | Answer]]],
+        future: Any,
+    ) -> None:
+        """From Ray's thread: the replies to a joined call."""
+        try:
+            replies = list(future.result())
+        except Exception as exc:
+            replies = [exc] * len(entries)
+        self._done(entries, replies)
+
+    def _done(
+        self,
+        entries: list[tuple[RayKeyProxy, list[tuple[Any, ...]], list[str | Answer]]],
+        replies: list[Any],
+    ) -> None:
+        for (proxy, _messages, answers), reply in zip(entries, replies, strict=True):
+            if isinstance(reply, BaseException):
+                proxy._replied(answers, None, reply)
+            else:
+                proxy._replied(answers, reply, None)
+        with self._lock:
+            if not self._pending:
+                self._flying -= 1
+                return
+            entries, self._pending = self._pending, []
+        self._go(entries)
 
 
 class Courier:
