@@ -30,13 +30,13 @@ and a later ``update`` that charges overage moves it to the key's live state (ma
 be), where the charge lands exactly as it would have on a key never dropped. So releasing needs no
 lock and no count, as for a LimitSet, and an acquisition never released pins nothing.
 
-With a shared backend (``Backend.attach_keyed`` returns a factory: Redis, process), each key's state
-lives in the backend, which expires it once fresh, and a key used here has only a local *proxy*: a
-scheduler of the backend's, with its own lock, over the key's shared state. The doors are the same
-(``_door.py``); the set's lock guards only the proxies' dict and CLOCK order. A proxy is dropped
-when idle (nothing queued, no door working on it, no slot held), in the same CLOCK order; dropping
-it forgets nothing, so it is never "forgotten", and an acquisition held through a dropped proxy
-keeps using it (it settles in the backend's state of the key).
+With a shared backend (``Backend.attach_keyed`` returns a factory: Redis, process, Ray), each key's
+state lives in the backend, which expires it once fresh, and a key used here has only a local
+*proxy*: a scheduler of the backend's, with its own lock, over the key's shared state. The doors
+are the same (``_door.py``); the set's lock guards only the proxies' dict and CLOCK order. A proxy
+is dropped when idle (nothing queued, no door working on it, no slot held), in the same CLOCK
+order; dropping it forgets nothing, so it is never "forgotten", and an acquisition held through a
+dropped proxy keeps using it (it settles in the backend's state of the key).
 """
 
 from __future__ import annotations
