@@ -802,11 +802,15 @@ class KeyMux:
         entries: list[tuple[RayKeyProxy, list[tuple[Any, ...]], list[str | Answer]]],
         replies: list[Any],
     ) -> None:
-        for (proxy, _messages, answers), reply in zip(entries, replies, strict=True):
-            if isinstance(reply, BaseException):
-                proxy._replied(answers, None, reply)
-            else:
-                proxy._replied(answers, reply, None)
+        for (proxy, _messages, answers), reply in zip(entries, replies, strict=False):
+            # Nor may it keep this mux stuck: every call on its way must be counted back.
+            try:
+                if isinstance(reply, BaseException):
+                    proxy._replied(answers, None, reply)
+                else:
+                    proxy._replied(answers, reply, None)
+            except Exception:  # noqa: PERF203 - one proxy failing must not stop the others
+                log.exception("aiolimits: applying a reply of the Ray limits actor failed")
         with self._lock:
             if not self._pending:
                 self._flying -= 1
