@@ -605,10 +605,11 @@ class LimitsActor:
         if (
             isinstance(name, tuple)
             and self._find(name) is None
-            and not any(message[0] in MAKES_KEY for message in messages)
+            and not any(message[0] in MAKES_KEY or _abandons(message) for message in messages)
         ):
             # Late operations on a key dropped meanwhile (it was fresh, or forgotten at
             # ``max_keys``): its state is gone with what they would settle; never made again.
+            # (An abandon makes the key: it may come before its acquire, which it must meet.)
             return [], [], _INF
         shared = self._set(name, now, keep=not all(m[0] in PEEKS for m in messages))
         shared.at(now)
@@ -680,6 +681,12 @@ class LimitsActor:
 #: The operations that use a key of a keyed set (and make it if new); the others (``operate``)
 #: only finish what one of those began.
 MAKES_KEY = frozenset({"acquire", "try", "pause", "change_limit", "slack", "retry_after", "stats"})
+
+
+def _abandons(message: tuple[Any, ...]) -> bool:
+    """``message`` gives back an acquisition its caller left (``operate ... abandon``)."""
+    return bool(message[0] == "operate" and message[3] == "abandon")
+
 
 #: The operations that only ask about a key: a key not held is answered as fresh, not made.
 PEEKS = frozenset({"stats", "retry_after", "slack"})
