@@ -137,6 +137,21 @@ async def test_waiters_of_a_key_are_granted_in_arrival_order_and_other_keys_pass
     assert keyed.get_stats("a")["granted"] == 5
 
 
+@pytest.mark.anyio
+async def test_a_cancelled_waiter_leaves_its_keys_queue_holding_nothing() -> None:
+    keyed = KeyedLimitSet([ResourceLimit("conn", 1)], backend=_backend(), name=_name())
+    holder = keyed.try_acquire("a")
+    with anyio.move_on_after(0.2):
+        async with keyed.acquire("a"):
+            pytest.fail("admitted while the key's resource is full")
+    holder.release()
+    # Had the cancelled request stayed queued (or been granted), this would wait or fail.
+    async with keyed.acquire("a", timeout=10) as acq:
+        assert acq.successful
+    stats = keyed.get_stats("a")
+    assert (stats["cancelled"], stats["waiting"], stats["granted"]) == (1, 0, 2)
+
+
 def test_fresh_keys_are_dropped_and_max_keys_bounds_the_rest(ray_cluster: Any) -> None:
     name = _name()
     keyed = KeyedLimitSet([ResourceLimit("conn", 1)], backend=_backend(), name=name)
