@@ -60,7 +60,7 @@ from .._door import retry_after_locked, stats_locked
 from .._errors import BackendUnavailable
 from .._limits import Limit, ResourceLimit
 from .._scheduler import Items, Scheduler
-from .._waiters import GRANTED, LEFT, WAITING, Cancellable, TimerClock, Waiter, running_event_loop
+from .._waiters import WAITING, Cancellable, TimerClock, Waiter, running_event_loop
 from ._link import GRACE, UNAVAILABLE, Circuit, Link, NotSent
 from ._script import Lua, acquire_reply, decode_receipt, encode_receipt, limit_args, num
 from ._threads import Hub, log
@@ -496,13 +496,6 @@ class RedisScheduler(Scheduler):
             self.granted += 1
         return receipts
 
-    def _give_back(self, waiter: Waiter, now: float, *, dispatch: bool) -> None:
-        receipts = waiter.receipts or ()
-        waiter.receipts = None
-        self._undo(waiter.items, receipts, now)
-        if dispatch:
-            self._dispatch(now)
-
     # -- calls handed off by an event loop's thread, sent in order (the outbox) ------------
 
     def _defer(
@@ -606,7 +599,7 @@ class RedisScheduler(Scheduler):
             self._retrying = False
         self.send_outbox()
 
-    def _undo(self, items: Items, receipts: Sequence[Any], now: float) -> None:
+    def _give_back(self, items: Items, receipts: Sequence[Any] | None, now: float) -> None:
         """Give back a grant nobody used: rate amounts refunded as far as §3 allows, leases
         ended. Failures are logged: what cannot be refunded stays used, a lease expires."""
         if receipts and isinstance(receipts[0], Local):
@@ -888,10 +881,7 @@ class RedisScheduler(Scheduler):
             return
         was_head = next(iter(self.queue)) is waiter
         del self.queue[waiter]
-        waiter.receipts = receipts
-        waiter.granted_at = now
-        waiter.state = GRANTED
-        self.granted += 1
+        self._grant(waiter, receipts, now, wake=False)  # it is running: see after_wake
         if was_head:
             self._dispatch(now)
 
@@ -1335,7 +1325,7 @@ class RedisScheduler(Scheduler):
         with self.lock:
             undo = self._apply(asked.waiters, asked.holders, reply, asked.now, asked.epoch)
         for items, receipts in undo:
-            self._undo(items, receipts, self.clock())
+            self._give_back(items, receipts, self.clock())
         return not (len(reply[2]) < len(asked.waiters) or reply[3])
 
     def batch_failed(self, asked: Batch, exc: BackendUnavailable | ValueError) -> None:
@@ -1361,7 +1351,7 @@ class RedisScheduler(Scheduler):
                 self._batch_failed(batch, exc)
                 return
             for items, receipts in self._apply(batch, holders, reply, now, self._epoch):
-                self._undo(items, receipts, now)
+                self._give_back(items, receipts, now)
             if len(reply[2]) < len(batch) or reply[3]:
                 return
             now = self.clock()
@@ -1374,9 +1364,7 @@ class RedisScheduler(Scheduler):
             head = next(iter(queue))
             if not head.cancel_pending():
                 break
-            del queue[head]
-            head.state = LEFT
-            self.cancelled += 1
+            self._drop(head)
         if not queue or self._fast_busy or next(iter(queue)).wake_at > now:
             return []
         return list(itertools.islice(queue, 64))
@@ -1411,29 +1399,25 @@ class RedisScheduler(Scheduler):
             if waiter.state != WAITING or waiter not in self.queue:
                 undo.append((waiter.items, receipts))
                 continue
-            if held:
-                self._hold(holder, tuple(held))
             del self.queue[waiter]
-            waiter.receipts = receipts
-            waiter.granted_at = local_now
-            waiter.state = GRANTED
-            self.granted += 1
-            if not waiter.notify():  # its event loop is gone
-                self._leases.pop(holder, None)
-                waiter.state = LEFT
-                waiter.receipts = None
-                self.granted -= 1
-                self.cancelled += 1
-                undo.append((waiter.items, receipts))
+            if not self._grant(waiter, receipts, local_now):
+                undo.append((waiter.items, receipts))  # its event loop is gone
+            elif held:
+                self._hold(holder, tuple(held))
         refused = reply[3]
         if refused and self.queue:
             head = next(iter(self.queue))
             if fresh and head is batch[len(reply[2])] and head.state == WAITING:
-                rate_at = self._local(now, server_now, float(refused[0]))
-                head.rate_at = rate_at
-                head.wake_at = self._local(now, server_now, float(refused[1]))
                 self._watch_expiry(now, self._local(now, server_now, float(refused[2])))
-                head.notify()
+                # Told always: a due head sleeps until it is told (see after_wake).
+                if not self._tell_head(
+                    head,
+                    self._local(now, server_now, float(refused[0])),
+                    self._local(now, server_now, float(refused[1])),
+                    now,
+                    always=True,
+                ):
+                    self._signal()  # it was dropped: ask for the next head
             else:
                 # The head, or what Redis knows, changed while it answered: ask again.
                 if head.wake_at > local_now:
@@ -1449,28 +1433,21 @@ class RedisScheduler(Scheduler):
             if waiter.state != WAITING or waiter not in self.queue:
                 continue
             if self._policy == "raise" or isinstance(exc, ValueError):
-                del self.queue[waiter]
-                waiter.state = LEFT
+                self._unqueue(waiter)
                 self._failures[waiter] = exc
                 waiter.notify()
                 continue
             if self._policy == "allow":
-                receipts: list[Any] | None = [ALLOWED] * len(waiter.items)
+                receipts: list[Any] = [ALLOWED] * len(waiter.items)
             else:
                 rate_at, admit_at = Scheduler.admit_time(self, waiter.items, now)
-                receipts = None
-                if admit_at <= now:
-                    receipts = [Local(r) for r in self._take(waiter.items, now)]
-                else:
-                    waiter.rate_at, waiter.wake_at = rate_at, admit_at
-                    waiter.notify()
+                if admit_at > now:
+                    self._tell_head(waiter, rate_at, admit_at, now, always=True)
                     break
+                receipts = [Local(r) for r in self._take(waiter.items, now)]
             del self.queue[waiter]
-            waiter.receipts = receipts
-            waiter.granted_at = now
-            waiter.state = GRANTED
-            self.granted += 1
-            waiter.notify()
+            if not self._grant(waiter, receipts, now):
+                self._give_back(waiter.items, receipts, now)
         if self._policy != "raise" and not isinstance(exc, ValueError):
             log.warning("%s; applying on_unavailable=%r", exc, self._policy)
 
