@@ -37,7 +37,7 @@ class KeyScheduler(RedisScheduler, KeyProxy):
 
     def idle(self) -> bool:
         # (Calls an event loop handed off are sent by this proxy first: it is kept until then.)
-        return not (self.queue or self._leases or self._fast_busy or self._outbox or self._sending)
+        return not (self.queue or self._leases or self._fast_busy or self._outbox.busy())
 
 
 @final

@@ -43,13 +43,10 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import attrs
 import redis
 import redis.client
@@ -58,10 +55,13 @@ import redis.exceptions
 from .._algorithms import RateState, SemaphoreState
 from .._door import retry_after_locked, stats_locked
 from .._errors import BackendUnavailable
-from .._limits import Limit, ResourceLimit
+from .._limits import Limit
 from .._scheduler import Items, Scheduler
 from .._waiters import WAITING, Cancellable, TimerClock, Waiter, running_event_loop
-from ._link import GRACE, UNAVAILABLE, Circuit, Link, NotSent
+from ._calls import NoAnswer, ScriptCalls
+from ._leases import LeaseTerms
+from ._link import GRACE, Circuit, Link, NotSent
+from ._outbox import Outbox, Pending
 from ._script import Lua, acquire_reply, decode_receipt, encode_receipt, limit_args, num
 from ._threads import Hub, log
 
@@ -70,47 +70,10 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisScheduler"]
 
-# anyio >= 4.7 names it wait_readable; before, wait_socket_readable (deprecated since).
-_wait_readable: Any = getattr(anyio, "wait_readable", None) or anyio.wait_socket_readable
-
-#: The error reply of a call on a plain set's hash that has no declaration (Redis lost its data):
-#: the call did nothing; the declaration is written (and checked) again and the call sent again.
-UNDECLARED = "aiolimits-undeclared"
-
-
-def _refused(exc: BaseException) -> bool:
-    """Whether ``exc`` comes of a connection refused while connecting (so nothing was sent on
-    it): a ConnectionRefusedError among its causes."""
-    seen: BaseException | None = exc
-    for _ in range(8):  # the chains redis-py makes are short
-        if seen is None:
-            return False
-        if isinstance(seen, ConnectionRefusedError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
 
 def _on_loop() -> bool:
     """Whether this thread runs an event loop (asyncio, uvloop or trio): no Redis I/O here."""
     return running_event_loop() is not None
-
-
-class NoAnswer(BackendUnavailable):
-    """Redis did not answer within the caller's own time (shorter than the backend's
-    ``timeout``): the call may still run; the circuit stays as it was."""
-
-
-class Pending:
-    """The receipt of a usage update handed to the dispatcher thread (``update`` called on an
-    event loop): the receipt and the units held once it has been sent, the ones before until
-    then. A later update of the same limit reads them when it is sent, after this one."""
-
-    __slots__ = ("held", "receipt")
-
-    def __init__(self, receipt: Any, held: float) -> None:
-        self.receipt = receipt
-        self.held = held
 
 
 @attrs.frozen
@@ -151,8 +114,6 @@ class RedisScheduler(Scheduler):
         "_args",
         "_channel",
         "_circuit",
-        "_client",
-        "_direct",
         "_epoch",
         "_expiry_at",
         "_expiry_timer",
@@ -160,25 +121,16 @@ class RedisScheduler(Scheduler):
         "_fast_busy",
         "_hash",
         "_hint",
-        "_holders",
         "_hub",
-        "_lease",
         "_leases",
-        "_me",
         "_outbox",
         "_patience",
         "_policy",
-        "_redeclare",
         "_refunded",
         "_refused",
-        "_resources",
-        "_retrying",
-        "_script",
-        "_sending",
-        "_sent",
         "_simulated",
-        "_tag",
-        "_timeout",
+        "_terms",
+        "calls",
         "leases_lost",
         "remote",
     )
@@ -209,23 +161,16 @@ class RedisScheduler(Scheduler):
         self.queue = OrderedDict()
         self._refunded: dict[str, float] = {state.key: 0.0 for state in states}
         self.refunded = self._refunded
-        self._client = client
         self._hub = hub  # the set's threads, shared with its other schedulers (keyed sets)
-        self._script = script
         self._hash = hash_key
         self._channel = f"{hash_key}:wake"
         if model is None:
             self._args = {limit.key: limit_args(limit) for limit in limits}
-            self._resources = {limit.key for limit in limits if isinstance(limit, ResourceLimit)}
-            self._me = uuid.uuid4().hex
-            self._holders = itertools.count()
+            self._terms = LeaseTerms(limits, lease_seconds)
         else:
-            # Another scheduler of the same keyed set: its limits' arguments, and one holder id
-            # prefix and counter for the whole set (so that a proxy made again for a key never
-            # reuses an earlier proxy's lease holder id).
-            self._args, self._resources = model._args, model._resources
-            self._me, self._holders = model._me, model._holders
-        self._lease = lease_seconds
+            # Another scheduler of the same keyed set: its limits' arguments and lease terms
+            # (one holder id prefix and counter for the whole set).
+            self._args, self._terms = model._args, model._terms
         self._simulated = simulated
         # Under the real clock, the async door queues without asking and this process's
         # dispatcher thread asks Redis for the queue (see Dispatcher); under a simulated clock
@@ -237,32 +182,30 @@ class RedisScheduler(Scheduler):
         self._failures: dict[Waiter, BaseException] = {}
         # An async request is being decided directly (``take_first``): it is ahead of the queue.
         self._fast_busy = False
-        # The connections for the calls a caller makes itself (a single server; None: a Cluster,
-        # whose calls go through its client, the async ones through the dispatcher).
-        self._direct = link
+        # How this set calls the script (shared by the schedulers of a keyed set).
+        self.calls: ScriptCalls = (
+            ScriptCalls(
+                client=client,
+                script=script,
+                circuit=circuit,
+                timeout=timeout,
+                link=link,
+                injected_time=simulated,
+                declared=declared,
+                redeclare=redeclare,
+            )
+            if model is None
+            else model.calls
+        )
         self._circuit = circuit  # shared by every set of the backend
-        self._timeout = timeout  # the backend's bound on any call
         # The bound of the next try_take, set by the blocking door from its caller's timeout;
         # and of every call while a task decides under the lock (attempt without a connection).
         self._hint: float | None = None
         self._patience: float | None = None
-        # A plain set's calls under Redis time ask the script to check that the declaration
-        # with the digest ``declared`` is there ("d<digest>"), and declare it again when Redis
-        # lost it; a keyed set's key hashes hold none.
-        self._redeclare = redeclare
-        self._tag = f"d{declared}" if redeclare is not None and not simulated else ""
         # The last refusal of try_take, for the enqueue that follows it in the same step.
         self._refused: tuple[Items, float, float, float] | None = None
-        # Calls handed off by an event loop's thread, to send first (see _defer), and whether
-        # sending them again waits for the circuit to close.
-        self._outbox: list[
-            tuple[str, Callable[[], list[str] | None], Callable[[Any], object] | None, str | None]
-        ] = []
-        self._retrying = False
-        # The dispatcher thread is sending the first call of the outbox (without the lock), and
-        # the condition (on the lock) a caller waits on for it to end.
-        self._sending = False
-        self._sent = threading.Condition(self.lock)
+        # Calls handed off by an event loop's thread, to send first (see _defer).
+        self._outbox = Outbox(self.lock, circuit)
         # Availability Redis just gave with another answer (attempt), for the statistics made
         # of it next, under the same lock hold.
         self._answered: dict[str, float] | None = None
@@ -275,111 +218,11 @@ class RedisScheduler(Scheduler):
     # -- talking to the script ---------------------------------------------------------------
 
     def _call(self, op: str, now: float, *args: str, bound: float | None = None) -> Any:
-        """One script call; the time is the server's, or ``now`` under a simulated clock.
-
-        At once :class:`NotSent` while the circuit is open. Otherwise at most the backend's
-        ``timeout``, or ``bound`` seconds when that is shorter (:class:`NoAnswer` then). A
-        plain set whose declaration Redis lost is declared again (and checked: ValueError when
-        another declaration took the name meanwhile), and the call sent once more."""
-        self._circuit.check()
-        if bound is None:
-            bound = self._patience
-        words = [op, num(now) if self._simulated else self._tag, *args]
-        try:
-            return self._send(words, bound)
-        except redis.exceptions.ResponseError as exc:
-            if self._redeclare is None or not str(exc).startswith(UNDECLARED):
-                raise
-        self._declare_again()
-        if not self._simulated:
-            words[1] = self._tag
-        return self._send(words, bound)
-
-    def _declare_again(self) -> None:
-        assert self._redeclare is not None
-        log.warning("the declaration of %s was lost in Redis: declaring it again", self._hash)
-        try:
-            digest = self._redeclare()
-        except BackendUnavailable:
-            raise
-        except UNAVAILABLE as exc:
-            raise BackendUnavailable(
-                f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
-            ) from exc
-        self._tag = f"d{digest}"
-
-    def _send(self, words: list[str], bound: float | None) -> Any:
-        if self._direct is not None:
-            return self._round_trip(self._direct, words, bound)
-        # A Cluster, through its client (bounded by the backend's timeout). A call is never
-        # sent twice, with one exception that cannot apply it twice: a node that refused the
-        # connection was sent nothing. After a failover, the first call of a process goes to the
-        # old master (its map of the Cluster changes only when a call fails); the refusal makes
-        # the client read the map again, and the call goes to the new master.
-        for attempt in (1, 2):
-            try:
-                return self._script(self._client, self._hash, words)
-            except UNAVAILABLE as exc:  # noqa: PERF203 (two attempts at most; try is free)
-                if attempt == 1 and _refused(exc):
-                    continue
-                self._circuit.trip(exc)
-                raise BackendUnavailable(
-                    f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
-                ) from exc
-        raise AssertionError("unreachable")
-
-    def _round_trip(self, link: Link, words: list[str], bound: float | None) -> Any:
-        """One call on a single server, on a connection of the link, from a thread: at most
-        ``bound`` (or the backend's timeout). Without a bound the thread may connect itself;
-        with one, a short-lived thread connects while it waits at most that long."""
-        full = bound is None or bound >= self._timeout
-        timeout = self._timeout if bound is None else min(bound, self._timeout)
-        conn = link.take()
-        try:
-            if conn is None:
-                conn = link.connect() if bound is None else link.wait(timeout)
-        except UNAVAILABLE as exc:  # the link tripped the circuit
-            raise NotSent(f"Redis cannot be reached for the limits {self._hash!r}: {exc}") from exc
-        if conn is None:
-            self._circuit.check()
-            raise NoAnswer(f"no connection to Redis for the limits {self._hash!r} in {timeout}s")
-        script = self._script
-        loaded = False
-        try:
-            while True:
-                functions = script.functions
-                conn.send_command(  # type: ignore[no-untyped-call]
-                    *script.command(self._hash, words, functions=functions)
-                )
-                try:
-                    reply = conn.read_response(timeout=timeout)
-                except redis.exceptions.ResponseError as exc:
-                    # Not run (no library or script there): loaded, and sent once more.
-                    if not script.recover(self._client, exc, functions, loaded):
-                        raise
-                    loaded = loaded or functions == script.functions
-                    continue
-                return reply
-        except redis.exceptions.ResponseError:
-            raise  # an error reply: the connection is in step
-        except UNAVAILABLE as exc:
-            conn.disconnect()  # type: ignore[no-untyped-call]  # an answer may be on its way
-            conn = None
-            if not full and isinstance(exc, redis.exceptions.TimeoutError):
-                raise NoAnswer(
-                    f"Redis did not answer for the limits {self._hash!r} within {timeout}s"
-                ) from exc
-            self._circuit.trip(exc)
-            raise BackendUnavailable(
-                f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
-            ) from exc
-        except BaseException:
-            conn.disconnect()  # type: ignore[no-untyped-call]
-            conn = None
-            raise
-        finally:
-            if conn is not None:
-                link.give(conn)
+        """One script call from this thread (see :meth:`ScriptCalls.call`), bounded by
+        ``bound``, or the patience of the decision under way (None: the backend's timeout)."""
+        return self.calls.call(
+            self._hash, op, now, args, self._patience if bound is None else bound
+        )
 
     def bound_next_call(self, timeout: float) -> None:
         """Under the lock, from the blocking door: the next ``try_take`` answers within
@@ -415,39 +258,31 @@ class RedisScheduler(Scheduler):
         return out
 
     def _acquire(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
-        holder = f"{self._me}:{next(self._holders)}"
+        holder = self._terms.new_holder()
         reply = acquire_reply(
             self._call(
                 "acquire",
                 now,
                 holder,
-                num(self._lease),
+                num(self._terms.seconds),
                 *self._item_args(items),
                 bound=self._bound(),
             )
         )
         if reply[0] != 1:
             server_now = float(reply[1])
-            self._watch_expiry(now, self._local(now, server_now, float(reply[4])))
-            rate_at = self._local(now, server_now, float(reply[2]))
-            admit_at = self._local(now, server_now, float(reply[3]))
+            self._watch_expiry(now, self.calls.local(now, server_now, float(reply[4])))
+            rate_at = self.calls.local(now, server_now, float(reply[2]))
+            admit_at = self.calls.local(now, server_now, float(reply[3]))
             self._refused = (items, now, rate_at, admit_at)
             return rate_at, admit_at, None
         return now, now, self._receipts(items, holder, reply[2:])
 
     def _receipts(self, items: Items, holder: str, raw: Any) -> list[Any]:
-        """The receipts of a grant from the script's reply; its leases are held from now on
-        (a resource limit's receipt is the holder id of its lease)."""
-        receipts: list[Any] = []
-        held: list[str] = []
-        for (state, _amount), receipt in zip(items, raw, strict=True):
-            if state.key in self._resources:
-                receipts.append(holder)
-                held.append(state.key)
-            else:
-                receipts.append(decode_receipt(receipt))
+        """The receipts of a grant from the script's reply; its leases are held from now on."""
+        receipts, held = self._terms.receipts(items, holder, raw)
         if held:
-            self._hold(holder, tuple(held))
+            self._hold(holder, held)
         return receipts
 
     # -- the decisions of Scheduler, with the failure policy ---------------------------------
@@ -461,10 +296,10 @@ class RedisScheduler(Scheduler):
                 return now, now
             return super().admit_time(items, now)
         server_now = float(reply[0])
-        self._watch_expiry(now, self._local(now, server_now, float(reply[3])))
+        self._watch_expiry(now, self.calls.local(now, server_now, float(reply[3])))
         return (
-            self._local(now, server_now, float(reply[1])),
-            self._local(now, server_now, float(reply[2])),
+            self.calls.local(now, server_now, float(reply[1])),
+            self.calls.local(now, server_now, float(reply[2])),
         )
 
     def _admit(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
@@ -506,98 +341,35 @@ class RedisScheduler(Scheduler):
         done: Callable[[Any], object] | None = None,
         lost: str | None = None,
     ) -> None:
-        """Under the lock, instead of a round trip on an event loop's thread: the call ``op``
-        (its arguments made when it is sent, None: nothing to send) goes out before any other
-        call of this scheduler (the next one made under the lock sends it first) or, if none
-        comes, from the dispatcher thread. ``done`` gets the reply; ``lost``: a timed-out call
-        that may not be sent again (it may have run) is logged with that text, else (ending a
-        lease, which may run twice) it is sent again once Redis answers. A call not sent (Redis
-        known to be unreachable) is sent once Redis answers again."""
-        self._outbox.append((op, args, done, lost))
+        """Under the lock, instead of a round trip on an event loop's thread: hand the call off
+        (see :meth:`Outbox.defer`); the dispatcher thread sends it unless a call made under the
+        lock first does."""
+        self._outbox.defer(op, args, done, lost)
         self._signal()
 
     def _flush(self, bound: float | None = None) -> None:
         """Under the lock, before a call of this caller: send the outbox first, in order (see
-        :meth:`_defer`), after the one the dispatcher thread may be sending (waiting at most
-        ``bound``, or the backend's timeout: NoAnswer then)."""
-        if bound is None:
-            bound = self._patience
-        if self._sending:
-            wait = self._timeout if bound is None else min(bound, self._timeout)
-            if not self._sent.wait_for(lambda: not self._sending, timeout=wait):
-                if self._patience is not None:
-                    self._patience = 0.0  # the rest of this decision waits no more
-                raise NoAnswer(f"Redis did not answer for the limits {self._hash!r} in time")
-        outbox = self._outbox
-        while outbox:
-            op, args, done, _lost = outbox[0]
-            words = args()
-            if words is None:
-                outbox.pop(0)
-                continue
-            try:
-                reply = self._call(op, self.clock(), *words)
-            except Exception as exc:
-                if not self._sent_one(exc):
-                    return
-                continue
-            outbox.pop(0)
-            if done is not None:
-                done(reply)
+        :meth:`Outbox.flush`), waiting at most ``bound`` (or the decision's patience) for the
+        call the dispatcher thread may be sending: NoAnswer then."""
+        try:
+            self._outbox.flush(
+                self, self._patience if bound is None else bound, self.calls.timeout, self._hash
+            )
+        except NoAnswer:
+            if self._patience is not None:
+                self._patience = 0.0  # the rest of this decision waits no more
+            raise
 
-    def _sent_one(self, exc: Exception) -> bool:
-        """Under the lock: the first call of the outbox failed with ``exc``; whether to go on
-        with the next one (False: it waits, and the rest behind it, until Redis answers)."""
-        op, _args, _done, lost = self._outbox[0]
-        if isinstance(exc, NotSent):
-            if not self._retrying:
-                self._retrying = True
-                self._circuit.later(self._flush_again)
-            return False
-        if isinstance(exc, BackendUnavailable):
-            if lost is None and self._circuit.opened:
-                return True  # sent again once Redis answers (NotSent on the next turn)
-            self._outbox.pop(0)
-            log.warning("%s: %s", lost or f"could not send {op}", exc)
-            return True
-        self._outbox.pop(0)
-        log.error("a deferred Redis call of aiolimits failed: %r", exc)
-        return True
+    def send_deferred(self, op: str, words: list[str]) -> Any:
+        """A call of the outbox, sent now (see :class:`Sender`)."""
+        return self._call(op, self.clock(), *words)
 
     def send_outbox(self) -> None:
-        """On the dispatcher thread: send the outbox, in order, one call at a time without the
-        lock (an event loop's thread that takes it meanwhile never waits for Redis)."""
-        while True:
-            with self.lock:
-                if self._sending or not self._outbox:
-                    return
-                op, args, done, _lost = self._outbox[0]
-                words = args()
-                if words is None:
-                    self._outbox.pop(0)
-                    continue
-                self._sending = True
-            outcome: Any
-            try:
-                outcome = self._call(op, self.clock(), *words)
-                failed = False
-            except Exception as exc:
-                outcome, failed = exc, True
-            with self.lock:
-                self._sending = False
-                self._sent.notify_all()
-                if failed:
-                    if not self._sent_one(outcome):
-                        return
-                    continue
-                self._outbox.pop(0)
-                if done is not None:
-                    done(outcome)
+        """On the dispatcher thread: send what an event loop handed off (:meth:`Outbox.send`)."""
+        self._outbox.send(self)
 
-    def _flush_again(self) -> None:
-        with self.lock:
-            self._retrying = False
-        self.send_outbox()
+    def retry_outbox(self) -> None:
+        self._outbox.retry(self)
 
     def _give_back(self, items: Items, receipts: Sequence[Any] | None, now: float) -> None:
         """Give back a grant nobody used: rate amounts refunded as far as §3 allows, leases
@@ -614,7 +386,7 @@ class RedisScheduler(Scheduler):
         rates = [
             (state, receipt, amount)
             for (state, amount), receipt in zip(items, receipts, strict=True)
-            if state.key not in self._resources
+            if state.key not in self._terms.resources
         ]
         holder = self._forget_leases(items, receipts)
         if rates:
@@ -630,7 +402,7 @@ class RedisScheduler(Scheduler):
                 except BackendUnavailable as exc:
                     log.warning("could not give back an unused grant: %s", exc)
         if holder is not None:
-            self._end_lease(holder, self._lease_keys(items))
+            self._end_lease(holder, self._terms.keys(items))
 
     def release(self, items: Items, receipts: list[Any] | None = None) -> None:
         if receipts and isinstance(receipts[0], Local):
@@ -643,20 +415,16 @@ class RedisScheduler(Scheduler):
             return
         # Like every in-process release, a slot released is free for this process's next call
         # (sent before it), and the head is asked at once.
-        self._end_lease(holder, self._lease_keys(items))
+        self._end_lease(holder, self._terms.keys(items))
         if self.queue:
             self._dispatch(self.clock())
 
-    def _lease_keys(self, items: Items) -> tuple[str, ...]:
-        return tuple(state.key for state, _amount in items if state.key in self._resources)
-
     def _forget_leases(self, items: Items, receipts: Sequence[Any]) -> str | None:
         """Stop renewing the lease of an acquisition; its holder id (None: it holds none)."""
-        for (state, _amount), receipt in zip(items, receipts, strict=True):
-            if state.key in self._resources:
-                self._leases.pop(receipt, None)
-                return str(receipt)
-        return None
+        holder = self._terms.holder_of(items, receipts)
+        if holder is not None:
+            self._leases.pop(holder, None)
+        return holder
 
     def _end_lease(self, holder: str, keys: tuple[str, ...]) -> None:
         """Under the lock: end a lease in Redis; never raises, never waits on an event loop.
@@ -664,7 +432,7 @@ class RedisScheduler(Scheduler):
         idempotent), and expires by itself within ``lease_seconds`` anyway (it is no longer
         renewed)."""
         words = [holder, *keys]
-        if self._outbox or (not self._simulated and _on_loop()):
+        if self._outbox.busy() or (not self._simulated and _on_loop()):
             self._defer("release", lambda: words)
             return
         for attempt in (1, 2):
@@ -778,7 +546,7 @@ class RedisScheduler(Scheduler):
 
     def _read_stats(self, now: float, reply: Any) -> dict[str, float]:
         server_now = float(reply[0])
-        paused = self._local(now, server_now, float(reply[1]))
+        paused = self.calls.local(now, server_now, float(reply[1]))
         if paused > self.paused_until or self.paused_until <= now:
             self.paused_until = paused
         out: dict[str, float] = {}
@@ -948,16 +716,15 @@ class RedisScheduler(Scheduler):
             if (
                 not self.queue
                 and not self._fast_busy
-                and not self._outbox  # what was handed off goes first (from the dispatcher)
-                and not self._sending
+                and not self._outbox.busy()  # what was handed off goes first (dispatcher)
                 and self.paused_until <= start
-                and self._direct is not None
+                and self.calls.link is not None
                 and self._hub.take_direct()  # a keyed set bounds its connections in use
             ):
-                conn = self._direct.take()
+                conn = self.calls.link.take()
                 if conn is None:
                     self._hub.end_direct()
-                    self._direct.warm()  # for the next one; the dispatcher asks for this one
+                    self.calls.link.warm()  # for the next one; the dispatcher asks for this one
             if conn is None:
                 waiter = new_waiter(items, start + patience)
                 if not self.enqueue(waiter, start):
@@ -965,8 +732,8 @@ class RedisScheduler(Scheduler):
                 return None, waiter, start
             self._fast_busy = True
             epoch = self._epoch
-            holder = f"{self._me}:{next(self._holders)}"
-        args = [holder, num(self._lease), *self._item_args(items)]
+            holder = self._terms.new_holder()
+        args = [holder, num(self._terms.seconds), *self._item_args(items)]
         try:
             reply = await self._ask_directly(conn, args, patience + GRACE)
         except BaseException as exc:
@@ -1038,8 +805,8 @@ class RedisScheduler(Scheduler):
                 self._signal()
             return receipts, None, start
         server_now = float(reply[1])
-        rate_at = self._local(start, server_now, float(reply[2]))
-        admit_at = self._local(start, server_now, float(reply[3]))
+        rate_at = self.calls.local(start, server_now, float(reply[2]))
+        admit_at = self.calls.local(start, server_now, float(reply[3]))
         waiter = new_waiter(items, start + patience)
         if rate_at > waiter.deadline or now >= waiter.deadline:
             self.timed_out += 1
@@ -1052,7 +819,7 @@ class RedisScheduler(Scheduler):
         self.queue.move_to_end(waiter, last=False)
         if epoch == self._epoch:
             waiter.rate_at, waiter.wake_at = rate_at, admit_at
-            self._watch_expiry(now, self._local(start, server_now, float(reply[4])))
+            self._watch_expiry(now, self.calls.local(start, server_now, float(reply[4])))
         else:  # something changed meanwhile: ask again
             waiter.rate_at, waiter.wake_at = -math.inf, now
             self._signal()
@@ -1071,15 +838,10 @@ class RedisScheduler(Scheduler):
         with self.lock:
             start = self.clock()
             conn = None
-            if (
-                not self._circuit.opened
-                and self._direct is not None
-                and not self._outbox
-                and not self._sending
-            ):
-                conn = self._direct.take()
+            if not self._circuit.opened and self.calls.link is not None and not self._outbox.busy():
+                conn = self.calls.link.take()
                 if conn is None:
-                    self._direct.warm()
+                    self.calls.link.warm()
             if conn is None:
                 # Under the lock on the task's loop: every call waits one round trip's grace
                 # at most (at once while Redis is known to be unreachable).
@@ -1092,17 +854,19 @@ class RedisScheduler(Scheduler):
             holder = ""
             if barge:
                 self._fast_busy = True
-                holder = f"{self._me}:{next(self._holders)}"
+                holder = self._terms.new_holder()
         stats_args = [str(len(self.states))]
         for state in self.states:
             stats_args += self._args[state.key]
         first = (
-            ["acquire", holder, num(self._lease), *self._item_args(items)]
+            ["acquire", holder, num(self._terms.seconds), *self._item_args(items)]
             if barge
             else ["earliest", *self._item_args(items)]
         )
         try:
-            replies = await self._direct_pipeline(conn, [first, ["stats", *stats_args]], GRACE)
+            replies = await self.calls.exchange(
+                conn, self._hash, [first, ["stats", *stats_args]], GRACE
+            )
         except (BackendUnavailable, redis.exceptions.ResponseError) as exc:
             with self.lock:
                 self._fast_busy = False
@@ -1118,10 +882,10 @@ class RedisScheduler(Scheduler):
                     self.granted += 1
                     at = now
                 else:
-                    at = self._local(start, float(reply[1]), float(reply[3]))
+                    at = self.calls.local(start, float(reply[1]), float(reply[3]))
             else:
                 reply = replies[0]
-                at = self._local(start, float(reply[0]), float(reply[2]))
+                at = self.calls.local(start, float(reply[0]), float(reply[2]))
             at = max(at, self.head_wake_at())
             self._answered = self._read_stats(start, replies[1])
             stats = stats_locked(limits, self, now)
@@ -1165,51 +929,6 @@ class RedisScheduler(Scheduler):
         wait = 0.0 if receipts is not None else retry_after_locked(self, items, now)
         return receipts, wait, stats_locked(limits, self, now)
 
-    async def _direct_pipeline(
-        self, conn: redis.Connection, calls: list[list[str]], bound: float
-    ) -> list[Any]:
-        """Several script calls from a task in one round trip on ``conn`` (see
-        :meth:`_direct_call`): all their replies, or the first error (the connection is then
-        closed: later replies may be on their way)."""
-        link = self._direct
-        assert link is not None
-        full = bound >= self._timeout
-        timeout = self._timeout if full else bound
-        functions = self._script.functions
-        packed = conn.pack_commands(  # type: ignore[no-untyped-call]
-            [
-                self._script.command(self._hash, [op, self._tag, *args], functions=functions)
-                for op, *args in calls
-            ]
-        )
-        replies: list[Any] = []
-        try:
-            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + timeout):
-                conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
-                while len(replies) < len(calls):
-                    if not conn.can_read(timeout=0):  # nothing buffered: wait on the loop
-                        await _wait_readable(conn._sock)
-                    replies.append(conn.read_response())
-        except UNAVAILABLE as exc:
-            self._circuit.trip(exc)
-            raise BackendUnavailable(
-                f"Redis did not answer for the limits {self._hash!r} in time: {exc!r}"
-            ) from exc
-        finally:
-            if len(replies) == len(calls):
-                link.give(conn)
-            else:
-                conn.disconnect()  # type: ignore[no-untyped-call]
-        if len(replies) == len(calls):
-            return replies
-        if not full:
-            raise NoAnswer(f"Redis did not answer for the limits {self._hash!r} within {timeout}s")
-        stalled = redis.exceptions.TimeoutError(f"no answer in {timeout}s")
-        self._circuit.trip(stalled)
-        raise BackendUnavailable(
-            f"Redis did not answer for the limits {self._hash!r} in time: {stalled!r}"
-        )
-
     def _local_take(self, items: Items, now: float) -> list[Any] | None:
         """Under the lock: the in-process decision of ``on_unavailable="local"``."""
         if self.queue:
@@ -1225,64 +944,10 @@ class RedisScheduler(Scheduler):
     ) -> list[Any]:
         """``acquire``, asked by the task itself; ends the hub's count of direct calls."""
         try:
-            return acquire_reply(await self._direct_call(conn, "acquire", args, bound))
+            (reply,) = await self.calls.exchange(conn, self._hash, [["acquire", *args]], bound)
+            return acquire_reply(reply)
         finally:
             self._hub.end_direct()
-
-    async def _direct_call(
-        self, conn: redis.Connection, op: str, args: list[str], bound: float
-    ) -> Any:
-        """One script call from a task, on a connected connection of the link: sent, and the
-        answer awaited on the task's own event loop, for at most ``bound`` seconds or the
-        backend's timeout (shielded, so that an answer Redis gives is never lost to a
-        cancellation). An error reply (the script or the declaration missing) is raised: the
-        dispatcher deals with it, off the event loop.
-
-        Raises:
-            NoAnswer: no answer within ``bound`` (shorter than the backend's timeout).
-            BackendUnavailable: no answer within the backend's timeout (the circuit opens).
-        """
-        link = self._direct
-        assert link is not None
-        full = bound >= self._timeout
-        timeout = self._timeout if full else bound
-        done = False
-        try:
-            # One scope, shielded and with the deadline (fail_after would nest a second one:
-            # each costs a noticeable share of a loopback round trip).
-            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + timeout):
-                command = self._script.command(
-                    self._hash, [op, self._tag, *args], functions=self._script.functions
-                )
-                conn.send_command(*command)  # type: ignore[no-untyped-call]
-                # PERF: the one private attribute used: a task waits for its socket on its own
-                # loop (no public API does without a thread hop, see benchmarks/redis.py).
-                await _wait_readable(conn._sock)
-                try:
-                    reply = conn.read_response()
-                except redis.exceptions.ResponseError:
-                    done = True  # in step: an error reply was read
-                    raise
-                done = True
-                return reply
-        except UNAVAILABLE as exc:
-            self._circuit.trip(exc)
-            raise BackendUnavailable(
-                f"Redis did not answer for the limits {self._hash!r} in time: {exc!r}"
-            ) from exc
-        finally:
-            if done:
-                link.give(conn)
-            else:
-                conn.disconnect()  # type: ignore[no-untyped-call]  # an answer may be on its way
-        # The deadline passed: the scope swallowed its own cancellation.
-        if not full:
-            raise NoAnswer(f"Redis did not answer for the limits {self._hash!r} within {timeout}s")
-        stalled = redis.exceptions.TimeoutError(f"no answer in {timeout}s")
-        self._circuit.trip(stalled)
-        raise BackendUnavailable(
-            f"Redis did not answer for the limits {self._hash!r} in time: {stalled!r}"
-        )
 
     # -- the dispatcher's work (its thread, never under the lock while calling Redis) --------
 
@@ -1311,13 +976,12 @@ class RedisScheduler(Scheduler):
             batch = self._due_batch(now)
             if not batch:
                 return None
-            holders = [f"{self._me}:{next(self._holders)}" for _ in batch]
+            holders = [self._terms.new_holder() for _ in batch]
             return Batch(batch, holders, now, self._epoch, self._batch_args(batch, holders))
 
     def batch_command(self, asked: Batch) -> list[str]:
         """The words of the script call for ``asked`` (for a pipeline of many)."""
-        args = ["batch", num(asked.now) if self._simulated else self._tag, *asked.args]
-        return self._script.command(self._hash, args, functions=self._script.functions)
+        return self.calls.command(self._hash, "batch", asked.now, asked.args)
 
     def batch_answered(self, asked: Batch, reply: Any) -> bool:
         """Apply Redis's ``reply`` to ``asked``; True when the whole batch was granted and no
@@ -1344,7 +1008,7 @@ class RedisScheduler(Scheduler):
             batch = self._due_batch(now)
             if not batch:
                 return
-            holders = [f"{self._me}:{next(self._holders)}" for _ in batch]
+            holders = [self._terms.new_holder() for _ in batch]
             try:
                 reply = self._call("batch", now, *self._batch_args(batch, holders))
             except (BackendUnavailable, ValueError) as exc:
@@ -1370,7 +1034,7 @@ class RedisScheduler(Scheduler):
         return list(itertools.islice(queue, 64))
 
     def _batch_args(self, batch: list[Waiter], holders: list[str]) -> list[str]:
-        args = [num(self._lease), str(len(batch))]
+        args = [num(self._terms.seconds), str(len(batch))]
         for waiter, holder in zip(batch, holders, strict=True):
             args.append(holder)
             args += self._item_args(waiter.items)
@@ -1388,14 +1052,7 @@ class RedisScheduler(Scheduler):
         undo: list[tuple[Items, list[Any]]] = []
         local_now = self.clock()
         for waiter, holder, raw in zip(batch, holders, reply[2], strict=False):
-            receipts: list[Any] = []
-            held: list[str] = []
-            for (state, _amount), receipt in zip(waiter.items, raw, strict=True):
-                if state.key in self._resources:
-                    receipts.append(holder)
-                    held.append(state.key)
-                else:
-                    receipts.append(decode_receipt(receipt))
+            receipts, held = self._terms.receipts(waiter.items, holder, raw)
             if waiter.state != WAITING or waiter not in self.queue:
                 undo.append((waiter.items, receipts))
                 continue
@@ -1403,17 +1060,17 @@ class RedisScheduler(Scheduler):
             if not self._grant(waiter, receipts, local_now):
                 undo.append((waiter.items, receipts))  # its event loop is gone
             elif held:
-                self._hold(holder, tuple(held))
+                self._hold(holder, held)
         refused = reply[3]
         if refused and self.queue:
             head = next(iter(self.queue))
             if fresh and head is batch[len(reply[2])] and head.state == WAITING:
-                self._watch_expiry(now, self._local(now, server_now, float(refused[2])))
+                self._watch_expiry(now, self.calls.local(now, server_now, float(refused[2])))
                 # Told always: a due head sleeps until it is told (see after_wake).
                 if not self._tell_head(
                     head,
-                    self._local(now, server_now, float(refused[0])),
-                    self._local(now, server_now, float(refused[1])),
+                    self.calls.local(now, server_now, float(refused[0])),
+                    self.calls.local(now, server_now, float(refused[1])),
                     now,
                     always=True,
                 ):
@@ -1466,7 +1123,7 @@ class RedisScheduler(Scheduler):
             now = self.clock()
         for holder, keys in leases:
             try:
-                reply = self._call("renew", now, holder, num(self._lease), *keys)
+                reply = self._call("renew", now, holder, num(self._terms.seconds), *keys)
             except BackendUnavailable as exc:
                 log.warning("could not renew the lease %s on %s: %s", holder, self._hash, exc)
                 continue

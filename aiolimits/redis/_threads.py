@@ -428,11 +428,11 @@ def _dispatch_together(schedulers: list[RedisScheduler]) -> list[RedisScheduler]
     any batch was granted whole; returns the schedulers left to ask one by one (those of
     another client or of a Cluster, and any whose call came back with an error reply, which
     ``dispatch_queue`` handles: a script to load again, say)."""
-    client = schedulers[0]._client
+    client = schedulers[0].calls.client
     if not isinstance(client, redis.Redis) or schedulers[0]._circuit.opened:
         return schedulers  # (while Redis is unreachable each fails at once)
-    together = [s for s in schedulers if s._client is client]
-    alone = [s for s in schedulers if s._client is not client]
+    together = [s for s in schedulers if s.calls.client is client]
+    alone = [s for s in schedulers if s.calls.client is not client]
     while together:
         asked = []
         for sched in together:
