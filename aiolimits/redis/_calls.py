@@ -28,7 +28,8 @@ import redis
 import redis.exceptions
 
 from .._errors import BackendUnavailable
-from ._link import UNAVAILABLE, Circuit, Link, NotSent, log
+from ._failure import UNAVAILABLE, Circuit, NotSent, log
+from ._link import Link
 from ._script import Lua, num
 
 if TYPE_CHECKING:

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from redis.cluster import RedisCluster
 
     from .._limits import Limit
-    from ._link import Circuit, Link
+    from ._failure import Circuit
+    from ._link import Link
     from ._script import Lua
 
 __all__ = ["KeyScheduler", "RedisKeys"]

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from .._errors import BackendUnavailable
 from ._calls import NoAnswer
-from ._link import Circuit, NotSent, log
+from ._failure import Circuit, NotSent, log
 
 __all__ = ["Outbox", "Pending", "Sender"]
 
