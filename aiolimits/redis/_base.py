@@ -21,7 +21,7 @@ from .._limits import Limit
 from .._scheduler import Items, Scheduler
 from .._waiters import Cancellable, TimerClock, Waiter, running_event_loop
 from ._calls import NoAnswer, ScriptCalls
-from ._failure import GRACE, Circuit, Local, NotSent
+from ._failure import ALLOWED, GRACE, Circuit, Local, NotSent
 from ._leases import LeaseTerms
 from ._link import Link
 from ._outbox import Outbox
@@ -363,15 +363,27 @@ class RedisBase(Scheduler):
             self._refunded[state.key] = float(entry[2])
         return out
 
-    def _local_take(self, items: Items, now: float) -> list[Any] | None:
-        """Under the lock: the in-process decision of ``on_unavailable="local"``."""
-        if self.queue:
-            return None
-        _rate_at, admit_at = Scheduler.admit_time(self, items, now)
+    def _fallback(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
+        """Under the lock, Redis not answering: the decision of the failure policy (``"allow"``
+        or ``"local"``; ``"raise"`` never asks), as ``(rate_at, admit_at, receipts)``: admitted
+        without Redis (receipts :data:`ALLOWED`), or by the set's in-process limits (receipts
+        :class:`Local`; None: not before ``admit_at``). Counts nothing."""
+        if self._policy == "allow":
+            return now, now, [ALLOWED] * len(items)
+        rate_at, admit_at = Scheduler.admit_time(self, items, now)
         if admit_at > now:
+            return rate_at, admit_at, None
+        return rate_at, admit_at, [Local(r) for r in self._take(items, now)]
+
+    def _fallback_take(self, items: Items, now: float) -> list[Any] | None:
+        """Under the lock: :meth:`_fallback` for a request that is not queued, counted when
+        granted; the in-process limits admit nobody ahead of this process's queue."""
+        if self.queue and self._policy != "allow":
             return None
-        self.granted += 1
-        return [Local(r) for r in self._take(items, now)]
+        receipts = self._fallback(items, now)[2]
+        if receipts is not None:
+            self.granted += 1
+        return receipts
 
     def failure(self, waiter: Waiter) -> BaseException | None:
         return self._failures.pop(waiter, None)

@@ -18,10 +18,9 @@ from typing import Any
 import attrs
 
 from .._errors import BackendUnavailable
-from .._scheduler import Items, Scheduler
+from .._scheduler import Items
 from .._waiters import WAITING, Waiter
 from ._base import RedisBase
-from ._failure import ALLOWED, Local
 from ._script import num
 from ._threads import log
 
@@ -188,14 +187,10 @@ class Batching(RedisBase):
                 self._failures[waiter] = exc
                 waiter.notify()
                 continue
-            if self._policy == "allow":
-                receipts: list[Any] = [ALLOWED] * len(waiter.items)
-            else:
-                rate_at, admit_at = Scheduler.admit_time(self, waiter.items, now)
-                if admit_at > now:
-                    self._tell_head(waiter, rate_at, admit_at, now, always=True)
-                    break
-                receipts = [Local(r) for r in self._take(waiter.items, now)]
+            rate_at, admit_at, receipts = self._fallback(waiter.items, now)
+            if receipts is None:
+                self._tell_head(waiter, rate_at, admit_at, now, always=True)
+                break
             del self.queue[waiter]
             if not self._grant(waiter, receipts, now):
                 self._give_back(waiter.items, receipts, now)

@@ -23,7 +23,7 @@ from .._limits import Limit
 from .._scheduler import Items, Scheduler
 from ._batch import Batching
 from ._calls import NoAnswer
-from ._failure import ALLOWED, GRACE
+from ._failure import GRACE
 from ._script import acquire_reply, num
 
 __all__ = ["DirectCalls"]
@@ -114,9 +114,7 @@ class DirectCalls(Batching):
         raises ``exc``)."""
         if isinstance(exc, NoAnswer) and self._policy != "raise":
             # Not answered within the caller's time: the policy decides now.
-            if self._policy == "allow":
-                return [ALLOWED] * len(items), None, start
-            return self._local_take(items, self.clock()), None, start
+            return self._fallback_take(items, self.clock()), None, start
         if isinstance(exc, BackendUnavailable) and self._policy == "raise":
             return None
         # The dispatcher asks again (an error reply: the script to load, the set to declare
@@ -255,9 +253,7 @@ class DirectCalls(Batching):
                 self._patience = None
         if self._policy == "raise":
             raise exc
-        receipts = (
-            [ALLOWED] * len(items) if self._policy == "allow" else self._local_take(items, now)
-        )
+        receipts = self._fallback_take(items, now)
         wait = 0.0
         if receipts is None:  # the in-process limits ("local") refused it
             wait = max(0.0, Scheduler.admit_time(self, items, now)[1] - now)

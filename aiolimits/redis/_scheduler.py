@@ -55,7 +55,7 @@ from typing import Any
 
 from .._algorithms import RateState, SemaphoreState
 from .._errors import BackendUnavailable
-from .._scheduler import Items, Scheduler
+from .._scheduler import Items
 from .._waiters import WAITING, Waiter
 from ._base import on_loop
 from ._direct import DirectCalls
@@ -97,13 +97,9 @@ class RedisScheduler(DirectCalls):
             self._flush(self._hint)
             return self._acquire(items, now)
         except BackendUnavailable as exc:
-            if self._unavailable(exc) == "allow":
-                return now, now, [ALLOWED] * len(items)
-            # The in-process decision (not through admit_time: Redis was asked once already).
-            rate_at, admit_at = Scheduler.admit_time(self, items, now)
-            if admit_at > now:
-                return rate_at, admit_at, None
-            return rate_at, admit_at, [Local(r) for r in self._take(items, now)]
+            self._unavailable(exc)  # raises under "raise"
+            # The policy's decision (not through admit_time: Redis was asked once already).
+            return self._fallback(items, now)
 
     def _acquire(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
         holder = self._terms.new_holder()
@@ -341,12 +337,8 @@ class RedisScheduler(DirectCalls):
         the failure policy decides (``"raise"``: a timeout, or BackendUnavailable when Redis is
         known to be unreachable)."""
         receipts: list[Any] | None = None
-        if self._policy == "allow":
-            receipts = [ALLOWED] * len(waiter.items)
-        elif self._policy == "local":
-            _rate_at, admit_at = Scheduler.admit_time(self, waiter.items, now)
-            if admit_at <= now:
-                receipts = [Local(r) for r in self._take(waiter.items, now)]
+        if self._policy != "raise":
+            receipts = self._fallback(waiter.items, now)[2]
         elif self._circuit.opened:
             self._failures[waiter] = NotSent(f"Redis is unreachable ({self._circuit.reason})")
         if receipts is None:
