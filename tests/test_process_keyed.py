@@ -450,14 +450,3 @@ def test_the_guides_keyed_example_shares_each_client_between_workers(
     admitted = [workers[i % 2]["per_client"].try_acquire("1.2.3.4").successful for i in range(10)]
     assert admitted == [True] * 5 + [False] * 5
     assert (tmp_path / "aiolimits" / "myapp" / "per-client.keyed").exists()
-
-
-def test_change_limit_is_refused_and_changes_nothing(backend: ProcessBackend) -> None:
-    declared = (RateLimit("r", capacity=5, window_seconds=1.0),)
-    keyed = KeyedLimitSet(declared, backend=backend, name=uuid.uuid4().hex)
-    with keyed.acquire_sync("client", requested={"r": 1}):
-        pass
-    with pytest.raises(NotImplementedError, match="KeyedLimitSet"):
-        keyed.change_limit("r", capacity=2)
-    assert keyed.limits == declared
-    assert keyed.statistics("client").limits["r"].capacity == 5
