@@ -239,13 +239,16 @@ class KeyedTable:
         data = os.pread(self.fd, _GEN.size, _CHANGES_AT)
         return _GEN.unpack(data)[0] if len(data) == _GEN.size else 0
 
-    def changes(self) -> Changes:
-        """The limits' numbers now and the changes kept, from the header page. Under a shard's
-        lock it is exact (a change is written holding every shard's lock); without one, a
-        change being written is seen whole or not at all (its crc), and then the last known."""
+    def changes(self, generation: int | None = None) -> Changes:
+        """The limits' numbers now and the changes kept, from the header page (``generation``:
+        the generation just read, if it was). Under a shard's lock it is exact (a change is
+        written holding every shard's lock); without one, a change being written is seen whole
+        or not at all (its crc), and then the last known."""
         with self._changes_lock:
             known = self._changes
-        if self.generation() == known.generation:
+        if generation is None:
+            generation = self.generation()
+        if generation == known.generation:
             return known
         block = os.pread(self.fd, _CHANGES_ROOM, _CHANGES_AT)
         read = _read_changes(block, len(self._scratch))
@@ -257,6 +260,21 @@ class KeyedTable:
             if generation > self._changes.generation:
                 self._changes = changes
             return self._changes
+
+    def exact_changes(self) -> Changes:
+        """Under a shard's lock: :meth:`changes`, checked.
+
+        Raises:
+            StateFileError: the header page's changes are damaged.
+        """
+        generation = self.generation()
+        changes = self.changes(generation)
+        if changes.generation != generation:
+            raise StateFileError(
+                f"{self.path} is damaged (the changes of its limits in its header): stop the "
+                "processes using it, then remove it"
+            )
+        return changes
 
     def known_changes(self) -> Changes:
         """The changes as last read or made in this process (no I/O)."""
@@ -299,7 +317,7 @@ class KeyedTable:
             for shard in range(self.geo.shards):
                 self.lock(shard)
                 locked += 1
-            known = self.changes()
+            known = self.exact_changes()
             numbers = list(known.numbers)
             numbers[index] = (capacity, window)
             generation = known.generation + 1
@@ -818,7 +836,7 @@ class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
     follow, stored in the key's record: a key catches up with the changes made since at its
     next decision, in any process (:meth:`_catch_up`)."""
 
-    __slots__ = ("_record",)
+    __slots__ = ("_generation", "_record")
 
     def __init__(
         self,
@@ -831,7 +849,12 @@ class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
     ) -> None:
         table.check_fork()
         self._setup(table.dir, name, states, clock)
-        self._meta = -1  # type: ignore[assignment]  # no generation yet: the first lock loads
+        # The generation ``states`` follow, if they have the numbers last known (else the first
+        # lock loads the key).
+        known = table.known_changes()
+        numbers = tuple((state.capacity, state.window) for state in states)
+        self._meta = known.generation if numbers == known.numbers else -1  # type: ignore[assignment]
+        self._generation = known.generation  # the table's, as last read under the lock
         self._record = _KeyRecord(table, key, clock)
         self._file = self._record
         self._local = table.stripe(self._record.shard)
@@ -849,7 +872,7 @@ class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
 
     def _load_fresh(self) -> bytes:
         """Load a fresh key with the limits' numbers now; returns it in stored form."""
-        changes = self._record.table.changes()
+        changes = self._record.table.changes(self._generation)
         self._load(b"", marshal.loads(changes.fresh))
         self._meta = changes.generation  # type: ignore[assignment]
         return changes.fresh
@@ -861,9 +884,10 @@ class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
         (:data:`HISTORY`) takes the numbers now in one step, at the last change's time."""
         table = self._record.table
         since: Any = self._meta
-        if table.generation() == since:
+        generation = self._generation = table.generation()
+        if generation == since:
             return
-        changes = table.changes()
+        changes = table.exact_changes()
         if not self._record.stored():  # a fresh key: made with the numbers now
             self._bytes = self._load_fresh()
             return
