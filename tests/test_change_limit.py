@@ -104,6 +104,32 @@ def test_keyed_shrinking_refuses_a_waiter_above_the_new_capacity(
     assert "capacity 2" in str(failed[0])
 
 
+def test_keyed_process_key_catches_up_each_change_at_its_own_time(tmp_path: Path) -> None:
+    # Two sets of one table (two "processes" on one clock) against a set in memory: a key last
+    # written before two changes made by the other set decides as the memory set's key does.
+    clock = ManualClock()
+    declared = [RateLimit("r", 10, 10)]
+    memory = KeyedLimitSet(declared, clock=clock)
+    first, second = (
+        KeyedLimitSet(declared, clock=clock, backend=ProcessBackend(tmp_path), name="twice")
+        for _ in range(2)
+    )
+    assert memory.try_acquire("a", {"r": 10}).successful
+    assert first.try_acquire("a", {"r": 10}).successful
+    clock.advance(5)
+    memory.change_limit("r", capacity=4)
+    second.change_limit("r", capacity=4)  # "a" had 5 back: 1 missing of 4, refilled at 0.4/s
+    clock.advance(5)
+    memory.change_limit("r", window_seconds=20)
+    second.change_limit("r", window_seconds=20)  # 3 missing now, refilled at 0.2/s
+    clock.advance(2)
+    expected = memory.get_stats("a")["limits"]["r"]
+    assert 1.39 < expected["available"] < 1.41
+    assert first.get_stats("a")["limits"]["r"] == expected
+    assert second.get_stats("a")["limits"]["r"] == expected
+    assert first.limits == second.limits == memory.limits == (RateLimit("r", 20, 4),)
+
+
 def test_keyed_process_key_behind_every_kept_change_catches_up_in_one_step(
     tmp_path: Path,
 ) -> None:
