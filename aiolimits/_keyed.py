@@ -680,10 +680,14 @@ class KeyedLimitSet(Door):
         if changed is None:
             return
         index, limit = changed
-        window = 0.0 if isinstance(limit, ResourceLimit) else limit.window_seconds
         # Recorded once for the set in the backend (not under this set's lock: a file write);
-        # each key catches up at its next decision, in every process.
-        change(index, limit.capacity, window)
+        # each key catches up at its next decision, in every process. Only the numbers given
+        # change: another process may have changed the other since this one last saw it.
+        change(
+            index,
+            None if capacity is None else limit.capacity,
+            None if window_seconds is None else getattr(limit, "window_seconds", None),
+        )
         with self._lock:
             self._follow_shared()
             waiting = [proxy.sched for proxy in self._proxies.values() if not proxy.idle()]

@@ -130,6 +130,18 @@ def test_keyed_process_key_catches_up_each_change_at_its_own_time(tmp_path: Path
     assert first.limits == second.limits == memory.limits == (RateLimit("r", 20, 4),)
 
 
+def test_keyed_process_change_keeps_what_another_process_changed(tmp_path: Path) -> None:
+    first, second = (
+        KeyedLimitSet([RateLimit("r", 10, 10)], backend=ProcessBackend(tmp_path), name="both")
+        for _ in range(2)
+    )
+    first.change_limit("r", window_seconds=20)
+    second.change_limit("r", capacity=5)  # second had not seen the window change yet
+    assert second.limits == (RateLimit("r", 20, 5),)
+    assert first.get_stats("a")["limits"]["r"]["window_seconds"] == 20
+    assert first.limits == (RateLimit("r", 20, 5),)
+
+
 def test_keyed_process_key_behind_every_kept_change_catches_up_in_one_step(
     tmp_path: Path,
 ) -> None:

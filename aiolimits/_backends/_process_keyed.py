@@ -300,11 +300,12 @@ class KeyedTable:
         )
         return marshal.dumps(shared, _MARSHAL_VERSION)
 
-    def change(self, index: int, capacity: float, window: float) -> None:
-        """Record that limit ``index`` has ``capacity`` and ``window`` from now on, for every
-        key. Every shard is locked meanwhile (and every stripe, for this process's threads): so
-        a record last written under older numbers was written before the change's time, and
-        each key catches up at its next decision (:class:`KeyedProcessScheduler`). O(shards).
+    def change(self, index: int, capacity: float | None, window: float | None) -> None:
+        """Record that limit ``index`` has ``capacity`` and ``window`` (None: as it is now) from
+        now on, for every key. Every shard is locked meanwhile (and every stripe, for this
+        process's threads): so a record last written under older numbers was written before the
+        change's time, and each key catches up at its next decision
+        (:class:`KeyedProcessScheduler`). O(shards).
 
         Raises:
             ValueError: the set has too many limits for the header page (nothing changed).
@@ -319,9 +320,13 @@ class KeyedTable:
                 locked += 1
             known = self.exact_changes()
             numbers = list(known.numbers)
-            numbers[index] = (capacity, window)
+            now = numbers[index]
+            numbers[index] = (
+                now[0] if capacity is None else capacity,
+                now[1] if window is None else window,
+            )
             generation = known.generation + 1
-            entry = (generation, self._clock(), index, capacity, window)
+            entry = (generation, self._clock(), index, *numbers[index])
             history = (*known.history, entry)[-HISTORY:]
             body = marshal.dumps((tuple(numbers), history), _MARSHAL_VERSION)
             head = _GEN.pack(generation, len(body)) + body
@@ -976,9 +981,10 @@ class ProcessKeys:
     def __call__(self, key: str, states: tuple[RateState, ...]) -> KeyProxy:
         return KeyedProcessScheduler(self.table, self._name, key, states, clock=self._clock)
 
-    def change_limit(self, index: int, capacity: float, window: float) -> None:
-        """Limit ``index`` has ``capacity`` and ``window`` from now on, for every key, in every
-        process (``KeyedLimitSet.change_limit``; a write of the table's header page)."""
+    def change_limit(self, index: int, capacity: float | None, window: float | None) -> None:
+        """Limit ``index`` has ``capacity`` and ``window`` (None: as it is now) from now on, for
+        every key, in every process (``KeyedLimitSet.change_limit``; a write of the table's
+        header page)."""
         self.table.change(index, capacity, window)
 
     def known_changes(self) -> tuple[int, tuple[tuple[float, float], ...]]:
