@@ -37,6 +37,14 @@ removes the first record in its shard not used since last looked at that has no 
 slot held: that client starts again from full limits (semantics §8). The bound is soft, as in
 memory: keys holding slots or waiters are never removed.
 
+*Limits that change* (``KeyedLimitSet.change_limit``, semantics §4). A change is written once,
+in the header page: each limit's numbers now, a generation (the count of changes) and the last
+:data:`HISTORY` changes with their times, crc-checked, written holding every shard's lock. A
+record carries the generation its states follow; at a key's next decision (any process) the
+changes made since are applied to its state, each at its own time (the record was written before
+it), or, for a record older than every change kept, the numbers now in one step at the last
+change's time. A key with no record starts with the numbers now. Processes with waiters are told.
+
 The file is read and written with ``pread``/``pwrite`` only (never mapped), created private
 (0600, ``O_NOFOLLOW``, in the checked directory) and complete under a temporary name; the pages
 of a slot are reserved with ``posix_fallocate`` before its first record is written, so a full
