@@ -30,13 +30,13 @@ and a later ``update`` that charges overage moves it to the key's live state (ma
 be), where the charge lands exactly as it would have on a key never dropped. So releasing needs no
 lock and no count, as for a LimitSet, and an acquisition never released pins nothing.
 
-With a shared backend (``Backend.attach_keyed`` returns a factory: Redis, process, Ray), each key's
-state lives in the backend, which expires it once fresh, and a key used here has only a local
-*proxy*: a scheduler of the backend's, with its own lock, over the key's shared state. The doors
-are the same (``_door.py``); the set's lock guards only the proxies' dict and CLOCK order. A proxy
-is dropped when idle (nothing queued, no door working on it, no slot held), in the same CLOCK
-order; dropping it forgets nothing, so it is never "forgotten", and an acquisition held through a
-dropped proxy keeps using it (it settles in the backend's state of the key).
+With a shared backend (``Backend.attach_keyed`` returns a factory: Redis, process), each key's state
+lives in the backend, which expires it once fresh, and a key used here has only a local *proxy*: a
+scheduler of the backend's, with its own lock, over the key's shared state. The doors are the same
+(``_door.py``); the set's lock guards only the proxies' dict and CLOCK order. A proxy is dropped
+when idle (nothing queued, no door working on it, no slot held), in the same CLOCK order; dropping
+it forgets nothing, so it is never "forgotten", and an acquisition held through a dropped proxy
+keeps using it (it settles in the backend's state of the key).
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, Final, final
+
+import attrs
 
 from ._acquisition import (
     ACQUIRING,
@@ -178,6 +180,7 @@ class KeyedLimitSet(Door):
         "_dropped",
         "_entries",
         "_forgotten",
+        "_generation",
         "_items",
         "_lock",
         "_max_keys",
@@ -219,6 +222,7 @@ class KeyedLimitSet(Door):
         self._init_door(limits, frozen_config, clock, slack)
         #: The limits with their numbers now (``change_limit``); ``_limits`` as declared.
         self._current = limits
+        self._generation = 0  # of the changes made in a shared backend that _current follows
         self._name = name
         self._max_keys = max_keys
         self._lock = threading.Lock()
@@ -244,7 +248,11 @@ class KeyedLimitSet(Door):
 
     @property
     def limits(self) -> tuple[Limit, ...]:
-        """The limits with their numbers now: as declared, until :meth:`change_limit`."""
+        """The limits with their numbers now: as declared, until :meth:`change_limit` (on a
+        shared backend: as this process last saw them, at its last decision)."""
+        if self._shared is not None:
+            with self._lock:
+                self._follow_shared()
         return self._current
 
     @property
@@ -323,6 +331,7 @@ class KeyedLimitSet(Door):
         :meth:`_checkin`, so that it is not dropped while a door works on it."""
         assert self._shared is not None
         with self._lock:
+            self._follow_shared()
             proxy = self._proxies.get(key)
             if proxy is not None:
                 proxy.used = True
@@ -352,6 +361,7 @@ class KeyedLimitSet(Door):
         """The proxy of ``key``, or a proxy not kept (asking creates no key)."""
         assert self._shared is not None
         with self._lock:
+            self._follow_shared()
             proxy = self._proxies.get(key)
             now = self._clock()
             paused = self._paused_until > now
@@ -637,15 +647,9 @@ class KeyedLimitSet(Door):
             ValueError, TypeError: an unknown key, a number out of range, a window for a
                 ResourceLimit; nothing is changed.
         """
-        # A shared backend that can reach every key's state says how (``change_limit`` on its
-        # factory: it hands the change off, as a shared LimitSet does).
-        change_shared = getattr(self._shared, "change_limit", None)
-        if self._shared is not None and change_shared is None:
-            raise NotImplementedError(
-                f"change_limit is not supported yet for a KeyedLimitSet on {self._backend!r}: "
-                "each client key's state lives in the shared store, and a change must reach "
-                "all of them"
-            )
+        if self._shared is not None:
+            self._change_shared(key, capacity, window_seconds)
+            return
         with self._lock:
             changed = changed_limit(self._current, key, capacity, window_seconds)
             if changed is None:
@@ -657,15 +661,65 @@ class KeyedLimitSet(Door):
             self._requests.index[limit.key][1].change(limit.capacity, window, now)
             for sched in self._entries.values():
                 sched.change_limit(sched.states[index], limit.capacity, window, now)
-            # A proxy's states are this process's copy of the numbers (validation, statistics).
-            for proxy in self._proxies.values():
-                proxy.sched.states[index].change(limit.capacity, window, now)
             current = list(self._current)
             current[index] = limit
             self._current = tuple(current)
-        if change_shared is not None:
-            change_shared(limit.key, limit.capacity, window)
         limit_changes[0] += 1
+
+    def _change_shared(self, key: str, capacity: object, window_seconds: object) -> None:
+        change = getattr(self._shared, "change_limit", None)
+        if change is None:
+            raise NotImplementedError(
+                f"change_limit is not supported yet for a KeyedLimitSet on {self._backend!r}: "
+                "each client key's state lives in the shared store, and a change must reach "
+                "all of them"
+            )
+        with self._lock:
+            self._follow_shared()
+            changed = changed_limit(self._current, key, capacity, window_seconds)
+        if changed is None:
+            return
+        index, limit = changed
+        # Recorded once for the set in the backend (not under this set's lock: a file write);
+        # each key catches up at its next decision, in every process. Only the numbers given
+        # change: another process may have changed the other since this one last saw it.
+        change(
+            index,
+            None if capacity is None else limit.capacity,
+            None if window_seconds is None else getattr(limit, "window_seconds", None),
+        )
+        with self._lock:
+            self._follow_shared()
+            waiting = [proxy.sched for proxy in self._proxies.values() if not proxy.idle()]
+        for sched in waiting:  # this process's waiters see it now: a grown limit admits them
+            with sched.lock:
+                pass
+        limit_changes[0] += 1
+
+    def _follow_shared(self) -> None:
+        """Under the lock: take up the changes of the limits made in the backend (by any
+        process) as this process last saw them; no I/O."""
+        known = getattr(self._shared, "known_changes", None)
+        if known is None:
+            return
+        generation, numbers = known()
+        if generation <= self._generation:
+            return
+        now = self._clock()
+        current = list(self._current)
+        for index, (limit, (capacity, window)) in enumerate(zip(current, numbers, strict=True)):
+            resource = isinstance(limit, ResourceLimit)
+            if limit.capacity == capacity and (
+                isinstance(limit, ResourceLimit) or limit.window_seconds == window
+            ):
+                continue
+            numbers_now: dict[str, Any] = {"capacity": capacity}
+            if not resource:
+                numbers_now["window_seconds"] = window
+            current[index] = attrs.evolve(limit, **numbers_now)
+            self._requests.index[limit.key][1].change(capacity, window, now)
+        self._current = tuple(current)
+        self._generation = generation
 
     def get_stats(self, key: str) -> dict[str, Any]:
         """The statistics of ``key``, as :meth:`LimitSet.get_stats` gives them (a key not held

@@ -319,49 +319,82 @@ class Scheduler:
         while queue:
             head = next(iter(queue))
             if head is not current and head.cancel_pending():
-                del queue[head]
-                head.state = LEFT
-                self.cancelled += 1
-                self._forecast = None
+                self._drop(head)
                 continue
             rate_at, admit_at, receipts = self._admit_head(head, now)
             if receipts is not None:
                 del queue[head]
-                head.receipts = receipts
-                head.granted_at = now
-                head.state = GRANTED
-                self.granted += 1
-                if head is not current and not head.notify():
-                    # Its event loop is gone: nobody will ever use or release this grant.
-                    self._give_back(head, now, dispatch=False)
-                    head.state = LEFT
-                    self.granted -= 1
-                    self.cancelled += 1
+                if not self._grant(head, receipts, now, wake=head is not current):
+                    self._give_back(head.items, receipts, now)
                 continue
-            head.rate_at = rate_at
-            # Tell the new head its wake time, or that the rate limits already put it past its
-            # deadline (it then times out at once, even while a full resource blocks it too).
-            if head.wake_at != admit_at or rate_at > head.deadline:
-                head.wake_at = admit_at
-                if head is current:
-                    return
-                if self._timed and rate_at <= head.deadline:
-                    woken = head.notify_at(
-                        self.timer_at(admit_at, head.deadline),
-                        now,
-                        partial(self._timer_fired, head),
-                    )
-                else:
-                    woken = head.notify()  # it times out at once, or arms its own timer
-                if not woken:
-                    del queue[head]
-                    head.state = LEFT
-                    self.cancelled += 1
-                    self._forecast = None
-                    continue
-            return
+            if self._tell_head(head, rate_at, admit_at, now, current):
+                return
         # Nobody left: the forecast would only keep copies and granted waiters alive.
         self._forecast = None
+
+    # -- the grant routine: every scheduler's bookkeeping of a waiter's outcome --------------
+
+    def _grant(self, waiter: Waiter, receipts: list[Any], at: float, *, wake: bool = True) -> bool:
+        """Under the lock: ``waiter``, already out of the queue, is granted ``receipts`` at
+        ``at`` and counted, and woken unless ``wake`` is False (it is running and reads its
+        state itself). False when it cannot be woken (its event loop is gone): nobody will ever
+        use or release the grant, so it ends LEFT, counted as cancelled, holding nothing, and the
+        caller gives ``receipts`` back (:meth:`_give_back`)."""
+        waiter.receipts = receipts
+        waiter.granted_at = at
+        waiter.state = GRANTED
+        self.granted += 1
+        if not wake or waiter.notify():
+            return True
+        waiter.receipts = None
+        waiter.state = LEFT
+        self.granted -= 1
+        self.cancelled += 1
+        return False
+
+    def _unqueue(self, waiter: Waiter) -> None:
+        """Under the lock: ``waiter`` leaves the queue without a grant (LEFT); the caller
+        counts why and wakes it if needed."""
+        del self.queue[waiter]
+        waiter.state = LEFT
+        self._forecast = None
+
+    def _drop(self, waiter: Waiter) -> None:
+        """Under the lock: a queued ``waiter`` that was cancelled, or cannot be woken any more,
+        leaves the queue, counted as cancelled."""
+        self._unqueue(waiter)
+        self.cancelled += 1
+
+    def _tell_head(
+        self,
+        head: Waiter,
+        rate_at: float,
+        admit_at: float,
+        now: float,
+        current: Waiter | None = None,
+        *,
+        always: bool = False,
+    ) -> bool:
+        """Under the lock: the head is not admissible before ``admit_at`` (``rate_at``: by the
+        rate limits alone). Tell it its new wake time, or that the rate limits put it past its
+        deadline (it then times out at once, even while a full resource blocks it too); told
+        only when either changed, or ``always`` (its waiter sleeps until told). False when it
+        could not be told (its event loop is gone): it was dropped and the next is the head."""
+        head.rate_at = rate_at
+        if not (always or head.wake_at != admit_at or rate_at > head.deadline):
+            return True
+        head.wake_at = admit_at
+        if head is current:
+            return True
+        if self._timed and rate_at <= head.deadline:
+            woken = head.notify_at(
+                self.timer_at(admit_at, head.deadline), now, partial(self._timer_fired, head)
+            )
+        else:
+            woken = head.notify()  # it times out at once, or arms its own timer
+        if not woken:
+            self._drop(head)
+        return woken
 
     # -- the waiting protocol, used by the doors -------------------------------------------
 
@@ -481,29 +514,26 @@ class Scheduler:
         elif waiter.state == GRANTED:
             self.granted -= 1
             self.cancelled += 1
-            self._give_back(waiter, now, dispatch=True)
+            receipts, waiter.receipts = waiter.receipts, None
             waiter.state = LEFT
+            self._give_back(waiter.items, receipts, now)
+            self._dispatch(now)
 
     def _leave(self, waiter: Waiter, now: float) -> None:
         was_head = next(iter(self.queue)) is waiter
-        del self.queue[waiter]
-        waiter.state = LEFT
-        self._forecast = None
+        self._unqueue(waiter)
         if was_head:
             self._dispatch(now)
 
-    def _give_back(self, waiter: Waiter, now: float, *, dispatch: bool) -> None:
-        """Return a grant nobody used: slots released, rate amounts refunded as §3 allows."""
+    def _give_back(self, items: Items, receipts: list[Any] | None, now: float) -> None:
+        """Under the lock: return a grant nobody used: slots released, rate amounts refunded as
+        semantics §3 allows. The caller dispatches when that may admit the head."""
         self._forecast = None
-        receipts = waiter.receipts or ()
-        for (state, amount), receipt in zip(waiter.items, receipts, strict=True):
+        for (state, amount), receipt in zip(items, receipts or (), strict=True):
             if isinstance(state, SemaphoreState):
                 state.release(amount)
             else:
                 state.refund(receipt, amount, now)
-        waiter.receipts = None
-        if dispatch:
-            self._dispatch(now)
 
     # -- after a grant (under the lock) ----------------------------------------------------
 
@@ -570,8 +600,7 @@ class Scheduler:
         capacity = state.capacity
         queue = self.queue
         for waiter in [w for w in queue if any(s is state and n > capacity for s, n in w.items)]:
-            del queue[waiter]
-            waiter.state = LEFT
+            self._unqueue(waiter)
             refused = self.refused
             if refused is None:
                 refused = self.refused = {}

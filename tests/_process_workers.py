@@ -188,3 +188,17 @@ def report_limits_after(limits: LimitSet, go: Any, out: Any) -> None:
     process's change of a limit left in the shared state."""
     go.wait(60)
     out.put((limits.limits, limits.get_stats()["limits"]["r"]))
+
+
+def keyed_report_after(keyed: Any, go: Any, out: Any) -> None:
+    """Once ``go`` is set, report the statistics of limit ``"r"`` of keys ``"old"`` (used by
+    the parent before) and ``"new"`` (never used), then ``keyed.limits``."""
+    go.wait(60)
+    stats = {key: keyed.get_stats(key)["limits"]["r"] for key in ("old", "new")}
+    out.put((stats, keyed.limits))
+
+
+def keyed_wait_for_token(keyed: Any, events: Any) -> None:
+    """Wait (no timeout) for 1 token of key ``"a"``, whose bucket refills in an hour."""
+    with keyed.acquire_sync("a", {"r": 1}):
+        events.put("granted")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import re
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import pytest
 
 from aiolimits import KeyedLimitSet, LimitPool, LimitSet, ProcessBackend, RateLimit, ResourceLimit
+from aiolimits._backends._process_keyed import HISTORY
+from aiolimits._limits import Limit
 from aiolimits.testing import ManualClock
 
 from . import _process_workers as workers
@@ -23,9 +26,23 @@ from . import _process_workers as workers
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "changing-limits.md"
 
 
-def test_keyed_change_applies_to_every_client_key_held_and_new() -> None:
+def _keyed(limits: list[Limit], backend: str, tmp_path: Path, clock: Any = None) -> KeyedLimitSet:
+    if backend == "memory":
+        return KeyedLimitSet(limits, clock=clock or time.monotonic)
+    return KeyedLimitSet(
+        limits, clock=clock or time.monotonic, backend=ProcessBackend(tmp_path), name="keyed"
+    )
+
+
+_BACKENDS = pytest.mark.parametrize("backend", ["memory", "process"])
+
+
+@_BACKENDS
+def test_keyed_change_applies_to_every_client_key_held_and_new(
+    backend: str, tmp_path: Path
+) -> None:
     clock = ManualClock()
-    keyed = KeyedLimitSet([RateLimit("req", 10, 10), ResourceLimit("conn", 2)], clock=clock)
+    keyed = _keyed([RateLimit("req", 10, 10), ResourceLimit("conn", 2)], backend, tmp_path, clock)
     assert keyed.try_acquire("alice", {"req": 6}).successful
     keyed.change_limit("req", capacity=4)
     assert keyed.limits[0] == RateLimit("req", 10, 4)
@@ -43,15 +60,99 @@ def test_keyed_change_applies_to_every_client_key_held_and_new() -> None:
         "in_use": 1,
         "waiting": 0,
     }
+    clock.advance(5)  # alice's deficit refills at 4 per 10 s from the change
+    assert keyed.get_stats("alice")["limits"]["req"]["available"] == 0
+    keyed.change_limit("req", capacity=8, window_seconds=20)
+    alice = keyed.get_stats("alice")["limits"]["req"]
+    assert (alice["capacity"], alice["available"]) == (8, 4)  # the deficit of 4 kept
 
 
-def test_keyed_bad_change_changes_nothing() -> None:
-    keyed = KeyedLimitSet([RateLimit("req", 10, 10)])
+@_BACKENDS
+def test_keyed_bad_change_changes_nothing(backend: str, tmp_path: Path) -> None:
+    keyed = _keyed([RateLimit("req", 10, 10)], backend, tmp_path)
     with pytest.raises(ValueError, match="'alice'"):
         keyed.change_limit("alice", capacity=1)  # a client key is not a limit's key
     with pytest.raises(ValueError, match="window_seconds"):
         keyed.change_limit("req", window_seconds=0)
+    with pytest.raises(TypeError, match="capacity"):
+        keyed.change_limit("req", capacity="5")  # type: ignore[arg-type]
     assert keyed.limits == (RateLimit("req", 10, 10),)
+    assert keyed.get_stats("alice")["limits"]["req"]["capacity"] == 10
+
+
+@_BACKENDS
+def test_keyed_shrinking_refuses_a_waiter_above_the_new_capacity(
+    backend: str, tmp_path: Path
+) -> None:
+    keyed = _keyed([RateLimit("r", 3600, 4)], backend, tmp_path)
+    assert keyed.try_acquire("a", {"r": 4}).successful
+    failed: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            with keyed.acquire_sync("a", {"r": 3}):
+                pass
+        except ValueError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    _until(lambda: keyed.get_stats("a")["waiting"] == 1)
+    keyed.change_limit("r", capacity=2)
+    thread.join(60)
+    assert len(failed) == 1
+    assert "capacity 2" in str(failed[0])
+
+
+def test_keyed_process_key_catches_up_each_change_at_its_own_time(tmp_path: Path) -> None:
+    # Two sets of one table (two "processes" on one clock) against a set in memory: a key last
+    # written before two changes made by the other set decides as the memory set's key does.
+    clock = ManualClock()
+    declared = [RateLimit("r", 10, 10)]
+    memory = KeyedLimitSet(declared, clock=clock)
+    first, second = (
+        KeyedLimitSet(declared, clock=clock, backend=ProcessBackend(tmp_path), name="twice")
+        for _ in range(2)
+    )
+    assert memory.try_acquire("a", {"r": 10}).successful
+    assert first.try_acquire("a", {"r": 10}).successful
+    clock.advance(5)
+    memory.change_limit("r", capacity=4)
+    second.change_limit("r", capacity=4)  # "a" had 5 back: 1 missing of 4, refilled at 0.4/s
+    clock.advance(5)
+    memory.change_limit("r", window_seconds=20)
+    second.change_limit("r", window_seconds=20)  # 3 missing now, refilled at 0.2/s
+    clock.advance(2)
+    expected = memory.get_stats("a")["limits"]["r"]
+    assert 1.39 < expected["available"] < 1.41
+    assert first.get_stats("a")["limits"]["r"] == expected
+    assert second.get_stats("a")["limits"]["r"] == expected
+    assert first.limits == second.limits == memory.limits == (RateLimit("r", 20, 4),)
+
+
+def test_keyed_process_change_keeps_what_another_process_changed(tmp_path: Path) -> None:
+    first, second = (
+        KeyedLimitSet([RateLimit("r", 10, 10)], backend=ProcessBackend(tmp_path), name="both")
+        for _ in range(2)
+    )
+    first.change_limit("r", window_seconds=20)
+    second.change_limit("r", capacity=5)  # second had not seen the window change yet
+    assert second.limits == (RateLimit("r", 20, 5),)
+    assert first.get_stats("a")["limits"]["r"]["window_seconds"] == 20
+    assert first.limits == (RateLimit("r", 20, 5),)
+
+
+def test_keyed_process_key_behind_every_kept_change_catches_up_in_one_step(
+    tmp_path: Path,
+) -> None:
+    clock = ManualClock()
+    keyed = _keyed([RateLimit("r", 10, 10)], "process", tmp_path, clock)
+    assert keyed.try_acquire("a", {"r": 6}).successful
+    for i in range(HISTORY + 3):  # more changes than kept, all at one instant
+        keyed.change_limit("r", capacity=4 if i % 2 == 0 else 10)
+    keyed.change_limit("r", capacity=4)
+    stats = keyed.get_stats("a")["limits"]["r"]
+    assert (stats["capacity"], stats["available"]) == (4, -2)  # the deficit of 6 kept
 
 
 def test_pool_member_change_is_its_own_and_requests_are_checked_against_it() -> None:
@@ -128,6 +229,35 @@ def test_process_growing_wakes_a_waiter_of_another_process(tmp_path: Path) -> No
     assert events.get(timeout=60) == "granted"
     proc.join(10)
     assert limits.get_stats()["granted"] == 2
+
+
+def test_keyed_process_change_is_obeyed_by_another_process(tmp_path: Path) -> None:
+    keyed = _keyed([RateLimit("r", 3600, 4)], "process", tmp_path)
+    assert keyed.try_acquire("old", {"r": 3}).successful
+    go, out = _spawn.Event(), _spawn.Queue()
+    proc = _spawn.Process(target=workers.keyed_report_after, args=(keyed, go, out), daemon=True)
+    proc.start()
+    keyed.change_limit("r", capacity=2)
+    go.set()
+    stats, seen = out.get(timeout=60)
+    proc.join(10)
+    assert seen == (RateLimit("r", 3600, 2),)
+    assert stats["old"]["capacity"] == stats["new"]["capacity"] == 2
+    assert -1 <= stats["old"]["available"] < -0.9  # 3 in use of 2
+    assert stats["new"]["available"] == 2
+
+
+def test_keyed_process_growing_wakes_a_waiter_of_another_process(tmp_path: Path) -> None:
+    keyed = _keyed([RateLimit("r", 3600, 1)], "process", tmp_path)
+    assert keyed.try_acquire("a", {"r": 1}).successful
+    events = _spawn.Queue()
+    proc = _spawn.Process(target=workers.keyed_wait_for_token, args=(keyed, events), daemon=True)
+    proc.start()
+    _until(lambda: keyed.get_stats("a")["waiting"] == 1)
+    keyed.change_limit("r", capacity=2)  # one token now: the waiter, due in an hour, is told
+    assert events.get(timeout=60) == "granted"
+    proc.join(10)
+    assert keyed.get_stats("a")["granted"] == 2
 
 
 def test_the_guide_example_runs_as_written() -> None:

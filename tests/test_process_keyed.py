@@ -34,6 +34,7 @@ from aiolimits import (
     RateLimitAlgorithm,
     ResourceLimit,
 )
+from aiolimits._backends._process_file import StateFileError
 from aiolimits._backends._process_keyed import KeyedTable, ProcessKeys
 from aiolimits._limits import Limit
 from aiolimits.testing import ManualClock
@@ -452,12 +453,18 @@ def test_the_guides_keyed_example_shares_each_client_between_workers(
     assert (tmp_path / "aiolimits" / "myapp" / "per-client.keyed").exists()
 
 
-def test_change_limit_is_refused_and_changes_nothing(backend: ProcessBackend) -> None:
-    declared = (RateLimit("r", capacity=5, window_seconds=1.0),)
-    keyed = KeyedLimitSet(declared, backend=backend, name=uuid.uuid4().hex)
-    with keyed.acquire_sync("client", requested={"r": 1}):
-        pass
-    with pytest.raises(NotImplementedError, match="KeyedLimitSet"):
-        keyed.change_limit("r", capacity=2)
-    assert keyed.limits == declared
-    assert keyed.statistics("client").limits["r"].capacity == 5
+def test_damaged_changes_in_the_header_are_an_error_not_other_limits(
+    backend: ProcessBackend,
+) -> None:
+    keyed = KeyedLimitSet([RateLimit("r", 60, 5)], backend=backend, name="hdr")
+    keyed.change_limit("r", capacity=3)
+    assert keyed.try_acquire("a", {"r": 1}).successful
+    path = backend.directory / "hdr.keyed"
+    with path.open("r+b") as file:  # generation 7, and a body that fails its crc
+        file.seek(512)
+        file.write((7).to_bytes(8, "little") + b"\xff" * 40)
+    with pytest.raises(StateFileError, match="damaged"):
+        keyed.try_acquire("a", {"r": 1})
+    with pytest.raises(StateFileError, match="damaged"):
+        keyed.change_limit("r", capacity=4)
+    assert keyed.limits == (RateLimit("r", 60, 3),)

@@ -440,7 +440,7 @@ async def test_a_server_without_functions_is_sent_the_script_by_evalsha() -> Non
         stats = commandstats(server)
         assert "fcall" not in stats  # renamed away: never run
         assert stats["script|load"] == 3
-        assert limits._scheduler._script.functions is False  # type: ignore[attr-defined]
+        assert limits._scheduler.calls.script.functions is False  # type: ignore[attr-defined]
     finally:
         server.stop()
 
@@ -471,7 +471,7 @@ def test_a_user_refused_functions_by_an_acl_is_sent_the_script_by_evalsha(
     assert limits.try_acquire().successful  # NOPERM for FCALL: not run, EVALSHA from now on
     assert limits.try_acquire().successful
     assert not limits.try_acquire().successful
-    assert limits._scheduler._script.functions is False  # type: ignore[attr-defined]
+    assert limits._scheduler.calls.script.functions is False  # type: ignore[attr-defined]
 
 
 # --- the async door on the real clock: the dispatcher thread asks for the queue ------------------
@@ -532,9 +532,9 @@ async def test_concurrent_acquisitions_coalesce_into_few_script_calls(
     redis_server: RedisServer,
 ) -> None:
     limits = LimitSet([CallLimit(1, 10**9)], backend=backend(redis_server), name=uuid.uuid4().hex)
-    counting = CountingScript(limits._scheduler._script)  # type: ignore[attr-defined]
-    limits._scheduler._script = counting  # type: ignore[attr-defined]
-    limits._scheduler._direct = None  # type: ignore[attr-defined]  # every call is counted
+    counting = CountingScript(limits._scheduler.calls.script)  # type: ignore[attr-defined]
+    limits._scheduler.calls.script = counting  # type: ignore[attr-defined]
+    limits._scheduler.calls.link = None  # type: ignore[attr-defined]  # every call is counted
     done = 0
 
     async def one() -> None:
@@ -651,9 +651,9 @@ async def test_a_fault_mid_load_honours_the_policy_and_never_over_admits_in_redi
         backend=backend(own_server, timeout=0.2, on_unavailable=policy),
         name=uuid.uuid4().hex,
     )
-    grants = GrantLog(limits._scheduler._script)  # type: ignore[attr-defined]
-    limits._scheduler._script = grants  # type: ignore[attr-defined]
-    limits._scheduler._direct = None  # type: ignore[attr-defined]  # every grant is logged
+    grants = GrantLog(limits._scheduler.calls.script)  # type: ignore[attr-defined]
+    limits._scheduler.calls.script = grants  # type: ignore[attr-defined]
+    limits._scheduler.calls.link = None  # type: ignore[attr-defined]  # every grant is logged
     outcomes: dict[str, int] = {"granted": 0, "unavailable": 0}
     resumed = anyio.Event()
 
@@ -707,8 +707,8 @@ def test_a_thread_uses_its_refusal_to_wait_or_time_out_at_once(redis_server: Red
     limits = LimitSet(
         [RateLimit("tokens", 3600, 1, "gcra")], backend=backend(redis_server), name=uuid.uuid4().hex
     )
-    counting = CountingScript(limits._scheduler._script)  # type: ignore[attr-defined]
-    limits._scheduler._script = counting  # type: ignore[attr-defined]
+    counting = CountingScript(limits._scheduler.calls.script)  # type: ignore[attr-defined]
+    limits._scheduler.calls.script = counting  # type: ignore[attr-defined]
     assert limits.try_acquire({"tokens": 1}).successful
     with pytest.raises(TimeoutError):
         limits.acquire_sync({"tokens": 1}, timeout=5)  # due in an hour: at once

@@ -57,8 +57,8 @@ async def test_the_gate_decides_in_one_awaited_round_trip_with_its_headers(
         [RateLimit("tokens", 60, 2)], backend=RedisBackend(redis_server.url), name=uuid.uuid4().hex
     )
     limits.get_stats()  # the script is loaded on the server (a first call may have to)
-    counting = CountingScript(limits._scheduler._script)  # type: ignore[attr-defined]
-    limits._scheduler._script = counting  # type: ignore[attr-defined]
+    counting = CountingScript(limits._scheduler.calls.script)  # type: ignore[attr-defined]
+    limits._scheduler.calls.script = counting  # type: ignore[attr-defined]
     gate: Gate[None] = Gate(
         limits, key=None, cost=lambda _: {"tokens": 1}, max_wait=0, headers=True, policy="api"
     )

@@ -35,8 +35,8 @@ class KeyProxy(Scheduler):
 
 #: Makes the proxy of a key from its fresh local states (the fallback of a shared scheduler).
 #: A factory that can change a limit of every key in the store has a method
-#: ``change_limit(limit_key, capacity, window)`` (window 0: a resource limit), which hands the
-#: change off; without it ``KeyedLimitSet.change_limit`` raises NotImplementedError.
+#: ``change_limit(index, capacity, window)`` (the limit's position; None: that number
+#: unchanged); without it ``KeyedLimitSet.change_limit`` raises NotImplementedError.
 KeyFactory: TypeAlias = Callable[[str, tuple[RateState, ...]], KeyProxy]
 
 

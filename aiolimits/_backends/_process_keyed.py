@@ -37,6 +37,14 @@ removes the first record in its shard not used since last looked at that has no 
 slot held: that client starts again from full limits (semantics §8). The bound is soft, as in
 memory: keys holding slots or waiters are never removed.
 
+*Limits that change* (``KeyedLimitSet.change_limit``, semantics §4). A change is written once,
+in the header page: each limit's numbers now, a generation (the count of changes) and the last
+:data:`HISTORY` changes with their times, crc-checked, written holding every shard's lock. A
+record carries the generation its states follow; at a key's next decision (any process) the
+changes made since are applied to its state, each at its own time (the record was written before
+it), or, for a record older than every change kept, the numbers now in one step at the last
+change's time. A key with no record starts with the numbers now. Processes with waiters are told.
+
 The file is read and written with ``pread``/``pwrite`` only (never mapped), created private
 (0600, ``O_NOFOLLOW``, in the checked directory) and complete under a temporary name; the pages
 of a slot are reserved with ``posix_fallocate`` before its first record is written, so a full
@@ -52,6 +60,7 @@ import fcntl
 import hashlib
 import json
 import marshal
+import math
 import os
 import secrets
 import struct
@@ -61,7 +70,7 @@ import warnings
 import weakref
 import zlib
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from .._algorithms import RateState, new_state
 from .._limits import Limit
@@ -70,7 +79,7 @@ from ._base import KeyProxy
 from ._declaration import declaration, declaration_json, mismatch
 from ._process_codec import StateCodec
 from ._process_file import StateFile, StateFileError, open_private, reserve
-from ._process_scheduler import LAYOUT, ProcessScheduler, boot_id, clock_tag
+from ._process_scheduler import LAYOUT, ProcessScheduler, _numbers_ok, boot_id, clock_tag
 
 __all__ = ["KeyedTable", "ProcessKeys"]
 
@@ -83,6 +92,11 @@ _PAGE: Final = 4096
 _MARSHAL_VERSION: Final = 2
 _SWEEP: Final = 3
 _LOCKS_AT: Final = 1 << 40  # the byte locked for shard s is _LOCKS_AT + s (beyond any data)
+#: Where the header page keeps the limits' numbers now and the changes made (``change_limit``).
+_CHANGES_AT: Final = 512
+_CHANGES_ROOM: Final = HEADER - _CHANGES_AT
+#: The changes kept: a key last written before the oldest of them catches up in one step.
+HISTORY: Final = 32
 
 # magic, format, header size, file id, secret, shards, record size, max_keys, meta length
 _HEAD = struct.Struct("<8sIIQ16sIIQI")
@@ -93,6 +107,7 @@ _REC = struct.Struct("<B3xII16sQ4x")
 _REC_BYTES: Final = 40
 _LIVE, _USED, _OVERFLOW = 1, 2, 4
 _FLOCK = struct.Struct("@hhqqi4x")  # struct flock on Linux (64-bit off_t)
+_GEN = struct.Struct("<QI")  # generation, length of the marshalled changes (crc follows them)
 
 
 def _round_up(n: int, to: int) -> int:
@@ -163,8 +178,12 @@ class KeyedTable:
 
     __slots__ = (
         "__weakref__",
+        "_changes",
+        "_changes_lock",
+        "_clock",
         "_flock",
         "_forks",
+        "_limits",
         "_scratch",
         "_scratch_codec",
         "_scratch_lock",
@@ -193,12 +212,18 @@ class KeyedTable:
         self.path = f"{directory.path}/{filename}"
         self._forks = peers.forks
         self.meta = (boot_id(), clock_tag(clock), declaration_json(limits))
+        self._limits = limits
+        self._clock = clock
         now = clock()
         self._scratch = tuple(new_state(limit, now) for limit in limits)
         self._scratch_codec = StateCodec(self._scratch)
         self._scratch_lock = threading.Lock()
         #: A fresh key in stored form (its states as made at attach: full, empty, unused).
         self.fresh = marshal.dumps(self._fresh_shared(), _MARSHAL_VERSION)
+        declared = tuple((state.capacity, state.window) for state in self._scratch)
+        #: The limits' numbers now and the changes kept, as last read from the header page.
+        self._changes = Changes(0, declared, (), self.fresh)
+        self._changes_lock = threading.Lock()
         fresh = len(self.fresh)
         self.fd = self._open(record_size(fresh), max_keys)
         self._flock = _Flock(self.fd)
@@ -213,7 +238,126 @@ class KeyedTable:
     def _fresh_shared(self) -> tuple[Any, ...]:
         n = len(self._scratch)
         counters = (0, 0, 0, None, [0.0] * n)
-        return (LAYOUT, None, counters, self._scratch_codec.dump(), [], {}, 1)
+        return (LAYOUT, 0, counters, self._scratch_codec.dump(), [], {}, 1)
+
+    # -- limits that change (semantics §4) ---------------------------------------------------
+
+    def generation(self) -> int:
+        """The number of changes made to the set's limits (under a shard's lock: exact)."""
+        data = os.pread(self.fd, _GEN.size, _CHANGES_AT)
+        return _GEN.unpack(data)[0] if len(data) == _GEN.size else 0
+
+    def changes(self, generation: int | None = None) -> Changes:
+        """The limits' numbers now and the changes kept, from the header page (``generation``:
+        the generation just read, if it was). Under a shard's lock it is exact (a change is
+        written holding every shard's lock); without one, a change being written is seen whole
+        or not at all (its crc), and then the last known."""
+        with self._changes_lock:
+            known = self._changes
+        if generation is None:
+            generation = self.generation()
+        if generation == known.generation:
+            return known
+        block = os.pread(self.fd, _CHANGES_ROOM, _CHANGES_AT)
+        read = _read_changes(block, len(self._scratch))
+        if read is None or read[0] <= known.generation:
+            return known
+        generation, numbers, history = read
+        changes = Changes(generation, numbers, history, self._fresh_at(generation, numbers))
+        with self._changes_lock:
+            if generation > self._changes.generation:
+                self._changes = changes
+            return self._changes
+
+    def exact_changes(self) -> Changes:
+        """Under a shard's lock: :meth:`changes`, checked.
+
+        Raises:
+            StateFileError: the header page's changes are damaged.
+        """
+        generation = self.generation()
+        changes = self.changes(generation)
+        if changes.generation != generation:
+            raise StateFileError(
+                f"{self.path} is damaged (the changes of its limits in its header): stop the "
+                "processes using it, then remove it"
+            )
+        return changes
+
+    def known_changes(self) -> Changes:
+        """The changes as last read or made in this process (no I/O)."""
+        with self._changes_lock:
+            return self._changes
+
+    def _fresh_at(self, generation: int, numbers: Any) -> bytes:
+        """A fresh key in stored form with the limits' numbers ``numbers``."""
+        now = self._clock()
+        states = tuple(new_state(limit, now) for limit in self._limits)
+        for state, (capacity, window) in zip(states, numbers, strict=True):
+            if (state.capacity, state.window) != (capacity, window):
+                state.change(capacity, window, now)  # a fresh state stays fresh
+        counters = (0, 0, 0, None, [0.0] * len(states))
+        shared: tuple[Any, ...] = (
+            LAYOUT,
+            generation,
+            counters,
+            StateCodec(states).dump(),
+            [],
+            {},
+            1,
+        )
+        return marshal.dumps(shared, _MARSHAL_VERSION)
+
+    def change(self, index: int, capacity: float | None, window: float | None) -> None:
+        """Record that limit ``index`` has ``capacity`` and ``window`` (None: as it is now) from
+        now on, for every key. Every shard is locked meanwhile (and every stripe, for this
+        process's threads): so a record last written under older numbers was written before the
+        change's time, and each key catches up at its next decision
+        (:class:`KeyedProcessScheduler`). O(shards).
+
+        Raises:
+            ValueError: the set has too many limits for the header page (nothing changed).
+        """
+        stripes = self._stripes
+        for stripe in stripes:
+            stripe.acquire()
+        locked = 0
+        try:
+            for shard in range(self.geo.shards):
+                self.lock(shard)
+                locked += 1
+            known = self.exact_changes()
+            numbers = list(known.numbers)
+            now = numbers[index]
+            numbers[index] = (
+                now[0] if capacity is None else capacity,
+                now[1] if window is None else window,
+            )
+            generation = known.generation + 1
+            entry = (generation, self._clock(), index, *numbers[index])
+            history = (*known.history, entry)[-HISTORY:]
+            body = marshal.dumps((tuple(numbers), history), _MARSHAL_VERSION)
+            head = _GEN.pack(generation, len(body)) + body
+            block = head + _CRC.pack(zlib.crc32(head))
+            if len(block) > _CHANGES_ROOM:
+                raise ValueError(
+                    f"change_limit: the limits of {self.path} do not fit its header page "
+                    f"({len(self._scratch)} limits)"
+                )
+            os.pwrite(self.fd, block, _CHANGES_AT)  # one write within one page
+            fresh = self._fresh_at(generation, numbers)
+            with self._changes_lock:
+                self._changes = Changes(generation, tuple(numbers), history, fresh)
+        finally:
+            for shard in reversed(range(locked)):
+                self.unlock(shard)
+            for stripe in reversed(stripes):
+                stripe.release()
+        # Every process with waiters here is told: its waiting keys catch up on the poke, and a
+        # grown limit admits them at once (a process with no waiter of this set ignores it).
+        for name in os.listdir(self.dir.fd):
+            if name.startswith(".wake-"):
+                self.dir.send(name.encode())
 
     # -- the file ----------------------------------------------------------------------------
 
@@ -572,6 +716,55 @@ class KeyedTable:
         return record + bytes(self.geo.record - len(record))  # as find() reads it back
 
 
+class Changes(NamedTuple):
+    """The changes of a keyed set's limits, as kept in its table's header page."""
+
+    generation: int
+    #: ``(capacity, window)`` of each limit now.
+    numbers: tuple[tuple[float, float], ...]
+    #: The last :data:`HISTORY` changes: ``(generation, time, index, capacity, window)``.
+    history: tuple[tuple[int, float, int, float, float], ...]
+    #: A fresh key in stored form, with these numbers.
+    fresh: bytes
+
+
+def _read_changes(block: bytes, limits: int) -> tuple[int, Any, Any] | None:
+    """``(generation, numbers, history)`` from the header page's block, or None when it is torn
+    or damaged."""
+    if len(block) < _GEN.size:
+        return None
+    generation, length = _GEN.unpack_from(block)
+    end = _GEN.size + length
+    if end + _CRC.size > len(block):
+        return None
+    (crc,) = _CRC.unpack_from(block, end)
+    if crc != zlib.crc32(block[:end]):
+        return None
+    try:
+        numbers, history = marshal.loads(block[_GEN.size : end])
+    except (EOFError, ValueError, TypeError):
+        return None
+    if not (
+        isinstance(numbers, tuple)
+        and len(numbers) == limits
+        and all(isinstance(n, tuple) and len(n) == 2 and _numbers_ok(n) for n in numbers)
+        and isinstance(history, tuple)
+        and all(
+            isinstance(h, tuple)
+            and len(h) == 5
+            and type(h[0]) is int
+            and type(h[2]) is int
+            and 0 <= h[2] < limits
+            and type(h[1]) in {float, int}
+            and math.isfinite(h[1])
+            and _numbers_ok(h[3:])
+            for h in history
+        )
+    ):
+        return None
+    return generation, numbers, history
+
+
 def _decode(data: bytes) -> Any:
     try:
         shared = marshal.loads(data)
@@ -638,6 +831,10 @@ class _KeyRecord:
                 self.table.unlink_overflow(self.tag)
         self._found = self._seen = b""
 
+    def stored(self) -> bool:
+        """Whether the key has a record (as found under the current lock)."""
+        return bool(self._found)
+
     def forget(self) -> None:
         self._seen = b"\0"  # never equal to a record found: the next lock reloads
 
@@ -646,9 +843,13 @@ class _KeyRecord:
 
 
 class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
-    """The proxy of one key: a process scheduler over the key's record in the table."""
+    """The proxy of one key: a process scheduler over the key's record in the table.
 
-    __slots__ = ("_fresh", "_record")
+    Its ``_meta`` is the generation of the set's limits (``KeyedTable.changes``) its states
+    follow, stored in the key's record: a key catches up with the changes made since at its
+    next decision, in any process (:meth:`_catch_up`)."""
+
+    __slots__ = ("_generation", "_record")
 
     def __init__(
         self,
@@ -661,13 +862,69 @@ class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
     ) -> None:
         table.check_fork()
         self._setup(table.dir, name, states, clock)
-        self._meta = None  # type: ignore[assignment]  # the table's, checked at attach
+        # The generation ``states`` follow, if they have the numbers last known (else the first
+        # lock loads the key).
+        known = table.known_changes()
+        numbers = tuple((state.capacity, state.window) for state in states)
+        self._meta = known.generation if numbers == known.numbers else -1  # type: ignore[assignment]
+        self._generation = known.generation  # the table's, as last read under the lock
         self._record = _KeyRecord(table, key, clock)
         self._file = self._record
         self._local = table.stripe(self._record.shard)
-        # A fresh key in stored form: what an absent record loads (decoded anew each time:
-        # loading hands its lists over to the states).
-        self._fresh = table.fresh
+
+    def __enter__(self) -> None:
+        super().__enter__()
+        try:
+            self._catch_up()
+        except BaseException:
+            self._record.forget()  # what is in memory may be half changed: reload next time
+            self._bytes = b""
+            self._record.unlock()
+            self._local.release()
+            raise
+
+    def _load_fresh(self) -> bytes:
+        """Load a fresh key with the limits' numbers now; returns it in stored form."""
+        changes = self._record.table.changes(self._generation)
+        self._load(b"", marshal.loads(changes.fresh))
+        self._meta = changes.generation  # type: ignore[assignment]
+        return changes.fresh
+
+    def _catch_up(self) -> None:
+        """Under the lock: apply the changes of the set's limits made since the key's record was
+        last written (semantics §4), each at its own time: the record was written before it,
+        as a change is made holding every shard's lock. A record older than every change kept
+        (:data:`HISTORY`) takes the numbers now in one step, at the last change's time."""
+        table = self._record.table
+        since: Any = self._meta
+        generation = self._generation = table.generation()
+        if generation == since:
+            return
+        changes = table.exact_changes()
+        if not self._record.stored():  # a fresh key: made with the numbers now
+            self._bytes = self._load_fresh()
+            return
+        missed = [change for change in changes.history if change[0] > since]
+        touched: set[int] = set()
+        if missed and missed[0][0] == since + 1:
+            for _generation, at, index, capacity, window in missed:
+                self.states[index].change(capacity, window, at)
+                touched.add(index)
+        elif changes.generation != since:
+            at = changes.history[-1][1] if changes.history else self.clock()
+            for index, (capacity, window) in enumerate(changes.numbers):
+                state = self.states[index]
+                if (state.capacity, state.window) != (capacity, window):
+                    state.change(capacity, window, at)
+                    touched.add(index)
+        self._meta = changes.generation  # type: ignore[assignment]
+        if touched:  # as LimitSet.change_limit does, once for all the changes caught up
+            self.forget_forecast()
+            for index in sorted(touched):
+                self.refuse_above(self.states[index])
+            self._poke = True
+            if self.queue:
+                self._dispatch(self.clock())
 
     def _reload(self) -> None:
         data, intact = self._record.read()
@@ -687,9 +944,11 @@ class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
                 stacklevel=3,
             )
         if data is None or shared is None:
-            self._load(b"", marshal.loads(self._fresh))
+            self._load_fresh()
             return
         self._load(data, shared)
+        generation = shared[1]
+        self._meta = generation if type(generation) is int else 0  # type: ignore[assignment]
 
     def _write(self, data: bytes, shared: Any) -> bytes:
         _layout, _meta, counters, _states, tickets, owners, _next = shared
@@ -705,8 +964,7 @@ class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
         # Fresh: removed, with no decision changed; this proxy now shows a key never seen (its
         # counters too), as every other process does.
         self._record.remove()
-        self._load(b"", marshal.loads(self._fresh))
-        return self._fresh
+        return self._load_fresh()
 
     def idle(self) -> bool:
         return not self.queue
@@ -730,3 +988,14 @@ class ProcessKeys:
 
     def __call__(self, key: str, states: tuple[RateState, ...]) -> KeyProxy:
         return KeyedProcessScheduler(self.table, self._name, key, states, clock=self._clock)
+
+    def change_limit(self, index: int, capacity: float | None, window: float | None) -> None:
+        """Limit ``index`` has ``capacity`` and ``window`` (None: as it is now) from now on, for
+        every key, in every process (``KeyedLimitSet.change_limit``; a write of the table's
+        header page)."""
+        self.table.change(index, capacity, window)
+
+    def known_changes(self) -> tuple[int, tuple[tuple[float, float], ...]]:
+        """``(generation, numbers)`` of the limits as this process last saw them (no I/O)."""
+        changes = self.table.known_changes()
+        return changes.generation, changes.numbers

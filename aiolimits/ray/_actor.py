@@ -442,13 +442,15 @@ class KeyedShared:
     def find(self, key: str) -> Shared | None:
         return self.keys.get(key)
 
-    def change(self, limit_key: str, capacity: float, window: float | None) -> None:
-        """Change the limit ``limit_key`` of every key (semantics §4, applied to each key's
-        state as the memory KeyedLimitSet does), and of the keys made later."""
+    def change(self, index: int, capacity: float | None, window: float | None) -> None:
+        """Change the numbers given (None: unchanged) of the limit at ``index`` for every key
+        (semantics §4, applied to each key's state as the memory KeyedLimitSet does), and for
+        the keys made later."""
+        limit_key = self.limits[index].key
         changed = changed_limit(self.limits, limit_key, capacity, window)
         if changed is None:
             return
-        index, limit = changed
+        _index, limit = changed
         limits = list(self.limits)
         limits[index] = limit
         self.limits = tuple(limits)
@@ -577,13 +579,13 @@ class LimitsActor:
         return mismatch(name, keyed.declared, declaration(limits))
 
     async def change_keyed(
-        self, name: str, limit_key: str, capacity: float, window: float | None
+        self, name: str, index: int, capacity: float | None, window: float | None
     ) -> None:
-        """Change a limit of every key of the keyed set ``name``."""
+        """Change the limit at ``index`` of every key of the keyed set ``name``."""
         keyed = self.keyed.get(name)
         if keyed is None:
             raise LookupError(f"no keyed limits named {name!r} in this actor")
-        keyed.change(limit_key, capacity, window)
+        keyed.change(index, capacity, window)
 
     async def keys(self, name: str) -> dict[str, int]:
         """The keys the keyed set ``name`` holds, and how many were dropped (fresh) or

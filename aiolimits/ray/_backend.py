@@ -181,7 +181,7 @@ class RayBackend(Backend):
                 name, limits, start, self.lease_seconds, max_keys
             ),
         )
-        return RayKeys(self, actor, name, clock)
+        return RayKeys(self, actor, name, clock, limits)
 
     def _declare(self, clock: Callable[[], float], call: Callable[[float | None], Any]) -> Any:
         """Declare a set in the limits actor (``call(start)`` makes the call, ``start`` the
@@ -241,16 +241,27 @@ class RayKeys:
     """The factory of a keyed set's per-key proxies (the keyed set's ``KeyFactory``), and how a
     change of a limit reaches every key in the actor."""
 
-    __slots__ = ("_actor", "_backend", "_clock", "_mux", "_name")
+    __slots__ = ("_actor", "_backend", "_clock", "_generation", "_mux", "_name", "_numbers")
 
     def __init__(
-        self, backend: RayBackend, actor: Any, name: str, clock: Callable[[], float]
+        self,
+        backend: RayBackend,
+        actor: Any,
+        name: str,
+        clock: Callable[[], float],
+        limits: tuple[Limit, ...],
     ) -> None:
         self._backend = backend
         self._actor = actor
         self._name = name
         self._clock = clock
         self._mux = KeyMux(actor, name)
+        #: The limits' numbers as this process changed them (the keyed set follows them for
+        #: its validation and new proxies; the actor holds the numbers that decide).
+        self._numbers = [
+            (limit.capacity, getattr(limit, "window_seconds", 0.0)) for limit in limits
+        ]
+        self._generation = 0
 
     def __call__(self, key: str, states: tuple[RateState, ...]) -> KeyProxy:
         backend = self._backend
@@ -266,17 +277,26 @@ class RayKeys:
             mux=self._mux,
         )
 
-    def change_limit(self, limit_key: str, capacity: float, window: float) -> None:
-        """Change the limit ``limit_key`` of every key, and of the keys made later (a
-        ``window`` of 0: a resource limit). Handed off, as a LimitSet's change is."""
+    def change_limit(self, index: int, capacity: float | None, window: float | None) -> None:
+        """Change the numbers given (None: unchanged) of the set's limit at ``index``, for
+        every key held by the actor and the keys it makes later. Handed off, as a LimitSet's
+        change is."""
+        old_capacity, old_window = self._numbers[index]
+        self._numbers[index] = (
+            old_capacity if capacity is None else capacity,
+            old_window if window is None else window,
+        )
+        self._generation += 1
         try:
-            ref = self._actor.change_keyed.remote(
-                self._name, limit_key, capacity, None if window == 0 else window
-            )
+            ref = self._actor.change_keyed.remote(self._name, index, capacity, window)
         except Exception as exc:  # Ray shut down, actor handle unusable
             log.warning("aiolimits: a change of a limit could not reach the Ray actor: %s", exc)
             return
         ref.future().add_done_callback(_log_failure)
+
+    def known_changes(self) -> tuple[int, tuple[tuple[float, float], ...]]:
+        """The changes this process made: their count, and each limit's numbers now."""
+        return self._generation, tuple(self._numbers)
 
 
 def _log_failure(future: Any) -> None:

@@ -27,9 +27,11 @@ from .._errors import BackendUnavailable
 from .._limits import Limit
 from .._scheduler import Scheduler
 from .._waiters import TimerClock
+from ._calls import Numbers, read_numbers
+from ._failure import UNAVAILABLE, Circuit
 from ._keys import RedisKeys
-from ._link import UNAVAILABLE, Circuit, Link, ping
-from ._scheduler import Numbers, RedisScheduler, read_numbers
+from ._link import Link, ping
+from ._scheduler import RedisScheduler
 from ._script import Lua
 from ._threads import Hub, stoppable
 

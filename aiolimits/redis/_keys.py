@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from redis.cluster import RedisCluster
 
     from .._limits import Limit
-    from ._link import Circuit, Link
+    from ._failure import Circuit
+    from ._link import Link
     from ._script import Lua
 
 __all__ = ["KeyScheduler", "RedisKeys"]
@@ -37,7 +38,7 @@ class KeyScheduler(RedisScheduler, KeyProxy):
 
     def idle(self) -> bool:
         # (Calls an event loop handed off are sent by this proxy first: it is kept until then.)
-        return not (self.queue or self._leases or self._fast_busy or self._outbox or self._sending)
+        return not (self.queue or self._leases or self._fast_busy or self._outbox.busy())
 
 
 @final

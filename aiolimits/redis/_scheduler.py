@@ -37,531 +37,47 @@ Design, and what it costs:
 * **Time**: the script reads Redis server time. A clock that drives its own timers (a simulated
   clock such as :class:`aiolimits.testing.ManualClock`) drives the script's time instead, so the
   contract suite runs deterministically: a test hook, not for production.
+
+Layout, by concern: ``_calls.py`` (the protocol: bounded script calls from a thread or a task),
+``_link.py`` (connections), ``_failure.py`` (the circuit and the failure policy's receipts),
+``_outbox.py`` (calls handed off by an event loop), ``_leases.py`` (holder ids and leased keys),
+``_base.py`` (the scheduler's state and its ways to Redis), ``_batch.py`` (the dispatcher's
+batches), ``_direct.py`` (the async door's own round trips), and here the decisions every door
+uses and the waiting protocol. The grant bookkeeping is the in-process scheduler's
+(``Scheduler._grant``, ``_drop``, ``_tell_head``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
-import threading
-import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
-
-import anyio
-import attrs
-import redis
-import redis.client
-import redis.exceptions
+from collections.abc import Sequence
+from typing import Any
 
 from .._algorithms import RateState, SemaphoreState
-from .._door import retry_after_locked, stats_locked
 from .._errors import BackendUnavailable
-from .._limits import Limit, ResourceLimit
-from .._numbers import check_capacity, check_resource_capacity, check_window
-from .._scheduler import Items, Scheduler
-from .._waiters import GRANTED, LEFT, WAITING, Cancellable, TimerClock, Waiter, running_event_loop
-from ._link import GRACE, UNAVAILABLE, Circuit, Link, NotSent
-from ._script import Lua, acquire_reply, decode_receipt, encode_receipt, limit_args, num
-from ._threads import Hub, log
+from .._scheduler import Items
+from .._waiters import WAITING, Waiter
+from ._base import on_loop
+from ._direct import DirectCalls
+from ._failure import ALLOWED, GRACE, Local, NotSent
+from ._outbox import Pending
+from ._script import acquire_reply, decode_receipt, encode_receipt, num
+from ._threads import log
 
-if TYPE_CHECKING:
-    from redis.cluster import RedisCluster
-
-__all__ = ["Numbers", "RedisScheduler", "read_numbers"]
-
-#: The numbers ``(capacity, window)`` of the limits changed at run time, by key (semantics §4).
-Numbers = dict[str, tuple[float, float]]
+__all__ = ["RedisScheduler"]
 
 
-def read_numbers(raw: Any, limits: Sequence[Limit]) -> Numbers:
-    """The numbers a change of a limit stored in the set's hash (``"!n"``, JSON), for the keys
-    of ``limits``; anything malformed or out of a limit's range is ignored (logged)."""
-    if raw is None:
-        return {}
-    try:
-        found = json.loads(raw)
-        numbers: Numbers = {}
-        for limit in limits:
-            entry = found.get(limit.key) if isinstance(found, dict) else None
-            if entry is None:
-                continue
-            capacity, window = entry
-            if isinstance(limit, ResourceLimit):
-                check_resource_capacity("capacity", capacity)
-                window = 0.0
-            else:
-                whole = limit.algorithm.value if limit.algorithm.integral else None
-                check_capacity("capacity", capacity, whole_units_of=whole)
-                check_window("window_seconds", window)
-            numbers[limit.key] = (capacity, window)
-    except (ValueError, TypeError) as exc:
-        log.warning("ignoring the changed limits stored in Redis (%r): %s", raw, exc)
-        return {}
-    return numbers
+class RedisScheduler(DirectCalls):
+    """A :class:`Scheduler` whose decisions are made by the Lua script on the shared state.
 
+    Layered by concern: :class:`~aiolimits.redis._base.RedisBase` (state, script calls, outbox,
+    leases), :class:`~aiolimits.redis._batch.Batching` (the dispatcher's batches),
+    :class:`~aiolimits.redis._direct.DirectCalls` (the async door's own round trips), and here
+    the decisions every door uses and the waiting protocol."""
 
-# anyio >= 4.7 names it wait_readable; before, wait_socket_readable (deprecated since).
-_wait_readable: Any = getattr(anyio, "wait_readable", None) or anyio.wait_socket_readable
-
-#: The error reply of a call on a plain set's hash that has no declaration (Redis lost its data):
-#: the call did nothing; the declaration is written (and checked) again and the call sent again.
-UNDECLARED = "aiolimits-undeclared"
-
-
-def _refused(exc: BaseException) -> bool:
-    """Whether ``exc`` comes of a connection refused while connecting (so nothing was sent on
-    it): a ConnectionRefusedError among its causes."""
-    seen: BaseException | None = exc
-    for _ in range(8):  # the chains redis-py makes are short
-        if seen is None:
-            return False
-        if isinstance(seen, ConnectionRefusedError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _on_loop() -> bool:
-    """Whether this thread runs an event loop (asyncio, uvloop or trio): no Redis I/O here."""
-    return running_event_loop() is not None
-
-
-class StaleNumbers(ValueError):
-    """A batch was asked with the numbers of a limit another client has changed since."""
-
-
-class NoAnswer(BackendUnavailable):
-    """Redis did not answer within the caller's own time (shorter than the backend's
-    ``timeout``): the call may still run; the circuit stays as it was."""
-
-
-class Pending:
-    """The receipt of a usage update handed to the dispatcher thread (``update`` called on an
-    event loop): the receipt and the units held once it has been sent, the ones before until
-    then. A later update of the same limit reads them when it is sent, after this one."""
-
-    __slots__ = ("held", "receipt")
-
-    def __init__(self, receipt: Any, held: float) -> None:
-        self.receipt = receipt
-        self.held = held
-
-
-@attrs.frozen
-class Batch:
-    """A run of the queue asked for in one script call: its waiters, their lease holders, the
-    time and epoch it was taken at, and the call's arguments after the time."""
-
-    waiters: list[Waiter]
-    holders: list[str]
-    now: float
-    epoch: int
-    args: list[str]
-
-
-class Local:
-    """The receipt of a limit taken from the in-process fallback (``on_unavailable="local"``)."""
-
-    __slots__ = ("receipt",)
-
-    def __init__(self, receipt: Any) -> None:
-        self.receipt = receipt
-
-
-# The receipt of a limit admitted without Redis under on_unavailable="allow": nothing to settle.
-ALLOWED: Any = object()
-
-
-class RedisScheduler(Scheduler):
-    """A :class:`Scheduler` whose decisions are made by the Lua script on the shared state."""
-
-    # Its waiters' wake times come from Redis and are re-asked when they run.
-    timed_wakes = False
-    forecasts_queue = False  # the script decides on state in Redis: see Scheduler.forecasts_queue
-
-    __slots__ = (
-        "__weakref__",
-        "_answered",
-        "_args",
-        "_channel",
-        "_circuit",
-        "_client",
-        "_direct",
-        "_epoch",
-        "_expiry_at",
-        "_expiry_timer",
-        "_failures",
-        "_fast_busy",
-        "_hash",
-        "_hint",
-        "_holders",
-        "_hub",
-        "_lease",
-        "_leases",
-        "_me",
-        "_outbox",
-        "_patience",
-        "_policy",
-        "_redeclare",
-        "_refunded",
-        "_refused",
-        "_resources",
-        "_retrying",
-        "_script",
-        "_sending",
-        "_sent",
-        "_simulated",
-        "_tag",
-        "_timeout",
-        "leases_lost",
-        "remote",
-    )
-
-    def __init__(
-        self,
-        states: tuple[RateState, ...],
-        clock: Callable[[], float],
-        *,
-        client: redis.Redis | RedisCluster,
-        hub: Hub,
-        script: Lua,
-        hash_key: str,
-        limits: Sequence[Limit],
-        lease_seconds: float,
-        simulated: bool,
-        on_unavailable: str,
-        circuit: Circuit,
-        timeout: float,
-        link: Link | None = None,
-        declared: str = "",
-        redeclare: Callable[[], tuple[str, Numbers]] | None = None,
-        model: RedisScheduler | None = None,
-    ) -> None:
-        super().__init__(states, clock)
-        # This scheduler puts waiters into its queue itself, and keeps every key's refund tally
-        # (they come from Redis).
-        self.queue = OrderedDict()
-        self._refunded: dict[str, float] = {state.key: 0.0 for state in states}
-        self.refunded = self._refunded
-        self._client = client
-        self._hub = hub  # the set's threads, shared with its other schedulers (keyed sets)
-        self._script = script
-        self._hash = hash_key
-        self._channel = f"{hash_key}:wake"
-        if model is None:
-            self._args = {limit.key: limit_args(limit) for limit in limits}
-            self._resources = {limit.key for limit in limits if isinstance(limit, ResourceLimit)}
-            self._me = uuid.uuid4().hex
-            self._holders = itertools.count()
-        else:
-            # Another scheduler of the same keyed set: its limits' arguments, and one holder id
-            # prefix and counter for the whole set (so that a proxy made again for a key never
-            # reuses an earlier proxy's lease holder id).
-            self._args, self._resources = model._args, model._resources
-            self._me, self._holders = model._me, model._holders
-        self._lease = lease_seconds
-        self._simulated = simulated
-        # Under the real clock, the async door queues without asking and this process's
-        # dispatcher thread asks Redis for the queue (see Dispatcher); under a simulated clock
-        # every decision is made inline, so that a test sees it done when its tasks are blocked.
-        self.remote = not simulated
-        # Counts what may change an answer of Redis for the head (answers applied, releases
-        # elsewhere): a refusal that the dispatcher got before one of them is stale.
-        self._epoch = 0
-        self._failures: dict[Waiter, BaseException] = {}
-        # An async request is being decided directly (``take_first``): it is ahead of the queue.
-        self._fast_busy = False
-        # The connections for the calls a caller makes itself (a single server; None: a Cluster,
-        # whose calls go through its client, the async ones through the dispatcher).
-        self._direct = link
-        self._circuit = circuit  # shared by every set of the backend
-        self._timeout = timeout  # the backend's bound on any call
-        # The bound of the next try_take, set by the blocking door from its caller's timeout;
-        # and of every call while a task decides under the lock (attempt without a connection).
-        self._hint: float | None = None
-        self._patience: float | None = None
-        # A plain set's calls under Redis time ask the script to check that the declaration
-        # with the digest ``declared`` is there ("d<digest>"), and declare it again when Redis
-        # lost it; a keyed set's key hashes hold none.
-        self._redeclare = redeclare
-        self._tag = f"d{declared}" if redeclare is not None and not simulated else ""
-        # The last refusal of try_take, for the enqueue that follows it in the same step.
-        self._refused: tuple[Items, float, float, float] | None = None
-        # Calls handed off by an event loop's thread, to send first (see _defer), and whether
-        # sending them again waits for the circuit to close.
-        self._outbox: list[
-            tuple[str, Callable[[], list[str] | None], Callable[[Any], object] | None, str | None]
-        ] = []
-        self._retrying = False
-        # The dispatcher thread is sending the first call of the outbox (without the lock), and
-        # the condition (on the lock) a caller waits on for it to end.
-        self._sending = False
-        self._sent = threading.Condition(self.lock)
-        # Availability Redis just gave with another answer (attempt), for the statistics made
-        # of it next, under the same lock hold.
-        self._answered: dict[str, float] | None = None
-        self._policy = on_unavailable
-        self._expiry_at = math.inf
-        self._expiry_timer: Cancellable | None = None
-        self._leases: dict[str, tuple[str, ...]] = {}  # holder -> resource keys held
-        self.leases_lost = 0
-
-    # -- talking to the script ---------------------------------------------------------------
-
-    def _call(self, op: str, now: float, *args: str, bound: float | None = None) -> Any:
-        """One script call; the time is the server's, or ``now`` under a simulated clock.
-
-        At once :class:`NotSent` while the circuit is open. Otherwise at most the backend's
-        ``timeout``, or ``bound`` seconds when that is shorter (:class:`NoAnswer` then). A
-        plain set whose declaration Redis lost is declared again (and checked: ValueError when
-        another declaration took the name meanwhile), and the call sent once more."""
-        self._circuit.check()
-        if bound is None:
-            bound = self._patience
-        words = [op, num(now) if self._simulated else self._tag, *args]
-        try:
-            return self._send(words, bound)
-        except redis.exceptions.ResponseError as exc:
-            if self._redeclare is None or not str(exc).startswith(UNDECLARED):
-                raise
-        changed = self._declare_again()
-        if changed and op == "batch":
-            # A batch's waiters were asked with the old numbers: the dispatcher asks again.
-            raise StaleNumbers(f"a limit of {self._hash} changed in another client")
-        for old, new in changed:
-            # A limit another client changed: the call goes with its numbers now.
-            for i in range(2, len(words) - 3):
-                if words[i : i + 4] == old:
-                    words[i : i + 4] = new
-        if not self._simulated:
-            words[1] = self._tag
-        try:
-            return self._send(words, bound)
-        except redis.exceptions.ResponseError as exc:
-            if "exceeds the capacity" in str(exc):
-                # Validated against a capacity another client lowered since: nothing was done.
-                raise ValueError(f"{exc} (changed at run time)") from None
-            raise
-
-    def _declare_again(self) -> list[tuple[list[str], list[str]]]:
-        """The declaration again: Redis lost it, or another client changed a limit (semantics
-        §4). Adopts the numbers now; returns the script arguments of each limit that changed,
-        before and after."""
-        assert self._redeclare is not None
-        log.info("the declaration of %s changed or was lost in Redis: reading it", self._hash)
-        try:
-            digest, numbers = self._redeclare()
-        except BackendUnavailable:
-            raise
-        except UNAVAILABLE as exc:
-            raise BackendUnavailable(
-                f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
-            ) from exc
-        self._tag = f"d{digest}"
-        changed = []
-        now = self.clock()
-        for state in self.states:
-            capacity, window = numbers.get(state.key, (state.capacity, state.window))
-            if (capacity, window) == (state.capacity, state.window):
-                continue
-            old = self._args[state.key]
-            new = self._args[state.key] = [old[0], old[1], num(capacity), num(window)]
-            changed.append((old, new))
-            # This process's numbers and fallback state; its queued waiters above a lowered
-            # capacity are sent away under the lock, by the batch that finds the change.
-            state.change(capacity, window, now)
-        return changed
-
-    def change_limit(self, state: RateState, capacity: float, window: float, now: float) -> None:
-        """The script carries the state in Redis over (semantics §4) and records the numbers
-        now (``"!n"``) with a new digest (``"!h"``), which makes every other client read them
-        before its next call; the script's wake-up tells their waiters. Here the numbers apply
-        at once. From an event loop's thread it is handed off, in order, as a pause is."""
-        key = state.key
-        old = self._args[key]
-        new = [old[0], old[1], num(capacity), num(window)]
-        digest: list[str] = []
-
-        def words() -> list[str]:
-            numbers = {s.key: [s.capacity, s.window] for s in self.states}
-            numbers[key] = [capacity, window]
-            text = json.dumps(numbers, sort_keys=True)
-            made = hashlib.sha1(f"{self._tag}|{text}".encode(), usedforsecurity=False)
-            digest[:] = [made.hexdigest()[:16]]
-            return [*old, num(capacity), num(window), text, digest[0]]
-
-        def done(_reply: Any) -> None:
-            if self._tag:
-                self._tag = f"d{digest[0]}"
-
-        def apply() -> None:  # here: this process's numbers and fallback state
-            self._args[key] = new
-            state.change(capacity, window, now)
-            self.refuse_above(state)
-
-        if not self._simulated and _on_loop():
-            self._defer("change", words, done=done, lost=f"could not change {key!r} in Redis")
-            apply()  # sent before any other call of this process (see _defer)
-            return
-        try:
-            self._flush()
-            self._call("change", now, *words())
-        except BackendUnavailable as exc:
-            self._unavailable(exc)  # "raise": nothing changed; otherwise it applies here
-            apply()
-            return
-        done(None)
-        apply()
-        if self.queue:
-            self._dispatch(now)
-
-    def _send(self, words: list[str], bound: float | None) -> Any:
-        if self._direct is not None:
-            return self._round_trip(self._direct, words, bound)
-        # A Cluster, through its client (bounded by the backend's timeout). A call is never
-        # sent twice, with one exception that cannot apply it twice: a node that refused the
-        # connection was sent nothing. After a failover, the first call of a process goes to the
-        # old master (its map of the Cluster changes only when a call fails); the refusal makes
-        # the client read the map again, and the call goes to the new master.
-        for attempt in (1, 2):
-            try:
-                return self._script(self._client, self._hash, words)
-            except UNAVAILABLE as exc:  # noqa: PERF203 (two attempts at most; try is free)
-                if attempt == 1 and _refused(exc):
-                    continue
-                self._circuit.trip(exc)
-                raise BackendUnavailable(
-                    f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
-                ) from exc
-        raise AssertionError("unreachable")
-
-    def _round_trip(self, link: Link, words: list[str], bound: float | None) -> Any:
-        """One call on a single server, on a connection of the link, from a thread: at most
-        ``bound`` (or the backend's timeout). Without a bound the thread may connect itself;
-        with one, a short-lived thread connects while it waits at most that long."""
-        full = bound is None or bound >= self._timeout
-        timeout = self._timeout if bound is None else min(bound, self._timeout)
-        conn = link.take()
-        try:
-            if conn is None:
-                conn = link.connect() if bound is None else link.wait(timeout)
-        except UNAVAILABLE as exc:  # the link tripped the circuit
-            raise NotSent(f"Redis cannot be reached for the limits {self._hash!r}: {exc}") from exc
-        if conn is None:
-            self._circuit.check()
-            raise NoAnswer(f"no connection to Redis for the limits {self._hash!r} in {timeout}s")
-        script = self._script
-        loaded = False
-        try:
-            while True:
-                functions = script.functions
-                conn.send_command(  # type: ignore[no-untyped-call]
-                    *script.command(self._hash, words, functions=functions)
-                )
-                try:
-                    reply = conn.read_response(timeout=timeout)
-                except redis.exceptions.ResponseError as exc:
-                    # Not run (no library or script there): loaded, and sent once more.
-                    if not script.recover(self._client, exc, functions, loaded):
-                        raise
-                    loaded = loaded or functions == script.functions
-                    continue
-                return reply
-        except redis.exceptions.ResponseError:
-            raise  # an error reply: the connection is in step
-        except UNAVAILABLE as exc:
-            conn.disconnect()  # type: ignore[no-untyped-call]  # an answer may be on its way
-            conn = None
-            if not full and isinstance(exc, redis.exceptions.TimeoutError):
-                raise NoAnswer(
-                    f"Redis did not answer for the limits {self._hash!r} within {timeout}s"
-                ) from exc
-            self._circuit.trip(exc)
-            raise BackendUnavailable(
-                f"Redis did not answer for the limits {self._hash!r} in time: {exc}"
-            ) from exc
-        except BaseException:
-            conn.disconnect()  # type: ignore[no-untyped-call]
-            conn = None
-            raise
-        finally:
-            if conn is not None:
-                link.give(conn)
-
-    def bound_next_call(self, timeout: float) -> None:
-        """Under the lock, from the blocking door: the next ``try_take`` answers within
-        ``timeout`` (its caller's) plus the round trip's grace."""
-        self._hint = timeout + GRACE
-
-    def _bound(self) -> float | None:
-        """The bound of a call that must answer now: its caller's (None: the backend's
-        timeout). The sync questions (``try_acquire``, ``retry_after``, ``get_stats``) have
-        none: on an event loop they wait for one round trip (``attempt`` is their async twin),
-        and not at all while Redis is known to be unreachable."""
-        hint, self._hint = self._hint, None
-        return hint
-
-    def _unavailable(self, exc: BackendUnavailable) -> str:
-        """The policy to apply now that Redis did not answer (re-raises under "raise")."""
-        if self._policy == "raise":
-            raise exc
-        log.warning("%s; applying on_unavailable=%r", exc, self._policy)
-        return self._policy
-
-    def _local(self, now: float, server_now: float, t: float) -> float:
-        """A script time as a time of this process's clock."""
-        if self._simulated or math.isinf(t):
-            return t
-        return now + (t - server_now)
-
-    def _item_args(self, items: Items) -> list[str]:
-        out = [str(len(items))]
-        for state, amount in items:
-            out += self._args[state.key]
-            out.append(num(amount))
-        return out
-
-    def _acquire(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
-        holder = f"{self._me}:{next(self._holders)}"
-        reply = acquire_reply(
-            self._call(
-                "acquire",
-                now,
-                holder,
-                num(self._lease),
-                *self._item_args(items),
-                bound=self._bound(),
-            )
-        )
-        if reply[0] != 1:
-            server_now = float(reply[1])
-            self._watch_expiry(now, self._local(now, server_now, float(reply[4])))
-            rate_at = self._local(now, server_now, float(reply[2]))
-            admit_at = self._local(now, server_now, float(reply[3]))
-            self._refused = (items, now, rate_at, admit_at)
-            return rate_at, admit_at, None
-        return now, now, self._receipts(items, holder, reply[2:])
-
-    def _receipts(self, items: Items, holder: str, raw: Any) -> list[Any]:
-        """The receipts of a grant from the script's reply; its leases are held from now on
-        (a resource limit's receipt is the holder id of its lease)."""
-        receipts: list[Any] = []
-        held: list[str] = []
-        for (state, _amount), receipt in zip(items, raw, strict=True):
-            if state.key in self._resources:
-                receipts.append(holder)
-                held.append(state.key)
-            else:
-                receipts.append(decode_receipt(receipt))
-        if held:
-            self._hold(holder, tuple(held))
-        return receipts
-
-    # -- the decisions of Scheduler, with the failure policy ---------------------------------
+    __slots__ = ()
 
     def admit_time(self, items: Items, now: float) -> tuple[float, float]:
         try:
@@ -572,10 +88,10 @@ class RedisScheduler(Scheduler):
                 return now, now
             return super().admit_time(items, now)
         server_now = float(reply[0])
-        self._watch_expiry(now, self._local(now, server_now, float(reply[3])))
+        self._watch_expiry(now, self.calls.local(now, server_now, float(reply[3])))
         return (
-            self._local(now, server_now, float(reply[1])),
-            self._local(now, server_now, float(reply[2])),
+            self.calls.local(now, server_now, float(reply[1])),
+            self.calls.local(now, server_now, float(reply[2])),
         )
 
     def _admit(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
@@ -583,13 +99,30 @@ class RedisScheduler(Scheduler):
             self._flush(self._hint)
             return self._acquire(items, now)
         except BackendUnavailable as exc:
-            if self._unavailable(exc) == "allow":
-                return now, now, [ALLOWED] * len(items)
-            # The in-process decision (not through admit_time: Redis was asked once already).
-            rate_at, admit_at = Scheduler.admit_time(self, items, now)
-            if admit_at > now:
-                return rate_at, admit_at, None
-            return rate_at, admit_at, [Local(r) for r in self._take(items, now)]
+            self._unavailable(exc)  # raises under "raise"
+            # The policy's decision (not through admit_time: Redis was asked once already).
+            return self._fallback(items, now)
+
+    def _acquire(self, items: Items, now: float) -> tuple[float, float, list[Any] | None]:
+        holder = self._terms.new_holder()
+        reply = acquire_reply(
+            self._call(
+                "acquire",
+                now,
+                holder,
+                num(self._terms.seconds),
+                *self._item_args(items),
+                bound=self._bound(),
+            )
+        )
+        if reply[0] != 1:
+            server_now = float(reply[1])
+            self._watch_expiry(now, self.calls.local(now, server_now, float(reply[4])))
+            rate_at = self.calls.local(now, server_now, float(reply[2]))
+            admit_at = self.calls.local(now, server_now, float(reply[3]))
+            self._refused = (items, now, rate_at, admit_at)
+            return rate_at, admit_at, None
+        return now, now, self._receipts(items, holder, reply[2:])
 
     def try_take(self, items: Items, now: float) -> list[Any] | None:
         if self._fast_busy or self.paused_until > now:
@@ -607,117 +140,50 @@ class RedisScheduler(Scheduler):
             self.granted += 1
         return receipts
 
-    def _give_back(self, waiter: Waiter, now: float, *, dispatch: bool) -> None:
-        receipts = waiter.receipts or ()
-        waiter.receipts = None
-        self._undo(waiter.items, receipts, now)
-        if dispatch:
+    def change_limit(self, state: RateState, capacity: float, window: float, now: float) -> None:
+        """The script carries the state in Redis over (semantics §4) and records the numbers
+        now (``"!n"``) with a new digest (``"!h"``), which makes every other client read them
+        before its next call; the script's wake-up tells their waiters. Here the numbers apply
+        at once. From an event loop's thread it is handed off, in order, as a pause is."""
+        key = state.key
+        old = self._args[key]
+        new = [old[0], old[1], num(capacity), num(window)]
+        digest: list[str] = []
+
+        def words() -> list[str]:
+            numbers = {s.key: [s.capacity, s.window] for s in self.states}
+            numbers[key] = [capacity, window]
+            text = json.dumps(numbers, sort_keys=True)
+            made = hashlib.sha1(f"{self.calls.tag}|{text}".encode(), usedforsecurity=False)
+            digest[:] = [made.hexdigest()[:16]]
+            return [*old, num(capacity), num(window), text, digest[0]]
+
+        def done(_reply: Any) -> None:
+            if self.calls.tag:
+                self.calls.tag = f"d{digest[0]}"
+
+        def apply() -> None:  # here: this process's numbers and fallback state
+            self._args[key] = new
+            state.change(capacity, window, now)
+            self.refuse_above(state)
+
+        if not self._simulated and on_loop():
+            self._defer("change", words, done=done, lost=f"could not change {key!r} in Redis")
+            apply()  # sent before any other call of this process (see _defer)
+            return
+        try:
+            self._flush()
+            self._call("change", now, *words())
+        except BackendUnavailable as exc:
+            self._unavailable(exc)  # "raise": nothing changed; otherwise it applies here
+            apply()
+            return
+        done(None)
+        apply()
+        if self.queue:
             self._dispatch(now)
 
-    # -- calls handed off by an event loop's thread, sent in order (the outbox) ------------
-
-    def _defer(
-        self,
-        op: str,
-        args: Callable[[], list[str] | None],
-        *,
-        done: Callable[[Any], object] | None = None,
-        lost: str | None = None,
-    ) -> None:
-        """Under the lock, instead of a round trip on an event loop's thread: the call ``op``
-        (its arguments made when it is sent, None: nothing to send) goes out before any other
-        call of this scheduler (the next one made under the lock sends it first) or, if none
-        comes, from the dispatcher thread. ``done`` gets the reply; ``lost``: a timed-out call
-        that may not be sent again (it may have run) is logged with that text, else (ending a
-        lease, which may run twice) it is sent again once Redis answers. A call not sent (Redis
-        known to be unreachable) is sent once Redis answers again."""
-        self._outbox.append((op, args, done, lost))
-        self._signal()
-
-    def _flush(self, bound: float | None = None) -> None:
-        """Under the lock, before a call of this caller: send the outbox first, in order (see
-        :meth:`_defer`), after the one the dispatcher thread may be sending (waiting at most
-        ``bound``, or the backend's timeout: NoAnswer then)."""
-        if bound is None:
-            bound = self._patience
-        if self._sending:
-            wait = self._timeout if bound is None else min(bound, self._timeout)
-            if not self._sent.wait_for(lambda: not self._sending, timeout=wait):
-                if self._patience is not None:
-                    self._patience = 0.0  # the rest of this decision waits no more
-                raise NoAnswer(f"Redis did not answer for the limits {self._hash!r} in time")
-        outbox = self._outbox
-        while outbox:
-            op, args, done, _lost = outbox[0]
-            words = args()
-            if words is None:
-                outbox.pop(0)
-                continue
-            try:
-                reply = self._call(op, self.clock(), *words)
-            except Exception as exc:
-                if not self._sent_one(exc):
-                    return
-                continue
-            outbox.pop(0)
-            if done is not None:
-                done(reply)
-
-    def _sent_one(self, exc: Exception) -> bool:
-        """Under the lock: the first call of the outbox failed with ``exc``; whether to go on
-        with the next one (False: it waits, and the rest behind it, until Redis answers)."""
-        op, _args, _done, lost = self._outbox[0]
-        if isinstance(exc, NotSent):
-            if not self._retrying:
-                self._retrying = True
-                self._circuit.later(self._flush_again)
-            return False
-        if isinstance(exc, BackendUnavailable):
-            if lost is None and self._circuit.opened:
-                return True  # sent again once Redis answers (NotSent on the next turn)
-            self._outbox.pop(0)
-            log.warning("%s: %s", lost or f"could not send {op}", exc)
-            return True
-        self._outbox.pop(0)
-        log.error("a deferred Redis call of aiolimits failed: %r", exc)
-        return True
-
-    def send_outbox(self) -> None:
-        """On the dispatcher thread: send the outbox, in order, one call at a time without the
-        lock (an event loop's thread that takes it meanwhile never waits for Redis)."""
-        while True:
-            with self.lock:
-                if self._sending or not self._outbox:
-                    return
-                op, args, done, _lost = self._outbox[0]
-                words = args()
-                if words is None:
-                    self._outbox.pop(0)
-                    continue
-                self._sending = True
-            outcome: Any
-            try:
-                outcome = self._call(op, self.clock(), *words)
-                failed = False
-            except Exception as exc:
-                outcome, failed = exc, True
-            with self.lock:
-                self._sending = False
-                self._sent.notify_all()
-                if failed:
-                    if not self._sent_one(outcome):
-                        return
-                    continue
-                self._outbox.pop(0)
-                if done is not None:
-                    done(outcome)
-
-    def _flush_again(self) -> None:
-        with self.lock:
-            self._retrying = False
-        self.send_outbox()
-
-    def _undo(self, items: Items, receipts: Sequence[Any], now: float) -> None:
+    def _give_back(self, items: Items, receipts: Sequence[Any] | None, now: float) -> None:
         """Give back a grant nobody used: rate amounts refunded as far as §3 allows, leases
         ended. Failures are logged: what cannot be refunded stays used, a lease expires."""
         if receipts and isinstance(receipts[0], Local):
@@ -732,14 +198,14 @@ class RedisScheduler(Scheduler):
         rates = [
             (state, receipt, amount)
             for (state, amount), receipt in zip(items, receipts, strict=True)
-            if state.key not in self._resources
+            if state.key not in self._terms.resources
         ]
         holder = self._forget_leases(items, receipts)
         if rates:
             args = [str(len(rates))]
             for state, receipt, amount in rates:
                 args += [*self._args[state.key], num(amount), "0.0", encode_receipt(receipt)]
-            if not self._simulated and _on_loop():
+            if not self._simulated and on_loop():
                 self._defer("settle", lambda: args, lost="could not give back an unused grant")
             else:
                 try:
@@ -748,7 +214,7 @@ class RedisScheduler(Scheduler):
                 except BackendUnavailable as exc:
                     log.warning("could not give back an unused grant: %s", exc)
         if holder is not None:
-            self._end_lease(holder, self._lease_keys(items))
+            self._end_lease(holder, self._terms.keys(items))
 
     def release(self, items: Items, receipts: list[Any] | None = None) -> None:
         if receipts and isinstance(receipts[0], Local):
@@ -761,45 +227,9 @@ class RedisScheduler(Scheduler):
             return
         # Like every in-process release, a slot released is free for this process's next call
         # (sent before it), and the head is asked at once.
-        self._end_lease(holder, self._lease_keys(items))
+        self._end_lease(holder, self._terms.keys(items))
         if self.queue:
             self._dispatch(self.clock())
-
-    def _lease_keys(self, items: Items) -> tuple[str, ...]:
-        return tuple(state.key for state, _amount in items if state.key in self._resources)
-
-    def _forget_leases(self, items: Items, receipts: Sequence[Any]) -> str | None:
-        """Stop renewing the lease of an acquisition; its holder id (None: it holds none)."""
-        for (state, _amount), receipt in zip(items, receipts, strict=True):
-            if state.key in self._resources:
-                self._leases.pop(receipt, None)
-                return str(receipt)
-        return None
-
-    def _end_lease(self, holder: str, keys: tuple[str, ...]) -> None:
-        """Under the lock: end a lease in Redis; never raises, never waits on an event loop.
-        A lease that cannot be ended now is ended once Redis answers again (ending one is
-        idempotent), and expires by itself within ``lease_seconds`` anyway (it is no longer
-        renewed)."""
-        words = [holder, *keys]
-        if self._outbox or (not self._simulated and _on_loop()):
-            self._defer("release", lambda: words)
-            return
-        for attempt in (1, 2):
-            try:
-                self._call("release", self.clock(), *words)
-            except BackendUnavailable as exc:
-                # A call refused before it was sent (a node gone: after a Cluster failover the
-                # client has just read the new topology) is made once more at once.
-                if (
-                    attempt == 1
-                    and not isinstance(exc, NotSent)
-                    and isinstance(exc.__cause__, redis.exceptions.ConnectionError)
-                ):
-                    continue
-                log.warning("could not end the lease %s yet (sent again later): %s", holder, exc)
-                self._defer("release", lambda: words)
-            break
 
     def settle(
         self, state: RateState, receipt: Any, held: float, usage: float, now: float
@@ -809,7 +239,7 @@ class RedisScheduler(Scheduler):
             return Local(inner), held_now
         if receipt is ALLOWED:
             return receipt, usage  # nothing was taken in Redis: nothing to settle there
-        if isinstance(receipt, Pending) or (not self._simulated and _on_loop()):
+        if isinstance(receipt, Pending) or (not self._simulated and on_loop()):
             # Sent later, in order after any update still to be sent (see _defer).
             return self._defer_settle(state, receipt, held, usage), usage
         if usage == held:
@@ -856,7 +286,7 @@ class RedisScheduler(Scheduler):
         return out
 
     def pause(self, until: float, now: float) -> None:
-        if not self._simulated and _on_loop():
+        if not self._simulated and on_loop():
             # Sent later (see _defer); meanwhile this process admits nobody before ``until``
             # itself (try_take and the async door look at it).
             if until > self.paused_until:
@@ -893,39 +323,6 @@ class RedisScheduler(Scheduler):
             self._unavailable(exc)
             return super().availability(now)
         return self._read_stats(now, reply)
-
-    def _read_stats(self, now: float, reply: Any) -> dict[str, float]:
-        server_now = float(reply[0])
-        paused = self._local(now, server_now, float(reply[1]))
-        if paused > self.paused_until or self.paused_until <= now:
-            self.paused_until = paused
-        out: dict[str, float] = {}
-        for state, entry in zip(self.states, reply[3:], strict=True):
-            out[state.key] = float(entry[0])
-            self._refunded[state.key] = float(entry[2])
-        return out
-
-    def _watch_expiry(self, now: float, at: float) -> None:
-        """Dispatch once at ``at``, when a lease that blocks a full resource runs out: its
-        holder may have died, and no release will come."""
-        if math.isinf(at) or at <= now or at >= self._expiry_at:
-            return
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-        self._expiry_at = at
-        if self._simulated and isinstance(self.clock, TimerClock):
-            self._expiry_timer = self.clock.call_at(at, self._expired)
-        else:
-            # The hub's timer holds the scheduler weakly: a pending expiry keeps nothing alive.
-            self._expiry_timer = self._hub.call_later(at - now, self)
-
-    def _expired(self) -> None:
-        with self.lock:
-            self._expiry_at = math.inf
-            self._expiry_timer = None
-        self.wake()
-
-    # -- waiting across processes ------------------------------------------------------------
 
     def enqueue(self, waiter: Waiter, now: float) -> bool:
         self._hub.listen(self)
@@ -985,12 +382,8 @@ class RedisScheduler(Scheduler):
         the failure policy decides (``"raise"``: a timeout, or BackendUnavailable when Redis is
         known to be unreachable)."""
         receipts: list[Any] | None = None
-        if self._policy == "allow":
-            receipts = [ALLOWED] * len(waiter.items)
-        elif self._policy == "local":
-            _rate_at, admit_at = Scheduler.admit_time(self, waiter.items, now)
-            if admit_at <= now:
-                receipts = [Local(r) for r in self._take(waiter.items, now)]
+        if self._policy != "raise":
+            receipts = self._fallback(waiter.items, now)[2]
         elif self._circuit.opened:
             self._failures[waiter] = NotSent(f"Redis is unreachable ({self._circuit.reason})")
         if receipts is None:
@@ -999,10 +392,7 @@ class RedisScheduler(Scheduler):
             return
         was_head = next(iter(self.queue)) is waiter
         del self.queue[waiter]
-        waiter.receipts = receipts
-        waiter.granted_at = now
-        waiter.state = GRANTED
-        self.granted += 1
+        self._grant(waiter, receipts, now, wake=False)  # it is running: see after_wake
         if was_head:
             self._dispatch(now)
 
@@ -1015,609 +405,7 @@ class RedisScheduler(Scheduler):
             head = next(iter(self.queue))
             if head.wake_at > now:
                 head.wake_at = now
-            if _on_loop():
+            if on_loop():
                 self._signal()  # never a round trip on an event loop's thread
             else:
                 self._dispatch_inline(now)
-
-    def failure(self, waiter: Waiter) -> BaseException | None:
-        return self._failures.pop(waiter, None) or super().failure(waiter)
-
-    def wake(self) -> None:
-        """Another process released or refunded, or a lease ran out: the head may be
-        admissible now."""
-        with self.lock:
-            self._epoch += 1  # a refusal in flight (a batch, a direct call) predates this
-            if not self.queue:
-                return
-            if self._simulated:
-                self._dispatch(self.clock())
-                return
-            head = next(iter(self.queue))
-            now = self.clock()
-            if head.wake_at > now:
-                head.wake_at = now
-            self._signal()
-
-    def _signal(self, job: Callable[[], object] | None = None) -> None:
-        self._hub.signal(self, job)
-
-    # -- the async door's first step: one direct call from the task, without thread hops -----
-
-    async def take_first(
-        self, items: Items, patience: float, new_waiter: Callable[[Items, float], Any]
-    ) -> tuple[list[Any] | None, Any, float]:
-        """The async door's first step under the real clock: ``(receipts, None, start)``,
-        ``(None, waiter, start)`` (queued), or ``(None, None, start)`` (the rate limits already
-        place it after its deadline, ``patience`` seconds away). When nobody is queued, nothing
-        is being decided and a connected connection is ready, the task asks Redis itself,
-        awaiting the answer on its own event loop (no thread hop) for at most its patience plus
-        the grace of one round trip; otherwise it queues and the dispatcher asks for it with
-        the others. While Redis is known to be unreachable, the policy applies at once."""
-        with self.lock:
-            start = self.clock()
-            if self._circuit.opened:
-                # No I/O: the decision fails at once, and the policy decides (or raises).
-                receipts = self.try_take(items, start)
-                if receipts is not None:
-                    return receipts, None, start
-                waiter = new_waiter(items, start + patience)
-                if not self.enqueue(waiter, start):
-                    return None, None, start
-                return None, waiter, start
-            conn = None
-            if (
-                not self.queue
-                and not self._fast_busy
-                and not self._outbox  # what was handed off goes first (from the dispatcher)
-                and not self._sending
-                and self.paused_until <= start
-                and self._direct is not None
-                and self._hub.take_direct()  # a keyed set bounds its connections in use
-            ):
-                conn = self._direct.take()
-                if conn is None:
-                    self._hub.end_direct()
-                    self._direct.warm()  # for the next one; the dispatcher asks for this one
-            if conn is None:
-                waiter = new_waiter(items, start + patience)
-                if not self.enqueue(waiter, start):
-                    return None, None, start  # the deadline is already out of reach
-                return None, waiter, start
-            self._fast_busy = True
-            epoch = self._epoch
-            holder = f"{self._me}:{next(self._holders)}"
-        args = [holder, num(self._lease), *self._item_args(items)]
-        try:
-            reply = await self._ask_directly(conn, args, patience + GRACE)
-        except BaseException as exc:
-            with self.lock:
-                self._fast_busy = False
-                if self.queue:
-                    self._signal()
-                if isinstance(exc, (BackendUnavailable, redis.exceptions.ResponseError)):
-                    decided = self._direct_failed(exc, items, patience, start, new_waiter)
-                    if decided is not None:
-                        return decided
-            raise
-        with self.lock:
-            self._fast_busy = False
-            return self._direct_answered(
-                reply,
-                items,
-                holder,
-                patience=patience,
-                start=start,
-                epoch=epoch,
-                new_waiter=new_waiter,
-            )
-
-    def _direct_failed(
-        self,
-        exc: BackendUnavailable | redis.exceptions.ResponseError,
-        items: Items,
-        patience: float,
-        start: float,
-        new_waiter: Callable[[Items, float], Any],
-    ) -> tuple[list[Any] | None, Any, float] | None:
-        """Under the lock: what ``take_first`` returns after its direct call failed (None: it
-        raises ``exc``)."""
-        if isinstance(exc, NoAnswer) and self._policy != "raise":
-            # Not answered within the caller's time: the policy decides now.
-            if self._policy == "allow":
-                return [ALLOWED] * len(items), None, start
-            return self._local_take(items, self.clock()), None, start
-        if isinstance(exc, BackendUnavailable) and self._policy == "raise":
-            return None
-        # The dispatcher asks again (an error reply: the script to load, the set to declare
-        # again), or applies the policy to it, first in the queue.
-        waiter = new_waiter(items, start + patience)
-        if not self.enqueue(waiter, start):
-            return None, None, start
-        self.queue.move_to_end(waiter, last=False)
-        waiter.wake_at = start
-        self._signal()
-        return None, waiter, start
-
-    def _direct_answered(
-        self,
-        reply: list[Any],
-        items: Items,
-        holder: str,
-        *,
-        patience: float,
-        start: float,
-        epoch: int,
-        new_waiter: Callable[[Items, float], Any],
-    ) -> tuple[list[Any] | None, Any, float]:
-        """Under the lock: what ``take_first`` returns for Redis's answer ``reply``."""
-        now = self.clock()
-        if reply[0] == 1:
-            receipts = self._receipts(items, holder, reply[2:])
-            self.granted += 1
-            if self.queue:
-                self._signal()
-            return receipts, None, start
-        server_now = float(reply[1])
-        rate_at = self._local(start, server_now, float(reply[2]))
-        admit_at = self._local(start, server_now, float(reply[3]))
-        waiter = new_waiter(items, start + patience)
-        if rate_at > waiter.deadline or now >= waiter.deadline:
-            self.timed_out += 1
-            if self.queue:
-                self._signal()
-            return None, None, start
-        self._hub.listen(self)
-        # First in the queue: it arrived before those that queued while Redis answered.
-        self.queue[waiter] = None
-        self.queue.move_to_end(waiter, last=False)
-        if epoch == self._epoch:
-            waiter.rate_at, waiter.wake_at = rate_at, admit_at
-            self._watch_expiry(now, self._local(start, server_now, float(reply[4])))
-        else:  # something changed meanwhile: ask again
-            waiter.rate_at, waiter.wake_at = -math.inf, now
-            self._signal()
-        return None, waiter, start
-
-    # -- the async door's decision without waiting (the integrations' gate) ----------------
-
-    async def attempt(
-        self, items: Items, limits: Sequence[Limit]
-    ) -> tuple[list[Any] | None, float, dict[str, Any]]:
-        """``(receipts, retry_after, stats)`` for ``try_acquire`` from a task in one awaited
-        round trip: ``acquire`` (or, while others are queued, ``earliest``) and ``stats``,
-        pipelined on a connection of the link. Without a connected one ready, or while Redis is
-        known to be unreachable, the answers are made under the lock as the sync verbs make
-        them (at once while unreachable)."""
-        with self.lock:
-            start = self.clock()
-            conn = None
-            if (
-                not self._circuit.opened
-                and self._direct is not None
-                and not self._outbox
-                and not self._sending
-            ):
-                conn = self._direct.take()
-                if conn is None:
-                    self._direct.warm()
-            if conn is None:
-                # Under the lock on the task's loop: every call waits one round trip's grace
-                # at most (at once while Redis is known to be unreachable).
-                self._patience = GRACE
-                try:
-                    return self._attempt_locked(items, limits, start)
-                finally:
-                    self._patience = None
-            barge = not self.queue and not self._fast_busy and self.paused_until <= start
-            holder = ""
-            if barge:
-                self._fast_busy = True
-                holder = f"{self._me}:{next(self._holders)}"
-        stats_args = [str(len(self.states))]
-        for state in self.states:
-            stats_args += self._args[state.key]
-        first = (
-            ["acquire", holder, num(self._lease), *self._item_args(items)]
-            if barge
-            else ["earliest", *self._item_args(items)]
-        )
-        try:
-            replies = await self._direct_pipeline(conn, [first, ["stats", *stats_args]], GRACE)
-        except (BackendUnavailable, redis.exceptions.ResponseError) as exc:
-            with self.lock:
-                self._fast_busy = False
-                return self._attempt_failed(exc, items, limits)
-        with self.lock:
-            self._fast_busy = False
-            now = self.clock()
-            granted: list[Any] | None = None
-            if barge:
-                reply = acquire_reply(replies[0])
-                if reply[0] == 1:
-                    granted = self._receipts(items, holder, reply[2:])
-                    self.granted += 1
-                    at = now
-                else:
-                    at = self._local(start, float(reply[1]), float(reply[3]))
-            else:
-                reply = replies[0]
-                at = self._local(start, float(reply[0]), float(reply[2]))
-            at = max(at, self.head_wake_at())
-            self._answered = self._read_stats(start, replies[1])
-            stats = stats_locked(limits, self, now)
-            if self.queue:
-                self._signal()
-            return granted, 0.0 if granted is not None else max(0.0, at - now), stats
-
-    def _attempt_failed(
-        self,
-        exc: BackendUnavailable | redis.exceptions.ResponseError,
-        items: Items,
-        limits: Sequence[Limit],
-    ) -> tuple[list[Any] | None, float, dict[str, Any]]:
-        """Under the lock: the answers of ``attempt`` after its round trip failed."""
-        if self.queue:
-            self._signal()
-        now = self.clock()
-        if not isinstance(exc, NoAnswer):
-            # Unreachable (the policy applies at once now), or an error reply (the sync path
-            # loads the script, or declares the set again, within the grace).
-            self._patience = GRACE
-            try:
-                return self._attempt_locked(items, limits, now)
-            finally:
-                self._patience = None
-        if self._policy == "raise":
-            raise exc
-        receipts = (
-            [ALLOWED] * len(items) if self._policy == "allow" else self._local_take(items, now)
-        )
-        wait = 0.0
-        if receipts is None:  # the in-process limits ("local") refused it
-            wait = max(0.0, Scheduler.admit_time(self, items, now)[1] - now)
-        self._answered = Scheduler.availability(self, now)
-        return receipts, wait, stats_locked(limits, self, now)
-
-    def _attempt_locked(
-        self, items: Items, limits: Sequence[Limit], now: float
-    ) -> tuple[list[Any] | None, float, dict[str, Any]]:
-        receipts = self.try_take(items, now)
-        wait = 0.0 if receipts is not None else retry_after_locked(self, items, now)
-        return receipts, wait, stats_locked(limits, self, now)
-
-    async def _direct_pipeline(
-        self, conn: redis.Connection, calls: list[list[str]], bound: float
-    ) -> list[Any]:
-        """Several script calls from a task in one round trip on ``conn`` (see
-        :meth:`_direct_call`): all their replies, or the first error (the connection is then
-        closed: later replies may be on their way)."""
-        link = self._direct
-        assert link is not None
-        full = bound >= self._timeout
-        timeout = self._timeout if full else bound
-        functions = self._script.functions
-        packed = conn.pack_commands(  # type: ignore[no-untyped-call]
-            [
-                self._script.command(self._hash, [op, self._tag, *args], functions=functions)
-                for op, *args in calls
-            ]
-        )
-        replies: list[Any] = []
-        try:
-            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + timeout):
-                conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
-                while len(replies) < len(calls):
-                    if not conn.can_read(timeout=0):  # nothing buffered: wait on the loop
-                        await _wait_readable(conn._sock)
-                    replies.append(conn.read_response())
-        except UNAVAILABLE as exc:
-            self._circuit.trip(exc)
-            raise BackendUnavailable(
-                f"Redis did not answer for the limits {self._hash!r} in time: {exc!r}"
-            ) from exc
-        finally:
-            if len(replies) == len(calls):
-                link.give(conn)
-            else:
-                conn.disconnect()  # type: ignore[no-untyped-call]
-        if len(replies) == len(calls):
-            return replies
-        if not full:
-            raise NoAnswer(f"Redis did not answer for the limits {self._hash!r} within {timeout}s")
-        stalled = redis.exceptions.TimeoutError(f"no answer in {timeout}s")
-        self._circuit.trip(stalled)
-        raise BackendUnavailable(
-            f"Redis did not answer for the limits {self._hash!r} in time: {stalled!r}"
-        )
-
-    def _local_take(self, items: Items, now: float) -> list[Any] | None:
-        """Under the lock: the in-process decision of ``on_unavailable="local"``."""
-        if self.queue:
-            return None
-        _rate_at, admit_at = Scheduler.admit_time(self, items, now)
-        if admit_at > now:
-            return None
-        self.granted += 1
-        return [Local(r) for r in self._take(items, now)]
-
-    async def _ask_directly(
-        self, conn: redis.Connection, args: list[str], bound: float
-    ) -> list[Any]:
-        """``acquire``, asked by the task itself; ends the hub's count of direct calls."""
-        try:
-            return acquire_reply(await self._direct_call(conn, "acquire", args, bound))
-        finally:
-            self._hub.end_direct()
-
-    async def _direct_call(
-        self, conn: redis.Connection, op: str, args: list[str], bound: float
-    ) -> Any:
-        """One script call from a task, on a connected connection of the link: sent, and the
-        answer awaited on the task's own event loop, for at most ``bound`` seconds or the
-        backend's timeout (shielded, so that an answer Redis gives is never lost to a
-        cancellation). An error reply (the script or the declaration missing) is raised: the
-        dispatcher deals with it, off the event loop.
-
-        Raises:
-            NoAnswer: no answer within ``bound`` (shorter than the backend's timeout).
-            BackendUnavailable: no answer within the backend's timeout (the circuit opens).
-        """
-        link = self._direct
-        assert link is not None
-        full = bound >= self._timeout
-        timeout = self._timeout if full else bound
-        done = False
-        try:
-            # One scope, shielded and with the deadline (fail_after would nest a second one:
-            # each costs a noticeable share of a loopback round trip).
-            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + timeout):
-                command = self._script.command(
-                    self._hash, [op, self._tag, *args], functions=self._script.functions
-                )
-                conn.send_command(*command)  # type: ignore[no-untyped-call]
-                # PERF: the one private attribute used: a task waits for its socket on its own
-                # loop (no public API does without a thread hop, see benchmarks/redis.py).
-                await _wait_readable(conn._sock)
-                try:
-                    reply = conn.read_response()
-                except redis.exceptions.ResponseError:
-                    done = True  # in step: an error reply was read
-                    raise
-                done = True
-                return reply
-        except UNAVAILABLE as exc:
-            self._circuit.trip(exc)
-            raise BackendUnavailable(
-                f"Redis did not answer for the limits {self._hash!r} in time: {exc!r}"
-            ) from exc
-        finally:
-            if done:
-                link.give(conn)
-            else:
-                conn.disconnect()  # type: ignore[no-untyped-call]  # an answer may be on its way
-        # The deadline passed: the scope swallowed its own cancellation.
-        if not full:
-            raise NoAnswer(f"Redis did not answer for the limits {self._hash!r} within {timeout}s")
-        stalled = redis.exceptions.TimeoutError(f"no answer in {timeout}s")
-        self._circuit.trip(stalled)
-        raise BackendUnavailable(
-            f"Redis did not answer for the limits {self._hash!r} in time: {stalled!r}"
-        )
-
-    # -- the dispatcher's work (its thread, never under the lock while calling Redis) --------
-
-    def dispatch_queue(self) -> None:
-        """Ask Redis for the due head and the waiters behind it, in one call per batch, and
-        apply the answer: grants in queue order up to the first refusal, whose time goes to the
-        new head. Repeats while whole batches are granted and more are queued. What an event
-        loop handed off goes first."""
-        self.send_outbox()
-        while (asked := self.batch_to_ask()) is not None:
-            try:
-                reply = self._call("batch", asked.now, *asked.args)
-            except (BackendUnavailable, ValueError) as exc:
-                self.batch_failed(asked, exc)
-                return
-            if not self.batch_answered(asked, reply):
-                return  # the head waits for its time, a release or a refund
-
-    # The three steps of dispatch_queue, also taken for many keys of a keyed set at once, their
-    # calls sent in one round trip (``_threads._dispatch_each``).
-
-    def batch_to_ask(self) -> Batch | None:
-        """The due head and the waiters behind it, to ask Redis for (None: none is due)."""
-        with self.lock:
-            now = self.clock()
-            batch = self._due_batch(now)
-            if not batch:
-                return None
-            holders = [f"{self._me}:{next(self._holders)}" for _ in batch]
-            return Batch(batch, holders, now, self._epoch, self._batch_args(batch, holders))
-
-    def batch_command(self, asked: Batch) -> list[str]:
-        """The words of the script call for ``asked`` (for a pipeline of many)."""
-        args = ["batch", num(asked.now) if self._simulated else self._tag, *asked.args]
-        return self._script.command(self._hash, args, functions=self._script.functions)
-
-    def batch_answered(self, asked: Batch, reply: Any) -> bool:
-        """Apply Redis's ``reply`` to ``asked``; True when the whole batch was granted and no
-        time was given back (more may be due: ask again)."""
-        with self.lock:
-            undo = self._apply(asked.waiters, asked.holders, reply, asked.now, asked.epoch)
-        for items, receipts in undo:
-            self._undo(items, receipts, self.clock())
-        return not (len(reply[2]) < len(asked.waiters) or reply[3])
-
-    def batch_failed(self, asked: Batch, exc: BackendUnavailable | ValueError) -> None:
-        with self.lock:
-            self._batch_failed(asked.waiters, exc)
-
-    def _dispatch_inline(self, now: float) -> None:
-        """Under the lock: what the dispatcher thread does, done now by the caller (a release,
-        a refund, a pause, a waiter leaving), so that its effect is visible when it returns."""
-        try:
-            self._flush()
-        except BackendUnavailable:
-            self._signal()  # the dispatcher asks once what it sends is sent
-            return
-        while True:
-            batch = self._due_batch(now)
-            if not batch:
-                return
-            holders = [f"{self._me}:{next(self._holders)}" for _ in batch]
-            try:
-                reply = self._call("batch", now, *self._batch_args(batch, holders))
-            except (BackendUnavailable, ValueError) as exc:
-                self._batch_failed(batch, exc)
-                return
-            for items, receipts in self._apply(batch, holders, reply, now, self._epoch):
-                self._undo(items, receipts, now)
-            if len(reply[2]) < len(batch) or reply[3]:
-                return
-            now = self.clock()
-
-    def _due_batch(self, now: float) -> list[Waiter]:
-        """Under the lock: the head, if it is due, and the waiters behind it (at most 64);
-        waiters whose cancellation is already pending are dropped."""
-        queue = self.queue
-        while queue:
-            head = next(iter(queue))
-            if not head.cancel_pending():
-                break
-            del queue[head]
-            head.state = LEFT
-            self.cancelled += 1
-        if not queue or self._fast_busy or next(iter(queue)).wake_at > now:
-            return []
-        return list(itertools.islice(queue, 64))
-
-    def _batch_args(self, batch: list[Waiter], holders: list[str]) -> list[str]:
-        args = [num(self._lease), str(len(batch))]
-        for waiter, holder in zip(batch, holders, strict=True):
-            args.append(holder)
-            args += self._item_args(waiter.items)
-        return args
-
-    def _apply(
-        self, batch: list[Waiter], holders: list[str], reply: Any, now: float, epoch: int
-    ) -> list[tuple[Items, list[Any]]]:
-        """Under the lock: grant the admitted waiters still queued, give the first refused one
-        its times (unless something changed since the batch was asked for, ``epoch``: then it
-        is asked again). Returns the grants nobody can use any more (left meanwhile), to undo."""
-        fresh = epoch == self._epoch
-        self._epoch += 1
-        server_now = float(reply[0])
-        undo: list[tuple[Items, list[Any]]] = []
-        local_now = self.clock()
-        for waiter, holder, raw in zip(batch, holders, reply[2], strict=False):
-            receipts: list[Any] = []
-            held: list[str] = []
-            for (state, _amount), receipt in zip(waiter.items, raw, strict=True):
-                if state.key in self._resources:
-                    receipts.append(holder)
-                    held.append(state.key)
-                else:
-                    receipts.append(decode_receipt(receipt))
-            if waiter.state != WAITING or waiter not in self.queue:
-                undo.append((waiter.items, receipts))
-                continue
-            if held:
-                self._hold(holder, tuple(held))
-            del self.queue[waiter]
-            waiter.receipts = receipts
-            waiter.granted_at = local_now
-            waiter.state = GRANTED
-            self.granted += 1
-            if not waiter.notify():  # its event loop is gone
-                self._leases.pop(holder, None)
-                waiter.state = LEFT
-                waiter.receipts = None
-                self.granted -= 1
-                self.cancelled += 1
-                undo.append((waiter.items, receipts))
-        refused = reply[3]
-        if refused and self.queue:
-            head = next(iter(self.queue))
-            if fresh and head is batch[len(reply[2])] and head.state == WAITING:
-                rate_at = self._local(now, server_now, float(refused[0]))
-                head.rate_at = rate_at
-                head.wake_at = self._local(now, server_now, float(refused[1]))
-                self._watch_expiry(now, self._local(now, server_now, float(refused[2])))
-                head.notify()
-            else:
-                # The head, or what Redis knows, changed while it answered: ask again.
-                if head.wake_at > local_now:
-                    head.wake_at = local_now
-                self._signal()
-        return undo
-
-    def _batch_failed(self, batch: list[Waiter], exc: BackendUnavailable | ValueError) -> None:
-        """Under the lock: Redis did not answer for a batch: fail it (``"raise"``, or another
-        declaration took the set's name: ValueError), or decide it in-process. A batch asked
-        with numbers another client changed since is asked again, once the waiters above a
-        lowered capacity are sent away."""
-        if isinstance(exc, StaleNumbers):
-            for state in self.states:
-                self.refuse_above(state)
-            self._signal()
-            return
-        now = self.clock()
-        for waiter in batch:
-            if waiter.state != WAITING or waiter not in self.queue:
-                continue
-            if self._policy == "raise" or isinstance(exc, ValueError):
-                del self.queue[waiter]
-                waiter.state = LEFT
-                self._failures[waiter] = exc
-                waiter.notify()
-                continue
-            if self._policy == "allow":
-                receipts: list[Any] | None = [ALLOWED] * len(waiter.items)
-            else:
-                rate_at, admit_at = Scheduler.admit_time(self, waiter.items, now)
-                receipts = None
-                if admit_at <= now:
-                    receipts = [Local(r) for r in self._take(waiter.items, now)]
-                else:
-                    waiter.rate_at, waiter.wake_at = rate_at, admit_at
-                    waiter.notify()
-                    break
-            del self.queue[waiter]
-            waiter.receipts = receipts
-            waiter.granted_at = now
-            waiter.state = GRANTED
-            self.granted += 1
-            waiter.notify()
-        if self._policy != "raise" and not isinstance(exc, ValueError):
-            log.warning("%s; applying on_unavailable=%r", exc, self._policy)
-
-    # -- leases ------------------------------------------------------------------------------
-
-    def _hold(self, holder: str, keys: tuple[str, ...]) -> None:
-        self._leases[holder] = keys
-        self._hub.hold(self)
-
-    def renew(self) -> None:
-        """Extend every lease this process holds (the renewer thread calls it)."""
-        with self.lock:
-            leases = list(self._leases.items())
-            if not leases:
-                return
-            now = self.clock()
-        for holder, keys in leases:
-            try:
-                reply = self._call("renew", now, holder, num(self._lease), *keys)
-            except BackendUnavailable as exc:
-                log.warning("could not renew the lease %s on %s: %s", holder, self._hash, exc)
-                continue
-            if int(reply[1]) < len(keys):
-                with self.lock:
-                    if holder in self._leases:  # not released meanwhile: the lease ran out
-                        self.leases_lost += 1
-                        log.error(
-                            "the lease %s on %s expired before it was renewed: its resource "
-                            "slots may now be held by others",
-                            holder,
-                            self._hash,
-                        )

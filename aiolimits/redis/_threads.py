@@ -26,10 +26,10 @@ import redis.client
 import redis.exceptions
 
 from .._errors import BackendUnavailable
-from ._link import UNAVAILABLE, log
+from ._failure import UNAVAILABLE, log
 
 if TYPE_CHECKING:
-    from ._scheduler import RedisScheduler
+    from ._base import RedisBase
 
 __all__ = ["UNAVAILABLE", "Hub", "log", "stoppable"]
 
@@ -49,29 +49,29 @@ class _Registry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         # By wake-up channel: the scheduler a message on it wakes.
-        self._by_channel: weakref.WeakValueDictionary[str, RedisScheduler] = (
+        self._by_channel: weakref.WeakValueDictionary[str, RedisBase] = (
             weakref.WeakValueDictionary()
         )
-        self._holders: weakref.WeakSet[RedisScheduler] = weakref.WeakSet()  # hold leases
+        self._holders: weakref.WeakSet[RedisBase] = weakref.WeakSet()  # hold leases
 
-    def route(self, sched: RedisScheduler) -> None:
+    def route(self, sched: RedisBase) -> None:
         with self._lock:
             if self._by_channel.get(sched._channel) is not sched:
                 self._by_channel[sched._channel] = sched
 
-    def get(self, channel: str) -> RedisScheduler | None:
+    def get(self, channel: str) -> RedisBase | None:
         with self._lock:
             return self._by_channel.get(channel)
 
-    def routed(self) -> list[RedisScheduler]:
+    def routed(self) -> list[RedisBase]:
         with self._lock:
             return list(self._by_channel.values())
 
-    def hold(self, sched: RedisScheduler) -> None:
+    def hold(self, sched: RedisBase) -> None:
         with self._lock:
             self._holders.add(sched)
 
-    def holders(self) -> list[RedisScheduler]:
+    def holders(self) -> list[RedisBase]:
         with self._lock:
             return list(self._holders)
 
@@ -140,7 +140,7 @@ class Hub:
             with self._lock:
                 self._direct -= 1
 
-    def signal(self, sched: RedisScheduler, job: Callable[[], object] | None = None) -> None:
+    def signal(self, sched: RedisBase, job: Callable[[], object] | None = None) -> None:
         """Have the dispatcher thread run ``job``, then ask Redis for ``sched``'s queue."""
         dispatcher = self.dispatcher
         if dispatcher is None:
@@ -150,7 +150,7 @@ class Hub:
                 dispatcher = self.dispatcher
         dispatcher.signal(sched, job)
 
-    def call_later(self, delay: float, sched: RedisScheduler) -> Timer:
+    def call_later(self, delay: float, sched: RedisBase) -> Timer:
         """Run ``sched._expired()`` on the dispatcher thread in ``delay`` seconds (a lease that
         blocks a full resource runs out then): one thread for every timer of the set."""
         dispatcher = self.dispatcher
@@ -161,7 +161,7 @@ class Hub:
                 dispatcher = self.dispatcher
         return dispatcher.call_later(delay, sched)
 
-    def listen(self, sched: RedisScheduler) -> None:
+    def listen(self, sched: RedisBase) -> None:
         """``sched`` has a waiter: route the wake-ups of its channel to it (instead of to an
         earlier scheduler of the same key, which a keyed set dropped while it was idle), and
         make sure the subscription runs."""
@@ -188,7 +188,7 @@ class Hub:
         if renewer is not None:
             renewer.stop.set()
 
-    def hold(self, sched: RedisScheduler) -> None:
+    def hold(self, sched: RedisBase) -> None:
         """``sched`` holds leases: renew them while it lives."""
         self._registry.hold(sched)
         if self.renewer is None:
@@ -308,7 +308,7 @@ class Listener:
                     pubsub.close()
 
 
-def _each(schedulers: Sequence[RedisScheduler | None], what: str) -> None:
+def _each(schedulers: Sequence[RedisBase | None], what: str) -> None:
     """``wake()`` or ``renew()`` each scheduler given; the list (this frame's only reference
     to them) is gone when it returns, so the thread keeps none of them alive."""
     for sched in schedulers:
@@ -348,10 +348,10 @@ class Dispatcher:
 
     def __init__(self, hub: Hub, label: str) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._pending: dict[RedisScheduler, None] = {}  # signalled, in order
+        self._pending: dict[RedisBase, None] = {}  # signalled, in order
         self._stopped = False
         self._jobs: list[Callable[[], object]] = []
-        self._timers: list[tuple[float, int, Timer, weakref.ref[RedisScheduler]]] = []
+        self._timers: list[tuple[float, int, Timer, weakref.ref[RedisBase]]] = []
         self._order = itertools.count()
         self._thread = threading.Thread(
             target=self._run, name=f"aiolimits-dispatch {label}", daemon=True
@@ -359,14 +359,14 @@ class Dispatcher:
         self._thread.start()
         weakref.finalize(hub, self.stop)
 
-    def signal(self, sched: RedisScheduler, job: Callable[[], object] | None = None) -> None:
+    def signal(self, sched: RedisBase, job: Callable[[], object] | None = None) -> None:
         with self._cond:
             if job is not None:
                 self._jobs.append(job)
             self._pending[sched] = None
             self._cond.notify()
 
-    def call_later(self, delay: float, sched: RedisScheduler) -> Timer:
+    def call_later(self, delay: float, sched: RedisBase) -> Timer:
         timer = Timer()
         with self._cond:
             entry = (time.monotonic() + delay, next(self._order), timer, weakref.ref(sched))
@@ -396,7 +396,7 @@ class Dispatcher:
                     self._cond.wait(timeout)
                 jobs, self._jobs = self._jobs, []
                 pending, self._pending = self._pending, {}
-                due: list[weakref.ref[RedisScheduler]] = []
+                due: list[weakref.ref[RedisBase]] = []
                 now = time.monotonic()
                 while self._timers and self._timers[0][0] <= now:
                     _at, _n, timer, ref = heapq.heappop(self._timers)
@@ -410,7 +410,7 @@ class Dispatcher:
             del jobs, pending, due
 
 
-def _dispatch_each(schedulers: list[RedisScheduler]) -> None:
+def _dispatch_each(schedulers: list[RedisBase]) -> None:
     """Ask Redis for the due queues of ``schedulers`` (the keys of a keyed set with waiters, or
     a LimitSet's one). On a single server, the calls for many keys go out together, in one
     round trip per round (a pipeline, not a transaction: each call is its own atomic script);
@@ -423,16 +423,16 @@ def _dispatch_each(schedulers: list[RedisScheduler]) -> None:
         _run_logged(sched.dispatch_queue)
 
 
-def _dispatch_together(schedulers: list[RedisScheduler]) -> list[RedisScheduler]:
+def _dispatch_together(schedulers: list[RedisBase]) -> list[RedisBase]:
     """Rounds of one pipelined call per due scheduler of the same single-server client, while
     any batch was granted whole; returns the schedulers left to ask one by one (those of
     another client or of a Cluster, and any whose call came back with an error reply, which
     ``dispatch_queue`` handles: a script to load again, say)."""
-    client = schedulers[0]._client
+    client = schedulers[0].calls.client
     if not isinstance(client, redis.Redis) or schedulers[0]._circuit.opened:
         return schedulers  # (while Redis is unreachable each fails at once)
-    together = [s for s in schedulers if s._client is client]
-    alone = [s for s in schedulers if s._client is not client]
+    together = [s for s in schedulers if s.calls.client is client]
+    alone = [s for s in schedulers if s.calls.client is not client]
     while together:
         asked = []
         for sched in together:
