@@ -209,7 +209,7 @@ async def test_the_guide_example_runs_in_a_ray_task(ray_cluster: Any) -> None:
 
     here = await anyio.Path(__file__).resolve()
     text = await (here.parent.parent / "docs" / "ray.md").read_text()
-    (block,) = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    block = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[0]
     block = block.replace('name="openai"', f'name="{_name()}"')
     namespace: dict[str, Any] = {}
     exec(compile(block, "docs/ray.md", "exec"), namespace)

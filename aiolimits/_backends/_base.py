@@ -34,6 +34,9 @@ class KeyProxy(Scheduler):
 
 
 #: Makes the proxy of a key from its fresh local states (the fallback of a shared scheduler).
+#: A factory that can change a limit of every key in the store has a method
+#: ``change_limit(index, capacity, window)`` (the limit's position; None: that number
+#: unchanged); without it ``KeyedLimitSet.change_limit`` raises NotImplementedError.
 KeyFactory: TypeAlias = Callable[[str, tuple[RateState, ...]], KeyProxy]
 
 
@@ -75,5 +78,6 @@ class Backend(abc.ABC):
         """
         raise TypeError(
             f"backend {self!r} cannot hold a KeyedLimitSet: use MemoryBackend(), "
-            "ProcessBackend(...) or aiolimits.redis.RedisBackend(...)"
+            "ProcessBackend(...), aiolimits.redis.RedisBackend(...) or "
+            "aiolimits.ray.RayBackend(...)"
         )

@@ -15,6 +15,10 @@ Ray starts calls of an async actor in no guaranteed order, even from one caller:
 on one acquisition (``update``, ``release``, ``abandon``) carry a sequence number and are applied
 in that order (:class:`Holding`).
 
+A KeyedLimitSet's keys are each such a set (:class:`KeyedShared`), found by ``(name, key)``: made
+on the first request that needs one, dropped once fresh, ``max_keys`` bounding the rest, as the
+memory KeyedLimitSet keeps its keys (semantics §8).
+
 Time: the actor's ``time.monotonic``. A set declared by a caller on a clock that drives its own
 timers (``aiolimits.testing.ManualClock``) gets a ManualClock in the actor instead, moved to the
 caller's reading on every call (the contract suite's hook: same code, injected time).
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,7 +38,7 @@ import ray
 from .._acquisition import HELD, RELEASED, Acquisition
 from .._backends._declaration import declaration, mismatch
 from .._limits import Limit
-from .._limitset import LimitSet
+from .._limitset import LimitSet, changed_limit
 from .._numbers import check_timer_slack
 from .._scheduler import Items, Scheduler
 from .._waiters import GRANTED, WAITING, Cancellable, Waiter
@@ -55,6 +60,9 @@ MAX_RESOURCE_FREE_HOLDINGS = 100_000
 
 #: Operations kept for acquisitions the actor has not seen (see ``Shared.early``) at most.
 MAX_EARLY = 10_000
+
+#: Keys at the old end of a keyed set's order looked at for freshness per new key.
+SWEEP_KEYS = 4
 
 
 class ActorWaiter(Waiter):
@@ -306,6 +314,27 @@ class Shared:
         if self.holdings:
             self._arm_sweeper()
 
+    # -- a key of a keyed set ----------------------------------------------------------------
+
+    def busy(self) -> bool:
+        """Someone waits, or holds resource slots (a key of a keyed set that is never dropped:
+        its queue and slots live here only)."""
+        return bool(self.waiting or self.due or self.pollers or self.finished) or (
+            self.keep is None and bool(self.holdings)
+        )
+
+    def fresh(self) -> bool:
+        """Indistinguishable from a key made now: nothing waiting, held or to be answered,
+        no pause, every bucket full and every window empty."""
+        if self.busy() or self.holdings or self.early:
+            return False
+        sched = self.sched
+        with sched.lock:
+            now = sched.clock()
+            if sched.queue or sched.paused_until > now:
+                return False
+            return all(state.is_fresh(now) for state in sched.states)
+
     def try_acquire(self, hid: str, requested: Mapping[str, float]) -> bool:
         items = self.limitset._items(requested)
         sched = self.sched
@@ -363,6 +392,103 @@ class Shared:
             }
 
 
+class KeyedShared:
+    """One named KeyedLimitSet in the actor: a :class:`Shared` per client key, made on first
+    use, dropped once fresh (no decision changes), ``max_keys`` bounding the rest, as the
+    memory KeyedLimitSet does (semantics §8): at the bound a new key drops the oldest key not
+    used since last looked at with nobody waiting and no resource slot held, fresh or not."""
+
+    def __init__(
+        self,
+        name: str,
+        limits: tuple[Limit, ...],
+        *,
+        manual: bool,
+        lease: float,
+        max_keys: int,
+        paused_until: float,
+    ) -> None:
+        self.name = name
+        self.limits = limits
+        self.declared = declaration(limits)
+        self.manual = manual
+        self.lease = lease
+        self.max_keys = max_keys
+        #: Every key paused until then (``time.monotonic``): a restarted actor's keys.
+        self.paused_until = paused_until
+        #: Oldest first; a key's flag: used since the sweep last looked at it.
+        self.keys: OrderedDict[str, Shared] = OrderedDict()
+        self.used: set[str] = set()
+        self.dropped = 0
+        self.forgotten = 0
+
+    def get(self, key: str, now: float | None, *, keep: bool = True) -> Shared:
+        """The state of ``key``, made (and room made for it) if new; a new one is not kept
+        unless ``keep`` (asking about a key creates none)."""
+        shared = self.keys.get(key)
+        if shared is not None:
+            self.used.add(key)
+            return shared
+        start = None if not self.manual else (0.0 if now is None else now)
+        shared = Shared(f"{self.name}[{key}]", self.limits, start, self.lease)
+        if keep:
+            self._make_room()
+            self.keys[key] = shared
+        pause = self.paused_until - time.monotonic()
+        if pause > 0:
+            shared.limitset.pause(pause)
+        return shared
+
+    def find(self, key: str) -> Shared | None:
+        return self.keys.get(key)
+
+    def change(self, index: int, capacity: float | None, window: float | None) -> None:
+        """Change the numbers given (None: unchanged) of the limit at ``index`` for every key
+        (semantics §4, applied to each key's state as the memory KeyedLimitSet does), and for
+        the keys made later."""
+        limit_key = self.limits[index].key
+        changed = changed_limit(self.limits, limit_key, capacity, window)
+        if changed is None:
+            return
+        _index, limit = changed
+        limits = list(self.limits)
+        limits[index] = limit
+        self.limits = tuple(limits)
+        for shared in self.keys.values():
+            shared.limitset.change_limit(limit_key, capacity=capacity, window_seconds=window)
+            shared.run_due()
+
+    def _drop(self, key: str, *, fresh: bool) -> None:
+        del self.keys[key]
+        self.used.discard(key)
+        if fresh:
+            self.dropped += 1
+        else:
+            self.forgotten += 1
+
+    def _make_room(self) -> None:
+        keys = self.keys
+        for _ in range(SWEEP_KEYS):
+            if not keys:
+                return
+            key, shared = next(iter(keys.items()))
+            if key in self.used or not shared.fresh():
+                self.used.discard(key)
+                keys.move_to_end(key)
+            else:
+                self._drop(key, fresh=True)
+        if len(keys) < self.max_keys:
+            return
+        for _ in range(2 * len(keys)):
+            key, shared = next(iter(keys.items()))
+            if key in self.used or shared.busy():
+                self.used.discard(key)
+                keys.move_to_end(key)
+                continue
+            self._drop(key, fresh=shared.fresh())
+            return
+
+
 class LimitsActor:
     """The Ray actor (made remote by the backend, which also names it): every named set of one
     RayBackend. :meth:`batch` and :meth:`wait` answer with ``outcomes``, the caller's queued
@@ -371,39 +497,123 @@ class LimitsActor:
 
     def __init__(self) -> None:
         self.sets: dict[str, Shared] = {}
+        #: The keyed sets, by name.
+        self.keyed: dict[str, KeyedShared] = {}
         #: Ray restarted this actor (``max_restarts``): what its predecessor granted is lost.
         self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
-    def _set(self, name: str) -> Shared:
-        shared = self.sets.get(name)
-        if shared is None:
-            raise LookupError(f"no limits named {name!r} in this actor (it restarted?)")
-        return shared
+    def _set(
+        self, name: str | tuple[str, str], now: float | None = None, *, keep: bool = True
+    ) -> Shared:
+        """The set ``name``, or (``(name, key)``) the state of a key of a keyed set, made if
+        new (and kept unless not ``keep``)."""
+        if isinstance(name, tuple):
+            keyed = self.keyed.get(name[0])
+            if keyed is not None:
+                return keyed.get(name[1], now, keep=keep)
+        else:
+            shared = self.sets.get(name)
+            if shared is not None:
+                return shared
+        raise LookupError(f"no limits named {name!r} in this actor (it restarted?)")
+
+    def _find(self, name: str | tuple[str, str]) -> Shared | None:
+        """The set or key ``name`` if the actor has it (never made here)."""
+        if isinstance(name, tuple):
+            keyed = self.keyed.get(name[0])
+            return None if keyed is None else keyed.find(name[1])
+        return self.sets.get(name)
+
+    def _restart_pause(self, limits: tuple[Limit, ...]) -> float:
+        """After a restart, how long nobody is admitted: the grants of the actor that died are
+        lost, and each counts for one window at most, so none is admitted twice."""
+        if not self.restarted:
+            return 0.0
+        windows = [getattr(limit, "window_seconds", 0.0) for limit in limits]
+        return float(max(windows, default=0.0))
 
     async def declare(
         self, name: str, limits: tuple[Limit, ...], start: float | None, lease: float
     ) -> str | None:
         """Make the set ``name``, or check ``limits`` against it: None, or what differs."""
+        if name in self.keyed:
+            return f"{name!r} is a KeyedLimitSet in this actor, not a LimitSet"
         shared = self.sets.get(name)
         if shared is None:
             shared = self.sets[name] = Shared(name, limits, start, lease)
-            if self.restarted:
-                # The grants of the actor that died are lost, and each counts for one window at
-                # most: nobody is admitted for the longest window, so none is admitted twice.
-                windows = [getattr(limit, "window_seconds", 0.0) for limit in limits]
-                shared.limitset.pause(max(windows, default=0.0))
+            pause = self._restart_pause(limits)
+            if pause:
+                shared.limitset.pause(pause)
             return None
         return mismatch(name, shared.declared, declaration(limits))
 
+    async def declare_keyed(
+        self,
+        name: str,
+        limits: tuple[Limit, ...],
+        start: float | None,
+        lease: float,
+        max_keys: int,
+    ) -> str | None:
+        """Make the keyed set ``name``, or check ``limits`` and ``max_keys`` against it: None,
+        or what differs."""
+        if name in self.sets:
+            return f"{name!r} is a LimitSet in this actor, not a KeyedLimitSet"
+        keyed = self.keyed.get(name)
+        if keyed is None:
+            until = time.monotonic() + self._restart_pause(limits)
+            self.keyed[name] = KeyedShared(
+                name,
+                limits,
+                manual=start is not None,
+                lease=lease,
+                max_keys=max_keys,
+                paused_until=until,
+            )
+            return None
+        if keyed.max_keys != max_keys:
+            return (
+                f"the keyed set {name!r} was declared with max_keys={keyed.max_keys}, "
+                f"not {max_keys}"
+            )
+        return mismatch(name, keyed.declared, declaration(limits))
+
+    async def change_keyed(
+        self, name: str, index: int, capacity: float | None, window: float | None
+    ) -> None:
+        """Change the limit at ``index`` of every key of the keyed set ``name``."""
+        keyed = self.keyed.get(name)
+        if keyed is None:
+            raise LookupError(f"no keyed limits named {name!r} in this actor")
+        keyed.change(index, capacity, window)
+
+    async def keys(self, name: str) -> dict[str, int]:
+        """The keys the keyed set ``name`` holds, and how many were dropped (fresh) or
+        forgotten (at ``max_keys``)."""
+        keyed = self.keyed.get(name)
+        if keyed is None:
+            raise LookupError(f"no keyed limits named {name!r} in this actor")
+        return {"keys": len(keyed.keys), "dropped": keyed.dropped, "forgotten": keyed.forgotten}
+
     async def batch(
-        self, request: tuple[str, str, list[tuple[Any, ...]], float | None]
+        self, request: tuple[str | tuple[str, str], str, list[tuple[Any, ...]], float | None]
     ) -> tuple[list[Any], list[tuple[Any, ...]], float]:
         """Apply the ``messages`` of ``request = (name, caller, messages, now)`` in order:
         ``(answers, outcomes, next_timer)``, one answer per message that asks a question
         (``acquire``, ``try``, ``retry_after``, ``stats``), in order; an exception object for
-        one that failed. One argument: Ray serializes each argument of a call on its own."""
+        one that failed. One argument: Ray serializes each argument of a call on its own.
+        ``name`` is ``(name, key)`` for a key of a keyed set."""
         name, caller, messages, now = request
-        shared = self._set(name)
+        if (
+            isinstance(name, tuple)
+            and self._find(name) is None
+            and not any(message[0] in MAKES_KEY or _abandons(message) for message in messages)
+        ):
+            # Late operations on a key dropped meanwhile (it was fresh, or forgotten at
+            # ``max_keys``): its state is gone with what they would settle; never made again.
+            # (An abandon makes the key: it may come before its acquire, which it must meet.)
+            return [], [], _INF
+        shared = self._set(name, now, keep=not all(m[0] in PEEKS for m in messages))
         shared.at(now)
         answers: list[Any] = []
         for message in messages:
@@ -416,12 +626,34 @@ class LimitsActor:
             shared.run_due()
         return answers, shared.take_finished(caller), shared.next_timer()
 
+    async def batch_keys(
+        self, name: str, batches: list[tuple[str, str, list[tuple[Any, ...]]]]
+    ) -> list[Any]:
+        """The batches of several keys of the keyed set ``name`` (``(key, caller,
+        messages)``, those a process joined into one call): the reply to each, as
+        :meth:`batch` gives it, or the exception that failed it."""
+        replies: list[Any] = []
+        for key, caller, messages in batches:
+            reply: Any
+            try:
+                reply = await self.batch(((name, key), caller, messages, None))
+            except Exception as exc:
+                reply = exc
+            replies.append(reply)
+        return replies
+
     async def wait(
-        self, name: str, caller: str, seconds: float
+        self, name: str | tuple[str, str], caller: str, seconds: float
     ) -> tuple[list[tuple[Any, ...]], float]:
         """The outcomes of ``caller``'s queued requests: as soon as there is one, or after
         ``seconds`` (then maybe none). Each caller keeps one outstanding."""
-        shared = self._set(name)
+        if isinstance(name, tuple) and name[0] in self.keyed:
+            found = self._find(name)
+            if found is None:  # a key with nothing queued was dropped: nothing to say
+                return [], _INF
+            shared = found
+        else:
+            shared = self._set(name)
         if not shared.finished.get(caller):
             future = asyncio.get_running_loop().create_future()
             previous = shared.pollers.pop(caller, None)
@@ -435,10 +667,11 @@ class LimitsActor:
                     del shared.pollers[caller]
         return shared.take_finished(caller), shared.next_timer()
 
-    async def renew(self, leases: dict[str, list[str]]) -> None:
-        """Holders still alive: the ids of their holdings with resource slots, per set."""
+    async def renew(self, leases: dict[str | tuple[str, str], list[str]]) -> None:
+        """Holders still alive: the ids of their holdings with resource slots, per set (or
+        ``(name, key)``)."""
         for name, hids in leases.items():
-            shared = self.sets.get(name)
+            shared = self._find(name)
             if shared is not None:
                 shared.renew(hids)
 
@@ -446,6 +679,19 @@ class LimitsActor:
         """Whether this actor is a restart (Ray made it again after it died)."""
         return self.restarted
 
+
+#: The operations that use a key of a keyed set (and make it if new); the others (``operate``)
+#: only finish what one of those began.
+MAKES_KEY = frozenset({"acquire", "try", "pause", "change_limit", "slack", "retry_after", "stats"})
+
+
+def _abandons(message: tuple[Any, ...]) -> bool:
+    """``message`` gives back an acquisition its caller left (``operate ... abandon``)."""
+    return bool(message[0] == "operate" and message[3] == "abandon")
+
+
+#: The operations that only ask about a key: a key not held is answered as fresh, not made.
+PEEKS = frozenset({"stats", "retry_after", "slack"})
 
 #: The operations that are answered.
 ASKING = frozenset({"acquire", "try", "retry_after", "stats"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -11,15 +12,17 @@ import ray
 import ray.exceptions
 
 from .._algorithms import RateState
-from .._backends._base import Backend
+from .._backends._base import Backend, KeyFactory, KeyProxy
 from .._errors import BackendUnavailable
 from .._limits import Limit
 from .._scheduler import Scheduler
 from .._waiters import TimerClock
 from ._actor import LimitsActor
-from ._scheduler import UNAVAILABLE, RayScheduler
+from ._scheduler import UNAVAILABLE, KeyMux, RayKeyProxy, RayScheduler
 
 __all__ = ["RayBackend"]
+
+log = logging.getLogger("aiolimits.ray")
 
 POLICIES: Final = ("raise", "allow")
 
@@ -141,6 +144,56 @@ class RayBackend(Backend):
         """
         if name is None:
             raise ValueError("name is required with RayBackend: it names the shared state")
+        lease = self.lease_seconds
+        actor = self._declare(
+            clock, lambda start: self.actor().declare.remote(name, limits, start, lease)
+        )
+        return RayScheduler(
+            states,
+            clock,
+            actor=actor,
+            name=name,
+            timeout=self.timeout,
+            on_unavailable=self.on_unavailable,
+            lease_seconds=self.lease_seconds,
+        )
+
+    def attach_keyed(
+        self,
+        limits: tuple[Limit, ...],
+        clock: Callable[[], float],
+        name: str | None,
+        max_keys: int = 100_000,
+    ) -> KeyFactory:
+        """The factory of the per-key proxies of the keyed set ``name`` in the limits actor,
+        which keeps each key's state and queue (made on first use, dropped once fresh,
+        ``max_keys`` bounding the rest); declares it there, or checks it.
+
+        Raises:
+            ValueError: as :meth:`attach`; or ``name`` was declared with another ``max_keys``.
+            BackendUnavailable: as :meth:`attach`.
+        """
+        if name is None:
+            raise ValueError("name is required with RayBackend: it names the shared state")
+        actor = self._declare(
+            clock,
+            lambda start: self.actor().declare_keyed.remote(
+                name, limits, start, self.lease_seconds, max_keys
+            ),
+        )
+        return RayKeys(self, actor, name, clock, limits)
+
+    def _declare(self, clock: Callable[[], float], call: Callable[[float | None], Any]) -> Any:
+        """Declare a set in the limits actor (``call(start)`` makes the call, ``start`` the
+        reading of a simulated clock): its handle.
+
+        Raises:
+            ValueError: a ``clock`` other than ``time.monotonic`` (the actor decides on its own
+                clock) or a test clock that drives its own timers; the actor's answer when the
+                set was declared otherwise.
+            BackendUnavailable: the actor could not be reached within ``timeout`` (at least
+                60 s here, for Ray to start it).
+        """
         simulated = isinstance(clock, TimerClock)
         if clock is not time.monotonic and not simulated:
             raise ValueError(
@@ -154,10 +207,7 @@ class RayBackend(Backend):
         while True:
             start = clock() if simulated else None
             try:
-                message = ray.get(
-                    actor.declare.remote(name, limits, start, self.lease_seconds),
-                    timeout=max(deadline - time.monotonic(), 0.0),
-                )
+                message = ray.get(call(start), timeout=max(deadline - time.monotonic(), 0.0))
                 break
             except UNAVAILABLE as exc:
                 # Restarting (Ray failed the call it was given meanwhile): declare again, which
@@ -171,15 +221,7 @@ class RayBackend(Backend):
             backoff = min(backoff * 2, 1.0)
         if message is not None:
             raise ValueError(message)
-        return RayScheduler(
-            states,
-            clock,
-            actor=actor,
-            name=name,
-            timeout=self.timeout,
-            on_unavailable=self.on_unavailable,
-            lease_seconds=self.lease_seconds,
-        )
+        return actor
 
     def __reduce__(self) -> tuple[Any, ...]:
         options = {
@@ -193,6 +235,75 @@ class RayBackend(Backend):
 
     def __repr__(self) -> str:
         return f"RayBackend({self.actor_name!r}, namespace={self.namespace!r})"
+
+
+class RayKeys:
+    """The factory of a keyed set's per-key proxies (the keyed set's ``KeyFactory``), and how a
+    change of a limit reaches every key in the actor."""
+
+    __slots__ = ("_actor", "_backend", "_clock", "_generation", "_mux", "_name", "_numbers")
+
+    def __init__(
+        self,
+        backend: RayBackend,
+        actor: Any,
+        name: str,
+        clock: Callable[[], float],
+        limits: tuple[Limit, ...],
+    ) -> None:
+        self._backend = backend
+        self._actor = actor
+        self._name = name
+        self._clock = clock
+        self._mux = KeyMux(actor, name)
+        #: The limits' numbers as this process changed them (the keyed set follows them for
+        #: its validation and new proxies; the actor holds the numbers that decide).
+        self._numbers = [
+            (limit.capacity, getattr(limit, "window_seconds", 0.0)) for limit in limits
+        ]
+        self._generation = 0
+
+    def __call__(self, key: str, states: tuple[RateState, ...]) -> KeyProxy:
+        backend = self._backend
+        return RayKeyProxy(
+            states,
+            self._clock,
+            actor=self._actor,
+            name=self._name,
+            timeout=backend.timeout,
+            on_unavailable=backend.on_unavailable,
+            lease_seconds=backend.lease_seconds,
+            key=key,
+            mux=self._mux,
+        )
+
+    def change_limit(self, index: int, capacity: float | None, window: float | None) -> None:
+        """Change the numbers given (None: unchanged) of the set's limit at ``index``, for
+        every key held by the actor and the keys it makes later. Handed off, as a LimitSet's
+        change is."""
+        old_capacity, old_window = self._numbers[index]
+        self._numbers[index] = (
+            old_capacity if capacity is None else capacity,
+            old_window if window is None else window,
+        )
+        self._generation += 1
+        try:
+            ref = self._actor.change_keyed.remote(self._name, index, capacity, window)
+        except Exception as exc:  # Ray shut down, actor handle unusable
+            log.warning("aiolimits: a change of a limit could not reach the Ray actor: %s", exc)
+            return
+        ref.future().add_done_callback(_log_failure)
+
+    def known_changes(self) -> tuple[int, tuple[tuple[float, float], ...]]:
+        """The changes this process made: their count, and each limit's numbers now."""
+        return self._generation, tuple(self._numbers)
+
+
+def _log_failure(future: Any) -> None:
+    try:
+        future.result()
+    except Exception as exc:
+        log.warning("aiolimits: a change of a limit on the Ray limits actor failed: %s", exc)
 
 
 def _rebuild(actor_name: str, options: dict[str, Any]) -> RayBackend:

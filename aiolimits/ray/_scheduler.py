@@ -47,11 +47,12 @@ import ray
 import ray.exceptions
 
 from .._algorithms import RateState, SemaphoreState
+from .._backends._base import KeyProxy
 from .._errors import BackendUnavailable
 from .._scheduler import Items, Scheduler
 from .._waiters import GRANTED, LEFT, WAITING, AsyncioWaiter, Cancellable, TimerClock, Waiter
 
-__all__ = ["RayScheduler", "Ticket"]
+__all__ = ["KeyMux", "RayKeyProxy", "RayScheduler", "Ticket"]
 
 log = logging.getLogger("aiolimits.ray")
 
@@ -130,6 +131,7 @@ class RayScheduler(Scheduler):
         "_simulated",
         "_slack",
         "_snapshot",
+        "_target",
         "_tick_timer",
         "_timeout",
         "_waiting",
@@ -146,6 +148,7 @@ class RayScheduler(Scheduler):
         timeout: float,
         on_unavailable: str,
         lease_seconds: float,
+        key: str | None = None,
     ) -> None:
         self._simulated = isinstance(clock, TimerClock)
         # Guards the outbox, ``_waiting`` and the state of its waiters. Not the scheduler's
@@ -163,6 +166,9 @@ class RayScheduler(Scheduler):
         self._slack = 0.0
         self._actor = actor
         self._name = name
+        #: What the actor finds the state by: the set's name, or ``(name, key)`` for a key of a
+        #: keyed set.
+        self._target: str | tuple[str, str] = name if key is None else (name, key)
         self._caller = uuid.uuid4().hex
         self._ids = itertools.count()
         super().__init__(states, clock)
@@ -281,7 +287,7 @@ class RayScheduler(Scheduler):
         """One call to the actor with ``messages``; ``wait``: block for its reply (at most
         ``timeout``) and apply it here, else it is applied on Ray's thread when it comes."""
         try:
-            ref = self._actor.batch.remote((self._name, self._caller, messages, self._now()))
+            ref = self._actor.batch.remote((self._target, self._caller, messages, self._now()))
         except Exception as exc:  # Ray shut down, actor handle unusable
             self._replied(answers, None, exc)
             return
@@ -464,7 +470,7 @@ class RayScheduler(Scheduler):
         """Ask the actor for the outcomes of this process's queued requests (one call at a
         time, made again while some are queued)."""
         try:
-            ref = self._actor.wait.remote(self._name, self._caller, POLL_SECONDS)
+            ref = self._actor.wait.remote(self._target, self._caller, POLL_SECONDS)
             ref.future().add_done_callback(self._on_poll)
         except Exception as exc:
             self._poll_failed(exc)
@@ -630,7 +636,7 @@ class RayScheduler(Scheduler):
             return
         with self._answers:
             hids = list(held)
-        ref = self._actor.renew.remote({self._name: hids})
+        ref = self._actor.renew.remote({self._target: hids})
         ref.future().add_done_callback(self._renewed)
 
     def _renewed(self, future: Any) -> None:
@@ -713,6 +719,104 @@ class RayScheduler(Scheduler):
         snapshot = self._snapshot or self._ask(("stats",))
         self._snapshot = None
         return int(snapshot["waiting"])
+
+
+class RayKeyProxy(RayScheduler, KeyProxy):
+    """The proxy of one key of a keyed set kept in the limits actor: a :class:`RayScheduler`
+    whose messages name the key (the actor keeps the key's state and queue). The batches it
+    sends without waiting go through its set's :class:`KeyMux`, which joins those of every key
+    of this process into one call."""
+
+    __slots__ = ("_mux",)
+
+    def __init__(
+        self, states: tuple[RateState, ...], clock: Callable[[], float], *, mux: KeyMux, **kw: Any
+    ) -> None:
+        super().__init__(states, clock, **kw)
+        self._mux = mux
+
+    def idle(self) -> bool:
+        with self._answers:
+            return not (self._waiting or self._held or self._out or self._asking)
+
+    def _send(
+        self, messages: list[tuple[Any, ...]], answers: list[str | Answer], *, wait: bool
+    ) -> None:
+        if wait:
+            super()._send(messages, answers, wait=True)
+        else:
+            self._mux.send(self, messages, answers)
+
+
+class KeyMux:
+    """Coalescing across the keys of a keyed set: the batches its key proxies send without
+    waiting, joined into one call to the actor (:meth:`LimitsActor.batch_keys`) while
+    ``MAX_ASKING`` such calls are on their way; each reply goes to its proxy as the reply to
+    its own batch."""
+
+    __slots__ = ("_actor", "_flying", "_lock", "_name", "_pending")
+
+    def __init__(self, actor: Any, name: str) -> None:
+        self._actor = actor
+        self._name = name
+        self._lock = threading.Lock()
+        self._pending: list[tuple[RayKeyProxy, list[tuple[Any, ...]], list[str | Answer]]] = []
+        self._flying = 0
+
+    def send(
+        self, proxy: RayKeyProxy, messages: list[tuple[Any, ...]], answers: list[str | Answer]
+    ) -> None:
+        with self._lock:
+            self._pending.append((proxy, messages, answers))
+            if self._flying >= MAX_ASKING:
+                return  # goes with the next call, when one of those comes back
+            self._flying += 1
+            entries, self._pending = self._pending, []
+        self._go(entries)
+
+    def _go(
+        self, entries: list[tuple[RayKeyProxy, list[tuple[Any, ...]], list[str | Answer]]]
+    ) -> None:
+        batches = [(proxy._target[1], proxy._caller, messages) for proxy, messages, _ in entries]
+        try:
+            ref = self._actor.batch_keys.remote(self._name, batches)
+        except Exception as exc:  # Ray shut down, actor handle unusable
+            self._done(entries, [exc] * len(entries))
+            return
+        ref.future().add_done_callback(lambda future: self._on_reply(entries, future))
+
+    def _on_reply(
+        self,
+        entries: list[tuple[RayKeyProxy, list[tuple[Any, ...]], list[str | Answer]]],
+        future: Any,
+    ) -> None:
+        """From Ray's thread: the replies to a joined call."""
+        try:
+            replies = list(future.result())
+        except Exception as exc:
+            replies = [exc] * len(entries)
+        self._done(entries, replies)
+
+    def _done(
+        self,
+        entries: list[tuple[RayKeyProxy, list[tuple[Any, ...]], list[str | Answer]]],
+        replies: list[Any],
+    ) -> None:
+        for (proxy, _messages, answers), reply in zip(entries, replies, strict=False):
+            # Nor may it keep this mux stuck: every call on its way must be counted back.
+            try:
+                if isinstance(reply, BaseException):
+                    proxy._replied(answers, None, reply)
+                else:
+                    proxy._replied(answers, reply, None)
+            except Exception:  # noqa: PERF203 - one proxy failing must not stop the others
+                log.exception("aiolimits: applying a reply of the Ray limits actor failed")
+        with self._lock:
+            if not self._pending:
+                self._flying -= 1
+                return
+            entries, self._pending = self._pending, []
+        self._go(entries)
 
 
 class Courier:
