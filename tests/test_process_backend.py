@@ -677,3 +677,29 @@ def test_a_directory_no_set_uses_is_closed_and_cleaned(tmp_path: Path) -> None:
     assert fds() <= before  # other threads of the session (Ray, Redis) may close theirs meanwhile
     # Its life files went with it (and wake-up sockets, had it waited).
     assert not list(tmp_path.glob("d*/.*"))
+
+
+def test_threads_making_the_life_file_and_socket_at_once_all_succeed(tmp_path: Path) -> None:
+    """Two threads of one process that find no life file each used to open and flock it: the
+    second flock failed (BlockingIOError) and its acquisition with it."""
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    found = peers.Directory(fd, str(tmp_path))
+    start = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        start.wait()
+        try:
+            found.keep_alive()
+            found.wake_address()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len([p for p in os.listdir(tmp_path) if p.startswith(".wake-")]) == 1
+    found.close_own(unlink=True)

@@ -156,10 +156,13 @@ class _Handles:
     """What a :class:`Directory` holds open, closed when the directory is no longer used (a
     finalizer must not hold the directory object itself)."""
 
-    __slots__ = ("address", "fd", "life", "sender", "sock")
+    __slots__ = ("address", "fd", "life", "making", "sender", "sock")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        # Held while this process's socket or life file is made: two threads making them at
+        # once would each open the life file, and the second one's flock would fail.
+        self.making = threading.Lock()
         self.sock: socket.socket | None = None
         self.address = b""
         self.life: int | None = None
@@ -217,20 +220,23 @@ class Directory:
         """This process's wake-up socket in this directory (made, and listened to, on first
         use). Its name goes into the shared state for the others to send to."""
         h = self._h
-        if h.sock is None:
-            me = my_identity()
-            name = f".wake-{me[2]}-{me[0]}-{secrets.token_hex(6)}".encode()
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            try:
-                sock.bind(self._prefix + name)
-                os.chmod(name, 0o600, dir_fd=self.fd)
-                sock.setblocking(False)
-            except BaseException:
-                sock.close()
-                raise
-            h.sock, h.address = sock, name
-            listener().add(sock)
-        return h.address
+        if h.sock is not None:
+            return h.address
+        me = my_identity()
+        with h.making:
+            if h.sock is None:
+                name = f".wake-{me[2]}-{me[0]}-{secrets.token_hex(6)}".encode()
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                try:
+                    sock.bind(self._prefix + name)
+                    os.chmod(name, 0o600, dir_fd=self.fd)
+                    sock.setblocking(False)
+                except BaseException:
+                    sock.close()
+                    raise
+                h.sock, h.address = sock, name
+                listener().add(sock)
+            return h.address
 
     def send(self, name: bytes, message: bytes = b"!") -> None:
         """Wake the process whose socket here is ``name``; never blocks. A peer that is gone or
@@ -245,15 +251,21 @@ class Directory:
         if h.life is not None:
             return
         name = _life_name(my_identity())
-        fd = os.open(
-            name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd
-        )
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BaseException:
-            os.close(fd)
-            raise
-        h.life = fd
+        with h.making:
+            # Unless another thread of this process made it meanwhile.
+            if h.life is None:
+                fd = os.open(
+                    name,
+                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=self.fd,
+                )
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                h.life = fd
 
     def alive(self, peer: Peer) -> bool:
         """Whether ``peer`` (which recorded something in a state file here) still runs."""
