@@ -468,3 +468,32 @@ def test_damaged_changes_in_the_header_are_an_error_not_other_limits(
     with pytest.raises(StateFileError, match="damaged"):
         keyed.change_limit("r", capacity=4)
     assert keyed.limits == (RateLimit("r", 60, 3),)
+
+
+@pytest.mark.parametrize("algorithm", [RateLimitAlgorithm.TokenBucket, RateLimitAlgorithm.GCRA])
+def test_a_refund_from_an_earlier_life_of_the_key_gives_nothing(
+    backend: ProcessBackend, algorithm: RateLimitAlgorithm
+) -> None:
+    """An acquisition held while its key went fresh (and was removed, then made again by new
+    takes) refunds nothing into the key's new life, as with a dropped key in memory: its units
+    were absorbed before. Its receipt's number (5) lies after every operation of the new life,
+    so it used to be refunded in full, admitting more than the limit."""
+    clock = ManualClock(100.0)
+    limits = [RateLimit("r", capacity=5, window_seconds=2.0, algorithm=algorithm)]
+    shared = KeyedLimitSet(limits, backend=backend, name=uuid.uuid4().hex, clock=clock)
+    memory = KeyedLimitSet(limits, clock=clock)
+    for keyed in (shared, memory):
+        for _ in range(4):  # operations of the key's first life, numbered 1 to 4
+            assert keyed.try_acquire("k", {"r": 1}).successful
+    old = [keyed.try_acquire("k", {"r": 1}) for keyed in (shared, memory)]  # the fifth
+    assert all(acq.successful for acq in old)
+    clock.advance(10.0)
+    for keyed in (shared, memory):
+        # Written while fresh: the shared record is removed (a memory key is kept: a lone key
+        # is never looked at for dropping); the next take starts the key's new life.
+        assert keyed.try_acquire("k", {"r": 0}).successful
+        assert keyed.try_acquire("k", {"r": 4}).successful
+    for acq in old:
+        acq.update({"r": 0})  # a refund of the unit taken in the key's earlier life
+    assert shared.retry_after("k", {"r": 5}) == memory.retry_after("k", {"r": 5}) > 0
+    assert shared.get_stats("k")["limits"]["r"]["available"] == 1.0

@@ -74,6 +74,7 @@ from typing import Any, Final, NamedTuple
 
 from .._algorithms import RateState, new_state
 from .._limits import Limit
+from .._scheduler import Items
 from . import _process_peers as peers
 from ._base import KeyProxy
 from ._declaration import declaration, declaration_json, mismatch
@@ -104,6 +105,11 @@ _CRC = struct.Struct("<I")
 _COUNT = struct.Struct("<II")  # live records, CLOCK hand: one per shard
 # flags, length, crc of the data (and of length, version, hash), key hash, version
 _REC = struct.Struct("<B3xII16sQ4x")
+# A record's version: its life (random, fixed while the record exists) over its write count. A
+# count that overflows moves to another life: what acquisitions took before is then worth
+# nothing (refunds denied: never more admitted).
+_COUNT_BITS: Final = 24
+_LIFE_BITS: Final = 39
 _REC_BYTES: Final = 40
 _LIVE, _USED, _OVERFLOW = 1, 2, 4
 _FLOCK = struct.Struct("@hhqqi4x")  # struct flock on Linux (64-bit off_t)
@@ -813,7 +819,13 @@ class _KeyRecord:
     def write(self, data: bytes) -> None:
         table = self.table
         found = self._found
-        version = _REC.unpack_from(found)[4] + 1 if found else 1
+        # A new record starts a new life of the key: a random incarnation in the version's upper
+        # bits (see ``incarnation``), its writes counted in the lower ones.
+        version = (
+            _REC.unpack_from(found)[4] + 1
+            if found
+            else (secrets.randbits(_LIFE_BITS) | 1) << _COUNT_BITS | 1
+        )
         record = table.pack(self.tag, data, version)
         if not found:
             self._slot = table.insert(self.shard, self.home, self.tag, self.clock())
@@ -835,11 +847,28 @@ class _KeyRecord:
         """Whether the key has a record (as found under the current lock)."""
         return bool(self._found)
 
+    def incarnation(self) -> int:
+        """Which life of the key the record last read or written is (0: none, a fresh key).
+        A key removed once fresh and made again is another life: what an acquisition took from
+        an earlier one is worth nothing in it (semantics §3, as for a dropped key in memory)."""
+        seen = self._seen
+        return _REC.unpack_from(seen)[4] >> _COUNT_BITS if len(seen) >= _REC_BYTES else 0
+
     def forget(self) -> None:
         self._seen = b"\0"  # never equal to a record found: the next lock reloads
 
     def close(self) -> None:
         pass
+
+
+class _Lived:
+    """A receipt and the life of the key it was taken in (see ``KeyedProcessScheduler``)."""
+
+    __slots__ = ("life", "receipt")
+
+    def __init__(self, life: int, receipt: Any) -> None:
+        self.life = life
+        self.receipt = receipt
 
 
 class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
@@ -849,7 +878,7 @@ class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
     follow, stored in the key's record: a key catches up with the changes made since at its
     next decision, in any process (:meth:`_catch_up`)."""
 
-    __slots__ = ("_generation", "_record")
+    __slots__ = ("_generation", "_incarnation", "_life", "_record")
 
     def __init__(
         self,
@@ -871,6 +900,10 @@ class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
         self._record = _KeyRecord(table, key, clock)
         self._file = self._record
         self._local = table.stripe(self._record.shard)
+        # The life of the key the states hold (the record's incarnation, 0 for none), and a
+        # count of the lives this proxy saw: receipts are stamped with it (``_Lived``).
+        self._incarnation = 0
+        self._life = 0
 
     def __enter__(self) -> None:
         super().__enter__()
@@ -943,6 +976,10 @@ class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
                 RuntimeWarning,
                 stacklevel=3,
             )
+        incarnation = self._record.incarnation() if data is not None and shared is not None else 0
+        if incarnation != self._incarnation:  # removed meanwhile (and maybe made again)
+            self._incarnation = incarnation
+            self._life += 1
         if data is None or shared is None:
             self._load_fresh()
             return
@@ -960,11 +997,51 @@ class KeyedProcessScheduler(ProcessScheduler, KeyProxy):
             or not all(state.is_fresh(now) for state in self.states)
         ):
             self._record.write(data)
+            # The life the states had goes on in the record (made now if the key had none).
+            self._incarnation = self._record.incarnation()
             return data
         # Fresh: removed, with no decision changed; this proxy now shows a key never seen (its
-        # counters too), as every other process does.
+        # counters too), as every other process does: a new life.
         self._record.remove()
+        self._incarnation = 0
+        self._life += 1
         return self._load_fresh()
+
+    # -- receipts, stamped with the life of the key they were taken in -----------------------
+
+    def _stamp(self, receipts: list[Any]) -> list[Any]:
+        life = self._life
+        return [_Lived(life, receipt) for receipt in receipts]
+
+    def _unstamp(self, receipt: Any) -> Any:
+        """A receipt as the states know it; None (worth nothing: no refund) when it was taken
+        in an earlier life of the key."""
+        if isinstance(receipt, _Lived):
+            return receipt.receipt if receipt.life == self._life else None
+        return receipt
+
+    def _take(self, items: Items, now: float) -> list[Any]:
+        return self._stamp(super()._take(items, now))
+
+    def try_take(self, items: Items, now: float) -> list[Any] | None:
+        receipts = super().try_take(items, now)
+        return None if receipts is None else self._stamp(receipts)
+
+    def _give_back(self, items: Items, receipts: list[Any] | None, now: float) -> None:
+        if receipts is not None:
+            receipts = [self._unstamp(receipt) for receipt in receipts]
+        super()._give_back(items, receipts, now)
+
+    def settle(
+        self, state: RateState, receipt: Any, held: float, usage: float, now: float
+    ) -> tuple[Any, float]:
+        receipt, held = super().settle(state, self._unstamp(receipt), held, usage, now)
+        return _Lived(self._life, receipt), held
+
+    def release(self, items: Items, receipts: list[Any] | None = None) -> None:
+        if receipts is not None:
+            receipts = [self._unstamp(receipt) for receipt in receipts]
+        super().release(items, receipts)
 
     def idle(self) -> bool:
         return not self.queue
