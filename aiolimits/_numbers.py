@@ -150,6 +150,18 @@ def check_seconds(what: str, value: object) -> float:
     return float(s)
 
 
+def check_positive_seconds(what: str, value: object) -> float:
+    """A backend's own time (a call's timeout, a lease): ``0 < value <= MAX_SECONDS``, as a
+    float. Larger ones would overflow a thread's wait, or a store's expiry, far from the caller."""
+    s = check_real(what, value)
+    if not 0 < s <= MAX_SECONDS:
+        raise ValueError(
+            f"{what} must be a number of seconds above 0 and at most {MAX_SECONDS:g}, "
+            f"got {_shown(s)}"
+        )
+    return float(s)
+
+
 def check_timeout(timeout: object, what: str = "timeout") -> float:
     """A timeout: ``None`` or ``math.inf`` for none (returned as ``inf``), else seconds in
     ``[0, MAX_SECONDS]``, as a float."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final, final
@@ -15,6 +14,7 @@ from .._algorithms import RateState
 from .._backends._base import Backend, KeyFactory, KeyProxy
 from .._errors import BackendUnavailable
 from .._limits import Limit
+from .._numbers import check_positive_seconds
 from .._scheduler import Scheduler
 from .._waiters import TimerClock
 from ._actor import LimitsActor
@@ -102,11 +102,8 @@ class RayBackend(Backend):
             raise TypeError(f"actor_options must be a mapping or None, got {actor_options!r}")
         if on_unavailable not in POLICIES:
             raise ValueError(f"on_unavailable must be one of {POLICIES!r}, got {on_unavailable!r}")
-        for arg, value in (("timeout", timeout), ("lease_seconds", lease_seconds)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{arg} must be a number of seconds, got {value!r}")
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{arg} must be positive and finite, got {value!r}")
+        timeout = check_positive_seconds("timeout", timeout)
+        lease_seconds = check_positive_seconds("lease_seconds", lease_seconds)
         self.actor_name = actor_name
         self.namespace = namespace
         self.actor_options = dict(actor_options or {})

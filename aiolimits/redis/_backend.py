@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import re
 import weakref
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from .._backends._base import Backend, KeyFactory
 from .._backends._declaration import declaration, declaration_json, mismatch
 from .._errors import BackendUnavailable
 from .._limits import Limit
+from .._numbers import check_positive_seconds
 from .._scheduler import Scheduler
 from .._waiters import TimerClock
 from ._calls import Numbers, read_numbers
@@ -113,11 +113,8 @@ class RedisBackend(Backend):
             raise ValueError(f"prefix must be a non-empty str without braces, got {prefix!r}")
         if on_unavailable not in POLICIES:
             raise ValueError(f"on_unavailable must be one of {POLICIES!r}, got {on_unavailable!r}")
-        for arg, value in (("timeout", timeout), ("lease_seconds", lease_seconds)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{arg} must be a number of seconds, got {value!r}")
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{arg} must be positive and finite, got {value!r}")
+        timeout = check_positive_seconds("timeout", timeout)
+        lease_seconds = check_positive_seconds("lease_seconds", lease_seconds)
         self._url = url_or_client if isinstance(url_or_client, str) else None
         self._client: redis.Redis | RedisCluster
         # From a URL: whether it is a Cluster is asked on first use (``_connect``).

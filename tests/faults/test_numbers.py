@@ -13,6 +13,7 @@ lasts seconds)
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import threading
 import time
@@ -297,3 +298,19 @@ def test_a_retry_after_header_out_of_range_is_ignored_never_raised(header: str) 
     from aiolimits.integrations.headers import read_limits
 
     assert read_limits({"Retry-After": header}, now=0.0).retry_after is None
+
+
+@pytest.mark.parametrize("bad", [*BAD_SECONDS, 0, math.inf], ids=short)
+@pytest.mark.parametrize("what", ["timeout", "lease_seconds"])
+def test_a_hostile_backend_time_is_refused(bad: Any, what: str) -> None:
+    """A backend's own call timeout or lease beyond the range would overflow a thread's wait or
+    a store's expiry later, far from the caller: refused when the backend is made."""
+    from aiolimits.redis import RedisBackend
+
+    with pytest.raises(ValueError, match=what):
+        RedisBackend("redis://127.0.0.1:1/0", **{what: bad})
+    if importlib.util.find_spec("ray") is not None:
+        from aiolimits.ray import RayBackend
+
+        with pytest.raises(ValueError, match=what):
+            RayBackend(**{what: bad})
