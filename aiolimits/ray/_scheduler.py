@@ -428,10 +428,8 @@ class RayScheduler(Scheduler):
             self.granted += 1
         else:
             waiter.state = LEFT
-            refused = error is None and outcome is not None and outcome[0] == "refused"
-            if refused:  # a limit changed (semantics §4)
-                assert outcome is not None
-                error = ValueError(outcome[1])
+            if error is None and outcome is not None and outcome[0] == "refused":
+                error = ValueError(outcome[1])  # sent away by a change of a limit (semantics §4)
             if error is not None:
                 self._failures[waiter] = error
             else:
