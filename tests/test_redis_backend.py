@@ -20,6 +20,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.to_thread
 import pytest
 
 from aiolimits import (
@@ -525,6 +526,34 @@ async def test_queued_tasks_are_granted_in_arrival_order(redis_server: RedisServ
                 # Each one granted or queued before the next starts (trio runs in any order).
                 await eventually(partial(arrived, i))
     assert order == list(range(30))
+
+
+@pytest.mark.anyio
+async def test_tasks_granted_together_run_in_grant_order(redis_server: RedisServer) -> None:
+    # A release from a thread grants the four queued tasks in one batch. Woken together, trio
+    # runs them in any order (it reverses a batch of runnable tasks half the time): the
+    # scheduler wakes each once the one granted before it has run.
+    limits = LimitSet(
+        [ResourceLimit("conns", 4)], backend=backend(redis_server), name=uuid.uuid4().hex
+    )
+    order: list[int] = []
+
+    async def one(i: int) -> None:
+        async with limits.acquire({"conns": 1}, timeout=30):
+            order.append(i)
+
+    for _ in range(6):
+        holder = limits.try_acquire({"conns": 4})
+        assert holder.successful
+        order.clear()
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for i in range(4):
+                    tg.start_soon(one, i)
+                    await eventually(partial(lambda n: limits.get_stats()["waiting"] > n, i))
+                await anyio.to_thread.run_sync(holder.release)
+        assert order == [0, 1, 2, 3]
 
 
 @pytest.mark.anyio

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,9 +20,9 @@ from .._algorithms import RateState
 from .._errors import BackendUnavailable
 from .._limits import Limit
 from .._scheduler import Items, Scheduler
-from .._waiters import Cancellable, TimerClock, Waiter, running_event_loop
+from .._waiters import LEFT, Cancellable, TimerClock, TrioWaiter, Waiter, running_event_loop
 from ._calls import NoAnswer, Numbers, ScriptCalls
-from ._failure import ALLOWED, GRACE, Circuit, Local, NotSent
+from ._failure import ALLOWED, GRACE, Circuit, Local, NotSent, on_background_thread
 from ._leases import LeaseTerms
 from ._link import Link
 from ._outbox import Outbox
@@ -65,7 +65,9 @@ class RedisBase(Scheduler):
         "_hash",
         "_hint",
         "_hub",
+        "_lanes",
         "_leases",
+        "_numbers_read",
         "_outbox",
         "_patience",
         "_policy",
@@ -115,6 +117,9 @@ class RedisBase(Scheduler):
             # (one holder id prefix and counter for the whole set).
             self._args, self._terms = model._args, model._terms
         self._simulated = simulated
+        # The numbers of limits another client changed, read by a call, not yet taken (see
+        # _adopt).
+        self._numbers_read: list[Numbers] = []
         # Under the real clock, the async door queues without asking and this process's
         # dispatcher thread asks Redis for the queue (see Dispatcher); under a simulated clock
         # every decision is made inline, so that a test sees it done when its tasks are blocked.
@@ -161,6 +166,9 @@ class RedisBase(Scheduler):
         self._expiry_at = math.inf
         self._expiry_timer: Cancellable | None = None
         self._leases: dict[str, tuple[str, ...]] = {}  # holder -> resource keys held
+        # The granted trio waiters not yet run, by the thread of their loop, in grant order:
+        # each is woken once the one before it ran (see _grant).
+        self._lanes: dict[int, deque[Waiter]] = {}
         self.leases_lost = 0
 
     def _call(self, op: str, now: float, *args: str, bound: float | None = None) -> Any:
@@ -172,21 +180,103 @@ class RedisBase(Scheduler):
 
     def _adopt(self, numbers: Numbers) -> list[tuple[list[str], list[str]]]:
         """The numbers of the limits now, read from Redis after another client changed some
-        (semantics §4): this process's script arguments, numbers and fallback state take them.
-        Returns the script arguments of each limit that changed, before and after. Its queued
-        waiters above a lowered capacity are sent away under the lock, by the batch that finds
-        the change (``_batch.py``)."""
+        (semantics §4). Returns the script arguments of each limit that changed, before and
+        after, for the call under way. A call from a caller's thread holds the lock: this
+        process's arguments, numbers and fallback state take the numbers now. One of the
+        backend's own threads may not (a batch is asked without it): the numbers are noted and
+        taken under the lock before the arguments are next read (:meth:`_arguments`). Its
+        queued waiters above a lowered capacity are sent away by the batch that finds the
+        change (``_batch.py``)."""
         changed = []
-        now = self.clock()
-        for state in self.states:
-            capacity, window = numbers.get(state.key, (state.capacity, state.window))
-            if (capacity, window) == (state.capacity, state.window):
+        args = dict(self._args)  # a copy: another thread may take noted numbers meanwhile
+        for key, (capacity, window) in numbers.items():
+            old = args.get(key)
+            if old is None:
                 continue
-            old = self._args[state.key]
-            new = self._args[state.key] = [old[0], old[1], num(capacity), num(window)]
-            changed.append((old, new))
-            state.change(capacity, window, now)
+            new = [old[0], old[1], num(capacity), num(window)]
+            if new != old:
+                changed.append((old, new))
+        self._numbers_read.append(numbers)  # list.append: atomic, taken under the lock
+        if not on_background_thread():
+            self._arguments()
         return changed
+
+    def _arguments(self) -> dict[str, list[str]]:
+        """Under the lock: the script arguments of each limit, by key, once the numbers read
+        from Redis since (:meth:`_adopt`) are taken: this process's arguments, numbers and
+        fallback state change to them."""
+        read = self._numbers_read
+        while read:
+            numbers = read.pop(0)
+            now = self.clock()
+            for state in self.states:
+                capacity, window = numbers.get(state.key, (state.capacity, state.window))
+                if (capacity, window) == (state.capacity, state.window):
+                    continue
+                old = self._args[state.key]
+                self._args[state.key] = [old[0], old[1], num(capacity), num(window)]
+                state.change(capacity, window, now)
+        return self._args
+
+    def refuse_above(self, state: RateState) -> None:
+        self._arguments()  # the numbers another client set count
+        super().refuse_above(state)
+
+    def _grant(self, waiter: Waiter, receipts: list[Any], at: float, *, wake: bool = True) -> bool:
+        """:meth:`Scheduler._grant`, with the trio tasks of one loop woken one after the other,
+        in grant order: trio runs the tasks woken together in any order, and a batch (or a
+        dispatch from another thread) grants several at once. A later one is woken when the one
+        before it has run (:meth:`_ran`); asyncio runs the tasks it is told to wake in that
+        order, and a thread waits for no other."""
+        if type(waiter) is not TrioWaiter:
+            return super()._grant(waiter, receipts, at, wake=wake)
+        lane = self._lanes.get(waiter._thread)
+        if not wake:  # it runs now: after the ones of its loop granted before (after_wake)
+            if lane is not None:
+                lane.append(waiter)
+            return super()._grant(waiter, receipts, at, wake=False)
+        if lane is None:
+            if not super()._grant(waiter, receipts, at):
+                return False
+            self._lanes[waiter._thread] = deque((waiter,))
+            return True
+        super()._grant(waiter, receipts, at, wake=False)
+        lane.append(waiter)
+        return True
+
+    def _ran(self, waiter: Waiter, *, leaving: bool = False) -> bool:
+        """Under the lock: a granted ``waiter`` runs, or leaves (cancelled). Wakes the next
+        trio task of its loop granted after it (see :meth:`_grant`); False when it runs before
+        its turn (one granted before it has not run yet): it sleeps until woken."""
+        if type(waiter) is not TrioWaiter:
+            return True
+        lane = self._lanes.get(waiter._thread)
+        if lane is None or waiter not in lane:
+            return True
+        if lane[0] is not waiter:
+            if not leaving:
+                return False
+            lane.remove(waiter)
+            return True
+        lane.popleft()
+        gave_back = False
+        while lane:
+            nxt = lane[0]
+            if nxt.notify():
+                break
+            # Its loop is gone: nobody will use or release the grant (as Scheduler._grant).
+            lane.popleft()
+            receipts, nxt.receipts = nxt.receipts, None
+            nxt.state = LEFT
+            self.granted -= 1
+            self.cancelled += 1
+            self._give_back(nxt.items, receipts, self.clock())
+            gave_back = True
+        if not lane:
+            del self._lanes[waiter._thread]
+        if gave_back and self.queue:
+            self._dispatch(self.clock())
+        return True
 
     def bound_next_call(self, timeout: float) -> None:
         """Under the lock, from the blocking door: the next ``try_take`` answers within
@@ -210,8 +300,9 @@ class RedisBase(Scheduler):
 
     def _item_args(self, items: Items) -> list[str]:
         out = [str(len(items))]
+        args = self._arguments() if self._numbers_read else self._args
         for state, amount in items:
-            out += self._args[state.key]
+            out += args[state.key]
             out.append(num(amount))
         return out
 

@@ -77,7 +77,7 @@ class DirectCalls(Batching):
             self._fast_busy = True
             epoch = self._epoch
             holder = self._terms.new_holder()
-        args = [holder, num(self._terms.seconds), *self._item_args(items)]
+            args = [holder, num(self._terms.seconds), *self._item_args(items)]
         try:
             reply = await self._ask_directly(conn, args, patience + GRACE)
         except BaseException as exc:
@@ -195,14 +195,15 @@ class DirectCalls(Batching):
             if barge:
                 self._fast_busy = True
                 holder = self._terms.new_holder()
-        stats_args = [str(len(self.states))]
-        for state in self.states:
-            stats_args += self._args[state.key]
-        first = (
-            ["acquire", holder, num(self._terms.seconds), *self._item_args(items)]
-            if barge
-            else ["earliest", *self._item_args(items)]
-        )
+            stats_args = [str(len(self.states))]
+            limit_args = self._arguments()
+            for state in self.states:
+                stats_args += limit_args[state.key]
+            first = (
+                ["acquire", holder, num(self._terms.seconds), *self._item_args(items)]
+                if barge
+                else ["earliest", *self._item_args(items)]
+            )
         try:
             replies = await self.calls.exchange(
                 conn, self._hash, [first, ["stats", *stats_args]], GRACE

@@ -24,7 +24,17 @@ import redis.exceptions
 
 from .._errors import BackendUnavailable
 
-__all__ = ["ALLOWED", "GRACE", "UNAVAILABLE", "Circuit", "Local", "NotSent", "log"]
+__all__ = [
+    "ALLOWED",
+    "GRACE",
+    "UNAVAILABLE",
+    "Circuit",
+    "Local",
+    "NotSent",
+    "background_thread",
+    "log",
+    "on_background_thread",
+]
 
 log = logging.getLogger("aiolimits.redis")
 
@@ -40,6 +50,22 @@ UNAVAILABLE = (
     redis.exceptions.TimeoutError,
     redis.exceptions.BusyLoadingError,
 )
+
+# Marks the backend's own threads (see background_thread).
+_threads = threading.local()
+
+
+def background_thread() -> None:
+    """Mark this thread as one of the backend's own (dispatcher, renewer, listener, probe):
+    the only threads that make script calls without holding their scheduler's lock."""
+    _threads.background = True
+
+
+def on_background_thread() -> bool:
+    """Whether this thread is one of the backend's own (see :func:`background_thread`): a
+    script call from any other thread is made holding its scheduler's lock."""
+    return getattr(_threads, "background", False)
+
 
 # The probe's backoff between attempts, in seconds.
 _PROBE_FIRST: Final = 0.05
@@ -144,6 +170,7 @@ def _probe_until_reached(
 ) -> None:
     """The probe thread: tries ``probe`` with a backoff until it succeeds (then closes the
     circuit), the backend is closed, or the circuit is garbage."""
+    background_thread()
     delay = _PROBE_FIRST
     while not closed.wait(delay):
         if ref() is None:

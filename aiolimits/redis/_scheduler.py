@@ -58,7 +58,7 @@ from typing import Any
 from .._algorithms import RateState, SemaphoreState
 from .._errors import BackendUnavailable
 from .._scheduler import Items
-from .._waiters import WAITING, Waiter
+from .._waiters import GRANTED, WAITING, Waiter
 from ._base import on_loop
 from ._direct import DirectCalls
 from ._failure import ALLOWED, GRACE, Local, NotSent
@@ -146,7 +146,7 @@ class RedisScheduler(DirectCalls):
         before its next call; the script's wake-up tells their waiters. Here the numbers apply
         at once. From an event loop's thread it is handed off, in order, as a pause is."""
         key = state.key
-        old = self._args[key]
+        old = self._arguments()[key]
         new = [old[0], old[1], num(capacity), num(window)]
         digest: list[str] = []
 
@@ -204,7 +204,7 @@ class RedisScheduler(DirectCalls):
         if rates:
             args = [str(len(rates))]
             for state, receipt, amount in rates:
-                args += [*self._args[state.key], num(amount), "0.0", encode_receipt(receipt)]
+                args += [*self._arguments()[state.key], num(amount), "0.0", encode_receipt(receipt)]
             if not self._simulated and on_loop():
                 self._defer("settle", lambda: args, lost="could not give back an unused grant")
             else:
@@ -244,7 +244,7 @@ class RedisScheduler(DirectCalls):
             return self._defer_settle(state, receipt, held, usage), usage
         if usage == held:
             return receipt, held
-        args = [*self._args[state.key], num(held), num(usage), encode_receipt(receipt)]
+        args = [*self._arguments()[state.key], num(held), num(usage), encode_receipt(receipt)]
         try:
             self._flush()
             reply = self._call("settle", now, "1", *args, bound=self._bound())
@@ -270,7 +270,7 @@ class RedisScheduler(DirectCalls):
                 return None
             return [
                 "1",
-                *self._args[state.key],
+                *self._arguments()[state.key],
                 num(before),
                 num(usage),
                 encode_receipt(prior),
@@ -314,8 +314,9 @@ class RedisScheduler(DirectCalls):
         if answered is not None:
             return answered
         args = [str(len(self.states))]
+        limit_args = self._arguments()
         for state in self.states:
-            args += self._args[state.key]
+            args += limit_args[state.key]
         try:
             self._flush()
             reply = self._call("stats", now, *args, bound=self._bound())
@@ -349,6 +350,17 @@ class RedisScheduler(DirectCalls):
         return True
 
     def after_wake(self, waiter: Waiter, now: float) -> float | None:
+        until = self._after_wake(waiter, now)
+        if until is None and waiter.state == GRANTED and not self._ran(waiter):
+            return math.inf  # granted after a task of its loop that has not run yet
+        return until
+
+    def abandon(self, waiter: Waiter, now: float) -> None:
+        if waiter.state == GRANTED:
+            self._ran(waiter, leaving=True)
+        super().abandon(waiter, now)
+
+    def _after_wake(self, waiter: Waiter, now: float) -> float | None:
         if self._simulated:
             return super().after_wake(waiter, now)
         waiter.consume_notification()

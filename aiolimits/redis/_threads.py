@@ -26,7 +26,7 @@ import redis.client
 import redis.exceptions
 
 from .._errors import BackendUnavailable
-from ._failure import UNAVAILABLE, log
+from ._failure import UNAVAILABLE, background_thread, log
 
 if TYPE_CHECKING:
     from ._base import RedisBase
@@ -231,6 +231,7 @@ class Renewer:
         self._thread.start()
 
     def _run(self) -> None:
+        background_thread()
         while not self.stop.wait(self._period):
             _each(self._registry.holders(), "renew")
 
@@ -272,6 +273,7 @@ class Listener:
             connection.disconnect()  # the blocked read in the thread returns
 
     def _run(self, registry: _Registry) -> None:
+        background_thread()
         delay = 0.05
         while not self._stopped.is_set():
             pubsub: redis.client.PubSub | None = None
@@ -381,6 +383,7 @@ class Dispatcher:
             self._cond.notify()
 
     def _run(self) -> None:
+        background_thread()
         while True:
             with self._cond:
                 while True:
