@@ -32,7 +32,7 @@ from .._errors import BackendUnavailable
 from .._limits import Limit, ResourceLimit
 from .._numbers import check_capacity, check_resource_capacity, check_window
 from ._failure import UNAVAILABLE, Circuit, NotSent, log
-from ._link import Link
+from ._link import Link, socket_of
 from ._script import Lua, num
 
 if TYPE_CHECKING:
@@ -350,10 +350,9 @@ class ScriptCalls:
                     conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
                 while len(replies) < len(commands):
                     if not replies or not conn.can_read(timeout=0):  # nothing buffered
-                        # PERF: the one private attribute used: a task waits for its socket on
-                        # its own loop (no public API does without a thread hop, see
-                        # benchmarks/redis.py).
-                        await _wait_readable(conn._sock)
+                        # PERF: a task waits for its socket on its own loop, no thread hop
+                        # (see benchmarks/redis.py, and socketed in _link.py).
+                        await _wait_readable(socket_of(conn))
                     try:
                         replies.append(conn.read_response())
                     except redis.exceptions.ResponseError:

@@ -12,13 +12,16 @@ Two rules, from ``docs/redis.md`` (the circuit that remembers an unreachable ser
   ``timeout`` without an answer, or that cannot connect, trips the circuit.
 
 Only redis-py's public connection API is used (``send_command``, ``read_response(timeout=)``,
-``connect``, ``disconnect``), with one exception: a task waits for its answer on its own event
-loop by the readability of the connection's socket (``Connection._sock``), which no public API
-offers without a thread hop per call (see ``ScriptCalls.exchange`` in ``_calls.py``).
+``connect``, ``disconnect``), and its hook for connection classes: a connection of the link is of
+a subclass of the pool's connection class (:func:`socketed`) whose ``_connect``, the method each
+connection class implements to make its socket (redis-py's TCP, TLS and Unix classes override
+it), keeps the socket it makes. A task waits for its answer on its own event loop by that
+socket's readability (see ``ScriptCalls.exchange`` in ``_calls.py``): no thread hop per call.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 import weakref
 from collections.abc import Callable
@@ -30,7 +33,31 @@ import redis.exceptions
 
 from ._failure import UNAVAILABLE, Circuit
 
-__all__ = ["Link", "ping"]
+__all__ = ["Link", "ping", "socket_of", "socketed"]
+
+_SOCKETED: dict[type[Any], type[Any]] = {}
+
+
+def socketed(kind: type[redis.Connection]) -> type[redis.Connection]:
+    """A subclass of the connection class ``kind`` that keeps the socket each connect makes
+    (see the module's docstring; :func:`socket_of` reads it)."""
+    made = _SOCKETED.get(kind)
+    if made is None:
+
+        def _connect(self: Any) -> Any:
+            sock = kind._connect(self)  # type: ignore[no-untyped-call]
+            self.aiolimits_socket = sock
+            return sock
+
+        made = type(f"Socketed{kind.__name__}", (kind,), {"_connect": _connect})
+        _SOCKETED[kind] = made
+    return made
+
+
+def socket_of(conn: redis.Connection) -> socket.socket:
+    """The socket of a connected connection of a :class:`Link`."""
+    sock: socket.socket = conn.aiolimits_socket  # type: ignore[attr-defined]
+    return sock
 
 
 def _disconnect_all(connections: list[redis.Connection]) -> None:
@@ -79,7 +106,9 @@ class Link:
 
     def __init__(self, pool: redis.ConnectionPool, circuit: Circuit, timeout: float) -> None:
         kwargs: dict[str, Any] = dict(pool.connection_kwargs)
-        self._make: Callable[[], redis.Connection] = partial(pool.connection_class, **kwargs)
+        self._make: Callable[[], redis.Connection] = partial(
+            socketed(pool.connection_class), **kwargs
+        )
         self.circuit = circuit
         self.timeout = timeout
         self._cond = threading.Condition(threading.Lock())
