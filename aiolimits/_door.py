@@ -244,6 +244,10 @@ class Door:
         if until == _INF:
             return None, None
         if self._timer_clock is not None:
+            if until <= self._clock():
+                # Due already: a timer would fire now, on this thread, before the waiter sleeps
+                # (a task's sleep drops a wake-up that came before it): a sleep of no time.
+                return 0.0, None
             return None, self._timer_clock.call_at(until, partial(_timer_fired, sched, waiter))
         return until - self._clock(), None
 

@@ -9,11 +9,16 @@ a function (FCALL), and as an EVAL script, as on a server without functions.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from aiolimits import LimitSet
+
 from ._redis_server import RedisServer, redis_server
 from .contract import LimitSetContract, MakeLimitSet, limitset_factory
+from .contract._support import BACKGROUND, background_work
 
 __all__ = ["redis_server"]  # the session fixture
 
@@ -24,12 +29,25 @@ _NO_QUEUE_FORECAST = (
 )
 
 
+def _watched(make: MakeLimitSet) -> MakeLimitSet:
+    """``make``, each set's background work (the dispatcher thread, a task's round trip)
+    waited for by ``settle``: the production path, on an injected clock."""
+
+    def made(*args: Any, **kwargs: Any) -> LimitSet:
+        limits = make(*args, **kwargs)
+        BACKGROUND.append(limits._scheduler.quiet)  # type: ignore[attr-defined]
+        return limits
+
+    return made
+
+
 @pytest.fixture
-def make_limitset(redis_server: RedisServer) -> MakeLimitSet:
+def make_limitset(redis_server: RedisServer) -> Iterator[MakeLimitSet]:
     from aiolimits.redis import RedisBackend
 
     backend = RedisBackend(redis_server.url, prefix="contract")
-    return limitset_factory(backend, lambda: uuid.uuid4().hex)
+    with background_work():
+        yield _watched(limitset_factory(backend, lambda: uuid.uuid4().hex))
 
 
 class RedisContract(LimitSetContract):
@@ -38,6 +56,7 @@ class RedisContract(LimitSetContract):
     granted one round trip later rather than before the releasing task next blocks."""
 
     release_hands_off = True
+    decides_off_the_task = True
 
     @pytest.fixture(autouse=True)
     def _slack_turn_not_on_the_grid(self, request: pytest.FixtureRequest) -> None:
@@ -62,9 +81,10 @@ class TestRedisBackendWithoutFunctions(RedisContract):
     queue_forecast_missing = _NO_QUEUE_FORECAST
 
     @pytest.fixture
-    def make_limitset(self, redis_server: RedisServer) -> MakeLimitSet:
+    def make_limitset(self, redis_server: RedisServer) -> Iterator[MakeLimitSet]:
         from aiolimits.redis import RedisBackend
 
         backend = RedisBackend(redis_server.url, prefix="contract-eval")
         backend._lua.functions = False  # what a server without FCALL leads to
-        return limitset_factory(backend, lambda: uuid.uuid4().hex)
+        with background_work():
+            yield _watched(limitset_factory(backend, lambda: uuid.uuid4().hex))

@@ -49,6 +49,10 @@ class RedisBase(Scheduler):
 
     # Its waiters' wake times come from Redis and are re-asked when they run.
     timed_wakes = False
+    # The async door never asks under the lock: a lone request asks Redis itself, awaiting the
+    # answer on its loop (``take_first``), and the others queue for the dispatcher thread.
+    # Whatever the clock: a simulated one only injects the script's time (``ScriptCalls``).
+    remote = True
     forecasts_queue = False  # the script decides on state in Redis: see Scheduler.forecasts_queue
 
     __slots__ = (
@@ -73,11 +77,9 @@ class RedisBase(Scheduler):
         "_policy",
         "_refunded",
         "_refused",
-        "_simulated",
         "_terms",
         "calls",
         "leases_lost",
-        "remote",
     )
 
     def __init__(
@@ -116,14 +118,9 @@ class RedisBase(Scheduler):
             # Another scheduler of the same keyed set: its limits' arguments and lease terms
             # (one holder id prefix and counter for the whole set).
             self._args, self._terms = model._args, model._terms
-        self._simulated = simulated
         # The numbers of limits another client changed, read by a call, not yet taken (see
         # _adopt).
         self._numbers_read: list[Numbers] = []
-        # Under the real clock, the async door queues without asking and this process's
-        # dispatcher thread asks Redis for the queue (see Dispatcher); under a simulated clock
-        # every decision is made inline, so that a test sees it done when its tasks are blocked.
-        self.remote = not simulated
         # Counts what may change an answer of Redis for the head (answers applied, releases
         # elsewhere): a refusal that the dispatcher got before one of them is stale.
         self._epoch = 0
@@ -392,7 +389,7 @@ class RedisBase(Scheduler):
         idempotent), and expires by itself within ``lease_seconds`` anyway (it is no longer
         renewed)."""
         words = [holder, *keys]
-        if self._outbox.busy() or (not self._simulated and on_loop()):
+        if self._outbox.busy() or on_loop():
             self._defer("release", lambda: words)
             return
         for attempt in (1, 2):
@@ -419,7 +416,8 @@ class RedisBase(Scheduler):
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
         self._expiry_at = at
-        if self._simulated and isinstance(self.clock, TimerClock):
+        if isinstance(self.clock, TimerClock):
+            # Time injected: the expiry is a time of that clock, which fires its own timers.
             self._expiry_timer = self.clock.call_at(at, self._expired)
         else:
             # The hub's timer holds the scheduler weakly: a pending expiry keeps nothing alive.
@@ -438,14 +436,22 @@ class RedisBase(Scheduler):
             self._epoch += 1  # a refusal in flight (a batch, a direct call) predates this
             if not self.queue:
                 return
-            if self._simulated:
-                self._dispatch(self.clock())
-                return
             head = next(iter(self.queue))
             now = self.clock()
             if head.wake_at > now:
                 head.wake_at = now
             self._signal()
+
+    def quiet(self) -> tuple[bool, int]:
+        """Whether nothing of this scheduler is on its way to or from Redis (a task's own round
+        trip, a call handed off, a connection being made, the dispatcher thread's work), and a
+        count of the dispatcher's rounds (see :meth:`Hub.quiet`). For an observer that waits
+        for the background work to be done, as the contract suite's ``settle`` does."""
+        idle, rounds = self._hub.quiet()
+        with self.lock:
+            busy = self._fast_busy or self._outbox.busy() or self.calls.exchanges > 0
+        link = self.calls.link
+        return idle and not busy and (link is None or not link.warming()), rounds
 
     def _signal(self, job: Callable[[], object] | None = None) -> None:
         self._hub.signal(self, job)

@@ -140,6 +140,7 @@ class ScriptCalls:
         "_redeclare",
         "adopt",
         "client",
+        "exchanges",
         "injected_time",
         "link",
         "script",
@@ -167,6 +168,7 @@ class ScriptCalls:
         self.injected_time = injected_time
         self._redeclare = redeclare
         self.adopt: Adopt | None = None
+        self.exchanges = 0  # tasks' round trips under way (see RedisBase.quiet)
         self.tag = f"d{declared}" if redeclare is not None and not injected_time else ""
 
     def local(self, now: float, server_now: float, t: float) -> float:
@@ -314,9 +316,15 @@ class ScriptCalls:
     # -- from a task -----------------------------------------------------------------------
 
     async def exchange(
-        self, conn: redis.Connection, hash_key: str, calls: Sequence[Sequence[str]], bound: float
+        self,
+        conn: redis.Connection,
+        hash_key: str,
+        calls: Sequence[Sequence[str]],
+        bound: float,
+        now: float,
     ) -> list[Any]:
-        """Script calls (``[op, *args]`` each, under Redis time) from a task, sent at once on
+        """Script calls (``[op, *args]`` each, at ``now`` when the time is injected) from a
+        task, sent at once on
         ``conn``, a connected connection of the link; their answers are awaited on the task's
         own event loop, for at most ``bound`` seconds or the backend's timeout, shielded (an
         answer Redis gives is never lost to a cancellation). ``conn`` goes back to the link
@@ -333,12 +341,14 @@ class ScriptCalls:
         full = bound >= self.timeout
         timeout = self.timeout if full else bound
         functions = self.script.functions
+        time = num(now) if self.injected_time else self.tag
         commands = [
-            self.script.command(hash_key, [op, self.tag, *args], functions=functions)
+            self.script.command(hash_key, [op, time, *args], functions=functions)
             for op, *args in calls
         ]
         replies: list[Any] = []
         in_step = False
+        self.exchanges += 1
         try:
             # One scope, shielded and with the deadline (fail_after would nest a second one:
             # each costs a noticeable share of a loopback round trip).
@@ -365,6 +375,7 @@ class ScriptCalls:
                 f"Redis did not answer for the limits {hash_key!r} in time: {exc!r}"
             ) from exc
         finally:
+            self.exchanges -= 1
             if in_step:
                 link.give(conn)
             else:

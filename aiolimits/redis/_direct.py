@@ -79,7 +79,7 @@ class DirectCalls(Batching):
             holder = self._terms.new_holder()
             args = [holder, num(self._terms.seconds), *self._item_args(items)]
         try:
-            reply = await self._ask_directly(conn, args, patience + GRACE)
+            reply = await self._ask_directly(conn, args, patience + GRACE, start)
         except BaseException as exc:
             with self.lock:
                 self._fast_busy = False
@@ -206,7 +206,7 @@ class DirectCalls(Batching):
             )
         try:
             replies = await self.calls.exchange(
-                conn, self._hash, [first, ["stats", *stats_args]], GRACE
+                conn, self._hash, [first, ["stats", *stats_args]], GRACE, start
             )
         except (BackendUnavailable, redis.exceptions.ResponseError) as exc:
             with self.lock:
@@ -269,11 +269,13 @@ class DirectCalls(Batching):
         return receipts, wait, stats_locked(limits, self, now)
 
     async def _ask_directly(
-        self, conn: redis.Connection, args: list[str], bound: float
+        self, conn: redis.Connection, args: list[str], bound: float, now: float
     ) -> list[Any]:
         """``acquire``, asked by the task itself; ends the hub's count of direct calls."""
         try:
-            (reply,) = await self.calls.exchange(conn, self._hash, [["acquire", *args]], bound)
+            (reply,) = await self.calls.exchange(
+                conn, self._hash, [["acquire", *args]], bound, now
+            )
             return acquire_reply(reply)
         finally:
             self._hub.end_direct()

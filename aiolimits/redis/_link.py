@@ -125,6 +125,10 @@ class Link:
         """Whether a connected connection is idle."""
         return bool(self._idle)
 
+    def warming(self) -> bool:
+        """Whether a connection is being made."""
+        return self._warming
+
     def take(self) -> redis.Connection | None:
         """A connected connection, or None (then :meth:`warm` makes one). No I/O."""
         with self._cond:

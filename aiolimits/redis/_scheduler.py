@@ -167,7 +167,7 @@ class RedisScheduler(DirectCalls):
             state.change(capacity, window, now)
             self.refuse_above(state)
 
-        if not self._simulated and on_loop():
+        if on_loop():
             self._defer("change", words, done=done, lost=f"could not change {key!r} in Redis")
             apply()  # sent before any other call of this process (see _defer)
             return
@@ -205,7 +205,7 @@ class RedisScheduler(DirectCalls):
             args = [str(len(rates))]
             for state, receipt, amount in rates:
                 args += [*self._arguments()[state.key], num(amount), "0.0", encode_receipt(receipt)]
-            if not self._simulated and on_loop():
+            if on_loop():
                 self._defer("settle", lambda: args, lost="could not give back an unused grant")
             else:
                 try:
@@ -239,7 +239,7 @@ class RedisScheduler(DirectCalls):
             return Local(inner), held_now
         if receipt is ALLOWED:
             return receipt, usage  # nothing was taken in Redis: nothing to settle there
-        if isinstance(receipt, Pending) or (not self._simulated and on_loop()):
+        if isinstance(receipt, Pending) or (on_loop()):
             # Sent later, in order after any update still to be sent (see _defer).
             return self._defer_settle(state, receipt, held, usage), usage
         if usage == held:
@@ -286,7 +286,7 @@ class RedisScheduler(DirectCalls):
         return out
 
     def pause(self, until: float, now: float) -> None:
-        if not self._simulated and on_loop():
+        if on_loop():
             # Sent later (see _defer); meanwhile this process admits nobody before ``until``
             # itself (try_take and the async door look at it).
             if until > self.paused_until:
@@ -299,8 +299,9 @@ class RedisScheduler(DirectCalls):
             return
         try:
             self._flush()
-            # Under a simulated clock the script's time is ours: the exact end goes too.
-            self._call("pause", now, num(until - now), num(until) if self._simulated else "")
+            # Time injected, the script's time is ours: the exact end goes too.
+            end = num(until) if self.calls.injected_time else ""
+            self._call("pause", now, num(until - now), end)
         except BackendUnavailable as exc:
             if self._unavailable(exc) == "allow":
                 return
@@ -327,8 +328,6 @@ class RedisScheduler(DirectCalls):
 
     def enqueue(self, waiter: Waiter, now: float) -> bool:
         self._hub.listen(self)
-        if self._simulated:
-            return super().enqueue(waiter, now)
         refused, self._refused = self._refused, None
         if refused is not None and refused[0] is waiter.items and refused[1] == now:
             # try_take was just refused for this request (acquire_sync): use that answer.
@@ -361,20 +360,23 @@ class RedisScheduler(DirectCalls):
         super().abandon(waiter, now)
 
     def _after_wake(self, waiter: Waiter, now: float) -> float | None:
-        if self._simulated:
-            return super().after_wake(waiter, now)
         waiter.consume_notification()
         if waiter.state != WAITING:
             return None
         is_head = next(iter(self.queue)) is waiter
         if now >= waiter.deadline or (is_head and waiter.rate_at > waiter.deadline):
-            if waiter.rate_at > waiter.deadline or not self._unanswered():
+            # Redis's last answer admits the head by its deadline (due exactly then): it is
+            # asked for now, as a head due before its deadline is.
+            due = is_head and -math.inf < waiter.rate_at and waiter.wake_at <= waiter.deadline
+            if waiter.rate_at > waiter.deadline or not (due or self._unanswered()):
                 self._leave(waiter, now)
                 self.timed_out += 1
                 return None
             # Redis has not answered for the head: give it the round trip's grace, then decide
             # by the policy (the deadline holds whatever Redis does).
             if now < waiter.deadline + GRACE and not self._circuit.opened:
+                if due:
+                    self._signal()
                 return waiter.deadline + GRACE
             self._no_answer(waiter, now)
             return None
@@ -409,9 +411,7 @@ class RedisScheduler(DirectCalls):
             self._dispatch(now)
 
     def _dispatch(self, now: float, current: Waiter | None = None) -> None:
-        if self._simulated:
-            super()._dispatch(now, current)
-        elif self.queue:
+        if self.queue:
             # Something changed (a release, a refund, a pause, a new head): ask for the head now.
             self._epoch += 1  # an answer in flight predates it
             head = next(iter(self.queue))

@@ -174,6 +174,17 @@ class Hub:
                     weakref.finalize(self, listener.stop)
                     self.listener = listener
 
+    def quiet(self) -> tuple[bool, int]:
+        """Whether the dispatcher thread has nothing to do, and how many rounds of work it has
+        done: an observer that sees it quiet twice with the same count, with its own tasks run
+        in between, has seen everything it did (the contract suite's ``settle``)."""
+        dispatcher = self.dispatcher
+        if dispatcher is None:
+            return True, 0
+        with dispatcher._cond:
+            idle = not (dispatcher.working or dispatcher._pending or dispatcher._jobs)
+            return idle, dispatcher.rounds
+
     def close(self) -> None:
         """End the hub's threads now (its backend is being closed); the dispatcher runs the
         jobs already handed to it first. A scheduler used afterwards starts them again."""
@@ -355,6 +366,9 @@ class Dispatcher:
         self._jobs: list[Callable[[], object]] = []
         self._timers: list[tuple[float, int, Timer, weakref.ref[RedisBase]]] = []
         self._order = itertools.count()
+        #: Rounds of work done, and whether one is under way (see :meth:`Hub.quiet`).
+        self.rounds = 0
+        self.working = False
         self._thread = threading.Thread(
             target=self._run, name=f"aiolimits-dispatch {label}", daemon=True
         )
@@ -397,6 +411,7 @@ class Dispatcher:
                         if timeout <= 0:
                             break
                     self._cond.wait(timeout)
+                self.working = True
                 jobs, self._jobs = self._jobs, []
                 pending, self._pending = self._pending, {}
                 due: list[weakref.ref[RedisBase]] = []
@@ -411,6 +426,10 @@ class Dispatcher:
             # Nothing of this round stays referenced while the thread sleeps: a job or a
             # scheduler kept here would keep its hub, and so this thread, alive.
             del jobs, pending, due
+            with self._cond:
+                # After the round's notifications: an observer that sees it done sees them.
+                self.rounds += 1
+                self.working = False
 
 
 def _dispatch_each(schedulers: list[RedisBase]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import anyio
@@ -86,18 +86,55 @@ def limitset_factory(backend: Backend, names: Callable[[], str | None]) -> MakeL
 # -- helpers for async tests ------------------------------------------------------------------
 
 
-async def settle() -> None:
-    """Let every task that can run do so, until all of them wait for something.
+#: What a backend does off the tasks' path (a shared backend's I/O thread, a task's round trip
+#: it awaits): each probe answers whether that work is done and a count of the rounds of it
+#: done so far. A backend's test module adds one per set it makes (see ``background_work``).
+BACKGROUND: list[Callable[[], tuple[bool, int]]] = []
 
-    A few plain checkpoints first: anyio's asyncio ``wait_all_tasks_blocked`` sleeps 0.1 s of
-    real time whenever it finds a runnable task, and the chains of wake-ups in these tests are
-    short.
-    """
+
+@contextlib.contextmanager
+def background_work() -> Iterator[list[Callable[[], tuple[bool, int]]]]:
+    """The probes :func:`settle` waits for, for one test: cleared when it ends."""
+    try:
+        yield BACKGROUND
+    finally:
+        BACKGROUND.clear()
+
+
+async def _tasks_blocked() -> None:
+    # A few plain checkpoints first: anyio's asyncio ``wait_all_tasks_blocked`` sleeps 0.1 s of
+    # real time whenever it finds a runnable task, and the chains of wake-ups in these tests
+    # are short.
     for _ in range(4):
         await anyio.lowlevel.checkpoint()
     # Bounded: a task that never blocks (a waiter in a busy loop) fails the test, not hangs it.
     with anyio.fail_after(10):
         await anyio.wait_all_tasks_blocked()
+
+
+def _background() -> tuple[bool, tuple[int, ...]]:
+    seen = [probe() for probe in BACKGROUND]
+    return all(done for done, _ in seen), tuple(rounds for _, rounds in seen)
+
+
+async def settle() -> None:
+    """Let every task that can run do so, until all of them wait for something, and the
+    backend's own work (``BACKGROUND``) is done: a task it woke has run too (seen done twice,
+    with the same rounds, around a pass in which every task ran)."""
+    await _tasks_blocked()
+    if not BACKGROUND:
+        return
+    with anyio.fail_after(10):
+        while True:
+            done, rounds = _background()
+            if done:
+                await _tasks_blocked()
+                if _background() == (True, rounds):
+                    return
+            else:
+                # A thread or a round trip, which no checkpoint waits for.
+                await anyio.sleep(0.0005)
+                await _tasks_blocked()
 
 
 async def eventually(predicate: Callable[[], bool], *, within: float = 10.0) -> None:
