@@ -273,9 +273,7 @@ class DirectCalls(Batching):
     ) -> list[Any]:
         """``acquire``, asked by the task itself; ends the hub's count of direct calls."""
         try:
-            (reply,) = await self.calls.exchange(
-                conn, self._hash, [["acquire", *args]], bound, now
-            )
+            (reply,) = await self.calls.exchange(conn, self._hash, [["acquire", *args]], bound, now)
             return acquire_reply(reply)
         finally:
             self._hub.end_direct()
