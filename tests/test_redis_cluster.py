@@ -8,6 +8,7 @@ runs here as on a single server, from a URL naming any one node.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,17 +17,19 @@ from aiolimits import CallLimit, LimitSet, ResourceLimit
 
 from ._redis_server import RedisClusterNodes, redis_cluster
 from .contract import MakeLimitSet, limitset_factory
-from .test_redis_contract import RedisContract
+from .contract._support import background_work
+from .test_redis_contract import RedisContract, watched
 
 __all__ = ["redis_cluster"]  # the session fixture
 
 
 @pytest.fixture
-def make_limitset(redis_cluster: RedisClusterNodes) -> MakeLimitSet:
+def make_limitset(redis_cluster: RedisClusterNodes) -> Iterator[MakeLimitSet]:
     from aiolimits.redis import RedisBackend
 
     backend = RedisBackend(redis_cluster.url, prefix="cluster")
-    return limitset_factory(backend, lambda: uuid.uuid4().hex)
+    with background_work():
+        yield watched(limitset_factory(backend, lambda: uuid.uuid4().hex))
 
 
 class TestRedisCluster(RedisContract):

@@ -1,8 +1,9 @@
 """The LimitSet contract (``tests/contract/``) run against RedisBackend on a real redis-server.
 
 Every LimitSet gets its own ``name``, so tests share one server. Under a
-:class:`~aiolimits.testing.ManualClock` the script takes its time from that clock (the backend's
-test hook); the real-clock tests run on Redis server time. They run twice: with the script as
+:class:`~aiolimits.testing.ManualClock` the script takes its time from that clock (time
+injected; the code path is production's, so ``settle`` also waits for each set's background
+work); the real-clock tests run on Redis server time. They run twice: with the script as
 a function (FCALL), and as an EVAL script, as on a server without functions.
 """
 
@@ -29,7 +30,7 @@ _NO_QUEUE_FORECAST = (
 )
 
 
-def _watched(make: MakeLimitSet) -> MakeLimitSet:
+def watched(make: MakeLimitSet) -> MakeLimitSet:
     """``make``, each set's background work (the dispatcher thread, a task's round trip)
     waited for by ``settle``: the production path, on an injected clock."""
 
@@ -47,7 +48,7 @@ def make_limitset(redis_server: RedisServer) -> Iterator[MakeLimitSet]:
 
     backend = RedisBackend(redis_server.url, prefix="contract")
     with background_work():
-        yield _watched(limitset_factory(backend, lambda: uuid.uuid4().hex))
+        yield watched(limitset_factory(backend, lambda: uuid.uuid4().hex))
 
 
 class RedisContract(LimitSetContract):
@@ -87,4 +88,4 @@ class TestRedisBackendWithoutFunctions(RedisContract):
         backend = RedisBackend(redis_server.url, prefix="contract-eval")
         backend._lua.functions = False  # what a server without FCALL leads to
         with background_work():
-            yield _watched(limitset_factory(backend, lambda: uuid.uuid4().hex))
+            yield watched(limitset_factory(backend, lambda: uuid.uuid4().hex))

@@ -51,6 +51,9 @@ __all__ = [
 # anyio >= 4.7 names it wait_readable; before, wait_socket_readable (deprecated since).
 _wait_readable: Any = getattr(anyio, "wait_readable", None) or anyio.wait_socket_readable
 
+#: The most calls a set keeps packed (see ScriptCalls._packed).
+_PACKS = 64
+
 #: The error reply of a call on a plain set's hash that has no declaration (Redis lost its data):
 #: the call did nothing; the declaration is written (and checked) again and the call sent again.
 UNDECLARED = "aiolimits-undeclared"
@@ -137,6 +140,7 @@ class ScriptCalls:
 
     __slots__ = (
         "_circuit",
+        "_packs",
         "_redeclare",
         "adopt",
         "client",
@@ -169,6 +173,7 @@ class ScriptCalls:
         self._redeclare = redeclare
         self.adopt: Adopt | None = None
         self.exchanges = 0  # tasks' round trips under way (see RedisBase.quiet)
+        self._packs: dict[tuple[str, ...], Any] = {}  # see _packed
         self.tag = f"d{declared}" if redeclare is not None and not injected_time else ""
 
     def local(self, now: float, server_now: float, t: float) -> float:
@@ -315,6 +320,20 @@ class ScriptCalls:
 
     # -- from a task -----------------------------------------------------------------------
 
+    def _packed(self, conn: redis.Connection, words: list[str]) -> Any:
+        """``words`` in the protocol, as ``conn`` packs them. PERF (benchmarks/redis.py, one
+        task): the calls a task repeats are the same words (a set without resource limits
+        names no holder, and the time is Redis's), packed once: redis-py encodes each word on
+        every call otherwise, a noticeable share of an acquisition."""
+        key = tuple(words)
+        packed = self._packs.get(key)
+        if packed is None:
+            packed = conn.pack_command(*words)  # type: ignore[no-untyped-call]
+            if len(self._packs) >= _PACKS:
+                self._packs.clear()
+            self._packs[key] = packed
+        return packed
+
     async def exchange(
         self,
         conn: redis.Connection,
@@ -354,7 +373,8 @@ class ScriptCalls:
             # each costs a noticeable share of a loopback round trip).
             with anyio.CancelScope(shield=True, deadline=anyio.current_time() + timeout):
                 if len(commands) == 1:
-                    conn.send_command(*commands[0])  # type: ignore[no-untyped-call]
+                    packed = self._packed(conn, commands[0])
+                    conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
                 else:
                     packed = conn.pack_commands(commands)  # type: ignore[no-untyped-call]
                     conn.send_packed_command(packed)  # type: ignore[no-untyped-call]

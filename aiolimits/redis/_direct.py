@@ -76,7 +76,9 @@ class DirectCalls(Batching):
                 return None, waiter, start
             self._fast_busy = True
             epoch = self._epoch
-            holder = self._terms.new_holder()
+            # A set without resource limits leases nothing: its calls name no holder, and
+            # repeat the same words (see ScriptCalls._packed).
+            holder = self._terms.new_holder() if self._terms.resources else ""
             args = [holder, num(self._terms.seconds), *self._item_args(items)]
         try:
             reply = await self._ask_directly(conn, args, patience + GRACE, start)

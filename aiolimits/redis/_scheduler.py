@@ -16,7 +16,7 @@ Design, and what it costs:
   the first that does not fit, whose time becomes the head's wake time. Across processes there
   is no common queue: when several processes' heads are due, the first to ask wins (see
   ``docs/redis.md``).
-* **Who calls Redis** (under the real clock): a lone async request asks itself, awaiting the
+* **Who calls Redis**: a lone async request asks itself, awaiting the
   answer on its loop (``take_first``: nobody queued, nothing in flight; a refusal puts it first
   in the queue); otherwise the async door only queues (``enqueue``) and a waiter only signals
   when its time has come (``after_wake``); the set's dispatcher thread (``_threads.Hub``) makes
@@ -35,8 +35,9 @@ Design, and what it costs:
   extends this process's leases while held, so a process that dies frees its slots within one
   lease. A renewal that finds its lease gone is logged and counted (``leases_lost``).
 * **Time**: the script reads Redis server time. A clock that drives its own timers (a simulated
-  clock such as :class:`aiolimits.testing.ManualClock`) drives the script's time instead, so the
-  contract suite runs deterministically: a test hook, not for production.
+  clock such as :class:`aiolimits.testing.ManualClock`) is the script's time instead, and fires
+  the expiry timers: time injected, the code path is the same (the threads, the hand-offs and
+  the calls), so the contract suite, on such a clock, tests the path production runs.
 
 Layout, by concern: ``_calls.py`` (the protocol: bounded script calls from a thread or a task),
 ``_link.py`` (connections), ``_failure.py`` (the circuit and the failure policy's receipts),

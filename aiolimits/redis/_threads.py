@@ -175,15 +175,17 @@ class Hub:
                     self.listener = listener
 
     def quiet(self) -> tuple[bool, int]:
-        """Whether the dispatcher thread has nothing to do, and how many rounds of work it has
-        done: an observer that sees it quiet twice with the same count, with its own tasks run
+        """Whether the dispatcher thread has nothing to do (and the subscriber, once started,
+        has subscribed and woken the schedulers), and how many rounds of work the dispatcher
+        has done: an observer that sees it quiet twice with the same count, with its own tasks run
         in between, has seen everything it did (the contract suite's ``settle``)."""
+        listener = self.listener
+        subscribing = listener is not None and not listener.listening
         dispatcher = self.dispatcher
         if dispatcher is None:
-            return True, 0
-        with dispatcher._cond:
-            idle = not (dispatcher.working or dispatcher._pending or dispatcher._jobs)
-            return idle, dispatcher.rounds
+            return not subscribing, 0
+        idle, rounds = dispatcher.quiet()
+        return idle and not subscribing, rounds
 
     def close(self) -> None:
         """End the hub's threads now (its backend is being closed); the dispatcher runs the
@@ -266,6 +268,8 @@ class Listener:
         self._stopped = threading.Event()
         self._current: redis.client.PubSub | None = None
         self.subscriptions = 0  # how many times it subscribed (a new connection each)
+        # Whether it is subscribed and has woken the schedulers since (see Hub.quiet).
+        self.listening = False
 
     def start(self, registry: _Registry) -> None:
         thread = threading.Thread(
@@ -303,6 +307,7 @@ class Listener:
                 delay = 0.05
                 # Messages may have been missed while (re)subscribing: wake every scheduler.
                 _each(registry.routed(), "wake")
+                self.listening = True
                 for message in pubsub.listen():  # type: ignore[no-untyped-call]
                     channel = message.get("channel")
                     if isinstance(channel, bytes):
@@ -317,6 +322,7 @@ class Listener:
                 delay = min(delay * 2, 1.0)
             finally:
                 self._current = None
+                self.listening = False
                 if pubsub is not None:
                     pubsub.close()
 
@@ -381,6 +387,11 @@ class Dispatcher:
                 self._jobs.append(job)
             self._pending[sched] = None
             self._cond.notify()
+
+    def quiet(self) -> tuple[bool, int]:
+        """Whether it has nothing to do, and how many rounds of work it has done."""
+        with self._cond:
+            return not (self.working or self._pending or self._jobs), self.rounds
 
     def call_later(self, delay: float, sched: RedisBase) -> Timer:
         timer = Timer()
