@@ -19,8 +19,10 @@ answers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import socket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +52,27 @@ __all__ = [
 
 # anyio >= 4.7 names it wait_readable; before, wait_socket_readable (deprecated since).
 _wait_readable: Any = getattr(anyio, "wait_readable", None) or anyio.wait_socket_readable
+
+
+def _answered(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _readable(sock: socket.socket, loop: asyncio.AbstractEventLoop | None) -> None:
+    """Until ``sock`` is readable, on this task's event loop (``loop``: asyncio's, None:
+    trio's, through anyio). PERF (benchmarks/redis.py, one task): on asyncio the loop's reader
+    itself, without anyio's look-up of the running library on each call."""
+    if loop is None:
+        await _wait_readable(sock)
+        return
+    fut = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, _answered, fut)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)
 
 #: The most calls a set keeps packed (see ScriptCalls._packed).
 _PACKS = 64
@@ -343,13 +366,12 @@ class ScriptCalls:
         now: float,
     ) -> list[Any]:
         """Script calls (``[op, *args]`` each, at ``now`` when the time is injected) from a
-        task, sent at once on
-        ``conn``, a connected connection of the link; their answers are awaited on the task's
-        own event loop, for at most ``bound`` seconds or the backend's timeout, shielded (an
-        answer Redis gives is never lost to a cancellation). ``conn`` goes back to the link
-        when every answer was read, else it is closed (answers may be on their way). An error
-        reply (the script or the declaration missing) is raised: the dispatcher deals with
-        it, off the event loop.
+        task, sent at once on ``conn``, a connected connection of the link; their answers are
+        awaited on the task's own event loop, for at most ``bound`` seconds or the backend's
+        timeout, shielded (an answer Redis gives is never lost to a cancellation). ``conn``
+        goes back to the link when every answer was read, else it is closed (answers may be on
+        their way). An error reply (the script or the declaration missing) is raised: the
+        dispatcher deals with it, off the event loop.
 
         Raises:
             NoAnswer: no answer within ``bound`` (shorter than the backend's timeout).
@@ -371,7 +393,9 @@ class ScriptCalls:
         try:
             # One scope, shielded and with the deadline (fail_after would nest a second one:
             # each costs a noticeable share of a loopback round trip).
-            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + timeout):
+            loop = asyncio._get_running_loop()
+            start = anyio.current_time() if loop is None else loop.time()
+            with anyio.CancelScope(shield=True, deadline=start + timeout):
                 if len(commands) == 1:
                     packed = self._packed(conn, commands[0])
                     conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
@@ -382,7 +406,7 @@ class ScriptCalls:
                     if not replies or not conn.can_read(timeout=0):  # nothing buffered
                         # PERF: a task waits for its socket on its own loop, no thread hop
                         # (see benchmarks/redis.py, and socketed in _link.py).
-                        await _wait_readable(socket_of(conn))
+                        await _readable(socket_of(conn), loop)
                     try:
                         replies.append(conn.read_response())
                     except redis.exceptions.ResponseError:
