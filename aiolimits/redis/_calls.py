@@ -74,6 +74,7 @@ async def _readable(sock: socket.socket, loop: asyncio.AbstractEventLoop | None)
     finally:
         loop.remove_reader(fd)
 
+
 #: The most calls a set keeps packed (see ScriptCalls._packed).
 _PACKS = 64
 
