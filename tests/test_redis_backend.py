@@ -581,6 +581,33 @@ async def test_concurrent_acquisitions_coalesce_into_few_script_calls(
 
 
 @pytest.mark.anyio
+async def test_a_manual_clock_changes_the_time_not_the_path(redis_server: RedisServer) -> None:
+    # Time injected, not a second code path: on a ManualClock too, the async door never asks
+    # under the lock (the tasks queue, and the dispatcher thread grants runs of them at once).
+    clock = ManualClock()
+    limits = LimitSet(
+        [CallLimit(1, 10**9)], backend=backend(redis_server), name=uuid.uuid4().hex, clock=clock
+    )
+    counting = CountingScript(limits._scheduler.calls.script)  # type: ignore[attr-defined]
+    limits._scheduler.calls.script = counting  # type: ignore[attr-defined]
+    limits._scheduler.calls.link = None  # type: ignore[attr-defined]  # every call is counted
+    done = 0
+
+    async def one() -> None:
+        nonlocal done
+        async with limits.acquire(timeout=30):
+            done += 1
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(one)
+    assert done == 50
+    assert "acquire" not in counting.calls  # the async door never asks under the lock
+    assert counting.calls["batch"] < 50  # runs of waiters decided together, off the loop
+
+
+@pytest.mark.anyio
 async def test_a_cancelled_queued_task_leaves_and_the_next_gets_the_slot(
     redis_server: RedisServer,
 ) -> None:
