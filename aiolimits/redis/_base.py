@@ -346,7 +346,9 @@ class RedisBase(Scheduler):
         self._outbox.send(self)
 
     def retry_outbox(self) -> None:
-        self._outbox.retry(self)
+        # On the dispatcher thread: the circuit may run this at once on the thread that found
+        # it closed again, which may hold the lock (Outbox.flush).
+        self._signal(lambda: self._outbox.retry(self))
 
     def _hold(self, holder: str, keys: tuple[str, ...]) -> None:
         self._leases[holder] = keys
@@ -389,7 +391,7 @@ class RedisBase(Scheduler):
         idempotent), and expires by itself within ``lease_seconds`` anyway (it is no longer
         renewed)."""
         words = [holder, *keys]
-        if self._outbox.busy() or on_loop():
+        if self._outbox.busy() or on_loop() or on_background_thread():
             self._defer("release", lambda: words)
             return
         for attempt in (1, 2):

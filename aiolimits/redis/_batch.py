@@ -82,8 +82,8 @@ class Batching(RedisBase):
         time was given back (more may be due: ask again)."""
         with self.lock:
             undo = self._apply(asked.waiters, asked.holders, reply, asked.now, asked.epoch)
-        for items, receipts in undo:
-            self._give_back(items, receipts, self.clock())
+            for items, receipts in undo:  # handed to the outbox (on this thread, see _give_back)
+                self._give_back(items, receipts, self.clock())
         return not (len(reply[2]) < len(asked.waiters) or reply[3])
 
     def batch_failed(self, asked: Batch, exc: BackendUnavailable | ValueError) -> None:

@@ -62,7 +62,7 @@ from .._scheduler import Items
 from .._waiters import GRANTED, WAITING, Waiter
 from ._base import on_loop
 from ._direct import DirectCalls
-from ._failure import ALLOWED, GRACE, Local, NotSent
+from ._failure import ALLOWED, GRACE, Local, NotSent, on_background_thread
 from ._outbox import Pending
 from ._script import acquire_reply, decode_receipt, encode_receipt, num
 from ._threads import log
@@ -206,7 +206,8 @@ class RedisScheduler(DirectCalls):
             args = [str(len(rates))]
             for state, receipt, amount in rates:
                 args += [*self._arguments()[state.key], num(amount), "0.0", encode_receipt(receipt)]
-            if on_loop():
+            if on_loop() or on_background_thread():
+                # No round trip on a loop's thread, nor under the lock on the backend's own.
                 self._defer("settle", lambda: args, lost="could not give back an unused grant")
             else:
                 try:
