@@ -127,7 +127,9 @@ class RedisBase(Scheduler):
         self._failures: dict[Waiter, BaseException] = {}
         # An async request is being decided directly (``take_first``): it is ahead of the queue.
         self._fast_busy = False
-        # How this set calls the script (shared by the schedulers of a keyed set).
+        # How this set calls the script (shared by the schedulers of a keyed set). A simulated
+        # clock (``simulated``: one that fires its own timers) is the script's time: the only
+        # thing it changes.
         self.calls: ScriptCalls = (
             ScriptCalls(
                 client=client,
