@@ -33,7 +33,7 @@ local function limit_at(i)
   local A = algo(name)
   if A == nil then error('aiolimits: unknown algorithm ' .. tostring(name)) end
   L = { field = field, algo = name, cap = arg_number(cap), window = arg_number(window),
-        cap_text = cap, window_text = window, A = A }
+        cap_text = cap, window_text = window, A = A, hfield = A.prefix .. field }
   if limit_count >= MEMO_LIMIT then limit_memo, limit_count = {}, 0 end
   limit_memo[field] = L
   limit_count = limit_count + 1
@@ -92,6 +92,7 @@ end
 
 -- A receipt as text, the way acquire answers: parts separated by ';', numbers by ','.
 local function receipt_text(receipt)
+  if #receipt == 0 then return '' end
   if #receipt == 1 then
     local part = receipt[1]
     if #part == 2 then return fmt(part[1]) .. ',' .. fmt(part[2]) end
@@ -161,19 +162,29 @@ local function paused_until()
   return paused
 end
 
--- Items from ARGV[first]: n, then per item field, algorithm, capacity, window, amount.
+-- Items from ARGV[first]: n, then per item field, algorithm, capacity, window, amount. The
+-- list and its tables are reused by the next call (a call reads its items again only once it
+-- is done with the last: batch), so a call builds none.
+local item_list = {}
 local function read_items(first)
   local n = tonumber(ARGV[first])
-  local items = {}
-  for j = 0, n - 1 do
-    local i = first + 1 + 5 * j
+  local items = item_list
+  for j = 1, n do
+    local i = first - 4 + 5 * j
     local L = limit_at(i)
-    local amount = arg_number(ARGV[i + 4])
+    local text = ARGV[i + 4]
+    local amount = arg_number(text)
     if amount > L.cap then
-      error('aiolimits: amount ' .. ARGV[i + 4] .. ' exceeds the capacity of ' .. L.field)
+      error('aiolimits: amount ' .. text .. ' exceeds the capacity of ' .. L.field)
     end
-    items[#items + 1] = { L, amount, ARGV[i + 4] }
+    local item = items[j]
+    if item == nil then
+      items[j] = { L, amount, text }
+    else
+      item[1], item[2], item[3] = L, amount, text
+    end
   end
+  for j = #items, n + 1, -1 do items[j] = nil end
   return items
 end
 
@@ -221,21 +232,35 @@ local function acquire(digest)
   local holder = ARGV[3]
   local items = read_items(5)
   local n = #items
-  local fields = { '!c', '!p' }
   local first = 2
-  if digest ~= nil then
-    fields[3] = '!h'
-    first = 3
+  local got
+  -- (Most calls name one limit: its HMGET is made without a table of fields.)
+  if n == 1 then
+    local f1 = items[1][1].hfield
+    if digest ~= nil then
+      got = redis.call('HMGET', key, '!c', '!p', f1, '!h')
+    else
+      got = redis.call('HMGET', key, '!c', '!p', f1)
+    end
+  else
+    local fields = { '!c', '!p' }
+    for j = 1, n do fields[first + j] = items[j][1].hfield end
+    if digest ~= nil then fields[n + 3] = '!h' end
+    got = redis.call('HMGET', key, unpack(fields))
   end
-  for j = 1, n do
-    local L = items[j][1]
-    fields[first + j] = L.A.prefix .. L.field
-  end
-  local got = redis.call('HMGET', key, unpack(fields))
-  if digest ~= nil and got[3] ~= digest then return nil end
+  if digest ~= nil and got[n + 3] ~= digest then return nil end
   local last, grants = clock_of(got[1])
   local now, stamp = clock(last)
-  if stamp then now_kept = now else now_kept = last end
+  -- The time as the reply gives it: Redis TIME's own two numbers when it is that (no number
+  -- is printed: %.17g costs as much as a redis.call), else %.17g.
+  local now_text
+  if stamp then
+    now_kept = now
+    now_text = time_reply[1] .. ':' .. time_reply[2]
+  else
+    now_kept = last
+    now_text = fmt(now)
+  end
   paused = tonumber(got[2] or '') or -INF
   existed = (got[1] or got[2]) and true or false
   -- Whether every item admits now, the buckets asked on the bytes of their fields.
@@ -269,16 +294,18 @@ local function acquire(digest)
       if stamp and (existed or not KEYED) then
         redis.call('HSET', key, '!c', clock_text(now, grants))
       end
-      return '0 ' .. fmt(now) .. ' ' .. fmt(rate_at) .. ' ' .. fmt(admit_at) .. ' ' .. fmt(expiry),
+      return '0 ' .. now_text .. ' ' .. fmt(rate_at) .. ' ' .. fmt(admit_at) .. ' ' .. fmt(expiry),
         now
     end
   end
   local ttl = arg_number(ARGV[4])
-  local out = '1 ' .. fmt(now)
-  local writes = { '!c', clock_text(now_kept, grants + 1) }
+  local out = '1 ' .. now_text
+  local clock_now = clock_text(now_kept, grants + 1)
+  local writes
+  if n ~= 1 then writes = { '!c', clock_now } end
   for j = 1, n do
     local L, amount = items[j][1], items[j][2]
-    local field = fields[first + j]
+    local field = L.hfield
     local text, seq, fresh
     if cache[L.field] == nil and L.A.bucket and bucket_fast(got[first + j]) then
       text, seq, fresh = bucket_take(got[first + j], L, amount, now)
@@ -304,6 +331,10 @@ local function acquire(digest)
       else
         out = out .. ' ' .. receipt_text(receipt)
       end
+    end
+    if n == 1 then
+      redis.call('HSET', key, '!c', clock_now, field, text)
+      return out, now
     end
     writes[2 * j + 1] = field
     writes[2 * j + 2] = text
@@ -437,7 +468,8 @@ end
 ops.change = function(now)
   local L = limit_at(3)
   local N = { field = L.field, algo = L.algo, cap = arg_number(ARGV[7]),
-              window = arg_number(ARGV[8]), cap_text = ARGV[7], window_text = ARGV[8], A = L.A }
+              window = arg_number(ARGV[8]), cap_text = ARGV[7], window_text = ARGV[8], A = L.A,
+              hfield = L.hfield }
   local s = state_of(L, now)
   L.A.change(s, L, N, now)
   limit_of[L.field] = N
@@ -489,11 +521,12 @@ local function keyed_expire(now)
   -- MAX_TTL_MS (about 285 years) is kept for good in practice.
   if not (ms < MAX_TTL_MS) then ms = MAX_TTL_MS end
   if EVAL or not existed then
-    if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+    if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, fmt(ms)) end
   else
     -- The hash had its TTL before this call: lengthened in one call (GT, Redis 7, as are
-    -- functions).
-    redis.call('PEXPIRE', key, ms, 'GT')
+    -- functions). (fmt: a number given to redis.call is printed as %.14g, and most calls of
+    -- one key give the TTL of the last.)
+    redis.call('PEXPIRE', key, fmt(ms), 'GT')
   end
 end
 
@@ -539,13 +572,15 @@ local function release(digest)
 end
 
 local function run(keys, args)
-  key, ARGV, cache = keys[1], args, {}
-  limit_of, fresh_hint, id_base = {}, -INF, nil
+  key, ARGV = keys[1], args
+  -- The tables of the states read: new only when the last call used them.
+  if cache == nil or next(cache) ~= nil or next(limit_of) ~= nil then cache, limit_of = {}, {} end
+  fresh_hint, id_base = -INF, nil
   time_reply, now_kept, grants_seen, existed, paused = nil, -INF, 0, nil, nil
-  KEYED = string.sub(key, 1, 1) ~= '{'
+  KEYED = string.byte(key, 1) ~= 123 -- '{'
   local op = ARGV[1]
   local digest
-  if string.sub(ARGV[2], 1, 1) == 'd' then
+  if string.byte(ARGV[2], 1) == 100 then -- 'd'
     -- Redis server time, on a plain set's hash that must hold the declaration this client
     -- checked when it attached: "d" and the digest of it, which the client keeps in "!h" next to
     -- the declaration "!d". Another digest there, or none, and Redis lost the set's data (and
