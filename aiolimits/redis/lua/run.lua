@@ -347,7 +347,7 @@ end
 -- process, decided in its order: each request is taken when all its items admit now, up to the
 -- first that does not (FIFO: nobody passes it). {now, k admitted, {receipts per item} per
 -- admitted request, then for the one that stopped it {rate_at, admit_at, expiry} or nothing}.
-ops.batch = function(now)
+ops.batch = function(now, keep_time)
   local ttl, m = tonumber(ARGV[3]), tonumber(ARGV[4])
   local granted = {}
   local refused = {}
@@ -378,9 +378,44 @@ ops.batch = function(now)
   if #granted > 0 then
     writes[#writes + 1] = '!c'
     writes[#writes + 1] = clock_text(now_kept, grants_seen + #granted)
+  elseif keep_time then
+    writes[#writes + 1] = '!c'
+    writes[#writes + 1] = clock_text(now, grants_seen)
   end
   if #writes > 0 then redis.call('HSET', key, unpack(writes)) end
   return { fmt(now), #granted, granted, refused }
+end
+
+-- What read_now does for a batch, and more in the same HMGET: the pause, the declaration's
+-- digest (`digest`, when given) and the states its first request names (most often every
+-- request names the same limits), so that a batch of one key's waiters makes three redis.calls
+-- (HMGET, TIME, HSET) as acquire does, rather than one per field. "!c" is written with the states
+-- (ops.batch), or alone when nothing was granted. The time, or nil when the hash does not hold
+-- the digest.
+local function batch_read(digest)
+  local items = read_items(6)
+  local n = #items
+  local fields = { '!c', '!p' }
+  for j = 1, n do fields[2 + j] = items[j][1].hfield end
+  if digest ~= nil then fields[n + 3] = '!h' end
+  local got = redis.call('HMGET', key, unpack(fields))
+  if digest ~= nil and got[n + 3] ~= digest then return nil end
+  local last, grants = clock_of(got[1])
+  local now, stamp = clock(last)
+  if stamp then now_kept = now else now_kept = last end
+  grants_seen = grants
+  paused = tonumber(got[2] or '') or -INF
+  existed = (got[1] or got[2]) and true or false
+  for j = 1, n do
+    local L = items[j][1]
+    local raw = got[2 + j]
+    if raw then existed = true end
+    cache[L.field] = load_state(L, raw, now)
+    limit_of[L.field] = L
+  end
+  -- As read_now: the time kept even when nothing is granted, in a hash that exists.
+  local keep_time = stamp and (got[1] or not KEYED or existed or redis.call('EXISTS', key) == 1)
+  return now, keep_time
 end
 
 -- earliest: items. {now, rate_at, admit_at, expiry}, changing nothing.
@@ -589,7 +624,8 @@ local function run(keys, args)
     -- (acquire reads "!h" with its state.)
     digest = string.sub(ARGV[2], 2)
     ARGV[2] = ''
-    if op ~= 'acquire' and op ~= 'release' and redis.call('HGET', key, '!h') ~= digest then
+    if op ~= 'acquire' and op ~= 'release' and (op ~= 'batch' or ARGV[4] == '0')
+        and redis.call('HGET', key, '!h') ~= digest then
       return redis.error_reply('aiolimits-undeclared: ' .. key)
     end
   end
@@ -600,6 +636,11 @@ local function run(keys, args)
   elseif op == 'release' then
     reply, now = release(digest)
     if reply == nil then return redis.error_reply('aiolimits-undeclared: ' .. key) end
+  elseif op == 'batch' and ARGV[4] ~= '0' then
+    local keep_time
+    now, keep_time = batch_read(digest) -- it reads the clock with the first request's states
+    if now == nil then return redis.error_reply('aiolimits-undeclared: ' .. key) end
+    reply = ops.batch(now, keep_time)
   else
     local run_op = ops[op]
     if run_op == nil then error('aiolimits: unknown operation ' .. tostring(op)) end
