@@ -64,6 +64,10 @@ SETS: dict[str, tuple[Sequence[Limit], dict[str, float]]] = {
 }
 
 
+#: The function whose time is FCALL's own (Redis 7).
+FLOOR = "aiolimits_bench_floor"
+
+
 def _start_server() -> tuple[subprocess.Popen[str], str]:
     if shutil.which("redis-server") is None:
         raise SystemExit("no redis-server on PATH: install it or pass --url")
@@ -223,6 +227,10 @@ async def _server_time(url: str, n: int, repeats: int) -> dict[str, list[float]]
     from aiolimits.redis import RedisBackend
 
     admin = redis.Redis.from_url(url)
+    admin.function_load(
+        f"#!lua name={FLOOR}\nredis.register_function('{FLOOR}', function() return 1 end)",
+        replace=True,
+    )
     client = redis.asyncio.Redis.from_url(url)
     sets = {
         label: (
@@ -244,6 +252,15 @@ async def _server_time(url: str, n: int, repeats: int) -> dict[str, list[float]]
             out.setdefault(f"Redis µs per acquisition, {label}", []).append(usec / n)
             out.setdefault(f"  script calls per acquisition, {label}", []).append(calls / n)
             out.setdefault(f"  as a multiple of INCR's, {label}", []).append(0.0)
+        # The floor of any script: a function that does nothing, called with as many arguments
+        # as an acquisition of one limit (what FCALL itself costs on this server).
+        admin.config_resetstat()
+        for _ in range(n):
+            await client.fcall(FLOOR, 1, "{bench:floor}", *["x"] * 10)
+        usec, calls = _script_usec(admin.info("commandstats"))
+        out.setdefault("Redis µs per call of an empty function (FCALL's floor)", []).append(
+            usec / calls
+        )
         admin.config_resetstat()
         for _ in range(n):
             await client.incr("bench:cpu")

@@ -144,6 +144,46 @@ def test_lua_leases_keep_a_keyed_hash_until_they_end(script: Script) -> None:
     )
 
 
+def test_lua_release_wakes_waiters_only_when_one_was_refused_for_a_full_resource(
+    script: Script,
+) -> None:
+    key = f"{{aiolimits-test:{uuid.uuid4().hex}}}"
+    conns = multi_args([(ResourceLimit("conns", 1), 1)])
+    pubsub = script.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    pubsub.subscribe(f"{key}:wake")
+    pubsub.get_message(timeout=1.0)  # the subscription's confirmation
+
+    def woken() -> bool:
+        # A PING through the subscription: its answer comes after any wake-up sent before.
+        pubsub.ping()
+        while (message := pubsub.get_message(timeout=2.0)) is not None:
+            if message["type"] == "message":
+                pubsub.get_message(timeout=2.0)  # the pong
+                return True
+            if message["type"] == "pong":
+                return False
+        raise AssertionError("no pong")
+
+    try:
+        assert script(key, "acquire", 10.0, "a", "5.0", *conns)[0] == 1
+        script(key, "release", 10.5, "a", "conns")
+        assert not woken()  # nobody waited for it
+        assert script(key, "acquire", 11.0, "a", "5.0", *conns)[0] == 1
+        assert script(key, "acquire", 11.0, "b", "5.0", *conns)[0] == 0  # full: b waits
+        script(key, "release", 12.0, "a", "conns")
+        assert woken()
+        assert script(key, "acquire", 12.0, "b", "5.0", *conns)[0] == 1
+        script(key, "release", 13.0, "b", "conns")
+        assert not woken()  # b was told already; nobody waits since
+        batch = [repr(5.0), "1", "c", *conns]
+        assert script(key, "acquire", 13.0, "a", "5.0", *conns)[0] == 1
+        assert script(key, "batch", 13.0, *batch)[1] == 0  # a queue's head refused: full
+        script(key, "release", 14.0, "a", "conns")
+        assert woken()
+    finally:
+        pubsub.close()
+
+
 # --- batch: a queue decided in order --------------------------------------------------------------
 
 SET: tuple[Limit, ...] = (

@@ -188,6 +188,13 @@ local function read_items(first)
   return items
 end
 
+-- Whether this call refused a request for a full resource: it sets "!w", and the next release
+-- that ends a lease then wakes the waiters (PUBLISH), and clears it. Only a release can admit
+-- such a request (or its lease's expiry, which each waiter watches), and every such waiter, of
+-- any process, was refused by a call that set "!w": a release nobody waits for publishes
+-- nothing (a PUBLISH costs Redis a call and every subscribed process a wake-up).
+local refused_for_resource
+
 -- Scheduler.admit_time: (rate_at, admit_at) for the items at now, and when a lease of a full
 -- resource among them runs out (inf: none is full, or none has a lease). `p`: the end of a pause,
 -- if already read.
@@ -204,6 +211,7 @@ local function admit_time(items, now, p)
     if t > at then
       if t == INF then
         blocked = true
+        refused_for_resource = true
         local e = L.A.next_expiry(s, now)
         if e < expiry then expiry = e end
       else
@@ -572,15 +580,15 @@ end
 -- the hash does not hold the digest.
 local function release(digest)
   local holder = ARGV[3]
-  local fields = { '!c' }
-  local first = 1
+  local fields = { '!c', '!w' }
+  local first = 2
   if digest ~= nil then
-    fields[2] = '!h'
-    first = 2
+    fields[3] = '!h'
+    first = 3
   end
   for i = 4, #ARGV do fields[first + i - 3] = 's:' .. ARGV[i] end
   local got = redis.call('HMGET', key, unpack(fields))
-  if digest ~= nil and got[2] ~= digest then return nil end
+  if digest ~= nil and got[3] ~= digest then return nil end
   local now
   if KEYED or ARGV[2] ~= '' then now = clock((clock_of(got[1]))) end
   local ended = 0
@@ -599,8 +607,13 @@ local function release(digest)
     end
   end
   if ended > 0 then
+    local wake = got[2] == '1' -- (refused_for_resource)
+    if wake then
+      writes[#writes + 1] = '!w'
+      writes[#writes + 1] = '0'
+    end
     redis.call('HSET', key, unpack(writes))
-    redis.call('PUBLISH', key .. ':wake', '')
+    if wake then redis.call('PUBLISH', key .. ':wake', '') end
   end
   if now == nil then return { '', ended }, now end
   return { fmt(now), ended }, now
@@ -612,6 +625,7 @@ local function run(keys, args)
   if cache == nil or next(cache) ~= nil or next(limit_of) ~= nil then cache, limit_of = {}, {} end
   fresh_hint, id_base = -INF, nil
   time_reply, now_kept, grants_seen, existed, paused = nil, -INF, 0, nil, nil
+  refused_for_resource = false
   KEYED = string.byte(key, 1) ~= 123 -- '{'
   local op = ARGV[1]
   local digest
@@ -647,6 +661,7 @@ local function run(keys, args)
     now = read_now()
     reply = run_op(now)
   end
+  if refused_for_resource then redis.call('HSET', key, '!w', '1') end
   if KEYED then keyed_expire(now) end
   return reply
 end
