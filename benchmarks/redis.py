@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import random
 import shutil
 import socket
@@ -46,16 +47,25 @@ TARGETS: dict[str, tuple[float, str]] = {
     "bytes per client key of a KeyedLimitSet (one limit)": (200.0, "max"),
 }
 
-#: The sets whose server time is measured.
-SETS: dict[str, Sequence[Limit]] = {
-    "TokenBucket": [RateLimit("tokens", 1, BIG)],
-    "GCRA": [RateLimit("tokens", 1, BIG, "gcra")],
-    "Call + Rate + Resource": [
-        CallLimit(1, BIG),
-        RateLimit("tokens", 1, BIG),
-        ResourceLimit("r", 10),
-    ],
+#: The sets whose server time is measured, and the request each acquisition makes: every
+#: algorithm family alone (the targets are for the buckets), and the mix of issue #14. The window
+#: algorithms' windows are short so that their logs stay as small as an uncontended caller's.
+SETS: dict[str, tuple[Sequence[Limit], dict[str, float]]] = {
+    "TokenBucket": ([RateLimit("tokens", 1, BIG)], {"tokens": 1}),
+    "GCRA": ([RateLimit("tokens", 1, BIG, "gcra")], {"tokens": 1}),
+    "LeakyBucket": ([RateLimit("tokens", 1, BIG, "leaky_bucket")], {"tokens": 1}),
+    "SlidingWindow": ([RateLimit("tokens", 1e-3, BIG, "sliding_window")], {"tokens": 1}),
+    "FixedWindow": ([RateLimit("tokens", 1e-3, BIG, "fixed_window")], {"tokens": 1}),
+    "ResourceLimit (acquire and release)": ([ResourceLimit("r", 10)], {}),
+    "Call + Rate + Resource": (
+        [CallLimit(1, BIG), RateLimit("tokens", 1, BIG), ResourceLimit("r", 10)],
+        {"tokens": 1},
+    ),
 }
+
+
+#: The function whose time is FCALL's own (Redis 7).
+FLOOR = "aiolimits_bench_floor"
 
 
 def _start_server() -> tuple[subprocess.Popen[str], str]:
@@ -217,24 +227,40 @@ async def _server_time(url: str, n: int, repeats: int) -> dict[str, list[float]]
     from aiolimits.redis import RedisBackend
 
     admin = redis.Redis.from_url(url)
+    admin.function_load(
+        f"#!lua name={FLOOR}\nredis.register_function('{FLOOR}', function() return 1 end)",
+        replace=True,
+    )
     client = redis.asyncio.Redis.from_url(url)
     sets = {
-        label: LimitSet(limits, backend=RedisBackend(url), name=f"bench-cpu-{uuid.uuid4().hex}")
-        for label, limits in SETS.items()
+        label: (
+            LimitSet(limits, backend=RedisBackend(url), name=f"bench-cpu-{uuid.uuid4().hex}"),
+            request,
+        )
+        for label, (limits, request) in SETS.items()
     }
     out: dict[str, list[float]] = {}
     for _ in range(repeats):
-        for label, limits in sets.items():
-            async with limits.acquire({"tokens": 1}):  # declared, script loaded
+        for label, (limits, request) in sets.items():
+            async with limits.acquire(request):  # declared, script loaded
                 pass
             admin.config_resetstat()
             for _ in range(n):
-                async with limits.acquire({"tokens": 1}):
+                async with limits.acquire(request):
                     pass
             usec, calls = _script_usec(admin.info("commandstats"))
             out.setdefault(f"Redis µs per acquisition, {label}", []).append(usec / n)
             out.setdefault(f"  script calls per acquisition, {label}", []).append(calls / n)
             out.setdefault(f"  as a multiple of INCR's, {label}", []).append(0.0)
+        # The floor of any script: a function that does nothing, called with as many arguments
+        # as an acquisition of one limit (what FCALL itself costs on this server).
+        admin.config_resetstat()
+        for _ in range(n):
+            await client.fcall(FLOOR, 1, "{bench:floor}", *["x"] * 10)
+        usec, calls = _script_usec(admin.info("commandstats"))
+        out.setdefault("Redis µs per call of an empty function (FCALL's floor)", []).append(
+            usec / calls
+        )
         admin.config_resetstat()
         for _ in range(n):
             await client.incr("bench:cpu")
@@ -361,6 +387,8 @@ def main() -> None:
     if url is None:
         proc, url = _start_server()
     try:
+        # Beside every figure: the machine's load, which stretches everything measured.
+        print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         ratios = asyncio.run(_suite(url, args.n, args.tasks, args.repeats))
         print(f"ops/s as a ratio to redis-py INCR at the same concurrency (n={args.n}):")
         for name, values in sorted(ratios.items()):
@@ -380,6 +408,7 @@ def main() -> None:
         print("Redis server time (INFO commandstats, from one task):")
         for name, values in asyncio.run(_server_time(url, min(args.n, 3000), args.repeats)).items():
             print(_line(name, Summary.of(values), "", ".2f", args.tasks))
+        print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         memory = asyncio.run(_keyed_memory(url))
         print("Redis memory (MEMORY USAGE):")
         print(

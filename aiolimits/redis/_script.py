@@ -45,6 +45,7 @@ __all__ = [
     "encode_receipt",
     "limit_args",
     "num",
+    "server_time",
 ]
 
 #: The library's files (``lua/`` beside this module), in the order they are loaded: one text.
@@ -194,17 +195,27 @@ def decode_receipt(reply: Any) -> Receipt:
     return [[float(x) for x in part] for part in reply]
 
 
+def server_time(text: str) -> float:
+    """The time in an ``acquire`` reply: ``%.17g``, or Redis ``TIME``'s seconds and
+    microseconds as ``"s:us"``, read as the float the script computed from them (``s + us /
+    1000000``, the same two roundings)."""
+    seconds, colon, micros = text.partition(":")
+    if not colon:
+        return float(text)
+    return int(seconds) + int(micros) / 1_000_000
+
+
 def acquire_reply(reply: bytes | str) -> list[Any]:
     """The reply of the ``acquire`` operation, one line of text (``"1 now receipt..."`` or
     ``"0 now rate_at admit_at expiry"``), as the list the other replies are: ``[1, now,
     receipt...]`` (each receipt decoded, ``[]`` for a resource) or ``[0, now, rate_at,
-    admit_at, expiry]`` (numbers as ``%.17g`` text)."""
+    admit_at, expiry]`` (``now`` a float, the other numbers as ``%.17g`` text)."""
     text = reply.decode() if isinstance(reply, bytes) else reply
     fields = text.split(" ")
     if fields[0] != "1":
-        return [0, *fields[1:]]
+        return [0, server_time(fields[1]), *fields[2:]]
     receipts: list[Any] = [
         [[float(x) for x in part.split(",")] for part in receipt.split(";")] if receipt else []
         for receipt in fields[2:]
     ]
-    return [1, fields[1], *receipts]
+    return [1, server_time(fields[1]), *receipts]

@@ -15,7 +15,8 @@
 -- see token_bucket.lua), "s:<limit key>" another limit's (cmsgpack, which stores doubles
 -- exactly), "!c" the highest server time seen (the clock never runs backwards, even across a
 -- failover to a replica whose clock is behind) and the grant count (two doubles), "!p" the end
--- of a pause, "!r:<key>" the units refunded, "!d" the declaration and "!h" its digest (written
+-- of a pause, "!w" whether a request was refused for a full resource since the last release
+-- that woke the waiters ("1", see run.lua), "!r:<key>" the units refunded, "!d" the declaration and "!h" its digest (written
 -- by the client; `run` checks the digest), "!n" the numbers of the limits changed at run time
 -- (JSON, written by `change` with a new digest). Where the script's time goes (a profile on Redis
 -- 7.0): the call and its arguments, its three redis.calls (HMGET, TIME, HSET), and then mostly

@@ -11,15 +11,18 @@ builders.resource = function()
   }
   local function in_use(s, now)
     local used = 0
-    local expired = {}
+    local expired
     for holder, lease in pairs(s.leases) do
       if lease[2] <= now then
+        if expired == nil then expired = {} end
         expired[#expired + 1] = holder
       else
         used = used + lease[1]
       end
     end
-    for i = 1, #expired do s.leases[expired[i]] = nil end
+    if expired ~= nil then
+      for i = 1, #expired do s.leases[expired[i]] = nil end
+    end
     return used
   end
   A.earliest = function(s, L, amount, now)

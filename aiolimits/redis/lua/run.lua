@@ -33,7 +33,7 @@ local function limit_at(i)
   local A = algo(name)
   if A == nil then error('aiolimits: unknown algorithm ' .. tostring(name)) end
   L = { field = field, algo = name, cap = arg_number(cap), window = arg_number(window),
-        cap_text = cap, window_text = window, A = A }
+        cap_text = cap, window_text = window, A = A, hfield = A.prefix .. field }
   if limit_count >= MEMO_LIMIT then limit_memo, limit_count = {}, 0 end
   limit_memo[field] = L
   limit_count = limit_count + 1
@@ -92,6 +92,7 @@ end
 
 -- A receipt as text, the way acquire answers: parts separated by ';', numbers by ','.
 local function receipt_text(receipt)
+  if #receipt == 0 then return '' end
   if #receipt == 1 then
     local part = receipt[1]
     if #part == 2 then return fmt(part[1]) .. ',' .. fmt(part[2]) end
@@ -161,21 +162,38 @@ local function paused_until()
   return paused
 end
 
--- Items from ARGV[first]: n, then per item field, algorithm, capacity, window, amount.
+-- Items from ARGV[first]: n, then per item field, algorithm, capacity, window, amount. The
+-- list and its tables are reused by the next call (a call reads its items again only once it
+-- is done with the last: batch), so a call builds none.
+local item_list = {}
 local function read_items(first)
   local n = tonumber(ARGV[first])
-  local items = {}
-  for j = 0, n - 1 do
-    local i = first + 1 + 5 * j
+  local items = item_list
+  for j = 1, n do
+    local i = first - 4 + 5 * j
     local L = limit_at(i)
-    local amount = arg_number(ARGV[i + 4])
+    local text = ARGV[i + 4]
+    local amount = arg_number(text)
     if amount > L.cap then
-      error('aiolimits: amount ' .. ARGV[i + 4] .. ' exceeds the capacity of ' .. L.field)
+      error('aiolimits: amount ' .. text .. ' exceeds the capacity of ' .. L.field)
     end
-    items[#items + 1] = { L, amount, ARGV[i + 4] }
+    local item = items[j]
+    if item == nil then
+      items[j] = { L, amount, text }
+    else
+      item[1], item[2], item[3] = L, amount, text
+    end
   end
+  for j = #items, n + 1, -1 do items[j] = nil end
   return items
 end
+
+-- Whether this call refused a request for a full resource: it sets "!w", and the next release
+-- that ends a lease then wakes the waiters (PUBLISH), and clears it. Only a release can admit
+-- such a request (or its lease's expiry, which each waiter watches), and every such waiter, of
+-- any process, was refused by a call that set "!w": a release nobody waits for publishes
+-- nothing (a PUBLISH costs Redis a call and every subscribed process a wake-up).
+local refused_for_resource
 
 -- Scheduler.admit_time: (rate_at, admit_at) for the items at now, and when a lease of a full
 -- resource among them runs out (inf: none is full, or none has a lease). `p`: the end of a pause,
@@ -193,6 +211,7 @@ local function admit_time(items, now, p)
     if t > at then
       if t == INF then
         blocked = true
+        refused_for_resource = true
         local e = L.A.next_expiry(s, now)
         if e < expiry then expiry = e end
       else
@@ -221,21 +240,35 @@ local function acquire(digest)
   local holder = ARGV[3]
   local items = read_items(5)
   local n = #items
-  local fields = { '!c', '!p' }
   local first = 2
-  if digest ~= nil then
-    fields[3] = '!h'
-    first = 3
+  local got
+  -- (Most calls name one limit: its HMGET is made without a table of fields.)
+  if n == 1 then
+    local f1 = items[1][1].hfield
+    if digest ~= nil then
+      got = redis.call('HMGET', key, '!c', '!p', f1, '!h')
+    else
+      got = redis.call('HMGET', key, '!c', '!p', f1)
+    end
+  else
+    local fields = { '!c', '!p' }
+    for j = 1, n do fields[first + j] = items[j][1].hfield end
+    if digest ~= nil then fields[n + 3] = '!h' end
+    got = redis.call('HMGET', key, unpack(fields))
   end
-  for j = 1, n do
-    local L = items[j][1]
-    fields[first + j] = L.A.prefix .. L.field
-  end
-  local got = redis.call('HMGET', key, unpack(fields))
-  if digest ~= nil and got[3] ~= digest then return nil end
+  if digest ~= nil and got[n + 3] ~= digest then return nil end
   local last, grants = clock_of(got[1])
   local now, stamp = clock(last)
-  if stamp then now_kept = now else now_kept = last end
+  -- The time as the reply gives it: Redis TIME's own two numbers when it is that (no number
+  -- is printed: %.17g costs as much as a redis.call), else %.17g.
+  local now_text
+  if stamp then
+    now_kept = now
+    now_text = time_reply[1] .. ':' .. time_reply[2]
+  else
+    now_kept = last
+    now_text = fmt(now)
+  end
   paused = tonumber(got[2] or '') or -INF
   existed = (got[1] or got[2]) and true or false
   -- Whether every item admits now, the buckets asked on the bytes of their fields.
@@ -269,16 +302,18 @@ local function acquire(digest)
       if stamp and (existed or not KEYED) then
         redis.call('HSET', key, '!c', clock_text(now, grants))
       end
-      return '0 ' .. fmt(now) .. ' ' .. fmt(rate_at) .. ' ' .. fmt(admit_at) .. ' ' .. fmt(expiry),
+      return '0 ' .. now_text .. ' ' .. fmt(rate_at) .. ' ' .. fmt(admit_at) .. ' ' .. fmt(expiry),
         now
     end
   end
   local ttl = arg_number(ARGV[4])
-  local out = '1 ' .. fmt(now)
-  local writes = { '!c', clock_text(now_kept, grants + 1) }
+  local out = '1 ' .. now_text
+  local clock_now = clock_text(now_kept, grants + 1)
+  local writes
+  if n ~= 1 then writes = { '!c', clock_now } end
   for j = 1, n do
     local L, amount = items[j][1], items[j][2]
-    local field = fields[first + j]
+    local field = L.hfield
     local text, seq, fresh
     if cache[L.field] == nil and L.A.bucket and bucket_fast(got[first + j]) then
       text, seq, fresh = bucket_take(got[first + j], L, amount, now)
@@ -305,6 +340,10 @@ local function acquire(digest)
         out = out .. ' ' .. receipt_text(receipt)
       end
     end
+    if n == 1 then
+      redis.call('HSET', key, '!c', clock_now, field, text)
+      return out, now
+    end
     writes[2 * j + 1] = field
     writes[2 * j + 2] = text
   end
@@ -316,7 +355,7 @@ end
 -- process, decided in its order: each request is taken when all its items admit now, up to the
 -- first that does not (FIFO: nobody passes it). {now, k admitted, {receipts per item} per
 -- admitted request, then for the one that stopped it {rate_at, admit_at, expiry} or nothing}.
-ops.batch = function(now)
+ops.batch = function(now, keep_time)
   local ttl, m = tonumber(ARGV[3]), tonumber(ARGV[4])
   local granted = {}
   local refused = {}
@@ -347,9 +386,44 @@ ops.batch = function(now)
   if #granted > 0 then
     writes[#writes + 1] = '!c'
     writes[#writes + 1] = clock_text(now_kept, grants_seen + #granted)
+  elseif keep_time then
+    writes[#writes + 1] = '!c'
+    writes[#writes + 1] = clock_text(now, grants_seen)
   end
   if #writes > 0 then redis.call('HSET', key, unpack(writes)) end
   return { fmt(now), #granted, granted, refused }
+end
+
+-- What read_now does for a batch, and more in the same HMGET: the pause, the declaration's
+-- digest (`digest`, when given) and the states its first request names (most often every
+-- request names the same limits), so that a batch of one key's waiters makes three redis.calls
+-- (HMGET, TIME, HSET) as acquire does, rather than one per field. "!c" is written with the states
+-- (ops.batch), or alone when nothing was granted. The time, or nil when the hash does not hold
+-- the digest.
+local function batch_read(digest)
+  local items = read_items(6)
+  local n = #items
+  local fields = { '!c', '!p' }
+  for j = 1, n do fields[2 + j] = items[j][1].hfield end
+  if digest ~= nil then fields[n + 3] = '!h' end
+  local got = redis.call('HMGET', key, unpack(fields))
+  if digest ~= nil and got[n + 3] ~= digest then return nil end
+  local last, grants = clock_of(got[1])
+  local now, stamp = clock(last)
+  if stamp then now_kept = now else now_kept = last end
+  grants_seen = grants
+  paused = tonumber(got[2] or '') or -INF
+  existed = (got[1] or got[2]) and true or false
+  for j = 1, n do
+    local L = items[j][1]
+    local raw = got[2 + j]
+    if raw then existed = true end
+    cache[L.field] = load_state(L, raw, now)
+    limit_of[L.field] = L
+  end
+  -- As read_now: the time kept even when nothing is granted, in a hash that exists.
+  local keep_time = stamp and (got[1] or not KEYED or existed or redis.call('EXISTS', key) == 1)
+  return now, keep_time
 end
 
 -- earliest: items. {now, rate_at, admit_at, expiry}, changing nothing.
@@ -437,7 +511,8 @@ end
 ops.change = function(now)
   local L = limit_at(3)
   local N = { field = L.field, algo = L.algo, cap = arg_number(ARGV[7]),
-              window = arg_number(ARGV[8]), cap_text = ARGV[7], window_text = ARGV[8], A = L.A }
+              window = arg_number(ARGV[8]), cap_text = ARGV[7], window_text = ARGV[8], A = L.A,
+              hfield = L.hfield }
   local s = state_of(L, now)
   L.A.change(s, L, N, now)
   limit_of[L.field] = N
@@ -489,11 +564,12 @@ local function keyed_expire(now)
   -- MAX_TTL_MS (about 285 years) is kept for good in practice.
   if not (ms < MAX_TTL_MS) then ms = MAX_TTL_MS end
   if EVAL or not existed then
-    if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+    if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, fmt(ms)) end
   else
     -- The hash had its TTL before this call: lengthened in one call (GT, Redis 7, as are
-    -- functions).
-    redis.call('PEXPIRE', key, ms, 'GT')
+    -- functions). (fmt: a number given to redis.call is printed as %.14g, and most calls of
+    -- one key give the TTL of the last.)
+    redis.call('PEXPIRE', key, fmt(ms), 'GT')
   end
 end
 
@@ -504,15 +580,15 @@ end
 -- the hash does not hold the digest.
 local function release(digest)
   local holder = ARGV[3]
-  local fields = { '!c' }
-  local first = 1
+  local fields = { '!c', '!w' }
+  local first = 2
   if digest ~= nil then
-    fields[2] = '!h'
-    first = 2
+    fields[3] = '!h'
+    first = 3
   end
   for i = 4, #ARGV do fields[first + i - 3] = 's:' .. ARGV[i] end
   local got = redis.call('HMGET', key, unpack(fields))
-  if digest ~= nil and got[2] ~= digest then return nil end
+  if digest ~= nil and got[3] ~= digest then return nil end
   local now
   if KEYED or ARGV[2] ~= '' then now = clock((clock_of(got[1]))) end
   local ended = 0
@@ -531,21 +607,29 @@ local function release(digest)
     end
   end
   if ended > 0 then
+    local wake = got[2] == '1' -- (refused_for_resource)
+    if wake then
+      writes[#writes + 1] = '!w'
+      writes[#writes + 1] = '0'
+    end
     redis.call('HSET', key, unpack(writes))
-    redis.call('PUBLISH', key .. ':wake', '')
+    if wake then redis.call('PUBLISH', key .. ':wake', '') end
   end
   if now == nil then return { '', ended }, now end
   return { fmt(now), ended }, now
 end
 
 local function run(keys, args)
-  key, ARGV, cache = keys[1], args, {}
-  limit_of, fresh_hint, id_base = {}, -INF, nil
+  key, ARGV = keys[1], args
+  -- The tables of the states read: new only when the last call used them.
+  if cache == nil or next(cache) ~= nil or next(limit_of) ~= nil then cache, limit_of = {}, {} end
+  fresh_hint, id_base = -INF, nil
   time_reply, now_kept, grants_seen, existed, paused = nil, -INF, 0, nil, nil
-  KEYED = string.sub(key, 1, 1) ~= '{'
+  refused_for_resource = false
+  KEYED = string.byte(key, 1) ~= 123 -- '{'
   local op = ARGV[1]
   local digest
-  if string.sub(ARGV[2], 1, 1) == 'd' then
+  if string.byte(ARGV[2], 1) == 100 then -- 'd'
     -- Redis server time, on a plain set's hash that must hold the declaration this client
     -- checked when it attached: "d" and the digest of it, which the client keeps in "!h" next to
     -- the declaration "!d". Another digest there, or none, and Redis lost the set's data (and
@@ -554,7 +638,8 @@ local function run(keys, args)
     -- (acquire reads "!h" with its state.)
     digest = string.sub(ARGV[2], 2)
     ARGV[2] = ''
-    if op ~= 'acquire' and op ~= 'release' and redis.call('HGET', key, '!h') ~= digest then
+    if op ~= 'acquire' and op ~= 'release' and (op ~= 'batch' or ARGV[4] == '0')
+        and redis.call('HGET', key, '!h') ~= digest then
       return redis.error_reply('aiolimits-undeclared: ' .. key)
     end
   end
@@ -565,12 +650,18 @@ local function run(keys, args)
   elseif op == 'release' then
     reply, now = release(digest)
     if reply == nil then return redis.error_reply('aiolimits-undeclared: ' .. key) end
+  elseif op == 'batch' and ARGV[4] ~= '0' then
+    local keep_time
+    now, keep_time = batch_read(digest) -- it reads the clock with the first request's states
+    if now == nil then return redis.error_reply('aiolimits-undeclared: ' .. key) end
+    reply = ops.batch(now, keep_time)
   else
     local run_op = ops[op]
     if run_op == nil then error('aiolimits: unknown operation ' .. tostring(op)) end
     now = read_now()
     reply = run_op(now)
   end
+  if refused_for_resource then redis.call('HSET', key, '!w', '1') end
   if KEYED then keyed_expire(now) end
   return reply
 end

@@ -83,10 +83,14 @@ builders.sliding_window = function()
     prune(s, now)
   end
   -- When the last entry leaves the window (the log is in expiry order).
+  -- When the last entry that holds units leaves the window (one emptied by refunds, or of
+  -- none, counts for nothing: SlidingWindowState.is_fresh sums the units).
   A.fresh_at = function(s, L, now)
-    local n = #s.log
-    if n == 0 then return -INF end
-    return s.log[n][2]
+    local log = s.log
+    for i = #log, 1, -1 do
+      if log[i][3] > 0 then return log[i][2] end
+    end
+    return -INF
   end
   return A
 end
