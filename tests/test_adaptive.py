@@ -12,14 +12,24 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiolimits import BackendUnavailable, CallLimit, KeyedLimitSet, LimitPool, LimitSet, RateLimit
-from aiolimits._adaptive import Adaptation, available, follower_for, settle_with
+from aiolimits import (
+    Acquisition,
+    BackendUnavailable,
+    CallLimit,
+    KeyedLimitSet,
+    LimitPool,
+    LimitSet,
+    ProcessBackend,
+    RateLimit,
+)
+from aiolimits._adaptive import Adaptation, Follower, available, follower_for, settle_with
 from aiolimits.integrations.httpx import LimitedSyncTransport, LimitedTransport
 from aiolimits.testing import ManualClock
 
@@ -384,3 +394,77 @@ async def test_a_store_that_cannot_take_the_change_costs_no_answer_and_is_asked_
     monkeypatch.setattr(LimitSet, "change_limit", change)
     await post(limits, lambda request: answer)
     assert stats(limits, "tokens")[0] == 5000
+
+
+# -- several processes sharing one set: each has its own follower ------------------------------
+
+
+def two_followers(
+    clock: ManualClock, tmp_path: Path, adaptation: Adaptation
+) -> tuple[LimitSet, LimitSet, list[Follower]]:
+    """Two sets on one process backend, as two processes would build them: one follower each."""
+    backend = ProcessBackend(tmp_path)
+    first, second = (
+        LimitSet(
+            [CallLimit(60, 100), RateLimit("tokens", window_seconds=60, capacity=10_000)],
+            clock=clock,
+            backend=backend,
+            name="shared",
+        )
+        for _ in range(2)
+    )
+    return first, second, [follower_for(first, adaptation), follower_for(second, adaptation)]
+
+
+def sent(limits: LimitSet, follower: Follower) -> Acquisition:
+    acq = limits.try_acquire({"tokens": 1})
+    assert acq.successful
+    follower.sent(acq)
+    return acq
+
+
+def answered(follower: Follower, acq: Acquisition, status: int) -> None:
+    follower.answered(acq, status, {}, 0.0)
+    acq.release()
+
+
+def test_processes_refused_in_one_episode_lower_the_shared_limit_once(tmp_path: Path) -> None:
+    clock = ManualClock()
+    first, second, (a, b) = two_followers(clock, tmp_path, Adaptation(decrease=0.5))
+    burst = [sent(first, a), sent(second, b)]  # both sent at 10,000
+    answered(a, burst[0], 429)
+    assert stats(second, "tokens")[0] == 5000
+    answered(b, burst[1], 429)  # the same episode, seen by the other process: no second step
+    assert stats(first, "tokens")[0] == 5000
+    late = sent(second, b)  # sent at the lowered rate and refused: a new signal
+    answered(b, late, 429)
+    assert stats(first, "tokens")[0] == 2500
+
+
+def test_a_late_refusal_of_an_early_request_never_raises_the_shared_limit(
+    tmp_path: Path,
+) -> None:
+    clock = ManualClock()
+    first, second, (a, b) = two_followers(clock, tmp_path, Adaptation(decrease=0.5))
+    early = sent(second, b)  # at 10,000
+    answered(a, sent(first, a), 429)  # 5,000
+    answered(a, sent(first, a), 429)  # sent at 5,000: 2,500
+    answered(b, early, 429)  # half of what it was sent at is more than what is in force
+    assert stats(first, "tokens")[0] == 2500
+    assert stats(second, "call_count")[0] == 25
+
+
+def test_processes_recovering_together_add_one_increase_per_interval(tmp_path: Path) -> None:
+    clock = ManualClock()
+    adaptation = Adaptation(decrease=0.5, increase=0.1, interval=10)
+    first, second, (a, b) = two_followers(clock, tmp_path, adaptation)
+    burst = [sent(first, a), sent(second, b)]
+    answered(a, burst[0], 429)
+    answered(b, burst[1], 429)
+    assert stats(first, "tokens")[0] == 5000
+    for step in range(1, 4):
+        clock.advance(10)
+        answered(a, sent(first, a), 200)
+        clock.advance(1)
+        answered(b, sent(second, b), 200)  # within the same interval: adds nothing more
+        assert stats(first, "tokens")[0] == 5000 + 1000 * step
