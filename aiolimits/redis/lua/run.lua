@@ -232,7 +232,7 @@ local function acquire(digest)
     fields[first + j] = L.A.prefix .. L.field
   end
   local got = redis.call('HMGET', key, unpack(fields))
-  if digest ~= nil and got[3] ~= digest then return nil end
+  if digest ~= nil and (got[3] or '') ~= digest then return nil end
   local last, grants = clock_of(got[1])
   local now, stamp = clock(last)
   if stamp then now_kept = now else now_kept = last end
@@ -512,7 +512,7 @@ local function release(digest)
   end
   for i = 4, #ARGV do fields[first + i - 3] = 's:' .. ARGV[i] end
   local got = redis.call('HMGET', key, unpack(fields))
-  if digest ~= nil and got[2] ~= digest then return nil end
+  if digest ~= nil and (got[2] or '') ~= digest then return nil end
   local now
   if KEYED or ARGV[2] ~= '' then now = clock((clock_of(got[1]))) end
   local ended = 0
@@ -538,10 +538,21 @@ local function release(digest)
   return { fmt(now), ended }, now
 end
 
+-- A keyed hash that does not exist yet takes the digest of the numbers its first call was sent
+-- with (a keyed set's calls send "d" and the digest of the numbers they know, empty for the
+-- numbers declared: semantics §4); any other hash refuses a digest it does not hold.
+local function unmade()
+  return KEYED and redis.call('EXISTS', key) == 0
+end
+
+-- The digest a keyed hash made by this call is to hold (nil: none to write).
+local stamp
+
 local function run(keys, args)
   key, ARGV, cache = keys[1], args, {}
   limit_of, fresh_hint, id_base = {}, -INF, nil
   time_reply, now_kept, grants_seen, existed, paused = nil, -INF, 0, nil, nil
+  stamp = nil
   KEYED = string.sub(key, 1, 1) ~= '{'
   local op = ARGV[1]
   local digest
@@ -552,24 +563,42 @@ local function run(keys, args)
     -- someone may have declared the name otherwise since): nothing is done, and the client
     -- declares it again, checking it as when it attached, before it sends the call once more.
     -- (acquire reads "!h" with its state.)
+    -- A keyed hash holds the digest of the numbers its states follow ("!h", absent for the
+    -- numbers declared), and refuses a call sent with other numbers: the client reads the
+    -- set's numbers, and brings the key up to them with `change` if it is behind.
     digest = string.sub(ARGV[2], 2)
     ARGV[2] = ''
-    if op ~= 'acquire' and op ~= 'release' and redis.call('HGET', key, '!h') ~= digest then
-      return redis.error_reply('aiolimits-undeclared: ' .. key)
+    if op ~= 'acquire' and op ~= 'release'
+        and (redis.call('HGET', key, '!h') or '') ~= digest then
+      if op == 'change' or not unmade() then
+        return redis.error_reply('aiolimits-undeclared: ' .. key)
+      end
+      stamp, digest = digest, nil
     end
   end
   local reply, now
   if op == 'acquire' then
     reply, now = acquire(digest) -- it reads the clock with its state
-    if reply == nil then return redis.error_reply('aiolimits-undeclared: ' .. key) end
+    if reply == nil then
+      if not unmade() then return redis.error_reply('aiolimits-undeclared: ' .. key) end
+      stamp = digest
+      reply, now = acquire(nil)
+    end
   elseif op == 'release' then
     reply, now = release(digest)
-    if reply == nil then return redis.error_reply('aiolimits-undeclared: ' .. key) end
+    if reply == nil then
+      if not unmade() then return redis.error_reply('aiolimits-undeclared: ' .. key) end
+      stamp = digest
+      reply, now = release(nil)
+    end
   else
     local run_op = ops[op]
     if run_op == nil then error('aiolimits: unknown operation ' .. tostring(op)) end
     now = read_now()
     reply = run_op(now)
+  end
+  if stamp ~= nil and stamp ~= '' and redis.call('EXISTS', key) == 1 then
+    redis.call('HSET', key, '!h', stamp)
   end
   if KEYED then keyed_expire(now) end
   return reply
