@@ -20,13 +20,14 @@ import threading
 import uuid
 from typing import Any
 
+import anyio
 import pytest
 
 from aiolimits import KeyedLimitSet, LimitSet, RateLimit, ResourceLimit
 
-from ._redis_server import RedisServer, redis_server
+from ._redis_server import RedisClusterNodes, RedisServer, redis_cluster, redis_server
 
-__all__ = ["redis_server"]  # the session fixture
+__all__ = ["redis_cluster", "redis_server"]  # the session fixtures
 
 DECLARED = [RateLimit("r", 3600, 4)]  # nothing refills during a test
 
@@ -152,7 +153,9 @@ def eventually(predicate: Any, within: float = 30.0) -> None:
     raise AssertionError("never held")
 
 
-def _keyed(redis_server: RedisServer, name: str, limits: Any = DECLARED) -> KeyedLimitSet:
+def _keyed(
+    redis_server: RedisServer | RedisClusterNodes, name: str, limits: Any = DECLARED
+) -> KeyedLimitSet:
     from aiolimits.redis import RedisBackend
 
     return KeyedLimitSet(limits, backend=RedisBackend(redis_server.url), name=name)
@@ -292,3 +295,48 @@ def test_a_keyed_key_made_after_a_change_is_carried_over_from_its_own_numbers(
     assert _capacity(first, "bob") == (3, 1)
     assert first.try_acquire("bob", {"r": 1}).successful
     assert not second.try_acquire("bob", {"r": 1}).successful
+
+
+def test_a_keyed_change_reaches_the_keys_on_every_node_of_a_cluster(
+    redis_cluster: RedisClusterNodes,
+) -> None:
+    name = uuid.uuid4().hex
+    first, second = _keyed(redis_cluster, name), _keyed(redis_cluster, name)
+    clients = [f"client-{i}" for i in range(12)]  # spread over the three masters
+    for client in clients:
+        assert first.try_acquire(client, {"r": 3}).successful
+    first.change_limit("r", capacity=2)
+    eventually(lambda: second.limits == (RateLimit("r", 3600, 2),))
+    for client in clients:
+        assert not second.try_acquire(client, {"r": 1}).successful  # 3 in use of 2
+    assert second.try_acquire("new", {"r": 2}).successful
+    assert not first.try_acquire("new", {"r": 1}).successful
+
+
+@pytest.mark.anyio
+async def test_a_keyed_change_from_an_event_loop_is_made_off_it(
+    redis_server: RedisServer,
+) -> None:
+    name = uuid.uuid4().hex
+    first, second = _keyed(redis_server, name), _keyed(redis_server, name)
+    async with first.acquire("alice", {"r": 3}):
+        first.change_limit("r", capacity=2)  # no round trip on this thread
+        with anyio.fail_after(30):
+            while second.limits != (RateLimit("r", 3600, 2),):  # noqa: ASYNC110 (a thread's)
+                await anyio.sleep(0.005)
+        assert not (await second.attempt("alice", {"r": 1})).acquisition.successful
+    assert first.limits == (RateLimit("r", 3600, 2),)
+
+
+def test_a_keyed_change_on_redis_under_a_simulated_clock_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    from aiolimits.redis import RedisBackend
+    from aiolimits.testing import ManualClock
+
+    keyed = KeyedLimitSet(
+        DECLARED, backend=RedisBackend(redis_server.url), name=uuid.uuid4().hex, clock=ManualClock()
+    )
+    with pytest.raises(NotImplementedError, match="Redis server time"):
+        keyed.change_limit("r", capacity=2)
+    assert keyed.limits == tuple(DECLARED)
