@@ -148,10 +148,14 @@ class Adaptation:
     follower.
 
     Attributes:
-        decrease: on a 429 (for a request sent since the last decrease), the set's rate
-            limits are multiplied by this (0 < decrease < 1; default 0.7).
+        decrease: on a 429, each rate limit of the set comes down to this times its capacity
+            when the refused request was sent, unless it is lower already (0 < decrease < 1;
+            default 0.7). The followers of several processes sharing the set, refused in one
+            episode, so lower it once.
         increase: after each ``interval`` without a 429, this fraction of the declared limit is
-            added back (0 < increase <= 1; default 0.05), up to the declared limit.
+            added to the capacity in force at the previous step (0 < increase <= 1; default
+            0.05), up to the declared limit; several processes stepping in one interval add it
+            once.
         floor: the lowest fraction of the declared limit AIMD goes down to (default 0.05).
         interval: seconds between two AIMD steps; None (default): the set's shortest rate
             window.
