@@ -71,6 +71,7 @@ from typing import Any, Final, final
 import attrs
 
 from ._acquisition import Acquisition
+from ._backends.memory import MemoryBackend
 from ._errors import BackendUnavailable
 from ._limits import CallLimit, RateLimit
 from ._limitset import LimitSet
@@ -220,7 +221,11 @@ async def follow_answer(
     follower: Follower, acq: Acquisition, status: int, headers: Any
 ) -> dict[str, float]:
     """For a task: :meth:`Follower.answered`, then :meth:`Follower.in_line` with the set's
-    figures read without I/O on the loop; the usage to settle ``acq`` with (may be empty)."""
+    figures read without I/O on the loop; the usage to settle ``acq`` with (may be empty).
+    Before an AIMD step on a shared backend, one round trip more brings this process's view of
+    the limits up to date (another process may have changed them since its last call)."""
+    if follower.steps(status):
+        await available_async(follower.limit_set)
     reading = follower.answered(acq, status, headers, time.time())
     if reading is None:
         return {}
@@ -231,6 +236,8 @@ def follow_answer_sync(
     follower: Follower, acq: Acquisition, status: int, headers: Any
 ) -> dict[str, float]:
     """:func:`follow_answer` for a thread."""
+    if follower.steps(status):
+        available(follower.limit_set)
     reading = follower.answered(acq, status, headers, time.time())
     if reading is None:
         return {}
@@ -293,10 +300,24 @@ class Follower:
         # the store could not take, made again).
         self._applied = dict(declared)
         self._logged: set[tuple[str, float]] = set()
+        # Another process may change the set's limits (a process, Redis or Ray backend).
+        self._shared = not isinstance(limit_set._backend, MemoryBackend)
         #: The latest changes made (at most :data:`KEPT_CHANGES`), oldest first.
         self.changes: deque[LimitChange] = deque(maxlen=KEPT_CHANGES)
 
     # -- what the transports call -------------------------------------------------------------
+
+    def steps(self, status: int) -> bool:
+        """Whether an answer with ``status`` may take an AIMD step (a 429, or a success once an
+        ``interval`` has passed) on a shared backend, whose limits another process may have
+        changed since this one last called it: the caller reads the set first (see
+        :func:`follow_answer`), so that the step starts from the limits in force."""
+        if not self._shared:
+            return False
+        if status == 429:
+            return True
+        with self._lock:
+            return status < 400 and self._clock() - self._last_step >= self.interval
 
     def sent(self, acq: Acquisition) -> None:
         """``acq`` was admitted and its request is on its way: count it in transit, with the

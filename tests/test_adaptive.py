@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,9 +30,20 @@ from aiolimits import (
     ProcessBackend,
     RateLimit,
 )
-from aiolimits._adaptive import Adaptation, Follower, available, follower_for, settle_with
+from aiolimits._adaptive import (
+    Adaptation,
+    Follower,
+    available,
+    follow_answer_sync,
+    follower_for,
+    settle_with,
+)
 from aiolimits.integrations.httpx import LimitedSyncTransport, LimitedTransport
 from aiolimits.testing import ManualClock
+
+from ._redis_server import RedisServer, redis_server
+
+__all__ = ["redis_server"]  # the session fixture
 
 pytestmark = pytest.mark.anyio
 
@@ -468,3 +480,31 @@ def test_processes_recovering_together_add_one_increase_per_interval(tmp_path: P
         clock.advance(1)
         answered(b, sent(second, b), 200)  # within the same interval: adds nothing more
         assert stats(first, "tokens")[0] == 5000 + 1000 * step
+
+
+def test_on_redis_a_late_refusal_reads_the_limits_first_and_never_raises_them(
+    redis_server: RedisServer,
+) -> None:
+    from aiolimits.redis import RedisBackend
+
+    name = uuid.uuid4().hex
+    sets = [
+        LimitSet(
+            [CallLimit(60, 100), RateLimit("tokens", window_seconds=60, capacity=10_000)],
+            backend=RedisBackend(redis_server.url),
+            name=name,
+        )
+        for _ in range(2)
+    ]
+    adaptation = Adaptation(decrease=0.5)
+    a, b = (follower_for(limits, adaptation) for limits in sets)
+    early = sent(sets[1], b)  # at 10,000
+    for _ in range(2):  # 5,000, then (sent at 5,000) 2,500
+        acq = sent(sets[0], a)
+        follow_answer_sync(a, acq, 429, {})
+        acq.release()
+    # The second set has not called Redis since: it reads the limits before it steps.
+    follow_answer_sync(b, early, 429, {})
+    early.release()
+    assert stats(sets[0], "tokens")[0] == 2500
+    assert stats(sets[1], "tokens")[0] == 2500
