@@ -14,9 +14,14 @@ the set's backend, so every process sharing it sees them) brings the set in line
   than that now, the answer's own acquisition is settled at the usage that leaves exactly that
   much (semantics §3: usage above the amount requested is charged, a bucket goes into debt, a
   window counts it), so the difference is held back as the provider holds it: a bucket earns it
-  back at its rate, a window when it ends. The set is only brought down to what the provider
-  says, never up, except right after a change of its limit (a shrinking bucket keeps what is in
-  use in use, which may leave it below what the provider says). The ``call_count`` of a
+  back at its rate, a window when it ends. The set is brought down to what the provider says;
+  up only right after a change of its limit (a shrinking bucket keeps what is in use in use,
+  which may leave it below what the provider says), or by what earlier answers held back: the
+  requests they counted as not yet seen had often been seen (a request sent at the same moment
+  as the answered one is usually counted with it), and without this the set stays that much
+  below the provider for as long as it is busy (measured: 5-25 % of the real limit unused, set
+  by how many requests were in flight at the first answers). A refund never goes above what the
+  provider says remains, less what may be uncounted. The ``call_count`` of a
   :class:`CallLimit` cannot be charged more than 1, so when no request remains the follower
   pauses the set until the provider has one again instead.
 * **A lower limit.** An answer saying ``limit = L`` below what the provider was declared to allow
@@ -197,10 +202,12 @@ class Adaptation:
 @attrs.frozen
 class Reading:
     """What one answer says remains: per key, the most the set may admit now and the seconds
-    until the provider has one more unit; and the keys whose limit the answer changed."""
+    until the provider has one more unit; the keys whose limit the answer changed; and per key
+    what was subtracted from the provider's figure as perhaps not yet counted by it."""
 
     targets: Mapping[str, tuple[float, float]]
     changed: frozenset[str]
+    uncounted: Mapping[str, float] = attrs.field(factory=dict)
 
 
 def available(limit_set: LimitSet) -> dict[str, float]:
@@ -300,6 +307,9 @@ class Follower:
         # the store could not take, made again).
         self._applied = dict(declared)
         self._logged: set[tuple[str, float]] = set()
+        # Per key, what settling answers held back below what the set would have admitted (at
+        # most its capacity): later answers may give it back (``in_line``).
+        self._held: dict[str, float] = dict.fromkeys(self._declared, 0.0)
         # Another process may change the set's limits (a process, Redis or Ray backend).
         self._shared = not isinstance(limit_set._backend, MemoryBackend)
         #: The latest changes made (at most :data:`KEPT_CHANGES`), oldest first.
@@ -403,7 +413,9 @@ class Follower:
             # Under this lock, so that two answers' changes reach the set in the order they
             # were decided (the set's own lock is taken inside; never the other way round).
             self._apply(wanted, now)
-        return Reading(targets, frozenset(wanted)) if targets else None
+        if not targets:
+            return None
+        return Reading(targets, frozenset(wanted), {key: later[key] for key in targets})
 
     def in_line(
         self, acq: Acquisition, reading: Reading, available: Mapping[str, float]
@@ -429,13 +441,30 @@ class Follower:
                     pause = max(pause, wait)
                 continue
             requested = acq.requested.get(key, 0)
-            if requested > 0 and (available[key] > target or key in reading.changed):
-                # With the reservation held the set admits ``available``; settled at ``u`` it
-                # admits ``available + requested - u``, which must be ``target``. Only down,
-                # except right after a change of the limit (whose debt, what is in use staying
-                # in use, may leave the set below what the provider says).
-                usage = max(0.0, available[key] + requested - target)
-                settle[key] = math.ceil(usage) if limit.algorithm.integral else usage
+            if requested <= 0:
+                continue
+            # With the reservation held the set admits ``available``; settled at ``u`` it
+            # admits ``available + requested - u``, which must be ``target``.
+            usage = max(0.0, available[key] + requested - target)
+            with self._lock:
+                held = self._held[key]
+                if available[key] > target or key in reading.changed:
+                    # Down; or both ways right after a change of the limit (whose debt, what is
+                    # in use staying in use, may leave the set below what the provider says).
+                    pass
+                elif held > 0 and usage < requested:
+                    # Up, by no more than earlier answers held back: what they counted as not
+                    # yet seen by the provider had been seen (see the module).
+                    usage = max(usage, requested - held)
+                else:
+                    continue
+                if limit.algorithm.integral:
+                    usage = math.ceil(usage)
+                # Held back: only what was subtracted as perhaps uncounted (the rest the
+                # provider really did not have).
+                kept = min(usage - requested, reading.uncounted.get(key, 0.0))
+                self._held[key] = min(float(limit.capacity), max(0.0, held + kept))
+            settle[key] = usage
         if pause > 0:
             self.limit_set.pause(pause)
         return settle

@@ -508,3 +508,36 @@ def test_on_redis_a_late_refusal_reads_the_limits_first_and_never_raises_them(
     early.release()
     assert stats(sets[0], "tokens")[0] == 2500
     assert stats(sets[1], "tokens")[0] == 2500
+
+
+def test_what_an_answer_held_back_for_a_request_already_counted_comes_back() -> None:
+    clock = ManualClock()
+    limits = LimitSet([RateLimit("tokens", window_seconds=3600, capacity=10_000)], clock=clock)
+    follower = follower_for(limits, Adaptation())
+
+    def answer(acq: Acquisition, remaining: int) -> None:
+        reading = follower.answered(acq, 200, {"x-ratelimit-remaining-tokens": str(remaining)}, 0)
+        assert reading is not None
+        settle_with(acq, None, follower.in_line(acq, reading, available(limits)))
+        acq.release()
+
+    first = limits.try_acquire({"tokens": 100})
+    follower.sent(first)
+    clock.advance(0.5)
+    second = limits.try_acquire({"tokens": 100})
+    follower.sent(second)
+    clock.advance(0.5)
+    # The provider had counted both: 5,000 remain. The follower cannot know the second was
+    # counted (sent within the shortest round trip), so it holds back 100 more.
+    answer(first, 5000)
+    assert stats(limits, "tokens")[1] == pytest.approx(4900, abs=1)
+    # The second's answer says the same 5,000 remain, with nothing in transit: the 100 held
+    # back for it comes back (without this the set would stay 100 below for as long as it is
+    # busy).
+    answer(second, 5000)
+    assert stats(limits, "tokens")[1] == pytest.approx(5000, abs=1)
+    # Nothing more than was held back: an answer saying more remains gives nothing.
+    third = limits.try_acquire({"tokens": 100})
+    follower.sent(third)
+    answer(third, 9000)
+    assert stats(limits, "tokens")[1] == pytest.approx(4900, abs=1)
