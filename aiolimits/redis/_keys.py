@@ -358,10 +358,11 @@ class RedisKeys:
         return changed
 
     def _redeclare(self) -> tuple[str, Numbers]:
-        """For the calls: a key refused the numbers a call was sent with. Read the set's."""
+        """For the calls: a key refused the numbers a call was sent with. Read the set's (the
+        calls take the digest, :meth:`_adopt` the numbers; the waiters of other keys are asked
+        again by the notice, which comes too: no other proxy's lock is taken here, under the
+        lock of the one calling)."""
         digest, numbers = self._read_root()
-        with self._lock:
-            self._digest = digest
         return digest, {lim.key: pair for lim, pair in zip(self._declared, numbers, strict=True)}
 
     def _adopt(self, numbers: Numbers) -> list[tuple[list[str], list[str]]]:
@@ -373,11 +374,11 @@ class RedisKeys:
         """The key ``hash_key`` refused a call: if its states follow older numbers than this
         process's (just read), carry them over, one ``change`` of the script per limit that
         differs, each sent with the digest the key holds (so the key is carried over once)."""
-        with self._lock:
-            digest, numbers = self._digest, self._numbers
         model = self._model
         assert model is not None
         calls = model.calls
+        with self._lock:
+            digest, numbers = calls.tag[1:], self._numbers  # as just read
         held, text = calls.client.hmget(hash_key, ["!h", "!n"])
         held = _text(held)
         if held == digest:
