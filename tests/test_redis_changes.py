@@ -340,3 +340,36 @@ def test_a_keyed_change_on_redis_under_a_simulated_clock_is_refused(
     with pytest.raises(NotImplementedError, match="Redis server time"):
         keyed.change_limit("r", capacity=2)
     assert keyed.limits == tuple(DECLARED)
+
+
+KEYED_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from aiolimits import KeyedLimitSet, RateLimit
+    from aiolimits.redis import RedisBackend
+    backend = RedisBackend(sys.argv[1])
+    keyed = KeyedLimitSet([RateLimit("r", 3600, 4)], backend=backend, name=sys.argv[2])
+    taken = keyed.try_acquire("alice", {"r": 1}).successful
+    stats = keyed.get_stats("alice")["limits"]["r"]
+    print(json.dumps([keyed.limits[0].capacity, taken, stats["capacity"], stats["available"]]))
+    """
+)
+
+
+def test_a_keyed_change_is_seen_by_a_process_that_attaches_with_the_declared_limits(
+    redis_server: RedisServer,
+) -> None:
+    name = uuid.uuid4().hex
+    keyed = _keyed(redis_server, name)
+    assert keyed.try_acquire("alice", {"r": 3}).successful  # "alice" is in Redis, as declared
+    keyed.change_limit("r", capacity=2)
+    out = subprocess.run(
+        [sys.executable, "-c", KEYED_WORKER, redis_server.url, name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    capacity, taken, shown, available = json.loads(out.stdout)
+    assert (capacity, taken, shown) == (2, False, 2)  # 3 in use of 2: refused
+    assert -1 <= available < -0.99
