@@ -331,10 +331,10 @@ class Follower:
 
     def sent(self, acq: Acquisition) -> None:
         """``acq`` was admitted and its request is on its way: count it in transit, with the
-        capacities in force (a 429 for it lowers them from there)."""
+        capacities in force, as of the last answer (a 429 for it lowers them from there; the
+        set's lock is not taken here, on the caller's way to the network)."""
         now = self._clock()
         with self._lock:
-            self._follow_set()
             amounts = {
                 key: amount for key, amount in acq.requested.items() if key in self._declared
             }
