@@ -14,9 +14,14 @@ the set's backend, so every process sharing it sees them) brings the set in line
   than that now, the answer's own acquisition is settled at the usage that leaves exactly that
   much (semantics §3: usage above the amount requested is charged, a bucket goes into debt, a
   window counts it), so the difference is held back as the provider holds it: a bucket earns it
-  back at its rate, a window when it ends. The set is only brought down to what the provider
-  says, never up, except right after a change of its limit (a shrinking bucket keeps what is in
-  use in use, which may leave it below what the provider says). The ``call_count`` of a
+  back at its rate, a window when it ends. The set is brought down to what the provider says;
+  up only right after a change of its limit (a shrinking bucket keeps what is in use in use,
+  which may leave it below what the provider says), or by what earlier answers held back: the
+  requests they counted as not yet seen had often been seen (a request sent at the same moment
+  as the answered one is usually counted with it), and without this the set stays that much
+  below the provider for as long as it is busy (measured: 5-25 % of the real limit unused, set
+  by how many requests were in flight at the first answers). A refund never goes above what the
+  provider says remains, less what may be uncounted. The ``call_count`` of a
   :class:`CallLimit` cannot be charged more than 1, so when no request remains the follower
   pauses the set until the provider has one again instead.
 * **A lower limit.** An answer saying ``limit = L`` below what the provider was declared to allow
@@ -24,13 +29,25 @@ the set's backend, so every process sharing it sees them) brings the set in line
   capacity times that factor over the same window, so the rate scales with it (a window shrunk by
   :func:`~aiolimits.client_limits` keeps its rate at ``L`` per the provider's window). It is
   logged once per new value, and never raised above what was declared.
-* **429s (AIMD).** A 429 scales every rate limit of the set by ``decrease``, down to ``floor``
-  (without headers it is the only signal; with them, the sign that someone unseen takes from the
-  same quota between answers), unless its request was sent
-  before the last decrease (as TCP does: a burst refused together is one signal; a refusal of
-  what was sent at the lowered rate is a new one); each ``interval`` answered without a 429 adds
-  ``increase`` back, up to what was declared. With a :class:`~aiolimits.LimitPool` only the
-  refused set adapts, so ``LeastWait`` sends the traffic to the others.
+* **429s (AIMD).** A 429 lowers each rate limit of the set to ``decrease`` times the capacity
+  that was in force when the refused request was sent, unless it is already lower, and never
+  below ``floor`` of what was declared (without headers it is the only signal; with them, the
+  sign that someone unseen takes from the same quota between answers). A burst refused together
+  is one signal, as in TCP: each of its 429s names the same capacity at sending, so the first
+  lowers the limit and the rest find it lowered already; a refusal of what was sent at the
+  lowered rate is a new one. Each ``interval`` answered without a 429 adds ``increase`` of what
+  was declared back, to the capacity this follower found in force at its previous step, up to
+  what was declared (and never lowers anything).
+
+  Both rules are *idempotent per episode*, so that the followers of several processes sharing
+  one set (a process or Redis backend: each process has its own follower, and the limits they
+  change are the same) land on one value: N processes refused in one episode lower the shared
+  limit once, not N times (each computes ``decrease`` times the same capacity at sending), and
+  N processes stepping up within one interval raise it by ``increase`` once (each adds it to the
+  same earlier capacity; the highest wins). Before each decision a follower takes up the
+  capacities in force in the set (another process's changes, as this process last saw them:
+  ``LimitSet.limits``, no I/O). With a :class:`~aiolimits.LimitPool` only the refused set
+  adapts, so ``LeastWait`` sends the traffic to the others.
 
 Limits change through ``LimitSet.change_limit`` (semantics §4 "limits can change at run time"):
 what is in use stays in use, a growing limit wakes waiters, a shrinking one never admits more than
@@ -59,6 +76,7 @@ from typing import Any, Final, final
 import attrs
 
 from ._acquisition import Acquisition
+from ._backends.memory import MemoryBackend
 from ._errors import BackendUnavailable
 from ._limits import CallLimit, RateLimit
 from ._limitset import LimitSet
@@ -136,10 +154,14 @@ class Adaptation:
     follower.
 
     Attributes:
-        decrease: on a 429 (for a request sent since the last decrease), the set's rate
-            limits are multiplied by this (0 < decrease < 1; default 0.7).
+        decrease: on a 429, each rate limit of the set comes down to this times its capacity
+            when the refused request was sent, unless it is lower already (0 < decrease < 1;
+            default 0.7). The followers of several processes sharing the set, refused in one
+            episode, so lower it once.
         increase: after each ``interval`` without a 429, this fraction of the declared limit is
-            added back (0 < increase <= 1; default 0.05), up to the declared limit.
+            added to the capacity in force at the previous step (0 < increase <= 1; default
+            0.05), up to the declared limit; several processes stepping in one interval add it
+            once.
         floor: the lowest fraction of the declared limit AIMD goes down to (default 0.05).
         interval: seconds between two AIMD steps; None (default): the set's shortest rate
             window.
@@ -180,10 +202,12 @@ class Adaptation:
 @attrs.frozen
 class Reading:
     """What one answer says remains: per key, the most the set may admit now and the seconds
-    until the provider has one more unit; and the keys whose limit the answer changed."""
+    until the provider has one more unit; the keys whose limit the answer changed; and per key
+    what was subtracted from the provider's figure as perhaps not yet counted by it."""
 
     targets: Mapping[str, tuple[float, float]]
     changed: frozenset[str]
+    uncounted: Mapping[str, float] = attrs.field(factory=dict)
 
 
 def available(limit_set: LimitSet) -> dict[str, float]:
@@ -204,7 +228,11 @@ async def follow_answer(
     follower: Follower, acq: Acquisition, status: int, headers: Any
 ) -> dict[str, float]:
     """For a task: :meth:`Follower.answered`, then :meth:`Follower.in_line` with the set's
-    figures read without I/O on the loop; the usage to settle ``acq`` with (may be empty)."""
+    figures read without I/O on the loop; the usage to settle ``acq`` with (may be empty).
+    Before an AIMD step on a shared backend, one round trip more brings this process's view of
+    the limits up to date (another process may have changed them since its last call)."""
+    if follower.steps(status):
+        await available_async(follower.limit_set)
     reading = follower.answered(acq, status, headers, time.time())
     if reading is None:
         return {}
@@ -215,6 +243,8 @@ def follow_answer_sync(
     follower: Follower, acq: Acquisition, status: int, headers: Any
 ) -> dict[str, float]:
     """:func:`follow_answer` for a thread."""
+    if follower.steps(status):
+        available(follower.limit_set)
     reading = follower.answered(acq, status, headers, time.time())
     if reading is None:
         return {}
@@ -260,24 +290,49 @@ class Follower:
         self.interval = adaptation.interval or (min(windows) if windows else 1.0)
         self._lock = threading.Lock()
         # Requests sent and not yet answered: id(acq) -> (when it was sent, on the set's clock;
-        # the generation of the rate it went in; its amounts of the rate limits).
-        self._in_transit: dict[int, tuple[float, int, dict[str, float]]] = {}
+        # the capacity in force per key then; its amounts of the rate limits).
+        self._in_transit: dict[int, tuple[float, dict[str, float], dict[str, float]]] = {}
         self._shortest = math.inf  # the shortest round trip seen, sent to answered
         self._largest: dict[str, float] = dict.fromkeys(self._declared, 0.0)
         self._told: dict[str, float] = dict.fromkeys(self._declared, 1.0)  # by the headers
-        self._aimd = 1.0
-        self._generation = 0  # times the rate came down: AIMD decreases and lower limits
+        declared = {key: float(limit.capacity) for key, limit in self._declared.items()}
+        # AIMD's capacity per key, not rounded (a whole-unit limit applies its floor): the
+        # limit in force is the lower of it and what the headers told.
+        self._aimd = dict(declared)
+        # The capacity in force at this follower's last AIMD step: the next increase adds to it.
+        self._base = dict(declared)
         self._last_step = -math.inf
         self._refused_since_step = False
-        self._applied = {key: float(limit.capacity) for key, limit in self._declared.items()}
+        # What the set's limit was when this follower last looked or changed it (NaN: a change
+        # the store could not take, made again).
+        self._applied = dict(declared)
         self._logged: set[tuple[str, float]] = set()
+        # Per key, what settling answers held back below what the set would have admitted (at
+        # most its capacity): later answers may give it back (``in_line``).
+        self._held: dict[str, float] = dict.fromkeys(self._declared, 0.0)
+        # Another process may change the set's limits (a process, Redis or Ray backend).
+        self._shared = not isinstance(limit_set._backend, MemoryBackend)
         #: The latest changes made (at most :data:`KEPT_CHANGES`), oldest first.
         self.changes: deque[LimitChange] = deque(maxlen=KEPT_CHANGES)
 
     # -- what the transports call -------------------------------------------------------------
 
+    def steps(self, status: int) -> bool:
+        """Whether an answer with ``status`` may take an AIMD step (a 429, or a success once an
+        ``interval`` has passed) on a shared backend, whose limits another process may have
+        changed since this one last called it: the caller reads the set first (see
+        :func:`follow_answer`), so that the step starts from the limits in force."""
+        if not self._shared:
+            return False
+        if status == 429:
+            return True
+        with self._lock:
+            return status < 400 and self._clock() - self._last_step >= self.interval
+
     def sent(self, acq: Acquisition) -> None:
-        """``acq`` was admitted and its request is on its way: count it in transit."""
+        """``acq`` was admitted and its request is on its way: count it in transit, with the
+        capacities in force, as of the last answer (a 429 for it lowers them from there; the
+        set's lock is not taken here, on the caller's way to the network)."""
         now = self._clock()
         with self._lock:
             amounts = {
@@ -285,16 +340,16 @@ class Follower:
             }
             for key, amount in amounts.items():
                 self._largest[key] = max(self._largest[key], amount)
-            self._in_transit[id(acq)] = (now, self._generation, amounts)
+            self._in_transit[id(acq)] = (now, self._in_force(), amounts)
 
     def abandoned(self, acq: Acquisition) -> None:
         """``acq``'s request got no answer (an error): it is no longer in transit."""
         with self._lock:
             self._in_transit.pop(id(acq), None)
 
-    def _untransit(self, acq: Acquisition, now: float) -> tuple[int, dict[str, float]]:
-        """Take ``acq`` out of transit: the generation of the rate it was sent in, and per key what
-        the provider may not have counted yet when it answered.
+    def _untransit(self, acq: Acquisition, now: float) -> tuple[dict[str, float], dict[str, float]]:
+        """Take ``acq`` out of transit: the capacities in force when it was sent, and per key
+        what the provider may not have counted yet when it answered.
 
         The provider counted every request that reached it before it answered. A request sent
         at least one round trip before the answer came back has (a round trip is never shorter
@@ -302,7 +357,7 @@ class Follower:
         within the shortest round trip seen before now, which is always after ``acq`` itself
         was sent. Before any answer, everything still unanswered counts.
         """
-        sent, generation, _ = self._in_transit.pop(id(acq), (now, -1, {}))
+        sent, in_force, _ = self._in_transit.pop(id(acq), (now, self._in_force(), {}))
         self._shortest = min(self._shortest, now - sent)
         since = now - self._shortest
         later = dict.fromkeys(self._declared, 0.0)
@@ -310,7 +365,7 @@ class Follower:
             if at > since:
                 for key, amount in amounts.items():
                     later[key] += amount
-        return generation, later
+        return in_force, later
 
     def answered(
         self, acq: Acquisition, status: int, headers: Any, wall_now: float
@@ -334,7 +389,8 @@ class Follower:
         said = read_limits(headers, now=wall_now)
         now = self._clock()
         with self._lock:
-            generation, later = self._untransit(acq, now)
+            self._follow_set()
+            in_force, later = self._untransit(acq, now)
             quotas = self._quotas(said)
             if quotas:
                 self._adopt(quotas, now)
@@ -342,7 +398,7 @@ class Follower:
                 # Without headers, the only signal; with them, the sign that someone unseen
                 # (another process, a dashboard) takes from the same quota between answers: in
                 # both cases the rate comes down, and comes back while answers succeed.
-                self._refused(now, generation)
+                self._refused(now, in_force)
             elif status < 400:
                 self._calm(now)
             targets = {
@@ -357,7 +413,9 @@ class Follower:
             # Under this lock, so that two answers' changes reach the set in the order they
             # were decided (the set's own lock is taken inside; never the other way round).
             self._apply(wanted, now)
-        return Reading(targets, frozenset(wanted)) if targets else None
+        if not targets:
+            return None
+        return Reading(targets, frozenset(wanted), {key: later[key] for key in targets})
 
     def in_line(
         self, acq: Acquisition, reading: Reading, available: Mapping[str, float]
@@ -383,13 +441,30 @@ class Follower:
                     pause = max(pause, wait)
                 continue
             requested = acq.requested.get(key, 0)
-            if requested > 0 and (available[key] > target or key in reading.changed):
-                # With the reservation held the set admits ``available``; settled at ``u`` it
-                # admits ``available + requested - u``, which must be ``target``. Only down,
-                # except right after a change of the limit (whose debt, what is in use staying
-                # in use, may leave the set below what the provider says).
-                usage = max(0.0, available[key] + requested - target)
-                settle[key] = math.ceil(usage) if limit.algorithm.integral else usage
+            if requested <= 0:
+                continue
+            # With the reservation held the set admits ``available``; settled at ``u`` it
+            # admits ``available + requested - u``, which must be ``target``.
+            usage = max(0.0, available[key] + requested - target)
+            with self._lock:
+                held = self._held[key]
+                if available[key] > target or key in reading.changed:
+                    # Down; or both ways right after a change of the limit (whose debt, what is
+                    # in use staying in use, may leave the set below what the provider says).
+                    pass
+                elif held > 0 and usage < requested:
+                    # Up, by no more than earlier answers held back: what they counted as not
+                    # yet seen by the provider had been seen (see the module).
+                    usage = max(usage, requested - held)
+                else:
+                    continue
+                if limit.algorithm.integral:
+                    usage = math.ceil(usage)
+                # Held back: only what was subtracted as perhaps uncounted (the rest the
+                # provider really did not have).
+                kept = min(usage - requested, reading.uncounted.get(key, 0.0))
+                self._held[key] = min(float(limit.capacity), max(0.0, held + kept))
+            settle[key] = usage
         if pause > 0:
             self.limit_set.pause(pause)
         return settle
@@ -418,45 +493,79 @@ class Follower:
                     key,
                     self._published[key],
                 )
-            if factor < self._told[key]:
-                # What was sent before the set knew this was sent at a rate it no longer
-                # allows: a 429 for it says nothing new (see ``_refused``).
-                self._generation += 1
             self._told[key] = factor
 
-    def _refused(self, now: float, generation: int) -> None:
-        """A 429 that says nothing usable: one multiplicative step, unless the request was sent
-        before the last step (TCP's rule: a burst refused together is one signal, but a refusal
-        of what was sent at the lowered rate is a new one)."""
+    def _in_force(self) -> dict[str, float]:
+        """Per key, the capacity in force now, not rounded: AIMD's, or the headers' if lower."""
+        return {
+            key: min(self._aimd[key], float(limit.capacity) * self._told[key])
+            for key, limit in self._declared.items()
+        }
+
+    def _follow_set(self) -> None:
+        """Take up the capacities another follower (another process sharing the set's backend)
+        gave the set since this one last looked, as this process last saw them (no I/O): AIMD
+        goes on from there, and the next increase adds to no more than them."""
+        for limit in self.limit_set.limits:
+            key = limit.key
+            if key not in self._declared:
+                continue
+            capacity = float(limit.capacity)
+            applied = self._applied[key]
+            if capacity == applied or math.isnan(applied):
+                continue
+            self._applied[key] = capacity
+            if _rounded(self._declared[key], self._aimd[key]) != capacity:
+                self._aimd[key] = capacity
+            self._base[key] = min(self._base[key], capacity)
+
+    def _refused(self, now: float, in_force: Mapping[str, float]) -> None:
+        """A 429 that says nothing usable: each rate limit down to ``decrease`` times its
+        capacity when the request was sent, unless it is lower already (TCP's rule: a burst
+        refused together is one signal, but a refusal of what was sent at the lowered rate is
+        a new one; and the followers of several processes refused in one episode agree)."""
         self._refused_since_step = True
-        if generation != self._generation:
-            return
         adaptation = self.adaptation
-        # From the rate in force: a limit the headers already lowered is lowered further.
-        told = max(self._told.values(), default=1.0)
-        self._aimd = max(adaptation.floor, min(self._aimd, told) * adaptation.decrease)
-        self._generation += 1
+        now_in_force = self._in_force()
+        lowered = False
+        for key, limit in self._declared.items():
+            # From the rate in force: a limit the headers already lowered is lowered further.
+            lower = max(
+                adaptation.floor * float(limit.capacity), adaptation.decrease * in_force[key]
+            )
+            if lower < now_in_force[key]:
+                self._aimd[key] = self._base[key] = lower
+                lowered = True
+        if not lowered:
+            return
         self._last_step = now
         self._refused_since_step = False
-        logger.debug("aiolimits: 429 without rate-limit headers; rate factor %.3f", self._aimd)
+        logger.debug("aiolimits: 429 without rate-limit headers; AIMD capacities %r", self._aimd)
 
     def _calm(self, now: float) -> None:
-        """An answer without a 429: one additive step per interval free of 429s."""
-        if self._aimd >= 1.0 or now - self._last_step < self.interval:
+        """An answer without a 429: one additive step per interval free of 429s, added to the
+        capacity in force at the previous step (so that the followers of several processes
+        stepping in one interval add it once)."""
+        if now - self._last_step < self.interval:
             return
         if not self._refused_since_step:
-            self._aimd = min(1.0, self._aimd + self.adaptation.increase)
+            for key, limit in self._declared.items():
+                declared = float(limit.capacity)
+                if self._aimd[key] >= declared:
+                    continue
+                raised = min(declared, self._base[key] + self.adaptation.increase * declared)
+                self._aimd[key] = max(self._aimd[key], raised)
+            self._base = self._in_force()
         self._last_step = now
         self._refused_since_step = False
 
     def _capacities(self) -> dict[str, float]:
         """The capacity each key should have now; only those that differ from the applied."""
         wanted = {}
+        in_force = self._in_force()
         for key, limit in self._declared.items():
-            capacity = float(limit.capacity) * min(self._told[key], self._aimd)
-            if limit.algorithm.integral or isinstance(limit, CallLimit):
-                capacity = float(math.floor(capacity))
-            capacity = float(min(limit.capacity, max(capacity, self._largest[key], 1.0)))
+            capacity = max(_rounded(limit, in_force[key]), self._largest[key], 1.0)
+            capacity = float(min(limit.capacity, capacity))
             if capacity != self._applied[key]:
                 wanted[key] = capacity
                 self._applied[key] = capacity
@@ -490,7 +599,14 @@ class Follower:
             }
 
     def __repr__(self) -> str:
-        return f"<Follower factors={self.factors!r} aimd={self._aimd:.3f}>"
+        return f"<Follower factors={self.factors!r}>"
+
+
+def _rounded(limit: RateLimit | CallLimit, capacity: float) -> float:
+    """``capacity`` as the limit can take it: whole units for a whole-unit algorithm."""
+    if limit.algorithm.integral or isinstance(limit, CallLimit):
+        return float(math.floor(capacity))
+    return capacity
 
 
 def _until_one(quota: Quota, need: float, families: tuple[str, ...]) -> float:

@@ -680,9 +680,10 @@ class KeyedLimitSet(Door):
         if changed is None:
             return
         index, limit = changed
-        # Recorded once for the set in the backend (not under this set's lock: a file write);
-        # each key catches up at its next decision, in every process. Only the numbers given
-        # change: another process may have changed the other since this one last saw it.
+        # Recorded once for the set in the backend (not under this set's lock: a file write, or
+        # Redis round trips); each key catches up at its next decision, in every process. Only
+        # the numbers given change: another process may have changed the other since this one
+        # last saw it.
         change(
             index,
             None if capacity is None else limit.capacity,

@@ -11,17 +11,39 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiolimits import BackendUnavailable, CallLimit, KeyedLimitSet, LimitPool, LimitSet, RateLimit
-from aiolimits._adaptive import Adaptation, available, follower_for, settle_with
+from aiolimits import (
+    Acquisition,
+    BackendUnavailable,
+    CallLimit,
+    KeyedLimitSet,
+    LimitPool,
+    LimitSet,
+    ProcessBackend,
+    RateLimit,
+)
+from aiolimits._adaptive import (
+    Adaptation,
+    Follower,
+    available,
+    follow_answer_sync,
+    follower_for,
+    settle_with,
+)
 from aiolimits.integrations.httpx import LimitedSyncTransport, LimitedTransport
 from aiolimits.testing import ManualClock
+
+from ._redis_server import RedisServer, redis_server
+
+__all__ = ["redis_server"]  # the session fixture
 
 pytestmark = pytest.mark.anyio
 
@@ -384,3 +406,138 @@ async def test_a_store_that_cannot_take_the_change_costs_no_answer_and_is_asked_
     monkeypatch.setattr(LimitSet, "change_limit", change)
     await post(limits, lambda request: answer)
     assert stats(limits, "tokens")[0] == 5000
+
+
+# -- several processes sharing one set: each has its own follower ------------------------------
+
+
+def two_followers(
+    clock: ManualClock, tmp_path: Path, adaptation: Adaptation
+) -> tuple[LimitSet, LimitSet, list[Follower]]:
+    """Two sets on one process backend, as two processes would build them: one follower each."""
+    backend = ProcessBackend(tmp_path)
+    first, second = (
+        LimitSet(
+            [CallLimit(60, 100), RateLimit("tokens", window_seconds=60, capacity=10_000)],
+            clock=clock,
+            backend=backend,
+            name="shared",
+        )
+        for _ in range(2)
+    )
+    return first, second, [follower_for(first, adaptation), follower_for(second, adaptation)]
+
+
+def sent(limits: LimitSet, follower: Follower) -> Acquisition:
+    acq = limits.try_acquire({"tokens": 1})
+    assert acq.successful
+    follower.sent(acq)
+    return acq
+
+
+def answered(follower: Follower, acq: Acquisition, status: int) -> None:
+    follower.answered(acq, status, {}, 0.0)
+    acq.release()
+
+
+def test_processes_refused_in_one_episode_lower_the_shared_limit_once(tmp_path: Path) -> None:
+    clock = ManualClock()
+    first, second, (a, b) = two_followers(clock, tmp_path, Adaptation(decrease=0.5))
+    burst = [sent(first, a), sent(second, b)]  # both sent at 10,000
+    answered(a, burst[0], 429)
+    assert stats(second, "tokens")[0] == 5000
+    answered(b, burst[1], 429)  # the same episode, seen by the other process: no second step
+    assert stats(first, "tokens")[0] == 5000
+    late = sent(second, b)  # sent at the lowered rate and refused: a new signal
+    answered(b, late, 429)
+    assert stats(first, "tokens")[0] == 2500
+
+
+def test_a_late_refusal_of_an_early_request_never_raises_the_shared_limit(
+    tmp_path: Path,
+) -> None:
+    clock = ManualClock()
+    first, second, (a, b) = two_followers(clock, tmp_path, Adaptation(decrease=0.5))
+    early = sent(second, b)  # at 10,000
+    answered(a, sent(first, a), 429)  # 5,000
+    answered(a, sent(first, a), 429)  # sent at 5,000: 2,500
+    answered(b, early, 429)  # half of what it was sent at is more than what is in force
+    assert stats(first, "tokens")[0] == 2500
+    assert stats(second, "call_count")[0] == 25
+
+
+def test_processes_recovering_together_add_one_increase_per_interval(tmp_path: Path) -> None:
+    clock = ManualClock()
+    adaptation = Adaptation(decrease=0.5, increase=0.1, interval=10)
+    first, second, (a, b) = two_followers(clock, tmp_path, adaptation)
+    burst = [sent(first, a), sent(second, b)]
+    answered(a, burst[0], 429)
+    answered(b, burst[1], 429)
+    assert stats(first, "tokens")[0] == 5000
+    for step in range(1, 4):
+        clock.advance(10)
+        answered(a, sent(first, a), 200)
+        clock.advance(1)
+        answered(b, sent(second, b), 200)  # within the same interval: adds nothing more
+        assert stats(first, "tokens")[0] == 5000 + 1000 * step
+
+
+def test_on_redis_a_late_refusal_reads_the_limits_first_and_never_raises_them(
+    redis_server: RedisServer,
+) -> None:
+    from aiolimits.redis import RedisBackend
+
+    name = uuid.uuid4().hex
+    sets = [
+        LimitSet(
+            [CallLimit(60, 100), RateLimit("tokens", window_seconds=60, capacity=10_000)],
+            backend=RedisBackend(redis_server.url),
+            name=name,
+        )
+        for _ in range(2)
+    ]
+    adaptation = Adaptation(decrease=0.5)
+    a, b = (follower_for(limits, adaptation) for limits in sets)
+    early = sent(sets[1], b)  # at 10,000
+    for _ in range(2):  # 5,000, then (sent at 5,000) 2,500
+        acq = sent(sets[0], a)
+        follow_answer_sync(a, acq, 429, {})
+        acq.release()
+    # The second set has not called Redis since: it reads the limits before it steps.
+    follow_answer_sync(b, early, 429, {})
+    early.release()
+    assert stats(sets[0], "tokens")[0] == 2500
+    assert stats(sets[1], "tokens")[0] == 2500
+
+
+def test_what_an_answer_held_back_for_a_request_already_counted_comes_back() -> None:
+    clock = ManualClock()
+    limits = LimitSet([RateLimit("tokens", window_seconds=3600, capacity=10_000)], clock=clock)
+    follower = follower_for(limits, Adaptation())
+
+    def answer(acq: Acquisition, remaining: int) -> None:
+        reading = follower.answered(acq, 200, {"x-ratelimit-remaining-tokens": str(remaining)}, 0)
+        assert reading is not None
+        settle_with(acq, None, follower.in_line(acq, reading, available(limits)))
+        acq.release()
+
+    first = limits.try_acquire({"tokens": 100})
+    follower.sent(first)
+    clock.advance(0.5)
+    second = limits.try_acquire({"tokens": 100})
+    follower.sent(second)
+    clock.advance(0.5)
+    # The provider had counted both: 5,000 remain. The follower cannot know the second was
+    # counted (sent within the shortest round trip), so it holds back 100 more.
+    answer(first, 5000)
+    assert stats(limits, "tokens")[1] == pytest.approx(4900, abs=1)
+    # The second's answer says the same 5,000 remain, with nothing in transit: the 100 held
+    # back for it comes back (without this the set would stay 100 below for as long as it is
+    # busy).
+    answer(second, 5000)
+    assert stats(limits, "tokens")[1] == pytest.approx(5000, abs=1)
+    # Nothing more than was held back: an answer saying more remains gives nothing.
+    third = limits.try_acquire({"tokens": 100})
+    follower.sent(third)
+    answer(third, 9000)
+    assert stats(limits, "tokens")[1] == pytest.approx(4900, abs=1)

@@ -25,8 +25,9 @@ def run(backend: str, **options: object) -> FollowOutcome:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_openai_headers_at_half_the_declared_limits(backend: str) -> None:
-    outcome = run(backend, factor=0.5, headers="openai", calls=100)
+@pytest.mark.parametrize("headers", ["openai", "anthropic"])
+def test_a_headers_at_half_the_declared_limits(backend: str, headers: str) -> None:
+    outcome = run(backend, factor=0.5, headers=headers, calls=100)
     assert outcome.rejected_share(after=1) <= 0.01
     assert outcome.used(TOKENS_PER_WINDOW * 0.5) >= 0.75
     # The lower limit was learned from the headers.

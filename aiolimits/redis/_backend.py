@@ -453,6 +453,7 @@ class RedisBackend(Backend):
         return RedisKeys(
             stem,
             clock,
+            root=root,
             client=client,
             hub=hub,
             script=self._lua,

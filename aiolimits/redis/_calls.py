@@ -160,6 +160,8 @@ class ScriptCalls:
     Attributes:
         adopt: set by the scheduler: takes the numbers :attr:`redeclare` read (see
             :data:`Adopt`).
+        catch_up: a keyed set's: brings a client key's hash up to the set's numbers when it
+            refused a call sent with the numbers the set has now (``_keys.py``).
     """
 
     __slots__ = (
@@ -167,6 +169,7 @@ class ScriptCalls:
         "_packs",
         "_redeclare",
         "adopt",
+        "catch_up",
         "client",
         "exchanges",
         "injected_time",
@@ -198,6 +201,7 @@ class ScriptCalls:
         self.adopt: Adopt | None = None
         self.exchanges = 0  # tasks' round trips under way (see RedisBase.quiet)
         self._packs: dict[tuple[str, ...], Any] = {}  # see _packed
+        self.catch_up: Callable[[str], None] | None = None
         self.tag = f"d{declared}" if redeclare is not None and not injected_time else ""
 
     def local(self, now: float, server_now: float, t: float) -> float:
@@ -234,6 +238,8 @@ class ScriptCalls:
             if self._redeclare is None or not str(exc).startswith(UNDECLARED):
                 raise
         changed = self._declare_again(hash_key)
+        if self.catch_up is not None:
+            self.catch_up(hash_key)  # a keyed hash behind the set's numbers now: brought up
         if changed and op == "batch":
             # A batch's waiters were asked with the old numbers: the dispatcher asks again.
             raise StaleNumbers(f"a limit of {hash_key} changed in another client")

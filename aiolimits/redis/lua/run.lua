@@ -256,7 +256,7 @@ local function acquire(digest)
     if digest ~= nil then fields[n + 3] = '!h' end
     got = redis.call('HMGET', key, unpack(fields))
   end
-  if digest ~= nil and got[n + 3] ~= digest then return nil end
+  if digest ~= nil and (got[n + 3] or '') ~= digest then return nil end
   local last, grants = clock_of(got[1])
   local now, stamp = clock(last)
   -- The time as the reply gives it: Redis TIME's own two numbers when it is that (no number
@@ -407,7 +407,7 @@ local function batch_read(digest)
   for j = 1, n do fields[2 + j] = items[j][1].hfield end
   if digest ~= nil then fields[n + 3] = '!h' end
   local got = redis.call('HMGET', key, unpack(fields))
-  if digest ~= nil and got[n + 3] ~= digest then return nil end
+  if digest ~= nil and (got[n + 3] or '') ~= digest then return nil end
   local last, grants = clock_of(got[1])
   local now, stamp = clock(last)
   if stamp then now_kept = now else now_kept = last end
@@ -588,7 +588,7 @@ local function release(digest)
   end
   for i = 4, #ARGV do fields[first + i - 3] = 's:' .. ARGV[i] end
   local got = redis.call('HMGET', key, unpack(fields))
-  if digest ~= nil and got[3] ~= digest then return nil end
+  if digest ~= nil and (got[3] or '') ~= digest then return nil end
   local now
   if KEYED or ARGV[2] ~= '' then now = clock((clock_of(got[1]))) end
   local ended = 0
@@ -619,6 +619,16 @@ local function release(digest)
   return { fmt(now), ended }, now
 end
 
+-- A keyed hash that does not exist yet takes the digest of the numbers its first call was sent
+-- with (a keyed set's calls send "d" and the digest of the numbers they know, empty for the
+-- numbers declared: semantics §4); any other hash refuses a digest it does not hold.
+local function unmade()
+  return KEYED and redis.call('EXISTS', key) == 0
+end
+
+-- The digest a keyed hash made by this call is to hold (nil: none to write).
+local stamp
+
 local function run(keys, args)
   key, ARGV = keys[1], args
   -- The tables of the states read: new only when the last call used them.
@@ -626,6 +636,7 @@ local function run(keys, args)
   fresh_hint, id_base = -INF, nil
   time_reply, now_kept, grants_seen, existed, paused = nil, -INF, 0, nil, nil
   refused_for_resource = false
+  stamp = nil
   KEYED = string.byte(key, 1) ~= 123 -- '{'
   local op = ARGV[1]
   local digest
@@ -636,24 +647,42 @@ local function run(keys, args)
     -- someone may have declared the name otherwise since): nothing is done, and the client
     -- declares it again, checking it as when it attached, before it sends the call once more.
     -- (acquire reads "!h" with its state.)
+    -- A keyed hash holds the digest of the numbers its states follow ("!h", absent for the
+    -- numbers declared), and refuses a call sent with other numbers: the client reads the
+    -- set's numbers, and brings the key up to them with `change` if it is behind.
     digest = string.sub(ARGV[2], 2)
     ARGV[2] = ''
     if op ~= 'acquire' and op ~= 'release' and (op ~= 'batch' or ARGV[4] == '0')
-        and redis.call('HGET', key, '!h') ~= digest then
-      return redis.error_reply('aiolimits-undeclared: ' .. key)
+        and (redis.call('HGET', key, '!h') or '') ~= digest then
+      if op == 'change' or not unmade() then
+        return redis.error_reply('aiolimits-undeclared: ' .. key)
+      end
+      stamp, digest = digest, nil
     end
   end
   local reply, now
   if op == 'acquire' then
     reply, now = acquire(digest) -- it reads the clock with its state
-    if reply == nil then return redis.error_reply('aiolimits-undeclared: ' .. key) end
+    if reply == nil then
+      if not unmade() then return redis.error_reply('aiolimits-undeclared: ' .. key) end
+      stamp = digest
+      reply, now = acquire(nil)
+    end
   elseif op == 'release' then
     reply, now = release(digest)
-    if reply == nil then return redis.error_reply('aiolimits-undeclared: ' .. key) end
+    if reply == nil then
+      if not unmade() then return redis.error_reply('aiolimits-undeclared: ' .. key) end
+      stamp = digest
+      reply, now = release(nil)
+    end
   elseif op == 'batch' and ARGV[4] ~= '0' then
     local keep_time
     now, keep_time = batch_read(digest) -- it reads the clock with the first request's states
-    if now == nil then return redis.error_reply('aiolimits-undeclared: ' .. key) end
+    if now == nil then
+      if not unmade() then return redis.error_reply('aiolimits-undeclared: ' .. key) end
+      stamp = digest
+      now, keep_time = batch_read(nil)
+    end
     reply = ops.batch(now, keep_time)
   else
     local run_op = ops[op]
@@ -662,6 +691,9 @@ local function run(keys, args)
     reply = run_op(now)
   end
   if refused_for_resource then redis.call('HSET', key, '!w', '1') end
+  if stamp ~= nil and stamp ~= '' and redis.call('EXISTS', key) == 1 then
+    redis.call('HSET', key, '!h', stamp)
+  end
   if KEYED then keyed_expire(now) end
   return reply
 end
