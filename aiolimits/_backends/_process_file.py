@@ -251,7 +251,7 @@ def open_private(directory: int, name: str, shown: str, initialise: Callable[[in
 class StateFile:
     """One open state file. Not thread-safe by itself: the caller holds a thread lock too."""
 
-    __slots__ = ("_fields", "_newest", "_peek", "fd", "file_id", "path")
+    __slots__ = ("_fields", "_newest", "_page", "_peek", "fd", "file_id", "path")
 
     def __init__(self, directory: int, name: str, shown: str) -> None:
         """Open (or create) ``name`` in the directory descriptor ``directory``; ``shown`` is its
@@ -263,6 +263,7 @@ class StateFile:
         """
         self.path = shown
         self._peek = bytearray()  # the header page as last read or written: equal, unchanged
+        self._page: bytes | None = None  # the header page read by changed() under this lock
         self._fields: list[_Fields | None] = [None, None]
         self._newest = -1  # the slot holding the newest version (-1: none)
         self.file_id = 0
@@ -284,14 +285,16 @@ class StateFile:
 
         return open_private(directory, name, self.path, initialise)
 
-    def _validate_head(self, *, attaching: bool) -> bool:
-        """Under the lock: check the head. False when it is damaged (while attached) and was
-        initialised again; raises at attach (the file may not be ours to repair)."""
-        head = os.pread(self.fd, _HEAD.size + _CRC.size, 0)
-        if len(head) == _HEAD.size + _CRC.size:
-            magic, fmt, size, file_id = _HEAD.unpack_from(head)
+    def _validate_head(self, *, attaching: bool, page: bytes | None = None) -> bool:
+        """Under the lock: check the head (in ``page``, the header page just read, if given).
+        False when it is damaged (while attached) and was initialised again; raises at attach
+        (the file may not be ours to repair)."""
+        size = _HEAD.size + _CRC.size
+        head = os.pread(self.fd, size, 0) if page is None else page[:size]
+        if len(head) == size:
+            magic, fmt, header, file_id = _HEAD.unpack_from(head)
             (crc,) = _CRC.unpack_from(head, _HEAD.size)
-            good = magic == MAGIC and fmt == FORMAT and size == HEADER
+            good = magic == MAGIC and fmt == FORMAT and header == HEADER
             if good and crc == zlib.crc32(head[: _HEAD.size]):
                 self.file_id = file_id
                 return True
@@ -325,6 +328,7 @@ class StateFile:
         self._fields = [None, None]
         self._newest = -1
         self._peek = bytearray()
+        self._page = None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -335,6 +339,7 @@ class StateFile:
         fcntl.flock(self.fd, fcntl.LOCK_EX)
 
     def unlock(self) -> None:
+        self._page = None  # read under this lock only
         fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def forget(self) -> None:
@@ -343,8 +348,12 @@ class StateFile:
 
     def changed(self) -> bool:
         """Under the lock: whether the file changed since this object last read or wrote it.
-        One ``pread`` (the usual case: no)."""
-        return os.pread(self.fd, _PEEK, 0) != self._peek
+        One ``pread`` (the usual case: no); when it did, :meth:`read` starts from that page."""
+        page = os.pread(self.fd, _PEEK, 0)
+        if page == self._peek:
+            return False
+        self._page = page
+        return True
 
     @staticmethod
     def _slot(peek: bytes, i: int) -> _Fields | None:
@@ -367,8 +376,12 @@ class StateFile:
         state yet), and False when the file was found damaged (truncated or overwritten by
         something else) and initialised again, empty: whatever this process knows must then be
         written back."""
-        intact = self._validate_head(attaching=False)
-        peek = os.pread(self.fd, _PEEK, 0) if intact else b""
+        # The page changed() just read under this lock, if it did (no second read of it).
+        page, self._page = self._page, None
+        intact = self._validate_head(attaching=False, page=page)
+        peek = b""
+        if intact:
+            peek = os.pread(self.fd, _PEEK, 0) if page is None else page
         if intact and len(peek) < _PEEK:  # cut short after the head: damaged
             self.reinitialise()
             intact, peek = False, b""
@@ -399,9 +412,33 @@ class StateFile:
         """
         fields = self._fields
         newest = self._newest
+        length = len(data)
+        if newest >= 0 and length <= _INLINE:
+            # The usual case: a small state, written inline with its slot in one pwrite.
+            target = 1 - newest
+            at = _SLOT_AT[target]
+            version = fields[newest][0] + 1  # type: ignore[index]  # newest: a valid slot
+            new = (version, at + _SLOT_BYTES, _INLINE, length, zlib.crc32(data))
+            packed = _SLOT.pack(*new)
+            packed = b"".join((packed, _CRC.pack(zlib.crc32(packed)), data))
+            os.pwrite(self.fd, packed, at)
+            fields[target] = new
+            self._newest = target
+            peek = self._peek
+            if len(peek) == _PEEK:
+                peek[at : at + len(packed)] = packed
+            else:
+                self._peek = bytearray(os.pread(self.fd, _PEEK, 0))
+            return
+        self._write_anew(data)
+
+    def _write_anew(self, data: bytes) -> None:
+        """:meth:`write`, the first time or for a state too large for a slot's inline room."""
+        fields = self._fields
+        newest = self._newest
+        length = len(data)
         target = 1 - newest if newest >= 0 else 0
         old = fields[target]
-        length = len(data)
         at = _SLOT_AT[target]
         if length <= _INLINE:
             offset, cap = at + _SLOT_BYTES, _INLINE
