@@ -385,8 +385,13 @@ class StateFile:
         if intact and len(peek) < _PEEK:  # cut short after the head: damaged
             self.reinitialise()
             intact, peek = False, b""
-        fields = [self._slot(peek, 0), self._slot(peek, 1)]
-        order = sorted(((f, i) for i, f in enumerate(fields) if f is not None), reverse=True)
+        first, second = self._slot(peek, 0), self._slot(peek, 1)
+        fields = [first, second]
+        # The valid slots, the newest (higher version) first.
+        if first is None or second is None:
+            order = [(first, 0)] if first is not None else [(second, 1)] if second else []
+        else:
+            order = [(first, 0), (second, 1)] if first > second else [(second, 1), (first, 0)]
         for (_version, offset, _cap, length, crc), i in order:
             if offset < HEADER:  # inline: already read
                 data = bytes(peek[offset : offset + length])

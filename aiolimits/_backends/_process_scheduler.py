@@ -255,6 +255,7 @@ class ProcessScheduler(Scheduler):
         "_head",
         "_holding",
         "_index",
+        "_keys",
         "_local",
         "_me",
         "_meta",
@@ -300,6 +301,7 @@ class ProcessScheduler(Scheduler):
         # Every key's tally is part of the shared state, so it exists from the start.
         self.refunded: dict[str, float] = {state.key: 0.0 for state in states}
         self._refunded = self.refunded
+        self._keys = tuple(self.refunded)  # the keys, in the order of the states
         # The doors use `with sched.lock:`; here the lock is this object (__enter__/__exit__),
         # which also loads and stores the shared state. Not a threading.Lock, hence the ignore.
         self.lock = self  # type: ignore[assignment]
@@ -489,16 +491,20 @@ class ProcessScheduler(Scheduler):
         _layout, _meta, counters, states, tickets, owners, next_ticket = shared
         self.granted, self.timed_out, self.cancelled, paused, refunded = counters
         self.paused_until = -_INF if paused is None else paused
-        for state, value in zip(self.states, refunded, strict=True):
-            self._refunded[state.key] = value
+        self._refunded.update(zip(self._keys, refunded, strict=True))
         changed = self._codec.load(states)
-        me = self._me
-        self._foreign = [t for t in tickets if t[1] != me]
-        self._first = tickets[0][0] if tickets else None
+        if tickets:
+            me = self._me
+            self._foreign = [t for t in tickets if t[1] != me]
+            self._first = tickets[0][0]
+        else:
+            self._foreign = tickets
+            self._first = None
         self._owners = owners
-        mine = owners.get(me)
-        self._holding = list(mine[1]) if mine is not None else [0.0 for _ in self._sems]
-        self._base_in_use = [s.in_use for _i, s in self._sems]
+        if self._sems:
+            mine = owners.get(self._me)
+            self._holding = list(mine[1]) if mine is not None else [0.0 for _ in self._sems]
+            self._base_in_use = [s.in_use for _i, s in self._sems]
         self._next_ticket = next_ticket
         self._bytes = data
         self.forget_forecast()  # another process changed the state the forecast was made from
