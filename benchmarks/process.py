@@ -150,16 +150,20 @@ def _throughput_child(location: str | None, seconds: float, go: Any, out: Any) -
     out.put("ready")
     go.wait()
     done = 0
+    cpu = time.process_time()
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         for _ in range(100):
             with limits.acquire_sync(req):
                 pass
         done += 100
-    out.put(done)
+    out.put((done, time.process_time() - cpu))
 
 
-def _throughput(location: str | None, procs: int, seconds: float) -> float:
+def _throughput(location: str | None, procs: int, seconds: float) -> tuple[float, float]:
+    """Operations per second of ``procs`` processes together, and their CPU time per operation
+    (seconds; all of it, the kernel's included: what limits the throughput when the cores are
+    busy, and less disturbed by the machine's load than the throughput itself)."""
     go, out = _spawn.Event(), _spawn.Queue()
     children = [
         _spawn.Process(target=_throughput_child, args=(location, seconds, go, out))
@@ -170,26 +174,35 @@ def _throughput(location: str | None, procs: int, seconds: float) -> float:
     for _ in children:
         assert out.get(timeout=60) == "ready"
     go.set()
-    total = sum(out.get(timeout=60 + seconds) for _ in children)
+    results = [out.get(timeout=60 + seconds) for _ in children]
     for c in children:
         c.join(10)
-    return total / seconds
+    total = sum(done for done, _cpu in results)
+    return total / seconds, sum(cpu for _done, cpu in results) / total
 
 
 def throughput(directory: str, seconds: float, repeats: int) -> None:
     print(f"aggregate throughput, 4 processes x {seconds:g} s, 1 RateLimit, never waiting")
     shared: list[float] = []
     memory: list[float] = []
+    shared_cpu: list[float] = []
+    memory_cpu: list[float] = []
     for r in range(repeats):
-        order = [(directory, shared), (None, memory)]
+        order = [(directory, shared, shared_cpu), (None, memory, memory_cpu)]
         if r % 2:
             order.reverse()
-        for location, out in order:
-            out.append(_throughput(location, 4, seconds))
+        for location, out, cpu_out in order:
+            ops, cpu = _throughput(location, 4, seconds)
+            out.append(ops)
+            cpu_out.append(cpu * 1e6)
     ratios = [s / m for s, m in zip(shared, memory, strict=True)]
+    cpu_ratios = [m / s for s, m in zip(shared_cpu, memory_cpu, strict=True)]
     print(
-        f"  one shared set   {Summary.of(shared).fmt('.0f', ' ops/s')}\n"
-        f"  4 memory sets    {Summary.of(memory).fmt('.0f', ' ops/s')} (nothing shared)\n"
+        f"  one shared set   {Summary.of(shared).fmt('.0f', ' ops/s')}, CPU "
+        f"{Summary.of(shared_cpu).fmt(unit=' us/op')}\n"
+        f"  4 memory sets    {Summary.of(memory).fmt('.0f', ' ops/s')}, CPU "
+        f"{Summary.of(memory_cpu).fmt(unit=' us/op')} (nothing shared)\n"
+        f"  CPU per op, memory / shared {Summary.of(cpu_ratios).fmt(unit='x')}\n"
         f"  ratio            {Summary.of(ratios).fmt(unit='x')} (target >= "
         f"{THROUGHPUT_TARGET:g}x; cores: {os.cpu_count()}, load {os.getloadavg()[0]:.1f})"
     )
