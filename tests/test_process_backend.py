@@ -780,3 +780,20 @@ def test_a_stored_limit_state_with_a_bad_number_deep_inside_is_refused(
     f.close()
     with pytest.raises(ValueError, match=r"is damaged .* \(bad (limit states|numbers)\)"):
         limits.try_acquire({"t": 1})
+
+
+def test_a_slot_whose_fields_are_unchanged_but_data_overwritten_is_not_used(
+    tmp_path: Path,
+) -> None:
+    # A reader reuses what it parsed of a slot whose fields are byte for byte those it last
+    # saw; the data's crc is still checked: the other, intact copy is taken.
+    f = _state_file(tmp_path)
+    f.lock()
+    f.write(b"one")
+    f.write(b"two")  # the other slot: both valid, "two" the newest
+    assert f.read() == (b"two", True)
+    os.pwrite(f.fd, b"xyz", 2080 + 40)  # the newest slot's inline data, its fields untouched
+    assert f.changed()
+    assert f.read() == (b"one", True)
+    f.unlock()
+    f.close()

@@ -248,10 +248,15 @@ def open_private(directory: int, name: str, shown: str, initialise: Callable[[in
             os.unlink(tmp, dir_fd=directory)
 
 
+def _raw(peek: bytes, fields: list[_Fields | None], i: int) -> bytes:
+    at = _SLOT_AT[i]
+    return bytes(peek[at : at + _SLOT_BYTES]) if fields[i] is not None else b""
+
+
 class StateFile:
     """One open state file. Not thread-safe by itself: the caller holds a thread lock too."""
 
-    __slots__ = ("_fields", "_newest", "_page", "_peek", "fd", "file_id", "path")
+    __slots__ = ("_fields", "_head", "_newest", "_page", "_peek", "_raw", "fd", "file_id", "path")
 
     def __init__(self, directory: int, name: str, shown: str) -> None:
         """Open (or create) ``name`` in the directory descriptor ``directory``; ``shown`` is its
@@ -264,7 +269,9 @@ class StateFile:
         self.path = shown
         self._peek = bytearray()  # the header page as last read or written: equal, unchanged
         self._page: bytes | None = None  # the header page read by changed() under this lock
+        self._head = b""  # the head as last found intact (b"": none yet)
         self._fields: list[_Fields | None] = [None, None]
+        self._raw = [b"", b""]  # the bytes of each slot's fields in _fields (b"": none)
         self._newest = -1  # the slot holding the newest version (-1: none)
         self.file_id = 0
         self.fd = self._open(directory, name)
@@ -290,6 +297,8 @@ class StateFile:
         False when it is damaged (while attached) and was initialised again; raises at attach
         (the file may not be ours to repair)."""
         size = _HEAD.size + _CRC.size
+        if page is not None and self._head and page.startswith(self._head):
+            return True  # the head this object last checked (or wrote), byte for byte
         head = os.pread(self.fd, size, 0) if page is None else page[:size]
         if len(head) == size:
             magic, fmt, header, file_id = _HEAD.unpack_from(head)
@@ -297,6 +306,7 @@ class StateFile:
             good = magic == MAGIC and fmt == FORMAT and header == HEADER
             if good and crc == zlib.crc32(head[: _HEAD.size]):
                 self.file_id = file_id
+                self._head = head
                 return True
         if attaching:
             if head[: len(_OLD_MAGIC)] == _OLD_MAGIC:
@@ -322,10 +332,12 @@ class StateFile:
     def reinitialise(self) -> None:
         """Under the lock: make the file an empty state file again (a new file id, no slots)."""
         self.file_id = secrets.randbits(64)
+        self._head = b""
         os.ftruncate(self.fd, 0)
         reserve(self.fd, 0, HEADER, self.path)
         os.pwrite(self.fd, _head(self.file_id), 0)
         self._fields = [None, None]
+        self._raw = [b"", b""]
         self._newest = -1
         self._peek = bytearray()
         self._page = None
@@ -385,7 +397,15 @@ class StateFile:
         if intact and len(peek) < _PEEK:  # cut short after the head: damaged
             self.reinitialise()
             intact, peek = False, b""
-        first, second = self._slot(peek, 0), self._slot(peek, 1)
+        # A slot whose bytes are those this object last found valid is that slot (the other
+        # process wrote the other one): not parsed and checked again.
+        known = self._fields
+        raw = self._raw
+        at, other = _SLOT_AT
+        same = raw[0] and peek[at : at + _SLOT_BYTES] == raw[0]
+        first = known[0] if same else self._slot(peek, 0)
+        same = raw[1] and peek[other : other + _SLOT_BYTES] == raw[1]
+        second = known[1] if same else self._slot(peek, 1)
         fields = [first, second]
         # The valid slots, the newest (higher version) first.
         if first is None or second is None:
@@ -399,6 +419,7 @@ class StateFile:
                 data = os.pread(self.fd, length, offset) if length <= _MAX_DATA else b""
             if len(data) == length and zlib.crc32(data) == crc:
                 self._fields, self._newest, self._peek = fields, i, bytearray(peek)
+                self._raw = [_raw(peek, fields, 0), _raw(peek, fields, 1)]
                 return data, True
         if intact and order:
             # Slots that claim data no longer there (truncated, overwritten): damaged.
@@ -406,6 +427,7 @@ class StateFile:
             intact = False
         if intact:
             self._fields, self._newest, self._peek = fields, -1, bytearray(peek)
+            self._raw = [_raw(peek, fields, 0), _raw(peek, fields, 1)]
         return None, intact
 
     def write(self, data: bytes) -> None:
@@ -428,6 +450,7 @@ class StateFile:
             packed = b"".join((packed, _CRC.pack(zlib.crc32(packed)), data))
             os.pwrite(self.fd, packed, at)
             fields[target] = new
+            self._raw[target] = packed[:_SLOT_BYTES]
             self._newest = target
             peek = self._peek
             if len(peek) == _PEEK:
@@ -471,6 +494,7 @@ class StateFile:
             os.pwrite(self.fd, data, offset)
         os.pwrite(self.fd, packed, at)
         fields[target] = new
+        self._raw[target] = packed[:_SLOT_BYTES]
         self._newest = target
         peek = self._peek
         if len(peek) == _PEEK:
