@@ -703,3 +703,97 @@ def test_threads_making_the_life_file_and_socket_at_once_all_succeed(tmp_path: P
     assert errors == []
     assert len([p for p in os.listdir(tmp_path) if p.startswith(".wake-")]) == 1
     found.close_own(unlink=True)
+
+
+def _counting_preads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    reads: list[tuple[int, int]] = []
+    real = os.pread
+
+    def pread(fd: int, length: int, offset: int) -> bytes:
+        reads.append((length, offset))
+        return real(fd, length, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    return reads
+
+
+def test_a_change_made_elsewhere_is_read_with_one_pread(
+    backend: ProcessBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two attachments of one set: `two` stands for another process.
+    one = LimitSet([RateLimit("t", 60, 100), ResourceLimit("r", 3)], backend=backend, name="pr")
+    two = LimitSet([RateLimit("t", 60, 100), ResourceLimit("r", 3)], backend=backend, name="pr")
+    held = two.try_acquire({"t": 10})
+    assert held.successful
+    reads = _counting_preads(monkeypatch)
+    with one.try_acquire({"t": 1}) as acq:
+        assert acq.successful
+        # The header page read to see whether anything changed is the page loaded: one read.
+        assert reads == [(4096, 0)]
+        assert one.get_stats()["limits"]["r"]["in_use"] == 2  # two's slot and this one
+    reads.clear()
+    assert one.get_stats()["limits"]["r"]["in_use"] == 1
+    assert reads == [(4096, 0)]  # nothing changed since: the page, compared, and nothing else
+    held.release()
+    assert 88.9 < two.get_stats()["limits"]["t"]["available"] <= 89.1
+
+
+def test_the_stored_state_is_the_marshal_of_the_whole_layout(backend: ProcessBackend) -> None:
+    # The layout and declaration are encoded once and the rest appended (ProcessScheduler
+    # ._prefix): what is stored is still the one marshal of the whole state tuple.
+    limits = LimitSet(
+        [CallLimit(60, 100), RateLimit("t", 60, 1e12), ResourceLimit("r", 3)],
+        backend=backend,
+        name="whole",
+    )
+    with limits.acquire_sync({"t": 1.5}):
+        sched = limits._scheduler
+        assert isinstance(sched, ProcessScheduler)
+        data = sched._bytes
+        f = _state_file(backend.directory, "whole.limits")
+        assert f.read()[0] == data
+        f.close()
+        assert marshal.dumps(marshal.loads(data), 2) == data
+        assert marshal.loads(data)[0] == 4
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        (math.inf, 1.0, 0),
+        (1.0, -math.inf, (3, [1], [2.0])),
+        (1.0, 2.0, (3, [1], [math.nan])),
+        (1.0, 2.0, (3, [1], ["x"])),
+        (1.0, 2.0, "x"),
+    ],
+)
+def test_a_stored_limit_state_with_a_bad_number_deep_inside_is_refused(
+    backend: ProcessBackend, value: Any
+) -> None:
+    limits = LimitSet([RateLimit("t", 60, 100)], backend=backend, name="deep")
+    sched = limits._scheduler
+    assert isinstance(sched, ProcessScheduler)
+    shared = list(marshal.loads(sched._bytes))
+    shared[3] = [(100, 60, value)]
+    f = _state_file(backend.directory, "deep.limits")
+    f.write(marshal.dumps(tuple(shared), 2))
+    f.close()
+    with pytest.raises(ValueError, match=r"is damaged .* \(bad (limit states|numbers)\)"):
+        limits.try_acquire({"t": 1})
+
+
+def test_a_slot_whose_fields_are_unchanged_but_data_overwritten_is_not_used(
+    tmp_path: Path,
+) -> None:
+    # A reader reuses what it parsed of a slot whose fields are byte for byte those it last
+    # saw; the data's crc is still checked: the other, intact copy is taken.
+    f = _state_file(tmp_path)
+    f.lock()
+    f.write(b"one")
+    f.write(b"two")  # the other slot: both valid, "two" the newest
+    assert f.read() == (b"two", True)
+    os.pwrite(f.fd, b"xyz", 2080 + 40)  # the newest slot's inline data, its fields untouched
+    assert f.changed()
+    assert f.read() == (b"one", True)
+    f.unlock()
+    f.close()

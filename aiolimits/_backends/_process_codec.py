@@ -114,68 +114,104 @@ class _Entries:
 
 
 def _dumper(state: RateState, entries: _Entries) -> Callable[[], Any]:
-    """A function dumping ``state``."""
+    """A function dumping ``state`` as ``(capacity, window, value)``."""
     if isinstance(state, SemaphoreState):
-        return lambda: state.in_use
+        return lambda: (state.capacity, state.window, state.in_use)
     if isinstance(state, TokenBucketState):  # and GCRAState, the same maths and state
-        return lambda: (state._level, state._stamp, _dump_peaks(state._peaks))
+        return lambda: (
+            state.capacity,
+            state.window,
+            (
+                state._level,
+                state._stamp,
+                peaks if type(peaks := state._peaks) is int else _dump_peaks(peaks),
+            ),
+        )
     if isinstance(state, FixedWindowState):
         # -inf ("not started") is stored as None: a state file holds finite numbers only.
         return lambda: (
-            state._count,
-            state._index,
-            None if state._start == _NEG_INF else state._start,
-            None if state._end == _NEG_INF else state._end,
-            state._shift,
+            state.capacity,
+            state.window,
+            (
+                state._count,
+                state._index,
+                None if state._start == _NEG_INF else state._start,
+                None if state._end == _NEG_INF else state._end,
+                state._shift,
+            ),
         )
     if isinstance(state, SlidingWindowState):
-        return lambda: (state._total, entries.dump(state._log))
+        return lambda: (state.capacity, state.window, (state._total, entries.dump(state._log)))
     if isinstance(state, LeakyBucketState):
-        return lambda: entries.dump(state._slots)
+        return lambda: (state.capacity, state.window, entries.dump(state._slots))
     raise TypeError(f"cannot share {state!r}")  # pragma: no cover - all algorithms are above
 
 
 class StateCodec:
     """Dumps and loads the states of one LimitSet (in their order)."""
 
-    __slots__ = ("_dumpers", "_entries", "_states")
+    __slots__ = ("_dumpers", "_entries", "_loaders", "_states")
 
     def __init__(self, states: tuple[RateState, ...]) -> None:
         self._states = states
         self._entries = [_Entries() for _ in states]
         self._dumpers = [_dumper(s, e) for s, e in zip(states, self._entries, strict=True)]
+        self._loaders = [_loader(s, e) for s, e in zip(states, self._entries, strict=True)]
 
     def dump(self) -> list[Any]:
         """The states as marshal-able values: ``(capacity, window, value)`` each."""
-        return [
-            (state.capacity, state.window, dump())
-            for state, dump in zip(self._states, self._dumpers, strict=True)
-        ]
+        return [dump() for dump in self._dumpers]
 
     def load(self, data: list[Any]) -> list[RateState]:
         """Write ``data`` (from :meth:`dump`, in any process) into the states in place. Returns
         the states whose limit another process changed (new capacity or window)."""
         changed = []
-        for state, entries, (capacity, window, value) in zip(
-            self._states, self._entries, data, strict=True
+        for state, load, (capacity, window, value) in zip(
+            self._states, self._loaders, data, strict=True
         ):
             if capacity != state.capacity or window != state.window:
                 state.capacity, state.window = capacity, window
                 if isinstance(state, LeakyBucketState):
                     state._interval = window / capacity  # as its change() computes it
                 changed.append(state)
-            if isinstance(state, SemaphoreState):
-                state.in_use = value
-            elif isinstance(state, TokenBucketState):  # and GCRAState
-                state._level, state._stamp = value[0], value[1]
-                _load_peaks(state, value[2])
-            elif isinstance(state, FixedWindowState):
-                state._count, state._index, start, end, state._shift = value
-                state._start = _NEG_INF if start is None else start
-                state._end = _NEG_INF if end is None else end
-            elif isinstance(state, SlidingWindowState):
-                state._total = value[0]
-                state._log = entries.load(value[1])
-            elif isinstance(state, LeakyBucketState):
-                state._slots = entries.load(value)
+            load(value)
         return changed
+
+
+def _loader(state: RateState, entries: _Entries) -> Callable[[Any], None]:
+    """A function loading a value dumped by ``_dumper`` into ``state``."""
+    if isinstance(state, SemaphoreState):
+
+        def semaphore(value: Any) -> None:
+            state.in_use = value
+
+        return semaphore
+    if isinstance(state, TokenBucketState):  # and GCRAState
+
+        def bucket(value: Any) -> None:
+            state._level, state._stamp = value[0], value[1]
+            _load_peaks(state, value[2])
+
+        return bucket
+    if isinstance(state, FixedWindowState):
+
+        def fixed(value: Any) -> None:
+            state._count, state._index, start, end, state._shift = value
+            state._start = _NEG_INF if start is None else start
+            state._end = _NEG_INF if end is None else end
+
+        return fixed
+    if isinstance(state, SlidingWindowState):
+
+        def sliding(value: Any) -> None:
+            state._total = value[0]
+            state._log = entries.load(value[1])
+
+        return sliding
+    if isinstance(state, LeakyBucketState):
+
+        def leaky(value: Any) -> None:
+            state._slots = entries.load(value)
+
+        return leaky
+    raise TypeError(f"cannot share {state!r}")  # pragma: no cover - all algorithms are above

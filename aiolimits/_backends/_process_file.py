@@ -248,10 +248,15 @@ def open_private(directory: int, name: str, shown: str, initialise: Callable[[in
             os.unlink(tmp, dir_fd=directory)
 
 
+def _raw(peek: bytes, fields: list[_Fields | None], i: int) -> bytes:
+    at = _SLOT_AT[i]
+    return bytes(peek[at : at + _SLOT_BYTES]) if fields[i] is not None else b""
+
+
 class StateFile:
     """One open state file. Not thread-safe by itself: the caller holds a thread lock too."""
 
-    __slots__ = ("_fields", "_newest", "_peek", "fd", "file_id", "path")
+    __slots__ = ("_fields", "_head", "_newest", "_page", "_peek", "_raw", "fd", "file_id", "path")
 
     def __init__(self, directory: int, name: str, shown: str) -> None:
         """Open (or create) ``name`` in the directory descriptor ``directory``; ``shown`` is its
@@ -263,7 +268,10 @@ class StateFile:
         """
         self.path = shown
         self._peek = bytearray()  # the header page as last read or written: equal, unchanged
+        self._page: bytes | None = None  # the header page read by changed() under this lock
+        self._head = b""  # the head as last found intact (b"": none yet)
         self._fields: list[_Fields | None] = [None, None]
+        self._raw = [b"", b""]  # the bytes of each slot's fields in _fields (b"": none)
         self._newest = -1  # the slot holding the newest version (-1: none)
         self.file_id = 0
         self.fd = self._open(directory, name)
@@ -284,16 +292,21 @@ class StateFile:
 
         return open_private(directory, name, self.path, initialise)
 
-    def _validate_head(self, *, attaching: bool) -> bool:
-        """Under the lock: check the head. False when it is damaged (while attached) and was
-        initialised again; raises at attach (the file may not be ours to repair)."""
-        head = os.pread(self.fd, _HEAD.size + _CRC.size, 0)
-        if len(head) == _HEAD.size + _CRC.size:
-            magic, fmt, size, file_id = _HEAD.unpack_from(head)
+    def _validate_head(self, *, attaching: bool, page: bytes | None = None) -> bool:
+        """Under the lock: check the head (in ``page``, the header page just read, if given).
+        False when it is damaged (while attached) and was initialised again; raises at attach
+        (the file may not be ours to repair)."""
+        size = _HEAD.size + _CRC.size
+        if page is not None and self._head and page.startswith(self._head):
+            return True  # the head this object last checked (or wrote), byte for byte
+        head = os.pread(self.fd, size, 0) if page is None else page[:size]
+        if len(head) == size:
+            magic, fmt, header, file_id = _HEAD.unpack_from(head)
             (crc,) = _CRC.unpack_from(head, _HEAD.size)
-            good = magic == MAGIC and fmt == FORMAT and size == HEADER
+            good = magic == MAGIC and fmt == FORMAT and header == HEADER
             if good and crc == zlib.crc32(head[: _HEAD.size]):
                 self.file_id = file_id
+                self._head = head
                 return True
         if attaching:
             if head[: len(_OLD_MAGIC)] == _OLD_MAGIC:
@@ -319,12 +332,15 @@ class StateFile:
     def reinitialise(self) -> None:
         """Under the lock: make the file an empty state file again (a new file id, no slots)."""
         self.file_id = secrets.randbits(64)
+        self._head = b""
         os.ftruncate(self.fd, 0)
         reserve(self.fd, 0, HEADER, self.path)
         os.pwrite(self.fd, _head(self.file_id), 0)
         self._fields = [None, None]
+        self._raw = [b"", b""]
         self._newest = -1
         self._peek = bytearray()
+        self._page = None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -335,6 +351,7 @@ class StateFile:
         fcntl.flock(self.fd, fcntl.LOCK_EX)
 
     def unlock(self) -> None:
+        self._page = None  # read under this lock only
         fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def forget(self) -> None:
@@ -343,8 +360,12 @@ class StateFile:
 
     def changed(self) -> bool:
         """Under the lock: whether the file changed since this object last read or wrote it.
-        One ``pread`` (the usual case: no)."""
-        return os.pread(self.fd, _PEEK, 0) != self._peek
+        One ``pread`` (the usual case: no); when it did, :meth:`read` starts from that page."""
+        page = os.pread(self.fd, _PEEK, 0)
+        if page == self._peek:
+            return False
+        self._page = page
+        return True
 
     @staticmethod
     def _slot(peek: bytes, i: int) -> _Fields | None:
@@ -367,13 +388,30 @@ class StateFile:
         state yet), and False when the file was found damaged (truncated or overwritten by
         something else) and initialised again, empty: whatever this process knows must then be
         written back."""
-        intact = self._validate_head(attaching=False)
-        peek = os.pread(self.fd, _PEEK, 0) if intact else b""
+        # The page changed() just read under this lock, if it did (no second read of it).
+        page, self._page = self._page, None
+        intact = self._validate_head(attaching=False, page=page)
+        peek = b""
+        if intact:
+            peek = os.pread(self.fd, _PEEK, 0) if page is None else page
         if intact and len(peek) < _PEEK:  # cut short after the head: damaged
             self.reinitialise()
             intact, peek = False, b""
-        fields = [self._slot(peek, 0), self._slot(peek, 1)]
-        order = sorted(((f, i) for i, f in enumerate(fields) if f is not None), reverse=True)
+        # A slot whose bytes are those this object last found valid is that slot (the other
+        # process wrote the other one): not parsed and checked again.
+        known = self._fields
+        raw = self._raw
+        at, other = _SLOT_AT
+        same = raw[0] and peek[at : at + _SLOT_BYTES] == raw[0]
+        first = known[0] if same else self._slot(peek, 0)
+        same = raw[1] and peek[other : other + _SLOT_BYTES] == raw[1]
+        second = known[1] if same else self._slot(peek, 1)
+        fields = [first, second]
+        # The valid slots, the newest (higher version) first.
+        if first is None or second is None:
+            order = [(first, 0)] if first is not None else [(second, 1)] if second else []
+        else:
+            order = [(first, 0), (second, 1)] if first > second else [(second, 1), (first, 0)]
         for (_version, offset, _cap, length, crc), i in order:
             if offset < HEADER:  # inline: already read
                 data = bytes(peek[offset : offset + length])
@@ -381,6 +419,7 @@ class StateFile:
                 data = os.pread(self.fd, length, offset) if length <= _MAX_DATA else b""
             if len(data) == length and zlib.crc32(data) == crc:
                 self._fields, self._newest, self._peek = fields, i, bytearray(peek)
+                self._raw = [_raw(peek, fields, 0), _raw(peek, fields, 1)]
                 return data, True
         if intact and order:
             # Slots that claim data no longer there (truncated, overwritten): damaged.
@@ -388,6 +427,7 @@ class StateFile:
             intact = False
         if intact:
             self._fields, self._newest, self._peek = fields, -1, bytearray(peek)
+            self._raw = [_raw(peek, fields, 0), _raw(peek, fields, 1)]
         return None, intact
 
     def write(self, data: bytes) -> None:
@@ -399,9 +439,34 @@ class StateFile:
         """
         fields = self._fields
         newest = self._newest
+        length = len(data)
+        if newest >= 0 and length <= _INLINE:
+            # The usual case: a small state, written inline with its slot in one pwrite.
+            target = 1 - newest
+            at = _SLOT_AT[target]
+            version = fields[newest][0] + 1  # type: ignore[index]  # newest: a valid slot
+            new = (version, at + _SLOT_BYTES, _INLINE, length, zlib.crc32(data))
+            packed = _SLOT.pack(*new)
+            packed = b"".join((packed, _CRC.pack(zlib.crc32(packed)), data))
+            os.pwrite(self.fd, packed, at)
+            fields[target] = new
+            self._raw[target] = packed[:_SLOT_BYTES]
+            self._newest = target
+            peek = self._peek
+            if len(peek) == _PEEK:
+                peek[at : at + len(packed)] = packed
+            else:
+                self._peek = bytearray(os.pread(self.fd, _PEEK, 0))
+            return
+        self._write_anew(data)
+
+    def _write_anew(self, data: bytes) -> None:
+        """:meth:`write`, the first time or for a state too large for a slot's inline room."""
+        fields = self._fields
+        newest = self._newest
+        length = len(data)
         target = 1 - newest if newest >= 0 else 0
         old = fields[target]
-        length = len(data)
         at = _SLOT_AT[target]
         if length <= _INLINE:
             offset, cap = at + _SLOT_BYTES, _INLINE
@@ -429,6 +494,7 @@ class StateFile:
             os.pwrite(self.fd, data, offset)
         os.pwrite(self.fd, packed, at)
         fields[target] = new
+        self._raw[target] = packed[:_SLOT_BYTES]
         self._newest = target
         peek = self._peek
         if len(peek) == _PEEK:

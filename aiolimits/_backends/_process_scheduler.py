@@ -72,6 +72,8 @@ LAYOUT: Final = 4
 _MARSHAL_VERSION = 2  # no back-references: equal states always give equal bytes
 _serials = itertools.count(1)
 _NON_FINITE = re.compile(rb"g.{6}[\xf0-\xff][\x7f\xff]", re.DOTALL)
+_NUMBER_TYPES: Final = frozenset({int, float})
+_TUPLE5 = b"(\x05\x00\x00\x00"  # marshal's header of a 5-tuple (see ProcessScheduler._prefix)
 
 Owner = tuple[int, int, int, int]  # pid, start time, pid namespace, serial in its process
 Ticket = tuple[int, Owner, tuple[int, ...]]  # number, owner, indexes of the keys it names
@@ -114,8 +116,15 @@ def _finite(shared: Any) -> bool:
 
 
 def _finite_value(value: Any) -> bool:
-    if isinstance(value, (tuple, list)):
-        return all(_finite_value(v) for v in value) if len(value) < 8 else _finite_list(value)
+    if type(value) is tuple or type(value) is list:
+        # A flat sequence of numbers (most values) is summed at C speed; one holding None, a
+        # sequence or anything else, or whose sum is not a finite float, is checked item by item.
+        try:
+            if math.isfinite(sum(value)):
+                return True
+        except (TypeError, OverflowError):
+            pass
+        return all(map(_finite_value, value))
     return value is None or isinstance(value, int) or math.isfinite(value)
 
 
@@ -138,28 +147,42 @@ def _numbers_ok(state: tuple[Any, ...]) -> bool:
     )
 
 
+def _numbers(values: Any) -> bool:
+    """Whether ``values`` are all finite ints or floats (one C-speed pass in the usual case)."""
+    return set(map(type, values)) <= _NUMBER_TYPES and _finite_list(values)
+
+
 def _check_shared(shared: Any, keys: int) -> str | None:
     """What is wrong with a decoded state of this layout, or None. Checks the shape and that
     every number is finite; the values of the algorithm states are checked by shape only (each
     is a few numbers or lists of numbers, see ``_process_codec``)."""
     _layout, _meta, counters, states, tickets, owners, next_ticket = shared
     if not (
-        isinstance(counters, tuple)
+        type(counters) is tuple
         and len(counters) == 5
-        and all(map(_is_int, counters[:3]))
+        and type(counters[0]) is int
+        and type(counters[1]) is int
+        and type(counters[2]) is int
         and (counters[3] is None or _is_num(counters[3]))
-        and isinstance(counters[4], list)
+        and type(counters[4]) is list
         and len(counters[4]) == keys
-        and all(map(_is_num, counters[4]))
+        and _numbers(counters[4])
     ):
         return "bad counters"
-    if (
-        not isinstance(states, list)
-        or len(states) != keys
-        or not all(map(_finite_value, states))
-        or not all(isinstance(s, tuple) and len(s) == 3 and _numbers_ok(s) for s in states)
-    ):
+    if type(states) is not list or len(states) != keys:
         return "bad limit states"
+    for state in states:
+        # _numbers_ok, inline: a comparison is false for nan, so the ranges also refuse inf and nan.
+        if not (
+            type(state) is tuple
+            and len(state) == 3
+            and type(state[0]) in _NUMBER_TYPES
+            and type(state[1]) in _NUMBER_TYPES
+            and MIN_CAPACITY <= state[0] <= MAX_CAPACITY
+            and (state[1] == 0 or MIN_WINDOW <= state[1] <= MAX_WINDOW)
+            and _finite_value(state[2])
+        ):
+            return "bad limit states"
     if not isinstance(tickets, list) or not _is_int(next_ticket):
         return "bad queue"
     for ticket in tickets:
@@ -229,8 +252,10 @@ class ProcessScheduler(Scheduler):
         "_first",
         "_foreign",
         "_forks",
+        "_head",
         "_holding",
         "_index",
+        "_keys",
         "_local",
         "_me",
         "_meta",
@@ -276,6 +301,7 @@ class ProcessScheduler(Scheduler):
         # Every key's tally is part of the shared state, so it exists from the start.
         self.refunded: dict[str, float] = {state.key: 0.0 for state in states}
         self._refunded = self.refunded
+        self._keys = tuple(self.refunded)  # the keys, in the order of the states
         # The doors use `with sched.lock:`; here the lock is this object (__enter__/__exit__),
         # which also loads and stores the shared state. Not a threading.Lock, hence the ignore.
         self.lock = self  # type: ignore[assignment]
@@ -288,6 +314,7 @@ class ProcessScheduler(Scheduler):
         self._me: Owner = (pid, start, ns, next(_serials))
         self._forks = peers.forks
         self._bytes = b""
+        self._head: tuple[object, bytes] = (None, b"")  # see _prefix
         self._foreign: list[Ticket] = []  # other processes' waiting tickets, in order
         self._mine: dict[Waiter, tuple[int, tuple[int, ...]]] = {}
         self._owners: dict[Owner, tuple[bytes, tuple[float, ...]]] = {}
@@ -414,6 +441,15 @@ class ProcessScheduler(Scheduler):
         Raises:
             StateFileError: it is not a state of this layout (a ``ValueError``).
         """
+        prefix = self._prefix()
+        if prefix and data.startswith(prefix):
+            # Our layout and declaration, as this process encodes them: only the rest is decoded.
+            try:
+                rest = marshal.loads(_TUPLE5 + data[len(prefix) :])
+            except (EOFError, ValueError, TypeError):
+                rest = None
+            if isinstance(rest, tuple) and len(rest) == 5:
+                return (LAYOUT, self._meta, *rest)
         try:
             shared = marshal.loads(data)
         except (EOFError, ValueError, TypeError):
@@ -455,16 +491,20 @@ class ProcessScheduler(Scheduler):
         _layout, _meta, counters, states, tickets, owners, next_ticket = shared
         self.granted, self.timed_out, self.cancelled, paused, refunded = counters
         self.paused_until = -_INF if paused is None else paused
-        for state, value in zip(self.states, refunded, strict=True):
-            self._refunded[state.key] = value
+        self._refunded.update(zip(self._keys, refunded, strict=True))
         changed = self._codec.load(states)
-        me = self._me
-        self._foreign = [t for t in tickets if t[1] != me]
-        self._first = tickets[0][0] if tickets else None
+        if tickets:
+            me = self._me
+            self._foreign = [t for t in tickets if t[1] != me]
+            self._first = tickets[0][0]
+        else:
+            self._foreign = tickets
+            self._first = None
         self._owners = owners
-        mine = owners.get(me)
-        self._holding = list(mine[1]) if mine is not None else [0.0 for _ in self._sems]
-        self._base_in_use = [s.in_use for _i, s in self._sems]
+        if self._sems:
+            mine = owners.get(self._me)
+            self._holding = list(mine[1]) if mine is not None else [0.0 for _ in self._sems]
+            self._base_in_use = [s.in_use for _i, s in self._sems]
         self._next_ticket = next_ticket
         self._bytes = data
         self.forget_forecast()  # another process changed the state the forecast was made from
@@ -506,26 +546,27 @@ class ProcessScheduler(Scheduler):
         """Write the state back if it changed. Returns the address of a process to wake."""
         me = self._me
         queue = self.queue
-        tickets = self._tickets()
+        tickets = self._tickets() if self._mine or self._sems or self._owners else self._foreign
         owners = self._owners
-        states = self._codec.dump()
         paused = self.paused_until
-        shared = (
-            LAYOUT,
-            self._meta,
-            (
-                self.granted,
-                self.timed_out,
-                self.cancelled,
-                None if paused == -_INF else paused,
-                list(self._refunded.values()),  # in the order of the states
-            ),
-            states,
-            tickets,
-            owners,
-            self._next_ticket,
+        counters = (
+            self.granted,
+            self.timed_out,
+            self.cancelled,
+            None if paused == -_INF else paused,
+            list(self._refunded.values()),  # in the order of the states
         )
-        data = marshal.dumps(shared, _MARSHAL_VERSION)
+        states = self._codec.dump()
+        next_ticket = self._next_ticket
+        shared = (LAYOUT, self._meta, counters, states, tickets, owners, next_ticket)
+        prefix = self._prefix()
+        if prefix:
+            # The layout and declaration are encoded once (see _prefix); the rest is the body,
+            # the only part that can hold a float.
+            body = marshal.dumps((counters, states, tickets, owners, next_ticket), _MARSHAL_VERSION)
+            data = prefix + body[5:]
+        else:
+            body = data = marshal.dumps(shared, _MARSHAL_VERSION)
         if queue:
             watch = frozenset(o[:3] for o in owners if o[:3] != me[:3])
             if watch != self._watch:
@@ -535,8 +576,8 @@ class ProcessScheduler(Scheduler):
             self._poke = False
             return None
         try:
-            if b"\x7f" in data or b"\xff" in data:  # see _check_finite
-                self._check_finite(data, shared)
+            if _NON_FINITE.search(body) is not None:  # see _check_finite
+                self._check_finite(body, shared)
             self._bytes = self._write(data, shared)
         except BaseException:
             self._file.forget()  # reload next time: what is on file is the truth
@@ -554,6 +595,23 @@ class ProcessScheduler(Scheduler):
         self._first = first[0]
         return owners[first[1]][0] or None
 
+    def _prefix(self) -> bytes:
+        """The encoded state's first bytes, the same in every version of it: ``marshal`` of a
+        7-tuple is its type and length, then each item's encoding, so the layout number and
+        the declaration (``_meta``) are encoded once per declaration, not at every store. b""
+        if this Python's marshal does not work that way (the whole tuple is then encoded)."""
+        meta = self._meta
+        cached = self._head
+        if cached[0] is meta:
+            return cached[1]
+        prefix = b"(\x07\x00\x00\x00" + marshal.dumps((LAYOUT, meta), _MARSHAL_VERSION)[5:]
+        sample: tuple[Any, ...] = (LAYOUT, meta, (1, 2.5, None), [], [], {}, 3)
+        whole = marshal.dumps(sample, _MARSHAL_VERSION)
+        if whole != prefix + marshal.dumps(sample[2:], _MARSHAL_VERSION)[5:]:
+            prefix = b""  # pragma: no cover - marshal format 2 encodes tuples that way
+        self._head = (meta, prefix)
+        return prefix
+
     def _write(self, data: bytes, shared: Any) -> bytes:
         """Store ``data`` (``shared``, encoded) as the next version of the state; returns the
         encoded state as it now is (``data``)."""
@@ -562,11 +620,10 @@ class ProcessScheduler(Scheduler):
 
     def _check_finite(self, data: bytes, shared: Any) -> None:
         # Marshal writes a float as b"g" and its 8 IEEE bytes, little-endian; a non-finite one
-        # has all exponent bits set, hence a byte 0x7f or 0xff last. Neither byte anywhere (the
-        # usual case, one memchr each, made by the caller) proves every float finite; otherwise
-        # a pattern search, and only a match (which other bytes may also make) is checked
-        # number by number.
-        if _NON_FINITE.search(data) is None or _finite(shared):
+        # has all exponent bits set, hence a last byte 0x7f or 0xff after one of 0xf0-0xff. No
+        # match of that pattern (the caller's search, the usual case) proves every float
+        # finite; only a match (which other bytes may also make) is checked number by number.
+        if _finite(shared):
             return
         raise ValueError(
             f"refusing to store a non-finite number in the shared state {self._name!r} at "
