@@ -328,18 +328,65 @@ async def test_a_keyed_change_from_an_event_loop_is_made_off_it(
     assert first.limits == (RateLimit("r", 3600, 2),)
 
 
-def test_a_keyed_change_on_redis_under_a_simulated_clock_is_refused(
+# --- under a simulated clock: the same declaration checks (the time rides with the digest) ---
+
+
+def test_a_keyed_change_on_redis_under_a_simulated_clock_reaches_another_client(
     redis_server: RedisServer,
 ) -> None:
     from aiolimits.redis import RedisBackend
     from aiolimits.testing import ManualClock
 
-    keyed = KeyedLimitSet(
-        DECLARED, backend=RedisBackend(redis_server.url), name=uuid.uuid4().hex, clock=ManualClock()
+    name, clock = uuid.uuid4().hex, ManualClock()
+    first, stale = (
+        KeyedLimitSet(DECLARED, backend=RedisBackend(redis_server.url), name=name, clock=clock)
+        for _ in range(2)
     )
-    with pytest.raises(NotImplementedError, match="Redis server time"):
-        keyed.change_limit("r", capacity=2)
-    assert keyed.limits == tuple(DECLARED)
+    _deaf(stale)  # it learns of the change from the key that refuses its numbers
+    assert first.try_acquire("alice", {"r": 3}).successful
+    first.change_limit("r", capacity=2)
+    assert first.limits == (RateLimit("r", 3600, 2),)
+    assert _capacity(first, "alice") == (2, -1)  # carried over: 3 in use of 2
+    assert not stale.try_acquire("alice", {"r": 1}).successful  # the declared 4 admits 1
+    assert stale.limits == (RateLimit("r", 3600, 2),)
+    assert _capacity(stale, "alice") == (2, -1)
+
+
+def test_a_plain_set_whose_hash_lost_its_declaration_declares_it_again_under_a_simulated_clock(
+    redis_server: RedisServer,
+) -> None:
+    import redis
+
+    from aiolimits.redis import RedisBackend
+    from aiolimits.testing import ManualClock
+
+    name, clock = uuid.uuid4().hex, ManualClock()
+    backend = RedisBackend(redis_server.url)
+    limits = LimitSet(DECLARED, backend=backend, name=name, clock=clock)
+    assert limits.try_acquire({"r": 4}).successful
+    client = redis.Redis.from_url(redis_server.url)
+    client.delete(backend.hash_key(name))  # Redis lost the set's data
+    assert limits.try_acquire({"r": 4}).successful  # a fresh state, declared again
+    assert client.hexists(backend.hash_key(name), "!d")
+    with pytest.raises(ValueError, match="capacity"):  # the name is declared: others differ
+        LimitSet([RateLimit("r", 3600, 9)], backend=RedisBackend(redis_server.url), name=name)
+
+
+def test_a_change_by_another_client_is_adopted_under_a_simulated_clock(
+    redis_server: RedisServer,
+) -> None:
+    from aiolimits.redis import RedisBackend
+    from aiolimits.testing import ManualClock
+
+    name, clock = uuid.uuid4().hex, ManualClock()
+    first, second = (
+        LimitSet(DECLARED, backend=RedisBackend(redis_server.url), name=name, clock=clock)
+        for _ in range(2)
+    )
+    assert first.try_acquire({"r": 3}).successful
+    first.change_limit("r", capacity=2)
+    assert not second.try_acquire({"r": 1}).successful  # 3 in use of 2
+    assert second.limits == (RateLimit("r", 3600, 2),)
 
 
 KEYED_WORKER = textwrap.dedent(

@@ -13,8 +13,9 @@ answers.
   connection, their answers awaited on the task's own event loop, shielded (an answer Redis gives
   is never lost to a cancellation) and bounded as above.
 * **Time**: the script reads Redis server time, or takes the caller's clock reading when the
-  set's clock drives its own timers (a simulated clock: the time is injected); :meth:`local`
-  turns a script time into one of this process's clock.
+  set's clock drives its own timers (a simulated clock: the time is injected, beside the tag in
+  the same word, so that every other step is the same); :meth:`local` turns a script time into
+  one of this process's clock.
 """
 
 from __future__ import annotations
@@ -150,9 +151,9 @@ class ScriptCalls:
         link: the connections for the calls a caller makes itself (a single server; None: a
             Cluster, whose calls go through its client).
         injected_time: the script's time is the caller's clock reading (a simulated clock),
-            not Redis server time.
-        declared: the digest of a plain set's declaration, which every call under Redis time
-            asks the script to check ("d<digest>").
+            not Redis server time; it goes with the tag, in the same word (:meth:`word`).
+        declared: the digest of a plain set's declaration, which every call asks the script
+            to check ("d<digest>"), whatever the clock.
         redeclare: declares a plain set again when Redis lost it or another client changed a
             limit (None: a keyed set's key hashes hold no declaration); returns the new digest
             and the numbers of the limits now.
@@ -202,7 +203,17 @@ class ScriptCalls:
         self.exchanges = 0  # tasks' round trips under way (see RedisBase.quiet)
         self._packs: dict[tuple[str, ...], Any] = {}  # see _packed
         self.catch_up: Callable[[str], None] | None = None
-        self.tag = f"d{declared}" if redeclare is not None and not injected_time else ""
+        self.tag = f"d{declared}" if redeclare is not None else ""
+
+    def word(self, now: float, tag: str | None = None) -> str:
+        """Word 1 of a call: the tag (:attr:`tag`, or ``tag``), then "@" and the time when it
+        is injected (``now``); a call under Redis time sends the tag alone (see ``run`` in
+        lua/run.lua)."""
+        if tag is None:
+            tag = self.tag
+        if not self.injected_time:
+            return tag
+        return f"{tag}@{num(now)}" if tag else num(now)
 
     def local(self, now: float, server_now: float, t: float) -> float:
         """A script time ``t``, read when the server's clock said ``server_now`` and ours
@@ -213,7 +224,7 @@ class ScriptCalls:
 
     def command(self, hash_key: str, op: str, now: float, args: Sequence[str]) -> list[str]:
         """The words of the call ``op`` on ``hash_key`` (for a pipeline of many)."""
-        words = [op, num(now) if self.injected_time else self.tag, *args]
+        words = [op, self.word(now), *args]
         return self.script.command(hash_key, words, functions=self.script.functions)
 
     # -- from a thread ---------------------------------------------------------------------
@@ -231,7 +242,7 @@ class ScriptCalls:
         with them, except a batch, asked with the old numbers (:class:`StaleNumbers`: the
         dispatcher asks again)."""
         self._circuit.check()
-        words = [op, num(now) if self.injected_time else self.tag, *args]
+        words = [op, self.word(now), *args]
         try:
             return self._send(hash_key, words, bound)
         except redis.exceptions.ResponseError as exc:
@@ -248,8 +259,7 @@ class ScriptCalls:
             for i in range(2, len(words) - 3):
                 if words[i : i + 4] == old:
                     words[i : i + 4] = new
-        if not self.injected_time:
-            words[1] = self.tag
+        words[1] = self.word(now)  # the digest read
         try:
             return self._send(hash_key, words, bound)
         except redis.exceptions.ResponseError as exc:
@@ -389,7 +399,7 @@ class ScriptCalls:
         full = bound >= self.timeout
         timeout = self.timeout if full else bound
         functions = self.script.functions
-        time = num(now) if self.injected_time else self.tag
+        time = self.word(now)
         commands = [
             self.script.command(hash_key, [op, time, *args], functions=functions)
             for op, *args in calls

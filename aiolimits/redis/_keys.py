@@ -181,18 +181,16 @@ class RedisKeys:
         self._generation = 0
         self._proxies: weakref.WeakSet[KeyScheduler] = weakref.WeakSet()
         self._change = client.register_script(_CHANGE)
-        if not simulated:
-            # Every call on a key names the numbers it was sent with; the proxies' calls use
-            # them from the first (a key refuses other numbers: see the module).
-            self._kwargs["declared"] = ""
-            self._kwargs["redeclare"] = self._redeclare
+        # Every call on a key names the numbers it was sent with, whatever the clock; the
+        # proxies' calls use them from the first (a key refuses other numbers: see the module).
+        self._kwargs["declared"] = ""
+        self._kwargs["redeclare"] = self._redeclare
         # A channel the set's subscription hears (its pattern is every key's wake-up channel,
         # "<stem><key>}:wake"), named with a NUL so that no client key in use shares it.
         self._notices = _Notices(self, f"{stem}\x00changes}}:wake", root)
-        if not simulated:
-            self.refresh()
-            # The set's subscription (which matches the notices' channel) runs from now on.
-            hub.listen(self._notices)  # type: ignore[arg-type]
+        self.refresh()
+        # The set's subscription (which matches the notices' channel) runs from now on.
+        hub.listen(self._notices)  # type: ignore[arg-type]
 
     def __call__(self, key: str, states: tuple[RateState, ...]) -> KeyScheduler:
         # The proxies share the per-set parts of the first (about 800 bytes less each).
@@ -206,13 +204,11 @@ class RedisKeys:
             )
             if self._model is None:
                 self._model = sched
-                if "redeclare" in self._kwargs:
-                    sched.calls.tag = f"d{self._digest}"
-                    sched.calls.catch_up = self._catch_up
-                    self._adopt_locked(self._numbers)  # read before there were arguments
-            if "redeclare" in self._kwargs:
-                # Every proxy shares the set's script arguments: the set adopts changes.
-                sched.calls.adopt = self._adopt
+                sched.calls.tag = f"d{self._digest}"
+                sched.calls.catch_up = self._catch_up
+                self._adopt_locked(self._numbers)  # read before there were arguments
+            # Every proxy shares the set's script arguments: the set adopts changes.
+            sched.calls.adopt = self._adopt
             self._proxies.add(sched)
         return sched
 
@@ -230,15 +226,8 @@ class RedisKeys:
         trips are made on the set's dispatcher thread: the change is in force within them.
 
         Raises:
-            NotImplementedError: under a simulated clock (a test hook), whose calls carry no
-                digest.
             BackendUnavailable: Redis could not be reached (nothing changed).
         """
-        if "redeclare" not in self._kwargs:
-            raise NotImplementedError(
-                "change_limit on a KeyedLimitSet in Redis needs Redis server time; a clock "
-                "that drives its own timers (a test hook) sends its calls no digest"
-            )
         if on_loop():
             model = self._model
 
@@ -408,7 +397,7 @@ class RedisKeys:
             before = _limit_words(limit, old[i])
             words = [
                 "change",
-                f"d{tag}",
+                calls.word(self.clock(), f"d{tag}"),
                 *before,
                 num(numbers[i][0]),
                 before[3] if isinstance(limit, ResourceLimit) else num(numbers[i][1]),

@@ -160,8 +160,7 @@ class RedisScheduler(DirectCalls):
             return [*old, num(capacity), num(window), text, digest[0]]
 
         def done(_reply: Any) -> None:
-            if self.calls.tag:
-                self.calls.tag = f"d{digest[0]}"
+            self.calls.tag = f"d{digest[0]}"  # a plain set's calls carry one, whatever the clock
 
         def apply() -> None:  # here: this process's numbers and fallback state
             self._args[key] = new

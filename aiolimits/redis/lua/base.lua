@@ -34,7 +34,8 @@
 --
 -- ARGV[1] is the operation, ARGV[2] the time: "" for Redis server time (TIME), "d<digest>" for
 -- server time on a plain set's hash that must hold that declaration (see `run`), or seconds for
--- the test hook that drives the script with a fake clock. Numbers come in as Python's repr of a
+-- a simulated clock that drives the script with its own time: alone, or after the digest,
+-- "d<digest>@<seconds>" (the same checks, on that time). Numbers come in as Python's repr of a
 -- float (which strtod reads back exactly) and go out as %.17g strings (which Python's float()
 -- reads back exactly): Redis would truncate a Lua number in a reply to an integer.
 --

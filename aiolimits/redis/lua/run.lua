@@ -650,8 +650,16 @@ local function run(keys, args)
     -- A keyed hash holds the digest of the numbers its states follow ("!h", absent for the
     -- numbers declared), and refuses a call sent with other numbers: the client reads the
     -- set's numbers, and brings the key up to them with `change` if it is behind.
-    digest = string.sub(ARGV[2], 2)
-    ARGV[2] = ''
+    -- Under a simulated clock the time comes after the digest, "d<digest>@<seconds>": the same
+    -- checks then, on that time (a call under server time sends no "@": one scan of the word).
+    local at = string.find(ARGV[2], '@', 2, true)
+    if at == nil then
+      digest = string.sub(ARGV[2], 2)
+      ARGV[2] = ''
+    else
+      digest = string.sub(ARGV[2], 2, at - 1)
+      ARGV[2] = string.sub(ARGV[2], at + 1)
+    end
     if op ~= 'acquire' and op ~= 'release' and (op ~= 'batch' or ARGV[4] == '0')
         and (redis.call('HGET', key, '!h') or '') ~= digest then
       if op == 'change' or not unmade() then
