@@ -491,6 +491,20 @@ def test_lua_reads_bucket_states_written_in_the_old_forms(
     assert state.earliest(3, 10.0) == 10.5
 
 
+def test_lua_takes_the_time_injected_after_the_digest(script: Script) -> None:
+    """A time after the digest, "d<digest>@<seconds>": the digest checked, and the call made at
+    that time (a simulated clock goes through the same checks as Redis time)."""
+    from aiolimits.redis._script import acquire_reply
+
+    key = fresh_hash()
+    limit = multi_args([(RateLimit("r", 3600, 4), 4)])  # nothing refills in between
+    script.client.hset(key, "!h", "abc")
+    granted = acquire_reply(script.raw(key, "acquire", "dabc@123.5", "h", "inf", *limit))
+    assert granted[:2] == [1, 123.5]
+    refused = acquire_reply(script.raw(key, "acquire", "dabc@124.25", "h", "inf", *limit))
+    assert refused[:2] == [0, 124.25]
+
+
 @pytest.mark.parametrize("op", ["acquire", "release", "earliest"])
 def test_lua_checks_the_declaration_digest_before_anything(script: Script, op: str) -> None:
     """``acquire`` and ``release`` read the digest ("!h") with their fields, the other
@@ -507,10 +521,11 @@ def test_lua_checks_the_declaration_digest_before_anything(script: Script, op: s
     script.client.hset(key, "!h", "abc")
     assert script.raw(key, "acquire", "dabc", "h", "5.0", *conns).startswith(b"1 ")
     before = script.client.hgetall(key)
-    for tag in ("dabd", "d"):
+    for tag in ("dabd", "d", "dabd@7.0", "d@7.0"):  # under Redis time, or a time injected
         with pytest.raises(redis.ResponseError, match="aiolimits-undeclared"):
             script.raw(key, op, tag, *args)
     assert script.client.hgetall(key) == before
     script.raw(key, op, "dabc", *args)  # the right digest: run
+    script.raw(key, op, "dabc@7.0", *args)  # and with a time injected
     if op == "release":
         assert script.raw(key, "acquire", "dabc", "h2", "5.0", *conns).startswith(b"1 ")
