@@ -6,7 +6,8 @@ after the change with the limits as declared, and one in this process whose wait
 limit admits. The same for a KeyedLimitSet: two sets with one name stand for two processes (each
 has its own proxies, threads and subscription); a change reaches the keys already in Redis and
 the keys made later, and a client that has not heard of it (its notices cut off) is refused by
-every key carried over, then reads the numbers.
+every key carried over, then reads the numbers. Last, the same declaration checks under a
+simulated clock, whose time rides with the digest.
 """
 
 from __future__ import annotations
@@ -370,6 +371,26 @@ def test_a_plain_set_whose_hash_lost_its_declaration_declares_it_again_under_a_s
     assert client.hexists(backend.hash_key(name), "!d")
     with pytest.raises(ValueError, match="capacity"):  # the name is declared: others differ
         LimitSet([RateLimit("r", 3600, 9)], backend=RedisBackend(redis_server.url), name=name)
+
+
+@pytest.mark.anyio
+async def test_a_task_finds_a_lost_declaration_declared_otherwise_under_a_simulated_clock(
+    redis_server: RedisServer,
+) -> None:
+    import redis
+
+    from aiolimits.redis import RedisBackend
+    from aiolimits.testing import ManualClock
+
+    name, backend = uuid.uuid4().hex, RedisBackend(redis_server.url)
+    limits = LimitSet(DECLARED, backend=backend, name=name, clock=ManualClock())
+    async with limits.acquire({"r": 1}):
+        pass
+    redis.Redis.from_url(redis_server.url).delete(backend.hash_key(name))
+    LimitSet([RateLimit("r", 3600, 9)], backend=RedisBackend(redis_server.url), name=name)
+    with anyio.fail_after(30), pytest.raises(ValueError, match="other limit"):
+        async with limits.acquire({"r": 1}, timeout=10):
+            pytest.fail("admitted under another declaration")
 
 
 def test_a_change_by_another_client_is_adopted_under_a_simulated_clock(
