@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, final
 
-from ._waiters import trio_lowlevel
+from ._waiters import async_waiter, trio_lowlevel
 
 if TYPE_CHECKING:
     from ._door import Door
@@ -180,18 +180,33 @@ class Acquisition:
                 if lowlevel is not None:
                     return await self._enter_trio(lowlevel)
             sched = self._sched
-            if not sched.remote:
-                with sched.lock:
-                    receipts = sched.try_take(self._items, sched.clock())
+            if sched.remote:
+                # Single use: whatever happens next (granted, timed out, cancelled), this
+                # object cannot be entered again.
+                self._state = ACQUIRING
+                try:
+                    await self._limitset._acquire_async(self)
+                except BaseException:
+                    self._state = RELEASED
+                    raise
+                return self
+            limitset = self._limitset
+            with sched.lock:
+                start = sched.clock()
+                receipts = sched.try_take(self._items, start)
                 if receipts is not None:  # the fast path: no waiter, no await
                     self._receipts = receipts
                     self._state = HELD
                     return self
-            # Single use: whatever happens next (granted, timed out, cancelled), this object
-            # cannot be entered again.
+                # Queued under the same hold of the lock, with its first wake time.
+                self._state = RELEASED  # single use, as above, if it raises TimeoutError here
+                waiter = limitset._queue_locked(
+                    sched, self._items, self._timeout, start, async_waiter
+                )
+                until = sched.sleep_until(waiter)
             self._state = ACQUIRING
             try:
-                await self._limitset._acquire_async(self)
+                await limitset._park_async(self, waiter, start, until)
             except BaseException:
                 self._state = RELEASED
                 raise

@@ -500,9 +500,17 @@ class Scheduler:
             self._leave(waiter, now)
             self.timed_out += 1
             return None
-        is_head = next(iter(queue)) is waiter
-        wake = self.timer_at(waiter.wake_at, waiter.deadline) if is_head else _INF
-        return wake if wake < waiter.deadline else waiter.deadline
+        return self.sleep_until(waiter)
+
+    def sleep_until(self, waiter: Waiter) -> float:
+        """Under the lock: the clock time a queued ``waiter`` sleeps until, unless notified
+        before: its timer (:meth:`timer_at`) if it is the head, else its deadline (inf: none)."""
+        deadline = waiter.deadline
+        if next(iter(self.queue)) is waiter:
+            wake = self.timer_at(waiter.wake_at, deadline)
+            if wake < deadline:
+                return wake
+        return deadline
 
     def abandon(self, waiter: Waiter, now: float) -> None:
         """Under the lock, when a waiter is cancelled (or its thread interrupted) while parked.

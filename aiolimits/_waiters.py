@@ -91,6 +91,9 @@ class Waiter:
     def __init__(self, items: tuple[tuple[RateState, float], ...], deadline: float) -> None:
         self.items = items
         self.deadline = deadline  # the caller's timeout, on the LimitSet's clock (inf: none)
+        # WAITING, then GRANTED or LEFT, both final: once granted, only the waiter's own task
+        # or thread touches it again, so it may read GRANTED without the lock after a wake-up
+        # (whoever granted it wrote every field of the grant first, then woke it).
         self.state = WAITING
         self.notified = False
         # Set by the scheduler while this waiter is the head: when it becomes admissible
