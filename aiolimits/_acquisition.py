@@ -205,9 +205,17 @@ class Acquisition:
                 )
                 until = sched.sleep_until(waiter)
             self._state = ACQUIRING
+            # Door._park_async inline (a coroutine fewer for every waiting task).
+            steps = limitset._parking(sched, waiter, until)
             try:
-                await limitset._park_async(self, waiter, start, until)
+                for delay in steps:
+                    try:
+                        await waiter.sleep(delay)
+                    finally:
+                        waiter.unpark()
+                limitset._finish(self, waiter, start, self._timeout)  # granted, or raises
             except BaseException:
+                steps.close()  # cancelled while queued: leave the queue, holding nothing
                 self._state = RELEASED
                 raise
         elif self._state == RELEASED:

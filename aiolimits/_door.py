@@ -188,7 +188,10 @@ class Door:
         steps = self._parking(acq._sched, waiter, until)
         try:
             for delay in steps:
-                await waiter.sleep(delay)
+                try:
+                    await waiter.sleep(delay)
+                finally:
+                    waiter.unpark()
         finally:
             steps.close()  # if the sleep raised (cancelled): leave the queue, holding nothing
         self._finish(acq, waiter, start, acq._timeout)
@@ -247,12 +250,15 @@ class Door:
             plain = _PLAIN_WAKE[type(sched)] = type(sched).after_wake is Scheduler.after_wake
         try:
             while until is not None:
-                delay, timer = self._arm(sched, waiter, until)
-                try:
-                    yield delay
-                finally:
-                    if timer is not None:
-                        timer.cancel()
+                if until == _INF:  # the common case: until notified (see _arm)
+                    yield None
+                else:
+                    delay, timer = self._arm(sched, waiter, until)
+                    try:
+                        yield delay
+                    finally:
+                        if timer is not None:
+                            timer.cancel()
                 if plain and waiter.state == GRANTED:
                     # Granted while asleep, the common case: GRANTED is final (see
                     # ``Waiter.__init__``), so no lock is needed to see it.
