@@ -248,6 +248,22 @@ class AsyncioWaiter(TaskWaiter):
         if not fut.done():
             fut.set_result(None)
 
+    def notify(self) -> bool:
+        # TaskWaiter.notify with _wake inline: every grant of a waiting task calls it.
+        if self.notified:
+            return True
+        self.notified = True
+        if threading.get_ident() == self._thread:
+            fut = self._fut
+            if not fut.done():
+                fut.set_result(None)
+            return True
+        try:
+            self._post(self._wake)
+        except RuntimeError:  # its loop is closed or its run is over: it will never run again
+            return False
+        return True
+
     def _post(self, callback: Callable[[], None]) -> None:
         self._loop.call_soon_threadsafe(callback)  # RuntimeError once the loop is closed
 
