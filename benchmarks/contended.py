@@ -5,10 +5,11 @@ units per second whose burst has been used up, so every grant is scheduled. Kend
 the order in which requests joined the queue with the order in which they were granted (1.0: the
 same order).
 
-On asyncio and uvloop each ``--timer-slack`` value (default 0, 0.001, 0.005) runs beside
-aiolimiter's ``AsyncLimiter`` (when installed), interleaved over ``--repeats`` repeats in a new
-shuffled order each time; CPU per grant is also shown as a ratio to aiolimiter's median. trio runs
-aiolimits alone (aiolimiter is asyncio-only).
+On asyncio and uvloop each ``--timer-slack`` value (default 0, 0.001, 0.005, 0.02, 0.1) runs
+beside aiolimiter's ``AsyncLimiter`` (when installed) and the bare event loop at each ``--bare``
+slack (:func:`bare_grant`: the floor under any limiter), interleaved over ``--repeats`` repeats
+in a new shuffled order each time; CPU per grant is also shown as a ratio to aiolimiter's median.
+trio runs aiolimits alone (aiolimiter is asyncio-only). ``--loops`` picks the loops.
 
 ``--scale 100 100000`` measures instead how the CPU per grant grows with the number of waiters
 (asyncio): each size of queue runs ``--grants`` grants in steady state (:func:`scale_run`),
@@ -238,6 +239,13 @@ def main() -> None:
         metavar="SECONDS",
         help="slacks of the bare event loop (the floor, asyncio and uvloop) to run beside",
     )
+    parser.add_argument(
+        "--loops",
+        nargs="+",
+        choices=["asyncio", "uvloop", "trio"],
+        default=["asyncio", "uvloop", "trio"],
+        help="the event loops to run on",
+    )
     parser.add_argument("--scale", type=int, nargs="+", metavar="WAITERS", help="see above")
     parser.add_argument("--grants", type=int, default=20_000, help="grants per --scale run")
     args = parser.parse_args()
@@ -251,6 +259,8 @@ def main() -> None:
         ("uvloop", "asyncio", {"use_uvloop": True}),
         ("trio", "trio", {}),
     ):
+        if label not in args.loops:
+            continue
         rows: list[float | str | None] = list(args.timer_slack)
         if backend == "asyncio":
             rows += [f"bare {slack:g}" for slack in args.bare]
