@@ -37,8 +37,6 @@ __all__ = ["Attempt", "Door"]
 W = TypeVar("W", bound=Waiter)
 
 _INF: Final = math.inf
-# Per scheduler class: whether its after_wake is the base one (see Door._parking).
-_PLAIN_WAKE: dict[type, bool] = {}
 
 
 def check_common(
@@ -243,11 +241,10 @@ class Door:
         if until is None:
             with sched.lock:
                 until = sched.sleep_until(waiter)
-        # Whether a granted waiter may skip after_wake (see below): not when a scheduler does
-        # bookkeeping there.
-        plain = _PLAIN_WAKE.get(type(sched))
-        if plain is None:
-            plain = _PLAIN_WAKE[type(sched)] = type(sched).after_wake is Scheduler.after_wake
+        # Whether a granted waiter may skip after_wake (see below): only on the in-memory
+        # scheduler. A subclass may keep books there (Ray), or sync a shared state on taking
+        # the lock again (the process backend stores the grant's counts then).
+        plain = type(sched) is Scheduler
         try:
             while until is not None:
                 if until == _INF:  # the common case: until notified (see _arm)

@@ -539,7 +539,7 @@ class Scheduler:
         """Under the lock: the clock time a queued ``waiter`` sleeps until, unless notified
         before: its timer (:meth:`timer_at`) if it is the head, else its deadline (inf: none)."""
         deadline = waiter.deadline
-        if next(iter(self.queue)) is waiter:
+        if self.head() is waiter:
             wake = self.timer_at(waiter.wake_at, deadline)
             if wake < deadline:
                 return wake
