@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, final
 
-from ._waiters import trio_lowlevel
+from ._waiters import GRANTED, AsyncioWaiter, async_waiter, trio_lowlevel
 
 if TYPE_CHECKING:
     from ._door import Door
@@ -175,24 +175,60 @@ class Acquisition:
 
     async def __aenter__(self) -> Acquisition:
         if self._state == PENDING:
-            if _get_running_loop() is None:
+            loop = _get_running_loop()
+            if loop is None:
                 lowlevel = trio_lowlevel()
                 if lowlevel is not None:
                     return await self._enter_trio(lowlevel)
             sched = self._sched
-            if not sched.remote:
-                with sched.lock:
-                    receipts = sched.try_take(self._items, sched.clock())
+            if sched.remote:
+                # Single use: whatever happens next (granted, timed out, cancelled), this
+                # object cannot be entered again.
+                self._state = ACQUIRING
+                try:
+                    await self._limitset._acquire_async(self)
+                except BaseException:
+                    self._state = RELEASED
+                    raise
+                return self
+            limitset = self._limitset
+            with sched.lock:
+                start = sched.clock()
+                receipts = sched.try_take(self._items, start)
                 if receipts is not None:  # the fast path: no waiter, no await
                     self._receipts = receipts
                     self._state = HELD
                     return self
-            # Single use: whatever happens next (granted, timed out, cancelled), this object
-            # cannot be entered again.
+                # Queued under the same hold of the lock, with its first wake time (as
+                # Door._queue_locked; the loop is known already).
+                self._state = RELEASED  # single use, as above, if it raises here
+                items = self._items
+                deadline = start + self._timeout
+                waiter = (
+                    AsyncioWaiter(items, deadline, loop)
+                    if loop is not None
+                    else async_waiter(items, deadline)  # no loop, no trio: it raises
+                )
+                if not sched.enqueue(waiter, start):
+                    raise limitset._timeout_error(items, self._timeout)
+                until = sched.sleep_until(waiter)
             self._state = ACQUIRING
+            # Door._park_async inline (a coroutine fewer for every waiting task).
+            steps = limitset._parking(sched, waiter, until)
             try:
-                await self._limitset._acquire_async(self)
+                for delay in steps:
+                    try:
+                        await waiter.sleep(delay)
+                    finally:
+                        waiter.unpark()
+                if waiter.state == GRANTED:
+                    self._receipts = waiter.receipts
+                    self._state = HELD
+                    self.waited = waiter.granted_at - start
+                else:
+                    limitset._finish(self, waiter, start, self._timeout)  # raises
             except BaseException:
+                steps.close()  # cancelled while queued: leave the queue, holding nothing
                 self._state = RELEASED
                 raise
         elif self._state == RELEASED:

@@ -177,12 +177,19 @@ class Door:
             return
         await self._park_async(acq, waiter, start)
 
-    async def _park_async(self, acq: Acquisition, waiter: TaskWaiter, start: float) -> None:
-        """Wait in the queue of ``acq``'s scheduler until granted (or raise TimeoutError)."""
-        steps = self._parking(acq._sched, waiter)
+    async def _park_async(
+        self, acq: Acquisition, waiter: TaskWaiter, start: float, until: float | None = None
+    ) -> None:
+        """Wait in the queue of ``acq``'s scheduler until granted (or raise TimeoutError);
+        ``until``: the first wake time, when read under the lock that queued the waiter
+        (``Scheduler.sleep_until``)."""
+        steps = self._parking(acq._sched, waiter, until)
         try:
             for delay in steps:
-                await waiter.sleep(delay)
+                try:
+                    await waiter.sleep(delay)
+                finally:
+                    waiter.unpark()
         finally:
             steps.close()  # if the sleep raised (cancelled): leave the queue, holding nothing
         self._finish(acq, waiter, start, acq._timeout)
@@ -206,29 +213,53 @@ class Door:
         receipts = sched.try_take(items, start)
         if receipts is not None:
             return receipts, None, start
+        return None, self._queue_locked(sched, items, timeout, start, new_waiter), start
+
+    def _queue_locked(
+        self,
+        sched: Scheduler,
+        items: Items,
+        timeout: float,
+        start: float,
+        new_waiter: Callable[[Items, float], W],
+    ) -> W:
+        """Under the lock, once ``try_take`` at ``start`` failed: queue a new waiter, or raise
+        TimeoutError when its deadline is out of reach (nothing queued)."""
         waiter = new_waiter(items, start + timeout)
         if sched.enqueue(waiter, start):
-            return None, waiter, start
+            return waiter
         raise self._timeout_error(items, timeout)
 
-    def _parking(self, sched: Scheduler, waiter: Waiter) -> Generator[float | None, None, None]:
+    def _parking(
+        self, sched: Scheduler, waiter: Waiter, until: float | None = None
+    ) -> Generator[float | None, None, None]:
         """The waiting protocol of both doors: yields how long to sleep (None: until notified)
         until ``waiter`` is granted or times out. Closed while it is suspended (the door's sleep
         raised: cancellation, interruption), it takes the waiter out of the queue holding nothing,
-        handing a grant that arrived meanwhile to the next waiter."""
-        with sched.lock:
-            # Only the head has a wake time; the others sleep until notified or their deadline.
-            is_head = sched.head() is waiter
-            wake = sched.timer_at(waiter.wake_at, waiter.deadline) if is_head else _INF
-            until: float | None = wake if wake < waiter.deadline else waiter.deadline
+        handing a grant that arrived meanwhile to the next waiter. ``until``: the first wake
+        time, when the caller read it under the lock that queued the waiter."""
+        if until is None:
+            with sched.lock:
+                until = sched.sleep_until(waiter)
+        # Whether a granted waiter may skip after_wake (see below): only on the in-memory
+        # scheduler. A subclass may keep books there (Ray), or sync a shared state on taking
+        # the lock again (the process backend stores the grant's counts then).
+        plain = type(sched) is Scheduler
         try:
             while until is not None:
-                delay, timer = self._arm(sched, waiter, until)
-                try:
-                    yield delay
-                finally:
-                    if timer is not None:
-                        timer.cancel()
+                if until == _INF:  # the common case: until notified (see _arm)
+                    yield None
+                else:
+                    delay, timer = self._arm(sched, waiter, until)
+                    try:
+                        yield delay
+                    finally:
+                        if timer is not None:
+                            timer.cancel()
+                if plain and waiter.state == GRANTED:
+                    # Granted while asleep, the common case: GRANTED is final (see
+                    # ``Waiter.__init__``), so no lock is needed to see it.
+                    break
                 with sched.lock:
                     until = sched.after_wake(waiter, sched.clock())
         except BaseException:

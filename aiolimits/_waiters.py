@@ -28,7 +28,7 @@ import asyncio
 import math
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -91,6 +91,9 @@ class Waiter:
     def __init__(self, items: tuple[tuple[RateState, float], ...], deadline: float) -> None:
         self.items = items
         self.deadline = deadline  # the caller's timeout, on the LimitSet's clock (inf: none)
+        # WAITING, then GRANTED or LEFT, both final: once granted, only the waiter's own task
+        # or thread touches it again, so it may read GRANTED without the lock after a wake-up
+        # (whoever granted it wrote every field of the grant first, then woke it).
         self.state = WAITING
         self.notified = False
         # Set by the scheduler while this waiter is the head: when it becomes admissible
@@ -182,9 +185,13 @@ class TaskWaiter(Waiter):
     def _post(self, callback: Callable[[], None]) -> None:
         raise NotImplementedError
 
-    async def sleep(self, delay: float | None) -> None:
-        """Sleep ``delay`` seconds (None: until notified), or less when notified."""
+    def sleep(self, delay: float | None) -> Awaitable[None]:
+        """Sleep ``delay`` seconds (None: until notified), or less when notified; the caller
+        calls :meth:`unpark` once it is over (woken, timed out or cancelled)."""
         raise NotImplementedError
+
+    def unpark(self) -> None:
+        """After :meth:`sleep`, however it ended: drop the timers it or a notifier armed."""
 
     def notify(self) -> bool:
         if self.notified:
@@ -203,7 +210,7 @@ class TaskWaiter(Waiter):
 class AsyncioWaiter(TaskWaiter):
     """A task on an asyncio (or uvloop) event loop, possibly on another thread than the notifier."""
 
-    __slots__ = ("_fut", "_loop", "_pad_ms", "_timer")
+    __slots__ = ("_fut", "_handle", "_loop", "_pad_ms", "_timer")
 
     def __init__(
         self,
@@ -211,8 +218,15 @@ class AsyncioWaiter(TaskWaiter):
         deadline: float,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        # Every waiting task makes one: TaskWaiter.__init__ inline, one call fewer.
-        Waiter.__init__(self, items, deadline)
+        # Every waiting task makes one: Waiter.__init__ and TaskWaiter.__init__ inline.
+        self.items = items
+        self.deadline = deadline
+        self.state = WAITING  # see Waiter.__init__
+        self.notified = False
+        self.wake_at = _INF
+        self.rate_at = -_INF
+        self.receipts: list[Any] | None = None
+        self.granted_at = 0.0
         self._thread = threading.get_ident()
         self._loop = loop
         self._fut: asyncio.Future[None] = loop.create_future()
@@ -226,11 +240,29 @@ class AsyncioWaiter(TaskWaiter):
         # A wake-up the scheduler armed for it on its loop (notify_at); touched on that loop's
         # thread only.
         self._timer: asyncio.TimerHandle | None = None
+        # The timer of its own sleep, if any (sleep, unpark).
+        self._handle: asyncio.TimerHandle | None = None
 
     def _wake(self) -> None:
         fut = self._fut
         if not fut.done():
             fut.set_result(None)
+
+    def notify(self) -> bool:
+        # TaskWaiter.notify with _wake inline: every grant of a waiting task calls it.
+        if self.notified:
+            return True
+        self.notified = True
+        if threading.get_ident() == self._thread:
+            fut = self._fut
+            if not fut.done():
+                fut.set_result(None)
+            return True
+        try:
+            self._post(self._wake)
+        except RuntimeError:  # its loop is closed or its run is over: it will never run again
+            return False
+        return True
 
     def _post(self, callback: Callable[[], None]) -> None:
         self._loop.call_soon_threadsafe(callback)  # RuntimeError once the loop is closed
@@ -267,23 +299,25 @@ class AsyncioWaiter(TaskWaiter):
         # uvloop rounds to whole milliseconds, early as well as late: round up, plus one.
         return (math.ceil(delay * 1000.0) + 1) / 1000.0 if self._pad_ms else delay
 
-    async def sleep(self, delay: float | None) -> None:
-        """Park until notified or ``delay`` seconds (None: no limit) have passed."""
+    def sleep(self, delay: float | None) -> Awaitable[None]:
+        """Park until notified or ``delay`` seconds (None: no limit) have passed: the future
+        to await (no coroutine of its own: every waiting task awaits one)."""
         fut = self._fut
         if fut.done():
             fut = self._fut = self._loop.create_future()
-        handle = None
         if delay is not None:
-            handle = self._loop.call_later(self._padded(delay), _resolve_timer, fut)
-        try:
-            await fut
-        finally:
-            if handle is not None:
-                handle.cancel()
-            timer = self._timer
-            if timer is not None:  # awake for another reason: it re-reads its wake time itself
-                timer.cancel()
-                self._timer = None
+            self._handle = self._loop.call_later(self._padded(delay), _resolve_timer, fut)
+        return fut
+
+    def unpark(self) -> None:
+        handle = self._handle
+        if handle is not None:
+            handle.cancel()
+            self._handle = None
+        timer = self._timer
+        if timer is not None:  # awake for another reason: it re-reads its wake time itself
+            timer.cancel()
+            self._timer = None
 
 
 class TrioWaiter(TaskWaiter):

@@ -5,10 +5,11 @@ units per second whose burst has been used up, so every grant is scheduled. Kend
 the order in which requests joined the queue with the order in which they were granted (1.0: the
 same order).
 
-On asyncio and uvloop each ``--timer-slack`` value (default 0, 0.001, 0.005) runs beside
-aiolimiter's ``AsyncLimiter`` (when installed), interleaved over ``--repeats`` repeats in a new
-shuffled order each time; CPU per grant is also shown as a ratio to aiolimiter's median. trio runs
-aiolimits alone (aiolimiter is asyncio-only).
+On asyncio and uvloop each ``--timer-slack`` value (default 0, 0.001, 0.005, 0.02, 0.1) runs
+beside aiolimiter's ``AsyncLimiter`` (when installed) and the bare event loop at each ``--bare``
+slack (:func:`bare_grant`: the floor under any limiter), interleaved over ``--repeats`` repeats
+in a new shuffled order each time; CPU per grant is also shown as a ratio to aiolimiter's median.
+trio runs aiolimits alone (aiolimiter is asyncio-only). ``--loops`` picks the loops.
 
 ``--scale 100 100000`` measures instead how the CPU per grant grows with the number of waiters
 (asyncio): each size of queue runs ``--grants`` grants in steady state (:func:`scale_run`),
@@ -18,11 +19,14 @@ interleaved over the repeats, and is shown as a ratio to the first size's median
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import importlib.util
+import os
 import random
 import statistics
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -32,6 +36,9 @@ from aiolimits import LimitSet, RateLimit
 from ._common import Summary, kendall_tau
 
 Grant = Callable[[], Awaitable[object]]
+
+# A scale run whose wall time exceeds the ideal by more than this fell behind the rate.
+_KEPT_UP = 1.05
 
 
 def aiolimits_grant(rate: float, timer_slack: float) -> Grant:
@@ -54,11 +61,55 @@ async def aiolimiter_grant(rate: float) -> Grant:
     return lim.acquire
 
 
+def bare_grant(rate: float, slack: float) -> Grant:
+    """The floor under any limiter on asyncio: no limiter at all, only what granting costs the
+    event loop. Each call queues a future; one timer per wake-up, at the first multiple of
+    ``slack`` at or after the next grant's exact time (the exact time when ``slack`` is 0),
+    resolves every future due by then, in order. What remains is the wake-up (the timer, a
+    blocking ``epoll_wait``, the loop iterations) and each task's resumption."""
+    loop = asyncio.get_running_loop()
+    queue: deque[asyncio.Future[None]] = deque()
+    t0 = loop.time()
+    granted = 0
+    armed = False
+
+    def arm() -> None:
+        nonlocal armed
+        at = t0 + (granted + 1) / rate
+        loop.call_at(at + (-at) % slack if slack else at, wake)
+        armed = True
+
+    def wake() -> None:
+        nonlocal granted, armed
+        due = int((loop.time() - t0) * rate)
+        while granted < due and queue:
+            queue.popleft().set_result(None)
+            granted += 1
+        armed = False
+        if queue:
+            arm()
+
+    async def grant() -> None:
+        fut = loop.create_future()
+        queue.append(fut)
+        if not armed:
+            arm()
+        await fut
+
+    return grant
+
+
 async def run(
-    tasks: int, per_task: int, rate: float, slack: float | None
+    tasks: int, per_task: int, rate: float, slack: float | str | None
 ) -> tuple[float, float, float]:
-    """``(wall / ideal, CPU µs per grant, Kendall tau)``; ``slack`` None runs aiolimiter."""
-    grant = aiolimits_grant(rate, slack) if slack is not None else await aiolimiter_grant(rate)
+    """``(wall / ideal, CPU µs per grant, Kendall tau)``; ``slack`` None runs aiolimiter,
+    ``"bare S"`` the bare event loop with slack S (:func:`bare_grant`)."""
+    if slack is None:
+        grant = await aiolimiter_grant(rate)
+    elif isinstance(slack, str):
+        grant = bare_grant(rate, float(slack.split()[1]))
+    else:
+        grant = aiolimits_grant(rate, slack)
     arrivals = iter(range(tasks * per_task))
     granted: list[int] = []
 
@@ -127,7 +178,14 @@ async def scale_run(waiters: int, rate: float, grants: int) -> tuple[float, floa
 
 
 def scale_main(sizes: list[int], rate: float, grants: int, repeats: int) -> None:
-    """Print CPU per grant against the number of waiters, as a ratio to the first size."""
+    """Print CPU per grant against the number of waiters, as a ratio to the first size.
+
+    Two ratios, both robust to a machine whose load changes during the measurement: the ratio
+    of medians over all repeats, and the median over the repeats of the ratio within one repeat
+    (every size runs once per repeat, back to back, in a new shuffled order, so the sizes of
+    one repeat share its load). A run that fell behind the rate (wall/ideal above 1.05: the
+    process was starved of CPU, the bucket overflowed and the tasks went cold) is marked, and
+    the medians are also given without such runs."""
     rng = random.Random(3)
     results: dict[int, list[tuple[float, float, float]]] = {n: [] for n in sizes}
     for _ in range(repeats):
@@ -136,13 +194,26 @@ def scale_main(sizes: list[int], rate: float, grants: int, repeats: int) -> None
         for n in order:
             results[n].append(anyio.run(scale_run, n, rate, grants, backend="asyncio"))
             wall, cpu, tau = results[n][-1]
-            print(f"  {n:,} waiters: {cpu:.1f} us, wall/ideal {wall:.4f}, tau {tau:.3f}")
-    base = statistics.median(c for _, c, _ in results[sizes[0]])
+            starved = "  (fell behind)" if wall > _KEPT_UP else ""
+            print(
+                f"  {n:,} waiters: {cpu:.1f} us, wall/ideal {wall:.4f}, tau {tau:.3f}, "
+                f"load {os.getloadavg()[0]:.1f}{starved}"
+            )
+    base_runs = results[sizes[0]]
+    base = statistics.median(c for _, c, _ in base_runs)
     for n, runs in results.items():
         cpu = Summary.of([c for _, c, _ in runs])
+        paired = Summary.of([r[1] / b[1] for r, b in zip(runs, base_runs, strict=True)])
+        kept = [
+            r[1] / b[1]
+            for r, b in zip(runs, base_runs, strict=True)
+            if r[0] <= _KEPT_UP and b[0] <= _KEPT_UP
+        ]
+        kept_text = f"{statistics.median(kept):.2f}x of {len(kept)}" if kept else "none"
         print(
             f"waiters {n:>9,}  wall/ideal {Summary.of([w for w, _, _ in runs]).fmt('.4f')}"
             f"  CPU per grant {cpu.fmt('.1f')} us ({cpu.median / base:.2f}x {sizes[0]:,} waiters;"
+            f" within a repeat {paired.fmt('.2f', 'x')}, runs that kept up {kept_text};"
             f" target <= 1.1x)  Kendall tau {Summary.of([t for _, _, t in runs]).fmt('.3f')}"
         )
 
@@ -154,7 +225,26 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--timer-slack", type=float, nargs="+", default=[0.0, 0.001, 0.005], metavar="SECONDS"
+        "--timer-slack",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.001, 0.005, 0.02, 0.1],
+        metavar="SECONDS",
+    )
+    parser.add_argument(
+        "--bare",
+        type=float,
+        nargs="*",
+        default=[0.0, 0.005],
+        metavar="SECONDS",
+        help="slacks of the bare event loop (the floor, asyncio and uvloop) to run beside",
+    )
+    parser.add_argument(
+        "--loops",
+        nargs="+",
+        choices=["asyncio", "uvloop", "trio"],
+        default=["asyncio", "uvloop", "trio"],
+        help="the event loops to run on",
     )
     parser.add_argument("--scale", type=int, nargs="+", metavar="WAITERS", help="see above")
     parser.add_argument("--grants", type=int, default=20_000, help="grants per --scale run")
@@ -169,10 +259,14 @@ def main() -> None:
         ("uvloop", "asyncio", {"use_uvloop": True}),
         ("trio", "trio", {}),
     ):
-        rows: list[float | None] = list(args.timer_slack)
-        if with_peer and backend == "asyncio":
-            rows.append(None)
-        results: dict[float | None, list[tuple[float, float, float]]] = {r: [] for r in rows}
+        if label not in args.loops:
+            continue
+        rows: list[float | str | None] = list(args.timer_slack)
+        if backend == "asyncio":
+            rows += [f"bare {slack:g}" for slack in args.bare]
+            if with_peer:
+                rows.append(None)
+        results: dict[float | str | None, list[tuple[float, float, float]]] = {r: [] for r in rows}
         for _ in range(args.repeats):
             order = rows[:]
             rng.shuffle(order)
@@ -191,7 +285,13 @@ def main() -> None:
         peer = results.get(None)
         peer_cpu = statistics.median(c for _, c, _ in peer) if peer else None
         for slack, runs in results.items():
-            name = "aiolimiter" if slack is None else f"timer_slack={slack:g}"
+            name = (
+                "aiolimiter"
+                if slack is None
+                else slack.replace(" ", " loop, slack ")
+                if isinstance(slack, str)
+                else f"timer_slack={slack:g}"
+            )
             cpu = Summary.of([c for _, c, _ in runs])
             ratio = "" if peer_cpu is None else f" ({cpu.median / peer_cpu:.2f}x aiolimiter)"
             print(
