@@ -75,7 +75,6 @@ class RedisBase(Scheduler):
         "_terms",
         "calls",
         "leases_lost",
-        "remote",
     )
 
     def __init__(
