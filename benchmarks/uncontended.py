@@ -308,14 +308,16 @@ def callgrind(n: int) -> None:
             for name in ("1 RateLimit", "Call+Rate+Resource")
             for build in ("compiled", "pure")
         ]
-        counts: dict[tuple[str, str], float] = {}
+        print(f"\ninstructions per acquire+release (callgrind, asyncio, n={n}):")
+        base = 0.0
         for which, build in rows:
             cwd = pure if build == "pure" else ROOT
-            counts[which, build] = _instructions(cwd, n, which) / n
-        base = counts["asyncio.Semaphore", "-"]
-        print(f"\ninstructions per acquire+release (callgrind, asyncio, n={n}):")
-        for (which, build), per in counts.items():
-            print(f"  {which:20} {build:9} {per:10.0f}  {per / base:5.2f}x asyncio.Semaphore")
+            per = _instructions(cwd, n, which) / n
+            base = base or per  # the first row is asyncio.Semaphore
+            print(
+                f"  {which:20} {build:9} {per:10.0f}  {per / base:5.2f}x asyncio.Semaphore",
+                flush=True,
+            )
     finally:
         shutil.rmtree(pure, ignore_errors=True)
 
