@@ -35,8 +35,10 @@ from ._statistics import PoolStatistics as PoolStatistics
 from ._statistics import RateLimitStatistics as RateLimitStatistics
 from ._statistics import ResourceLimitStatistics as ResourceLimitStatistics
 
-#: Whether the core modules are the mypyc-compiled C extension (see the module docstring).
 COMPILED: bool = not _scheduler.__file__.endswith(".py")
+"""Whether the core runs compiled: True when the scheduler, the requests and the acquisition were
+compiled with mypyc when aiolimits was installed, False for the same modules as pure Python (no C
+compiler or Python headers then, or ``AIOLIMITS_PURE=1``). Both behave the same."""
 
 __all__ = [
     "COMPILED",
