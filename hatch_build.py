@@ -107,16 +107,34 @@ def compile_modules(root: Path, out: Path) -> list[Path]:
     return made
 
 
+def _up_to_date(root: Path) -> bool:
+    """Whether an earlier editable build left compiled files for this Python, newer than every
+    compiled source and this hook (then a reinstall, say for another extra, keeps them)."""
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    built = [p for p in _outputs(root) if p.name.endswith(suffix)]
+    shims = {p.name.removesuffix(suffix) for p in built if p.parent.name == "aiolimits"}
+    if not built or shims != {Path(m).stem for m in COMPILED}:
+        return False
+    newest = max((root / m).stat().st_mtime for m in (*COMPILED, "hatch_build.py"))
+    return min(p.stat().st_mtime for p in built) > newest
+
+
 class CustomBuildHook(BuildHookInterface):  # type: ignore[type-arg]
     PLUGIN_NAME = "custom"
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         root = Path(self.root)
         editable = version == "editable"
+        pure = _flag("AIOLIMITS_PURE")
+        if editable and not pure and _up_to_date(root):
+            build_data["pure_python"] = False
+            build_data["infer_tag"] = True
+            _say("the compiled files beside the sources are up to date: kept")
+            return
         if editable:
             for stale in _outputs(root):
                 stale.unlink()
-        if _flag("AIOLIMITS_PURE"):
+        if pure:
             _say("AIOLIMITS_PURE is set: pure-Python build (aiolimits.COMPILED is False)")
             return
         why = _missing_toolchain()

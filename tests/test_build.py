@@ -191,3 +191,37 @@ def test_build_hook_compiles_the_modules_it_names(hook_module: ModuleType) -> No
         assert (ROOT / path).is_file()
         assert path.startswith("aiolimits/")
         assert path.endswith(".py")
+
+
+def test_editable_build_keeps_compiled_files_newer_than_their_sources(
+    hook_module: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reinstall for another extra must not compile again; an edited source must.
+    (tmp_path / "aiolimits").mkdir()
+    (tmp_path / "hatch_build.py").write_text("")
+    for module in hook_module.COMPILED:
+        (tmp_path / module).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / module).write_text("")
+    suffix = hook_module.sysconfig.get_config_var("EXT_SUFFIX")
+    made = [f"aiolimits__mypyc__mypyc{suffix}"] + [
+        f"{module.removesuffix('.py')}{suffix}" for module in hook_module.COMPILED
+    ]
+    monkeypatch.setattr(hook_module, "_missing_toolchain", lambda: None)
+    monkeypatch.setattr(hook_module, "compile_modules", fake_compiler(made))
+    make_hook(hook_module, tmp_path).initialize("editable", {})
+    for name in made:  # built after the sources
+        os.utime(tmp_path / name, (2e9, 2e9))
+
+    def never(root: Path, out: Path) -> list[Path]:
+        raise AssertionError("compiled again although up to date")
+
+    monkeypatch.setattr(hook_module, "compile_modules", never)
+    build_data: dict[str, Any] = {}
+    make_hook(hook_module, tmp_path).initialize("editable", build_data)
+    assert build_data == {"pure_python": False, "infer_tag": True}
+    assert all((tmp_path / name).exists() for name in made)
+
+    os.utime(tmp_path / hook_module.COMPILED[0], (3e9, 3e9))  # edited since
+    monkeypatch.setattr(hook_module, "compile_modules", fake_compiler(made))
+    make_hook(hook_module, tmp_path).initialize("editable", {})
+    assert (tmp_path / made[1]).stat().st_mtime < 3e9  # made again
