@@ -15,8 +15,9 @@ import math
 from asyncio import _get_running_loop
 from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, final
 
+from ._compiled import mypyc_attr
 from ._waiters import GRANTED, AsyncioWaiter, async_waiter, trio_lowlevel
 
 if TYPE_CHECKING:
@@ -312,6 +313,8 @@ class Acquisition:
         )
 
 
+# Subclassed by the pools and the keyed sets (in Python, when this module is compiled).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class DeferredAcquire:
     """An async context manager whose :class:`Acquisition` is made on entry: a pool picks its set
     then, a keyed set finds (or makes) its key's state then. Leaving it releases that
@@ -320,7 +323,7 @@ class DeferredAcquire:
     __slots__ = ("_acq", "_entered")
 
     #: How the owner's verbs are named in the error for a plain ``with``.
-    _owner = "limits"
+    _owner: ClassVar[str] = "limits"
 
     def __init__(self) -> None:
         self._entered = False

@@ -91,7 +91,7 @@ class _KeyScheduler(Scheduler):
     """The scheduler of one key: knows its key, whether it was dropped, and whether it was used
     since the sweep last looked at it."""
 
-    __slots__ = ("dropped", "key", "used")
+    __slots__ = ("key", "used")
 
     def __init__(
         self,

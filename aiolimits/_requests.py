@@ -9,8 +9,8 @@ which says exactly what is wrong, naming the argument and the value.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Final
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Final, cast
 
 from ._algorithms import RateState
 from ._limits import CallLimit, Limit, RateLimit, ResourceLimit
@@ -50,7 +50,7 @@ class Requests:
         # int, or a float that is whole or allowed to be fractional, up to the capacity: (state,
         # fractions allowed). A CallLimit is left out: only 0 or 1 are valid, the slow path checks
         # it. The capacity is the state's, which a change of the limit updates (semantics §4).
-        self._fast: dict[str, tuple[RateState, bool]] = {
+        self._fast: dict[object, tuple[RateState, bool]] = {
             limit.key: (state, isinstance(limit, RateLimit) and not limit.algorithm.integral)
             for limit, state in zip(limits, states, strict=True)
             if not isinstance(limit, CallLimit)
@@ -71,18 +71,22 @@ class Requests:
                 f"requested must be a mapping of key to amount or None, got {describe(requested)}"
             )
         fast = self._fast
-        items: list[tuple[RateState, float]] = []
-        for key, amount in requested.items():
+        items: list[tuple[RateState, int | float]] = []
+        # Typed as what a caller may really pass (compiled code checks the declared types).
+        given: Iterable[tuple[object, object]] = requested.items()
+        for key, amount in given:
             spec = fast.get(key)
             if spec is not None:
                 state, fractional = spec
                 kind = type(amount)
                 # The capacity is within the number range, so this is too (``_numbers``).
-                if (kind is int or (kind is float and (fractional or amount % 1 == 0))) and (
-                    _MIN_AMOUNT <= amount <= state.capacity
-                ):
-                    items.append((state, amount))
-                    continue
+                if kind is int or kind is float:
+                    number = cast("int | float", amount)
+                    if (kind is int or fractional or number % 1 == 0) and (
+                        _MIN_AMOUNT <= number <= state.capacity
+                    ):
+                        items.append((state, number))
+                        continue
             checked = self._check_requested(key, amount)
             if checked:
                 items.append(checked)
@@ -100,7 +104,7 @@ class Requests:
             )
         return entry
 
-    def _check_requested(self, key: str, value: object) -> tuple[RateState, float] | None:
+    def _check_requested(self, key: object, value: object) -> tuple[RateState, int | float] | None:
         """The slow, explaining path of :meth:`items` for one key: the item, None to skip it, or
         the error naming the argument and the value."""
         limit, state = self._lookup("requested", key)
@@ -120,7 +124,8 @@ class Requests:
         if not isinstance(usage, Mapping):
             raise TypeError(f"usage must be a mapping of key to amount, got {describe(usage)}")
         checked = []
-        for key, value in usage.items():
+        given: Iterable[tuple[object, object]] = usage.items()  # see items()
+        for key, value in given:
             limit, state = self._lookup("usage", key)
             what = f"usage[{key!r}]"
             if isinstance(limit, ResourceLimit):

@@ -53,9 +53,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from copy import deepcopy
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 from ._algorithms import RateState, SemaphoreState, too_large
+from ._compiled import mypyc_attr
 from ._waiters import GRANTED, LEFT, WAITING, TimerClock, Waiter
 
 __all__ = ["Forecast", "Items", "Scheduler"]
@@ -72,6 +73,8 @@ def check_capacity(items: Items) -> None:
             raise too_large(state.key, amount, state.capacity)
 
 
+# A plain Python class when compiled: mypyc's native subclasses of OrderedDict crash the GC.
+@mypyc_attr(native_class=False)
 class _NoQueue(OrderedDict["Waiter", None]):
     """The empty queue every scheduler starts with, shared until its first waiter arrives (most
     keyed states never see one). Reading it is reading an empty queue; only :meth:`enqueue`
@@ -144,49 +147,48 @@ class Forecast:
         return t
 
 
+# The backends and the keyed sets subclass it (in Python, when this module is compiled).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Scheduler:
     """The state and the queue of one LimitSet, with every decision about them."""
 
-    #: True once a keyed set dropped this scheduler's key (see ``_keyed.py``).
-    dropped = False
-
+    # ``dropped`` and ``remote`` are slots of this class, which subclasses set (a slot of the
+    # same name in a subclass would hide them from this class's compiled code).
     __slots__ = (
         "_credit",
         "_forecast",
         "_timed",
         "cancelled",
         "clock",
+        "dropped",
         "granted",
         "lock",
         "paused_until",
         "queue",
         "refunded",
         "refused",
+        "remote",
         "states",
         "timed_out",
         "timer_slack",
     )
 
-    # A backend that decides over the network sets this: its async door then queues without
-    # asking under the lock (a network call there would block the event loop).
-    remote = False
-
     # Whether a new head's timer may be armed for it (``Waiter.notify_at``) instead of waking it
     # to arm it; a backend whose waiters must run when they become head clears it.
-    timed_wakes = True
+    timed_wakes: ClassVar[bool] = True
 
     # Whether a request arriving behind others is checked against the queue ahead (a
     # :class:`Forecast` over copies of ``states``). Only a scheduler whose ``states`` are what
     # its decisions are made on can; one that decides elsewhere (the Redis script) clears it
     # and checks a request's own amounts only, as the head does.
-    forecasts_queue = True
+    forecasts_queue: ClassVar[bool] = True
 
     # PERF (benchmarks/queue_timeouts.py): building a forecast runs every queued request on the
     # copies. Each arrival earns this many such runs and a build spends one per queued request;
     # a build the credit does not cover is not made, and the arrival is checked on its own
     # amounts, as before queue-aware timeouts. So the forecast costs at most this much per
     # arrival, amortised, even when refunds or cancellations drop it again and again.
-    forecast_budget = 8
+    forecast_budget: ClassVar[int] = 8
 
     def __init__(
         self,
@@ -196,6 +198,11 @@ class Scheduler:
     ) -> None:
         # Keyed sets pass one lock shared by all their keys.
         self.lock = threading.Lock() if lock is None else lock
+        #: True once a keyed set dropped this scheduler's key (see ``_keyed.py``).
+        self.dropped = False
+        #: A backend that decides over the network sets this: its async door then queues
+        #: without asking under the lock (a network call there would block the event loop).
+        self.remote = False
         self.clock = clock
         self.states = states
         # Insertion-ordered, O(1) removal from the middle (cancellation) and O(1) head. The shared

@@ -135,7 +135,6 @@ class RayScheduler(Scheduler):
         "_tick_timer",
         "_timeout",
         "_waiting",
-        "remote",
     )
 
     def __init__(
