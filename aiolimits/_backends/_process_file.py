@@ -449,14 +449,7 @@ class StateFile:
             packed = _SLOT.pack(*new)
             packed = b"".join((packed, _CRC.pack(zlib.crc32(packed)), data))
             os.pwrite(self.fd, packed, at)
-            fields[target] = new
-            self._raw[target] = packed[:_SLOT_BYTES]
-            self._newest = target
-            peek = self._peek
-            if len(peek) == _PEEK:
-                peek[at : at + len(packed)] = packed
-            else:
-                self._peek = bytearray(os.pread(self.fd, _PEEK, 0))
+            self._wrote(target, new, packed)
             return
         self._write_anew(data)
 
@@ -493,11 +486,17 @@ class StateFile:
         elif length:
             os.pwrite(self.fd, data, offset)
         os.pwrite(self.fd, packed, at)
-        fields[target] = new
+        self._wrote(target, new, packed)
+
+    def _wrote(self, target: int, new: _Fields, packed: bytes) -> None:
+        """Slot ``target`` now holds ``new`` (written as ``packed`` at its place): the newest,
+        and so in this process's view of the file."""
+        self._fields[target] = new
         self._raw[target] = packed[:_SLOT_BYTES]
         self._newest = target
         peek = self._peek
         if len(peek) == _PEEK:
+            at = _SLOT_AT[target]
             peek[at : at + len(packed)] = packed
         else:
             self._peek = bytearray(os.pread(self.fd, _PEEK, 0))
