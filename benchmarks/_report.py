@@ -149,7 +149,7 @@ def write_markdown(r: Results, path: Path, command: str, started: datetime, char
         "This machine is shared and noisy: absolute times drift by tens of percent, so every "
         "figure is a ratio to a baseline measured in the same run, or read beside one (the CPU "
         "floor). What each scenario measures, and what was left out, is in "
-        "[benchmarks/README.md](../benchmarks/README.md).\n\n"
+        "`benchmarks/README.md` in the repository.\n\n"
         f"![uncontended ratios and contended CPU per grant]({chart})\n\n" + tables(r) + kept
     )
     path.write_text(text, encoding="utf-8")
