@@ -33,10 +33,11 @@ lock and no count, as for a LimitSet, and an acquisition never released pins not
 With a shared backend (``Backend.attach_keyed`` returns a factory: Redis, process), each key's state
 lives in the backend, which expires it once fresh, and a key used here has only a local *proxy*: a
 scheduler of the backend's, with its own lock, over the key's shared state. The doors are the same
-(``_door.py``); the set's lock guards only the proxies' dict and CLOCK order. A proxy is dropped
-when idle (nothing queued, no door working on it, no slot held), in the same CLOCK order; dropping
-it forgets nothing, so it is never "forgotten", and an acquisition held through a dropped proxy
-keeps using it (it settles in the backend's state of the key).
+(``_door.py``); the set's lock guards only the proxies' dict and CLOCK order. A proxy is a cache:
+up to ``_PROXY_CACHE`` of them (or ``max_keys``, if fewer) are kept, idle or not; beyond that a
+proxy is dropped when idle (nothing queued, no door working on it, no slot held), in the same CLOCK
+order; dropping it forgets nothing, so it is never "forgotten", and an acquisition held through a
+dropped proxy keeps using it (it settles in the backend's state of the key).
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ __all__ = ["KeyedLimitSet"]
 _INF: Final = math.inf
 #: How many least recently used keys a new key looks at for dropping.
 _SWEEP: Final = 3
+#: How many proxies of a shared backend's keys are kept, idle or not, before idle ones are
+#: dropped (fewer if ``max_keys`` is smaller): a proxy is only a local cache of a key whose state
+#: the backend holds, and making it again costs more than the decision it serves.
+_PROXY_CACHE: Final = 4096
 
 
 class _KeyScheduler(Scheduler):
@@ -381,9 +386,12 @@ class KeyedLimitSet(Door):
 
     def _make_room_shared(self) -> None:
         """Under the lock: drop idle proxies in CLOCK order (those used since last looked at
-        get a second chance), a few per new key, and one more at ``max_keys``. The backend
-        holds the state, so dropping a proxy changes no decision."""
+        get a second chance), a few per new key once :data:`_PROXY_CACHE` (or ``max_keys``) are
+        kept, and one more at ``max_keys``. The backend holds the state, so dropping a proxy
+        changes no decision, and keeping an idle one only saves making it again."""
         proxies = self._proxies
+        if len(proxies) < self._max_keys and len(proxies) < _PROXY_CACHE:
+            return
         for _ in range(_SWEEP):
             if not proxies:
                 return

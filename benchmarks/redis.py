@@ -171,11 +171,13 @@ async def _ops(url: str) -> dict[str, Op]:
     return ops
 
 
-async def _suite(url: str, n: int, tasks: int, repeats: int) -> dict[str, list[float]]:
+async def _suite(
+    url: str, n: int, tasks: int, repeats: int, keyed_only: bool = False
+) -> dict[str, list[float]]:
     ops = await _ops(url)
     ratios: dict[str, list[float]] = {}
-    names = list(ops)[1:]
-    for concurrency in (1, tasks):
+    names = [name for name in list(ops)[1:] if not keyed_only or name.startswith("aiolimits Keyed")]
+    for concurrency in (tasks,) if keyed_only else (1, tasks):
         for _ in range(repeats):
             base = await _rate(ops["redis-py INCR (baseline)"], n, concurrency)
             random.shuffle(names)
@@ -381,6 +383,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--processes", type=int, default=4, help="processes of the multi row")
     parser.add_argument("--url", help="an existing Redis (default: start one)")
+    parser.add_argument(
+        "--keyed-only",
+        action="store_true",
+        help="only the KeyedLimitSet row at --tasks tasks (and its INCR baseline)",
+    )
     args = parser.parse_args()
     proc = None
     url = args.url
@@ -389,10 +396,13 @@ def main() -> None:
     try:
         # Beside every figure: the machine's load, which stretches everything measured.
         print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-        ratios = asyncio.run(_suite(url, args.n, args.tasks, args.repeats))
+        ratios = asyncio.run(_suite(url, args.n, args.tasks, args.repeats, args.keyed_only))
         print(f"ops/s as a ratio to redis-py INCR at the same concurrency (n={args.n}):")
         for name, values in sorted(ratios.items()):
             print(_line(name, Summary.of(values), "x", ".2f", args.tasks))
+        if args.keyed_only:
+            print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+            return
         thread = Summary.of(_threads(url, args.n, args.repeats))
         print(_line("aiolimits acquire_sync, 1 thread (vs sync INCR)", thread, "x", ".2f", 0))
         multi = Summary.of(_multi(url, args.n, args.tasks, args.repeats, args.processes))

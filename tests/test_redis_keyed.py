@@ -32,6 +32,7 @@ from aiolimits import (
     ResourceLimit,
 )
 from aiolimits._limits import Limit
+from aiolimits._scheduler import Scheduler
 from aiolimits.testing import ManualClock
 
 from ._redis_server import (
@@ -175,6 +176,35 @@ def test_dropped_proxies_forget_nothing(redis_server: RedisServer) -> None:
     first.update({"tokens": 4})  # an acquisition on a dropped proxy still settles in Redis
     assert keyed.get_stats("k0")["limits"]["tokens"]["available"] == 6
     assert keyed.get_keys_stats()["forgotten"] == 0
+
+
+def test_the_async_door_of_a_redis_scheduler_never_asks_on_the_loop_under_the_lock(
+    redis_server: RedisServer,
+) -> None:
+    """Redis schedulers are ``remote`` as the scheduler's own (compiled) code reads it, through
+    its slot: else an async acquire asks Redis under the lock, blocking the event loop."""
+    keyed = KeyedLimitSet(
+        [RateLimit("tokens", 3600, 1000)], backend=backend(redis_server), name=uuid.uuid4().hex
+    )
+    plain = LimitSet([RateLimit("tokens", 3600, 1000)], backend=backend(redis_server), name="r")
+    keyed.try_acquire("k", {"tokens": 1})
+    slot = Scheduler.__dict__["remote"]
+    for sched in (keyed._proxies["k"].sched, plain._scheduler):
+        assert slot.__get__(sched, Scheduler) is True
+
+
+def test_proxies_of_keys_in_recent_use_are_kept(redis_server: RedisServer) -> None:
+    """A proxy is a cache of a key Redis holds: below max_keys an idle one is kept, not made
+    again at its key's next call (every call would otherwise make one)."""
+    keyed = KeyedLimitSet(
+        [RateLimit("tokens", 3600, 1000)], backend=backend(redis_server), name=uuid.uuid4().hex
+    )
+    for _ in range(2):
+        for i in range(50):
+            with keyed.try_acquire(f"k{i}", {"tokens": 1}):
+                pass
+    assert len(keyed) == 50
+    assert keyed.get_keys_stats()["dropped"] == 0
 
 
 def test_pickles_with_a_url_backend_and_shares_each_key(redis_server: RedisServer) -> None:

@@ -49,10 +49,6 @@ class RedisBase(Scheduler):
 
     # Its waiters' wake times come from Redis and are re-asked when they run.
     timed_wakes = False
-    # The async door never asks under the lock: a lone request asks Redis itself, awaiting the
-    # answer on its loop (``take_first``), and the others queue for the dispatcher thread.
-    # Whatever the clock: a simulated one only injects the script's time (``ScriptCalls``).
-    remote = True
     forecasts_queue = False  # the script decides on state in Redis: see Scheduler.forecasts_queue
 
     __slots__ = (
@@ -103,6 +99,12 @@ class RedisBase(Scheduler):
         model: RedisBase | None = None,
     ) -> None:
         super().__init__(states, clock)
+        # The async door never asks under the lock: a lone request asks Redis itself, awaiting
+        # the answer on its loop (``take_first``), and the others queue for the dispatcher
+        # thread. Whatever the clock: a simulated one only injects the script's time
+        # (``ScriptCalls``). Set here, on the base's slot: a class attribute of the same name
+        # would hide the slot from Python code only, and the compiled core would read False.
+        self.remote = True
         # This scheduler puts waiters into its queue itself, and keeps every key's refund tally
         # (they come from Redis).
         self.queue = OrderedDict()

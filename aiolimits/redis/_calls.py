@@ -76,8 +76,9 @@ async def _readable(sock: socket.socket, loop: asyncio.AbstractEventLoop | None)
         loop.remove_reader(fd)
 
 
-#: The most calls a set keeps packed (see ScriptCalls._packed).
-_PACKS = 64
+#: The most calls a set keeps packed (see ScriptCalls._packed): a keyed set's calls differ by key,
+#: so as many as the keys it keeps proxies of (``_keyed._PROXY_CACHE``), a few hundred bytes each.
+_PACKS = 4096
 
 #: The error reply of a call on a plain set's hash that has no declaration (Redis lost its data):
 #: the call did nothing; the declaration is written (and checked) again and the call sent again.
