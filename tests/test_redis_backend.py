@@ -557,36 +557,17 @@ async def test_tasks_granted_together_run_in_grant_order(redis_server: RedisServ
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("clock", [None, ManualClock], ids=["real_clock", "manual_clock"])
 async def test_concurrent_acquisitions_coalesce_into_few_script_calls(
-    redis_server: RedisServer,
+    redis_server: RedisServer, clock: type[ManualClock] | None
 ) -> None:
-    limits = LimitSet([CallLimit(1, 10**9)], backend=backend(redis_server), name=uuid.uuid4().hex)
-    counting = CountingScript(limits._scheduler.calls.script)  # type: ignore[attr-defined]
-    limits._scheduler.calls.script = counting  # type: ignore[attr-defined]
-    limits._scheduler.calls.link = None  # type: ignore[attr-defined]  # every call is counted
-    done = 0
-
-    async def one() -> None:
-        nonlocal done
-        async with limits.acquire(timeout=30):
-            done += 1
-
-    with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            for _ in range(50):
-                tg.start_soon(one)
-    assert done == 50
-    assert "acquire" not in counting.calls  # the async door never asks under the lock
-    assert counting.calls["batch"] < 25  # runs of waiters decided together
-
-
-@pytest.mark.anyio
-async def test_a_manual_clock_changes_the_time_not_the_path(redis_server: RedisServer) -> None:
     # Time injected, not a second code path: on a ManualClock too, the async door never asks
     # under the lock (the tasks queue, and the dispatcher thread grants runs of them at once).
-    clock = ManualClock()
     limits = LimitSet(
-        [CallLimit(1, 10**9)], backend=backend(redis_server), name=uuid.uuid4().hex, clock=clock
+        [CallLimit(1, 10**9)],
+        backend=backend(redis_server),
+        name=uuid.uuid4().hex,
+        clock=time.monotonic if clock is None else clock(),
     )
     counting = CountingScript(limits._scheduler.calls.script)  # type: ignore[attr-defined]
     limits._scheduler.calls.script = counting  # type: ignore[attr-defined]
@@ -604,7 +585,30 @@ async def test_a_manual_clock_changes_the_time_not_the_path(redis_server: RedisS
                 tg.start_soon(one)
     assert done == 50
     assert "acquire" not in counting.calls  # the async door never asks under the lock
-    assert counting.calls["batch"] < 50  # runs of waiters decided together, off the loop
+    # Runs of waiters decided together, off the loop (a manual clock's time moves only when the
+    # test moves it, so its runs may be shorter).
+    assert counting.calls["batch"] < (25 if clock is None else 50)
+
+
+def test_the_packed_calls_a_set_keeps_stay_within_their_bytes(redis_server: RedisServer) -> None:
+    # A client key comes from outside and may be long: the calls a set keeps packed are bounded
+    # in bytes, not only in number.
+    import redis
+
+    from aiolimits.redis._calls import _PACK_BYTES
+
+    limits = LimitSet([CallLimit(1, 10**9)], backend=backend(redis_server), name=uuid.uuid4().hex)
+    calls = limits._scheduler.calls  # type: ignore[attr-defined]
+    conn = redis.Connection()  # type: ignore[no-untyped-call]  # packs; never connects
+    for i in range(200):
+        words = ["acquire", "d", f"{i}:" + "k" * 20_000]
+        expected = conn.pack_command(*words)  # type: ignore[no-untyped-call]
+        assert b"".join(calls._packed(conn, words)) == b"".join(expected)
+    kept = sum(sum(map(len, packed)) for packed in calls._packs.values())
+    assert 0 < kept <= _PACK_BYTES
+    huge = ["acquire", "d", "k" * _PACK_BYTES]
+    calls._packed(conn, huge)
+    assert tuple(huge) not in calls._packs
 
 
 @pytest.mark.anyio

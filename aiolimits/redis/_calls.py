@@ -79,6 +79,9 @@ async def _readable(sock: socket.socket, loop: asyncio.AbstractEventLoop | None)
 #: The most calls a set keeps packed (see ScriptCalls._packed): a keyed set's calls differ by key,
 #: so as many as the keys it keeps proxies of (``_keyed._PROXY_CACHE``), a few hundred bytes each.
 _PACKS = 4096
+#: ... and at most this many bytes of them: a client key comes from outside (an IP, an API key, a
+#: header) and may be long, so the count alone would not bound what the cache holds.
+_PACK_BYTES = 1 << 20
 
 #: The error reply of a call on a plain set's hash that has no declaration (Redis lost its data):
 #: the call did nothing; the declaration is written (and checked) again and the call sent again.
@@ -168,6 +171,7 @@ class ScriptCalls:
 
     __slots__ = (
         "_circuit",
+        "_pack_bytes",
         "_packs",
         "_redeclare",
         "adopt",
@@ -203,6 +207,7 @@ class ScriptCalls:
         self.adopt: Adopt | None = None
         self.exchanges = 0  # tasks' round trips under way (see RedisBase.quiet)
         self._packs: dict[tuple[str, ...], Any] = {}  # see _packed
+        self._pack_bytes = 0  # the bytes of the calls in _packs
         self.catch_up: Callable[[str], None] | None = None
         self.tag = f"d{declared}" if redeclare is not None else ""
 
@@ -370,9 +375,14 @@ class ScriptCalls:
         packed = self._packs.get(key)
         if packed is None:
             packed = conn.pack_command(*words)  # type: ignore[no-untyped-call]
-            if len(self._packs) >= _PACKS:
+            size = sum(map(len, packed))
+            if size > _PACK_BYTES // 16:
+                return packed  # a call this large (a long client key) is packed each time
+            if len(self._packs) >= _PACKS or self._pack_bytes + size > _PACK_BYTES:
                 self._packs.clear()
+                self._pack_bytes = 0
             self._packs[key] = packed
+            self._pack_bytes += size
         return packed
 
     async def exchange(
